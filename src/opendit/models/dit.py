@@ -1,0 +1,218 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie), class-conditional, adaLN-Zero.
+
+Plain single-device PyTorch. Parameter names and shapes match facebookresearch/DiT, so the official checkpoints
+(`DiT-XL-2-256x256.pt`, ...) load with strict=True. Sequence parallelism plugs in from outside through three points:
+`blocks[i].attn.core` (the attention entry point), `token_shard` (after the patch embedding) and `token_gather`
+(before un-patchify); both of the latter are identities here.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from opendit.errors import OpenDiTError
+from opendit.models.attention import SelfAttention
+from opendit.models.layers import (
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    sincos_2d,
+    unpatchify,
+)
+
+LATENT_DOWNSCALE = 8  # stabilityai/sd-vae-ft-* maps H x W pixels to 4 x H/8 x W/8 latents
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything needed to build a DiT. `input_size` is the model's spatial input (latent or pixel) as (H, W)."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: tuple[int, int] = (32, 32)
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    latent: bool = True  # True: decoded by a VAE (image = 8 x input); False: pixel space (image = input)
+    prediction: str = "epsilon"  # what the network predicts: "epsilon" (DDPM family) or "flow" (velocity)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        factor = LATENT_DOWNSCALE if self.latent else 1
+        return self.input_size[0] * factor, self.input_size[1] * factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise OpenDiTError(f"unknown DiT config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        data = dict(data)
+        data["input_size"] = tuple(data.get("input_size", (32, 32)))
+        return cls(**data)
+
+    def with_image_size(self, height: int, width: int | None = None) -> "DiTConfig":
+        """The same architecture for another output image size (pixels), validated with an actionable message."""
+        width = height if width is None else width
+        factor = (LATENT_DOWNSCALE if self.latent else 1) * self.patch_size
+        what = f"8 x patch {self.patch_size} (latent model)" if self.latent else f"patch {self.patch_size}"
+        for side in (height, width):
+            if side <= 0 or side % factor:
+                lower, upper = max(factor, side // factor * factor), (side // factor + 1) * factor
+                raise OpenDiTError(
+                    f"image size {side} must be a positive multiple of {factor} = {what}; try {lower} or {upper}"
+                )
+        scale = LATENT_DOWNSCALE if self.latent else 1
+        return replace(self, input_size=(height // scale, width // scale))
+
+
+# Architectures (depth, hidden, heads) of the paper; DiT-T is a tiny model for tests, DiT-D is the digits model's.
+_ARCHS = {"T": (2, 64, 4), "D": (6, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PRESETS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{patch}": DiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
+    for size, (d, h, n) in _ARCHS.items()
+    for patch in (2, 4, 8)
+}
+
+
+def preset(name: str) -> DiTConfig:
+    if name not in PRESETS:
+        raise OpenDiTError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)} (see `opendit models`)")
+    return PRESETS[name]
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the conditioning c regresses shift/scale/gate for attention and MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x (B, S, C) tokens (S may be this rank's shard), c (B, C) conditioning
+        mods = self.adaLN_modulation(c).float().chunk(6, dim=1)  # 6 x (B, C), fp32
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        x = x + (gate_msa.unsqueeze(1) * self.attn(norm_modulate(x, shift_msa, scale_msa))).to(x.dtype)
+        x = x + (gate_mlp.unsqueeze(1) * self.mlp(norm_modulate(x, shift_mlp, scale_mlp))).to(x.dtype)
+        return x  # (B, S, C)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) then adaLN modulation, both in fp32, result in x's dtype. x (B, S, C)."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)  # (B, S, C) fp32
+    return (normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).to(x.dtype)
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from hidden to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).float().chunk(2, dim=1)  # 2 x (B, C) fp32
+        return self.linear(norm_modulate(x, shift, scale))  # (B, S, p*p*out)
+
+
+class DiT(nn.Module):
+    """f(x, t, y) -> prediction. x (B, C_in, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        h, w = config.input_size
+        if h % config.patch_size or w % config.patch_size:
+            raise OpenDiTError(f"input size {config.input_size} must be divisible by patch size {config.patch_size}")
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
+        # Fixed sin-cos positions, stored in checkpoints (as the official DiT does) but never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
+        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, C) -> (B, T_rank, C)
+        self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.reset_pos_embed()
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @torch.no_grad()
+    def reset_pos_embed(self) -> None:
+        pos = sincos_2d(self.config.hidden_size, *self.config.grid)  # (T, C) float64
+        self.pos_embed.copy_(torch.from_numpy(pos).to(self.pos_embed.dtype).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        dtype = self.pos_embed.dtype
+        tokens = self.x_embedder(x.to(dtype)) + self.pos_embed  # (B, T, C)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, C)
+        tokens = self.token_shard(tokens)  # (B, T_rank, C); T_rank = T on one device
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)  # (B, T_rank, C)
+        tokens = self.final_layer(tokens, c)  # (B, T_rank, p*p*out)
+        tokens = self.token_gather(tokens)  # (B, T, p*p*out)
+        return unpatchify(tokens, *cfg.grid, cfg.patch_size, cfg.out_channels)  # (B, out, H, W)
+
+
+def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
+    """Build on `device` in `dtype`; on "meta" no memory is allocated and no init runs (weights come from a load)."""
+    with torch.device(device):
+        model = DiT(config)
+    return model.to(dtype)
