@@ -90,7 +90,14 @@ class DiTConfig:
 
 
 # Architectures (depth, hidden, heads) of the paper; DiT-T is a tiny model for tests, DiT-D is the digits model's.
-_ARCHS = {"T": (2, 64, 4), "D": (6, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+_ARCHS = {
+    "T": (2, 64, 4),
+    "D": (6, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
 PRESETS: dict[str, DiTConfig] = {
     f"DiT-{size}/{patch}": DiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
     for size, (d, h, n) in _ARCHS.items()

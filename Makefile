@@ -1,0 +1,37 @@
+# OpenDiT: `make demo` and `make test` set everything up themselves on a fresh machine.
+# GPU users: make demo TORCH="torch>=2.5" (or any CUDA build of torch) — the default is the CPU wheel this machine has.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/opendit sample --nproc $(NPROC) --ulysses $(NPROC) --classes 0 1 2 3 4 5 6 7 8 9 --seed 0 --out outputs
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

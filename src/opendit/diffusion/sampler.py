@@ -1,0 +1,120 @@
+"""The denoising loop: diffusers schedulers, classifier-free guidance, per-image seeded noise.
+
+The model is any `f(x, t, y) -> prediction` (a DiT, or the parallel runtime's wrapper around one). CFG lives here,
+not in the model: the conditional and unconditional halves are one batch [cond; uncond], so CFG parallelism is just a
+split of that batch. Image i draws all of its noise (initial and per-step) from its own generator seeded `seed + i`,
+so any split of a batch over devices reproduces exactly the images of one device.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from opendit.errors import OpenDiTError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# DiT's training schedule: 1000 steps, linear betas 1e-4 .. 0.02 (facebookresearch/DiT, create_diffusion).
+_DDPM_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+SCHEDULERS = {"ddpm": "epsilon", "ddim": "epsilon", "dpm-solver": "epsilon", "flow-euler": "flow"}
+
+
+def make_scheduler(name: str, prediction: str, learn_sigma: bool):
+    """A fresh diffusers scheduler for a model that predicts `prediction` ("epsilon" or "flow")."""
+    if name not in SCHEDULERS:
+        raise OpenDiTError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if SCHEDULERS[name] != prediction:
+        fits = [s for s, p in SCHEDULERS.items() if p == prediction]
+        raise OpenDiTError(
+            f"scheduler {name} needs a model that predicts {SCHEDULERS[name]}, but this model predicts {prediction}; "
+            f"use --scheduler {' or '.join(fits)}"
+        )
+    if name == "ddpm":
+        variance = "learned_range" if learn_sigma else "fixed_small"
+        return DDPMScheduler(**_DDPM_BETAS, variance_type=variance, clip_sample=False)
+    if name == "ddim":
+        return DDIMScheduler(**_DDPM_BETAS, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    if name == "dpm-solver":
+        return DPMSolverMultistepScheduler(**_DDPM_BETAS, algorithm_type="dpmsolver++", solver_order=2)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.Generator]:
+    """One CPU generator per image, seeded `seed + index`: identical on every rank and independent of batching."""
+    return [torch.Generator("cpu").manual_seed(seed + first_index + i) for i in range(count)]
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor  # (B, C, H, W) fp32, the denoised model-space tensor (latents or pixels in [-1, 1])
+    step_times: list[float] = field(default_factory=list)  # seconds per denoising step
+
+
+@torch.no_grad()
+def sample(
+    model_fn: ModelFn,
+    labels: torch.Tensor,
+    shape: tuple[int, int, int],
+    *,
+    num_classes: int,
+    scheduler_name: str,
+    prediction: str,
+    learn_sigma: bool,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+    first_index: int = 0,
+    eta: float = 0.0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> SampleResult:
+    """Denoise len(labels) images of shape (C, H, W). cfg_scale 1 means no guidance (and no unconditional pass)."""
+    if steps <= 0:
+        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
+    if cfg_scale < 1.0:
+        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+    labels = labels.to(device)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise OpenDiTError(f"class id {int(bad[0])} is outside this model's range 0..{num_classes - 1}")
+    scheduler = make_scheduler(scheduler_name, prediction, learn_sigma)
+    scheduler.set_timesteps(steps, device=device)
+    generators = image_generators(seed, len(labels), first_index)
+    channels = shape[0]
+    x = randn_tensor((len(labels), *shape), generator=generators, device=torch.device(device), dtype=torch.float32)
+    x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # (B, C, H, W); flow schedulers start at sigma 1
+    guided = cfg_scale != 1.0
+    y = torch.cat([labels, torch.full_like(labels, num_classes)]) if guided else labels  # (2B,) or (B,)
+    step_kwargs = {"generator": generators} if scheduler_name == "ddpm" else {}
+    if scheduler_name == "ddim":
+        step_kwargs["eta"] = eta
+    step_times = []
+    for index, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
+        start = time.perf_counter()
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x  # (B, C, H, W)
+        x_in = torch.cat([x_in, x_in]) if guided else x_in  # (2B, C, H, W) with CFG
+        t_batch = t.to(torch.float32).expand(x_in.shape[0])  # (2B,) or (B,)
+        out = model_fn(x_in, t_batch, y).float()  # (2B|B, C or 2C, H, W)
+        pred, variance = out[:, :channels], out[:, channels:]  # variance is empty unless learn_sigma
+        if guided:
+            cond, uncond = pred.chunk(2)  # (B, C, H, W) each
+            pred = uncond + cfg_scale * (cond - uncond)
+            variance = variance.chunk(2)[0]  # the learned variance of the conditional half, as DiT does
+        if scheduler_name == "ddpm" and learn_sigma:
+            pred = torch.cat([pred, variance], dim=1)  # (B, 2C, H, W): diffusers' learned_range reads both halves
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample  # (B, C, H, W)
+        step_times.append(time.perf_counter() - start)
+        if on_step is not None:
+            on_step(index)
+    return SampleResult(samples=x, step_times=step_times)
