@@ -1,0 +1,137 @@
+"""ParallelConfig: the degrees of every parallel strategy on one device mesh, validated with actionable messages.
+
+Mesh layout, outermost to innermost: dp, cfg, ring, ulysses. Ulysses (or FastSeq) is innermost because its
+all-to-alls are the heaviest traffic and the innermost ranks share the fastest links (same node, NVLink).
+Rank r therefore has coordinates r = ((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i.
+"""
+
+import itertools
+from dataclasses import asdict, dataclass, replace
+
+from opendit.errors import OpenDiTError
+
+SP_IMPLS = ("ulysses", "ring", "usp", "fastseq")
+MESH_DIMS = ("dp", "cfg", "ring", "ulysses")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1  # groups that each generate a different subset of the images
+    cfg: int = 1  # 2: conditional and unconditional halves of the CFG batch on different groups
+    ulysses: int = 1  # head-parallel sequence degree (Ulysses all-to-all, or FastSeq), innermost
+    ring: int = 1  # ring-attention sequence degree
+    sp_impl: str = "auto"  # ulysses | ring | usp | fastseq; auto derives it from the degrees
+    shard_weights: bool = False  # shard parameters over the sequence-parallel group, gather per block
+    comm_dtype: str | None = None  # send activations in bf16/fp16 while computing in the model dtype
+    token_shares: tuple[float, ...] | None = None  # relative speed per sequence rank (load balancing); None: even
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cfg * self.ulysses * self.ring
+
+    @property
+    def sp_degree(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def impl(self) -> str:
+        """The sequence-parallel kernel this config runs ("none" without sequence parallelism)."""
+        if self.sp_impl != "auto":
+            return self.sp_impl
+        if self.sp_degree == 1:
+            return "none"
+        if self.ulysses > 1 and self.ring > 1:
+            return "usp"
+        return "ulysses" if self.ulysses > 1 else "ring"
+
+    def describe(self) -> str:
+        parts = [f"{name}={getattr(self, name)}" for name in MESH_DIMS if getattr(self, name) > 1]
+        text = " x ".join(parts) or "single device"
+        if self.sp_degree > 1:
+            text += f" (sequence parallel: {self.impl})"
+        if self.shard_weights:
+            text += ", sharded weights"
+        if self.comm_dtype:
+            text += f", comm in {self.comm_dtype}"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, world_size: int, num_heads: int, num_tokens: int, num_images: int, guided: bool) -> list[str]:
+        """Raise OpenDiTError for impossible requests (naming valid alternatives); return notes on exact fallbacks."""
+        for name in MESH_DIMS:
+            if getattr(self, name) < 1:
+                raise OpenDiTError(f"{name} degree must be >= 1, got {getattr(self, name)}")
+        if self.world_size != world_size:
+            raise OpenDiTError(
+                f"parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} = "
+                f"{self.world_size} must equal the number of processes {world_size}; valid plans for {world_size}: "
+                + "; ".join(p.describe() for p in suggest_plans(world_size, num_heads, guided)[:4])
+            )
+        if self.sp_impl not in ("auto", *SP_IMPLS):
+            raise OpenDiTError(f"unknown sp-impl {self.sp_impl!r}; choose one of {', '.join(SP_IMPLS)}")
+        if self.cfg not in (1, 2):
+            raise OpenDiTError(f"cfg degree must be 1 or 2 (the two halves of guidance), got {self.cfg}")
+        if self.cfg == 2 and not guided:
+            raise OpenDiTError("cfg parallel needs guidance: pass --cfg-scale > 1, or drop --cfg-parallel")
+        if self.dp > num_images:
+            raise OpenDiTError(f"dp degree {self.dp} exceeds the {num_images} images requested; use --dp {num_images}")
+        if self.sp_degree > num_tokens:
+            raise OpenDiTError(
+                f"sequence-parallel degree {self.sp_degree} exceeds the {num_tokens} tokens; use a larger image or "
+                f"at most {num_tokens} sequence ranks"
+            )
+        impl = self.impl
+        if impl == "fastseq" and self.ring > 1:
+            raise OpenDiTError("fastseq does not combine with ring; use --sp-impl usp for ulysses x ring")
+        if impl in ("ulysses", "fastseq") and self.ring > 1 or impl == "ring" and self.ulysses > 1:
+            raise OpenDiTError(f"sp-impl {impl} contradicts ulysses={self.ulysses}, ring={self.ring}; use usp")
+        if impl == "usp" and (self.ulysses == 1 or self.ring == 1):
+            raise OpenDiTError("sp-impl usp needs both --ulysses > 1 and --ring > 1")
+        if self.token_shares is not None and len(self.token_shares) != self.sp_degree:
+            raise OpenDiTError(f"token shares need one entry per sequence rank ({self.sp_degree})")
+        notes = []
+        if self.ulysses > num_heads:
+            inner = max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and self.ulysses % d == 0)
+            raise OpenDiTError(
+                f"ulysses degree {self.ulysses} exceeds num_heads {num_heads}; try --ulysses {inner} "
+                f"--ring {self.ring * self.ulysses // inner} (or --ring {self.sp_degree})"
+            )
+        if self.ulysses > 1 and num_heads % self.ulysses:
+            notes.append(
+                f"ulysses degree {self.ulysses} does not divide {num_heads} heads: heads are split unevenly "
+                f"({', '.join(map(str, head_split(num_heads, self.ulysses)))}), exact but less balanced"
+            )
+        return notes
+
+    def with_degrees(self, **degrees: int) -> "ParallelConfig":
+        return replace(self, **degrees)
+
+
+def head_split(num_heads: int, parts: int) -> list[int]:
+    """Heads per rank: the first num_heads % parts ranks take one more."""
+    return [num_heads // parts + (i < num_heads % parts) for i in range(parts)]
+
+
+def suggest_plans(world_size: int, num_heads: int, guided: bool) -> list[ParallelConfig]:
+    """Valid plans for a world size, most useful first: cfg parallel, then ulysses dividing the heads, then ring."""
+    plans = []
+    for cfg, ulysses in itertools.product((2, 1) if guided else (1,), range(world_size, 0, -1)):
+        rest, rem = divmod(world_size, cfg * ulysses)
+        if rem or ulysses > num_heads:
+            continue
+        plans.append(ParallelConfig(cfg=cfg, ulysses=ulysses, ring=rest))
+    plans.sort(key=lambda p: (p.ulysses > 1 and num_heads % p.ulysses != 0, -p.cfg, p.ring))
+    return plans
+
+
+def default_plan(world_size: int, num_heads: int, guided: bool) -> tuple[ParallelConfig, str]:
+    """The plan used when the user gives only --nproc: the first of suggest_plans, with the reason."""
+    if world_size == 1:
+        return ParallelConfig(), "one process"
+    plan = suggest_plans(world_size, num_heads, guided)[0]
+    why = "cfg parallel halves the batch with one gather per step" if plan.cfg == 2 else ""
+    if plan.ring > 1 and plan.ulysses == 1:
+        why = f"ring: ulysses degree {world_size} does not divide {num_heads} heads"
+    return plan, why or "ulysses: fewest bytes per step among sequence-parallel kernels"
