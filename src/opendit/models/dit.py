@@ -23,6 +23,7 @@ from opendit.models.layers import (
     sincos_2d,
     unpatchify,
 )
+from opendit.precision import check_finite, residual_dtype
 
 LATENT_DOWNSCALE = 8  # stabilityai/sd-vae-ft-* maps H x W pixels to 4 x H/8 x W/8 latents
 
@@ -123,18 +124,24 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x (B, S, C) tokens (S may be this rank's shard), c (B, C) conditioning
+        # x (B, S, C) residual stream (S may be this rank's shard; fp32 under fp16, see precision.py),
+        # c (B, C) conditioning in the compute dtype, which the branches run in.
         mods = self.adaLN_modulation(c).float().chunk(6, dim=1)  # 6 x (B, C), fp32
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + (gate_msa.unsqueeze(1) * self.attn(norm_modulate(x, shift_msa, scale_msa))).to(x.dtype)
-        x = x + (gate_mlp.unsqueeze(1) * self.mlp(norm_modulate(x, shift_mlp, scale_mlp))).to(x.dtype)
+        x = x + (gate_msa.unsqueeze(1) * self.attn(norm_modulate(x, shift_msa, scale_msa, c.dtype))).to(x.dtype)
+        x = x + (gate_mlp.unsqueeze(1) * self.mlp(norm_modulate(x, shift_mlp, scale_mlp, c.dtype))).to(x.dtype)
         return x  # (B, S, C)
 
 
-def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm (no affine, eps 1e-6) then adaLN modulation, both in fp32, result in x's dtype. x (B, S, C)."""
+def norm_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) then adaLN modulation, both in fp32; result in `dtype` (default x's).
+
+    x (B, S, C); shift, scale (B, C) fp32. `dtype` is the compute dtype of the branch that consumes the result.
+    """
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6)  # (B, S, C) fp32
-    return (normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).to(x.dtype)
+    return (normed * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)).to(dtype or x.dtype)
 
 
 class FinalLayer(nn.Module):
@@ -148,7 +155,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).float().chunk(2, dim=1)  # 2 x (B, C) fp32
-        return self.linear(norm_modulate(x, shift, scale))  # (B, S, p*p*out)
+        return self.linear(norm_modulate(x, shift, scale, c.dtype))  # (B, S, p*p*out), compute dtype
 
 
 class DiT(nn.Module):
@@ -204,9 +211,10 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        dtype = self.pos_embed.dtype
+        dtype = self.pos_embed.dtype  # the compute dtype (weights and branch activations)
         tokens = self.x_embedder(x.to(dtype)) + self.pos_embed  # (B, T, C)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, C)
+        tokens = tokens.to(residual_dtype(dtype))  # fp16 -> fp32 residual stream (overflow guard, precision.py)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, C) compute dtype
         tokens = self.token_shard(tokens)  # (B, T_rank, C); T_rank = T on one device
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
@@ -215,6 +223,8 @@ class DiT(nn.Module):
                 tokens = block(tokens, c)  # (B, T_rank, C)
         tokens = self.final_layer(tokens, c)  # (B, T_rank, p*p*out)
         tokens = self.token_gather(tokens)  # (B, T, p*p*out)
+        if dtype == torch.float16:
+            check_finite(tokens, "DiT output")  # a branch overflowed fp16: fail with the fix, never NaN images
         return unpatchify(tokens, *cfg.grid, cfg.patch_size, cfg.out_channels)  # (B, out, H, W)
 
 
