@@ -21,11 +21,49 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
+    par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
+    par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
+    par.add_argument("--cfg-parallel", action="store_true", help="conditional / unconditional halves on 2 groups")
+    par.add_argument("--ulysses", type=int, help="Ulysses (all-to-all, head-parallel) sequence degree")
+    par.add_argument("--ring", type=int, help="ring-attention sequence degree")
+    par.add_argument(
+        "--sp-impl",
+        choices=("auto", "ulysses", "ring", "usp", "fastseq"),
+        default="auto",
+        help="sequence-parallel kernel (default: from the degrees; fastseq uses the --ulysses degree)",
+    )
+    par.add_argument("--comm-dtype", choices=("bf16", "fp16"), help="send activations in this dtype")
+    par.add_argument("--shard-weights", action="store_true", help="shard weights over the sequence-parallel group")
     parser.set_defaults(func=run_sample)
     return parser
 
 
+def parallel_config(args: argparse.Namespace):
+    """The ParallelConfig the flags ask for, or None when no parallel flag was given (degrees chosen for --nproc)."""
+    from opendit.parallel.config import ParallelConfig
+
+    degrees = {"dp": args.dp, "ulysses": args.ulysses, "ring": args.ring}
+    given = {k: v for k, v in degrees.items() if v is not None}
+    if (
+        not given
+        and not args.cfg_parallel
+        and args.sp_impl == "auto"
+        and not args.comm_dtype
+        and not args.shard_weights
+    ):
+        return None
+    return ParallelConfig(
+        **given,
+        cfg=2 if args.cfg_parallel else 1,
+        sp_impl=args.sp_impl,
+        shard_weights=args.shard_weights,
+        comm_dtype=args.comm_dtype,
+    )
+
+
 def run_sample(args: argparse.Namespace) -> int:
+    from opendit.parallel.runtime import global_rank
     from opendit.pipeline import GenerationRequest, generate, save_outputs
 
     request = GenerationRequest(
@@ -41,8 +79,12 @@ def run_sample(args: argparse.Namespace) -> int:
         vae=args.vae,
         device=args.device,
         progress=not args.no_progress,
+        nproc=args.nproc,
+        parallel=parallel_config(args),
     )
     result = generate(request)
+    if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
+        return 0
     grid = save_outputs(result, args.out)
     timing = result.record["timing"]
     print(f"wrote {grid} and {len(result.labels)} images to {args.out}/ (sampling {timing['sampling_s']:.2f} s)")
@@ -77,11 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from opendit.parallel.launch import WorkerFailed
+
     try:
         return args.func(args)
     except OpenDiTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # one worker of --nproc N raised: its traceback, then its message, exit 1
+        if exc.traceback:
+            print(exc.traceback.rstrip(), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,17 +4,28 @@ import json
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 from opendit.checkpoint import file_sha256, load_model, read_sidecar_config
-from opendit.diffusion.sampler import sample
+from opendit.diffusion.sampler import make_scheduler, sample
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, preset
+from opendit.parallel.config import ParallelConfig, default_plan
+from opendit.parallel.parallelize import parallelize, plan_record
+from opendit.parallel.runtime import (
+    build_runtime,
+    env_world_size,
+    global_rank,
+    in_distributed_env,
+    init_from_env,
+    pick_device,
+)
 from opendit.precision import parse_dtype
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -36,6 +47,8 @@ class GenerationRequest:
     vae: str | None = None
     device: str | None = None
     progress: bool = True
+    nproc: int | None = None  # processes; None: 1, or torchrun's world, or the plan's product of degrees
+    parallel: ParallelConfig | None = None  # degrees and options; None (or all degrees 1): chosen for nproc
 
 
 @dataclass
@@ -117,46 +130,157 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
-    """Generate one image per entry of `classes`. Keyword arguments are GenerationRequest fields."""
-    request = request or GenerationRequest(**kwargs)
+@dataclass
+class Job:
+    """A request resolved and validated: everything every rank needs, checked before any process is started."""
+
+    request: GenerationRequest
+    config: DiTConfig
+    ckpt: str | None
+    steps: int
+    scheduler: str
+    cfg_scale: float
+    note: str | None
+    world: int  # processes: 1, --nproc, or torchrun's WORLD_SIZE
+    plan: ParallelConfig
+    plan_notes: list[str]
+
+
+def prepare(request: GenerationRequest) -> Job:
+    """Resolve the model and sampling settings and validate the request and its parallel plan (cheap: no weights)."""
     if not request.classes:
         raise OpenDiTError("no classes given; pass e.g. --classes 0 1 2")
-    device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = parse_dtype(request.dtype)
+    parse_dtype(request.dtype)
     config, ckpt, defaults, note = resolve_model(request)
     steps = request.steps if request.steps is not None else defaults["steps"]
     scheduler = request.scheduler or defaults["scheduler"]
     cfg_scale = request.cfg_scale if request.cfg_scale is not None else defaults["cfg_scale"]
-    if note and request.progress:
-        print(f"note: {note}", file=sys.stderr)
+    if steps <= 0:
+        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
+    if cfg_scale < 1.0:
+        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+    make_scheduler(scheduler, config.prediction, config.learn_sigma)  # raises on a scheduler/model mismatch
+    bad = [c for c in request.classes if not 0 <= c < config.num_classes]
+    if bad:
+        raise OpenDiTError(f"class id {bad[0]} is outside this model's range 0..{config.num_classes - 1}")
+    world = _world_size(request)
+    guided = cfg_scale != 1.0
+    plan = request.parallel or ParallelConfig()
+    plan_notes = []
+    if world > 1 and plan.world_size == 1:  # no degrees given: pick them (or follow --sp-impl)
+        if plan.sp_impl in ("ring", "ulysses", "fastseq"):
+            degrees = {"ring": world} if plan.sp_impl == "ring" else {"ulysses": world}
+            plan, why = replace(plan, **degrees), f"--sp-impl {plan.sp_impl} over all {world} processes"
+        else:
+            auto, why = default_plan(world, config.num_heads, guided)
+            plan = replace(plan, dp=auto.dp, cfg=auto.cfg, ulysses=auto.ulysses, ring=auto.ring)
+        plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
+    plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
+    return Job(request, config, ckpt, steps, scheduler, cfg_scale, note, world, plan, plan_notes)
+
+
+def _world_size(request: GenerationRequest) -> int:
+    """Processes for this request: torchrun's world, else --nproc, else the plan's product of degrees."""
+    if in_distributed_env():
+        world = env_world_size()
+        if request.nproc is not None and request.nproc != world:
+            raise OpenDiTError(
+                f"--nproc {request.nproc} conflicts with the {world} processes torchrun started; drop --nproc "
+                "under torchrun (its --nproc-per-node x --nnodes sets the world)"
+            )
+        return world
+    if request.nproc is not None:
+        if request.nproc < 1:
+            raise OpenDiTError(f"--nproc must be >= 1, got {request.nproc}")
+        return request.nproc
+    return request.parallel.world_size if request.parallel is not None else 1
+
+
+def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
+    """Generate one image per entry of `classes`. Keyword arguments are GenerationRequest fields.
+
+    With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
+    inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
+    """
+    request = request or GenerationRequest(**kwargs)
+    job = prepare(request)
+    if in_distributed_env() and job.world > 1:
+        return _run(job)
+    if job.world > 1:
+        from opendit.parallel.launch import launch
+
+        return launch(_worker_generate, job.world, (request,))
+    return _run(job)
+
+
+def _worker_generate(request: GenerationRequest) -> GenerationResult | None:
+    """Entry point of each worker that `generate(nproc=N)` starts; only rank 0's result travels back."""
+    result = generate(request)
+    return result if global_rank() == 0 else None
+
+
+def _run(job: Job) -> GenerationResult:
+    """Load, sample, decode on this process; with job.world > 1, as one rank of the job (process group from env)."""
+    request, config = job.request, job.config
     start = time.perf_counter()
-    model = load_model(config, ckpt, device=device, dtype=dtype)
-    load_time = time.perf_counter() - start
-    labels = torch.tensor(request.classes, dtype=torch.long)
-    result = sample(
-        model,
-        labels,
-        (config.in_channels, *config.input_size),
-        num_classes=config.num_classes,
-        scheduler_name=scheduler,
-        prediction=config.prediction,
-        learn_sigma=config.learn_sigma,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        seed=request.seed,
-        device=device,
-        progress=request.progress,
-    )
-    images = decode(result.samples, config, request.vae, device)
+    runtime = None
+    owns_group = False
+    if job.world > 1:
+        device, backend = pick_device(request.device)
+        owns_group = init_from_env(device, backend)
+        runtime = build_runtime(job.plan, device)
+    else:
+        device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        progress = request.progress and (runtime is None or global_rank() == 0)
+        if job.note and progress:
+            print(f"note: {job.note}", file=sys.stderr)
+        dtype = parse_dtype(request.dtype)
+        model = load_model(config, job.ckpt, device=device, dtype=dtype)
+        load_time = time.perf_counter() - start
+        labels = torch.tensor(request.classes, dtype=torch.long)
+        kwargs = {
+            "num_classes": config.num_classes,
+            "scheduler_name": job.scheduler,
+            "prediction": config.prediction,
+            "learn_sigma": config.learn_sigma,
+            "steps": job.steps,
+            "cfg_scale": job.cfg_scale,
+            "seed": request.seed,
+            "device": device,
+            "progress": progress,
+        }
+        shape = (config.in_channels, *config.input_size)
+        if runtime is None:
+            result = sample(model, labels, shape, **kwargs)
+            parallel = {"world_size": 1, "describe": job.plan.describe(), "config": job.plan.to_dict(), "notes": []}
+            comm, ranks = None, None
+        else:
+            pmodel = parallelize(model, runtime)
+            result = pmodel.sample(labels, shape, **kwargs)  # every rank ends with all (N, C, H, W) samples
+            parallel = plan_record(runtime, pmodel, len(labels))
+            parallel["notes"] = list(dict.fromkeys(job.plan_notes + parallel["notes"]))
+            comm, ranks = _gather_rank_records(runtime, load_time, result.step_times, device)
+        images = decode(result.samples, config, request.vae, device) if runtime is None or runtime.index == 0 else None
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    if images is None:  # ranks > 0 of a parallel job: rank 0 holds the images
+        return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=list(request.classes))
     record = {
         "request": asdict(request),
-        "resolved": {"steps": steps, "scheduler": scheduler, "cfg_scale": cfg_scale, "dtype": str(dtype)},
+        "resolved": {
+            "steps": job.steps,
+            "scheduler": job.scheduler,
+            "cfg_scale": job.cfg_scale,
+            "dtype": str(parse_dtype(request.dtype)),
+        },
         "model": config.to_dict(),
-        "checkpoint": ckpt,
-        "checkpoint_sha256": file_sha256(ckpt) if ckpt else None,
-        "note": note,
+        "checkpoint": job.ckpt,
+        "checkpoint_sha256": file_sha256(job.ckpt) if job.ckpt else None,
+        "note": job.note,
         "device": str(device),
+        "parallel": parallel,
         "timing": {
             "load_s": load_time,
             "sampling_s": sum(result.step_times),
@@ -164,8 +288,43 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
             "total_s": time.perf_counter() - start,
         },
         "peak_memory_bytes": peak_memory_bytes(device),
+        "comm": comm,
+        "ranks": ranks,
     }
     return GenerationResult(images=images, labels=list(request.classes), record=record)
+
+
+def _gather_rank_records(runtime, load_s: float, step_times: list[float], device: torch.device) -> tuple[dict, list]:
+    """Every rank's timings, peak memory and comm counters, collected on every rank of the runtime."""
+    history = runtime.stats.history  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
+    after = runtime.stats.snapshot()  # after the last step: the dp gather of the samples
+    mine = {
+        "rank": global_rank(),
+        "coords": runtime.coords,
+        "load_s": load_s,
+        "sampling_s": sum(step_times),
+        "per_step_s": step_times,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "comm_per_step": history,
+        "comm_after_sampling": after,
+    }
+    everyone: list = [None] * runtime.world_size
+    dist.all_gather_object(everyone, mine, group=runtime.group("all"))
+    per_step_total = []
+    for step in range(len(history)):
+        total: dict[str, dict[str, float]] = {}
+        for rank in everyone:
+            for kind, counts in rank["comm_per_step"][step].items():
+                slot = total.setdefault(kind, {"calls": 0, "bytes": 0})
+                slot["calls"] += counts["calls"]
+                slot["bytes"] += counts["bytes"]
+        per_step_total.append(total)
+    comm = {
+        "convention": "bytes = payload a rank sends to other ranks (wire dtype); calls per op kind",
+        "rank0_per_step": everyone[0]["comm_per_step"],
+        "all_ranks_per_step": per_step_total,
+    }
+    return comm, everyone
 
 
 def save_outputs(result: GenerationResult, out_dir: str | Path, label_names: list[str] | None = None) -> Path:

@@ -1,0 +1,145 @@
+"""`parallelize(model, runtime)`: apply the runtime's plan to a plain single-device DiT from outside.
+
+What it installs (the model file is never edited; see models/dit.py for the three plug-in points):
+- `model.token_shard` / `model.token_gather`: TokenShard / TokenGather over the "sp" group (ring x ulysses), with
+  ⌈T/P⌉ / ⌊T/P⌋ tokens per rank (or token_shares), so any token count works without padding;
+- `blocks[i].attn.core`: UlyssesAttention, RingAttention or HybridAttention (USP); or, for FastSeq, the whole
+  SelfAttention forward (FastSeqAttention.install).
+What the returned `ParallelModel` adds around the model (the sampler's `model_fn(x, t, y)` on the full CFG batch):
+- cfg = 2: cfg rank c runs half c of [cond; uncond] and the halves are all-gathered before the guidance combine;
+- dp > 1: `ParallelModel.sample` gives dp group i its contiguous block of images (uneven allowed) with
+  `first_index`, so its noise is the noise those images get on one device, and gathers the samples at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opendit.diffusion.sampler import SampleResult, sample
+from opendit.errors import OpenDiTError
+from opendit.models.dit import DiT
+from opendit.parallel.config import head_split
+from opendit.parallel.runtime import Runtime
+from opendit.parallel.sequence import TokenGather, TokenShard, offsets, split_sizes
+
+
+@dataclass
+class ParallelModel:
+    """model_fn for the sampler: (2B|B, C, H, W), (2B|B,), (2B|B,) -> (2B|B, C_out, H, W), identical on every rank
+    of a dp group."""
+
+    model: DiT
+    runtime: Runtime
+    token_sizes: list[int] | None  # tokens per sequence rank (None without sequence parallelism)
+    notes: list[str] = field(default_factory=list)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg_comm = self.runtime.comms["cfg"]
+        if cfg_comm is None:
+            return self.model(x, t, y)
+        b = x.shape[0]
+        if b % 2:
+            raise OpenDiTError(f"cfg parallel needs the guided batch [cond; uncond] (even size), got batch {b}")
+        half, c = b // 2, self.runtime.coords["cfg"]
+        part = slice(c * half, (c + 1) * half)  # cfg rank 0: conditional half, rank 1: unconditional half
+        out = self.model(x[part], t[part], y[part])  # (B, C_out, H, W)
+        return cfg_comm.all_gather(out.contiguous(), 0, [half, half])  # (2B, C_out, H, W) = [cond; uncond]
+
+    def image_split(self, num_images: int) -> tuple[list[int], int]:
+        """(images per dp group, first image index of this rank's group)."""
+        sizes = split_sizes(num_images, self.runtime.plan.dp)
+        return sizes, offsets(sizes)[self.runtime.coords["dp"]]
+
+    def sample(self, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> SampleResult:
+        """`sampler.sample` for every image of `labels`: this dp group denoises its block (seeded as on one device),
+        then the blocks are all-gathered over dp. Returns all (N, C, H, W) samples on every rank."""
+        sizes, first = self.image_split(len(labels))
+        mine = labels[first : first + sizes[self.runtime.coords["dp"]]]
+        result = sample(self, mine, shape, first_index=first, on_step=self.runtime.on_step, **kwargs)
+        dp_comm = self.runtime.comms["dp"]
+        if dp_comm is not None:  # (N_group, C, H, W) -> (N, C, H, W) in image order
+            result.samples = dp_comm.all_gather(result.samples.contiguous(), 0, sizes)
+        return result
+
+
+def token_split(num_tokens: int, runtime: Runtime) -> list[int]:
+    """Tokens per sequence rank, in sp order (ring_i * ulysses + ulysses_i)."""
+    plan = runtime.plan
+    return split_sizes(num_tokens, plan.sp_degree, plan.token_shares)
+
+
+def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
+    """Install the runtime's sequence parallelism into `model` (in place) and wrap it for cfg/dp parallelism."""
+    plan, cfg = runtime.plan, model.config
+    notes = plan.validate(runtime.world_size, cfg.num_heads, cfg.num_tokens, num_images=plan.dp, guided=plan.cfg > 1)
+    if plan.sp_degree == 1:
+        if plan.shard_weights:
+            raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
+        return ParallelModel(model, runtime, None, notes)
+    sizes = token_split(cfg.num_tokens, runtime)
+    if len(set(sizes)) > 1:
+        notes.append(f"{cfg.num_tokens} tokens over {plan.sp_degree} sequence ranks: {sizes} (uneven, exact)")
+    sp_comm = runtime.comms["sp"]
+    impl = plan.impl
+    if impl == "fastseq":
+        from opendit.parallel.fastseq import FastSeqAttention
+
+        for block in model.blocks:
+            FastSeqAttention.install(block.attn, sp_comm, sizes)
+    else:
+        core = make_core(impl, runtime, sizes)
+        for block in model.blocks:
+            block.attn.core = core  # stateless: one kernel object serves every block
+    model.token_shard = TokenShard(sp_comm, sizes)  # (B, T, C) -> (B, T_rank, C)
+    model.token_gather = TokenGather(sp_comm, sizes)  # (B, T_rank, p*p*out) -> (B, T, p*p*out)
+    if plan.shard_weights:
+        shard_weights(model, runtime)
+    return ParallelModel(model, runtime, sizes, notes)
+
+
+def make_core(impl: str, runtime: Runtime, sizes: list[int]):
+    """The AttentionCore (B, S_rank, H, Dh) x3 -> (B, S_rank, H, Dh) for one sequence-parallel kernel."""
+    comms = runtime.comms
+    if impl == "ulysses":
+        from opendit.parallel.ulysses import UlyssesAttention
+
+        return UlyssesAttention(comms["ulysses"], sizes)
+    if impl == "ring":
+        from opendit.parallel.ring import RingAttention
+
+        return RingAttention(comms["ring"], sizes)
+    if impl == "usp":
+        from opendit.parallel.hybrid import HybridAttention
+
+        return HybridAttention(comms["ulysses"], comms["ring"], sizes)
+    raise OpenDiTError(f"unknown sequence-parallel implementation {impl!r}")
+
+
+def shard_weights(model: DiT, runtime: Runtime) -> None:
+    """Shard parameters over the sequence-parallel group (opendit.parallel.shard), gathered per block on use."""
+    try:
+        from opendit.parallel.shard import apply_weight_sharding
+    except ImportError as exc:
+        raise OpenDiTError(
+            "--shard-weights is not available in this build (opendit.parallel.shard is missing)"
+        ) from exc
+    apply_weight_sharding(model, runtime.comms["sp"])
+
+
+def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dict:
+    """What record.json says about the plan: degrees, kernel, splits and the notes on exact fallbacks."""
+    plan, cfg = runtime.plan, pmodel.model.config
+    sizes, _ = pmodel.image_split(num_images)
+    return {
+        "config": plan.to_dict(),
+        "describe": plan.describe(),
+        "impl": plan.impl,
+        "world_size": runtime.world_size,
+        "mesh_order": "dp, cfg, ring, ulysses (outer -> inner)",
+        "token_split": pmodel.token_sizes,
+        "head_split": head_split(cfg.num_heads, plan.ulysses) if plan.ulysses > 1 else None,
+        "images_per_dp_group": sizes,
+        "notes": pmodel.notes,
+    }
