@@ -1,0 +1,303 @@
+"""The planner: every valid parallel plan for a request, predicted with the cost model, filtered by memory, ranked.
+
+A pure function of its inputs (model config, tokens, images, CFG, world size, speeds with per-device memory): no
+process groups, no devices touched, so it runs for hardware this machine cannot reach (8x H100, 2 nodes over IB).
+
+Objectives:
+- latency (default): the wall time of THIS request, steps x the busiest group's step time (dp groups get ⌈images/dp⌉);
+- throughput: images per second in steady state with a queue of such requests, every dp group busy with
+  ⌈images/dp⌉ images (dp may exceed the images of one request: the other groups serve the next requests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from opendit.errors import OpenDiTError
+from opendit.models.dit import DiTConfig
+from opendit.parallel.config import SP_IMPLS, ParallelConfig
+from opendit.parallel.cost import MemoryCost, Speeds, StepCost, predict_memory, predict_step_time
+
+GIB = 1 << 30
+OBJECTIVES = ("latency", "throughput")
+
+
+@dataclass
+class PlanEstimate:
+    config: ParallelConfig
+    step: StepCost
+    memory: MemoryCost
+    fits: bool
+    request_s: float  # steps x step time of the busiest group
+    images_per_s: float
+
+    def score(self, objective: str) -> float:
+        return self.request_s if objective == "latency" else -self.images_per_s
+
+    def row(self) -> dict:
+        return {
+            "plan": self.config.describe(),
+            "config": self.config.to_dict(),
+            "step_s": self.step.total_s,
+            "request_s": self.request_s,
+            "images_per_s": self.images_per_s,
+            "compute_s": self.step.compute_s,
+            "comm_exposed_s": self.step.comm_s,
+            "comm_hidden_s": self.step.hidden_s,
+            "overhead_s": self.step.overhead_s,
+            "bytes_per_rank_per_step": self.step.bytes_per_rank,
+            "calls_per_rank_per_step": self.step.calls_per_rank,
+            "memory_bytes": self.memory.total,
+            "memory": self.memory.to_dict(),
+            "fits": self.fits,
+        }
+
+
+@dataclass
+class PlanResult:
+    objective: str
+    ranked: list[PlanEstimate]  # plans that fit, best first
+    dropped: list[PlanEstimate]  # plans that do not fit in memory, leanest first
+    request: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> PlanEstimate:
+        return self.ranked[0]
+
+    def explain(self, others: int = 3) -> str:
+        return explain(self, others)
+
+    def table(self, top: int = 5) -> str:
+        lines = [f"{'#':>2} {'plan':<44} {'step ms':>9} {'request s':>10} {'img/s':>8} {'MB/step':>9} {'GiB/rank':>9}"]
+        for i, est in enumerate(self.ranked[:top], 1):
+            lines.append(
+                f"{i:>2} {est.config.describe():<44} {est.step.total_s * 1e3:>9.2f} {est.request_s:>10.3f} "
+                f"{est.images_per_s:>8.2f} {est.step.bytes_per_rank / 1e6:>9.2f} {est.memory.total / GIB:>9.2f}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self, top: int | None = None) -> dict:
+        return {
+            "objective": self.objective,
+            "request": self.request,
+            "best": self.best.row(),
+            "why": self.explain(),
+            "ranked": [e.row() for e in self.ranked[:top]],
+            "dropped_for_memory": len(self.dropped),
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_plans(
+    world_size: int,
+    num_heads: int,
+    tokens: int,
+    images: int,
+    guided: bool,
+    impls: tuple[str, ...] = SP_IMPLS,
+    shard_options: tuple[bool, ...] = (False, True),
+    queue: bool = False,
+) -> list[ParallelConfig]:
+    """Every plan that ParallelConfig.validate accepts. queue=True lets dp exceed the request's images."""
+    plans = []
+    max_images = max(images, world_size) if queue else images
+    for dp, cfg in itertools.product(_divisors(world_size), (1, 2) if guided else (1,)):
+        if world_size % (dp * cfg) or dp > max_images:
+            continue
+        sp = world_size // (dp * cfg)
+        for ulysses in _divisors(sp):
+            ring = sp // ulysses
+            if sp == 1:
+                candidates = ["auto"]
+            elif ring == 1:
+                candidates = [i for i in ("ulysses", "fastseq") if i in impls]
+            elif ulysses == 1:
+                candidates = ["ring"] if "ring" in impls else []
+            else:
+                candidates = ["usp"] if "usp" in impls else []
+            for impl, shard in itertools.product(candidates, shard_options if sp > 1 else (False,)):
+                plan = ParallelConfig(dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, sp_impl=impl, shard_weights=shard)
+                try:
+                    plan.validate(world_size, num_heads, tokens, max_images, guided)
+                except OpenDiTError:
+                    continue
+                plans.append(plan)
+    return plans
+
+
+def estimate(
+    model: DiTConfig, tokens: int, images: int, guided: bool, plan: ParallelConfig, speeds: Speeds, steps: int
+) -> PlanEstimate:
+    per_image = 2 if guided else 1
+    batch = max(images, plan.dp) * per_image  # throughput: each dp group holds at least one image
+    step = predict_step_time(model, tokens, batch, plan, speeds, guided=guided)
+    mem = predict_memory(model, tokens, batch, plan, speeds, guided=guided)
+    group_images = math.ceil(max(images, plan.dp) / plan.dp)
+    request_s = steps * step.total_s
+    return PlanEstimate(
+        config=plan,
+        step=step,
+        memory=mem,
+        fits=mem.total <= speeds.memory_bytes,
+        request_s=request_s,
+        images_per_s=plan.dp * group_images / request_s,
+    )
+
+
+def plan(
+    model: DiTConfig,
+    world_size: int,
+    speeds: Speeds,
+    images: int = 1,
+    guided: bool = True,
+    tokens: int | None = None,
+    steps: int = 50,
+    objective: str = "latency",
+    memory_bytes: float | None = None,
+    impls: tuple[str, ...] = SP_IMPLS,
+) -> PlanResult:
+    """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans."""
+    if objective not in OBJECTIVES:
+        raise OpenDiTError(f"unknown objective {objective!r}; choose latency or throughput")
+    if world_size < 1 or images < 1 or steps < 1:
+        raise OpenDiTError(f"world size, images and steps must be >= 1 (got {world_size}, {images}, {steps})")
+    tokens = model.num_tokens if tokens is None else tokens
+    if memory_bytes is not None:
+        speeds = speeds.with_memory(memory_bytes)
+    queue = objective == "throughput"
+    configs = enumerate_plans(world_size, model.num_heads, tokens, images, guided, impls, queue=queue)
+    if not configs:
+        raise OpenDiTError(
+            f"no valid plan for {world_size} ranks, {model.num_heads} heads, {tokens} tokens; "
+            f"use at most {tokens} ranks"
+        )
+    estimates = [estimate(model, tokens, images, guided, c, speeds, steps) for c in configs]
+
+    def key(e: PlanEstimate):  # ties: fewer bytes, unsharded weights, then the simpler plan
+        return (round(e.score(objective), 12), e.step.bytes_per_rank, e.config.shard_weights, e.config.ring)
+
+    ranked = sorted((e for e in estimates if e.fits), key=key)
+    dropped = sorted((e for e in estimates if not e.fits), key=lambda e: e.memory.total)
+    request = {
+        "model": {k: getattr(model, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")},
+        "tokens": tokens,
+        "images": images,
+        "guided": guided,
+        "world_size": world_size,
+        "steps": steps,
+        "hardware": speeds.name,
+        "memory_per_device_gib": speeds.memory_bytes / GIB,
+    }
+    if not ranked:
+        lean = dropped[:3]
+        raise OpenDiTError(
+            f"no plan fits {speeds.memory_bytes / GIB:.1f} GiB per device for {images} image(s) of {tokens} tokens "
+            f"on {world_size} rank(s); the leanest need "
+            + "; ".join(f"{e.config.describe()}: {e.memory.total / GIB:.1f} GiB" for e in lean)
+            + ". Fix: more devices (sequence parallel divides activations, --shard-weights divides weights), "
+            "fewer images per request, or a smaller dtype (--dtype bf16)"
+        )
+    return PlanResult(objective=objective, ranked=ranked, dropped=dropped, request=request)
+
+
+def _parts(e: PlanEstimate) -> dict[str, float]:
+    return {"compute": e.step.compute_s, "communication": e.step.comm_s, "overhead": e.step.overhead_s}
+
+
+def explain(result: PlanResult, others: int = 3) -> str:
+    """Why the winner wins: its time split, then for the next plans the component that costs them the most."""
+    best = result.best
+    s = best.step
+    unit = "request" if result.objective == "latency" else "throughput"
+    lines = [
+        f"best ({result.objective}): {best.config.describe()}: {s.total_s * 1e3:.2f} ms/step predicted "
+        f"(compute {s.compute_s * 1e3:.2f}, exposed communication {s.comm_s * 1e3:.2f}, hidden {s.hidden_s * 1e3:.2f},"
+        f" overhead {s.overhead_s * 1e3:.2f}), {s.bytes_per_rank / 1e6:.2f} MB sent per rank per step, "
+        f"{best.memory.total / GIB:.2f} GiB per rank of {result.request.get('memory_per_device_gib', 0):.1f}"
+    ]
+    for other in result.ranked[1 : 1 + others]:
+        if result.objective == "latency":
+            loss = other.request_s / best.request_s - 1
+        else:
+            loss = best.images_per_s / other.images_per_s - 1
+        diffs = {k: other_v - _parts(best)[k] for k, other_v in _parts(other).items()}
+        worst = max(diffs, key=diffs.get)
+        why = f"{worst} +{diffs[worst] * 1e3:.2f} ms/step"
+        if worst == "communication":
+            why += f" ({other.step.bytes_per_rank / 1e6:.2f} vs {s.bytes_per_rank / 1e6:.2f} MB/step)"
+        if result.objective == "throughput" and other.config.dp != best.config.dp:
+            why += f", {other.config.dp} vs {best.config.dp} independent groups"
+        lines.append(f"  vs {other.config.describe()}: {loss:+.1%} {unit}; {why}")
+    if result.dropped:
+        lean = result.dropped[0]
+        lines.append(
+            f"  {len(result.dropped)} plan(s) dropped for memory, e.g. {lean.config.describe()} needs "
+            f"{lean.memory.total / GIB:.2f} GiB"
+        )
+    return "\n".join(lines)
+
+
+def _distance(a: ParallelConfig, b: ParallelConfig) -> float:
+    d = sum(abs(math.log2(getattr(a, n)) - math.log2(getattr(b, n))) for n in ("dp", "cfg", "ulysses", "ring"))
+    d += 0.5 * (a.sp_impl not in ("auto", b.sp_impl)) + 0.25 * (a.shard_weights != b.shard_weights)
+    return d
+
+
+def nearest_plans(
+    requested: ParallelConfig,
+    world_size: int,
+    num_heads: int,
+    tokens: int,
+    images: int,
+    guided: bool,
+    k: int = 3,
+) -> list[ParallelConfig]:
+    """The k valid plans closest to a requested one (distance in log2 of the degrees, then kernel and sharding)."""
+    valid = enumerate_plans(world_size, num_heads, tokens, images, guided)
+    return sorted(valid, key=lambda p: (_distance(requested, p), p.ring, -p.cfg))[:k]
+
+
+def check_request(
+    requested: ParallelConfig,
+    model: DiTConfig,
+    world_size: int,
+    images: int,
+    guided: bool,
+    tokens: int | None = None,
+    speeds: Speeds | None = None,
+) -> list[str]:
+    """Validate a user's plan; on failure raise OpenDiTError naming the nearest valid plans (and, with speeds,
+    a plan that fits memory). Returns ParallelConfig.validate's notes."""
+    tokens = model.num_tokens if tokens is None else tokens
+    try:
+        notes = requested.validate(world_size, model.num_heads, tokens, images, guided)
+    except OpenDiTError as exc:
+        near = nearest_plans(requested, world_size, model.num_heads, tokens, images, guided)
+        names = "; ".join(p.describe() for p in near) or "none (check the world size)"
+        raise OpenDiTError(f"{exc}. Nearest valid plans for {world_size} rank(s): {names}") from exc
+    if speeds is not None:
+        batch = images * (2 if guided else 1)
+        mem = predict_memory(model, tokens, batch, requested, speeds, guided=guided)
+        if mem.total > speeds.memory_bytes:
+            fitting = [
+                e.config
+                for e in sorted(
+                    (
+                        estimate(model, tokens, images, guided, c, speeds, 1)
+                        for c in enumerate_plans(world_size, model.num_heads, tokens, images, guided)
+                    ),
+                    key=lambda e: (_distance(requested, e.config), e.memory.total),
+                )
+                if e.fits
+            ][:3]
+            raise OpenDiTError(
+                f"plan {requested.describe()} needs {mem.total / GIB:.2f} GiB per device, more than "
+                f"{speeds.memory_bytes / GIB:.2f} GiB; nearest plans that fit: "
+                + ("; ".join(p.describe() for p in fitting) or "none: use more devices or fewer images")
+            )
+    return notes
