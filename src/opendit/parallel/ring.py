@@ -1,0 +1,133 @@
+"""Ring attention: K/V blocks travel around the ring, partial outputs merged exactly by log-sum-exp.
+
+Rank r holds the query block Q_r and, at step t = 0..P-1, the K/V block that started on rank (r - t) mod P. While it
+attends to that block, the next one is already in flight (send to r+1, receive from r-1, async P2P), so the transfer
+hides behind the compute. Blocks may differ in size: every rank knows all `seq_sizes` and so the shape it will receive.
+
+The merge is exact softmax algebra, done in fp32 whatever the input dtype: for partial results (O_a, lse_a) and
+(O_b, lse_b) over disjoint key sets, lse = logaddexp(lse_a, lse_b) and
+O = O_a * exp(lse_a - lse) + O_b * exp(lse_b - lse).
+
+Attention with log-sum-exp (`attention_with_lse`): torch's public SDPA does not return it, so per backend:
+- CPU: aten._scaled_dot_product_flash_attention_for_cpu -> (out, lse), any float dtype;
+- CUDA fp16/bf16: aten._scaled_dot_product_flash_attention -> (out, lse, ...);
+- CUDA fp32: aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True) -> (out, lse padded to x32, ...);
+- anything else (or head dims the fused kernels reject): explicit fp32 scores and torch.logsumexp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from opendit.errors import OpenDiTError
+from opendit.parallel.comm import Comm
+from opendit.parallel.sequence import check_sizes
+
+LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def attention_math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path. q (B, H, Sq, D), k/v (B, H, Sk, D) -> out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk) fp32
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Sq)
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())  # (B, H, Sq, D)
+    return out.to(q.dtype), lse
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the natural-log sum of exp(scores) per query row.
+
+    q (B, H, Sq, D), k/v (B, H, Sk, D) -> out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32. Scale 1/sqrt(D).
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return out, lse.float()
+    if q.device.type == "cuda":
+        d = q.shape[-1]
+        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+            return res[0], res[1].float()  # lse (B, H, Sq) fp32
+        if q.dtype == torch.float32 and d % 4 == 0 and d <= 256:
+            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+            return res[0], res[1][..., : q.shape[2]].float()  # lse is padded along Sq to a multiple of 32
+    return attention_math_lse(q, k, v)
+
+
+def merge_attention(
+    out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a block's partial attention into the running one, exactly, in fp32.
+
+    out (B, H, S, D) fp32 or None (first block), lse (B, H, S) fp32; block_out (B, H, S, D), block_lse (B, H, S).
+    Returns the new (out fp32, lse fp32).
+    """
+    block_out, block_lse = block_out.float(), block_lse.float()
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)  # (B, H, S)
+    w_old = torch.exp(lse - new_lse).unsqueeze(-1)  # (B, H, S, 1)
+    w_new = torch.exp(block_lse - new_lse).unsqueeze(-1)
+    return out * w_old + block_out * w_new, new_lse
+
+
+class RingAttention:
+    """AttentionCore over ring P2P: (B, S_rank, H, D) x3 -> (B, S_rank, H, D), exact for uneven blocks.
+
+    comm: the ring group (rank r's neighbours are r +- 1 mod P in group ranks); seq_sizes: tokens per group rank.
+    attn: attention with lse, (B, H, Sq, D) x3 -> (out, lse); default `attention_with_lse`.
+    K and V of a block travel together in one (2, B, S_blk, H, D) message: P - 1 exchanges per call.
+    """
+
+    def __init__(self, comm: Comm, seq_sizes: Sequence[int], attn: LseAttention = attention_with_lse):
+        self.comm = comm
+        self.seq_sizes = check_sizes(seq_sizes, comm.size)
+        self.attn = attn
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p, me = self.comm.size, self.comm.rank
+        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+            raise OpenDiTError(
+                f"RingAttention expects q, k, v of one shape (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}"
+            )
+        if q.shape[1] != self.seq_sizes[me]:
+            raise OpenDiTError(
+                f"RingAttention on rank {me}: got {q.shape[1]} tokens but seq_sizes[{me}] = {self.seq_sizes[me]} "
+                f"(seq_sizes {self.seq_sizes}); shard tokens with the same sizes the kernel was built with"
+            )
+        b, _, h, d = q.shape
+        qt = q.transpose(1, 2)  # (B, H, S_r, D) view
+        kv = torch.stack((k, v))  # (2, B, S_r, H, D): one message per step
+        out = lse = None
+        for step in range(p):
+            handle = None
+            if step < p - 1:
+                # start the next block's transfer first, so it overlaps this block's attention
+                src = (me - step - 1) % p  # origin of the block we will receive
+                handle = self.comm.ring_exchange(kv, (2, b, self.seq_sizes[src], h, d))
+            block_out, block_lse = self.attn(qt, kv[0].transpose(1, 2), kv[1].transpose(1, 2))  # (B,H,S_r,D),(B,H,S_r)
+            out, lse = merge_attention(out, lse, block_out, block_lse)
+            if handle is not None:
+                kv = handle.wait()  # (2, B, S_src, H, D)
+        return out.transpose(1, 2).to(q.dtype)  # (B, S_r, H, D)
+
+
+def ring_bytes(
+    seq_sizes: Sequence[int], batch: int, heads: int, head_dim: int, rank: int | None = None, itemsize: int = 4
+) -> int:
+    """Bytes RingAttention sends per call (CommStats convention): rank r sends, at steps t = 0..P-2, the K/V block
+    that started on rank (r - t) mod P: sum_t 2 * B * S_{(r-t) mod P} * H * D * itemsize. rank=None -> all ranks,
+    which is (P - 1) * 2 * B * S * H * D * itemsize."""
+    p = len(seq_sizes)
+    per_token = 2 * batch * heads * head_dim * itemsize
+    if rank is None:
+        return (p - 1) * sum(seq_sizes) * per_token
+    return sum(seq_sizes[(rank - t) % p] for t in range(p - 1)) * per_token
+
+
+def ring_calls(world: int) -> int:
+    """P2P exchanges (CommStats 'p2p' calls) per RingAttention call on each rank."""
+    return world - 1

@@ -1,0 +1,101 @@
+"""Ulysses (DeepSpeed-Ulysses) sequence parallelism: all-to-all from sequence shards to head shards and back.
+
+Rank r holds q, k, v for its S_r tokens and all H heads. One all-to-all gives it all S tokens for its H_r heads, where
+it runs ordinary attention; a second all-to-all returns the output to (S_r tokens, H heads). Uneven is exact: tokens
+split by `seq_sizes` (any), heads split ⌈H/P⌉/⌊H/P⌋ (4 heads over 3 ranks -> 2, 1, 1); heads are independent, so any
+split gives the same numbers. H < P is an error (a rank would have nothing to do): use ring or usp instead.
+
+Messages per call: q, k, v are packed into ONE all-to-all (`pack_qkv=True`, default), then one for the output: 2 calls.
+With pack_qkv=False it is the classic 4 (q, k, v, out); the bytes are the same either way (see `ulysses_bytes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from opendit.errors import OpenDiTError
+from opendit.models.attention import AttentionCore, local_attention
+from opendit.parallel.comm import Comm
+from opendit.parallel.sequence import check_sizes, split_sizes
+
+
+def head_sizes(heads: int, parts: int) -> list[int]:
+    """Heads per rank for Ulysses: ⌈H/P⌉ for the first H mod P ranks, ⌊H/P⌋ for the rest."""
+    if heads < parts:
+        raise OpenDiTError(
+            f"Ulysses degree {parts} exceeds the {heads} attention heads, so some rank would get no head; "
+            f"use ulysses <= {heads} (and ring for the remaining factor, i.e. usp) or pure ring attention"
+        )
+    return split_sizes(heads, parts)
+
+
+class UlyssesAttention:
+    """AttentionCore: (B, S_rank, H, D) x3 -> (B, S_rank, H, D) over one Ulysses group.
+
+    comm: the Ulysses group; seq_sizes: tokens per group rank (uneven allowed);
+    attn: the attention run on (B, S, H_rank, D) after the first all-to-all (default local SDPA; USP passes ring);
+    pack_qkv: one all-to-all for q, k, v together (2 calls per attention) instead of three (4 calls).
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        seq_sizes: Sequence[int],
+        attn: AttentionCore = local_attention,
+        pack_qkv: bool = True,
+    ):
+        self.comm = comm
+        self.seq_sizes = check_sizes(seq_sizes, comm.size)
+        self.attn = attn
+        self.pack_qkv = pack_qkv
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        comm, me = self.comm, self.comm.rank
+        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+            raise OpenDiTError(
+                f"UlyssesAttention expects q, k, v of one shape (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}"
+            )
+        if q.shape[1] != self.seq_sizes[me]:
+            raise OpenDiTError(
+                f"UlyssesAttention on rank {me}: got {q.shape[1]} tokens but seq_sizes[{me}] = {self.seq_sizes[me]} "
+                f"(seq_sizes {self.seq_sizes}); shard tokens with the same sizes the kernel was built with"
+            )
+        heads = head_sizes(q.shape[2], comm.size)
+        # seq -> heads: scatter the head dim (2) by head sizes, gather the seq dim (1) by seq sizes.
+        # (B, S_r, H, D) -> (B, S, H_r, D) for each of q, k, v.
+        if self.pack_qkv:
+            q, k, v = comm.all_to_all([q, k, v], 2, 1, heads, self.seq_sizes)
+        else:
+            hq, hk, hv = (comm.all_to_all(t, 2, 1, heads, self.seq_sizes, async_op=True) for t in (q, k, v))
+            q, k, v = hq.wait(), hk.wait(), hv.wait()
+        out = self.attn(q, k, v)  # (B, S, H_r, D): every token, this rank's heads
+        # heads -> seq: scatter the seq dim (1) by seq sizes, gather the head dim (2) by head sizes.
+        return comm.all_to_all(out, 1, 2, self.seq_sizes, heads)  # (B, S_r, H, D)
+
+
+def ulysses_bytes(
+    seq_sizes: Sequence[int], batch: int, heads: int, head_dim: int, rank: int | None = None, itemsize: int = 4
+) -> int:
+    """Bytes UlyssesAttention sends per call (CommStats convention: to other ranks only), packed or not.
+
+    Rank r sends q, k, v rows of its S_r tokens for the heads of every other rank, then the output of its H_r heads
+    for the tokens of every other rank: itemsize * B * D * (3 * S_r * (H - H_r) + H_r * (S - S_r)).
+    rank=None -> sum over ranks. Even split: 4 * B * S * H * D * itemsize * (P - 1) / P^2 per rank.
+    """
+    p = len(seq_sizes)
+    hs = head_sizes(heads, p)
+    total_s = sum(seq_sizes)
+
+    def one(r: int) -> int:
+        return itemsize * batch * head_dim * (3 * seq_sizes[r] * (heads - hs[r]) + hs[r] * (total_s - seq_sizes[r]))
+
+    return sum(one(r) for r in range(p)) if rank is None else one(rank)
+
+
+def ulysses_calls(world: int, pack_qkv: bool = True) -> int:
+    """All-to-all calls per UlyssesAttention call on each rank (0 on one rank: nothing to exchange)."""
+    if world == 1:
+        return 0
+    return 2 if pack_qkv else 4
