@@ -1,0 +1,277 @@
+"""Every parallel strategy at world sizes 2, 3 and 4 gives the single-process output (fp32, gloo on CPU).
+
+One 4-process world (started by opendit's own launcher) checks every plan: a plan for n ranks runs on a runtime built
+over ranks 0..n-1 (the kernels below the runtime only see their groups, never the world). Two models:
+- "T16": DiT-T/2 on 16x16x1 pixels (64 tokens, 4 heads), flow matching + Euler, guidance 4;
+- "T32": DiT-T/2 on 32x32x3 pixels (256 tokens), learned sigma + DDPM (fresh noise per step from per-image seeds).
+At 3 ranks neither 64 nor 256 tokens divide by 3 and Ulysses-3 splits 4 heads 2, 1, 1. Weights are random and
+non-zero everywhere (adaLN-Zero would otherwise make the output exactly zero and every comparison trivial).
+
+The CLI tests run the real `opendit sample` with --nproc 2/4 against --nproc 1 and check record.json's bytes per step
+against the kernels' analytic formulas.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from opendit.parallel.config import ParallelConfig
+from opendit.parallel.launch import launch
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+NUM_IMAGES = 4
+MODELS = {
+    "T16": {"input_size": (16, 16), "in_channels": 1, "learn_sigma": False, "prediction": "flow"},
+    "T32": {"input_size": (32, 32), "in_channels": 3, "learn_sigma": True, "prediction": "epsilon"},
+}
+SCHEDULER = {"T16": "flow-euler", "T32": "ddpm"}
+P = ParallelConfig
+PLANS = {
+    2: [P(cfg=2), P(dp=2), P(ulysses=2), P(ring=2), P(ulysses=2, sp_impl="fastseq")],
+    3: [P(dp=3), P(ulysses=3), P(ring=3), P(ulysses=3, sp_impl="fastseq")],
+    4: [
+        P(ulysses=2, ring=2),
+        P(ulysses=4),
+        P(ring=4),
+        P(ulysses=4, sp_impl="fastseq"),
+        P(cfg=2, ulysses=2),
+        P(cfg=2, ring=2),
+        P(dp=2, ulysses=2),
+        P(dp=2, cfg=2),
+    ],
+}
+
+
+def model_config(name: str):
+    from opendit.models.dit import DiTConfig, preset
+
+    return DiTConfig(**{**preset("DiT-T/2").to_dict(), "num_classes": 10, "latent": False, **MODELS[name]})
+
+
+def random_model(config, seed: int = 0):
+    """The official init plus N(0, 0.1) on every parameter but the fixed positions: non-zero adaLN and output."""
+    from opendit.models.dit import build_dit
+
+    torch.manual_seed(seed)
+    model = build_dit(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "pos_embed":
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[int] | None, group_images: int) -> int:
+    """Analytic bytes this rank sends per denoising step (CommStats convention), from the kernels' formulas."""
+    from opendit.parallel.fastseq import fastseq_bytes
+    from opendit.parallel.hybrid import hybrid_bytes
+    from opendit.parallel.ring import ring_bytes
+    from opendit.parallel.ulysses import ulysses_bytes
+
+    batch = 2 * group_images // plan.cfg  # the guided batch [cond; uncond] of this dp group, halved by cfg
+    heads, dh = config.num_heads, config.hidden_size // config.num_heads
+    out_pixels = config.out_channels * config.input_size[0] * config.input_size[1]  # per image, fp32
+    total = 0
+    if plan.cfg == 2:  # cfg all-gather of the model output: my half goes to the other cfg rank
+        total += batch * out_pixels * 4
+    if sizes is not None:
+        r, p = coords["sp"], plan.sp_degree
+        per_layer = {
+            "ulysses": lambda: ulysses_bytes(sizes, batch, heads, dh, rank=r),
+            "ring": lambda: ring_bytes(sizes, batch, heads, dh, rank=r),
+            "usp": lambda: hybrid_bytes(sizes, plan.ulysses, plan.ring, batch, heads, dh, rank=r),
+            "fastseq": lambda: fastseq_bytes(sizes, batch, heads, dh, rank=r),
+        }[plan.impl]()
+        per_token_out = config.patch_size**2 * config.out_channels
+        total += config.depth * per_layer + sizes[r] * batch * per_token_out * 4 * (p - 1)  # + token gather
+    return total
+
+
+def equivalence_world() -> list[dict]:
+    """Runs in each of 4 workers: every (model, plan) on ranks 0..n-1; returns every rank's measurements."""
+    import torch.distributed as dist
+
+    from opendit.diffusion.sampler import sample
+    from opendit.parallel.parallelize import parallelize
+    from opendit.parallel.runtime import build_runtime, init_from_env
+    from opendit.pipeline import decode
+
+    torch.set_num_threads(1)
+    init_from_env(torch.device("cpu"), "gloo")
+    rows = []
+    for name in MODELS:
+        config = model_config(name)
+        reference = random_model(config)
+        gen = torch.Generator().manual_seed(7)
+        x = torch.randn(2 * NUM_IMAGES, config.in_channels, *config.input_size, generator=gen)  # (2B, C, H, W)
+        t = torch.full((2 * NUM_IMAGES,), 500.0)
+        labels = torch.tensor([3, 1, 4, 1])
+        y = torch.cat([labels, torch.full_like(labels, config.num_classes)])  # [cond; uncond]
+        kwargs = {
+            "num_classes": config.num_classes,
+            "scheduler_name": SCHEDULER[name],
+            "prediction": config.prediction,
+            "learn_sigma": config.learn_sigma,
+            "steps": STEPS,
+            "cfg_scale": 4.0,
+            "seed": 11,
+        }
+        shape = (config.in_channels, *config.input_size)
+        with torch.no_grad():
+            ref_out = reference(x, t, y)
+        ref_img = decode(sample(reference, labels, shape, **kwargs).samples, config, None, torch.device("cpu"))
+        for world, plans in PLANS.items():
+            for plan in plans:
+                runtime = build_runtime(plan, "cpu", ranks=list(range(world)))  # collective over all 4 processes
+                if runtime is None:
+                    continue
+                pmodel = parallelize(copy.deepcopy(reference), runtime)
+                with torch.no_grad():
+                    out = pmodel(x, t, y)  # (2B, C_out, H, W)
+                runtime.stats.reset()
+                samples = pmodel.sample(labels, shape, **kwargs).samples
+                img = decode(samples, config, None, torch.device("cpu"))
+                group_sizes, _ = pmodel.image_split(NUM_IMAGES)
+                rows.append(
+                    {
+                        "model": name,
+                        "world": world,
+                        "plan": plan.describe(),
+                        "rank": runtime.index,
+                        "out_err": rel_err(out, ref_out),
+                        "ref_max": float(ref_out.abs().max()),
+                        "img_diff": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
+                        "img_std": float(ref_img.std()),
+                        "notes": pmodel.notes,
+                        "token_sizes": pmodel.token_sizes,
+                        "step_bytes": [sum(k["bytes"] for k in step.values()) for step in runtime.stats.history],
+                        "expected_bytes": expected_step_bytes(
+                            plan, config, runtime.coords, pmodel.token_sizes, group_sizes[runtime.coords["dp"]]
+                        ),
+                    }
+                )
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    dist.destroy_process_group()
+    return [row for rank_rows in everyone for row in rank_rows]
+
+
+@pytest.fixture(scope="module")
+def world_rows() -> list[dict]:
+    return launch(equivalence_world, 4, threads_per_proc=1)
+
+
+def test_every_plan_ran_on_every_rank(world_rows):
+    ran = {(r["model"], r["world"], r["plan"], r["rank"]) for r in world_rows}
+    expected = {(m, w, p.describe(), k) for m in MODELS for w, ps in PLANS.items() for p in ps for k in range(w)}
+    assert ran == expected
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_model_output_matches_single_process(world_rows, model):
+    rows = [r for r in world_rows if r["model"] == model]
+    assert min(r["ref_max"] for r in rows) > 0.5  # a non-trivial output (adaLN-Zero would give exactly 0)
+    worst = max(rows, key=lambda r: r["out_err"])
+    assert worst["out_err"] <= 1e-5, worst
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_images_match_single_process(world_rows, model):
+    rows = [r for r in world_rows if r["model"] == model]
+    assert min(r["img_std"] for r in rows) > 10  # images with content, not a flat field
+    worst = max(rows, key=lambda r: r["img_diff"])
+    assert worst["img_diff"] <= 1, worst  # <= 1/255 on 8-bit images
+
+
+def test_uneven_tokens_and_heads_at_three_ranks(world_rows):
+    rows = {(r["model"], r["plan"]): r for r in world_rows if r["world"] == 3 and r["rank"] == 0}
+    assert rows[("T16", "ulysses=3 (sequence parallel: ulysses)")]["token_sizes"] == [22, 21, 21]
+    assert rows[("T32", "ring=3 (sequence parallel: ring)")]["token_sizes"] == [86, 85, 85]
+    notes = " ".join(rows[("T16", "ulysses=3 (sequence parallel: ulysses)")]["notes"])
+    assert "does not divide 4 heads" in notes and "2, 1, 1" in notes
+
+
+def test_recorded_bytes_per_step_equal_analytic_volume(world_rows):
+    for row in world_rows:
+        assert len(row["step_bytes"]) == STEPS, row
+        assert row["step_bytes"] == [row["expected_bytes"]] * STEPS, row
+    ulysses = [r for r in world_rows if r["plan"].startswith("ulysses=3 (") and r["model"] == "T32"]
+    assert [r["expected_bytes"] for r in sorted(ulysses, key=lambda r: r["rank"])][0] > 0
+
+
+# ------------------------------------------------------------------------------------------------ the real CLI
+@pytest.fixture(scope="module")
+def cli_ckpt(tmp_path_factory):
+    """The shipped digits model if it is installed, else a random non-zero checkpoint of the same kind."""
+    from opendit.checkpoint import save_safetensors
+    from opendit.pipeline import DEFAULT_CKPT
+
+    if DEFAULT_CKPT.is_file():
+        return []
+    path = tmp_path_factory.mktemp("ckpt") / "random-digits.safetensors"
+    save_safetensors(random_model(model_config("T16")), path, {"steps": 4, "scheduler": "flow-euler", "cfg_scale": 2.0})
+    return ["--ckpt", str(path)]
+
+
+def run_cli(out, extra, ckpt):
+    from PIL import Image
+
+    from opendit.cli import main
+
+    base = ["sample", "--classes", "0", "3", "7", "--steps", "4", "--seed", "5", "--out", str(out), "--no-progress"]
+    assert main(base + ckpt + extra) == 0
+    images = [np.asarray(Image.open(out / f"{i:03d}_class-{c}.png")) for i, c in enumerate((0, 3, 7))]
+    return np.stack(images).astype(int), json.loads((out / "record.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cli_ckpt):
+    return run_cli(tmp_path_factory.mktemp("single"), ["--nproc", "1"], cli_ckpt)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--nproc", "2", "--ulysses", "2"],
+        ["--nproc", "2", "--ring", "2"],
+        ["--nproc", "2", "--cfg-parallel"],
+        ["--nproc", "4", "--ulysses", "2", "--ring", "2"],
+    ],  # fmt: skip
+    ids=["ulysses2", "ring2", "cfg2", "usp2x2"],
+)
+def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, flags):
+    from opendit.parallel.ring import ring_bytes
+    from opendit.parallel.ulysses import ulysses_bytes
+
+    ref_images, ref_record = single
+    images, record = run_cli(tmp_path, flags, cli_ckpt)
+    assert images.std() > 10 and np.abs(images - ref_images).max() <= 1  # <= 1/255
+    nproc = int(flags[1])
+    assert record["parallel"]["world_size"] == nproc and len(record["ranks"]) == nproc
+    assert all(r["peak_memory_bytes"] > 0 and len(r["per_step_s"]) == 4 for r in record["ranks"])
+    cfg = record["model"]
+    if flags[2] in ("--ulysses", "--ring") and nproc == 2:  # recorded bytes per step == analytic volume, per rank
+        heads, dh = cfg["num_heads"], cfg["hidden_size"] // cfg["num_heads"]
+        tokens = cfg["input_size"][0] * cfg["input_size"][1] // cfg["patch_size"] ** 2
+        out_channels = cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1)
+        sizes = [tokens - tokens // 2, tokens // 2]
+        batch = 3 * (2 if record["resolved"]["cfg_scale"] != 1 else 1)  # 3 images, [cond; uncond] when guided
+        kernel = ulysses_bytes if flags[2] == "--ulysses" else ring_bytes
+        kind = "all_to_all" if flags[2] == "--ulysses" else "p2p"
+        for rank in record["ranks"]:
+            for step in rank["comm_per_step"]:
+                assert step[kind]["bytes"] == cfg["depth"] * kernel(sizes, batch, heads, dh, rank=rank["rank"])
+                gather = sizes[rank["rank"]] * batch * cfg["patch_size"] ** 2 * out_channels * 4  # token gather
+                assert step["all_gather"]["bytes"] == gather
