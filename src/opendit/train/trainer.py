@@ -1,0 +1,396 @@
+"""Train a class-conditional DiT: flow matching (or DDPM epsilon), label dropout for CFG, AdamW, EMA, DDP, resume.
+
+Conventions shared with the sampler (diffusers FlowMatchEulerDiscreteScheduler, shift 1, 1000 train timesteps):
+x_t = (1 - sigma) * x0 + sigma * noise with sigma in (0, 1]; the model is called as model(x_t, sigma * 1000, y) and
+predicts v = noise - x0. Pixels are in [-1, 1].
+
+Reproducibility is by construction, not by saved iterator state: the batch, noise, sigma and label-dropout draws of
+step s come from generators seeded by (seed, s) over the *global* batch, and every rank slices its part. Hence
+(a) resuming at step k gives bitwise the same losses as not stopping, and (b) N processes compute the same global
+batch as one process, so their losses agree up to float rounding of the gradient all-reduce.
+"""
+
+import datetime
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from opendit.errors import OpenDiTError
+from opendit.models.dit import DiT, DiTConfig, preset
+from opendit.train.data import BatchSampler, ImageDataset, build_dataset, step_seed
+from opendit.train.ema import EMA, unwrap
+
+NUM_TRAIN_TIMESTEPS = 1000  # sigma -> model timestep t = sigma * 1000, as FlowMatchEulerDiscreteScheduler does
+# Changing these mid-run would silently change the loss curve; resume refuses instead.
+RESUME_MUST_MATCH = (
+    "model", "data", "image_size", "channels", "prediction", "learn_sigma", "time_sampling", "batch_size", "seed",
+    "label_dropout", "ema_decay",
+)  # fmt: skip
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/digits"
+    model: str = "DiT-D/2"
+    data: str = "digits"  # "digits" or a folder with one subfolder of images per class
+    image_size: int = 16
+    channels: int = 1
+    prediction: str = "flow"  # "flow" (velocity, the sampler's convention) or "epsilon" (DDPM)
+    learn_sigma: bool = False  # epsilon only; the extra sigma channels are not trained (no VLB term)
+    # Uniform sigma by default: the 30-step Euler sampler visits sigma on a uniform grid in (0, 1], so uniform training
+    # matches what sampling asks of the model. SD3's logit-normal (which starves sigma near 0 and 1) pays off for large
+    # latents where those ends are easy; at 16x16 pixels the sigma ~ 1 end decides each digit's layout and class.
+    time_sampling: str = "uniform"  # or "logit-normal"
+    steps: int = 5000
+    batch_size: int = 64  # global, split over processes (unevenly if it must be)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear learning-rate warm-up steps
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    ema_decay: float = 0.995
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class, so CFG has an unconditional model
+    seed: int = 0
+    precision: str = "fp32"  # or "bf16" (autocast; weights, optimiser and EMA stay fp32)
+    grad_checkpointing: bool = False
+    ckpt_every: int = 500
+    keep: int = 2  # numbered checkpoints kept besides latest.pt
+    log_every: int = 10
+    nproc: int = 1
+    threads: int = 0  # CPU threads per process; 0 = cores / nproc
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    resume: bool = False
+    time_limit: float = 0.0  # minutes of training after which to checkpoint and stop; 0 = none
+    progress: bool = True
+
+    def validate(self) -> None:
+        preset(self.model)  # raises with the list of presets
+        checks = [
+            (self.prediction in ("flow", "epsilon"), f"--prediction must be flow or epsilon, got {self.prediction!r}"),
+            (not (self.prediction == "flow" and self.learn_sigma), "--learn-sigma applies to epsilon prediction only"),
+            (self.time_sampling in ("uniform", "logit-normal"), "--time-sampling must be uniform or logit-normal"),
+            (self.precision in ("fp32", "bf16"), f"--precision must be fp32 or bf16, got {self.precision!r}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (
+                self.batch_size >= self.nproc >= 1,
+                f"need 1 <= --nproc <= --batch-size ({self.batch_size}), got {self.nproc}",
+            ),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.label_dropout < 1, f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
+            (self.ckpt_every >= 1 and self.log_every >= 1, "--ckpt-every and --log-every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OpenDiTError(message)
+        patch = preset(self.model).patch_size
+        if self.image_size % patch:
+            raise OpenDiTError(f"--image-size {self.image_size} must be a multiple of {self.model}'s patch {patch}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def model_config(cfg: TrainConfig, dataset: ImageDataset) -> DiTConfig:
+    """The preset's architecture, set up for this dataset: pixel space, its channels, classes and resolution."""
+    return replace(
+        preset(cfg.model),
+        input_size=(cfg.image_size, cfg.image_size),
+        in_channels=dataset.channels,
+        num_classes=dataset.num_classes,
+        learn_sigma=cfg.learn_sigma,
+        class_dropout_prob=cfg.label_dropout,
+        latent=False,
+        prediction=cfg.prediction,
+    )
+
+
+def draw_batch(cfg: TrainConfig, dataset: ImageDataset, sampler: BatchSampler, model: DiT, step: int) -> dict:
+    """Everything random about global batch `step`, on CPU: x0 (B,C,H,W), noise, t (B,), labels after dropout (B,)."""
+    x0, labels = dataset.batch(sampler.indices(step))
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0x7EA1))
+    noise = torch.randn(x0.shape, generator=gen)  # (B, C, H, W)
+    b = x0.shape[0]
+    if cfg.prediction == "flow":
+        if cfg.time_sampling == "uniform":
+            sigma = 1.0 - torch.rand(b, generator=gen)  # (B,) in (0, 1]: sigma = 0 (clean input) is never asked for
+        else:
+            sigma = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal(0, 1)
+        t = sigma
+    else:
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=gen)  # integer DDPM timesteps
+    labels = model.y_embedder.drop_labels(labels, gen) if cfg.label_dropout > 0 else labels
+    return {"x0": x0, "noise": noise, "t": t, "labels": labels}
+
+
+def per_sample_loss(model, batch: dict, prediction: str, ddpm=None) -> torch.Tensor:
+    """MSE between the model's prediction and its target, averaged per sample: (B,) float32."""
+    x0, noise, t, labels = batch["x0"], batch["noise"], batch["t"], batch["labels"]
+    if prediction == "flow":
+        s = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1) sigma
+        x_t = (1 - s) * x0 + s * noise
+        out = model(x_t, t * NUM_TRAIN_TIMESTEPS, labels)
+        target = noise - x0  # velocity d x_t / d sigma
+    else:
+        x_t = ddpm.add_noise(x0, noise, t)
+        out = model(x_t, t, labels)
+        target = noise
+    out = out[:, : x0.shape[1]].float()  # learn_sigma models: the first C channels are the epsilon prediction
+    return (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train in this process, under torchrun (WORLD_SIZE set), or over cfg.nproc spawned local processes.
+
+    Returns {"step", "loss", "elapsed_s", "checkpoint", "log"}. A failing rank ends the whole job: the spawner kills
+    the others and raises its traceback; collectives also time out after 10 minutes.
+    """
+    cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process already
+        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, None)
+    elif cfg.nproc > 1:
+        import torch.multiprocessing as mp
+
+        # join=True: if any rank exits non-zero, the others are terminated and ProcessRaisedException carries its error
+        mp.spawn(_worker, args=(cfg.nproc, cfg, _free_port()), nprocs=cfg.nproc, join=True)
+    else:
+        _worker(0, 1, cfg, None)
+    return summary(cfg.out)
+
+
+def summary(out: str | Path) -> dict:
+    out = Path(out)
+    records = read_log(out / "log.jsonl")
+    last = records[-1] if records else {}
+    return {
+        "step": last.get("step", 0),
+        "loss": last.get("loss"),
+        "elapsed_s": last.get("elapsed_s"),
+        "checkpoint": str(out / "checkpoints" / "latest.pt"),
+        "log": str(out / "log.jsonl"),
+    }
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _setup(rank: int, world: int, cfg: TrainConfig, port: int | None) -> torch.device:
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise OpenDiTError("--device cuda but no CUDA device is visible; use --device cpu")
+    if use_cuda and world > torch.cuda.device_count():
+        raise OpenDiTError(f"--nproc {world} needs {world} GPUs, {torch.cuda.device_count()} visible; lower --nproc")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        init = f"tcp://127.0.0.1:{port}" if port else "env://"
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method=init,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=10),
+        )
+    return device
+
+
+def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None) -> None:
+    device = _setup(rank, world, cfg, port)
+    try:
+        _train_loop(rank, world, cfg, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> None:
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    dataset = build_dataset(cfg.data, cfg.image_size, cfg.channels)
+    mconfig = model_config(cfg, dataset)
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts rank 0's weights anyway)
+    model = DiT(mconfig).to(device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    ema = EMA(model, cfg.ema_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, elapsed = 0, 0.0
+    latest = ckpt_dir / "latest.pt"
+    if cfg.resume and latest.is_file():
+        start, elapsed = load_checkpoint(latest, cfg, model, ema, opt, device)
+    elif cfg.resume:
+        raise OpenDiTError(f"--resume but {latest} does not exist; drop --resume to start a new run in {out}")
+    if start >= cfg.steps:
+        return
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mconfig.to_dict()}, indent=2))
+        _truncate_log(out / "log.jsonl", start)
+    ddpm = None
+    if cfg.prediction == "epsilon":
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)  # linear betas 1e-4..0.02, as DiT trains
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+    lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world  # this rank's slice, uneven allowed
+    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, desc="train", dynamic_ncols=True)
+    window_loss = torch.zeros((), dtype=torch.float64, device=device)  # sum of per-sample losses since the last log
+    window_steps, window_start = 0, time.perf_counter()
+    session_start = time.perf_counter()
+    for step in range(start, cfg.steps):
+        batch = draw_batch(cfg, dataset, sampler, model, step)
+        batch = {k: v[lo:hi].to(device, non_blocking=True) for k, v in batch.items()}
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            losses = per_sample_loss(net, batch, cfg.prediction, ddpm)  # (hi - lo,)
+        # sum / global B, times world because DDP averages gradients over ranks: the gradient of the global mean
+        (losses.sum() * (world / cfg.batch_size)).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        window_loss += losses.detach().double().sum()
+        window_steps += 1
+        bar.update(1)
+        done = step + 1
+        stop = False
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            timing = (window_steps, window_start, elapsed, session_start)
+            stop, loss = _log(rank, world, cfg, out, done, window_loss, *timing)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
+            if rank == 0:
+                total = elapsed + time.perf_counter() - session_start
+                save_checkpoint(ckpt_dir, cfg, mconfig, model, ema, opt, done, total)
+            if world > 1:
+                dist.barrier()
+        if stop:
+            break
+    bar.close()
+
+
+def _log(rank, world, cfg, out, done, window_loss, window_steps, window_start, elapsed, session_start):
+    """Reduce the window's loss over ranks, append one JSONL record (rank 0), agree on the time-limit stop.
+
+    Returns (stop, mean loss of the window).
+    """
+    now = time.perf_counter()
+    total = elapsed + now - session_start
+    stop = torch.tensor([float(cfg.time_limit > 0 and total >= cfg.time_limit * 60)], device=window_loss.device)
+    if world > 1:
+        dist.all_reduce(window_loss)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # rank 0's clock decides for everyone; MAX makes it agree
+    loss = window_loss.item() / (window_steps * cfg.batch_size)
+    if rank == 0:
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": cfg.lr * min(1.0, done / cfg.warmup) if cfg.warmup else cfg.lr,
+            "samples_per_s": window_steps * cfg.batch_size / max(now - window_start, 1e-9),
+            "elapsed_s": round(total, 3),
+        }
+        with open(out / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    return bool(stop.item()), loss
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume from step k, drop records past k (written after the checkpoint by the interrupted run)."""
+    if path.is_file():
+        keep = [r for r in read_log(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(ckpt_dir, cfg, mconfig, model, ema, opt, step, elapsed) -> Path:
+    """Atomic write of step_XXXXXXX.pt (tmp + rename), copied to latest.pt; older numbered ones beyond `keep` go."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": unwrap(model).state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict(),
+        "step": step,
+        "elapsed_s": elapsed,
+        "args": asdict(cfg),  # "args" as in the official DiT's training checkpoints
+        "model_config": mconfig.to_dict(),
+        "rng": _rng_state(),  # every draw of the loop uses (seed, step) generators; saved for anything else
+    }
+    path = ckpt_dir / f"step_{step:07d}.pt"
+    for target in (path, ckpt_dir / "latest.pt"):
+        tmp = target.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+    numbered = sorted(ckpt_dir.glob("step_*.pt"))
+    for old in numbered[: max(0, len(numbered) - cfg.keep)]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path, cfg: TrainConfig, model: DiT, ema: EMA, opt, device) -> tuple[int, float]:
+    """Restore model, EMA, optimiser and RNG; refuse settings that would change the curve. Returns (step, elapsed)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    saved = state["args"]
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+    if diff:
+        details = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise OpenDiTError(f"cannot resume {path}: {details}; use the original values or a new --out directory")
+    unwrap(model).load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    return int(state["step"]), float(state["elapsed_s"])
+
+
+def export_ema(checkpoint: str | Path, path: str | Path, extra: dict | None = None) -> Path:
+    """EMA weights of a training checkpoint -> `path`.safetensors + .json {"model": config, **extra}."""
+    from opendit.checkpoint import save_safetensors
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise OpenDiTError(f"checkpoint {checkpoint} does not exist; train first or point at runs/<name>/checkpoints")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "ema" not in state or "model_config" not in state:
+        raise OpenDiTError(f"{checkpoint} is not an OpenDiT training checkpoint (needs 'ema' and 'model_config')")
+    model = DiT(DiTConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["ema"])
+    return save_safetensors(model, path, extra)
