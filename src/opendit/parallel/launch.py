@@ -14,6 +14,7 @@ saw their connection drop). No restarts: inference is not elastic. Ranks > 0 pri
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import sys
 import uuid
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from opendit.errors import OpenDiTError
@@ -57,27 +59,47 @@ def _worker(fn: Callable, args: tuple, threads: int) -> Any:
     return fn(*args)
 
 
-def _failure_message(failure: Any) -> str:
+def _error_data(failure: Any) -> dict:
+    """The 'message' entry of a worker's error file: {"message": "Type: text", "extraInfo": {"py_callstack", ...}}."""
     data = getattr(failure, "error_file_data", None) or {}
     message = data.get("message") if isinstance(data, dict) else None
-    if isinstance(message, dict):
-        message = message.get("message")
-    return str(message or failure.message or f"exit code {failure.exitcode}")
+    return message if isinstance(message, dict) else {"message": message or failure.message}
 
 
-def _failure_traceback(failure: Any) -> str:
-    data = getattr(failure, "error_file_data", None) or {}
-    message = data.get("message") if isinstance(data, dict) else None
-    return str(message.get("extraInfo", {}).get("py_callstack", "")) if isinstance(message, dict) else ""
+def _sibling_failures(failure: Any) -> list[tuple[int, dict]]:
+    """Every worker's error file of this attempt: the agent reports only the first process it saw exit, which may
+    be a peer that died of the root cause's dropped connection. Files: <log dir>/<run>/attempt_k/<local rank>/."""
+    path = Path(str(getattr(failure, "error_file", "")))
+    found = []
+    if path.name == "error.json" and path.parent.parent.is_dir():
+        for rank_dir in path.parent.parent.iterdir():
+            error_file = rank_dir / "error.json"
+            if rank_dir.name.isdigit() and error_file.is_file():
+                try:
+                    message = json.loads(error_file.read_text()).get("message")
+                except (OSError, ValueError):
+                    continue
+                if isinstance(message, dict):
+                    found.append((int(rank_dir.name), message))
+    return found
 
 
 def root_failure(exc: Any) -> WorkerFailed:
-    """The failure to report from a ChildFailedError: the earliest one whose message is not just a signal or a
-    dropped connection (a peer of the root cause), else the earliest one."""
-    failures = sorted(exc.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-    primary = [(r, f) for r, f in failures if not _SECONDARY.search(_failure_message(f))]
-    rank, failure = (primary or failures)[0]
-    return WorkerFailed(rank, _failure_message(failure), failure.exitcode, _failure_traceback(failure))
+    """The failure to report from a ChildFailedError: among all workers that wrote an error, the earliest whose
+    message is not just a signal or a dropped connection (a peer of the root cause); else the agent's first one.
+    Local rank == global rank: `launch` runs one node."""
+    candidates = [(rank, _error_data(f)) for rank, f in exc.failures.items()]
+    for failure in exc.failures.values():
+        candidates += _sibling_failures(failure)
+
+    def when(item: tuple[int, dict]) -> tuple[int, int]:
+        return int(item[1].get("extraInfo", {}).get("timestamp", 0) or 0), item[0]
+
+    primary = [c for c in candidates if not _SECONDARY.search(str(c[1].get("message")))]
+    rank, data = sorted(primary or candidates, key=when)[0]
+    exitcode = exc.failures[rank].exitcode if rank in exc.failures else 1
+    traceback = str(data.get("extraInfo", {}).get("py_callstack", ""))
+    return WorkerFailed(rank, str(data.get("message") or f"exit code {exitcode}"), exitcode, traceback)
 
 
 def launch(fn: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None) -> Any:

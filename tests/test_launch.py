@@ -1,0 +1,160 @@
+"""Launching: a failing rank ends the job with its message; two torchrun "nodes" (c10d rendezvous) equal one process.
+
+The multi-process tests run the real `opendit` entry points as subprocesses, as users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from opendit.errors import OpenDiTError
+from opendit.parallel.launch import WorkerFailed, root_failure
+from opendit.parallel.runtime import InjectedFault, parse_fault
+
+CLASSES = ["0", "3", "7"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A random checkpoint with non-zero adaLN/output layers, so that images depend on every rank's work."""
+    from opendit.checkpoint import save_safetensors
+    from opendit.models.dit import DiTConfig, build_dit, preset
+
+    config = DiTConfig(
+        **{
+            **preset("DiT-T/2").to_dict(),
+            "input_size": (16, 16),
+            "in_channels": 1,
+            "num_classes": 10,
+            "learn_sigma": False,
+            "latent": False,
+            "prediction": "flow",
+        }
+    )
+    torch.manual_seed(0)
+    model = build_dit(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "pos_embed":
+                param.add_(torch.randn_like(param) * 0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
+    return save_safetensors(model, path, {"steps": 4, "scheduler": "flow-euler", "cfg_scale": 2.0})
+
+
+def sample_args(ckpt: Path, out: Path, steps: int = 4) -> list[str]:
+    return ["sample", "--ckpt", str(ckpt), "--classes", *CLASSES, "--steps", str(steps), "--seed", "3",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+
+
+def read_images(out: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(out / f"{i:03d}_class-{c}.png")) for i, c in enumerate(CLASSES)]).astype(int)
+
+
+def clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ fast units
+def test_parse_fault_hook():
+    assert parse_fault("rank=1,step=2") == (1, 2)
+    assert parse_fault("") is None and parse_fault(None) is None
+    with pytest.raises(OpenDiTError, match="expected e.g. 'rank=1,step=2'"):
+        parse_fault("rank=one")
+
+
+def _failure(message: str, timestamp: int, exitcode: int = 1):
+    data = {
+        "message": {"message": message, "extraInfo": {"py_callstack": f"Traceback\n{message}", "timestamp": timestamp}}
+    }
+    return SimpleNamespace(error_file_data=data, message=message, exitcode=exitcode, error_file="<N/A>")
+
+
+def test_root_failure_prefers_the_cause_over_peers_that_lost_their_connection():
+    exc = SimpleNamespace(
+        failures={
+            0: _failure("RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:1211", 100),
+            1: _failure("InjectedFault: injected fault on rank 1 at step 2", 101),
+            2: _failure("Signal 15 (SIGTERM) received by PID 7", 99, exitcode=-15),
+        }
+    )
+    failed = root_failure(exc)
+    assert isinstance(failed, WorkerFailed) and failed.rank == 1 and failed.exitcode == 1
+    assert str(failed) == "rank 1 failed: InjectedFault: injected fault on rank 1 at step 2"
+    assert failed.traceback.startswith("Traceback")
+
+
+def test_fault_hook_raises_on_its_rank_and_step_only():
+    from opendit.parallel.comm import CommStats
+    from opendit.parallel.runtime import Runtime
+
+    runtime = Runtime(None, [0], 0, torch.device("cpu"), {}, {}, CommStats(), fault=(0, 2))
+    runtime.on_step(0)
+    runtime.on_step(1)
+    with pytest.raises(InjectedFault, match="injected fault on rank 0 at step 2"):
+        runtime.on_step(2)
+    assert len(runtime.stats.history) == 3  # each step closed its comm counters first
+
+
+# ------------------------------------------------------------------------------------------------ processes
+@pytest.mark.slow
+def test_failing_rank_ends_the_job_with_its_message(tmp_path, ckpt):
+    """Rank 1 raises at step 2 of 40 while rank 0 waits on it in an all-to-all: exit 1 in < 60 s, rank 1's message."""
+    out = tmp_path / "out"
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "opendit", *sample_args(ckpt, out, steps=40), "--nproc", "2", "--ulysses", "2"],
+        env=clean_env(OPENDIT_FAULT_INJECT="rank=1,step=2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert elapsed < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    fault = "injected fault on rank 1 at step 2 (OPENDIT_FAULT_INJECT=rank=1,step=2)"
+    assert last == f"error: rank 1 failed: InjectedFault: {fault}"
+    assert proc.stdout == "" and not out.exists()  # nothing written, nothing printed by any rank
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, ckpt):
+    """Two `torchrun --nnodes 2 --nproc-per-node 1` agents meet at a c10d store on localhost: ring attention across
+    the two "nodes" gives the images of one process; only rank 0 writes and prints."""
+    from opendit.cli import main
+
+    single = tmp_path / "single"
+    assert main(sample_args(ckpt, single)) == 0
+    out, port = tmp_path / "nodes", free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"t{port}"]  # fmt: skip
+    cmd = [*torchrun, "-m", "opendit", *sample_args(ckpt, out), "--ring", "2"]
+    nodes = [subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    nodes.append(subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    wrote = [line for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1  # rank 0 only
+    assert np.abs(read_images(out) - read_images(single)).max() <= 1 and read_images(single).std() > 10
+    record = json.loads((out / "record.json").read_text())
+    assert record["parallel"]["describe"] == "ring=2 (sequence parallel: ring)"
+    assert [r["rank"] for r in record["ranks"]] == [0, 1] and record["comm"]["rank0_per_step"][0]["p2p"]["calls"] > 0
