@@ -1,5 +1,6 @@
 """`generate()`: conditions -> noise -> denoising loop -> decode -> images + a record. CLI and API both call it."""
 
+import importlib.util
 import json
 import resource
 import sys
@@ -176,6 +177,10 @@ def prepare(request: GenerationRequest) -> Job:
             plan = replace(plan, dp=auto.dp, cfg=auto.cfg, ulysses=auto.ulysses, ring=auto.ring)
         plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
     plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
+    if plan.shard_weights and plan.sp_degree == 1:
+        raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
+    if plan.shard_weights and importlib.util.find_spec("opendit.parallel.shard") is None:
+        raise OpenDiTError("--shard-weights is not available in this build (opendit.parallel.shard is missing)")
     return Job(request, config, ckpt, steps, scheduler, cfg_scale, note, world, plan, plan_notes)
 
 
