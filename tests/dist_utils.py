@@ -46,13 +46,13 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, timeout: float,
         world_size=world_size,
         timeout=timedelta(seconds=timeout),
     )
-    try:
-        result = fn(rank, world_size, *args)
-        with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
-            pickle.dump(result, f)
-        dist.barrier()  # nobody tears the group down while a peer still talks to it
-    finally:
-        dist.destroy_process_group()
+    # On an exception the group is NOT torn down: destroying it could wait on peers, and the process exit that
+    # reports the error must come first (the parent then terminates the other ranks).
+    result = fn(rank, world_size, *args)
+    with open(Path(out_dir) / f"{rank}.pkl", "wb") as f:
+        pickle.dump(result, f)
+    dist.barrier()  # nobody tears the group down while a peer still talks to it
+    dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
@@ -86,7 +86,7 @@ def _run(fn: Callable, world_size: int, args: tuple, timeout: float, out_dir: st
     try:
         while True:
             try:
-                if ctx.join(timeout=0.5):
+                if ctx.join(timeout=0.5, grace_period=1.0):  # peers stuck in C++ get SIGKILL after 1 s
                     return
             except mp.ProcessRaisedException as err:  # message holds the failing rank's traceback text
                 raise DistributedError(str(err)) from None

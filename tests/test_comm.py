@@ -155,3 +155,26 @@ def test_comm_needs_an_initialised_group():
     if not dist.is_initialized():
         with pytest.raises(OpenDiTError, match="init_process_group"):
             Comm(object())
+
+
+def _raise_on_rank1(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+    dist.barrier()  # rank 0 would wait here forever for rank 1: the helper must end it
+
+
+def _sleep_forever(rank: int, world: int) -> None:
+    import time
+
+    time.sleep(3600)
+
+
+@pytest.mark.slow
+def test_dist_utils_propagates_the_error_and_times_out():
+    from dist_utils import DistributedError
+
+    with pytest.raises(DistributedError, match="boom on rank 1") as info:
+        run_distributed(_raise_on_rank1, 2, timeout=60)
+    assert "Traceback" in str(info.value) and "_raise_on_rank1" in str(info.value)
+    with pytest.raises(DistributedError, match="timed out"):
+        run_distributed(_sleep_forever, 1, timeout=8)
