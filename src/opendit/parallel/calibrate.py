@@ -231,6 +231,13 @@ def measure_compute(threads: int = 1, hidden: int = 1152, heads: int = 16, quick
 LINK_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22)  # bytes sent per rank
 
 
+def _gather_single(out, shard):
+    import torch.distributed as dist
+
+    # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; same semantics
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, shard)
+
+
 def _link_worker(rank: int, nproc: int, backend: str, threads: int, init: str, sizes, reps: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -252,7 +259,7 @@ def _link_worker(rank: int, nproc: int, backend: str, threads: int, init: str, s
             shard, full = torch.randn(m), torch.empty(m * nproc)
 
             def gather(shard=shard, full=full):
-                dist.all_gather_into_tensor(full, shard)
+                _gather_single(full, shard)
 
             # ring P2P as RingAttention does it: send to r+1 while receiving from r-1 -> sent = k * 4
             k = max(1, nbytes // 4)

@@ -74,7 +74,7 @@ class PlanResult:
         for i, est in enumerate(self.ranked[:top], 1):
             lines.append(
                 f"{i:>2} {est.config.describe():<44} {est.step.total_s * 1e3:>9.2f} {est.request_s:>10.3f} "
-                f"{est.images_per_s:>8.2f} {est.step.bytes_per_rank / 1e6:>9.2f} {est.memory.total / GIB:>9.2f}"
+                f"{est.images_per_s:>8.3g} {est.step.bytes_per_rank / 1e6:>9.2f} {est.memory.total / GIB:>9.2f}"
             )
         return "\n".join(lines)
 
@@ -160,6 +160,7 @@ def plan(
     objective: str = "latency",
     memory_bytes: float | None = None,
     impls: tuple[str, ...] = SP_IMPLS,
+    shard_options: tuple[bool, ...] = (False, True),
 ) -> PlanResult:
     """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans."""
     if objective not in OBJECTIVES:
@@ -170,7 +171,7 @@ def plan(
     if memory_bytes is not None:
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
-    configs = enumerate_plans(world_size, model.num_heads, tokens, images, guided, impls, queue=queue)
+    configs = enumerate_plans(world_size, model.num_heads, tokens, images, guided, impls, shard_options, queue)
     if not configs:
         raise OpenDiTError(
             f"no valid plan for {world_size} ranks, {model.num_heads} heads, {tokens} tokens; "

@@ -1,0 +1,74 @@
+"""The planner's choices on hardware this machine cannot touch, next to what other systems published.
+
+    .venv/bin/python benchmarks/planner.py --out benchmarks/results/planner.json
+
+DiT-XL/2 (28 blocks, hidden 1152, 16 heads) at 256 / 512 / 1024 px (256 / 1024 / 4096 tokens) and a video-length
+sequence (32,760 tokens, e.g. 13 latent frames x 2,520 spatial tokens), one image with CFG, 50 steps, on documented
+speeds (opendit/parallel/calibrate.py DEFAULTS): 8x H100 NVLink, 8x A100 PCIe and 16x H100 over 2 nodes (IB NDR).
+Pure prediction: no devices are used. Published configurations are from ../shared/design/ANCHORS.md.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from opendit.models.dit import preset
+from opendit.parallel.calibrate import hardware
+from opendit.parallel.planner import plan
+
+SCENARIOS = [("256px", 256, None), ("512px", 512, None), ("1024px", 1024, None), ("video", 512, 32760)]
+MACHINES = [
+    ("8x H100 NVLink", "h100-nvlink", 1, 8),
+    ("8x A100 PCIe", "a100-pcie", 1, 8),
+    ("16x H100, 2 nodes IB", "h100-ib", 2, 16),
+]
+PUBLISHED = {
+    "h100-nvlink": "xDiT: Flux.1 4x H100 Ulysses-4 best (1.63 s compiled, 2.6x); HunyuanVideo 720p 8x H100 5.6x "
+    "(Ulysses x ring + CFG); cache-dit FLUX Ulysses-4",
+    "a100-pcie": "VideoSys/OpenDiT users found 8 GPUs communication-bound on A100/A800 (#199, #227); "
+    "DistriFusion 6.1x on 8 A100",
+    "h100-ib": "VideoSys is single-node only; xDiT recommends Ulysses inside a node, ring/PipeFusion across nodes",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/planner.json")
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
+    args = parser.parse_args()
+    rows = []
+    for label, name, nodes, world in MACHINES:
+        speeds = hardware(name, nodes)
+        for scen, px, tokens in SCENARIOS:
+            model = preset("DiT-XL/2").with_image_size(px)
+            result = plan(
+                model, world, speeds, images=args.images, guided=True, tokens=tokens, objective=args.objective
+            )
+            single = plan(model, 1, speeds, images=args.images, guided=True, tokens=tokens).best
+            best = result.best
+            rows.append(
+                {
+                    "machine": label,
+                    "scenario": scen,
+                    "tokens": result.request["tokens"],
+                    "best": best.row(),
+                    "runner_up": result.ranked[1].row() if len(result.ranked) > 1 else None,
+                    "single_device_step_s": single.step.total_s,
+                    "predicted_speedup": single.step.total_s / best.step.total_s,
+                    "why": result.explain(),
+                    "published": PUBLISHED[name],
+                }
+            )
+            print(
+                f"{label:<22} {scen:<7} {result.request['tokens']:>6} tok  {best.config.describe():<50} "
+                f"{best.step.total_s * 1e3:8.2f} ms/step  x{rows[-1]['predicted_speedup']:.1f} vs 1 device"
+            )
+        print(f"{'':<22} published: {PUBLISHED[name]}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

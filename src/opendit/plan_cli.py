@@ -1,0 +1,130 @@
+"""`opendit plan ...` (the planner's top plans and why) and `opendit calibrate` (measure and cache this machine).
+
+Wire into cli.build_parser: `add_plan_parser(subparsers)` and `add_calibrate_parser(subparsers)`.
+`auto_plan(...)` is the hook for `--parallel auto` in generate(): the best ParallelConfig for a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from opendit.errors import OpenDiTError
+
+GIB = 1 << 30
+
+
+def _add_speed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hardware",
+        default="auto",
+        help="h100-nvlink | h100-ib | a100-nvlink | a100-pcie | cpu-gloo | a calibration JSON | auto (this "
+        "machine's cached calibration, else the documented default)",
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (h100-ib only)")
+    parser.add_argument("--memory-gib", type=float, help="memory per device (default: the hardware's)")
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("plan", help="rank the parallel plans for a request (predicted, no devices used)")
+    parser.add_argument("--model", default="DiT-XL/2", help="preset name (see `opendit models`)")
+    parser.add_argument("--image-size", type=int, help="output size in pixels (default: the preset's 256)")
+    parser.add_argument("--tokens", type=int, help="sequence length instead of an image size (e.g. video latents)")
+    parser.add_argument("--images", type=int, default=1, help="images in the request")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1 disables guidance (no CFG pair)")
+    parser.add_argument("--nproc", type=int, required=True, help="devices / processes")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
+    parser.add_argument("--top", type=int, default=5, help="plans to print")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_speed_args(parser)
+    parser.set_defaults(func=run_plan)
+    return parser
+
+
+def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("calibrate", help="measure compute and link speeds of this machine (cached)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--nproc", type=int, default=2, help="local processes for the link measurement")
+    parser.add_argument("--backend", default="gloo", help="gloo | nccl")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (~15 s)")
+    parser.add_argument("--force", action="store_true", help="measure again even if a cached file exists")
+    parser.add_argument("--memory-gib", type=float, help="memory per rank to record (default: host RAM / nproc)")
+    parser.set_defaults(func=run_calibrate)
+    return parser
+
+
+def resolve_speeds(hardware: str = "auto", nodes: int = 1, memory_gib: float | None = None):
+    from opendit.parallel.calibrate import DEFAULTS, load_speeds
+    from opendit.parallel.calibrate import hardware as named
+
+    speeds = named(hardware, nodes) if hardware in DEFAULTS else load_speeds(hardware)
+    return speeds if memory_gib is None else speeds.with_memory(memory_gib * GIB)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from opendit.models.dit import preset
+    from opendit.parallel.planner import plan
+
+    model = preset(args.model)
+    if args.image_size:
+        model = model.with_image_size(args.image_size)
+    speeds = resolve_speeds(args.hardware, args.nodes, args.memory_gib)
+    result = plan(
+        model,
+        args.nproc,
+        speeds,
+        images=args.images,
+        guided=args.cfg_scale != 1.0,
+        tokens=args.tokens,
+        steps=args.steps,
+        objective=args.objective,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(top=args.top), indent=2, default=str))
+        return 0
+    req = result.request
+    print(
+        f"{args.model}, {req['tokens']} tokens, {req['images']} image(s){' with CFG' if req['guided'] else ''}, "
+        f"{req['steps']} steps on {args.nproc} x [{speeds.name}] ({speeds.memory_bytes / GIB:.0f} GiB each; "
+        f"speeds: {speeds.source or 'calibrated'})"
+    )
+    print(result.table(args.top))
+    print(result.explain())
+    best = result.best.config
+    flags = [f"--{k} {getattr(best, k)}" for k in ("dp", "ulysses", "ring") if getattr(best, k) > 1]
+    flags += ["--cfg-parallel"] * (best.cfg == 2) + [f"--sp-impl {best.impl}"] * (best.sp_degree > 1)
+    flags += ["--shard-weights"] * best.shard_weights
+    print(f"run it: opendit sample --nproc {args.nproc} {' '.join(flags)}".rstrip())
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from opendit.parallel.calibrate import calibrate
+
+    speeds, path = calibrate(args.threads, args.backend, args.nproc, args.quick, args.force, args.memory_gib)
+    print(f"{speeds.name}  ({speeds.source})")
+    print(
+        f"matmul {speeds.matmul_flops / 1e9:.1f} GFLOP/s (half at {speeds.matmul_half_rows:.0f} rows), attention "
+        f"{speeds.attn_flops / 1e9:.1f} GFLOP/s, elementwise {speeds.mem_bw / 1e9:.1f} GB/s, "
+        f"block overhead {speeds.block_overhead_s * 1e6:.0f} us"
+    )
+    for kind, link in speeds.links.items():
+        print(f"{kind:<11} latency {link.latency_s * 1e6:8.1f} us  bandwidth {link.bandwidth / 1e9:6.2f} GB/s")
+    print(f"cached in {path}")
+    return 0
+
+
+def auto_plan(model_config, world_size: int, images: int, guided: bool, objective: str = "latency", speeds=None):
+    """The planner's best ParallelConfig for a generate() request, and its explanation (for `--parallel auto`).
+
+    speeds: None -> this machine's cached calibration (else the documented default of its class).
+    """
+    from opendit.parallel.planner import plan
+
+    if world_size < 1:
+        raise OpenDiTError(f"--nproc must be >= 1 for --parallel auto, got {world_size}")
+    result = plan(
+        model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective
+    )
+    return result.best.config, result.explain(others=2)
