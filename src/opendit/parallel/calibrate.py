@@ -88,16 +88,17 @@ DEFAULTS: dict[str, Speeds] = {
     "a100-nvlink": _gpu("8x A100 SXM 80GB, NVLink 3", 230e12, 185e12, 1.7e12, 80, _NVLINK_A100, "A100 datasheet, FA2"),
     "a100-pcie": _gpu("8x A100 80GB PCIe Gen4 (no NVLink)", 230e12, 185e12, 1.7e12, 80, _PCIE4, "A100 PCIe datasheet"),
 }
-# This class of machine (2 shared AMD EPYC cores, fp32, gloo over loopback), measured with `opendit calibrate`
-# on 2026-11-25; used when no calibration file exists for a CPU backend. Replace by a fresh calibration.
+# This class of machine (2 shared AMD EPYC cores, fp32, gloo over loopback): compute from a quick
+# `measure_compute(1)` on 2026-11-25 while the machine was shared (load ~4); links are estimates. Used when no
+# calibration file exists for a CPU backend; run `opendit calibrate` on a quiet machine to replace it.
 DEFAULTS["cpu-gloo"] = Speeds(
     name="CPU, 1 thread per rank, gloo loopback",
-    matmul_flops=60e9,
-    matmul_half_rows=16,
+    matmul_flops=40e9,
+    matmul_half_rows=30,
     attn_flops=30e9,
-    attn_half_tokens=64,
-    mem_bw=5e9,
-    block_overhead_s=150e-6,
+    attn_half_tokens=0,
+    mem_bw=20e9,
+    block_overhead_s=160e-6,
     links={"all_to_all": Link(60e-6, 1.5e9), "all_gather": Link(60e-6, 1.5e9), "p2p": Link(40e-6, 1.5e9)},
     memory_bytes=8 * GIB,
     reserved_bytes=0.3 * GIB,
