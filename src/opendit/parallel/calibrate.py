@@ -89,7 +89,7 @@ DEFAULTS: dict[str, Speeds] = {
     "a100-pcie": _gpu("8x A100 80GB PCIe Gen4 (no NVLink)", 230e12, 185e12, 1.7e12, 80, _PCIE4, "A100 PCIe datasheet"),
 }
 # This class of machine (2 shared AMD EPYC cores, fp32, gloo over loopback): compute from a quick
-# `measure_compute(1)` on 2026-11-25 while the machine was shared (load ~4); links are estimates. Used when no
+# `opendit calibrate --quick` on 2026-11-25 while the machine was shared (load 4-9). Used when no
 # calibration file exists for a CPU backend; run `opendit calibrate` on a quiet machine to replace it.
 DEFAULTS["cpu-gloo"] = Speeds(
     name="CPU, 1 thread per rank, gloo loopback",
@@ -99,7 +99,8 @@ DEFAULTS["cpu-gloo"] = Speeds(
     attn_half_tokens=0,
     mem_bw=20e9,
     block_overhead_s=160e-6,
-    links={"all_to_all": Link(60e-6, 1.5e9), "all_gather": Link(60e-6, 1.5e9), "p2p": Link(40e-6, 1.5e9)},
+    # quick link fit on the loaded machine (p2p was the noisiest: its latency here is a rounded guess)
+    links={"all_to_all": Link(250e-6, 1.1e9), "all_gather": Link(350e-6, 0.95e9), "p2p": Link(300e-6, 0.8e9)},
     memory_bytes=8 * GIB,
     reserved_bytes=0.3 * GIB,
     dtype_bytes=4,
@@ -177,12 +178,21 @@ def fit_saturating(sizes: list[float], rates: list[float]) -> tuple[float, float
 
 
 def fit_link(samples: list[tuple[float, float]]) -> Link:
-    """Fit time = latency + bytes / bandwidth by least squares over (bytes, seconds) samples."""
+    """Fit time = latency + bytes / bandwidth over (bytes, seconds) samples, least squares on RELATIVE error
+    (weights 1 / t^2): plain least squares lets the largest message decide everything and leaves the latency
+    to noise (it came out negative on a loaded machine)."""
     xs, ys = [b for b, _ in samples], [t for _, t in samples]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    ws = [1.0 / max(y, 1e-9) ** 2 for y in ys]
+    sw = sum(ws)
+    mx, my = sum(w * x for w, x in zip(ws, xs)) / sw, sum(w * y for w, y in zip(ws, ys)) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx if sxx else 0.0
     slope = max(slope, 1e-15)
-    return Link(latency_s=max(my - slope * mx, 1e-7), bandwidth=1.0 / slope)
+    latency = my - slope * mx
+    if latency <= 0:  # noise: take the smallest message's time as latency, and bandwidth from the largest
+        latency = min(ys)
+        slope = max((ys[-1] - latency) / max(xs[-1], 1.0), 1e-15)
+    return Link(latency_s=latency, bandwidth=1.0 / slope)
 
 
 @torch.no_grad()
