@@ -241,28 +241,31 @@ def single(tmp_path_factory, cli_ckpt):
     return run_cli(tmp_path_factory.mktemp("single"), ["--nproc", "1"], cli_ckpt)
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        ["--nproc", "2", "--ulysses", "2"],
-        ["--nproc", "2", "--ring", "2"],
-        ["--nproc", "2", "--cfg-parallel"],
-        ["--nproc", "4", "--ulysses", "2", "--ring", "2"],
-    ],  # fmt: skip
-    ids=["ulysses2", "ring2", "cfg2", "usp2x2"],
-)
+CLI_PLANS = {
+    "ulysses2": ["--nproc", "2", "--ulysses", "2"],
+    "ring2": ["--nproc", "2", "--ring", "2"],
+    "cfg2": ["--nproc", "2", "--cfg-parallel"],
+    "usp2x2": ["--nproc", "4", "--ulysses", "2", "--ring", "2"],
+    "fastseq2-sharded": ["--nproc", "2", "--ulysses", "2", "--sp-impl", "fastseq", "--shard-weights"],
+}
+
+
+@pytest.mark.parametrize("flags", list(CLI_PLANS.values()), ids=list(CLI_PLANS))
 def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, flags):
     from opendit.parallel.ring import ring_bytes
     from opendit.parallel.ulysses import ulysses_bytes
 
-    ref_images, ref_record = single
+    ref_images, _ = single
     images, record = run_cli(tmp_path, flags, cli_ckpt)
     assert images.std() > 10 and np.abs(images - ref_images).max() <= 1  # <= 1/255
     nproc = int(flags[1])
     assert record["parallel"]["world_size"] == nproc and len(record["ranks"]) == nproc
     assert all(r["peak_memory_bytes"] > 0 and len(r["per_step_s"]) == 4 for r in record["ranks"])
     cfg = record["model"]
-    if flags[2] in ("--ulysses", "--ring") and nproc == 2:  # recorded bytes per step == analytic volume, per rank
+    if "--shard-weights" in flags:  # each of the 2 ranks keeps about half of the parameters
+        resident = [r["parameter_bytes"] for r in record["ranks"]]
+        assert max(resident) < 0.6 * sum(resident)
+    if flags[2:] in (["--ulysses", "2"], ["--ring", "2"]):  # recorded bytes per step == analytic volume, per rank
         heads, dh = cfg["num_heads"], cfg["hidden_size"] // cfg["num_heads"]
         tokens = cfg["input_size"][0] * cfg["input_size"][1] // cfg["patch_size"] ** 2
         out_channels = cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1)

@@ -265,7 +265,7 @@ def _run(job: Job) -> GenerationResult:
             result = pmodel.sample(labels, shape, **kwargs)  # every rank ends with all (N, C, H, W) samples
             parallel = plan_record(runtime, pmodel, len(labels))
             parallel["notes"] = list(dict.fromkeys(job.plan_notes + parallel["notes"]))
-            comm, ranks = _gather_rank_records(runtime, load_time, result.step_times, device)
+            comm, ranks = _gather_rank_records(runtime, model, load_time, result.step_times, device)
         images = decode(result.samples, config, request.vae, device) if runtime is None or runtime.index == 0 else None
     finally:
         if owns_group:
@@ -299,8 +299,12 @@ def _run(job: Job) -> GenerationResult:
     return GenerationResult(images=images, labels=list(request.classes), record=record)
 
 
-def _gather_rank_records(runtime, load_s: float, step_times: list[float], device: torch.device) -> tuple[dict, list]:
-    """Every rank's timings, peak memory and comm counters, collected on every rank of the runtime."""
+def _gather_rank_records(
+    runtime, model: torch.nn.Module, load_s: float, step_times: list[float], device: torch.device
+) -> tuple[dict, list]:
+    """Every rank's timings, peak memory, resident parameter bytes and comm counters, collected on every rank."""
+    from opendit.parallel.shard import sharded_parameter_bytes
+
     history = runtime.stats.history  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
     after = runtime.stats.snapshot()  # after the last step: the dp gather of the samples
     mine = {
@@ -310,6 +314,7 @@ def _gather_rank_records(runtime, load_s: float, step_times: list[float], device
         "sampling_s": sum(step_times),
         "per_step_s": step_times,
         "peak_memory_bytes": peak_memory_bytes(device),
+        "parameter_bytes": sharded_parameter_bytes(model),  # this rank's shards under --shard-weights
         "comm_per_step": history,
         "comm_after_sampling": after,
     }
