@@ -47,6 +47,8 @@ PLANS = {
         P(dp=2, cfg=2),
     ],
 }
+# Not exact by design (activations cross the wire in bf16): checked for closeness and for halved kernel bytes only.
+BF16_PLANS = {2: [P(ulysses=2, comm_dtype="bf16"), P(ring=2, comm_dtype="bf16")]}
 
 
 def model_config(name: str):
@@ -80,6 +82,7 @@ def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[
     from opendit.parallel.ring import ring_bytes
     from opendit.parallel.ulysses import ulysses_bytes
 
+    wire = 2 if plan.comm_dtype else 4  # kernel activations in bf16; outputs (cfg and token gathers) always fp32
     batch = 2 * group_images // plan.cfg  # the guided batch [cond; uncond] of this dp group, halved by cfg
     heads, dh = config.num_heads, config.hidden_size // config.num_heads
     out_pixels = config.out_channels * config.input_size[0] * config.input_size[1]  # per image, fp32
@@ -89,10 +92,10 @@ def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[
     if sizes is not None:
         r, p = coords["sp"], plan.sp_degree
         per_layer = {
-            "ulysses": lambda: ulysses_bytes(sizes, batch, heads, dh, rank=r),
-            "ring": lambda: ring_bytes(sizes, batch, heads, dh, rank=r),
-            "usp": lambda: hybrid_bytes(sizes, plan.ulysses, plan.ring, batch, heads, dh, rank=r),
-            "fastseq": lambda: fastseq_bytes(sizes, batch, heads, dh, rank=r),
+            "ulysses": lambda: ulysses_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
+            "ring": lambda: ring_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
+            "usp": lambda: hybrid_bytes(sizes, plan.ulysses, plan.ring, batch, heads, dh, rank=r, itemsize=wire),
+            "fastseq": lambda: fastseq_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
         }[plan.impl]()
         per_token_out = config.patch_size**2 * config.out_channels
         total += config.depth * per_layer + sizes[r] * batch * per_token_out * 4 * (p - 1)  # + token gather
@@ -132,36 +135,36 @@ def equivalence_world() -> list[dict]:
         with torch.no_grad():
             ref_out = reference(x, t, y)
         ref_img = decode(sample(reference, labels, shape, **kwargs).samples, config, None, torch.device("cpu"))
-        for world, plans in PLANS.items():
-            for plan in plans:
-                runtime = build_runtime(plan, "cpu", ranks=list(range(world)))  # collective over all 4 processes
-                if runtime is None:
-                    continue
-                pmodel = parallelize(copy.deepcopy(reference), runtime)
-                with torch.no_grad():
-                    out = pmodel(x, t, y)  # (2B, C_out, H, W)
-                runtime.stats.reset()
-                samples = pmodel.sample(labels, shape, **kwargs).samples
-                img = decode(samples, config, None, torch.device("cpu"))
-                group_sizes, _ = pmodel.image_split(NUM_IMAGES)
-                rows.append(
-                    {
-                        "model": name,
-                        "world": world,
-                        "plan": plan.describe(),
-                        "rank": runtime.index,
-                        "out_err": rel_err(out, ref_out),
-                        "ref_max": float(ref_out.abs().max()),
-                        "img_diff": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
-                        "img_std": float(ref_img.std()),
-                        "notes": pmodel.notes,
-                        "token_sizes": pmodel.token_sizes,
-                        "step_bytes": [sum(k["bytes"] for k in step.values()) for step in runtime.stats.history],
-                        "expected_bytes": expected_step_bytes(
-                            plan, config, runtime.coords, pmodel.token_sizes, group_sizes[runtime.coords["dp"]]
-                        ),
-                    }
-                )
+        for world, plan in [(w, p) for table in (PLANS, BF16_PLANS) for w, ps in table.items() for p in ps]:
+            runtime = build_runtime(plan, "cpu", ranks=list(range(world)))  # collective over all 4 processes
+            if runtime is None:
+                continue
+            pmodel = parallelize(copy.deepcopy(reference), runtime)
+            with torch.no_grad():
+                out = pmodel(x, t, y)  # (2B, C_out, H, W)
+            runtime.stats.reset()
+            samples = pmodel.sample(labels, shape, **kwargs).samples
+            img = decode(samples, config, None, torch.device("cpu"))
+            group_sizes, _ = pmodel.image_split(NUM_IMAGES)
+            rows.append(
+                {
+                    "model": name,
+                    "world": world,
+                    "plan": plan.describe(),
+                    "exact": plan.comm_dtype is None,
+                    "rank": runtime.index,
+                    "out_err": rel_err(out, ref_out),
+                    "ref_max": float(ref_out.abs().max()),
+                    "img_diff": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
+                    "img_std": float(ref_img.std()),
+                    "notes": pmodel.notes,
+                    "token_sizes": pmodel.token_sizes,
+                    "step_bytes": [sum(k["bytes"] for k in step.values()) for step in runtime.stats.history],
+                    "expected_bytes": expected_step_bytes(
+                        plan, config, runtime.coords, pmodel.token_sizes, group_sizes[runtime.coords["dp"]]
+                    ),
+                }
+            )
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, rows)
     dist.destroy_process_group()
@@ -175,13 +178,16 @@ def world_rows() -> list[dict]:
 
 def test_every_plan_ran_on_every_rank(world_rows):
     ran = {(r["model"], r["world"], r["plan"], r["rank"]) for r in world_rows}
-    expected = {(m, w, p.describe(), k) for m in MODELS for w, ps in PLANS.items() for p in ps for k in range(w)}
+    tables = (PLANS, BF16_PLANS)
+    expected = {
+        (m, w, p.describe(), k) for m in MODELS for t in tables for w, ps in t.items() for p in ps for k in range(w)
+    }
     assert ran == expected
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_model_output_matches_single_process(world_rows, model):
-    rows = [r for r in world_rows if r["model"] == model]
+    rows = [r for r in world_rows if r["model"] == model and r["exact"]]
     assert min(r["ref_max"] for r in rows) > 0.5  # a non-trivial output (adaLN-Zero would give exactly 0)
     worst = max(rows, key=lambda r: r["out_err"])
     assert worst["out_err"] <= 1e-5, worst
@@ -189,10 +195,16 @@ def test_model_output_matches_single_process(world_rows, model):
 
 @pytest.mark.parametrize("model", list(MODELS))
 def test_images_match_single_process(world_rows, model):
-    rows = [r for r in world_rows if r["model"] == model]
+    rows = [r for r in world_rows if r["model"] == model and r["exact"]]
     assert min(r["img_std"] for r in rows) > 10  # images with content, not a flat field
     worst = max(rows, key=lambda r: r["img_diff"])
     assert worst["img_diff"] <= 1, worst  # <= 1/255 on 8-bit images
+
+
+def test_bf16_comm_is_close_not_exact(world_rows):
+    rows = [r for r in world_rows if not r["exact"]]
+    assert len(rows) == 2 * 2 * 2  # 2 models x 2 plans x 2 ranks
+    assert all(1e-6 < r["out_err"] < 2e-2 for r in rows), [(r["plan"], r["out_err"]) for r in rows]
 
 
 def test_uneven_tokens_and_heads_at_three_ranks(world_rows):

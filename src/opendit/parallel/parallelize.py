@@ -93,7 +93,8 @@ def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
         for block in model.blocks:
             block.attn.core = core  # stateless: one kernel object serves every block
     model.token_shard = TokenShard(sp_comm, sizes)  # (B, T, C) -> (B, T_rank, C)
-    model.token_gather = TokenGather(sp_comm, sizes)  # (B, T_rank, p*p*out) -> (B, T, p*p*out)
+    # the gathered tokens are the model's output: full precision whatever comm_dtype says
+    model.token_gather = TokenGather(runtime.exact("sp"), sizes)  # (B, T_rank, p*p*out) -> (B, T, p*p*out)
     if plan.shard_weights:
         shard_weights(model, runtime)
     return ParallelModel(model, runtime, sizes, notes)

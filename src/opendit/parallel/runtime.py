@@ -131,6 +131,7 @@ class Runtime:
     stats: CommStats
     group_ranks: dict[str, list[int]] = field(default_factory=dict)  # name -> global ranks of this rank's group
     fault: tuple[int, int] | None = None
+    _exact: dict[str, Comm] = field(default_factory=dict, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -144,6 +145,16 @@ class Runtime:
         """The process group of one mesh dimension ("dp", "cfg", "ring", "ulysses", "sp", "all"), or None."""
         comm = self.comms.get(name)
         return comm.group if comm is not None else None
+
+    def exact(self, name: str) -> Comm | None:
+        """A Comm over the same group that never changes the wire dtype: for results (model outputs, samples),
+        which comm_dtype must not round; comm_dtype is for the activations inside attention only."""
+        comm = self.comms.get(name)
+        if comm is None or comm.comm_dtype is None:
+            return comm
+        if name not in self._exact:
+            self._exact[name] = Comm(comm.group, comm_dtype=None, stats=self.stats)
+        return self._exact[name]
 
     def on_step(self, step: int) -> None:
         """Called by the sampler after each denoising step: closes the step's comm counters; fault test hook."""
@@ -183,7 +194,9 @@ def build_runtime(
             # new_group is collective over the whole world: every process creates every group, in the same order.
             group = dist.group.WORLD if name == "all" and whole_world else dist.new_group(members)
             if me in members:
-                comms[name] = Comm(group, comm_dtype=comm_dtype, stats=stats)
+                # comm_dtype only for the sequence-parallel activations; cfg/dp/all carry results, always exact
+                wire = comm_dtype if name in ("ulysses", "ring", "sp") else None
+                comms[name] = Comm(group, comm_dtype=wire, stats=stats)
                 group_ranks[name] = members
     if me not in ranks:
         return None
