@@ -63,8 +63,11 @@ def parallel_config(args: argparse.Namespace):
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from opendit.parallel.runtime import global_rank
+    from opendit.parallel.runtime import global_rank, in_distributed_env, quiet_unless_rank0
     from opendit.pipeline import GenerationRequest, generate, save_outputs
+
+    if in_distributed_env():  # a torchrun worker
+        quiet_unless_rank0()
 
     request = GenerationRequest(
         classes=args.classes,

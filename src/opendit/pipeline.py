@@ -206,6 +206,7 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
 
     With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
     inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
+    Scripts that pass nproc > 1 must call it under `if __name__ == "__main__":` (workers are spawned).
     """
     request = request or GenerationRequest(**kwargs)
     job = prepare(request)
@@ -214,7 +215,10 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
     if job.world > 1:
         from opendit.parallel.launch import launch
 
-        return launch(_worker_generate, job.world, (request,))
+        start = time.perf_counter()
+        result = launch(_worker_generate, job.world, (request,))
+        result.record["timing"]["with_launch_s"] = time.perf_counter() - start  # + process start and rendezvous
+        return result
     return _run(job)
 
 

@@ -18,9 +18,7 @@ import json
 import logging
 import os
 import re
-import sys
 import uuid
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,11 +49,11 @@ def _worker(fn: Callable, args: tuple, threads: int) -> Any:
     """Runs in each spawned process: quiet ranks > 0, one share of the CPU threads, then fn(*args)."""
     import torch
 
+    from opendit.parallel.runtime import quiet_unless_rank0
+
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)
-    if int(os.environ.get("RANK", "0")) != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
-        warnings.simplefilter("ignore")
+    quiet_unless_rank0()
     return fn(*args)
 
 
@@ -105,8 +103,10 @@ def root_failure(exc: Any) -> WorkerFailed:
 def launch(fn: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None) -> Any:
     """Run fn(*args) in `nproc` local processes started by torch's elastic agent; return rank 0's return value.
 
-    fn must be importable (module level) because workers are spawned. Raises WorkerFailed if any rank raises (or
-    OpenDiTError, unchanged, if the first failure was one: bad input is the caller's error, not a crash).
+    fn must be importable (module level) because workers are spawned; a script that calls this (or
+    generate(nproc=N)) must do so under `if __name__ == "__main__":`, as with any multiprocessing spawn.
+    Raises WorkerFailed if any rank raises (or OpenDiTError, unchanged, if the first failure was one: bad input is
+    the caller's error, not a crash).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -21,6 +21,8 @@ Environment:
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -88,6 +90,14 @@ def init_from_env(device: torch.device, backend: str) -> bool:
     else:
         dist.init_process_group(backend, timeout=timeout)
     return True
+
+
+def quiet_unless_rank0() -> None:
+    """Ranks > 0 print nothing but errors: stdout goes to /dev/null and warnings are dropped (stderr stays, so
+    tracebacks and error lines still show)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        warnings.simplefilter("ignore")
 
 
 def parse_fault(spec: str | None) -> tuple[int, int] | None:
