@@ -9,6 +9,9 @@ that sequence parallelism needs, each with split sizes so that uneven shards are
 - `broadcast`    one rank's tensor to all (e.g. initial noise).
 
 Every op has an async form returning a `CommHandle` whose `wait()` gives the result, so callers overlap compute.
+`Comm.sync = True` (measurement only) completes every async op before returning its handle: the same messages, no
+overlap, so the summed `wait_s` is the whole communication time; benchmarks compare it with the overlapped run's
+`wait_s` (what stays exposed) to report the fraction of communication hidden behind compute.
 `comm_dtype` (off by default) casts what goes on the wire (e.g. fp32 -> bf16) and casts back on arrival.
 
 Byte accounting (`CommStats`), one convention for every op: **bytes = the payload this rank sends to OTHER ranks**, i.e.
@@ -143,6 +146,7 @@ class Comm:
         self.comm_dtype = comm_dtype
         self.stats = stats if stats is not None else CommStats()
         self.backend = dist.get_backend(group)
+        self.sync = False  # measurement switch: async ops complete before returning (see the module docstring)
 
     def __repr__(self) -> str:
         return f"Comm(rank={self.rank}, size={self.size}, backend={self.backend}, comm_dtype={self.comm_dtype})"
@@ -152,6 +156,11 @@ class Comm:
         if cd is not None and dtype.is_floating_point and cd.itemsize < dtype.itemsize:
             return cd
         return dtype
+
+    def _complete(self, handle: CommHandle, async_op: bool) -> Any:
+        """What an op returns: its result (blocking), or its handle (completed first when `sync` is on)."""
+        result = handle.wait() if not async_op or self.sync else None
+        return handle if async_op else result
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
@@ -245,7 +254,7 @@ class Comm:
             return outs if many else outs[0]
 
         handle = CommHandle([work], finish, self.stats, kind, keep=(send,))
-        return handle if async_op else handle.wait()
+        return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ all-gather
     def all_gather(self, x: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool = False) -> Any:
@@ -285,7 +294,7 @@ class Comm:
             return buf.view(sum(sizes), *rest).movedim(0, dim)  # (..., N, ...)
 
         handle = CommHandle([work], finish, self.stats, kind)
-        return handle if async_op else handle.wait()
+        return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ ring P2P
     def ring_exchange(self, x: torch.Tensor, recv_shape: Sequence[int], shift: int = 1) -> CommHandle:
@@ -308,7 +317,7 @@ class Comm:
         works = dist.batch_isend_irecv(ops)
         self.stats.record(kind, send.numel() * wire.itemsize)
         finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
-        return CommHandle(works, finish, self.stats, kind, keep=(send,))
+        return self._complete(CommHandle(works, finish, self.stats, kind, keep=(send,)), True)
 
     # ------------------------------------------------------------------------------------------------ broadcast
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
@@ -331,7 +340,7 @@ class Comm:
             return x
 
         handle = CommHandle([work], finish, self.stats, kind)
-        return handle if async_op else handle.wait()
+        return self._complete(handle, async_op)
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
