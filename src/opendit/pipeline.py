@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import resource
 import sys
 import time
@@ -269,6 +270,12 @@ def _run(job: Job) -> GenerationResult:
             result = pmodel.sample(labels, shape, **kwargs)  # every rank ends with all (N, C, H, W) samples
             parallel = plan_record(runtime, pmodel, len(labels))
             parallel["notes"] = list(dict.fromkeys(job.plan_notes + parallel["notes"]))
+            parallel["backend"] = dist.get_backend()
+            if device.type == "cpu" and request.device is None and torch.cuda.is_available():
+                parallel["notes"].append(
+                    f"{torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes on this "
+                    "node: every rank needs its own GPU, so this job ran on CPU with gloo"
+                )
             comm, ranks = _gather_rank_records(runtime, model, load_time, result.step_times, device)
         images = decode(result.samples, config, request.vae, device) if runtime is None or runtime.index == 0 else None
     finally:
