@@ -314,7 +314,12 @@ def _gather_rank_records(
     runtime, model: torch.nn.Module, load_s: float, step_times: list[float], device: torch.device
 ) -> tuple[dict, list]:
     """Every rank's timings, peak memory, resident parameter bytes and comm counters, collected on every rank."""
-    from opendit.parallel.shard import sharded_parameter_bytes
+    try:
+        from opendit.parallel.shard import sharded_parameter_bytes
+    except ImportError:  # weight sharding not in this build: every rank holds every parameter
+
+        def sharded_parameter_bytes(m: torch.nn.Module) -> int:
+            return sum(p.numel() * p.element_size() for p in m.parameters())
 
     history = runtime.stats.history  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
     after = runtime.stats.snapshot()  # after the last step: the dp gather of the samples
