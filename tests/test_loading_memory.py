@@ -97,6 +97,7 @@ def test_xl2_fp32_safetensors_loads_into_bf16_within_1_3x(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads VmRSS/VmHWM from /proc")
+@pytest.mark.slow
 def test_pt_mmap_pages_are_released_while_loading(tmp_path):
     """A torch.save'd fp32 DiT-B/2 (.pt, opened with mmap) into bf16: mapped pages are dropped after each tensor.
 

@@ -1,0 +1,202 @@
+"""Sharded weights (`--shard-weights`): each rank of the sequence-parallel group stores 1/P of every parameter and
+gathers a piece of the model just before it runs, prefetching the next piece while the current one computes.
+
+Built on torch's FSDP2 (`torch.distributed.fsdp.fully_shard`), used for inference: it works on gloo/CPU device meshes
+and on NCCL, and its all-gather is an exact copy, so sharded output equals unsharded output bitwise (test_shard.py).
+
+Units (each one `fully_shard` call = one all-gather when it runs), in forward order:
+
+    root (pos_embed, x_embedder) -> t_embedder -> y_embedder
+    -> for each block: adaLN_modulation (6C^2) -> attn (qkv + proj, 4C^2) -> mlp.fc1 (4C^2) -> mlp.fc2 (4C^2)
+    -> final_layer
+
+Why a block is four units and not one (18C^2 parameters): FSDP2 all-gathers a unit into a flat buffer and then copies
+it out into the parameters, so a unit being gathered briefly costs 2x its size (3x on gloo, whose
+all_gather_into_tensor stages through one more buffer); small units keep those transients small. Measured on gloo
+(tests/test_shard.py, hidden 768, per-rank peak resident set during a forward): without prefetch 1/P of the model +
+1.0 block; with prefetch (the default; the next unit's all-gather is issued when the current unit starts, so it
+overlaps compute) 1/P + 1.2 to 1.3 blocks, because the current unit's copy-out and the next unit's staging buffers
+overlap; with one unit per block it was 1/P + 1.6 blocks. On NCCL the all-gather needs one staging buffer less (not
+measured: no GPU here). `attn` stays whole because FastSeq reads qkv's weight directly instead of calling the qkv
+module (the hook that gathers it would not fire). FastSeq caches its per-head qkv slice (3C^2/P per block) across
+forwards, which stays resident on top of the 1/P shards. The root unit (pos_embed (1, T, C) and the patch embedder)
+stays gathered for the whole forward - FSDP2 gathers a module's own parameters around its whole forward - and is
+resharded after it (`set_reshard_after_forward(True)`; FSDP2's default keeps a root gathered, which only makes sense
+for training).
+
+Dtypes: parameters are sharded and gathered in their storage dtype (the compute dtype after loading), never through
+`comm_dtype`, so that sharding is exact. No MixedPrecisionPolicy is used.
+
+For the runtime (parallel/parallelize.py), once per process, after the weights are loaded in their final dtype and
+device and after the parallel attention / token shard / FastSeq modules are installed:
+
+    from opendit.parallel.shard import apply_weight_sharding
+    if plan.shard_weights:
+        apply_weight_sharding(model, runtime.comms["sp"])  # Comm, ProcessGroup or 1-D DeviceMesh of the sp ranks
+
+Then call `model(x, t, y)` as before, under torch.no_grad() (not inference_mode), in lockstep on every rank of that
+group (every forward all-gathers over it). Anything that caches weight tensors at install time (e.g. per-head slices
+of qkv) must be built before sharding is applied, or read the weights inside forward, where they are gathered.
+`sharded_parameter_bytes(model)` gives this rank's resident parameter bytes, for the record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from opendit.errors import OpenDiTError
+
+
+def _as_mesh(group_or_mesh: Any, device_type: str):
+    """A 1-D DeviceMesh over a ProcessGroup or an opendit Comm's group (a 1-D DeviceMesh passes through)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group_or_mesh, DeviceMesh):
+        if group_or_mesh.ndim != 1:
+            raise OpenDiTError(
+                f"weight sharding needs a 1-D mesh (the sequence-parallel ranks), got a {group_or_mesh.ndim}-D mesh "
+                f"{group_or_mesh.mesh_dim_names}; pass mesh['ulysses'], or mesh['ring', 'ulysses']._flatten()"
+            )
+        if group_or_mesh.device_type != device_type:
+            raise OpenDiTError(
+                f"the mesh is on {group_or_mesh.device_type} but the model is on {device_type}; "
+                "build the mesh for the model's device type"
+            )
+        return group_or_mesh
+    group = getattr(group_or_mesh, "group", group_or_mesh)  # an opendit Comm carries its process group
+    if group is None:
+        raise OpenDiTError("apply_weight_sharding needs the sequence-parallel process group, Comm or 1-D DeviceMesh")
+    return DeviceMesh.from_group(group, device_type)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules that become one all-gather each, in forward order (see the module docstring); root excluded."""
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+        raise OpenDiTError(f"{type(model).__name__} has no `blocks` ModuleList; weight sharding supports DiT models")
+    units: list[nn.Module] = [getattr(model, n) for n in ("t_embedder", "y_embedder") if hasattr(model, n)]
+    for block in model.blocks:
+        parts = [getattr(block, n) for n in ("adaLN_modulation", "attn") if hasattr(block, n)]
+        mlp = getattr(block, "mlp", None)
+        if mlp is not None:
+            fc = [getattr(mlp, n) for n in ("fc1", "fc2") if isinstance(getattr(mlp, n, None), nn.Module)]
+            fc_ids = {id(p) for m in fc for p in m.parameters()}
+            parts.extend(fc if len(fc) == 2 and fc_ids == {id(p) for p in mlp.parameters()} else [mlp])
+        covered = {id(p) for part in parts for p in part.parameters()}
+        if parts and covered == {id(p) for p in block.parameters()}:
+            units.extend(parts)
+        else:  # an unknown block layout: the whole block is one unit (still exact; peak 2 blocks with prefetch)
+            units.append(block)
+    if hasattr(model, "final_layer"):
+        units.append(model.final_layer)
+    return units
+
+
+def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: bool = True) -> None:
+    """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks).
+
+    Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
+    and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
+    gloo and NCCL, so it overlaps compute). P == 1 leaves the model untouched. The model must be fully materialised
+    (not on meta) in its final dtype and device. Its class becomes FSDP2's subclass of it and its parameters DTensors;
+    the forward signature and results are unchanged.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise OpenDiTError("weight sharding needs torch.distributed: launch with opendit --nproc N (or torchrun)")
+    params = list(model.parameters())
+    if not params:
+        raise OpenDiTError("the model has no parameters to shard")
+    if any(p.is_meta for p in params):
+        raise OpenDiTError("the model is still on the meta device: load the weights first, then shard them")
+    device = params[0].device
+    mesh = _as_mesh(group_or_mesh, device.type)
+    if mesh.size() == 1:
+        return
+    units = shard_units(model)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the rest: pos_embed, x_embedder
+    model.set_reshard_after_forward(True, recurse=False)  # FSDP2 keeps a root gathered after forward by default
+    if prefetch:
+        chain = [model, *units]
+        for current, following in zip(chain, chain[1:]):
+            current.set_modules_to_forward_prefetch([following])
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def sharded_parameter_bytes(model: nn.Module) -> int:
+    """This rank's resident parameter bytes: local shards of sharded parameters, full size of the others."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.untyped_storage().nbytes() if local.numel() else 0
+    return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the full (unsharded) model: sum of numel x element size over all parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def unit_bytes(module: nn.Module) -> int:
+    """Full bytes of one module's parameters (e.g. one block), whether or not the model is sharded."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+# ------------------------------------------------------------------------------ memory measurement (CPU processes)
+# Used by tests/test_shard.py and benchmarks/memory.py. torch has no allocator statistics for CPU tensors, so memory is
+# read from the kernel: the resident set (VmRSS) and its high-water mark (VmHWM, resettable through clear_refs).
+# `exact_malloc()` makes glibc serve every allocation >= 64 KiB with its own mmap and unmap it on free (fixing the
+# threshold also stops glibc from raising it dynamically), so the resident set follows live tensor bytes instead of
+# keeping freed heap. Linux only; elsewhere the readers return None.
+
+
+def exact_malloc(threshold: int = 1 << 16) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, threshold) for this process; True if it took effect (glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
+def _status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set now."""
+    return _status("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+    """The resident set's high-water mark since the process started or since reset_peak_rss()."""
+    return _status("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
