@@ -109,3 +109,13 @@ def test_bad_parallel_requests_exit_2_with_the_message(tmp_path, capsys, flags, 
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "record.json").exists()
+
+
+def test_parallel_auto_takes_the_planners_choice():
+    from opendit.pipeline import GenerationRequest, prepare
+
+    job = prepare(GenerationRequest(classes=list(range(4)), steps=2, nproc=2, parallel_auto=True))
+    assert job.plan.world_size == 2
+    assert any(note.startswith("plan chosen automatically") and "best" in note for note in job.plan_notes)
+    manual = prepare(GenerationRequest(classes=list(range(4)), steps=2, nproc=2))
+    assert manual.plan.world_size == 2 and not any("best" in note for note in manual.plan_notes)

@@ -35,6 +35,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     par.add_argument("--comm-dtype", choices=("bf16", "fp16"), help="send activations in this dtype")
     par.add_argument("--shard-weights", action="store_true", help="shard weights over the sequence-parallel group")
+    par.add_argument(
+        "--parallel",
+        choices=("default", "auto"),
+        default="default",
+        help="with --nproc and no degrees: auto = the planner's fastest plan from the cost model (see `opendit plan`)",
+    )
     parser.set_defaults(func=run_sample)
     return parser
 
@@ -84,6 +90,7 @@ def run_sample(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         nproc=args.nproc,
         parallel=parallel_config(args),
+        parallel_auto=args.parallel == "auto",
     )
     result = generate(request)
     if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
@@ -117,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(subparsers)
     models = subparsers.add_parser("models", help="list model presets")
     models.set_defaults(func=run_models)
+    from opendit.plan_cli import add_calibrate_parser, add_plan_parser
+    from opendit.train.cli import add_eval_parser, add_train_parser
+
+    add_plan_parser(subparsers)
+    add_calibrate_parser(subparsers)
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
     return parser
 
 

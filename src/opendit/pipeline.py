@@ -51,6 +51,7 @@ class GenerationRequest:
     progress: bool = True
     nproc: int | None = None  # processes; None: 1, or torchrun's world, or the plan's product of degrees
     parallel: ParallelConfig | None = None  # degrees and options; None (or all degrees 1): chosen for nproc
+    parallel_auto: bool = False  # with nproc > 1 and no degrees: the planner chooses (cost model), not default_plan
 
 
 @dataclass
@@ -174,8 +175,21 @@ def prepare(request: GenerationRequest) -> Job:
             degrees = {"ring": world} if plan.sp_impl == "ring" else {"ulysses": world}
             plan, why = replace(plan, **degrees), f"--sp-impl {plan.sp_impl} over all {world} processes"
         else:
-            auto, why = default_plan(world, config.num_heads, guided)
-            plan = replace(plan, dp=auto.dp, cfg=auto.cfg, ulysses=auto.ulysses, ring=auto.ring)
+            if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
+                from opendit.plan_cli import auto_plan
+
+                auto, why = auto_plan(config, world, len(request.classes), guided)
+            else:
+                auto, why = default_plan(world, config.num_heads, guided)
+            plan = replace(
+                plan,
+                dp=auto.dp,
+                cfg=auto.cfg,
+                ulysses=auto.ulysses,
+                ring=auto.ring,
+                sp_impl=auto.sp_impl,
+                shard_weights=plan.shard_weights or auto.shard_weights,
+            )
         plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
     plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
     if plan.shard_weights and plan.sp_degree == 1:
