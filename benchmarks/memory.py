@@ -1,0 +1,209 @@
+"""Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON + PNG.
+
+    .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see the README)
+    .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
+
+Model: DiT-XL/2 width (hidden 1152, 16 heads, patch 2, 4 latent channels, learn_sigma) with `--depth` blocks (default
+4; the real model has 28) and random weights; T tokens = a (2*sqrt(T))^2 latent. One forward pass of `--batch` images
+(default 2: the conditional + unconditional halves of one guided image) under torch.no_grad(), through the project's own
+runtime: `build_runtime(ParallelConfig(ulysses=P, shard_weights=...))` + `parallelize(model, runtime)`, i.e. exactly
+what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, in P processes from
+`opendit.parallel.launch` (gloo, one thread each).
+
+How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
+threshold at 64 KiB (`shard.exact_malloc`), so every tensor is its own mapping and freeing returns it to the OS; warms
+up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch, gloo,
+kernels); builds and parallelizes (and shards) the model; resets the kernel's high-water mark (clear_refs) and runs
+the forward. Reported per rank: `params` = resident set after setup - baseline (the parameters this rank holds), and
+`peak` = high-water mark during the forward - baseline (parameters + activations + communication buffers). The table
+gives the largest rank. Nothing here materialises the (S, S) attention matrix: attention is SDPA (flash kernel on CPU),
+whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone would be 16 heads x S^2 x 4 bytes =
+17 GB at 16384 tokens, so the measured peaks prove its absence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def dit_config(tokens: int, depth: int):
+    from opendit.models.dit import DiTConfig, preset
+
+    side = int(math.isqrt(tokens))
+    if side * side != tokens:
+        raise SystemExit(f"--tokens {tokens} must be a square (a side x side token grid)")
+    return DiTConfig(**{**preset("DiT-XL/2").to_dict(), "depth": depth, "input_size": (2 * side, 2 * side)})
+
+
+def random_model(config, dtype: torch.dtype):
+    """Random weights without the init's float64 temporaries: built on meta, then filled in place."""
+    from opendit.models.dit import build_dit
+
+    model = build_dit(config, device="meta", dtype=dtype).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name == "pos_embed":
+                model.reset_pos_embed()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    return model.eval()
+
+
+def measure_rank(case: dict) -> dict:
+    """Runs in every rank (launched): the memory of one forward pass for one configuration; rank 0 returns all."""
+    import gc
+
+    import torch.distributed as dist
+
+    from opendit.models.dit import build_dit
+    from opendit.parallel.config import ParallelConfig
+    from opendit.parallel.parallelize import parallelize
+    from opendit.parallel.runtime import build_runtime, init_from_env
+    from opendit.parallel.shard import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from opendit.precision import parse_dtype
+
+    exact_malloc()
+    init_from_env(torch.device("cpu"), "gloo")
+    world = dist.get_world_size()
+    dtype = parse_dtype(case["dtype"])
+    config = dit_config(case["tokens"], case["depth"])
+    plan = ParallelConfig(ulysses=world, shard_weights=case["shard"]) if world > 1 else ParallelConfig()
+    runtime = build_runtime(plan)
+    b = case["batch"]
+    x = torch.randn(b, config.in_channels, *config.input_size)
+    t, y = torch.full((b,), 500.0), torch.arange(b) % config.num_classes
+    small = dit_config(64, 1)
+    with torch.no_grad():  # warm-up: kernels, thread pools, gloo buffers
+        build_dit(small, dtype=dtype)(torch.randn(b, 4, *small.input_size), t, y)
+        dist.barrier()
+    gc.collect()
+    base = rss_bytes()
+    model = random_model(config, dtype)
+    fn = parallelize(model, runtime)
+    gc.collect()
+    params = rss_bytes() - base
+    dist.barrier()
+    reset_peak_rss()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = fn(x, t, y)  # (B, 8, H, W)
+    seconds = time.perf_counter() - start
+    peak = peak_rss_bytes() - base
+    mine = {"params": params, "peak": peak, "seconds": seconds, "finite": bool(torch.isfinite(out).all())}
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"ranks": every}
+
+
+def run_case(case: dict) -> dict:
+    from opendit.parallel.launch import launch
+
+    result = launch(measure_rank, nproc=case["world"], args=(case,), threads_per_proc=1)
+    ranks = result["ranks"]
+    return {
+        **case,
+        "per_rank": ranks,
+        "peak_bytes": max(r["peak"] for r in ranks),
+        "param_bytes": max(r["params"] for r in ranks),
+        "seconds": max(r["seconds"] for r in ranks),
+        "finite": all(r["finite"] for r in ranks),
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in results})
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        series: dict[tuple, list] = {}
+        for r in results:
+            if r["dtype"] == dtype:
+                series.setdefault((r["world"], r["shard"]), []).append((r["tokens"], r["peak_bytes"] / 2**30))
+        for (world, shard), points in sorted(series.items()):
+            points.sort()
+            label = f"{world} rank{'s' if world > 1 else ''}" + (", sharded weights" if shard else "")
+            ax.plot(*zip(*points), marker="o", linestyle="--" if shard else "-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("per-rank peak memory (GiB)")
+        ax.set_title(f"DiT-XL/2 width, {results[0]['depth']} blocks, batch {results[0]['batch']}, {dtype}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def table(results: list[dict]) -> str:
+    one = {(r["tokens"], r["dtype"]): r["peak_bytes"] for r in results if r["world"] == 1}
+    head = "| dtype | tokens | ranks | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | forward s |"
+    lines = [head, "|" + "---|" * 8]
+    for r in sorted(results, key=lambda r: (r["dtype"], r["tokens"], r["world"], r["shard"])):
+        ref = one.get((r["tokens"], r["dtype"]))
+        ratio = f"{r['peak_bytes'] / ref:.2f}" if ref else "-"
+        lines.append(
+            f"| {r['dtype']} | {r['tokens']} | {r['world']} | {'yes' if r['shard'] else 'no'} | "
+            f"{r['param_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {ratio} | {r['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
+    parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
+    parser.add_argument("--out", default="benchmarks/results/memory")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cases = [
+        {"tokens": n, "world": w, "shard": s, "dtype": d, "depth": args.depth, "batch": args.batch}
+        for d in args.dtypes
+        for n in args.tokens
+        for w in args.worlds
+        for s in ((True,) if args.no_unsharded else (False, True) if w > 1 else (False,))
+    ]
+    record = {"machine": platform.node(), "torch": torch.__version__, "method": "peak RSS delta, see docstring"}
+    results, start, wall = [], time.perf_counter(), 0.0
+    if args.append and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        results, wall = old["results"], old.get("wall_s", 0.0)
+    key = lambda c: tuple(c[k] for k in ("tokens", "world", "shard", "dtype", "depth", "batch"))  # noqa: E731
+    done = {key(r) for r in results}
+    for case in cases:
+        if key(case) in done:
+            continue
+        results.append(run_case(case))
+        r = results[-1]
+        print(
+            f"{r['dtype']} T={r['tokens']} P={r['world']} shard={r['shard']}: params {r['param_bytes'] / 2**20:.0f} "
+            f"MiB, peak {r['peak_bytes'] / 2**20:.0f} MiB, {r['seconds']:.1f} s",
+            flush=True,
+        )
+        record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
+        out.with_suffix(".json").write_text(json.dumps(record, indent=2))  # partial results survive interruption
+    plot(results, out.with_suffix(".png"))
+    print(table(results))
+    print(f"wall time {time.perf_counter() - start:.0f} s -> {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
