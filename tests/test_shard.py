@@ -48,6 +48,7 @@ def _run_plan(config, x, t, y, mode, world, prefetch=True):
     model = seeded_model(config)
     if mode == "alone":
         apply_weight_sharding(model, dist.group.WORLD, prefetch=prefetch)
+        apply_weight_sharding(model, dist.group.WORLD)  # idempotent: a second call changes nothing
         fn = model
     else:
         fn = parallelize(model, build_runtime(ParallelConfig(**{mode: world}, shard_weights=True)))

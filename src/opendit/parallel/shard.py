@@ -101,12 +101,14 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
     gloo and NCCL, so it overlaps compute). P == 1 leaves the model untouched. The model must be fully materialised
     (not on meta) in its final dtype and device. Its class becomes FSDP2's subclass of it and its parameters DTensors;
-    the forward signature and results are unchanged.
+    the forward signature and results are unchanged. Calling it again on a sharded model does nothing.
     """
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
         raise OpenDiTError("weight sharding needs torch.distributed: launch with opendit --nproc N (or torchrun)")
+    if is_sharded(model):
+        return  # already sharded (idempotent: FSDP2 cannot shard a module twice)
     params = list(model.parameters())
     if not params:
         raise OpenDiTError("the model has no parameters to shard")
