@@ -160,10 +160,10 @@ def sampled_images(model, dtype, labels, steps=10, cfg_scale=2.0):
 def test_sampled_images_psnr_random_model(dtype, floor):
     """End to end through the sampler: images in half precision vs fp32, same seed (random weights).
 
-    Measured: bf16 57.1 dB, fp16 68.4 dB (10 images, 10 flow-Euler steps, CFG 2).
+    Measured: bf16 57.4 dB, fp16 71.4 dB (5 images, 10 flow-Euler steps, CFG 2).
     """
     model = random_model()
-    labels = torch.arange(10)
+    labels = torch.arange(0, 10, 2)
     ref = sampled_images(model, torch.float32, labels)
     got = sampled_images(model, dtype, labels)
     value = psnr(got, ref)
