@@ -3,8 +3,9 @@
 What it installs (the model file is never edited; see models/dit.py for the three plug-in points):
 - `model.token_shard` / `model.token_gather`: TokenShard / TokenGather over the "sp" group (ring x ulysses), with
   ⌈T/P⌉ / ⌊T/P⌋ tokens per rank (or token_shares), so any token count works without padding;
-- `blocks[i].attn.core`: UlyssesAttention, RingAttention or HybridAttention (USP); or, for FastSeq, the whole
-  SelfAttention forward (FastSeqAttention.install).
+- `blocks[i].attn.core`: RingAttention or HybridAttention (USP); or, for FastSeq and Ulysses, the whole
+  SelfAttention forward (FastSeqAttention.install, UlyssesOverlapAttention.install: the K/V all-to-all travels
+  while Q is projected; `ULYSSES_OVERLAP = False` falls back to the UlyssesAttention core).
 What the returned `ParallelModel` adds around the model (the sampler's `model_fn(x, t, y)` on the full CFG batch):
 - cfg = 2: cfg rank c runs half c of [cond; uncond] and the halves are all-gathered before the guidance combine;
 - dp > 1: `ParallelModel.sample` gives dp group i its contiguous block of images (uneven allowed) with
@@ -64,6 +65,11 @@ class ParallelModel:
         return result
 
 
+# `--sp-impl ulysses` runs the overlapped module-level kernel (ulysses_overlap.py); False: the plain UlyssesAttention
+# core (USP always uses the plain core inside its ring). Measured on 2 CPU ranks: benchmarks/results/scaling.json.
+ULYSSES_OVERLAP = True
+
+
 def token_split(num_tokens: int, runtime: Runtime) -> list[int]:
     """Tokens per sequence rank, in sp order (ring_i * ulysses + ulysses_i)."""
     plan = runtime.plan
@@ -88,6 +94,11 @@ def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
 
         for block in model.blocks:
             FastSeqAttention.install(block.attn, sp_comm, sizes)
+    elif impl == "ulysses" and ULYSSES_OVERLAP:
+        from opendit.parallel.ulysses_overlap import UlyssesOverlapAttention
+
+        for block in model.blocks:  # K/V all-to-all under Q's projection, 2 head groups pipelined; same bytes
+            UlyssesOverlapAttention.install(block.attn, runtime.comms["ulysses"], sizes)
     else:
         core = make_core(impl, runtime, sizes)
         for block in model.blocks:
