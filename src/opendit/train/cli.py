@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import fields
 
@@ -73,11 +74,16 @@ def run_train(args: argparse.Namespace) -> int:
             "scheduler": "flow-euler" if cfg.prediction == "flow" else "ddim",
             "steps": args.sample_steps,
             "cfg_scale": args.cfg_scale,
-            "trained": {"command": " ".join(sys.argv), "steps": result["step"], "time_s": result["elapsed_s"]},
+            "trained": {"command": command_line(), "steps": result["step"], "time_s": result["elapsed_s"]},
         }
         result["export"] = str(export_ema(result["checkpoint"], args.export, extra))
     print(json.dumps(result, indent=2))
     return 0
+
+
+def command_line() -> str:
+    """This invocation as `opendit train ...`, whether it came through the main CLI or `python -m`."""
+    return " ".join(["opendit", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
