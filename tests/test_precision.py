@@ -1,6 +1,7 @@
 """--dtype fp32|bf16|fp16: half-precision outputs against fp32, the fp32 islands, and the fp16 overflow guard."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -170,18 +171,28 @@ def test_sampled_images_psnr_random_model(dtype, floor):
     assert value >= floor, f"{dtype}: PSNR {value:.1f} dB < {floor} dB"
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_model_and_fp32_images():
+    """The shipped digits model and its fp32 images: 100 samples (10 per class), 30 steps, CFG 2 (its defaults)."""
+    from opendit.checkpoint import load_model, read_sidecar_config
+
+    config = DiTConfig.from_dict(read_sidecar_config(DEFAULT_CKPT)["model"])
+    model = load_model(config, DEFAULT_CKPT)
+    labels = torch.arange(10).repeat_interleave(10)
+    return model, labels, sampled_images(model, torch.float32, labels, steps=30, cfg_scale=2.0)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not DEFAULT_CKPT.is_file(), reason="the shipped digits model is not installed yet")
 @pytest.mark.parametrize("dtype", HALF)
 def test_shipped_digits_model_half_precision_quality(dtype):
-    """Acceptance: PSNR >= 35 dB against fp32 images of the same seed, class accuracy within 1 point."""
-    from opendit.checkpoint import load_model, read_sidecar_config
+    """Acceptance: PSNR >= 35 dB against fp32 images of the same seed, class accuracy within 1 point.
+
+    Measured (model of 2026-11-25, 2850 steps): bf16 55.2 dB, fp16 65.3 dB; accuracy 100 % in fp32, bf16 and fp16.
+    """
     from opendit.evaluate import score_samples
 
-    config = DiTConfig.from_dict(read_sidecar_config(DEFAULT_CKPT)["model"])
-    model = load_model(config, DEFAULT_CKPT)
-    labels = torch.arange(10).repeat_interleave(10)  # 100 samples, 10 per class
-    ref = sampled_images(model, torch.float32, labels, steps=30, cfg_scale=2.0)
+    model, labels, ref = shipped_model_and_fp32_images()
     got = sampled_images(model, dtype, labels, steps=30, cfg_scale=2.0)
     value = psnr(got, ref)
     to_unit = lambda img: img.permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731  (B, 1, H, W) in [-1, 1]
