@@ -19,6 +19,14 @@ the forward. Reported per rank: `params` = resident set after setup - baseline (
 gives the largest rank. Nothing here materialises the (S, S) attention matrix: attention is SDPA (flash kernel on CPU),
 whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone would be 16 heads x S^2 x 4 bytes =
 17 GB at 16384 tokens, so the measured peaks prove its absence.
+
+Results (benchmarks/results/memory.{json,png,md}; 2-core shared CPU, gloo, one thread per rank; grid run in three
+--append passes, 1849 s of runs in all): at 16384 tokens with sharded weights, 4 ranks peak at 0.51x of 1 rank with
+4 blocks (fp32 1042 vs 2046 MiB; bf16 524 vs 1025), 0.38x projected to 28 blocks (`projected_peak`; the projection
+matched a measured 8-block run within 1 MiB). What does not shrink with P, per rank: the patch embedding and the
+pos_embed add run on the FULL sequence before `token_shard` (conv output + sum, (B, T, C) each: 288 MiB fp32 at
+16384 tokens, batch 2), FSDP's root unit keeps pos_embed (1, T, C) gathered (72 MiB), and about 1.2 gathered blocks
+(~110 MiB). The Ulysses activations themselves scale as 1/P (1588 MiB at 1 rank, ~400 at 4).
 """
 
 from __future__ import annotations
@@ -147,16 +155,34 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def projected_peak(r: dict, depth: int = 28) -> float:
+    """The measured peak plus the resident bytes of the blocks the benchmark left out (1/P of each when sharded).
+
+    Everything else in the peak (activations, gathered units, communication buffers) is per block, not per depth:
+    checked by measuring 4 and 8 blocks (see the README)."""
+    from opendit.models.dit import build_dit
+    from opendit.precision import parse_dtype
+
+    block = build_dit(dit_config(r["tokens"], 1), device="meta").blocks[0]
+    per_block = sum(p.numel() for p in block.parameters()) * parse_dtype(r["dtype"]).itemsize
+    return r["peak_bytes"] + (depth - r["depth"]) * per_block / (r["world"] if r["shard"] else 1)
+
+
 def table(results: list[dict]) -> str:
-    one = {(r["tokens"], r["dtype"]): r["peak_bytes"] for r in results if r["world"] == 1}
-    head = "| dtype | tokens | ranks | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | forward s |"
-    lines = [head, "|" + "---|" * 8]
-    for r in sorted(results, key=lambda r: (r["dtype"], r["tokens"], r["world"], r["shard"])):
-        ref = one.get((r["tokens"], r["dtype"]))
-        ratio = f"{r['peak_bytes'] / ref:.2f}" if ref else "-"
+    one = {(r["tokens"], r["dtype"], r["depth"]): r for r in results if r["world"] == 1}
+    head = (
+        "| dtype | tokens | blocks | ranks | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | "
+        "peak @28 blocks (proj.) MiB | vs 1 rank @28 | forward s |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in sorted(results, key=lambda r: (r["dtype"], r["depth"], r["tokens"], r["world"], r["shard"])):
+        ref = one.get((r["tokens"], r["dtype"], r["depth"]))
+        ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "-"
+        ratio28 = f"{projected_peak(r) / projected_peak(ref):.2f}" if ref else "-"
         lines.append(
-            f"| {r['dtype']} | {r['tokens']} | {r['world']} | {'yes' if r['shard'] else 'no'} | "
-            f"{r['param_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {ratio} | {r['seconds']:.1f} |"
+            f"| {r['dtype']} | {r['tokens']} | {r['depth']} | {r['world']} | {'yes' if r['shard'] else 'no'} | "
+            f"{r['param_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {ratio} | "
+            f"{projected_peak(r) / 2**20:.0f} | {ratio28} | {r['seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -179,7 +205,7 @@ def main() -> None:
         for d in args.dtypes
         for n in args.tokens
         for w in args.worlds
-        for s in ((True,) if args.no_unsharded else (False, True) if w > 1 else (False,))
+        for s in (((True,) if args.no_unsharded else (False, True)) if w > 1 else (False,))
     ]
     record = {"machine": platform.node(), "torch": torch.__version__, "method": "peak RSS delta, see docstring"}
     results, start, wall = [], time.perf_counter(), 0.0
@@ -200,8 +226,10 @@ def main() -> None:
         )
         record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))  # partial results survive interruption
-    plot(results, out.with_suffix(".png"))
-    print(table(results))
+    plot([r for r in results if r["depth"] == args.depth], out.with_suffix(".png"))
+    text = table(results)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
     print(f"wall time {time.perf_counter() - start:.0f} s -> {out.with_suffix('.json')}, {out.with_suffix('.png')}")
 
 
