@@ -2,7 +2,7 @@
 
 Plain single-device PyTorch. Parameter names and shapes match facebookresearch/DiT, so the official checkpoints
 (`DiT-XL-2-256x256.pt`, ...) load with strict=True. Sequence parallelism plugs in from outside through three points:
-`blocks[i].attn.core` (the attention entry point), `token_shard` (after the patch embedding) and `token_gather`
+`blocks[i].attn.core` (the attention entry point), `token_shard` (on the raw patches and positions) and `token_gather`
 (before un-patchify); both of the latter are identities here.
 """
 
@@ -176,7 +176,7 @@ class DiT(nn.Module):
             DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
-        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, C) -> (B, T_rank, C)
+        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
         self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
@@ -212,10 +212,13 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dtype = self.pos_embed.dtype  # the compute dtype (weights and branch activations)
-        tokens = self.x_embedder(x.to(dtype)) + self.pos_embed  # (B, T, C)
+        # Shard the raw patches (C_in*p*p values per token), not the embedded tokens (hidden values), so no rank
+        # ever holds a full-sequence (B, T, hidden) tensor; each rank embeds and positions only its own tokens.
+        patches = self.token_shard(self.x_embedder.patchify(x.to(dtype)))  # (B, T_rank, C_in*p*p)
+        positions = self.token_shard(self.pos_embed)  # (1, T_rank, C); T_rank = T on one device
+        tokens = self.x_embedder.embed(patches) + positions  # (B, T_rank, C)
         tokens = tokens.to(residual_dtype(dtype))  # fp16 -> fp32 residual stream (overflow guard, precision.py)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, C) compute dtype
-        tokens = self.token_shard(tokens)  # (B, T_rank, C); T_rank = T on one device
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, c, use_reentrant=False)

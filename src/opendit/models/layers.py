@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -66,16 +67,30 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(B, C, H, W) -> (B, H/p * W/p, hidden) tokens in row-major patch order (key proj.{weight,bias})."""
+    """(B, C, H, W) -> (B, H/p * W/p, hidden) tokens in row-major patch order (key proj.{weight,bias}).
+
+    Split in two so sequence parallelism can shard the cheap raw patches (C*p*p values per token) and embed only
+    this rank's tokens: `patchify` then `embed` equals the strided convolution `proj` (same weights, a matmul).
+    """
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p)  # (B, C, h, p, w, q)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, q): conv weight order (C, p, q) per token
+        return x.reshape(b, (h // p) * (w // p), c * p * p)  # (B, T, C*p*p)
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)  # (hidden, C*p*p)
+        return F.linear(patches, weight, self.proj.bias)  # (B, T, hidden)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, hidden, H/p, W/p)
-        return x.flatten(2).transpose(1, 2)  # (B, T, hidden), T = H/p * W/p
+        return self.embed(self.patchify(x))  # (B, T, hidden)
 
 
 class Mlp(nn.Module):
