@@ -96,7 +96,7 @@ def generate_digits(
     steps: int,
     cfg_scale: float,
     seed: int = 0,
-    batch_size: int = 250,
+    batch_size: int = 50,
     scheduler: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """per_class samples of every class with the project sampler. Returns images (N, C, H, W), labels (N,), seconds.
@@ -158,7 +158,7 @@ def evaluate(
     steps: int = 30,
     cfg_scale: float = 3.0,
     seed: int = 0,
-    batch_size: int = 250,
+    batch_size: int = 50,
     scheduler: str | None = None,
 ) -> dict:
     """Generate per_class samples of each digit and judge them. Returns the JSON-ready report."""

@@ -95,7 +95,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model JSON's, else 30)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model JSON's, else 3)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=250, help="samples per forward pass (default: 250)")
+    parser.add_argument("--batch-size", type=int, default=50, help="images per sampler call (default: 50)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--use-model", choices=["ema", "model"], default="ema", help="for .pt: which weights")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
