@@ -23,7 +23,9 @@ Timing: all ranks meet at a barrier, then time one forward; the step time of a r
 reported latency is the median over repeats after warm-up. Communication: `CommStats` per step (calls, bytes,
 blocked wait). The run is then repeated with `Comm.sync = True` (every async op completed at issue: the same
 messages with no overlap), whose total wait is the whole communication time; comm_hidden_fraction =
-1 - exposed wait / synchronous wait (per rank, averaged). Half precision on the wire (`comm_dtype` bf16 / fp16) is
+1 - exposed wait / synchronous wait. Waits are per op and skew-free: a rank's wait at a collective also contains its
+peer's remaining compute, so each op counts the wait of the rank that arrived last (the minimum over ranks).
+Half precision on the wire (`comm_dtype` bf16 / fp16) is
 measured on one extra forward each (attention messages only; the gathered prediction stays fp32, as with
 --comm-dtype): max relative error vs the 1-rank fp32 output and the byte ratio. If the digits
 model (src/opendit/weights/digits.safetensors) exists, the same errors are measured on its samples (whole sampling
@@ -162,7 +164,13 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
         out = fn(x, t, y)
         elapsed = time.perf_counter() - start
         snap = runtime.stats.end_step() if runtime else {}
+        if runtime is not None:  # per-op waits of this step, in call order (same order on every rank)
+            snap = {**snap, "_trace": [w for _, w in runtime.stats.trace]}
+            runtime.stats.trace.clear()
         return elapsed, snap, out
+
+    if runtime is not None:
+        runtime.stats.trace = []
 
     for _ in range(job["warmup"]):
         step()
@@ -173,20 +181,20 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
         snaps.append(snap)
     res: dict = {"times": times}
     if runtime is not None:
-        last = snaps[-1]
+        last = {k: v for k, v in snaps[-1].items() if k != "_trace"}
         res["bytes"] = sum(v["bytes"] for v in last.values())
         res["calls"] = {k: v["calls"] for k, v in last.items()}
-        res["wait_exposed_s"] = statistics.fmean(sum(v["wait_s"] for v in s.values()) for s in snaps)
+        res["traces"] = [s["_trace"] for s in snaps]
         for comm in _comms(runtime):
             comm.sync = True
-        sync_times, sync_waits = [], []
+        sync_times, sync_traces = [], []
         for _ in range(job["sync_repeats"]):
             dt, snap, _ = step()
             sync_times.append(dt)
-            sync_waits.append(sum(v["wait_s"] for v in snap.values()))
+            sync_traces.append(snap["_trace"])
         for comm in _comms(runtime):
             comm.sync = False
-        res["sync_times"], res["wait_sync_s"] = sync_times, statistics.fmean(sync_waits)
+        res["sync_times"], res["sync_traces"] = sync_times, sync_traces
         ref = torch.load(Path(out_dir).parent / f"ref_{tokens}.pt")
         res["fp32_err"] = rel_err(out, ref)
         res["comm_dtype"] = {}
@@ -197,7 +205,7 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
             for comm in _comms(runtime):
                 comm.comm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
             _, snap, out16 = step()
-            wire_bytes = sum(v["bytes"] for v in snap.values())
+            wire_bytes = sum(v["bytes"] for k, v in snap.items() if k != "_trace")
             res["comm_dtype"][name] = {
                 "err": rel_err(out16, ref),
                 "bytes": wire_bytes,
@@ -289,6 +297,17 @@ def predict(tokens: int, depth: int, impl: str | None, speeds) -> float:
     return predict_step_time(model_config(tokens, depth), tokens, 1, plan, speeds, guided=False).total_s
 
 
+def comm_wait(ranks: list[dict], key: str) -> tuple[float, list[float]]:
+    """(communication wait per step without skew, per-rank raw wait per step), averaged over repeats.
+
+    A rank's wait at a collective = time its peers still computed (skew) + the transfer. Per op, the rank that arrived
+    last waited only for the transfer, so the skew-free time of an op is the minimum over ranks of its wait."""
+    steps = range(len(ranks[0][key]))
+    per_step = [sum(min(ws) for ws in zip(*(r[key][i] for r in ranks))) for i in steps]
+    raw = [statistics.fmean(sum(r[key][i]) for i in steps) for r in ranks]
+    return statistics.fmean(per_step), raw
+
+
 def summarize(tokens: int, impl: str, raw: dict, base_s: float | None, predicted: float) -> dict:
     ranks = raw["ranks"]
     n = len(ranks)
@@ -308,17 +327,16 @@ def summarize(tokens: int, impl: str, raw: dict, base_s: float | None, predicted
     }
     if n > 1:
         sync_s = statistics.median(max(r["sync_times"][i] for r in ranks) for i in range(len(ranks[0]["sync_times"])))
-        exposed = [r["wait_exposed_s"] for r in ranks]
-        total = [r["wait_sync_s"] for r in ranks]
+        exposed, exposed_raw = comm_wait(ranks, "traces")
+        total, total_raw = comm_wait(ranks, "sync_traces")
         row.update(
             {
                 "bytes_per_step": [r["bytes"] for r in ranks],
                 "calls_per_step": ranks[0]["calls"],
                 "comm_exposed_s": exposed,
                 "comm_sync_s": total,
-                "comm_hidden_fraction": statistics.fmean(
-                    max(0.0, 1 - e / t) if t > 0 else 0.0 for e, t in zip(exposed, total)
-                ),
+                "comm_hidden_fraction": max(0.0, 1 - exposed / total) if total > 0 else 0.0,
+                "comm_wait_with_skew_s": {"overlapped": exposed_raw, "sync": total_raw},
                 "step_s_sync": sync_s,
                 "fp32_err_vs_1rank": max(r["fp32_err"] for r in ranks),
                 "comm_dtype": {

@@ -50,6 +50,9 @@ class CommStats:
         self.bytes: dict[str, int] = defaultdict(int)
         self.wait_s: dict[str, float] = defaultdict(float)
         self.history: list[dict[str, dict[str, float]]] = []
+        # Set to a list to also log (kind, seconds) per wait, in call order (benchmarks pair the same op across ranks:
+        # the rank that arrived last waited only for the transfer, the other one also for its peer's compute).
+        self.trace: list[tuple[str, float]] | None = None
 
     def record(self, kind: str, nbytes: int) -> None:
         self.calls[kind] += 1
@@ -57,6 +60,8 @@ class CommStats:
 
     def record_wait(self, kind: str, seconds: float) -> None:
         self.wait_s[kind] += seconds
+        if self.trace is not None:
+            self.trace.append((kind, seconds))
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{kind: {"calls", "bytes", "wait_s"}} for the counters since the last reset."""
