@@ -371,6 +371,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax1.set(xscale="log", yscale="log", xlabel="tokens", ylabel="seconds per step (dotted: cost model)")
     ax1.set_title("DiT-XL/2 width, 4 blocks, batch 1, fp32")
     ax1.set_xticks(token_list, [str(t) for t in token_list])
+    ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax1.legend(fontsize=8)
     width = 0.8 / len(IMPLS)
     for i, impl in enumerate(IMPLS):
