@@ -11,17 +11,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def tiny_config():
     """A DiT-T/2 pixel-space model: 16x16x1 images, 64 tokens, 10 classes."""
-    from opendit.models.dit import DiTConfig, preset
+    from opendit.models.dit import pixel_config
 
-    base = preset("DiT-T/2").to_dict()
-    return DiTConfig(
-        **{
-            **base,
-            "input_size": (16, 16),
-            "in_channels": 1,
-            "num_classes": 10,
-            "learn_sigma": False,
-            "latent": False,
-            "prediction": "flow",
-        }
-    )
+    return pixel_config("DiT-T/2", 16)

@@ -9,7 +9,7 @@ import torch
 import opendit.models.dit as dit_module
 from opendit.diffusion.sampler import sample
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig, build_dit, preset
+from opendit.models.dit import DiTConfig, build_dit, pixel_config
 from opendit.pipeline import DEFAULT_CKPT, decode
 from opendit.precision import check_finite, parse_dtype, psnr, relative_error, residual_dtype
 
@@ -18,18 +18,7 @@ HALF = [torch.bfloat16, torch.float16]
 
 def digits_like_config() -> DiTConfig:
     """The digits model's architecture (DiT-D/2: depth 6, hidden 128, 4 heads) on 16x16x1 pixels, 10 classes."""
-    base = preset("DiT-D/2").to_dict()
-    return DiTConfig(
-        **{
-            **base,
-            "input_size": (16, 16),
-            "in_channels": 1,
-            "num_classes": 10,
-            "learn_sigma": False,
-            "latent": False,
-            "prediction": "flow",
-        }
-    )
+    return pixel_config("DiT-D/2", 16)
 
 
 def random_model(seed: int = 0) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from opendit.checkpoint import file_sha256, load_model, read_sidecar_config
 from opendit.diffusion.sampler import make_scheduler, sample
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig, preset
+from opendit.models.dit import DiTConfig, pixel_config, preset
 from opendit.parallel.config import ParallelConfig, default_plan
 from opendit.parallel.parallelize import parallelize, plan_record
 from opendit.parallel.runtime import (
@@ -74,17 +74,7 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
             ckpt = str(DEFAULT_CKPT)
         else:
             note = "no trained default model is installed: using a randomly initialised DiT-T/2 (images are noise)"
-            config = DiTConfig(
-                **{
-                    **preset("DiT-T/2").to_dict(),
-                    "input_size": (16, 16),
-                    "in_channels": 1,
-                    "num_classes": 10,
-                    "learn_sigma": False,
-                    "latent": False,
-                    "prediction": "flow",
-                }
-            )
+            config = pixel_config("DiT-T/2", 16)
             return config, None, {**defaults, "scheduler": "flow-euler"}, note
     sidecar = read_sidecar_config(ckpt) if ckpt else None
     if sidecar is not None:

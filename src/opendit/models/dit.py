@@ -112,6 +112,19 @@ def preset(name: str) -> DiTConfig:
     return PRESETS[name]
 
 
+def pixel_config(name: str, size: int, channels: int = 1, num_classes: int = 10, prediction: str = "flow") -> DiTConfig:
+    """A preset's architecture as a pixel-space model (no VAE, no learned sigma) on size x size x channels images."""
+    return replace(
+        preset(name),
+        input_size=(size, size),
+        in_channels=channels,
+        num_classes=num_classes,
+        learn_sigma=False,
+        latent=False,
+        prediction=prediction,
+    )
+
+
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: the conditioning c regresses shift/scale/gate for attention and MLP."""
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, SelfAttention, local_attention
 from opendit.parallel.comm import Comm
+from opendit.parallel.override import AttentionOverride
 from opendit.parallel.sequence import check_sizes, offsets
 from opendit.parallel.ulysses import head_sizes
 
@@ -57,13 +58,15 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-class FastSeqAttention:
+class FastSeqAttention(AttentionOverride):
     """Replaces a SelfAttention's forward: (B, S_rank, C) -> (B, S_rank, C).
 
     module: the SelfAttention (its qkv, proj and head count are used, not copied except this rank's qkv rows);
     comm: the sequence-parallel group; seq_sizes: tokens per group rank; chunks: all-gather pieces for overlap;
     attn: local attention on (B, S, H_r, Dh) (default SDPA).
     """
+
+    attribute = "fastseq"  # module.fastseq holds the installed kernel
 
     def __init__(
         self,
@@ -139,21 +142,6 @@ class FastSeqAttention:
         # 4. one all-to-all: scatter seq (dim 1) by seq sizes, gather heads (dim 2) by head sizes -> (B, S_r, H, Dh)
         out = comm.all_to_all(out, 1, 2, self.seq_sizes, self.head_sizes)
         return mod.proj(out.reshape(b, s_r, c))  # (B, S_r, C)
-
-    # ---------------------------------------------------------------------------------------------- install
-    @classmethod
-    def install(cls, module: SelfAttention, comm: Comm, seq_sizes: Sequence[int], **kwargs) -> FastSeqAttention:
-        """Make module(x) run FastSeq (instance-level forward override; parameters and keys unchanged)."""
-        fs = cls(module, comm, seq_sizes, **kwargs)
-        module.forward = fs  # nn.Module.__call__ looks up self.forward: the instance attribute wins
-        module.fastseq = fs
-        return fs
-
-    @staticmethod
-    def uninstall(module: SelfAttention) -> None:
-        """Restore the module's own (single-device) forward."""
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("fastseq", None)
 
 
 def fastseq_bytes(

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, SelfAttention, local_attention
 from opendit.parallel.comm import Comm
+from opendit.parallel.override import AttentionOverride
 from opendit.parallel.sequence import check_sizes, offsets, split_sizes
 from opendit.parallel.ulysses import head_sizes
 
@@ -63,13 +64,15 @@ def ulysses_overlap_calls(world: int, heads: int, chunks: int = 2, kv_first: boo
     return n * (3 if kv_first else 2)
 
 
-class UlyssesOverlapAttention:
+class UlyssesOverlapAttention(AttentionOverride):
     """Replaces a SelfAttention's forward: (B, S_rank, C) -> (B, S_rank, C), Ulysses with overlapped all-to-alls.
 
     module: the SelfAttention (its qkv, proj, heads); comm: the Ulysses group; seq_sizes: tokens per group rank
     (uneven allowed); chunks: head groups pipelined (capped at ⌊H/P⌋); kv_first: send K/V before projecting Q;
     attn: local attention on (B, S, Hg_r, Dh).
     """
+
+    attribute = "ulysses_overlap"  # module.ulysses_overlap holds the installed kernel
 
     def __init__(
         self,
@@ -141,18 +144,3 @@ class UlyssesOverlapAttention:
                 full[:, :, self.group_start[g] : self.group_start[g] + sum(self.groups[g])] = handle.wait()
             full = full.view(b, s_r, c)
         return mod.proj(full)  # (B, S_r, C)
-
-    # ---------------------------------------------------------------------------------------------- install
-    @classmethod
-    def install(cls, module: SelfAttention, comm: Comm, seq_sizes: Sequence[int], **kwargs) -> UlyssesOverlapAttention:
-        """Make module(x) run overlapped Ulysses (instance-level forward override; parameters and keys unchanged)."""
-        kernel = cls(module, comm, seq_sizes, **kwargs)
-        module.forward = kernel  # nn.Module.__call__ looks up self.forward: the instance attribute wins
-        module.ulysses_overlap = kernel
-        return kernel
-
-    @staticmethod
-    def uninstall(module: SelfAttention) -> None:
-        """Restore the module's own (single-device) forward."""
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("ulysses_overlap", None)
