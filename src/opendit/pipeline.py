@@ -177,7 +177,7 @@ def prepare(request: GenerationRequest) -> Job:
                 cfg=auto.cfg,
                 ulysses=auto.ulysses,
                 ring=auto.ring,
-                sp_impl=auto.sp_impl,
+                sp_impl=auto.sp_impl if plan.sp_impl == "auto" else plan.sp_impl,
                 shard_weights=plan.shard_weights or auto.shard_weights,
             )
         plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
