@@ -20,13 +20,13 @@ gives the largest rank. Nothing here materialises the (S, S) attention matrix: a
 whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone would be 16 heads x S^2 x 4 bytes =
 17 GB at 16384 tokens, so the measured peaks prove its absence.
 
-Results (benchmarks/results/memory.{json,png,md}; 2-core shared CPU, gloo, one thread per rank; grid run in three
---append passes, 1849 s of runs in all): at 16384 tokens with sharded weights, 4 ranks peak at 0.51x of 1 rank with
-4 blocks (fp32 1042 vs 2046 MiB; bf16 524 vs 1025), 0.38x projected to 28 blocks (`projected_peak`; the projection
-matched a measured 8-block run within 1 MiB). What does not shrink with P, per rank: the patch embedding and the
-pos_embed add run on the FULL sequence before `token_shard` (conv output + sum, (B, T, C) each: 288 MiB fp32 at
-16384 tokens, batch 2), FSDP's root unit keeps pos_embed (1, T, C) gathered (72 MiB), and about 1.2 gathered blocks
-(~110 MiB). The Ulysses activations themselves scale as 1/P (1588 MiB at 1 rank, ~400 at 4).
+Results (benchmarks/results/memory.{json,png,md}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
+sharded weights, 4 ranks peak at 0.44x of 1 rank with 4 blocks (fp32 901 vs 2048 MiB), 0.34x projected to 28 blocks
+(`projected_peak`; the projection matched a measured 8-block run within 1 MiB). Before the model sharded the raw
+patches ahead of the embedding (commit a0aee4a) it was 0.51x / 0.38x: every rank embedded the FULL sequence, two
+(B, T, C) tensors (288 MiB fp32 at 16384 tokens, batch 2). What still does not shrink with P: FSDP's root unit keeps
+pos_embed (1, T, C) gathered during the forward (72 MiB) and about 1.2 gathered blocks (~110 MiB). The Ulysses
+activations scale as 1/P (1588 MiB at 1 rank, ~400 at 4).
 """
 
 from __future__ import annotations
