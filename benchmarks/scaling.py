@@ -70,16 +70,10 @@ def model_config(tokens: int, depth: int):
 
 
 def random_model(config, seed: int = 0):
-    from opendit.models.dit import build_dit
+    from opendit.models.dit import build_dit, perturb_weights
 
     torch.manual_seed(seed)
-    model = build_dit(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.add_(torch.randn(param.shape, generator=gen) * 0.02)
-    return model
+    return perturb_weights(build_dit(config).eval(), std=0.02, seed=seed + 1)
 
 
 def rss_mib(field: str = "VmHWM") -> float:

@@ -30,25 +30,11 @@ CLASSES = ["0", "3", "7"]
 def ckpt(tmp_path_factory) -> Path:
     """A random checkpoint with non-zero adaLN/output layers, so that images depend on every rank's work."""
     from opendit.checkpoint import save_safetensors
-    from opendit.models.dit import DiTConfig, build_dit, preset
+    from opendit.models.dit import build_dit, perturb_weights, pixel_config
 
-    config = DiTConfig(
-        **{
-            **preset("DiT-T/2").to_dict(),
-            "input_size": (16, 16),
-            "in_channels": 1,
-            "num_classes": 10,
-            "learn_sigma": False,
-            "latent": False,
-            "prediction": "flow",
-        }
-    )
+    config = pixel_config("DiT-T/2", 16)
     torch.manual_seed(0)
-    model = build_dit(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.add_(torch.randn_like(param) * 0.1)
+    model = perturb_weights(build_dit(config), std=0.1)
     path = tmp_path_factory.mktemp("ckpt") / "random.safetensors"
     return save_safetensors(model, path, {"steps": 4, "scheduler": "flow-euler", "cfg_scale": 2.0})
 

@@ -59,16 +59,10 @@ def model_config(name: str):
 
 def random_model(config, seed: int = 0):
     """The official init plus N(0, 0.1) on every parameter but the fixed positions: non-zero adaLN and output."""
-    from opendit.models.dit import build_dit
+    from opendit.models.dit import build_dit, perturb_weights
 
     torch.manual_seed(seed)
-    model = build_dit(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name != "pos_embed":
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
-    return model
+    return perturb_weights(build_dit(config).eval(), std=0.1, seed=seed + 1)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

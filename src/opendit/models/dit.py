@@ -244,6 +244,17 @@ class DiT(nn.Module):
         return unpatchify(tokens, *cfg.grid, cfg.patch_size, cfg.out_channels)  # (B, out, H, W)
 
 
+@torch.no_grad()
+def perturb_weights(model: DiT, std: float, seed: int = 0) -> DiT:
+    """Add N(0, std) to every parameter but the fixed positions, for tests and benchmarks on random weights:
+    adaLN-Zero makes a freshly initialised DiT's output exactly zero, which would make every comparison trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name != "pos_embed":
+            param.add_((torch.randn(param.shape, generator=generator) * std).to(param))
+    return model
+
+
 def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
     """Build on `device` in `dtype`; on "meta" no memory is allocated and no init runs (weights come from a load)."""
     with torch.device(device):
