@@ -76,8 +76,7 @@ class FastSeqAttention(AttentionOverride):
         chunks: int = 2,
         attn: AttentionCore = local_attention,
     ):
-        if not isinstance(module, SelfAttention):
-            raise OpenDiTError(f"FastSeq replaces a SelfAttention (fused qkv + proj); got {type(module).__name__}")
+        self.check_module("FastSeq", module)
         if chunks < 1:
             raise OpenDiTError(f"chunks must be >= 1 (all-gather pieces for overlap), got {chunks}")
         self.module, self.comm, self.attn = module, comm, attn
@@ -104,11 +103,7 @@ class FastSeqAttention(AttentionOverride):
     # ---------------------------------------------------------------------------------------------- forward
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         comm, me, mod = self.comm, self.comm.rank, self.module
-        if x.dim() != 3 or x.shape[1] != self.seq_sizes[me]:
-            raise OpenDiTError(
-                f"FastSeq on rank {me}: expected x (B, {self.seq_sizes[me]}, C) for seq_sizes {self.seq_sizes}, "
-                f"got {tuple(x.shape)}; shard tokens with the same sizes the plan was built with"
-            )
+        self.check_input("FastSeq", x, self.seq_sizes, me)
         w_r, b_r = self._weights()  # (3*H_r*Dh, C), (3*H_r*Dh,)
         b, s_r, c = x.shape
         h_r, dh = self.head_sizes[me], mod.head_dim

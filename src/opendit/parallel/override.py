@@ -9,11 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
+from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
 
 
 class AttentionOverride:
     attribute = "attention_override"  # where the installed kernel is kept on the module (subclasses rename it)
+
+    @staticmethod
+    def check_module(kernel: str, module) -> None:
+        if not isinstance(module, SelfAttention):
+            raise OpenDiTError(
+                f"{kernel} replaces a SelfAttention (fused qkv + proj); got {type(module).__name__}; for other modules "
+                "install a sequence-parallel attention core (UlyssesAttention, RingAttention) instead"
+            )
+
+    @staticmethod
+    def check_input(kernel: str, x: torch.Tensor, seq_sizes: Sequence[int], rank: int) -> None:
+        """x must be this rank's token shard (B, seq_sizes[rank], C)."""
+        if x.dim() != 3 or x.shape[1] != seq_sizes[rank]:
+            raise OpenDiTError(
+                f"{kernel} on rank {rank}: expected x (B, {seq_sizes[rank]}, C) for seq_sizes {list(seq_sizes)}, got "
+                f"{tuple(x.shape)}; shard tokens with the same sizes the kernel was built with"
+            )
 
     @classmethod
     def install(cls, module: SelfAttention, comm, seq_sizes: Sequence[int], **kwargs):

@@ -22,9 +22,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from opendit.errors import OpenDiTError
 from opendit.parallel.comm import Comm
-from opendit.parallel.sequence import check_sizes
+from opendit.parallel.sequence import check_qkv, check_sizes
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -89,15 +88,7 @@ class RingAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p, me = self.comm.size, self.comm.rank
-        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-            raise OpenDiTError(
-                f"RingAttention expects q, k, v of one shape (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}"
-            )
-        if q.shape[1] != self.seq_sizes[me]:
-            raise OpenDiTError(
-                f"RingAttention on rank {me}: got {q.shape[1]} tokens but seq_sizes[{me}] = {self.seq_sizes[me]} "
-                f"(seq_sizes {self.seq_sizes}); shard tokens with the same sizes the kernel was built with"
-            )
+        check_qkv("RingAttention", q, k, v, self.seq_sizes, me)
         b, _, h, d = q.shape
         qt = q.transpose(1, 2)  # (B, H, S_r, D) view
         kv = torch.stack((k, v))  # (2, B, S_r, H, D): one message per step

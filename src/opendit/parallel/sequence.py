@@ -109,3 +109,14 @@ class TokenGather(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.comm.rank}, sizes={self.sizes}, dim={self.dim}"
+
+
+def check_qkv(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_sizes: Sequence[int], rank: int):
+    """Input contract of a sequence-parallel AttentionCore: q, k, v (B, S_rank, H, D), S_rank = seq_sizes[rank]."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise OpenDiTError(f"{kernel} expects q, k, v of one shape (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[1] != seq_sizes[rank]:
+        raise OpenDiTError(
+            f"{kernel} on rank {rank}: got {q.shape[1]} tokens but seq_sizes[{rank}] = {seq_sizes[rank]} "
+            f"(seq_sizes {list(seq_sizes)}); shard tokens with the same sizes the kernel was built with"
+        )

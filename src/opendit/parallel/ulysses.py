@@ -18,7 +18,7 @@ import torch
 from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, local_attention
 from opendit.parallel.comm import Comm
-from opendit.parallel.sequence import check_sizes, split_sizes
+from opendit.parallel.sequence import check_qkv, check_sizes, split_sizes
 
 
 def head_sizes(heads: int, parts: int) -> list[int]:
@@ -53,15 +53,7 @@ class UlyssesAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         comm, me = self.comm, self.comm.rank
-        if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-            raise OpenDiTError(
-                f"UlyssesAttention expects q, k, v of one shape (B, S, H, D); got {q.shape}, {k.shape}, {v.shape}"
-            )
-        if q.shape[1] != self.seq_sizes[me]:
-            raise OpenDiTError(
-                f"UlyssesAttention on rank {me}: got {q.shape[1]} tokens but seq_sizes[{me}] = {self.seq_sizes[me]} "
-                f"(seq_sizes {self.seq_sizes}); shard tokens with the same sizes the kernel was built with"
-            )
+        check_qkv("UlyssesAttention", q, k, v, self.seq_sizes, me)
         heads = head_sizes(q.shape[2], comm.size)
         # seq -> heads: scatter the head dim (2) by head sizes, gather the seq dim (1) by seq sizes.
         # (B, S_r, H, D) -> (B, S, H_r, D) for each of q, k, v.

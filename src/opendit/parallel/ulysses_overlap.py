@@ -83,11 +83,7 @@ class UlyssesOverlapAttention(AttentionOverride):
         kv_first: bool = True,
         attn: AttentionCore = local_attention,
     ):
-        if not isinstance(module, SelfAttention):
-            raise OpenDiTError(
-                f"UlyssesOverlapAttention replaces a SelfAttention (fused qkv + proj); got {type(module).__name__}; "
-                "for other modules install UlyssesAttention as the attention core instead"
-            )
+        self.check_module("UlyssesOverlapAttention", module)
         self.module, self.comm, self.attn, self.kv_first = module, comm, attn, kv_first
         self.seq_sizes = check_sizes(seq_sizes, comm.size)
         self.groups = overlap_head_groups(module.num_heads, comm.size, chunks)  # (n, P)
@@ -103,11 +99,7 @@ class UlyssesOverlapAttention(AttentionOverride):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         comm, me, mod = self.comm, self.comm.rank, self.module
-        if x.dim() != 3 or x.shape[1] != self.seq_sizes[me]:
-            raise OpenDiTError(
-                f"UlyssesOverlapAttention on rank {me}: expected x (B, {self.seq_sizes[me]}, C) for seq_sizes "
-                f"{self.seq_sizes}, got {tuple(x.shape)}; shard tokens with the same sizes the kernel was built with"
-            )
+        self.check_input("UlyssesOverlapAttention", x, self.seq_sizes, me)
         b, s_r, c = x.shape
         dh = mod.head_dim
         messages = ((1, 2), (0,)) if self.kv_first else ((0, 1, 2),)
