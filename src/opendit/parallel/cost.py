@@ -10,7 +10,7 @@ step time = max over the ranks of one group of (compute + exposed communication 
   it (ring P2P under the block attention, the weight all-gather under the previous block). Ulysses' and FastSeq's
   all-to-alls sit on the critical path (overlap 0 unless the runtime pipelines them and the speed file says so).
 
-Memory per rank = weights (/ sp degree + 2 blocks in flight when sharded) + the block's live activations (tokens / sp)
+Memory per rank = weights (/ sp degree + one block in flight when sharded) + the block's live activations (tokens / sp)
 + the kernel's send/receive buffers + attention workspace + a reserved amount (CUDA context, allocator slack).
 All formulas follow the kernels in ulysses.py, ring.py, hybrid.py and FastSeq as described in ANCHORS.md.
 """
@@ -353,8 +353,8 @@ def predict_memory(
     h_u = max(head_split(h, plan.ulysses))
     params = count_params(model, tokens)
     weights = params["total"] * s
-    if plan.shard_weights and sp > 1:  # own shard + the gathered block in use + the one being prefetched
-        weights = params["total"] * s / sp + 2 * params["block"] * s
+    if plan.shard_weights and sp > 1:  # own shard + at most one block's worth gathered (tests/test_shard.py: 0.9-1.0)
+        weights = params["total"] * s / sp + params["block"] * s
     unit = b * t_r * c * s  # one (b, T_r, C) tensor
     full_heads = b * tokens * c * h_u / h * s  # one (b, T, H_u, D) tensor
     group_heads = full_heads / plan.ring  # one (b, T_group, H_u, D) tensor (USP)
@@ -368,7 +368,11 @@ def predict_memory(
         "usp": 3 * unit + (3 + 4 + 4 / s + 2) * group_heads,  # a2a send/recv, K/V stack + in flight, fp32 out
     }[impl]
     mlp_phase = (3 + 2 * model.mlp_ratio) * unit  # x, normed, fc1 out, gelu out, fc2 out
-    activations = max(attn_phase, mlp_phase, 2 * b * tokens * c * s)  # full tokens exist before the shard
+    # Before the blocks: raw patches (b, T, C_in p^2) are sharded before the embedding, so no (b, T, C) tensor exists;
+    # with sharded weights the root all-gathers pos_embed (1, T, C) for the embedding and frees it before block 0.
+    patch_values = model.in_channels * model.patch_size**2
+    embedding = b * tokens * patch_values * s + (tokens * c * s if plan.shard_weights and sp > 1 else 0)
+    activations = max(attn_phase, mlp_phase, embedding)
     q_tok = t_r if impl == "ring" else tokens
     k_tok = t_r if impl in ("ring", "usp") else tokens
     workspace = b * h_u * q_tok * 4 * 2  # fp32 log-sum-exp and row statistics

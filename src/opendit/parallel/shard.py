@@ -11,18 +11,17 @@ Units (each one `fully_shard` call = one all-gather when it runs), in forward or
     -> final_layer
 
 Why a block is four units and not one (18C^2 parameters): FSDP2 all-gathers a unit into a flat buffer and then copies
-it out into the parameters, so a unit being gathered briefly costs 2x its size (3x on gloo, whose
-all_gather_into_tensor stages through one more buffer); small units keep those transients small. Measured on gloo
-(tests/test_shard.py, hidden 768, per-rank peak resident set during a forward): without prefetch 1/P of the model +
-1.0 block; with prefetch (the default; the next unit's all-gather is issued when the current unit starts, so it
-overlaps compute) 1/P + 1.2 to 1.3 blocks, because the current unit's copy-out and the next unit's staging buffers
-overlap; with one unit per block it was 1/P + 1.6 blocks. On NCCL the all-gather needs one staging buffer less (not
-measured: no GPU here). `attn` stays whole because FastSeq reads qkv's weight directly instead of calling the qkv
-module (the hook that gathers it would not fire). FastSeq caches its per-head qkv slice (3C^2/P per block) across
-forwards, which stays resident on top of the 1/P shards. The root unit (pos_embed (1, T, C) and the patch embedder)
-stays gathered for the whole forward - FSDP2 gathers a module's own parameters around its whole forward - and is
-resharded after it (`set_reshard_after_forward(True)`; FSDP2's default keeps a root gathered, which only makes sense
-for training).
+it out into the parameters, so a unit being gathered briefly costs 2x its size; small units keep those transients
+small. On gloo the all-gather is `InPlaceAllGather` (one in-place broadcast per source rank): gloo's own
+all_gather_into_tensor stages the whole output in one more buffer (3x per unit), which cost 0.2-0.3 blocks of peak.
+Measured on gloo (tests/test_shard.py, hidden 768, per-rank peak resident set during a forward):
+1/P of the model + 0.90 blocks with prefetch (the default: the next unit's all-gather is issued when the current unit
+starts, so it overlaps compute), 1/P + 0.99 blocks without (FSDP2 then keeps the previous unit's gather buffer until
+the next copy-out). `attn` stays whole because FastSeq reads qkv's weight directly instead of calling the qkv module
+(the hook that gathers it would not fire). FastSeq caches its per-head qkv slice (3C^2/P per block) across forwards,
+which stays resident on top of the 1/P shards. The root unit (pos_embed (1, T, C) and the patch embedder) is gathered
+for the embedding only: a pre-hook on the first child unit reshards it (FSDP2 would keep it until the root's forward
+ends, and by default even after it).
 
 Dtypes: parameters are sharded and gathered in their storage dtype (the compute dtype after loading), never through
 `comm_dtype`, so that sharding is exact. No MixedPrecisionPolicy is used.
@@ -44,6 +43,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -123,10 +123,61 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the rest: pos_embed, x_embedder
     model.set_reshard_after_forward(True, recurse=False)  # FSDP2 keeps a root gathered after forward by default
+    chain = [model, *units]
+    if dist.get_backend(mesh.get_group()) == "gloo":
+        gather = InPlaceAllGather()
+        for unit in chain:
+            unit.set_custom_all_gather(gather)
     if prefetch:
-        chain = [model, *units]
         for current, following in zip(chain, chain[1:]):
             current.set_modules_to_forward_prefetch([following])
+    if units:
+        # The root's own parameters (pos_embed (1, T, C) and the patch embedder) serve only the embedding, which runs
+        # before the first child unit; FSDP2 would keep them gathered until the root's forward ends (72 MiB at
+        # 16384 tokens, XL width, fp32). Free them when the first unit starts.
+        units[0].register_forward_pre_hook(lambda _module, _args: model.reshard())
+
+
+class InPlaceAllGather:
+    """FSDP2 all-gather for gloo without gloo's staging copy: one broadcast per source rank, straight into that rank's
+    slice of the flat output (1-D, P x n elements). gloo's all_gather_into_tensor stages the whole output in a second
+    buffer (measured: +P x n elements resident while it runs), which made every gathered unit cost 3x its size;
+    broadcast reads and writes the tensor's own memory. Same bytes on the wire per rank ((P-1) x n received), P
+    collectives instead of one. NCCL keeps FSDP2's default (its all-gather writes in place)."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op: bool = False):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = input_tensor.numel()
+        if output_tensor.numel() != world * n:
+            raise OpenDiTError(f"all-gather output has {output_tensor.numel()} elements, expected {world} x {n}")
+        slices = [output_tensor.narrow(0, source * n, n) for source in range(world)]  # P x (n,), views
+        if slices[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies its input in place; if not, do it here
+            slices[rank].copy_(input_tensor.reshape(-1))
+        works = [
+            dist.broadcast(part, src=dist.get_global_rank(group, source), group=group, async_op=True)
+            for source, part in enumerate(slices)
+        ]
+        work = _AllWorks(works)
+        if not async_op:
+            work.wait()
+            return None
+        return work
+
+
+class _AllWorks(dist.Work):
+    """One Work over several in-flight collectives (FSDP2 waits on a single Work)."""
+
+    def __init__(self, works):
+        super().__init__()
+        self._works = works
+
+    def wait(self, timeout=None) -> bool:
+        for work in self._works:
+            work.wait()
+        return True
 
 
 def is_sharded(model: nn.Module) -> bool:
