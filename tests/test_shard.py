@@ -76,9 +76,11 @@ def _exact_worker(rank, world):
             "types": {type(p).__name__ for p in model.parameters()},
             "class": type(model).__name__,
         }
-    from opendit.parallel.shard import InPlaceAllGather
+    from opendit.parallel.comm import CommStats
+    from opendit.parallel.shard import WeightAllGather
 
-    gather = InPlaceAllGather()  # direct use: an input that is not a view of the output is copied in first
+    stats = CommStats()
+    gather = WeightAllGather(True, stats)  # direct use: an input that is not a view of the output is copied in first
     gathered = []
     for async_op in (False, True):
         flat = gather.allocate((world * 5,), dtype=torch.float32, device=torch.device("cpu"))
@@ -87,6 +89,7 @@ def _exact_worker(rank, world):
             work.wait()
         gathered.append(flat.tolist())
     out["gathered"] = gathered
+    out["gather_stats"] = stats.snapshot()
     errors = []
     try:
         apply_weight_sharding(build_dit(config, device="meta"), dist.group.WORLD)
@@ -107,6 +110,8 @@ def test_sharded_output_equals_unsharded(world):
     for out, errors in run_distributed(_exact_worker, world, timeout=300):
         expected = [float(i + 10 * r) for r in range(world) for i in range(5)]
         assert out.pop("gathered") == [expected, expected]
+        counted = out.pop("gather_stats")["weight_gather"]  # what this rank sends: (P-1) x 5 floats, twice
+        assert counted["calls"] == 2 and counted["bytes"] == 2 * (world - 1) * 5 * 4 and counted["wait_s"] >= 0
         for (mode, _prefetch), r in out.items():
             assert max(r["err"]) <= 1e-5, (mode, r["err"])  # Ulysses/ring only reorder attention sums (~1e-7)
             if mode == "alone":

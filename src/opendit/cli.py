@@ -36,6 +36,11 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     par.add_argument("--comm-dtype", choices=("bf16", "fp16"), help="send activations in this dtype")
     par.add_argument("--shard-weights", action="store_true", help="shard weights over the sequence-parallel group")
     par.add_argument(
+        "--balance-tokens",
+        action="store_true",
+        help="re-split the sequence by each rank's measured speed after the first steps (uneven devices; exact)",
+    )
+    par.add_argument(
         "--parallel",
         choices=("default", "auto"),
         default="default",
@@ -57,6 +62,7 @@ def parallel_config(args: argparse.Namespace):
         and args.sp_impl == "auto"
         and not args.comm_dtype
         and not args.shard_weights
+        and not args.balance_tokens
     ):
         return None
     return ParallelConfig(
@@ -65,6 +71,7 @@ def parallel_config(args: argparse.Namespace):
         sp_impl=args.sp_impl,
         shard_weights=args.shard_weights,
         comm_dtype=args.comm_dtype,
+        balance_tokens=args.balance_tokens,
     )
 
 

@@ -180,6 +180,9 @@ def prepare(request: GenerationRequest) -> Job:
                 sp_impl=auto.sp_impl if plan.sp_impl == "auto" else plan.sp_impl,
                 shard_weights=plan.shard_weights or auto.shard_weights,
             )
+        if plan.balance_tokens and plan.sp_degree == 1:  # asked for, but the chosen plan has no sequence to split
+            plan = replace(plan, balance_tokens=False)
+            plan_notes.append("--balance-tokens not used: the chosen plan has no sequence parallelism")
         plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
     plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
     if plan.shard_weights and plan.sp_degree == 1:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from opendit.errors import OpenDiTError
+from opendit.parallel.sequence import split_sizes
 
 
 def speed_shares(speeds: Sequence[float]) -> tuple[float, ...]:
@@ -63,6 +64,69 @@ def refine_shares(
 def busy_times(step_s: Sequence[float], wait_s: Sequence[float]) -> list[float]:
     """Per-rank compute time: each rank's step time minus its time blocked waiting in collectives."""
     return [max(1e-9, s - w) for s, w in zip(step_s, wait_s)]
+
+
+class TokenBalancer:
+    """Automatic token re-splitting during a run (`--balance-tokens`): measure, then re-split, up to `rounds` times.
+
+    The runtime calls `observe(busy_s)` once per model call with this rank's busy time (call time minus time blocked
+    in collectives). After `warmup` calls (lazy initialisation, caches) it averages the next `window`; then
+    `exchange(busy)` (a collective over the sequence-parallel ranks, every rank in lockstep) returns every rank's
+    average, and all ranks compute the same new sizes from the same numbers (refine_shares, damping 1). The sizes are
+    adopted only if the predicted step time (largest busy time, each rank's cost taken as proportional to its tokens)
+    falls by at least `min_gain`; otherwise balancing stops. Output stays exact: only the split changes.
+    """
+
+    def __init__(
+        self,
+        num_tokens: int,
+        sizes: Sequence[int],
+        exchange,
+        warmup: int = 1,
+        window: int = 2,
+        rounds: int = 2,
+        min_gain: float = 0.05,
+    ):
+        if warmup < 0 or window < 1 or rounds < 1 or not 0 <= min_gain < 1:
+            raise OpenDiTError(
+                f"balancer needs warmup >= 0, window >= 1, rounds >= 1 and 0 <= min_gain < 1; got {warmup}, {window}, "
+                f"{rounds}, {min_gain}"
+            )
+        self.num_tokens, self.sizes, self.exchange = num_tokens, list(sizes), exchange
+        self.warmup, self.window, self.rounds, self.min_gain = warmup, window, rounds, min_gain
+        self.history: list[dict] = []  # one entry per decision: sizes before/after, busy times, predicted gain
+        self._seen: list[float] = []
+        self._calls = 0
+        self.done = False
+
+    def observe(self, busy_s: float) -> list[int] | None:
+        """Record one call's busy time; returns new token sizes when this call ends a measurement window and
+        re-splitting pays, else None. Collective (exchange) at the end of every window."""
+        if self.done:
+            return None
+        self._calls += 1
+        if self._calls <= self.warmup:
+            return None
+        self._seen.append(float(busy_s))
+        if len(self._seen) < self.window:
+            return None
+        mine = sum(self._seen) / len(self._seen)
+        self._seen, self._calls = [], 0
+        busy = [max(1e-9, float(b)) for b in self.exchange(mine)]
+        shares = refine_shares(self.sizes, self.sizes, busy, damping=1.0)
+        new = split_sizes(self.num_tokens, len(self.sizes), shares)
+        predicted = max(n * b / s for n, b, s in zip(new, busy, self.sizes))
+        gain = 1 - predicted / max(busy)
+        adopt = gain >= self.min_gain and new != self.sizes
+        self.history.append(
+            {"sizes": self.sizes, "busy_s": busy, "new_sizes": new, "predicted_gain": gain, "adopted": adopt}
+        )
+        if not adopt or len(self.history) >= self.rounds:
+            self.done = True
+        if not adopt:
+            return None
+        self.sizes = new
+        return new
 
 
 # ------------------------------------------------------------------------------------------------ requests over dp

@@ -24,6 +24,7 @@ class ParallelConfig:
     shard_weights: bool = False  # shard parameters over the sequence-parallel group, gather per block
     comm_dtype: str | None = None  # send activations in bf16/fp16 while computing in the model dtype
     token_shares: tuple[float, ...] | None = None  # relative speed per sequence rank (load balancing); None: even
+    balance_tokens: bool = False  # re-split tokens from the measured per-rank busy time of the first steps
 
     @property
     def world_size(self) -> int:
@@ -53,6 +54,8 @@ class ParallelConfig:
             text += ", sharded weights"
         if self.comm_dtype:
             text += f", comm in {self.comm_dtype}"
+        if self.balance_tokens:
+            text += ", tokens balanced by measured speed"
         return text
 
     def to_dict(self) -> dict:
@@ -89,6 +92,8 @@ class ParallelConfig:
             raise OpenDiTError(f"sp-impl {impl} contradicts ulysses={self.ulysses}, ring={self.ring}; use usp")
         if impl == "usp" and (self.ulysses == 1 or self.ring == 1):
             raise OpenDiTError("sp-impl usp needs both --ulysses > 1 and --ring > 1")
+        if self.balance_tokens and self.sp_degree == 1:
+            raise OpenDiTError("--balance-tokens re-splits the sequence; add --ulysses or --ring (or drop it)")
         if self.token_shares is not None and len(self.token_shares) != self.sp_degree:
             raise OpenDiTError(f"token shares need one entry per sequence rank ({self.sp_degree})")
         notes = []

@@ -8,12 +8,15 @@ What it installs (the model file is never edited; see models/dit.py for the thre
   while Q is projected; `ULYSSES_OVERLAP = False` falls back to the UlyssesAttention core).
 What the returned `ParallelModel` adds around the model (the sampler's `model_fn(x, t, y)` on the full CFG batch):
 - cfg = 2: cfg rank c runs half c of [cond; uncond] and the halves are all-gathered before the guidance combine;
+- balance_tokens: `ParallelModel` times each call (minus collective waits) and, after the first steps, re-splits
+  the tokens by measured per-rank speed (balance.TokenBalancer; `set_token_sizes` re-installs the kernels; exact);
 - dp > 1: `ParallelModel.sample` gives dp group i its contiguous block of images (uneven allowed) with
   `first_index`, so its noise is the noise those images get on one device, and gathers the samples at the end.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +24,10 @@ import torch
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiT
+from opendit.parallel.balance import TokenBalancer
 from opendit.parallel.config import head_split
 from opendit.parallel.runtime import Runtime
-from opendit.parallel.sequence import TokenGather, TokenShard, offsets, split_sizes
+from opendit.parallel.sequence import TokenGather, TokenShard, check_sizes, offsets, split_sizes
 
 
 @dataclass
@@ -35,18 +39,43 @@ class ParallelModel:
     runtime: Runtime
     token_sizes: list[int] | None  # tokens per sequence rank (None without sequence parallelism)
     notes: list[str] = field(default_factory=list)
+    balancer: TokenBalancer | None = None  # --balance-tokens: re-splits token_sizes from measured busy times
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg_comm = self.runtime.comms["cfg"]
         if cfg_comm is None:
-            return self.model(x, t, y)
+            return self._model_call(x, t, y)
         b = x.shape[0]
         if b % 2:
             raise OpenDiTError(f"cfg parallel needs the guided batch [cond; uncond] (even size), got batch {b}")
         half, c = b // 2, self.runtime.coords["cfg"]
         part = slice(c * half, (c + 1) * half)  # cfg rank 0: conditional half, rank 1: unconditional half
-        out = self.model(x[part], t[part], y[part])  # (B, C_out, H, W)
+        out = self._model_call(x[part], t[part], y[part])  # (B, C_out, H, W)
         return cfg_comm.all_gather(out.contiguous(), 0, [half, half])  # (2B, C_out, H, W) = [cond; uncond]
+
+    def _model_call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.balancer is None or self.balancer.done:
+            return self.model(x, t, y)
+        stats = self.runtime.stats
+        waited = sum(stats.wait_s.values())
+        start = time.perf_counter()
+        out = self.model(x, t, y)
+        busy = time.perf_counter() - start - (sum(stats.wait_s.values()) - waited)  # compute, not waiting for peers
+        new_sizes = self.balancer.observe(busy)
+        if new_sizes is not None:
+            old = self.token_sizes
+            self.set_token_sizes(new_sizes)
+            gain = self.balancer.history[-1]["predicted_gain"]
+            self.notes.append(f"tokens re-split by measured speed: {old} -> {new_sizes} (predicted {gain:.0%} faster)")
+        return out
+
+    def set_token_sizes(self, sizes: list[int]) -> None:
+        """Re-split the sequence (exact: only which rank holds which tokens changes). Collective-free, but every rank
+        of the sequence group must switch before the next call, to the same sizes."""
+        if self.token_sizes is None:
+            raise OpenDiTError("token sizes exist only under sequence parallelism (--ulysses / --ring)")
+        install_sequence(self.model, self.runtime, check_sizes(sizes, self.runtime.plan.sp_degree))
+        self.token_sizes = list(sizes)
 
     def image_split(self, num_images: int) -> tuple[list[int], int]:
         """(images per dp group, first image index of this rank's group)."""
@@ -87,6 +116,23 @@ def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
     sizes = token_split(cfg.num_tokens, runtime)
     if len(set(sizes)) > 1:
         notes.append(f"{cfg.num_tokens} tokens over {plan.sp_degree} sequence ranks: {sizes} (uneven, exact)")
+    install_sequence(model, runtime, sizes)
+    if plan.shard_weights:
+        shard_weights(model, runtime)
+    balancer = None
+    if plan.balance_tokens:
+        exact_sp = runtime.exact("sp")
+
+        def exchange(busy_s: float) -> list[float]:  # (1,) per rank -> (P,) busy times, in sp order
+            return exact_sp.all_gather(torch.tensor([busy_s], dtype=torch.float64), 0, [1] * exact_sp.size).tolist()
+
+        balancer = TokenBalancer(cfg.num_tokens, sizes, exchange)
+    return ParallelModel(model, runtime, sizes, notes, balancer)
+
+
+def install_sequence(model: DiT, runtime: Runtime, sizes: list[int]) -> None:
+    """Install (or re-install with new sizes) the sequence-parallel kernels and the token shard / gather."""
+    plan = runtime.plan
     sp_comm = runtime.comms["sp"]
     impl = plan.impl
     if impl == "fastseq":
@@ -106,9 +152,6 @@ def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
     model.token_shard = TokenShard(sp_comm, sizes)  # (B, T, C) -> (B, T_rank, C)
     # the gathered tokens are the model's output: full precision whatever comm_dtype says
     model.token_gather = TokenGather(runtime.exact("sp"), sizes)  # (B, T_rank, p*p*out) -> (B, T, p*p*out)
-    if plan.shard_weights:
-        shard_weights(model, runtime)
-    return ParallelModel(model, runtime, sizes, notes)
 
 
 def make_core(impl: str, runtime: Runtime, sizes: list[int]):
@@ -150,7 +193,8 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "impl": plan.impl,
         "world_size": runtime.world_size,
         "mesh_order": "dp, cfg, ring, ulysses (outer -> inner)",
-        "token_split": pmodel.token_sizes,
+        "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
+        "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_split(cfg.num_heads, plan.ulysses) if plan.ulysses > 1 else None,
         "images_per_dp_group": sizes,
         "notes": pmodel.notes,

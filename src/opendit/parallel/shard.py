@@ -12,7 +12,7 @@ Units (each one `fully_shard` call = one all-gather when it runs), in forward or
 
 Why a block is four units and not one (18C^2 parameters): FSDP2 all-gathers a unit into a flat buffer and then copies
 it out into the parameters, so a unit being gathered briefly costs 2x its size; small units keep those transients
-small. On gloo the all-gather is `InPlaceAllGather` (one in-place broadcast per source rank): gloo's own
+small. On gloo the all-gather is `WeightAllGather` (one in-place broadcast per source rank): gloo's own
 all_gather_into_tensor stages the whole output in one more buffer (3x per unit), which cost 0.2-0.3 blocks of peak.
 Measured on gloo (tests/test_shard.py, hidden 768, per-rank peak resident set during a forward):
 1/P of the model + 0.90 blocks with prefetch (the default: the next unit's all-gather is issued when the current unit
@@ -41,6 +41,7 @@ of qkv) must be built before sharding is applied, or read the weights inside for
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -95,7 +96,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: bool = True) -> None:
-    """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks).
+    """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks;
+    an opendit Comm also gets the weight all-gathers counted in its CommStats).
 
     Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
@@ -124,10 +126,9 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
     fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the rest: pos_embed, x_embedder
     model.set_reshard_after_forward(True, recurse=False)  # FSDP2 keeps a root gathered after forward by default
     chain = [model, *units]
-    if dist.get_backend(mesh.get_group()) == "gloo":
-        gather = InPlaceAllGather()
-        for unit in chain:
-            unit.set_custom_all_gather(gather)
+    gather = WeightAllGather(dist.get_backend(mesh.get_group()) == "gloo", getattr(group_or_mesh, "stats", None))
+    for unit in chain:
+        unit.set_custom_all_gather(gather)
     if prefetch:
         for current, following in zip(chain, chain[1:]):
             current.set_modules_to_forward_prefetch([following])
@@ -138,12 +139,20 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
         units[0].register_forward_pre_hook(lambda _module, _args: model.reshard())
 
 
-class InPlaceAllGather:
-    """FSDP2 all-gather for gloo without gloo's staging copy: one broadcast per source rank, straight into that rank's
-    slice of the flat output (1-D, P x n elements). gloo's all_gather_into_tensor stages the whole output in a second
-    buffer (measured: +P x n elements resident while it runs), which made every gathered unit cost 3x its size;
-    broadcast reads and writes the tensor's own memory. Same bytes on the wire per rank ((P-1) x n received), P
-    collectives instead of one. NCCL keeps FSDP2's default (its all-gather writes in place)."""
+class WeightAllGather:
+    """FSDP2's all-gather of a unit's flat shards (1-D output of P x n elements), counted in the runtime's CommStats
+    (kind "weight_gather": bytes this rank sends, (P-1) x n x itemsize, and time blocked waiting for it, which is what
+    --balance-tokens subtracts from busy time).
+
+    On gloo (`in_place=True`) it is one broadcast per source rank, straight into that rank's slice of the output:
+    gloo's all_gather_into_tensor stages the whole output in a second buffer (measured: +P x n elements resident while
+    it runs), which made every gathered unit cost 3x its size; broadcast reads and writes the tensor's own memory.
+    Same bytes on the wire, P collectives instead of one. Elsewhere (NCCL writes in place) all_gather_into_tensor."""
+
+    kind = "weight_gather"
+
+    def __init__(self, in_place: bool, stats=None):
+        self.in_place, self.stats = in_place, stats
 
     def allocate(self, size, *, dtype, device):
         return torch.empty(*size, dtype=dtype, device=device)
@@ -153,14 +162,19 @@ class InPlaceAllGather:
         n = input_tensor.numel()
         if output_tensor.numel() != world * n:
             raise OpenDiTError(f"all-gather output has {output_tensor.numel()} elements, expected {world} x {n}")
-        slices = [output_tensor.narrow(0, source * n, n) for source in range(world)]  # P x (n,), views
-        if slices[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies its input in place; if not, do it here
-            slices[rank].copy_(input_tensor.reshape(-1))
-        works = [
-            dist.broadcast(part, src=dist.get_global_rank(group, source), group=group, async_op=True)
-            for source, part in enumerate(slices)
-        ]
-        work = _AllWorks(works)
+        if self.stats is not None:
+            self.stats.record(self.kind, (world - 1) * n * input_tensor.element_size())
+        if self.in_place:
+            slices = [output_tensor.narrow(0, source * n, n) for source in range(world)]  # P x (n,), views
+            if slices[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies its input in place; else do it
+                slices[rank].copy_(input_tensor.reshape(-1))
+            works = [
+                dist.broadcast(part, src=dist.get_global_rank(group, source), group=group, async_op=True)
+                for source, part in enumerate(slices)
+            ]
+        else:
+            works = [dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=True)]
+        work = _AllWorks(works, self.stats, self.kind)
         if not async_op:
             work.wait()
             return None
@@ -168,15 +182,18 @@ class InPlaceAllGather:
 
 
 class _AllWorks(dist.Work):
-    """One Work over several in-flight collectives (FSDP2 waits on a single Work)."""
+    """One Work over several in-flight collectives (FSDP2 waits on a single Work); the wait is timed into stats."""
 
-    def __init__(self, works):
+    def __init__(self, works, stats, kind: str):
         super().__init__()
-        self._works = works
+        self._works, self._stats, self._kind = works, stats, kind
 
     def wait(self, timeout=None) -> bool:
+        start = time.perf_counter()
         for work in self._works:
             work.wait()
+        if self._stats is not None:
+            self._stats.record_wait(self._kind, time.perf_counter() - start)
         return True
 
 
