@@ -84,6 +84,7 @@ BAD_PARALLEL = [
     (["--nproc", "2", "--sp-impl", "usp"], "sp-impl usp needs both --ulysses > 1 and --ring > 1"),
     (["--ring", "2", "--ulysses", "2", "--sp-impl", "fastseq"], "fastseq does not combine with ring"),
     (["--nproc", "2", "--cfg-parallel", "--shard-weights"], "--shard-weights shards over the sequence-parallel"),
+    (["--nproc", "2", "--cfg-parallel", "--balance-tokens"], "--balance-tokens re-splits the sequence; add --ulysses"),
     (["--ring", "65"], "sequence-parallel degree 65 exceeds the 64 tokens"),
 ]
 

@@ -253,6 +253,7 @@ CLI_PLANS = {
     "cfg2": ["--nproc", "2", "--cfg-parallel"],
     "usp2x2": ["--nproc", "4", "--ulysses", "2", "--ring", "2"],
     "fastseq2-sharded": ["--nproc", "2", "--ulysses", "2", "--sp-impl", "fastseq", "--shard-weights"],
+    "ulysses2-balanced": ["--nproc", "2", "--ulysses", "2", "--balance-tokens"],
 }
 
 
@@ -271,6 +272,14 @@ def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, fl
     if "--shard-weights" in flags:  # each of the 2 ranks keeps about half of the parameters
         resident = [r["parameter_bytes"] for r in record["ranks"]]
         assert max(resident) < 0.6 * sum(resident)
+        for rank in record["ranks"]:  # each step all-gathers every unit once: this rank sends its half of the model
+            for step in rank["comm_per_step"]:
+                assert abs(step["weight_gather"]["bytes"] - sum(resident) / 2) <= 0.01 * sum(resident)
+    if "--balance-tokens" in flags:  # equal ranks: measured, and re-split only if one was >= 5% slower
+        balance, split = record["parallel"]["token_balance"], record["parallel"]["token_split"]
+        assert balance and len(balance[0]["busy_s"]) == 2 and min(balance[0]["busy_s"]) > 0
+        assert split == (balance[-1]["new_sizes"] if balance[-1]["adopted"] else balance[-1]["sizes"])
+        assert sum(split) == cfg["input_size"][0] * cfg["input_size"][1] // cfg["patch_size"] ** 2
     if flags[2:] in (["--ulysses", "2"], ["--ring", "2"]):  # recorded bytes per step == analytic volume, per rank
         heads, dh = cfg["num_heads"], cfg["hidden_size"] // cfg["num_heads"]
         tokens = cfg["input_size"][0] * cfg["input_size"][1] // cfg["patch_size"] ** 2
