@@ -128,7 +128,8 @@ def run_case(case: dict) -> dict:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, depth: int = 4) -> None:
+    """Lines: per-rank peak vs tokens at `depth` blocks; stars: any rows measured at the real 28 blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,16 +140,21 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, dtype in zip(axes[0], dtypes):
         series: dict[tuple, list] = {}
         for r in results:
-            if r["dtype"] == dtype:
-                series.setdefault((r["world"], r["shard"]), []).append((r["tokens"], r["peak_bytes"] / 2**30))
-        for (world, shard), points in sorted(series.items()):
+            if r["dtype"] == dtype and r["depth"] in (depth, 28):
+                series.setdefault((r["depth"], r["world"], r["shard"]), []).append(
+                    (r["tokens"], r["peak_bytes"] / 2**30)
+                )
+        for (blocks, world, shard), points in sorted(series.items()):
             points.sort()
             label = f"{world} rank{'s' if world > 1 else ''}" + (", sharded weights" if shard else "")
-            ax.plot(*zip(*points), marker="o", linestyle="--" if shard else "-", label=label)
+            if blocks == 28:
+                ax.plot(*zip(*points), marker="*", markersize=12, linestyle="none", label=label + ", 28 blocks")
+            else:
+                ax.plot(*zip(*points), marker="o", linestyle="--" if shard else "-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens")
         ax.set_ylabel("per-rank peak memory (GiB)")
-        ax.set_title(f"DiT-XL/2 width, {results[0]['depth']} blocks, batch {results[0]['batch']}, {dtype}")
+        ax.set_title(f"DiT-XL/2 width, {depth} blocks (stars: 28), batch {results[0]['batch']}, {dtype}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -172,7 +178,7 @@ def table(results: list[dict]) -> str:
     one = {(r["tokens"], r["dtype"], r["depth"]): r for r in results if r["world"] == 1}
     head = (
         "| dtype | tokens | blocks | ranks | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | "
-        "peak @28 blocks (proj.) MiB | vs 1 rank @28 | forward s |"
+        "peak @28 blocks MiB (projected below 28) | vs 1 rank @28 | forward s |"
     )
     lines = [head, "|" + "---|" * 11]
     for r in sorted(results, key=lambda r: (r["dtype"], r["depth"], r["tokens"], r["world"], r["shard"])):
@@ -226,7 +232,7 @@ def main() -> None:
         )
         record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))  # partial results survive interruption
-    plot([r for r in results if r["depth"] == args.depth], out.with_suffix(".png"))
+    plot(results, out.with_suffix(".png"))
     text = table(results)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
