@@ -74,6 +74,7 @@ def _exact_worker(rank, world):
             "resident": sharded_parameter_bytes(model),
             "full": parameter_bytes(seeded_model(config)),
             "types": {type(p).__name__ for p in model.parameters()},
+            "pos_embed_local": tuple(model.pos_embed.to_local().shape) if world > 1 else None,
             "class": type(model).__name__,
         }
     from opendit.parallel.comm import CommStats
@@ -117,6 +118,9 @@ def test_sharded_output_equals_unsharded(world):
             if mode == "alone":
                 assert max(r["err"]) == 0.0  # the all-gather is a copy: bitwise equal
             assert r["types"] == {"DTensor"} and r["class"] == "FSDPDiT"  # resharded after forward, root included
+            # pos_embed (1, T, C) has fewer rows than ranks: sharded on its largest evenly divisible dim, not padded
+            # to P rows of which every rank would keep a whole (T, C) copy.
+            assert r["pos_embed_local"] == (1, 64, 128 // world), r["pos_embed_local"]
             # Resident parameters: 1/P of the model plus dim-0 padding (each tensor padded to a multiple of P rows).
             assert r["resident"] <= r["full"] / world * 1.02 + 4096 * world, (r["resident"], r["full"] / world)
         assert "load the weights first" in errors[0]
