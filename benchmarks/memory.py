@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
 
 Model: DiT-XL/2 width (hidden 1152, 16 heads, patch 2, 4 latent channels, learn_sigma) with `--depth` blocks (default
-4; the real model has 28) and random weights; T tokens = a (2*sqrt(T))^2 latent. One forward pass of `--batch` images
+4; the real model has 28, measured at 16384 tokens) and random weights; T tokens = a (2*sqrt(T))^2 latent. One forward pass of `--batch` images
 (default 2: the conditional + unconditional halves of one guided image) under torch.no_grad(), through the project's own
 runtime: `build_runtime(ParallelConfig(ulysses=P, shard_weights=...))` + `parallelize(model, runtime)`, i.e. exactly
 what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, in P processes from
@@ -21,12 +21,15 @@ whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone
 17 GB at 16384 tokens, so the measured peaks prove its absence.
 
 Results (benchmarks/results/memory.{json,png,md}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
-sharded weights, 4 ranks peak at 0.44x of 1 rank with 4 blocks (fp32 901 vs 2048 MiB), 0.34x projected to 28 blocks
-(`projected_peak`; the projection matched a measured 8-block run within 1 MiB). Before the model sharded the raw
-patches ahead of the embedding (commit a0aee4a) it was 0.51x / 0.38x: every rank embedded the FULL sequence, two
-(B, T, C) tensors (288 MiB fp32 at 16384 tokens, batch 2). What still does not shrink with P: FSDP's root unit keeps
-pos_embed (1, T, C) gathered during the forward (72 MiB) and about 1.2 gathered blocks (~110 MiB). The Ulysses
-activations scale as 1/P (1588 MiB at 1 rank, ~400 at 4).
+sharded weights and the real 28 blocks, 4 ranks peak at 0.26x of 1 rank (fp32 1113 vs 4237 MiB; measured with
+`--tokens 16384 --worlds 4 1 --dtypes fp32 --no-unsharded --depth 28`, 21 min of forward time for the one rank);
+0.27x with 4 blocks (559 vs 2048 MiB). `projected_peak` (the measured peak plus the left-out blocks' parameters)
+predicts the 28-block peak from the 4-block one within a few MiB. What got there: the model shards raw patches before
+the embedding (no rank holds a full (B, T, C) tensor), the gloo weight all-gather broadcasts in place instead of
+staging a second copy, the root unit is freed after the embedding, and pos_embed (1, T, C) is sharded along its hidden
+dim (FSDP2 pads dim 0 to P rows, which left it whole on every rank: 0.33x at 28 blocks before). What still does not
+shrink with P: the Ulysses send/receive buffers and about one gathered block. The Ulysses activations scale as 1/P
+(1588 MiB at 1 rank, ~400 at 4).
 """
 
 from __future__ import annotations
