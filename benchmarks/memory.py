@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
 
 Model: DiT-XL/2 width (hidden 1152, 16 heads, patch 2, 4 latent channels, learn_sigma) with `--depth` blocks (default
-4; the real model has 28, measured at 16384 tokens) and random weights; T tokens = a (2*sqrt(T))^2 latent. One forward pass of `--batch` images
+4; the real model has 28, measured at 16384 tokens) and random weights; T tokens = a (2*sqrt(T))^2 latent.
+One forward pass of `--batch` images
 (default 2: the conditional + unconditional halves of one guided image) under torch.no_grad(), through the project's own
 runtime: `build_runtime(ParallelConfig(ulysses=P, shard_weights=...))` + `parallelize(model, runtime)`, i.e. exactly
 what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, in P processes from
