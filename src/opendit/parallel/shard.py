@@ -23,6 +23,9 @@ which stays resident on top of the 1/P shards. The root unit (pos_embed (1, T, C
 for the embedding only: a pre-hook on the first child unit reshards it (FSDP2 would keep it until the root's forward
 ends, and by default even after it).
 
+Placement: FSDP2 shards dim 0, padded to a multiple of P; parameters with fewer rows than ranks (pos_embed (1, T, C))
+are sharded along their largest dim that P divides instead (`_placement_for`), else every rank would hold them whole.
+
 Dtypes: parameters are sharded and gathered in their storage dtype (the compute dtype after loading), never through
 `comm_dtype`, so that sharding is exact. No MixedPrecisionPolicy is used.
 
