@@ -86,6 +86,14 @@ CONFIG = DiTConfig(
 )
 
 
+def _reference():
+    """One process, unsharded: the output every balanced split must reproduce."""
+    x, t, y = _inputs()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return build_dit(CONFIG).eval()(x, t, y)
+
+
 def _inputs():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 1, 64, 64, generator=gen)
@@ -153,10 +161,7 @@ def _slowed_worker(slow_factor: float, steps: int):
 def test_speed_proportional_shares_beat_an_even_split_on_a_slowed_rank():
     from opendit.parallel.launch import launch
 
-    x, t, y = _inputs()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        reference = build_dit(CONFIG).eval()(x, t, y)
+    reference = _reference()
     result = launch(_slowed_worker, 2, (2.0, 5), threads_per_proc=1)
     even, balanced = result["even"], result["balanced"]
     assert balanced["sizes"][1] < 0.4 * CONFIG.num_tokens  # the slow rank got fewer tokens

@@ -46,6 +46,17 @@ def _run(comm: Comm, fn):
     return out, {k: (v["calls"], v["bytes"]) for k, v in snap.items()}, sum(v["wait_s"] for v in snap.values())
 
 
+def _run_async_and_sync(comm: Comm, fn):
+    """(output, comm stats, output with every collective completed before the next compute, its stats, its wait)."""
+    out, stats, _ = _run(comm, fn)
+    comm.sync = True
+    try:
+        out_sync, stats_sync, wait = _run(comm, fn)
+    finally:
+        comm.sync = False
+    return out, stats, out_sync, stats_sync, wait
+
+
 def _overlap_worker(rank: int, world: int) -> dict:
     b, s, h, d = CASES[world]
     group = dist.new_group(list(range(world)))
@@ -63,12 +74,10 @@ def _overlap_worker(rank: int, world: int) -> dict:
         for chunks, kv_first in VARIANTS:
             name = f"ulysses_overlap chunks={chunks} kv_first={kv_first}"
             UlyssesOverlapAttention.install(module, comm, sizes, chunks=chunks, kv_first=kv_first)
-            out, stats, _ = _run(comm, lambda: module(xr))
+            # sync: same messages, each completed before the next compute: identical numbers
+            out, stats, out_sync, stats_sync, wait = _run_async_and_sync(comm, lambda: module(xr))
             res["err"][name] = max_rel(out, want)
             res["comm"][name] = (stats, {"all_to_all": (ulysses_overlap_calls(world, h, chunks, kv_first), a2a)})
-            comm.sync = True  # same messages, each completed before the next compute: identical numbers
-            out_sync, stats_sync, wait = _run(comm, lambda: module(xr))
-            comm.sync = False
             res["same_sync"][name] = torch.equal(out, out_sync) and stats == stats_sync
             res["wait"][name] = wait
 
@@ -87,10 +96,7 @@ def _overlap_worker(rank: int, world: int) -> dict:
 
         # FastSeq (chunked all-gather under the QKV matmul) and ring (K/V prefetch): async vs forced sync
         FastSeqAttention.install(module, comm, sizes, chunks=2)
-        out, stats, _ = _run(comm, lambda: module(xr))
-        comm.sync = True
-        out_sync, _, wait = _run(comm, lambda: module(xr))
-        comm.sync = False
+        out, stats, out_sync, _, wait = _run_async_and_sync(comm, lambda: module(xr))
         res["err"]["fastseq"] = max_rel(out, want)
         res["same_sync"]["fastseq"] = torch.equal(out, out_sync)
         res["wait"]["fastseq"] = wait
@@ -99,10 +105,7 @@ def _overlap_worker(rank: int, world: int) -> dict:
         FastSeqAttention.uninstall(module)
 
         module.core = RingAttention(comm, sizes)
-        out, stats, _ = _run(comm, lambda: module(xr))
-        comm.sync = True
-        out_sync, _, wait = _run(comm, lambda: module(xr))
-        comm.sync = False
+        out, stats, out_sync, _, wait = _run_async_and_sync(comm, lambda: module(xr))
         res["err"]["ring"] = max_rel(out, want)
         res["same_sync"]["ring"] = torch.equal(out, out_sync)
         res["wait"]["ring"] = wait

@@ -72,7 +72,7 @@ class TokenBalancer:
     The runtime calls `observe(busy_s)` once per model call with this rank's busy time (call time minus time blocked
     in collectives). After `warmup` calls (lazy initialisation, caches) it averages the next `window`; then
     `exchange(busy)` (a collective over the sequence-parallel ranks, every rank in lockstep) returns every rank's
-    average, and all ranks compute the same new sizes from the same numbers (refine_shares, damping 1). The sizes are
+    average, and all ranks compute the same new sizes from the same numbers (speed-proportional shares). The sizes are
     adopted only if the predicted step time (largest busy time, each rank's cost taken as proportional to its tokens)
     falls by at least `min_gain`; otherwise balancing stops. Output stays exact: only the split changes.
     """
@@ -113,8 +113,8 @@ class TokenBalancer:
         mine = sum(self._seen) / len(self._seen)
         self._seen, self._calls = [], 0
         busy = [max(1e-9, float(b)) for b in self.exchange(mine)]
-        shares = refine_shares(self.sizes, self.sizes, busy, damping=1.0)
-        new = split_sizes(self.num_tokens, len(self.sizes), shares)
+        speeds = [n / b for n, b in zip(self.sizes, busy)]  # tokens per busy second, per rank
+        new = split_sizes(self.num_tokens, len(self.sizes), speed_shares(speeds))
         predicted = max(n * b / s for n, b, s in zip(new, busy, self.sizes))
         gain = 1 - predicted / max(busy)
         adopt = gain >= self.min_gain and new != self.sizes
