@@ -13,7 +13,7 @@ import platform
 import time
 from pathlib import Path
 
-from opendit.parallel.calibrate import LINK_SIZES, calibrate, measure_links
+from opendit.planning.calibrate import LINK_SIZES, calibrate, measure_links
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ One forward pass of `--batch` images
 (default 2: the conditional + unconditional halves of one guided image) under torch.no_grad(), through the project's own
 runtime: `build_runtime(ParallelConfig(ulysses=P, shard_weights=...))` + `parallelize(model, runtime)`, i.e. exactly
 what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, in P processes from
-`opendit.parallel.launch` (gloo, one thread each).
+`opendit.distributed.launch` (gloo, one thread each).
 
 How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
 threshold at 64 KiB (`shard.exact_malloc`), so every tensor is its own mapping and freeing returns it to the OS; warms
@@ -75,11 +75,11 @@ def measure_rank(case: dict) -> dict:
 
     import torch.distributed as dist
 
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.mesh import build_runtime, init_from_env
     from opendit.models.dit import build_dit
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime, init_from_env
-    from opendit.parallel.shard import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from opendit.parallel.apply import parallelize
+    from opendit.parallel.sharding import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.precision import parse_dtype
 
     exact_malloc()
@@ -118,7 +118,7 @@ def measure_rank(case: dict) -> dict:
 
 
 def run_case(case: dict) -> dict:
-    from opendit.parallel.launch import launch
+    from opendit.distributed.launch import launch
 
     result = launch(measure_rank, nproc=case["world"], args=(case,), threads_per_proc=1)
     ranks = result["ranks"]

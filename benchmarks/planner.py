@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from opendit.models.dit import preset
-from opendit.parallel.calibrate import hardware
-from opendit.parallel.planner import plan
+from opendit.planning.planner import plan
+from opendit.planning.speeds import named_hardware as hardware
 
 SCENARIOS = [("256px", 256, None), ("512px", 512, None), ("1024px", 1024, None), ("video", 512, 32760)]
 MACHINES = [

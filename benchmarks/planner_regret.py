@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from opendit.distributed.config import ParallelConfig
 from opendit.models.dit import DiTConfig
-from opendit.parallel.calibrate import load_speeds
-from opendit.parallel.config import ParallelConfig
-from opendit.parallel.planner import enumerate_plans, estimate, plan
+from opendit.planning.planner import enumerate_plans, estimate, plan
+from opendit.planning.speeds import load_speeds
 
 GIB = 1 << 30
 WIDTH = {"depth": 2, "hidden_size": 1152, "num_heads": 16, "patch_size": 2}  # DiT-XL/2 width, reduced depth
@@ -54,9 +54,9 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
     """Runs on every rank: time each plan's forward; returns (on every rank) the slowest rank's median per plan."""
     import torch.distributed as dist
 
+    from opendit.distributed.mesh import build_runtime, init_from_env
     from opendit.models.dit import build_dit
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime, init_from_env
+    from opendit.parallel.apply import parallelize
 
     init_from_env(torch.device("cpu"), "gloo")
     results = []
@@ -98,7 +98,7 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
 def measure(config, plans, images, guided, reps, world):
     if world == 1:
         return _measure_single(config, plans[0], images, guided, reps)
-    from opendit.parallel.launch import launch
+    from opendit.distributed.launch import launch
 
     return launch(_measure_worker, world, (config, plans, images, guided, reps), threads_per_proc=1)
 

@@ -120,13 +120,13 @@ def _gather(obj, world: int) -> list:
 
 @torch.no_grad()
 def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
-    from opendit.parallel.comm import Comm
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime
+    from opendit.distributed.comm import Comm
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.mesh import build_runtime
+    from opendit.parallel.apply import parallelize
+    from opendit.parallel.attention.ulysses import UlyssesAttention
+    from opendit.parallel.attention.ulysses_overlap import UlyssesOverlapAttention
     from opendit.parallel.sequence import TokenGather
-    from opendit.parallel.ulysses import UlyssesAttention
-    from opendit.parallel.ulysses_overlap import UlyssesOverlapAttention
 
     tokens, impl = job["tokens"], job["impl"]
     base_rss = rss_mib("VmRSS")
@@ -221,10 +221,10 @@ def run_digits(rank: int, world: int, job: dict) -> dict:
     """Whole sampling loop of the digits model: 2-rank Ulysses with fp32 / bf16 / fp16 messages vs 1 process."""
     from opendit.checkpoint import load_model
     from opendit.diffusion.sampler import sample
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime
-    from opendit.pipeline import GenerationRequest, resolve_model
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.mesh import build_runtime
+    from opendit.generation import GenerationRequest, resolve_model
+    from opendit.parallel.apply import parallelize
 
     config, ckpt, defaults, _ = resolve_model(GenerationRequest(classes=[0], ckpt=str(job["ckpt"])))
     labels = torch.arange(10) % config.num_classes
@@ -284,8 +284,8 @@ def machine() -> dict:
 
 
 def predict(tokens: int, depth: int, impl: str | None, speeds) -> float:
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.cost import predict_step_time
+    from opendit.distributed.config import ParallelConfig
+    from opendit.planning.cost import predict_step_time
 
     plan = ParallelConfig(**PLANS[impl]) if impl else ParallelConfig()
     return predict_step_time(model_config(tokens, depth), tokens, 1, plan, speeds, guided=False).total_s
@@ -421,7 +421,8 @@ def main() -> int:
     if args.quick:
         args.tokens, args.repeats, args.sync_repeats = [256], 2, 1
     os.environ["OMP_NUM_THREADS"] = "1"
-    from opendit.parallel.calibrate import calibrate, load_speeds
+    from opendit.planning.calibrate import calibrate
+    from opendit.planning.speeds import load_speeds
 
     start = time.perf_counter()
     record = {"machine": machine(), "settings": vars(args).copy()}

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
+from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.parallel.balance import TokenBalancer
-from opendit.parallel.config import ParallelConfig
 
 
 class FakeRanks:
@@ -75,9 +75,9 @@ def _balanced_worker(plans, slow_factor, calls):
     """For each plan: rank 1 emulates a slower device; returns every call's output and the balancer's decisions."""
     import torch.distributed as dist
 
+    from opendit.distributed.mesh import build_runtime, init_from_env
     from opendit.models.dit import build_dit
-    from opendit.parallel.parallelize import parallelize, plan_record
-    from opendit.parallel.runtime import build_runtime, init_from_env
+    from opendit.parallel.apply import parallelize, plan_record
     from test_balance import CONFIG, _inputs, _slow_down
 
     init_from_env(torch.device("cpu"), "gloo")
@@ -106,7 +106,7 @@ def _balanced_worker(plans, slow_factor, calls):
 
 @pytest.mark.slow
 def test_balance_tokens_resplits_a_slowed_rank_and_stays_exact():
-    from opendit.parallel.launch import launch
+    from opendit.distributed.launch import launch
     from test_balance import CONFIG, _reference
 
     reference = _reference()

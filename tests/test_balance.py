@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, build_dit, preset
 from opendit.parallel.balance import (
@@ -18,9 +19,8 @@ from opendit.parallel.balance import (
     request_costs,
     speed_shares,
 )
-from opendit.parallel.calibrate import hardware
-from opendit.parallel.config import ParallelConfig
 from opendit.parallel.sequence import split_sizes
+from opendit.planning.speeds import named_hardware as hardware
 
 
 def test_speed_shares_and_errors():
@@ -120,8 +120,8 @@ def _slow_down(model, factor):
 def _slowed_worker(slow_factor: float, steps: int):
     import torch.distributed as dist
 
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime, init_from_env
+    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.parallel.apply import parallelize
 
     init_from_env(torch.device("cpu"), "gloo")
     x, t, y = _inputs()
@@ -159,7 +159,7 @@ def _slowed_worker(slow_factor: float, steps: int):
 
 @pytest.mark.slow
 def test_speed_proportional_shares_beat_an_even_split_on_a_slowed_rank():
-    from opendit.parallel.launch import launch
+    from opendit.distributed.launch import launch
 
     reference = _reference()
     result = launch(_slowed_worker, 2, (2.0, 5), threads_per_proc=1)

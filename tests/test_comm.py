@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from opendit.distributed.comm import Comm, CommStats
 from opendit.errors import OpenDiTError
-from opendit.parallel.comm import Comm, CommStats
 from opendit.parallel.sequence import offsets, split_sizes
 
 

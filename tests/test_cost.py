@@ -6,20 +6,21 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from opendit.distributed.config import ParallelConfig
 from opendit.models.dit import DiTConfig, build_dit, preset
-from opendit.parallel.calibrate import DEFAULTS, fit_link, fit_saturating, hardware
-from opendit.parallel.config import ParallelConfig
-from opendit.parallel.cost import (
-    Link,
+from opendit.parallel.attention.ring import ring_bytes
+from opendit.parallel.attention.ulysses import ulysses_bytes
+from opendit.parallel.attention.usp import hybrid_bytes
+from opendit.planning.calibrate import fit_link, fit_saturating
+from opendit.planning.cost import (
     block_comm,
     count_params,
     model_flops,
     predict_memory,
     predict_step_time,
 )
-from opendit.parallel.hybrid import hybrid_bytes
-from opendit.parallel.ring import ring_bytes
-from opendit.parallel.ulysses import ulysses_bytes
+from opendit.planning.speeds import DEFAULTS, Link
+from opendit.planning.speeds import named_hardware as hardware
 
 XL = preset("DiT-XL/2")
 SMALL = DiTConfig(depth=2, hidden_size=96, num_heads=6, patch_size=2, input_size=(12, 12), num_classes=10)
@@ -117,7 +118,7 @@ def test_fits_are_linear_least_squares():
 
 @pytest.mark.slow
 def test_prediction_within_25_percent_of_a_measured_forward():
-    from opendit.parallel.calibrate import measure_compute
+    from opendit.planning.calibrate import measure_compute
 
     torch.set_num_threads(1)
     speeds = replace(DEFAULTS["cpu-gloo"], **{k: v for k, v in measure_compute(1, quick=True).items() if k != "raw"})

@@ -8,6 +8,7 @@ import torch
 from scipy import linalg
 
 from opendit.checkpoint import save_safetensors
+from opendit.cli.train import main as train_cli
 from opendit.errors import OpenDiTError
 from opendit.evaluate import (
     SHIPPED,
@@ -19,7 +20,6 @@ from opendit.evaluate import (
     score_samples,
 )
 from opendit.models.dit import DiT, DiTConfig
-from opendit.train.cli import main as train_cli
 from opendit.train.data import digits_to_unit, to_digits_scale, upsample
 
 

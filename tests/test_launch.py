@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from opendit.distributed.launch import WorkerFailed, root_failure
+from opendit.distributed.mesh import InjectedFault, parse_fault
 from opendit.errors import OpenDiTError
-from opendit.parallel.launch import WorkerFailed, root_failure
-from opendit.parallel.runtime import InjectedFault, parse_fault
 
 CLASSES = ["0", "3", "7"]
 
@@ -89,8 +89,8 @@ def test_root_failure_prefers_the_cause_over_peers_that_lost_their_connection():
 
 
 def test_fault_hook_raises_on_its_rank_and_step_only():
-    from opendit.parallel.comm import CommStats
-    from opendit.parallel.runtime import Runtime
+    from opendit.distributed.comm import CommStats
+    from opendit.distributed.mesh import Runtime
 
     runtime = Runtime(None, [0], 0, torch.device("cpu"), {}, {}, CommStats(), fault=(0, 2))
     runtime.on_step(0)

@@ -14,14 +14,18 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
-from opendit.parallel.comm import Comm
-from opendit.parallel.fastseq import FastSeqAttention, fastseq_bytes
-from opendit.parallel.ring import RingAttention, ring_bytes
+from opendit.parallel.attention.fastseq import FastSeqAttention, fastseq_bytes
+from opendit.parallel.attention.ring import RingAttention, ring_bytes
+from opendit.parallel.attention.ulysses import ulysses_bytes
+from opendit.parallel.attention.ulysses_overlap import (
+    UlyssesOverlapAttention,
+    overlap_head_groups,
+    ulysses_overlap_calls,
+)
 from opendit.parallel.sequence import offsets, split_sizes
-from opendit.parallel.ulysses import ulysses_bytes
-from opendit.parallel.ulysses_overlap import UlyssesOverlapAttention, overlap_head_groups, ulysses_overlap_calls
 
 TOL = 1e-5
 CASES = {2: (2, 17, 6, 8), 3: (2, 13, 7, 8)}  # world -> (batch, tokens, heads, head_dim)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from opendit.cli import main
+from opendit.distributed.config import ParallelConfig, default_plan, head_split, suggest_plans
+from opendit.distributed.mesh import mesh_groups
 from opendit.errors import OpenDiTError
-from opendit.parallel.config import ParallelConfig, default_plan, head_split, suggest_plans
-from opendit.parallel.runtime import mesh_groups
-from opendit.pipeline import GenerationRequest, prepare
+from opendit.generation import GenerationRequest, prepare
 
 T2 = {"model": "DiT-T/2", "image_size": 128}  # 16x16 latents: 64 tokens, 4 heads, guidance 4 by default
 
@@ -113,7 +113,7 @@ def test_bad_parallel_requests_exit_2_with_the_message(tmp_path, capsys, flags, 
 
 
 def test_parallel_auto_takes_the_planners_choice():
-    from opendit.pipeline import GenerationRequest, prepare
+    from opendit.generation import GenerationRequest, prepare
 
     job = prepare(GenerationRequest(classes=list(range(4)), steps=2, nproc=2, parallel_auto=True))
     assert job.plan.world_size == 2

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from opendit.parallel.config import ParallelConfig
-from opendit.parallel.launch import launch
+from opendit.distributed.config import ParallelConfig
+from opendit.distributed.launch import launch
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +71,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[int] | None, group_images: int) -> int:
     """Analytic bytes this rank sends per denoising step (CommStats convention), from the kernels' formulas."""
-    from opendit.parallel.fastseq import fastseq_bytes
-    from opendit.parallel.hybrid import hybrid_bytes
-    from opendit.parallel.ring import ring_bytes
-    from opendit.parallel.ulysses import ulysses_bytes
+    from opendit.parallel.attention.fastseq import fastseq_bytes
+    from opendit.parallel.attention.ring import ring_bytes
+    from opendit.parallel.attention.ulysses import ulysses_bytes
+    from opendit.parallel.attention.usp import hybrid_bytes
 
     wire = 2 if plan.comm_dtype else 4  # kernel activations in bf16; outputs (cfg and token gathers) always fp32
     batch = 2 * group_images // plan.cfg  # the guided batch [cond; uncond] of this dp group, halved by cfg
@@ -101,9 +101,9 @@ def equivalence_world() -> list[dict]:
     import torch.distributed as dist
 
     from opendit.diffusion.sampler import sample
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime, init_from_env
-    from opendit.pipeline import decode
+    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.generation import decode
+    from opendit.parallel.apply import parallelize
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
@@ -222,7 +222,7 @@ def test_recorded_bytes_per_step_equal_analytic_volume(world_rows):
 def cli_ckpt(tmp_path_factory):
     """The shipped digits model if it is installed, else a random non-zero checkpoint of the same kind."""
     from opendit.checkpoint import save_safetensors
-    from opendit.pipeline import DEFAULT_CKPT
+    from opendit.generation import DEFAULT_CKPT
 
     if DEFAULT_CKPT.is_file():
         return []
@@ -259,8 +259,8 @@ CLI_PLANS = {
 
 @pytest.mark.parametrize("flags", list(CLI_PLANS.values()), ids=list(CLI_PLANS))
 def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, flags):
-    from opendit.parallel.ring import ring_bytes
-    from opendit.parallel.ulysses import ulysses_bytes
+    from opendit.parallel.attention.ring import ring_bytes
+    from opendit.parallel.attention.ulysses import ulysses_bytes
 
     ref_images, _ = single
     images, record = run_cli(tmp_path, flags, cli_ckpt)

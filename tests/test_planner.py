@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import pytest
 
+from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
-from opendit.parallel.calibrate import hardware
-from opendit.parallel.config import ParallelConfig
-from opendit.parallel.planner import check_request, enumerate_plans, nearest_plans, plan
+from opendit.planning.planner import check_request, enumerate_plans, nearest_plans, plan
+from opendit.planning.speeds import named_hardware as hardware
 
 GIB = 1 << 30
 XL512 = preset("DiT-XL/2").with_image_size(512)  # 1024 tokens, 16 heads

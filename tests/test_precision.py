@@ -9,8 +9,8 @@ import torch
 import opendit.models.dit as dit_module
 from opendit.diffusion.sampler import sample
 from opendit.errors import OpenDiTError
+from opendit.generation import DEFAULT_CKPT, decode
 from opendit.models.dit import DiTConfig, build_dit, pixel_config
-from opendit.pipeline import DEFAULT_CKPT, decode
 from opendit.precision import check_finite, parse_dtype, psnr, relative_error, residual_dtype
 
 HALF = [torch.bfloat16, torch.float16]
@@ -194,9 +194,9 @@ def test_shipped_digits_model_half_precision_quality(dtype):
 
 def _parallel_half_worker(rank, world, impl, shard):
     """Sequence-parallel (and optionally weight-sharded) half-precision forward vs one-process half and fp32."""
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.mesh import build_runtime
+    from opendit.parallel.apply import parallelize
 
     x, t, y = inputs()
     out = {}

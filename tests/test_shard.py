@@ -40,10 +40,10 @@ def _run_plan(config, x, t, y, mode, world, prefetch=True):
     runtime's sequence-parallel plan ("ulysses" or "ring"). Returns (two forward outputs, model)."""
     import torch.distributed as dist
 
-    from opendit.parallel.config import ParallelConfig
-    from opendit.parallel.parallelize import parallelize
-    from opendit.parallel.runtime import build_runtime
-    from opendit.parallel.shard import apply_weight_sharding
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.mesh import build_runtime
+    from opendit.parallel.apply import parallelize
+    from opendit.parallel.sharding import apply_weight_sharding
 
     model = seeded_model(config)
     if mode == "alone":
@@ -59,7 +59,7 @@ def _run_plan(config, x, t, y, mode, world, prefetch=True):
 def _exact_worker(rank, world):
     import torch.distributed as dist
 
-    from opendit.parallel.shard import apply_weight_sharding, parameter_bytes, sharded_parameter_bytes
+    from opendit.parallel.sharding import apply_weight_sharding, parameter_bytes, sharded_parameter_bytes
 
     config = small_config()
     x, t, y = inputs(config)
@@ -77,8 +77,8 @@ def _exact_worker(rank, world):
             "pos_embed_local": tuple(model.pos_embed.to_local().shape) if world > 1 else None,
             "class": type(model).__name__,
         }
-    from opendit.parallel.comm import CommStats
-    from opendit.parallel.shard import WeightAllGather
+    from opendit.distributed.comm import CommStats
+    from opendit.parallel.sharding import WeightAllGather
 
     stats = CommStats()
     gather = WeightAllGather(True, stats)  # direct use: an input that is not a view of the output is copied in first
@@ -131,7 +131,7 @@ def _memory_worker(rank, world):
     """Per-rank parameter memory from the resident set (see shard.py's measurement notes), prefetch off then on."""
     import torch.distributed as dist
 
-    from opendit.parallel.shard import (
+    from opendit.parallel.sharding import (
         apply_weight_sharding,
         exact_malloc,
         parameter_bytes,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import Shard
 
-from opendit.parallel.shard import _placement_for
+from opendit.parallel.sharding import _placement_for
 
 
 def placement(shape, world):

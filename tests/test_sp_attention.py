@@ -9,12 +9,17 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from opendit.distributed.comm import Comm, CommStats
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention, local_attention
-from opendit.parallel.comm import Comm, CommStats
-from opendit.parallel.fastseq import FastSeqAttention, chunk_plan, fastseq_bytes, fastseq_calls, qkv_head_slice
-from opendit.parallel.hybrid import HybridAttention, group_sizes, hybrid_bytes
-from opendit.parallel.ring import (
+from opendit.parallel.attention.fastseq import (
+    FastSeqAttention,
+    chunk_plan,
+    fastseq_bytes,
+    fastseq_calls,
+    qkv_head_slice,
+)
+from opendit.parallel.attention.ring import (
     RingAttention,
     attention_math_lse,
     attention_with_lse,
@@ -22,8 +27,9 @@ from opendit.parallel.ring import (
     ring_bytes,
     ring_calls,
 )
+from opendit.parallel.attention.ulysses import UlyssesAttention, head_sizes, ulysses_bytes, ulysses_calls
+from opendit.parallel.attention.usp import HybridAttention, group_sizes, hybrid_bytes
 from opendit.parallel.sequence import TokenGather, TokenShard, offsets, split_sizes
-from opendit.parallel.ulysses import UlyssesAttention, head_sizes, ulysses_bytes, ulysses_calls
 
 TOL = 1e-5  # max relative error, fp32
 

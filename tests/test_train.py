@@ -163,7 +163,7 @@ def test_two_processes_match_one(reference_run, tmp_path):
 @pytest.mark.slow
 def test_a_dying_rank_ends_the_job(tmp_path):
     """SIGKILL one of 2 ranks mid-run: the launcher must exit non-zero promptly instead of hanging."""
-    cmd = [sys.executable, "-m", "opendit.train.cli", "train", "--out", str(tmp_path), "--model", "DiT-T/2",
+    cmd = [sys.executable, "-m", "opendit.cli.train", "train", "--out", str(tmp_path), "--model", "DiT-T/2",
            "--steps", "100000", "--nproc", "2", "--threads", "1", "--log-every", "1", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

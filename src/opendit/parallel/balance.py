@@ -258,7 +258,7 @@ def request_costs(model, requests: Sequence[dict], plan, speeds, steps: int = 50
     (with dp=1): the costs for `assign_requests`."""
     from dataclasses import replace
 
-    from opendit.parallel.cost import predict_step_time
+    from opendit.planning.cost import predict_step_time
 
     group = replace(plan, dp=1)
     out = []

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
-from opendit.parallel.comm import Comm
 
 
 def split_sizes(length: int, parts: int, weights: Sequence[float] | None = None) -> list[int]:

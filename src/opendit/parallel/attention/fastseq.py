@@ -21,12 +21,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, SelfAttention, local_attention
-from opendit.parallel.comm import Comm
-from opendit.parallel.override import AttentionOverride
+from opendit.parallel.attention.override import AttentionOverride
+from opendit.parallel.attention.ulysses import head_sizes
 from opendit.parallel.sequence import check_sizes, offsets
-from opendit.parallel.ulysses import head_sizes
 
 
 def qkv_head_slice(

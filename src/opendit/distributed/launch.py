@@ -4,7 +4,7 @@
 
 Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), so the
 code it runs is the same code that runs under `torchrun --nproc-per-node N -m opendit ...`: it initialises the
-process group from env (opendit.parallel.runtime.init_from_env). Rendezvous is c10d on localhost with a free port, as
+process group from env (opendit.distributed.mesh.init_from_env). Rendezvous is c10d on localhost with a free port, as
 `torchrun --standalone` does.
 
 Failure: if any worker raises, the agent (polling every 0.1 s) terminates the others and `launch` raises
@@ -49,7 +49,7 @@ def _worker(fn: Callable, args: tuple, threads: int) -> Any:
     """Runs in each spawned process: quiet ranks > 0, one share of the CPU threads, then fn(*args)."""
     import torch
 
-    from opendit.parallel.runtime import quiet_unless_rank0
+    from opendit.distributed.mesh import quiet_unless_rank0
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)

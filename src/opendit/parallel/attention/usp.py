@@ -17,10 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
-from opendit.parallel.comm import Comm
-from opendit.parallel.ring import LseAttention, RingAttention, attention_with_lse, ring_bytes
-from opendit.parallel.ulysses import UlyssesAttention, head_sizes, ulysses_bytes
+from opendit.parallel.attention.ring import LseAttention, RingAttention, attention_with_lse, ring_bytes
+from opendit.parallel.attention.ulysses import UlyssesAttention, head_sizes, ulysses_bytes
 
 
 def group_sizes(seq_sizes: Sequence[int], ulysses: int, ring: int) -> list[list[int]]:

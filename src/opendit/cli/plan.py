@@ -1,15 +1,12 @@
 """`opendit plan ...` (the planner's top plans and why) and `opendit calibrate` (measure and cache this machine).
 
 Wire into cli.build_parser: `add_plan_parser(subparsers)` and `add_calibrate_parser(subparsers)`.
-`auto_plan(...)` is the hook for `--parallel auto` in generate(): the best ParallelConfig for a request.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from opendit.errors import OpenDiTError
 
 GIB = 1 << 30
 
@@ -54,21 +51,15 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_speeds(hardware: str = "auto", nodes: int = 1, memory_gib: float | None = None):
-    from opendit.parallel.calibrate import DEFAULTS, load_speeds
-    from opendit.parallel.calibrate import hardware as named
-
-    speeds = named(hardware, nodes) if hardware in DEFAULTS else load_speeds(hardware)
-    return speeds if memory_gib is None else speeds.with_memory(memory_gib * GIB)
-
-
 def run_plan(args: argparse.Namespace) -> int:
     from opendit.models.dit import preset
-    from opendit.parallel.planner import plan
+    from opendit.planning.planner import plan
 
     model = preset(args.model)
     if args.image_size:
         model = model.with_image_size(args.image_size)
+    from opendit.planning.speeds import resolve_speeds
+
     speeds = resolve_speeds(args.hardware, args.nodes, args.memory_gib)
     result = plan(
         model,
@@ -100,7 +91,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from opendit.parallel.calibrate import calibrate
+    from opendit.planning.calibrate import calibrate
 
     speeds, path = calibrate(args.threads, args.backend, args.nproc, args.quick, args.force, args.memory_gib)
     print(f"{speeds.name}  ({speeds.source})")
@@ -113,18 +104,3 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"{kind:<11} latency {link.latency_s * 1e6:8.1f} us  bandwidth {link.bandwidth / 1e9:6.2f} GB/s")
     print(f"cached in {path}")
     return 0
-
-
-def auto_plan(model_config, world_size: int, images: int, guided: bool, objective: str = "latency", speeds=None):
-    """The planner's best ParallelConfig for a generate() request, and its explanation (for `--parallel auto`).
-
-    speeds: None -> this machine's cached calibration (else the documented default of its class).
-    """
-    from opendit.parallel.planner import plan
-
-    if world_size < 1:
-        raise OpenDiTError(f"--nproc must be >= 1 for --parallel auto, got {world_size}")
-    result = plan(
-        model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective
-    )
-    return result.best.config, result.explain(others=2)

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, local_attention
-from opendit.parallel.comm import Comm
 from opendit.parallel.sequence import check_qkv, check_sizes, split_sizes
 
 

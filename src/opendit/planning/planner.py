@@ -15,10 +15,10 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from opendit.distributed.config import SP_IMPLS, ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig
-from opendit.parallel.config import SP_IMPLS, ParallelConfig
-from opendit.parallel.cost import MemoryCost, Speeds, StepCost, predict_memory, predict_step_time
+from opendit.planning.cost import MemoryCost, Speeds, StepCost, predict_memory, predict_step_time
 
 GIB = 1 << 30
 OBJECTIVES = ("latency", "throughput")
@@ -302,3 +302,18 @@ def check_request(
                 + ("; ".join(p.describe() for p in fitting) or "none: use more devices or fewer images")
             )
     return notes
+
+
+def auto_plan(model_config, world_size: int, images: int, guided: bool, objective: str = "latency", speeds=None):
+    """The planner's best ParallelConfig for a generate() request, and its explanation (for `--parallel auto`).
+
+    speeds: None -> this machine's cached calibration (else the documented default of its class).
+    """
+    from opendit.planning.speeds import resolve_speeds
+
+    if world_size < 1:
+        raise OpenDiTError(f"--nproc must be >= 1 for --parallel auto, got {world_size}")
+    result = plan(
+        model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective
+    )
+    return result.best.config, result.explain(others=2)

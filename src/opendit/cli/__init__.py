@@ -52,7 +52,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
 
 def parallel_config(args: argparse.Namespace):
     """The ParallelConfig the flags ask for, or None when no parallel flag was given (degrees chosen for --nproc)."""
-    from opendit.parallel.config import ParallelConfig
+    from opendit.distributed.config import ParallelConfig
 
     degrees = {"dp": args.dp, "ulysses": args.ulysses, "ring": args.ring}
     given = {k: v for k, v in degrees.items() if v is not None}
@@ -76,8 +76,8 @@ def parallel_config(args: argparse.Namespace):
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from opendit.parallel.runtime import global_rank, in_distributed_env, quiet_unless_rank0
-    from opendit.pipeline import GenerationRequest, generate, save_outputs
+    from opendit.distributed.mesh import global_rank, in_distributed_env, quiet_unless_rank0
+    from opendit.generation import GenerationRequest, generate, save_outputs
 
     if in_distributed_env():  # a torchrun worker
         quiet_unless_rank0()
@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(subparsers)
     models = subparsers.add_parser("models", help="list model presets")
     models.set_defaults(func=run_models)
-    from opendit.plan_cli import add_calibrate_parser, add_plan_parser
-    from opendit.train.cli import add_eval_parser, add_train_parser
+    from opendit.cli.plan import add_calibrate_parser, add_plan_parser
+    from opendit.cli.train import add_eval_parser, add_train_parser
 
     add_plan_parser(subparsers)
     add_calibrate_parser(subparsers)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from opendit.parallel.launch import WorkerFailed
+    from opendit.distributed.launch import WorkerFailed
 
     try:
         return args.func(args)

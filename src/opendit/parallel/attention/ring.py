@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from opendit.parallel.comm import Comm
+from opendit.distributed.comm import Comm
 from opendit.parallel.sequence import check_qkv, check_sizes
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

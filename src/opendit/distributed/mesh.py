@@ -29,9 +29,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from opendit.distributed.comm import Comm, CommStats
+from opendit.distributed.config import MESH_DIMS, ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.parallel.comm import Comm, CommStats
-from opendit.parallel.config import MESH_DIMS, ParallelConfig
 from opendit.precision import parse_dtype
 
 ENV_TIMEOUT = "OPENDIT_PG_TIMEOUT_S"

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from opendit.diffusion.sampler import SampleResult, sample
+from opendit.distributed.config import head_split
+from opendit.distributed.mesh import Runtime
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiT
 from opendit.parallel.balance import TokenBalancer
-from opendit.parallel.config import head_split
-from opendit.parallel.runtime import Runtime
 from opendit.parallel.sequence import TokenGather, TokenShard, check_sizes, offsets, split_sizes
 
 
@@ -136,12 +136,12 @@ def install_sequence(model: DiT, runtime: Runtime, sizes: list[int]) -> None:
     sp_comm = runtime.comms["sp"]
     impl = plan.impl
     if impl == "fastseq":
-        from opendit.parallel.fastseq import FastSeqAttention
+        from opendit.parallel.attention.fastseq import FastSeqAttention
 
         for block in model.blocks:
             FastSeqAttention.install(block.attn, sp_comm, sizes)
     elif impl == "ulysses" and ULYSSES_OVERLAP:
-        from opendit.parallel.ulysses_overlap import UlyssesOverlapAttention
+        from opendit.parallel.attention.ulysses_overlap import UlyssesOverlapAttention
 
         for block in model.blocks:  # K/V all-to-all under Q's projection, 2 head groups pipelined; same bytes
             UlyssesOverlapAttention.install(block.attn, runtime.comms["ulysses"], sizes)
@@ -158,27 +158,27 @@ def make_core(impl: str, runtime: Runtime, sizes: list[int]):
     """The AttentionCore (B, S_rank, H, Dh) x3 -> (B, S_rank, H, Dh) for one sequence-parallel kernel."""
     comms = runtime.comms
     if impl == "ulysses":
-        from opendit.parallel.ulysses import UlyssesAttention
+        from opendit.parallel.attention.ulysses import UlyssesAttention
 
         return UlyssesAttention(comms["ulysses"], sizes)
     if impl == "ring":
-        from opendit.parallel.ring import RingAttention
+        from opendit.parallel.attention.ring import RingAttention
 
         return RingAttention(comms["ring"], sizes)
     if impl == "usp":
-        from opendit.parallel.hybrid import HybridAttention
+        from opendit.parallel.attention.usp import HybridAttention
 
         return HybridAttention(comms["ulysses"], comms["ring"], sizes)
     raise OpenDiTError(f"unknown sequence-parallel implementation {impl!r}")
 
 
 def shard_weights(model: DiT, runtime: Runtime) -> None:
-    """Shard parameters over the sequence-parallel group (opendit.parallel.shard), gathered per block on use."""
+    """Shard parameters over the sequence-parallel group (opendit.parallel.sharding), gathered per block on use."""
     try:
-        from opendit.parallel.shard import apply_weight_sharding
+        from opendit.parallel.sharding import apply_weight_sharding
     except ImportError as exc:
         raise OpenDiTError(
-            "--shard-weights is not available in this build (opendit.parallel.shard is missing)"
+            "--shard-weights is not available in this build (opendit.parallel.sharding is missing)"
         ) from exc
     apply_weight_sharding(model, runtime.comms["sp"])
 

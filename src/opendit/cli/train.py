@@ -1,5 +1,5 @@
 """`opendit train` and `opendit eval`: argument parsers the main CLI registers, runnable on their own as
-`python -m opendit.train.cli train|eval ...`."""
+`python -m opendit.cli.train train|eval ...`."""
 
 import argparse
 import json
@@ -129,7 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m opendit.train.cli")
+    parser = argparse.ArgumentParser(prog="python -m opendit.cli.train")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)

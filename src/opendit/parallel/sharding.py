@@ -32,7 +32,7 @@ Dtypes: parameters are sharded and gathered in their storage dtype (the compute 
 For the runtime (parallel/parallelize.py), once per process, after the weights are loaded in their final dtype and
 device and after the parallel attention / token shard / FastSeq modules are installed:
 
-    from opendit.parallel.shard import apply_weight_sharding
+    from opendit.parallel.sharding import apply_weight_sharding
     if plan.shard_weights:
         apply_weight_sharding(model, runtime.comms["sp"])  # Comm, ProcessGroup or 1-D DeviceMesh of the sp ranks
 

@@ -16,11 +16,8 @@ from PIL import Image, ImageDraw
 
 from opendit.checkpoint import file_sha256, load_model, read_sidecar_config
 from opendit.diffusion.sampler import make_scheduler, sample
-from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig, pixel_config, preset
-from opendit.parallel.config import ParallelConfig, default_plan
-from opendit.parallel.parallelize import parallelize, plan_record
-from opendit.parallel.runtime import (
+from opendit.distributed.config import ParallelConfig, default_plan
+from opendit.distributed.mesh import (
     build_runtime,
     env_world_size,
     global_rank,
@@ -28,6 +25,9 @@ from opendit.parallel.runtime import (
     init_from_env,
     pick_device,
 )
+from opendit.errors import OpenDiTError
+from opendit.models.dit import DiTConfig, pixel_config, preset
+from opendit.parallel.apply import parallelize, plan_record
 from opendit.precision import parse_dtype
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -166,7 +166,7 @@ def prepare(request: GenerationRequest) -> Job:
             plan, why = replace(plan, **degrees), f"--sp-impl {plan.sp_impl} over all {world} processes"
         else:
             if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
-                from opendit.plan_cli import auto_plan
+                from opendit.planning.planner import auto_plan
 
                 auto, why = auto_plan(config, world, len(request.classes), guided)
             else:
@@ -187,8 +187,8 @@ def prepare(request: GenerationRequest) -> Job:
     plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
     if plan.shard_weights and plan.sp_degree == 1:
         raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
-    if plan.shard_weights and importlib.util.find_spec("opendit.parallel.shard") is None:
-        raise OpenDiTError("--shard-weights is not available in this build (opendit.parallel.shard is missing)")
+    if plan.shard_weights and importlib.util.find_spec("opendit.parallel.sharding") is None:
+        raise OpenDiTError("--shard-weights is not available in this build (opendit.parallel.sharding is missing)")
     return Job(request, config, ckpt, steps, scheduler, cfg_scale, note, world, plan, plan_notes)
 
 
@@ -221,7 +221,7 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
     if in_distributed_env() and job.world > 1:
         return _run(job)
     if job.world > 1:
-        from opendit.parallel.launch import launch
+        from opendit.distributed.launch import launch
 
         start = time.perf_counter()
         result = launch(_worker_generate, job.world, (request,))
@@ -322,7 +322,7 @@ def _gather_rank_records(
 ) -> tuple[dict, list]:
     """Every rank's timings, peak memory, resident parameter bytes and comm counters, collected on every rank."""
     try:
-        from opendit.parallel.shard import sharded_parameter_bytes
+        from opendit.parallel.sharding import sharded_parameter_bytes
     except ImportError:  # weight sharding not in this build: every rank holds every parameter
 
         def sharded_parameter_bytes(m: torch.nn.Module) -> int:

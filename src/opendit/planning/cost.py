@@ -20,67 +20,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from opendit.distributed.config import ParallelConfig, head_split
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig
-from opendit.parallel.config import ParallelConfig, head_split
 from opendit.parallel.sequence import split_sizes
+from opendit.planning.speeds import DEFAULTS, Speeds
 
 KINDS = ("all_to_all", "all_gather", "p2p")
 # Elementwise traffic per token per block, in elements of hidden size C: two LayerNorm+modulate (12), SDPA layout
 # copies (4), gates and residuals (10), GELU over the 4C hidden (8), Ulysses/ring packing copies (~6). Counted from
 # models/dit.py; only the order of magnitude matters (it is < 10% of a step except for tiny hidden sizes).
 EW_ELEMS_PER_TOKEN = 40
-
-
-@dataclass(frozen=True)
-class Link:
-    """One collective kind on one kind of link: time = calls * latency + bytes_sent_per_rank / bandwidth."""
-
-    latency_s: float
-    bandwidth: float  # bytes per second that one rank pushes to the others (CommStats convention)
-
-    def time(self, nbytes: float, calls: int = 1) -> float:
-        return calls * self.latency_s + nbytes / self.bandwidth
-
-
-@dataclass(frozen=True)
-class Speeds:
-    """Measured (calibrate.py) or documented (calibrate.DEFAULTS) speeds of one device kind and its links."""
-
-    name: str
-    matmul_flops: float  # peak FLOP/s of one rank on large matmuls, in `dtype_bytes` precision
-    matmul_half_rows: float  # rows (batch * tokens) at which a (rows x C) @ (C x N) matmul reaches half the peak
-    attn_flops: float  # peak FLOP/s of fused attention (QK^T + PV counted as 4 * Sq * Sk * D per head)
-    attn_half_tokens: float  # key length at which attention reaches half its peak
-    mem_bw: float  # bytes/s of elementwise kernels
-    block_overhead_s: float  # fixed time per transformer block (dispatch / kernel launches), independent of size
-    links: dict[str, Link]  # within a node, per collective kind (all_to_all, all_gather, p2p)
-    inter_links: dict[str, Link] | None = None  # across nodes; None: one node
-    ranks_per_node: int = 1 << 30
-    memory_bytes: float = float("inf")  # per device
-    reserved_bytes: float = 0.0  # per device, not available to the model (CUDA context, allocator slack)
-    dtype_bytes: int = 4  # activation / weight element size these rates were measured with
-    overlap: dict[str, float] = field(default_factory=lambda: {"ring": 1.0, "weights": 1.0})
-    rank_speeds: tuple[float, ...] | None = None  # relative speed of each rank of a group (1.0 = as measured)
-    fused_attention: bool = True  # False: the math path materialises (Sq, Sk) fp32 scores
-    async_dispatch: bool = False  # True on GPUs: kernel launches overlap device work
-    source: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Speeds:
-        data = dict(data)
-        data["links"] = {k: Link(**v) for k, v in data["links"].items()}
-        if data.get("inter_links"):
-            data["inter_links"] = {k: Link(**v) for k, v in data["inter_links"].items()}
-        if data.get("rank_speeds") is not None:
-            data["rank_speeds"] = tuple(data["rank_speeds"])
-        return cls(**data)
-
-    def with_memory(self, memory_bytes: float) -> Speeds:
-        return replace(self, memory_bytes=memory_bytes)
 
 
 def _saturating(peak: float, size: float, half: float) -> float:
@@ -387,8 +337,6 @@ def block_comm(model: DiTConfig, tokens: int, batch: float, plan: ParallelConfig
     """Bytes (CommStats convention) and calls one sequence rank sends per block, per collective kind:
     {kind: {"bytes", "calls"}}. `batch` is the local batch of the rank's group. Matches ulysses_bytes, ring_bytes,
     hybrid_bytes and FastSeq's all-gather + all-to-all."""
-    from opendit.parallel.calibrate import DEFAULTS
-
     speeds = replace(DEFAULTS["cpu-gloo"], dtype_bytes=itemsize)
     sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
     heads_u = head_split(model.num_heads, plan.ulysses)

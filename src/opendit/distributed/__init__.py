@@ -1,0 +1,1 @@
+"""Process groups, the device mesh, counting communication and the one process launcher."""

@@ -1,0 +1,1 @@
+"""Sequence-parallel attention kernels, one file per strategy."""
