@@ -75,6 +75,7 @@ def _balanced_worker(plans, slow_factor, calls):
     """For each plan: rank 1 emulates a slower device; returns every call's output and the balancer's decisions."""
     import torch.distributed as dist
 
+    from opendit.diffusion.hooks import HookList, ModelCall, StepContext
     from opendit.distributed.mesh import build_runtime, init_from_env
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize, plan_record
@@ -91,12 +92,18 @@ def _balanced_worker(plans, slow_factor, calls):
             if dist.get_rank() == 1:
                 _slow_down(model, slow_factor)
             pmodel = parallelize(model, runtime)
+            hooks = HookList(pmodel.step_hooks())  # what the sampler runs around each step's model call
             outs, seconds = [], []
             with torch.no_grad():
-                for _ in range(calls):
+                for index in range(calls):
+                    ctx = StepContext(index, calls, 500.0, time.perf_counter())
+                    hooks.on_step_start(ctx)
                     start = time.perf_counter()
                     outs.append(pmodel(x, t, y))
-                    seconds.append(time.perf_counter() - start)
+                    ctx.model_calls.append(ModelCall(start, time.perf_counter()))
+                    ctx.end_s = time.perf_counter()
+                    hooks.on_step_end(ctx)
+                    seconds.append(ctx.seconds)
             record = plan_record(runtime, pmodel, 1)
             out[name] = {"outs": outs, "sizes": pmodel.token_sizes, "record": record, "seconds": seconds}
     finally:

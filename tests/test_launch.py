@@ -89,15 +89,18 @@ def test_root_failure_prefers_the_cause_over_peers_that_lost_their_connection():
 
 
 def test_fault_hook_raises_on_its_rank_and_step_only():
+    from opendit.diffusion.hooks import HookList, StepContext
     from opendit.distributed.comm import CommStats
-    from opendit.distributed.mesh import Runtime
+    from opendit.parallel.hooks import CommAccounting, FaultInjection
 
-    runtime = Runtime(None, [0], 0, torch.device("cpu"), {}, {}, CommStats(), fault=(0, 2))
-    runtime.on_step(0)
-    runtime.on_step(1)
+    stats = CommStats()
+    # accounting first here, to check that each step closed its comm counters before the fault is raised
+    hooks = HookList([CommAccounting(stats), FaultInjection(0, (0, 2)), FaultInjection(1, (0, 2))])
+    hooks.on_step_end(StepContext(0, 3, 999.0, 0.0))
+    hooks.on_step_end(StepContext(1, 3, 500.0, 0.0))
     with pytest.raises(InjectedFault, match="injected fault on rank 0 at step 2"):
-        runtime.on_step(2)
-    assert len(runtime.stats.history) == 3  # each step closed its comm counters first
+        hooks.on_step_end(StepContext(2, 3, 1.0, 0.0))
+    assert len(stats.history) == 3
 
 
 # ------------------------------------------------------------------------------------------------ processes

@@ -7,7 +7,7 @@ so any split of a batch over devices reproduces exactly the images of one device
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +20,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from opendit.diffusion.hooks import HookList, LoopInfo, ModelCall, StepContext, StepHook
 from opendit.errors import OpenDiTError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +78,7 @@ def sample(
     eta: float = 0.0,
     device: str | torch.device = "cpu",
     progress: bool = False,
-    on_step: Callable[[int], None] | None = None,
+    hooks: Sequence[StepHook] = (),
 ) -> SampleResult:
     """Denoise len(labels) images of shape (C, H, W). cfg_scale 1 means no guidance (and no unconditional pass)."""
     if steps <= 0:
@@ -99,13 +100,19 @@ def sample(
     step_kwargs = {"generator": generators} if scheduler_name == "ddpm" else {}
     if scheduler_name == "ddim":
         step_kwargs["eta"] = eta
+    hook = HookList(hooks)
+    loop = LoopInfo(len(scheduler.timesteps), len(labels), guided, [float(t) for t in scheduler.timesteps])
+    hook.on_loop_start(loop)
     step_times = []
     for index, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
-        start = time.perf_counter()
+        ctx = StepContext(index, loop.num_steps, float(t), time.perf_counter())
+        hook.on_step_start(ctx)
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x  # (B, C, H, W)
         x_in = torch.cat([x_in, x_in]) if guided else x_in  # (2B, C, H, W) with CFG
         t_batch = t.to(torch.float32).expand(x_in.shape[0])  # (2B,) or (B,)
+        call_start = time.perf_counter()
         out = model_fn(x_in, t_batch, y).float()  # (2B|B, C or 2C, H, W)
+        ctx.model_calls.append(ModelCall(call_start, time.perf_counter()))
         pred, variance = out[:, :channels], out[:, channels:]  # variance is empty unless learn_sigma
         if guided:
             cond, uncond = pred.chunk(2)  # (B, C, H, W) each
@@ -114,7 +121,8 @@ def sample(
         if scheduler_name == "ddpm" and learn_sigma:
             pred = torch.cat([pred, variance], dim=1)  # (B, 2C, H, W): diffusers' learned_range reads both halves
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample  # (B, C, H, W)
-        step_times.append(time.perf_counter() - start)
-        if on_step is not None:
-            on_step(index)
+        ctx.end_s = time.perf_counter()
+        step_times.append(ctx.seconds)
+        hook.on_step_end(ctx)
+    hook.on_loop_end(loop)
     return SampleResult(samples=x, step_times=step_times)

@@ -166,14 +166,6 @@ class Runtime:
             self._exact[name] = Comm(comm.group, comm_dtype=None, stats=self.stats)
         return self._exact[name]
 
-    def on_step(self, step: int) -> None:
-        """Called by the sampler after each denoising step: closes the step's comm counters; fault test hook."""
-        self.stats.end_step()
-        if self.fault is not None and self.fault == (global_rank(), step):
-            raise InjectedFault(
-                f"injected fault on rank {self.fault[0]} at step {step} ({ENV_FAULT}={os.environ.get(ENV_FAULT)})"
-            )
-
 
 def build_runtime(
     plan: ParallelConfig,

@@ -222,6 +222,19 @@ class DiT(nn.Module):
         pos = sincos_2d(self.config.hidden_size, *self.config.grid)  # (T, C) float64
         self.pos_embed.copy_(torch.from_numpy(pos).to(self.pos_embed.dtype).unsqueeze(0))
 
+    @torch.no_grad()
+    def set_input_size(self, config: DiTConfig) -> None:
+        """Run at another input size (same architecture): the fixed sin-cos positions are a function of the patch grid
+        (never trained), so they are recomputed for the new grid, exactly as a model built at that size has them."""
+        if replace(config, input_size=self.config.input_size) != self.config:
+            raise OpenDiTError(f"set_input_size changes only the input size; got another architecture: {config}")
+        if config.input_size == self.config.input_size:
+            return
+        old = self.pos_embed
+        self.config = config
+        self.pos_embed = nn.Parameter(old.new_zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
+        self.reset_pos_embed()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         dtype = self.pos_embed.dtype  # the compute dtype (weights and branch activations)

@@ -16,7 +16,6 @@ What the returned `ParallelModel` adds around the model (the sampler's `model_fn
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -54,20 +53,15 @@ class ParallelModel:
         return cfg_comm.all_gather(out.contiguous(), 0, [half, half])  # (2B, C_out, H, W) = [cond; uncond]
 
     def _model_call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.balancer is None or self.balancer.done:
-            return self.model(x, t, y)
-        stats = self.runtime.stats
-        waited = sum(stats.wait_s.values())
-        start = time.perf_counter()
-        out = self.model(x, t, y)
-        busy = time.perf_counter() - start - (sum(stats.wait_s.values()) - waited)  # compute, not waiting for peers
-        new_sizes = self.balancer.observe(busy)
-        if new_sizes is not None:
-            old = self.token_sizes
-            self.set_token_sizes(new_sizes)
-            gain = self.balancer.history[-1]["predicted_gain"]
-            self.notes.append(f"tokens re-split by measured speed: {old} -> {new_sizes} (predicted {gain:.0%} faster)")
-        return out
+        return self.model(x, t, y)
+
+    def step_hooks(self) -> list:
+        """The runtime's per-step hooks for the sampler, in the order they must run (see parallel/hooks.py)."""
+        from opendit.distributed.mesh import global_rank
+        from opendit.parallel.hooks import CommAccounting, FaultInjection, TokenBalancing
+
+        hooks = [TokenBalancing(self, self.runtime.stats)] if self.balancer is not None else []
+        return [*hooks, FaultInjection(global_rank(), self.runtime.fault), CommAccounting(self.runtime.stats)]
 
     def set_token_sizes(self, sizes: list[int]) -> None:
         """Re-split the sequence (exact: only which rank holds which tokens changes). Collective-free, but every rank
@@ -76,6 +70,26 @@ class ParallelModel:
             raise OpenDiTError("token sizes exist only under sequence parallelism (--ulysses / --ring)")
         install_sequence(self.model, self.runtime, check_sizes(sizes, self.runtime.plan.sp_degree))
         self.token_sizes = list(sizes)
+
+    def set_input_size(self, config) -> None:
+        """Another image size for the next calls (same architecture): new positions and a new token split, installed
+        in every kernel (exact). Every rank of the runtime must call it with the same config before the next call."""
+        if config.input_size == self.model.config.input_size:
+            return
+        if self.runtime.plan.shard_weights:
+            raise OpenDiTError(
+                "the image size is fixed when weights are sharded (--shard-weights); start a new engine for "
+                f"{config.image_size[0]}x{config.image_size[1]}"
+            )
+        plan = self.runtime.plan
+        plan.validate(self.runtime.world_size, config.num_heads, config.num_tokens, plan.dp, plan.cfg > 1)
+        self.model.set_input_size(config)
+        if self.token_sizes is not None:
+            sizes = token_split(config.num_tokens, self.runtime)
+            install_sequence(self.model, self.runtime, sizes)
+            self.token_sizes = sizes
+            if self.balancer is not None:
+                self.balancer = make_balancer(config.num_tokens, sizes, self.runtime)
 
     def image_split(self, num_images: int) -> tuple[list[int], int]:
         """(images per dp group, first image index of this rank's group)."""
@@ -87,7 +101,8 @@ class ParallelModel:
         then the blocks are all-gathered over dp. Returns all (N, C, H, W) samples on every rank."""
         sizes, first = self.image_split(len(labels))
         mine = labels[first : first + sizes[self.runtime.coords["dp"]]]
-        result = sample(self, mine, shape, first_index=first, on_step=self.runtime.on_step, **kwargs)
+        hooks = [*kwargs.pop("hooks", ()), *self.step_hooks()]
+        result = sample(self, mine, shape, first_index=first, hooks=hooks, **kwargs)
         dp_comm = self.runtime.comms["dp"]
         if dp_comm is not None:  # (N_group, C, H, W) -> (N, C, H, W) in image order
             result.samples = dp_comm.all_gather(result.samples.contiguous(), 0, sizes)
@@ -119,15 +134,18 @@ def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
     install_sequence(model, runtime, sizes)
     if plan.shard_weights:
         shard_weights(model, runtime)
-    balancer = None
-    if plan.balance_tokens:
-        exact_sp = runtime.exact("sp")
-
-        def exchange(busy_s: float) -> list[float]:  # (1,) per rank -> (P,) busy times, in sp order
-            return exact_sp.all_gather(torch.tensor([busy_s], dtype=torch.float64), 0, [1] * exact_sp.size).tolist()
-
-        balancer = TokenBalancer(cfg.num_tokens, sizes, exchange)
+    balancer = make_balancer(cfg.num_tokens, sizes, runtime) if plan.balance_tokens else None
     return ParallelModel(model, runtime, sizes, notes, balancer)
+
+
+def make_balancer(num_tokens: int, sizes: list[int], runtime: Runtime) -> TokenBalancer:
+    """--balance-tokens: a TokenBalancer whose exchange all-gathers every sequence rank's busy time (exact, fp64)."""
+    exact_sp = runtime.exact("sp")
+
+    def exchange(busy_s: float) -> list[float]:  # (1,) per rank -> (P,) busy times, in sp order
+        return exact_sp.all_gather(torch.tensor([busy_s], dtype=torch.float64), 0, [1] * exact_sp.size).tolist()
+
+    return TokenBalancer(num_tokens, sizes, exchange)
 
 
 def install_sequence(model: DiT, runtime: Runtime, sizes: list[int]) -> None:
