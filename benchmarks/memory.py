@@ -76,7 +76,8 @@ def measure_rank(case: dict) -> dict:
     import torch.distributed as dist
 
     from opendit.distributed.config import ParallelConfig
-    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize
     from opendit.parallel.sharding import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes

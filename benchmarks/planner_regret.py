@@ -54,9 +54,11 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
     """Runs on every rank: time each plan's forward; returns (on every rank) the slowest rank's median per plan."""
     import torch.distributed as dist
 
-    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize
+    from opendit.worker import image_split
 
     init_from_env(torch.device("cpu"), "gloo")
     results = []
@@ -71,7 +73,7 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
                 dist.barrier()
                 continue
-            sizes, first = pmodel.image_split(max(images, p.dp))
+            sizes, first = image_split(max(images, p.dp), runtime)
             n = sizes[runtime.coords["dp"]]
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(n, config.in_channels, *config.input_size, generator=gen)

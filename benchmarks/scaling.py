@@ -53,8 +53,8 @@ import torch.multiprocessing as mp
 
 IMPLS = ("ulysses", "ulysses-overlap", "ring", "fastseq")
 PLANS = {  # impl -> ParallelConfig kwargs at world 2
-    "ulysses": {"ulysses": 2},
-    "ulysses-overlap": {"ulysses": 2},
+    "ulysses": {"ulysses": 2, "sp_impl": "ulysses"},
+    "ulysses-overlap": {"ulysses": 2, "sp_impl": "ulysses-overlap"},
     "ring": {"ring": 2},
     "fastseq": {"ulysses": 2, "sp_impl": "fastseq"},
 }
@@ -120,13 +120,9 @@ def _gather(obj, world: int) -> list:
 
 @torch.no_grad()
 def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
-    from opendit.distributed.comm import Comm
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.mesh import build_runtime
     from opendit.parallel.apply import parallelize
-    from opendit.parallel.attention.ulysses import UlyssesAttention
-    from opendit.parallel.attention.ulysses_overlap import UlyssesOverlapAttention
-    from opendit.parallel.sequence import TokenGather
 
     tokens, impl = job["tokens"], job["impl"]
     base_rss = rss_mib("VmRSS")
@@ -140,16 +136,9 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
     if world > 1:
         runtime = build_runtime(ParallelConfig(**PLANS[impl]), "cpu")
         fn = parallelize(model, runtime)
+        # the strategy comes from the registry by name (PLANS); the gathered prediction travels through
+        # runtime.exact("sp"), a Comm of its own, so the comm-dtype runs below halve only the attention messages
         sizes, sp = fn.token_sizes, runtime.comms["sp"]
-        for block in model.blocks:  # pick the Ulysses variant explicitly, whatever parallelize's default is
-            if impl == "ulysses":
-                UlyssesOverlapAttention.uninstall(block.attn)
-                block.attn.core = UlyssesAttention(sp, sizes)
-            elif impl == "ulysses-overlap" and not hasattr(block.attn, "ulysses_overlap"):
-                UlyssesOverlapAttention.install(block.attn, sp, sizes)
-        # As with --comm-dtype (Runtime.exact): the gathered prediction always travels in fp32; the comm-dtype runs
-        # below switch only the attention messages to half precision.
-        model.token_gather = TokenGather(Comm(sp.group, stats=runtime.stats), sizes)
 
     def step() -> tuple[float, dict, torch.Tensor]:
         if world > 1:
@@ -225,6 +214,7 @@ def run_digits(rank: int, world: int, job: dict) -> dict:
     from opendit.distributed.mesh import build_runtime
     from opendit.generation import GenerationRequest, resolve_model
     from opendit.parallel.apply import parallelize
+    from opendit.worker import sample_images
 
     config, ckpt, defaults, _ = resolve_model(GenerationRequest(classes=[0], ckpt=str(job["ckpt"])))
     labels = torch.arange(10) % config.num_classes
@@ -244,7 +234,7 @@ def run_digits(rank: int, world: int, job: dict) -> dict:
         plan = ParallelConfig(ulysses=world, comm_dtype=None if name == "fp32" else name)
         runtime = build_runtime(plan, "cpu")
         pmodel = parallelize(load_model(config, ckpt), runtime)
-        got = pmodel.sample(labels, shape, **kwargs).samples  # closes a CommStats step per denoising step
+        got = sample_images(pmodel, labels, shape, **kwargs).samples  # closes a CommStats step per denoising step
         step_bytes = sum(v["bytes"] for v in runtime.stats.history[-1].values())
         out[name] = {
             "samples_err": rel_err(got, ref),

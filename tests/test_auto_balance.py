@@ -76,7 +76,8 @@ def _balanced_worker(plans, slow_factor, calls):
     import torch.distributed as dist
 
     from opendit.diffusion.hooks import HookList, ModelCall, StepContext
-    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize, plan_record
     from test_balance import CONFIG, _inputs, _slow_down

@@ -7,18 +7,11 @@ import time
 import pytest
 import torch
 
+from helpers import busy_times, refine_shares
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, build_dit, preset
-from opendit.parallel.balance import (
-    assign_requests,
-    busy_times,
-    lower_bound,
-    optimal_makespan,
-    refine_shares,
-    request_costs,
-    speed_shares,
-)
+from opendit.parallel.balance import assign_requests, lower_bound, optimal_makespan, request_costs, speed_shares
 from opendit.parallel.sequence import split_sizes
 from opendit.planning.speeds import named_hardware as hardware
 
@@ -120,7 +113,8 @@ def _slow_down(model, factor):
 def _slowed_worker(slow_factor: float, steps: int):
     import torch.distributed as dist
 
-    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
     from opendit.parallel.apply import parallelize
 
     init_from_env(torch.device("cpu"), "gloo")

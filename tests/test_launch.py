@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from opendit.distributed.launch import WorkerFailed, root_failure
-from opendit.distributed.mesh import InjectedFault, parse_fault
+from opendit.distributed.env import InjectedFault, parse_fault
+from opendit.distributed.launch import FailureReport, WorkerFailed, exit_message, root_cause
 from opendit.errors import OpenDiTError
 
 CLASSES = ["0", "3", "7"]
@@ -67,25 +67,23 @@ def test_parse_fault_hook():
         parse_fault("rank=one")
 
 
-def _failure(message: str, timestamp: int, exitcode: int = 1):
-    data = {
-        "message": {"message": message, "extraInfo": {"py_callstack": f"Traceback\n{message}", "timestamp": timestamp}}
-    }
-    return SimpleNamespace(error_file_data=data, message=message, exitcode=exitcode, error_file="<N/A>")
-
-
-def test_root_failure_prefers_the_cause_over_peers_that_lost_their_connection():
-    exc = SimpleNamespace(
-        failures={
-            0: _failure("RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:1211", 100),
-            1: _failure("InjectedFault: injected fault on rank 1 at step 2", 101),
-            2: _failure("Signal 15 (SIGTERM) received by PID 7", 99, exitcode=-15),
-        }
-    )
-    failed = root_failure(exc)
+def test_root_cause_prefers_the_cause_over_peers_that_lost_their_connection():
+    """Rank 1 raised; rank 0 then lost its connection to it and rank 2 timed out waiting (earlier clock, still a
+    symptom): the report is rank 1's, with its traceback."""
+    reports = [
+        FailureReport(0, "DistBackendError: [gloo] Connection closed by peer [127.0.0.1]:1211", "tb0", 100.0, 1),
+        FailureReport(1, "InjectedFault: injected fault on rank 1 at step 2", "Traceback\nInjectedFault", 101.0, 1),
+        FailureReport(2, "RuntimeError: [gloo] Timed out waiting 60000ms for recv", "tb2", 99.0, 1),
+    ]
+    failed = root_cause(reports).error()
     assert isinstance(failed, WorkerFailed) and failed.rank == 1 and failed.exitcode == 1
     assert str(failed) == "rank 1 failed: InjectedFault: injected fault on rank 1 at step 2"
-    assert failed.traceback.startswith("Traceback")
+    assert failed.traceback.startswith("Traceback") and failed.input_error is None
+    # a death by signal is a root cause too, and among root causes the earliest wins
+    killed = FailureReport(3, exit_message(-signal.SIGKILL), "", 100.5, -signal.SIGKILL)
+    assert root_cause([*reports, killed]).rank == 3
+    # only secondary failures: the earliest of them
+    assert root_cause([reports[0], reports[2]]).rank == 2
 
 
 def test_fault_hook_raises_on_its_rank_and_step_only():

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 
 from opendit.cli import main
-from opendit.distributed.config import ParallelConfig, default_plan, head_split, suggest_plans
+from opendit.distributed.config import ParallelConfig, default_plan, suggest_plans
 from opendit.distributed.mesh import mesh_groups
 from opendit.errors import OpenDiTError
 from opendit.generation import GenerationRequest, prepare
+from opendit.parallel.sequence import head_sizes
 
 T2 = {"model": "DiT-T/2", "image_size": 128}  # 16x16 latents: 64 tokens, 4 heads, guidance 4 by default
 
@@ -32,7 +33,7 @@ def test_ulysses_above_heads_suggests_ulysses_times_ring():
 
 def test_uneven_heads_are_exact_and_noted():
     notes = ParallelConfig(ulysses=3).validate(3, num_heads=4, num_tokens=64, num_images=1, guided=False)
-    assert head_split(4, 3) == [2, 1, 1]
+    assert head_sizes(4, 3) == [2, 1, 1]
     assert notes == [
         "ulysses degree 3 does not divide 4 heads: heads are split unevenly (2, 1, 1), exact but less balanced"
     ]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import hybrid_bytes
 from opendit.distributed.config import ParallelConfig
 from opendit.distributed.launch import launch
 
@@ -33,12 +34,15 @@ MODELS = {
 }
 SCHEDULER = {"T16": "flow-euler", "T32": "ddpm"}
 P = ParallelConfig
+# Every registered sequence-parallel strategy at every world size it runs on: ulysses-overlap is the default on a
+# ulysses degree, the plain one is asked for by name.
 PLANS = {
-    2: [P(cfg=2), P(dp=2), P(ulysses=2), P(ring=2), P(ulysses=2, sp_impl="fastseq")],
-    3: [P(dp=3), P(ulysses=3), P(ring=3), P(ulysses=3, sp_impl="fastseq")],
+    2: [P(cfg=2), P(dp=2), P(ulysses=2), P(ulysses=2, sp_impl="ulysses"), P(ring=2), P(ulysses=2, sp_impl="fastseq")],
+    3: [P(dp=3), P(ulysses=3), P(ulysses=3, sp_impl="ulysses"), P(ring=3), P(ulysses=3, sp_impl="fastseq")],
     4: [
         P(ulysses=2, ring=2),
         P(ulysses=4),
+        P(ulysses=4, sp_impl="ulysses"),
         P(ring=4),
         P(ulysses=4, sp_impl="fastseq"),
         P(cfg=2, ulysses=2),
@@ -74,7 +78,6 @@ def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[
     from opendit.parallel.attention.fastseq import fastseq_bytes
     from opendit.parallel.attention.ring import ring_bytes
     from opendit.parallel.attention.ulysses import ulysses_bytes
-    from opendit.parallel.attention.usp import hybrid_bytes
 
     wire = 2 if plan.comm_dtype else 4  # kernel activations in bf16; outputs (cfg and token gathers) always fp32
     batch = 2 * group_images // plan.cfg  # the guided batch [cond; uncond] of this dp group, halved by cfg
@@ -87,6 +90,7 @@ def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[
         r, p = coords["sp"], plan.sp_degree
         per_layer = {
             "ulysses": lambda: ulysses_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
+            "ulysses-overlap": lambda: ulysses_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
             "ring": lambda: ring_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
             "usp": lambda: hybrid_bytes(sizes, plan.ulysses, plan.ring, batch, heads, dh, rank=r, itemsize=wire),
             "fastseq": lambda: fastseq_bytes(sizes, batch, heads, dh, rank=r, itemsize=wire),
@@ -101,9 +105,12 @@ def equivalence_world() -> list[dict]:
     import torch.distributed as dist
 
     from opendit.diffusion.sampler import sample
-    from opendit.distributed.mesh import build_runtime, init_from_env
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
     from opendit.generation import decode
     from opendit.parallel.apply import parallelize
+    from opendit.planning.cost import predict_step_comm
+    from opendit.worker import image_split, sample_images
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
@@ -137,9 +144,9 @@ def equivalence_world() -> list[dict]:
             with torch.no_grad():
                 out = pmodel(x, t, y)  # (2B, C_out, H, W)
             runtime.stats.reset()
-            samples = pmodel.sample(labels, shape, **kwargs).samples
+            samples = sample_images(pmodel, labels, shape, **kwargs).samples
             img = decode(samples, config, None, torch.device("cpu"))
-            group_sizes, _ = pmodel.image_split(NUM_IMAGES)
+            group_sizes, _ = image_split(NUM_IMAGES, runtime)
             rows.append(
                 {
                     "model": name,
@@ -154,6 +161,17 @@ def equivalence_world() -> list[dict]:
                     "notes": pmodel.notes,
                     "token_sizes": pmodel.token_sizes,
                     "step_bytes": [sum(k["bytes"] for k in step.values()) for step in runtime.stats.history],
+                    "step_comm": [
+                        {kind: {"bytes": c["bytes"], "calls": c["calls"]} for kind, c in step.items()}
+                        for step in runtime.stats.history
+                    ],
+                    "predicted_comm": predict_step_comm(
+                        config,
+                        config.num_tokens,
+                        2 * group_sizes[runtime.coords["dp"]] // plan.cfg,
+                        plan,
+                        runtime.coords["sp"],
+                    ),
                     "expected_bytes": expected_step_bytes(
                         plan, config, runtime.coords, pmodel.token_sizes, group_sizes[runtime.coords["dp"]]
                     ),
@@ -203,7 +221,7 @@ def test_bf16_comm_is_close_not_exact(world_rows):
 
 def test_uneven_tokens_and_heads_at_three_ranks(world_rows):
     rows = {(r["model"], r["plan"]): r for r in world_rows if r["world"] == 3 and r["rank"] == 0}
-    assert rows[("T16", "ulysses=3 (sequence parallel: ulysses)")]["token_sizes"] == [22, 21, 21]
+    assert rows[("T16", "ulysses=3 (sequence parallel: ulysses-overlap)")]["token_sizes"] == [22, 21, 21]
     assert rows[("T32", "ring=3 (sequence parallel: ring)")]["token_sizes"] == [86, 85, 85]
     notes = " ".join(rows[("T16", "ulysses=3 (sequence parallel: ulysses)")]["notes"])
     assert "does not divide 4 heads" in notes and "2, 1, 1" in notes
@@ -215,6 +233,18 @@ def test_recorded_bytes_per_step_equal_analytic_volume(world_rows):
         assert row["step_bytes"] == [row["expected_bytes"]] * STEPS, row
     ulysses = [r for r in world_rows if r["plan"].startswith("ulysses=3 (") and r["model"] == "T32"]
     assert [r["expected_bytes"] for r in sorted(ulysses, key=lambda r: r["rank"])][0] > 0
+
+
+def test_cost_model_predicts_the_recorded_calls_and_bytes_of_every_strategy(world_rows):
+    """The cost model's per-kind calls and bytes (from each registered strategy's declaration) equal what every
+    rank recorded in every step, for every strategy at every world size above."""
+    from opendit.parallel.registry import strategies
+
+    seen = {r["plan"].split("sequence parallel: ")[-1].rstrip(")") for r in world_rows if "sequence" in r["plan"]}
+    assert set(strategies()) <= seen, f"strategies never run here: {set(strategies()) - seen}"
+    for row in world_rows:
+        for step in row["step_comm"]:
+            assert step == row["predicted_comm"], (row["plan"], row["world"], row["rank"])
 
 
 # ------------------------------------------------------------------------------------------------ the real CLI

@@ -22,7 +22,10 @@ def test_enumeration_is_complete_and_valid():
     assert (1, 1, 2, 2, "usp", True) in described
     assert (1, 2, 2, 1, "fastseq", False) in described
     assert (1, 1, 4, 1, "ulysses", False) in described and (1, 1, 1, 4, "ring", False) in described
-    assert len(plans) == 8 + 6 + 6 + 1  # sp 4 (dp1 cfg1), sp 2 (cfg2 or dp2), dp2 x cfg2; dp 4 > 2 images
+    assert (1, 1, 4, 1, "ulysses-overlap", True) in described
+    # sp 4 (dp1 cfg1): ulysses 4 x 3 kernels, ring 4, usp 2x2, each x sharding = 10; sp 2 (cfg2 or dp2): 4 kernels x
+    # sharding = 8 each; dp2 x cfg2: 1; dp 4 > 2 images
+    assert len(plans) == 10 + 8 + 8 + 1
     for p in plans:
         p.validate(4, 16, 1024, 2, True)
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import opendit.models.dit as dit_module
+from helpers import psnr, relative_error
 from opendit.diffusion.sampler import sample
 from opendit.errors import OpenDiTError
 from opendit.generation import DEFAULT_CKPT, decode
 from opendit.models.dit import DiTConfig, build_dit, pixel_config
-from opendit.precision import check_finite, parse_dtype, psnr, relative_error, residual_dtype
+from opendit.precision import check_finite, parse_dtype, residual_dtype
 
 HALF = [torch.bfloat16, torch.float16]
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from helpers import hybrid_bytes, ring_calls
 from opendit.distributed.comm import Comm, CommStats
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention, local_attention
@@ -25,10 +26,9 @@ from opendit.parallel.attention.ring import (
     attention_with_lse,
     merge_attention,
     ring_bytes,
-    ring_calls,
 )
 from opendit.parallel.attention.ulysses import UlyssesAttention, head_sizes, ulysses_bytes, ulysses_calls
-from opendit.parallel.attention.usp import HybridAttention, group_sizes, hybrid_bytes
+from opendit.parallel.attention.usp import HybridAttention, group_sizes
 from opendit.parallel.sequence import TokenGather, TokenShard, offsets, split_sizes
 
 TOL = 1e-5  # max relative error, fp32

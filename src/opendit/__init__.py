@@ -1,7 +1,25 @@
-"""OpenDiT: fast, memory-efficient, exact multi-device inference and training of Diffusion Transformers."""
+"""OpenDiT: fast, memory-efficient, exact multi-device inference and training of Diffusion Transformers.
+
+The public names load on first use, so that a worker process (training, calibration) that needs only one submodule
+does not pay for importing the engine, the sampler and diffusers.
+"""
+
+import importlib
 
 from opendit.errors import OpenDiTError
-from opendit.generation import GenerationRequest, GenerationResult, generate, save_outputs
 
-__all__ = ["OpenDiTError", "GenerationRequest", "GenerationResult", "generate", "save_outputs"]
+_EXPORTS = {
+    "Engine": "opendit.engine",
+    "generate": "opendit.engine",
+    "GenerationRequest": "opendit.generation",
+    "GenerationResult": "opendit.outputs",
+    "save_outputs": "opendit.outputs",
+}
+__all__ = ["Engine", "OpenDiTError", "GenerationRequest", "GenerationResult", "generate", "save_outputs"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'opendit' has no attribute {name!r}")

@@ -91,13 +91,7 @@ def roundtrip_accuracy(judge: dict, resolution: int) -> float:
 
 
 def generate_digits(
-    model: DiT,
-    per_class: int,
-    steps: int,
-    cfg_scale: float,
-    seed: int = 0,
-    batch_size: int = 50,
-    scheduler: str | None = None,
+    model: DiT, per_class: int, steps: int, cfg_scale: float, seed: int = 0, batch_size: int = 50, scheduler=None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """per_class samples of every class with the project sampler. Returns images (N, C, H, W), labels (N,), seconds.
 

@@ -1,38 +1,30 @@
-"""`generate()`: conditions -> noise -> denoising loop -> decode -> images + a record. CLI and API both call it."""
+"""Requests: what a generation asks for, resolved (model, sampling defaults, parallel plan) and validated in the caller.
 
-import importlib.util
-import json
-import os
-import resource
-import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+Two levels, because an `opendit.Engine` loads a model once and then serves many calls:
+- engine level (`resolve_engine` -> `EngineSpec`): model source, dtype, VAE, device, processes, parallel plan;
+- call level (`resolve_call` -> `Call`): classes, seed, steps, guidance, scheduler, image size.
+Both are checked here, before any process is started or any message is sent, so a bad request raises OpenDiTError in
+the caller and never reaches (or hangs) a worker. `prepare(request)` does both for a one-shot request (-> `Job`), and
+`generate(request)` runs it on a one-shot engine (engine.py); per-rank execution is in worker.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw
-
-from opendit.checkpoint import file_sha256, load_model, read_sidecar_config
-from opendit.diffusion.sampler import make_scheduler, sample
+from opendit.checkpoint import read_sidecar_config
+from opendit.diffusion.sampler import make_scheduler
 from opendit.distributed.config import ParallelConfig, default_plan
-from opendit.distributed.mesh import (
-    build_runtime,
-    env_world_size,
-    global_rank,
-    in_distributed_env,
-    init_from_env,
-    pick_device,
-)
+from opendit.distributed.env import env_world_size, in_distributed_env
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, pixel_config, preset
-from opendit.parallel.apply import parallelize, plan_record
+from opendit.outputs import VAE_SCALE, GenerationResult, decode, labelled_grid, save_outputs  # noqa: F401 - re-exported
+from opendit.parallel.registry import get_strategy
 from opendit.precision import parse_dtype
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CKPT = WEIGHTS_DIR / "digits.safetensors"
-VAE_SCALE = 0.18215  # stabilityai/sd-vae-ft-* latent scaling used by DiT
 
 
 @dataclass
@@ -52,16 +44,52 @@ class GenerationRequest:
     nproc: int | None = None  # processes; None: 1, or torchrun's world, or the plan's product of degrees
     parallel: ParallelConfig | None = None  # degrees and options; None (or all degrees 1): chosen for nproc
     parallel_auto: bool = False  # with nproc > 1 and no degrees: the planner chooses (cost model), not default_plan
+    trace: str | None = None  # write a Chrome trace JSON of the call (every rank's steps) to this file
 
 
 @dataclass
-class GenerationResult:
-    images: np.ndarray  # (B, H, W, C) uint8
-    labels: list[int]
-    record: dict = field(default_factory=dict)
+class EngineSpec:
+    """The engine-level request, resolved: what every rank needs to load and parallelise the model once."""
 
-    def pil_images(self) -> list[Image.Image]:
-        return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in self.images]
+    settings: GenerationRequest  # the engine-level fields (classes and per-call fields unused)
+    config: DiTConfig  # at the engine's default image size
+    ckpt: str | None
+    defaults: dict  # the model's steps, scheduler and cfg_scale
+    note: str | None
+    world: int
+    plan: ParallelConfig
+    plan_notes: list[str]
+    load_config: DiTConfig | None = None  # the checkpoint's own size, when `config` is another (set after loading)
+
+
+@dataclass
+class Call:
+    """One generate() call, validated: the small picklable message the caller sends to the serving ranks."""
+
+    classes: list[int]
+    seed: int
+    steps: int
+    scheduler: str
+    cfg_scale: float
+    config: DiTConfig  # the model at this call's image size
+    request: dict  # the record's "request" entry
+    trace: str | None = None  # absolute path of the Chrome trace to write, or None
+
+
+@dataclass
+class Job:
+    """A request resolved and validated: everything every rank needs, checked before any process is started."""
+
+    request: GenerationRequest
+    config: DiTConfig
+    ckpt: str | None
+    steps: int
+    scheduler: str
+    cfg_scale: float
+    note: str | None
+    world: int  # processes: 1, --nproc, or torchrun's WORLD_SIZE
+    plan: ParallelConfig
+    plan_notes: list[str]
 
 
 def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, dict, str | None]:
@@ -95,48 +123,110 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
     return config, ckpt, defaults, note
 
 
-def decode(samples: torch.Tensor, config: DiTConfig, vae_path: str | None, device: torch.device) -> np.ndarray:
-    """Model-space samples (B, C, h, w) -> uint8 images (B, H, W, C)."""
-    if config.latent:
-        if vae_path is None:
-            raise OpenDiTError(
-                "this is a latent model: pass --vae DIR (a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema)"
-            )
-        from diffusers import AutoencoderKL
+def resolve_engine(
+    settings: GenerationRequest, images: int | None = None, cfg_scale: float | None = None
+) -> EngineSpec:
+    """Resolve the model and the processes, and choose the plan once (cheap: no weights are read).
 
-        try:
-            vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
-        except Exception as exc:
-            raise OpenDiTError(
-                f"cannot load the VAE from {vae_path}: {exc}; pass a local AutoencoderKL folder"
-            ) from exc
-        with torch.no_grad():
-            samples = vae.decode(samples.to(device) / VAE_SCALE).sample  # (B, 3, H, W) in [-1, 1]
-    pixels = ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+    The automatic plan (no degrees given) depends on the batch and on guidance: a one-shot request passes its own
+    (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
+    automatic plan ever needs more images than a call has (dp is used only when asked for)."""
+    parse_dtype(settings.dtype)
+    config, ckpt, defaults, note = resolve_model(settings)
+    world = _world_size(settings)
+    guided = (cfg_scale if cfg_scale is not None else defaults["cfg_scale"]) != 1.0
+    plan, plan_notes = choose_plan(settings, config, world, images or 1, guided)
+    # Our checkpoints carry their own size: load at it, then move to the requested one (the sin-cos positions are
+    # recomputed, never trained), so any valid size works. Other checkpoints load at the requested size, as before.
+    sidecar = read_sidecar_config(ckpt) if ckpt else None
+    native = DiTConfig.from_dict(sidecar["model"]) if sidecar is not None else None
+    load_config = native if native is not None and native.input_size != config.input_size else None
+    return EngineSpec(settings, config, ckpt, defaults, note, world, plan, plan_notes, load_config)
 
 
-@dataclass
-class Job:
-    """A request resolved and validated: everything every rank needs, checked before any process is started."""
+def choose_plan(
+    request: GenerationRequest, config: DiTConfig, world: int, images: int, guided: bool
+) -> tuple[ParallelConfig, list[str]]:
+    """The plan the request asks for, or (no degrees given, world > 1) one chosen for it, with notes saying why."""
+    plan = request.parallel or ParallelConfig()
+    notes: list[str] = []
+    if world == 1 or plan.world_size != 1:
+        return plan, notes
+    strategy = get_strategy(plan.sp_impl) if plan.sp_impl != "auto" else None
+    if strategy is not None and len(strategy.uses) == 1:  # no degrees but a one-dimension kernel: all processes on it
+        plan, why = replace(plan, **{strategy.uses[0]: world}), f"--sp-impl {plan.sp_impl} over all {world} processes"
+    else:
+        if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
+            from opendit.planning.planner import auto_plan
 
-    request: GenerationRequest
-    config: DiTConfig
-    ckpt: str | None
-    steps: int
-    scheduler: str
-    cfg_scale: float
-    note: str | None
-    world: int  # processes: 1, --nproc, or torchrun's WORLD_SIZE
-    plan: ParallelConfig
-    plan_notes: list[str]
+            auto, why = auto_plan(config, world, images, guided)
+        else:
+            auto, why = default_plan(world, config.num_heads, guided)
+        plan = replace(
+            plan,
+            dp=auto.dp,
+            cfg=auto.cfg,
+            ulysses=auto.ulysses,
+            ring=auto.ring,
+            sp_impl=auto.sp_impl if plan.sp_impl == "auto" else plan.sp_impl,
+            shard_weights=plan.shard_weights or auto.shard_weights,
+        )
+    if plan.balance_tokens and plan.sp_degree == 1:  # asked for, but the chosen plan has no sequence to split
+        plan = replace(plan, balance_tokens=False)
+        notes.append("--balance-tokens not used: the chosen plan has no sequence parallelism")
+    notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
+    return plan, notes
+
+
+def check_plan(plan: ParallelConfig, world: int, config: DiTConfig, images: int, guided: bool) -> list[str]:
+    """Raise OpenDiTError if the plan cannot run this batch at this size; return the notes on exact fallbacks."""
+    from opendit.planning.planner import check_request
+
+    notes = check_request(plan, config, world, images, guided)  # an invalid plan's message names the nearest valid
+    if plan.shard_weights and plan.sp_degree == 1:
+        raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
+    return notes
+
+
+def check_sampling(
+    config: DiTConfig, defaults: dict, classes: list[int], steps: int | None, cfg_scale: float | None, scheduler
+) -> tuple[int, str, float]:
+    """(steps, scheduler, cfg_scale) with the model's defaults filled in; OpenDiTError naming the fix if invalid."""
+    if not classes:
+        raise OpenDiTError("no classes given; pass e.g. --classes 0 1 2")
+    steps = steps if steps is not None else defaults["steps"]
+    scheduler = scheduler or defaults["scheduler"]
+    cfg_scale = float(cfg_scale if cfg_scale is not None else defaults["cfg_scale"])
+    if steps <= 0:
+        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
+    if cfg_scale < 1.0:
+        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+    make_scheduler(scheduler, config.prediction, config.learn_sigma)  # raises on a scheduler/model mismatch
+    bad = [c for c in classes if not 0 <= c < config.num_classes]
+    if bad:
+        raise OpenDiTError(f"class id {bad[0]} is outside this model's range 0..{config.num_classes - 1}")
+    return int(steps), scheduler, cfg_scale
+
+
+def resolve_call(spec: EngineSpec, request: GenerationRequest) -> Call:
+    """Validate one call against the engine (model, plan) and resolve its defaults; nothing is sent before this."""
+    classes = [int(c) for c in request.classes]
+    steps, scheduler, cfg_scale = check_sampling(
+        spec.config, spec.defaults, classes, request.steps, request.cfg_scale, request.scheduler
+    )
+    config = spec.config
+    if request.image_size is not None:
+        config = spec.config.with_image_size(request.image_size)
+    if config.input_size != spec.config.input_size and spec.plan.shard_weights:
+        size = f"{config.image_size[0]}x{config.image_size[1]}"
+        raise OpenDiTError(
+            f"the image size is fixed when weights are sharded (--shard-weights): this engine makes "
+            f"{spec.config.image_size[0]}x{spec.config.image_size[1]}; start a new engine for {size}"
+        )
+    if spec.world > 1:
+        check_plan(spec.plan, spec.world, config, len(classes), cfg_scale != 1.0)
+    record = asdict(replace(request, classes=classes))
+    return Call(classes, int(request.seed), steps, scheduler, cfg_scale, config, record, request.trace)
 
 
 def prepare(request: GenerationRequest) -> Job:
@@ -145,50 +235,13 @@ def prepare(request: GenerationRequest) -> Job:
         raise OpenDiTError("no classes given; pass e.g. --classes 0 1 2")
     parse_dtype(request.dtype)
     config, ckpt, defaults, note = resolve_model(request)
-    steps = request.steps if request.steps is not None else defaults["steps"]
-    scheduler = request.scheduler or defaults["scheduler"]
-    cfg_scale = request.cfg_scale if request.cfg_scale is not None else defaults["cfg_scale"]
-    if steps <= 0:
-        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
-    if cfg_scale < 1.0:
-        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-    make_scheduler(scheduler, config.prediction, config.learn_sigma)  # raises on a scheduler/model mismatch
-    bad = [c for c in request.classes if not 0 <= c < config.num_classes]
-    if bad:
-        raise OpenDiTError(f"class id {bad[0]} is outside this model's range 0..{config.num_classes - 1}")
+    steps, scheduler, cfg_scale = check_sampling(
+        config, defaults, request.classes, request.steps, request.cfg_scale, request.scheduler
+    )
     world = _world_size(request)
     guided = cfg_scale != 1.0
-    plan = request.parallel or ParallelConfig()
-    plan_notes = []
-    if world > 1 and plan.world_size == 1:  # no degrees given: pick them (or follow --sp-impl)
-        if plan.sp_impl in ("ring", "ulysses", "fastseq"):
-            degrees = {"ring": world} if plan.sp_impl == "ring" else {"ulysses": world}
-            plan, why = replace(plan, **degrees), f"--sp-impl {plan.sp_impl} over all {world} processes"
-        else:
-            if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
-                from opendit.planning.planner import auto_plan
-
-                auto, why = auto_plan(config, world, len(request.classes), guided)
-            else:
-                auto, why = default_plan(world, config.num_heads, guided)
-            plan = replace(
-                plan,
-                dp=auto.dp,
-                cfg=auto.cfg,
-                ulysses=auto.ulysses,
-                ring=auto.ring,
-                sp_impl=auto.sp_impl if plan.sp_impl == "auto" else plan.sp_impl,
-                shard_weights=plan.shard_weights or auto.shard_weights,
-            )
-        if plan.balance_tokens and plan.sp_degree == 1:  # asked for, but the chosen plan has no sequence to split
-            plan = replace(plan, balance_tokens=False)
-            plan_notes.append("--balance-tokens not used: the chosen plan has no sequence parallelism")
-        plan_notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
-    plan_notes += plan.validate(world, config.num_heads, config.num_tokens, len(request.classes), guided)
-    if plan.shard_weights and plan.sp_degree == 1:
-        raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
-    if plan.shard_weights and importlib.util.find_spec("opendit.parallel.sharding") is None:
-        raise OpenDiTError("--shard-weights is not available in this build (opendit.parallel.sharding is missing)")
+    plan, plan_notes = choose_plan(request, config, world, len(request.classes), guided)
+    plan_notes += check_plan(plan, world, config, len(request.classes), guided)
     return Job(request, config, ckpt, steps, scheduler, cfg_scale, note, world, plan, plan_notes)
 
 
@@ -209,181 +262,16 @@ def _world_size(request: GenerationRequest) -> int:
     return request.parallel.world_size if request.parallel is not None else 1
 
 
-def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
-    """Generate one image per entry of `classes`. Keyword arguments are GenerationRequest fields.
-
-    With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
-    inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
-    Scripts that pass nproc > 1 must call it under `if __name__ == "__main__":` (workers are spawned).
-    """
-    request = request or GenerationRequest(**kwargs)
-    job = prepare(request)
-    if in_distributed_env() and job.world > 1:
-        return _run(job)
-    if job.world > 1:
-        from opendit.distributed.launch import launch
-
-        start = time.perf_counter()
-        result = launch(_worker_generate, job.world, (request,))
-        result.record["timing"]["with_launch_s"] = time.perf_counter() - start  # + process start and rendezvous
-        return result
-    return _run(job)
-
-
-def _worker_generate(request: GenerationRequest) -> GenerationResult | None:
-    """Entry point of each worker that `generate(nproc=N)` starts; only rank 0's result travels back."""
-    result = generate(request)
-    return result if global_rank() == 0 else None
-
-
-def _run(job: Job) -> GenerationResult:
-    """Load, sample, decode on this process; with job.world > 1, as one rank of the job (process group from env)."""
-    request, config = job.request, job.config
-    start = time.perf_counter()
-    runtime = None
-    owns_group = False
-    if job.world > 1:
-        device, backend = pick_device(request.device)
-        owns_group = init_from_env(device, backend)
-        runtime = build_runtime(job.plan, device)
-    else:
-        device = torch.device(request.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        progress = request.progress and (runtime is None or global_rank() == 0)
-        if job.note and progress:
-            print(f"note: {job.note}", file=sys.stderr)
-        dtype = parse_dtype(request.dtype)
-        model = load_model(config, job.ckpt, device=device, dtype=dtype)
-        load_time = time.perf_counter() - start
-        labels = torch.tensor(request.classes, dtype=torch.long)
-        kwargs = {
-            "num_classes": config.num_classes,
-            "scheduler_name": job.scheduler,
-            "prediction": config.prediction,
-            "learn_sigma": config.learn_sigma,
-            "steps": job.steps,
-            "cfg_scale": job.cfg_scale,
-            "seed": request.seed,
-            "device": device,
-            "progress": progress,
-        }
-        shape = (config.in_channels, *config.input_size)
-        if runtime is None:
-            result = sample(model, labels, shape, **kwargs)
-            parallel = {"world_size": 1, "describe": job.plan.describe(), "config": job.plan.to_dict(), "notes": []}
-            comm, ranks = None, None
-        else:
-            pmodel = parallelize(model, runtime)
-            result = pmodel.sample(labels, shape, **kwargs)  # every rank ends with all (N, C, H, W) samples
-            parallel = plan_record(runtime, pmodel, len(labels))
-            parallel["notes"] = list(dict.fromkeys(job.plan_notes + parallel["notes"]))
-            parallel["backend"] = dist.get_backend()
-            if device.type == "cpu" and request.device is None and torch.cuda.is_available():
-                parallel["notes"].append(
-                    f"{torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes on this "
-                    "node: every rank needs its own GPU, so this job ran on CPU with gloo"
-                )
-            comm, ranks = _gather_rank_records(runtime, model, load_time, result.step_times, device)
-        images = decode(result.samples, config, request.vae, device) if runtime is None or runtime.index == 0 else None
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
-    if images is None:  # ranks > 0 of a parallel job: rank 0 holds the images
-        return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=list(request.classes))
-    record = {
-        "request": asdict(request),
-        "resolved": {
-            "steps": job.steps,
-            "scheduler": job.scheduler,
-            "cfg_scale": job.cfg_scale,
-            "dtype": str(parse_dtype(request.dtype)),
-        },
-        "model": config.to_dict(),
-        "checkpoint": job.ckpt,
-        "checkpoint_sha256": file_sha256(job.ckpt) if job.ckpt else None,
-        "note": job.note,
-        "device": str(device),
-        "parallel": parallel,
-        "timing": {
-            "load_s": load_time,
-            "sampling_s": sum(result.step_times),
-            "per_step_s": result.step_times,
-            "total_s": time.perf_counter() - start,
-        },
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "comm": comm,
-        "ranks": ranks,
-    }
-    return GenerationResult(images=images, labels=list(request.classes), record=record)
-
-
-def _gather_rank_records(
-    runtime, model: torch.nn.Module, load_s: float, step_times: list[float], device: torch.device
-) -> tuple[dict, list]:
-    """Every rank's timings, peak memory, resident parameter bytes and comm counters, collected on every rank."""
-    try:
-        from opendit.parallel.sharding import sharded_parameter_bytes
-    except ImportError:  # weight sharding not in this build: every rank holds every parameter
-
-        def sharded_parameter_bytes(m: torch.nn.Module) -> int:
-            return sum(p.numel() * p.element_size() for p in m.parameters())
-
-    history = runtime.stats.history  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
-    after = runtime.stats.snapshot()  # after the last step: the dp gather of the samples
-    mine = {
-        "rank": global_rank(),
-        "coords": runtime.coords,
-        "load_s": load_s,
-        "sampling_s": sum(step_times),
-        "per_step_s": step_times,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "parameter_bytes": sharded_parameter_bytes(model),  # this rank's shards under --shard-weights
-        "comm_per_step": history,
-        "comm_after_sampling": after,
-    }
-    everyone: list = [None] * runtime.world_size
-    dist.all_gather_object(everyone, mine, group=runtime.group("all"))
-    per_step_total = []
-    for step in range(len(history)):
-        total: dict[str, dict[str, float]] = {}
-        for rank in everyone:
-            for kind, counts in rank["comm_per_step"][step].items():
-                slot = total.setdefault(kind, {"calls": 0, "bytes": 0})
-                slot["calls"] += counts["calls"]
-                slot["bytes"] += counts["bytes"]
-        per_step_total.append(total)
-    comm = {
-        "convention": "bytes = payload a rank sends to other ranks (wire dtype); calls per op kind",
-        "rank0_per_step": everyone[0]["comm_per_step"],
-        "all_ranks_per_step": per_step_total,
-    }
-    return comm, everyone
-
-
-def save_outputs(result: GenerationResult, out_dir: str | Path, label_names: list[str] | None = None) -> Path:
-    """Write DIR/samples.png (a labelled grid), DIR/NNN_class-K.png per image and DIR/record.json."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    images = result.pil_images()
-    for index, (img, label) in enumerate(zip(images, result.labels)):
-        img.save(out / f"{index:03d}_class-{label}.png")
-    labelled_grid(images, result.labels, label_names).save(out / "samples.png")
-    (out / "record.json").write_text(json.dumps(result.record, indent=2, default=str))
-    return out / "samples.png"
-
-
-def labelled_grid(images: list[Image.Image], labels: list[int], names: list[str] | None = None) -> Image.Image:
-    """Images (upscaled to at least 96 px, nearest) in a grid of up to 10 columns, each with its class printed above."""
-    scale = max(1, -(-96 // max(images[0].size)))
-    tile_w, tile_h = images[0].size[0] * scale, images[0].size[1] * scale
-    caption, pad = 14, 4
-    cols = min(10, len(images))
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * (tile_w + pad) + pad, rows * (tile_h + caption + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, (img, label) in enumerate(zip(images, labels)):
-        x = pad + (index % cols) * (tile_w + pad)
-        y = pad + (index // cols) * (tile_h + caption + pad)
-        draw.text((x, y), names[label] if names else f"class {label}", fill="black")
-        grid.paste(img.convert("RGB").resize((tile_w, tile_h), Image.NEAREST), (x, y + caption))
-    return grid
+# GenerationRequest fields that configure an Engine (the rest are per call).
+ENGINE_FIELDS = (
+    "model",
+    "ckpt",
+    "vae",
+    "dtype",
+    "nproc",
+    "parallel",
+    "parallel_auto",
+    "device",
+    "image_size",
+    "progress",
+)

@@ -71,15 +71,3 @@ def check_finite(x: torch.Tensor, what: str = "model output") -> torch.Tensor:
             f"(fp16 max {FP16_MAX:.0f}); run with --dtype bf16 (fp32's exponent range) or --dtype fp32"
         )
     return x
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB between two images/batches (inf when identical)."""
-    mse = float(((a.detach().double() - b.detach().double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(data_range**2 / mse)).item()
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max |ref| in fp64: one number for 'how far is this precision from the reference'."""
-    ref = ref.detach().double()
-    return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))

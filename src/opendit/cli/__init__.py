@@ -7,6 +7,8 @@ from opendit.errors import OpenDiTError
 
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    from opendit.parallel.registry import strategies
+
     parser = subparsers.add_parser("sample", help="generate class-conditional images")
     parser.add_argument("--model", help="preset name (see `opendit models`); default: the shipped digits model")
     parser.add_argument("--ckpt", help="checkpoint: official DiT .pt, training .pt, or our .safetensors (+ .json)")
@@ -21,6 +23,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--out", default="outputs", help="output folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--trace", metavar="FILE", help="write a Chrome trace JSON of the sampling loop, every rank (ui.perfetto.dev)"
+    )
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -29,9 +34,10 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     par.add_argument("--ring", type=int, help="ring-attention sequence degree")
     par.add_argument(
         "--sp-impl",
-        choices=("auto", "ulysses", "ring", "usp", "fastseq"),
+        choices=("auto", *strategies()),  # every registered strategy (opendit plan --list-strategies)
         default="auto",
-        help="sequence-parallel kernel (default: from the degrees; fastseq uses the --ulysses degree)",
+        help="sequence-parallel strategy (default: the registry's for the degrees, ulysses-overlap on --ulysses; "
+        "fastseq and ulysses use the --ulysses degree)",
     )
     par.add_argument("--comm-dtype", choices=("bf16", "fp16"), help="send activations in this dtype")
     par.add_argument("--shard-weights", action="store_true", help="shard weights over the sequence-parallel group")
@@ -76,35 +82,30 @@ def parallel_config(args: argparse.Namespace):
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from opendit.distributed.mesh import global_rank, in_distributed_env, quiet_unless_rank0
-    from opendit.generation import GenerationRequest, generate, save_outputs
+    from opendit.distributed.env import global_rank, in_distributed_env, quiet_unless_rank0
+    from opendit.engine import generate
+    from opendit.generation import GenerationRequest
+    from opendit.outputs import save_outputs
 
     if in_distributed_env():  # a torchrun worker
         quiet_unless_rank0()
 
+    # flags named as the request's fields pass straight through; the others are translated
+    same = ("classes", "model", "ckpt", "image_size", "steps", "scheduler", "cfg_scale", "seed", "dtype", "vae")
     request = GenerationRequest(
-        classes=args.classes,
-        model=args.model,
-        ckpt=args.ckpt,
-        image_size=args.image_size,
-        steps=args.steps,
-        scheduler=args.scheduler,
-        cfg_scale=args.cfg_scale,
-        seed=args.seed,
-        dtype=args.dtype,
-        vae=args.vae,
-        device=args.device,
+        **{name: getattr(args, name) for name in (*same, "device", "nproc", "trace")},
         progress=not args.no_progress,
-        nproc=args.nproc,
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",
     )
-    result = generate(request)
+    result = generate(request)  # a one-shot opendit.Engine (the plan chosen for this batch and guidance)
     if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
         return 0
     grid = save_outputs(result, args.out)
     timing = result.record["timing"]
     print(f"wrote {grid} and {len(result.labels)} images to {args.out}/ (sampling {timing['sampling_s']:.2f} s)")
+    if args.trace:
+        print(f"wrote the trace of every rank to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
     if result.record.get("note"):
         print(f"note: {result.record['note']}")
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from opendit.errors import OpenDiTError
+
 GIB = 1 << 30
 
 
@@ -29,11 +31,14 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, help="sequence length instead of an image size (e.g. video latents)")
     parser.add_argument("--images", type=int, default=1, help="images in the request")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="1 disables guidance (no CFG pair)")
-    parser.add_argument("--nproc", type=int, required=True, help="devices / processes")
+    parser.add_argument("--nproc", type=int, help="devices / processes (required unless --list-strategies)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
     parser.add_argument("--top", type=int, default=5, help="plans to print")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--list-strategies", action="store_true", help="list the registered sequence-parallel strategies and exit"
+    )
     _add_speed_args(parser)
     parser.set_defaults(func=run_plan)
     return parser
@@ -51,7 +56,20 @@ def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def list_strategies() -> int:
+    from opendit.parallel.registry import strategies
+
+    for name, strategy in strategies().items():
+        default = " (default for this layout)" if strategy.auto else ""
+        print(f"{name:<16} runs on: {' x '.join(strategy.uses)}{default}\n{'':<16} {strategy.summary}")
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
+    if args.list_strategies:
+        return list_strategies()
+    if args.nproc is None:
+        raise OpenDiTError("opendit plan needs --nproc N (the devices to plan for)")
     from opendit.models.dit import preset
     from opendit.planning.planner import plan
 

@@ -85,17 +85,17 @@ class HookList(StepHook):
         self.hooks = list(hooks)
 
     def on_loop_start(self, loop: LoopInfo) -> None:
-        for hook in self.hooks:
-            hook.on_loop_start(loop)
+        self._each("on_loop_start", loop)
 
     def on_step_start(self, ctx: StepContext) -> None:
-        for hook in self.hooks:
-            hook.on_step_start(ctx)
+        self._each("on_step_start", ctx)
 
     def on_step_end(self, ctx: StepContext) -> None:
-        for hook in self.hooks:
-            hook.on_step_end(ctx)
+        self._each("on_step_end", ctx)
 
     def on_loop_end(self, loop: LoopInfo) -> None:
+        self._each("on_loop_end", loop)
+
+    def _each(self, event: str, arg) -> None:
         for hook in self.hooks:
-            hook.on_loop_end(loop)
+            getattr(hook, event)(arg)

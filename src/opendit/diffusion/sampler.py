@@ -50,6 +50,18 @@ def make_scheduler(name: str, prediction: str, learn_sigma: bool):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
+def check_sampling(labels: torch.Tensor, num_classes: int, steps: int, cfg_scale: float) -> torch.Tensor:
+    """The sampler's own preconditions (callers that build requests check them earlier, with the CLI's wording)."""
+    if steps <= 0:
+        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
+    if cfg_scale < 1.0:
+        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise OpenDiTError(f"class id {int(bad[0])} is outside this model's range 0..{num_classes - 1}")
+    return labels
+
+
 def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.Generator]:
     """One CPU generator per image, seeded `seed + index`: identical on every rank and independent of batching."""
     return [torch.Generator("cpu").manual_seed(seed + first_index + i) for i in range(count)]
@@ -59,6 +71,19 @@ def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.
 class SampleResult:
     samples: torch.Tensor  # (B, C, H, W) fp32, the denoised model-space tensor (latents or pixels in [-1, 1])
     step_times: list[float] = field(default_factory=list)  # seconds per denoising step
+
+
+def guide(out: torch.Tensor, channels: int, cfg_scale: float, keep_variance: bool) -> torch.Tensor:
+    """The model output (2B|B, C or 2C, H, W) -> the scheduler's input (B, C or 2C, H, W): classifier-free guidance
+    on the prediction channels; the learned variance (if kept) is the conditional half's, as DiT does."""
+    pred, variance = out[:, :channels], out[:, channels:]  # variance is empty unless learn_sigma
+    if cfg_scale != 1.0:
+        cond, uncond = pred.chunk(2)  # (B, C, H, W) each
+        pred = uncond + cfg_scale * (cond - uncond)
+        variance = variance.chunk(2)[0]
+    if keep_variance:
+        pred = torch.cat([pred, variance], dim=1)  # (B, 2C, H, W): diffusers' learned_range reads both halves
+    return pred
 
 
 @torch.no_grad()
@@ -81,14 +106,7 @@ def sample(
     hooks: Sequence[StepHook] = (),
 ) -> SampleResult:
     """Denoise len(labels) images of shape (C, H, W). cfg_scale 1 means no guidance (and no unconditional pass)."""
-    if steps <= 0:
-        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
-    if cfg_scale < 1.0:
-        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-    labels = labels.to(device)
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise OpenDiTError(f"class id {int(bad[0])} is outside this model's range 0..{num_classes - 1}")
+    labels = check_sampling(labels.to(device), num_classes, steps, cfg_scale)
     scheduler = make_scheduler(scheduler_name, prediction, learn_sigma)
     scheduler.set_timesteps(steps, device=device)
     generators = image_generators(seed, len(labels), first_index)
@@ -113,13 +131,7 @@ def sample(
         call_start = time.perf_counter()
         out = model_fn(x_in, t_batch, y).float()  # (2B|B, C or 2C, H, W)
         ctx.model_calls.append(ModelCall(call_start, time.perf_counter()))
-        pred, variance = out[:, :channels], out[:, channels:]  # variance is empty unless learn_sigma
-        if guided:
-            cond, uncond = pred.chunk(2)  # (B, C, H, W) each
-            pred = uncond + cfg_scale * (cond - uncond)
-            variance = variance.chunk(2)[0]  # the learned variance of the conditional half, as DiT does
-        if scheduler_name == "ddpm" and learn_sigma:
-            pred = torch.cat([pred, variance], dim=1)  # (B, 2C, H, W): diffusers' learned_range reads both halves
+        pred = guide(out, channels, cfg_scale, keep_variance=scheduler_name == "ddpm" and learn_sigma)
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample  # (B, C, H, W)
         ctx.end_s = time.perf_counter()
         step_times.append(ctx.seconds)

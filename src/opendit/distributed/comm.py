@@ -20,6 +20,12 @@ part a rank keeps for itself is excluded. It is algorithm-independent (NCCL's ri
 summing it over ranks gives the total volume that crosses links. Examples for a tensor of N bytes on P ranks:
 all_gather of this rank's shard -> N * (P - 1); ring_exchange -> N; all_to_all -> N minus the chunk kept locally;
 broadcast -> N * (P - 1) on the source, 0 elsewhere.
+
+Event log (`CommStats.enable_events()`, off by default: `events` is None and nothing is timed beyond the counters):
+one `CommEvent` per op, {kind, bytes, issued_s, wait_start_s, wait_end_s} in perf_counter seconds. `record()` returns
+the op's event and the code that waits for the op hands it back, `record_wait(kind, seconds, event=...)`, so an op
+issued async and waited later is one event from issue to wait end (CommHandle and sharding's _AllWorks do this).
+parallel/trace.py turns the log into Chrome trace events and a busy/waiting summary.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,14 +42,52 @@ import torch.distributed as dist
 
 from opendit.errors import OpenDiTError
 
-# torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; same semantics.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; same semantics. The one shim.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(eq=False, slots=True)
+class CommEvent:
+    """One collective in the event log (perf_counter seconds on this process's clock): issued at `issued_s`, blocked
+    in wait() from `wait_start_s` to `wait_end_s` (None until waited). `blocked_s` sums the op's waits: FSDP2 may wait
+    on a Work more than once, and only the first wait blocks. `linked` is False for a wait nobody issued through
+    `record` (its event starts at the wait and carries no bytes), so that no blocked time escapes the log."""
+
+    kind: str
+    bytes: int
+    issued_s: float
+    wait_start_s: float | None = None
+    wait_end_s: float | None = None
+    blocked_s: float = 0.0
+    linked: bool = True
+
+    def complete(self, start_s: float, end_s: float) -> None:
+        if self.wait_start_s is None:
+            self.wait_start_s = start_s
+        self.wait_end_s = end_s
+        self.blocked_s += end_s - start_s
+
+    @property
+    def waited(self) -> bool:
+        return self.wait_end_s is not None
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "bytes": self.bytes,
+            "issued_s": self.issued_s,
+            "wait_start_s": self.wait_start_s,
+            "wait_end_s": self.wait_end_s,
+            "blocked_s": self.blocked_s,
+            "linked": self.linked,
+        }
 
 
 class CommStats:
     """Calls, bytes (see the module docstring for the convention) and blocked wait time per op kind.
 
-    `end_step()` closes a denoising step: it appends a snapshot to `history` and resets the counters.
+    `end_step()` closes a denoising step: it appends a snapshot to `history` and resets the counters. The optional
+    event log (`enable_events()`) is independent of the counters: resets and `end_step()` leave it alone.
     """
 
     def __init__(self) -> None:
@@ -53,15 +98,44 @@ class CommStats:
         # Set to a list to also log (kind, seconds) per wait, in call order (benchmarks pair the same op across ranks:
         # the rank that arrived last waited only for the transfer, the other one also for its peer's compute).
         self.trace: list[tuple[str, float]] | None = None
+        # None = off: record() then costs exactly the two counter updates (no clock read, no allocation).
+        self.events: list[CommEvent] | None = None
 
-    def record(self, kind: str, nbytes: int) -> None:
+    def enable_events(self) -> list[CommEvent]:
+        """Start (or keep) logging one CommEvent per op; returns the log. Idempotent: an existing log is kept."""
+        if self.events is None:
+            self.events = []
+        return self.events
+
+    def disable_events(self) -> None:
+        """Stop logging. Events already handed out are still completed by their waits."""
+        self.events = None
+
+    def record(self, kind: str, nbytes: int) -> CommEvent | None:
+        """Count one op issued now; with the event log on, returns its event (pass it to `record_wait`)."""
         self.calls[kind] += 1
         self.bytes[kind] += int(nbytes)
+        if self.events is None:
+            return None
+        event = CommEvent(kind, int(nbytes), time.perf_counter())
+        self.events.append(event)
+        return event
 
-    def record_wait(self, kind: str, seconds: float) -> None:
+    def record_wait(
+        self, kind: str, seconds: float, event: CommEvent | None = None, end_s: float | None = None
+    ) -> None:
+        """Count `seconds` blocked waiting for an op of `kind` that ended at `end_s` (default: now); `event` (what
+        `record` returned for that op) gets the wait. With the log on and no event, a wait-only event is logged."""
         self.wait_s[kind] += seconds
         if self.trace is not None:
             self.trace.append((kind, seconds))
+        if event is None and self.events is None:
+            return
+        end = time.perf_counter() if end_s is None else end_s
+        if event is None:
+            event = CommEvent(kind, 0, end - seconds, linked=False)
+            self.events.append(event)
+        event.complete(end - seconds, end)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{kind: {"calls", "bytes", "wait_s"}} for the counters since the last reset."""
@@ -90,13 +164,22 @@ class CommStats:
 
 
 class CommHandle:
-    """An in-flight collective. `wait()` blocks until it is done and returns its result (once; later calls reuse it)."""
+    """An in-flight collective. `wait()` blocks until it is done and returns its result (once; later calls reuse it).
+    `event`: what `stats.record` returned when the op was issued (None with the event log off); its wait completes it.
+    """
 
     def __init__(
-        self, works: list[Any], finish: Callable[[], Any], stats: CommStats, kind: str, keep: tuple = ()
+        self,
+        works: list[Any],
+        finish: Callable[[], Any],
+        stats: CommStats,
+        kind: str,
+        keep: tuple = (),
+        event: CommEvent | None = None,
     ) -> None:
         self._works, self._finish, self._stats, self._kind = works, finish, stats, kind
         self._keep = keep  # buffers that must outlive the transfer (dropped after wait)
+        self._event = event
         self._done, self._result = False, None
 
     def wait(self) -> Any:
@@ -104,9 +187,10 @@ class CommHandle:
             start = time.perf_counter()
             for work in self._works:
                 work.wait()
-            self._stats.record_wait(self._kind, time.perf_counter() - start)
+            end = time.perf_counter()
+            self._stats.record_wait(self._kind, end - start, event=self._event, end_s=end)
             self._result, self._done = self._finish(), True
-            self._works, self._keep = [], ()
+            self._works, self._keep, self._event = [], (), None
         return self._result
 
 
@@ -114,14 +198,59 @@ def _done_handle(result: Any, stats: CommStats, kind: str) -> CommHandle:
     return CommHandle([], lambda: result, stats, kind)
 
 
-def _check_sizes(name: str, sizes: Sequence[int], parts: int) -> list[int]:
+def check_sizes(sizes: Sequence[int], parts: int, what: str = "seq_sizes", minimum: int = 1) -> list[int]:
+    """One size >= `minimum` per rank of a group of `parts` ranks (collectives take 0 for an empty chunk; kernels
+    need >= 1 token per rank); returns them as a list of ints."""
     sizes = [int(s) for s in sizes]
-    if len(sizes) != parts or any(s < 0 for s in sizes):
+    if len(sizes) != parts or any(s < minimum for s in sizes):
+        kind = "positive" if minimum >= 1 else "non-negative"
         raise OpenDiTError(
-            f"{name} must list one non-negative size per rank of the group ({parts} ranks), got {sizes}; "
-            "compute them with opendit.parallel.sequence.split_sizes(length, group_size)"
+            f"{what} must give a {kind} size for each of the {parts} ranks of the group, got {sizes}; "
+            f"compute them with opendit.parallel.sequence.split_sizes(total, {parts})"
         )
     return sizes
+
+
+def _a2a_check(xs, scatter_dim: int, gather_dim: int, scatter_sizes, gather_sizes, p: int, me: int):
+    """all_to_all's input contract: tensors of one shape and dtype whose dims match the split sizes. Returns the
+    normalised (scatter dim, gather dim, scatter sizes, gather sizes)."""
+    if not xs or any(t.shape != xs[0].shape or t.dtype != xs[0].dtype for t in xs):
+        raise OpenDiTError("all_to_all packs tensors of one shape and dtype; got " + str([t.shape for t in xs]))
+    ndim = xs[0].dim()
+    sd, gd = scatter_dim % ndim, gather_dim % ndim
+    s_sizes = check_sizes(scatter_sizes, p, "scatter_sizes", minimum=0)
+    g_sizes = check_sizes(gather_sizes, p, "gather_sizes", minimum=0)
+    if xs[0].shape[sd] != sum(s_sizes):
+        raise OpenDiTError(
+            f"all_to_all: dim {sd} has {xs[0].shape[sd]} entries but scatter_sizes sum to {sum(s_sizes)} ({s_sizes})"
+        )
+    if sd != gd and xs[0].shape[gd] != g_sizes[me]:
+        raise OpenDiTError(
+            f"all_to_all: dim {gd} of this rank has {xs[0].shape[gd]} entries but "
+            f"gather_sizes[{me}] = {g_sizes[me]} ({g_sizes})"
+        )
+    return sd, gd, s_sizes, g_sizes
+
+
+def _a2a_layout(xs: list[torch.Tensor], sd: int, gd: int, s_sizes: list[int], g_sizes: list[int], me: int):
+    """How all_to_all lays out T tensors in its flat buffers: (moved views, chunked dim, send shapes, recv shapes).
+
+    Same dim (sd == gd): per tensor x -> (N, *rest); chunk j is (s_j, T, *rest), so the pieces arriving from ranks
+    0..P-1, each (g_j, T, *rest), concatenate into (G, T, *rest) = a plain view of the receive buffer.
+    Different dims: per tensor (gather, scatter) move to the front, x -> (G_me, N_s, *other); chunk j is
+    (G_me, T, s_j, *other), so the pieces, each (G_j, T, s_me, *other), concatenate into (G, T, s_me, *other)."""
+    n_t = len(xs)
+    if sd == gd:
+        moved = [t.movedim(sd, 0) for t in xs]  # T x (N, *rest)
+        other = tuple(moved[0].shape[1:])
+        sends = [(s, n_t, *other) for s in s_sizes]
+        recvs = [(g, n_t, *other) for g in g_sizes]
+        return moved, 0, sends, recvs
+    moved = [t.movedim((gd, sd), (0, 1)) for t in xs]  # T x (G_me, N_s, *other)
+    g_me, other = moved[0].shape[0], tuple(moved[0].shape[2:])
+    sends = [(g_me, n_t, s, *other) for s in s_sizes]
+    recvs = [(g, n_t, s_sizes[me], *other) for g in g_sizes]
+    return moved, 1, sends, recvs
 
 
 class Comm:
@@ -190,63 +319,29 @@ class Comm:
         """
         many = not isinstance(x, torch.Tensor)
         xs = list(x) if many else [x]
-        if not xs or any(t.shape != xs[0].shape or t.dtype != xs[0].dtype for t in xs):
-            raise OpenDiTError("all_to_all packs tensors of one shape and dtype; got " + str([t.shape for t in xs]))
         p, me = self.size, self.rank
-        ndim = xs[0].dim()
-        sd, gd = scatter_dim % ndim, gather_dim % ndim
-        s_sizes = _check_sizes("scatter_sizes", scatter_sizes, p)
-        g_sizes = _check_sizes("gather_sizes", gather_sizes, p)
-        if xs[0].shape[sd] != sum(s_sizes):
-            raise OpenDiTError(
-                f"all_to_all: dim {sd} has {xs[0].shape[sd]} entries but scatter_sizes sum to "
-                f"{sum(s_sizes)} ({s_sizes})"
-            )
-        if sd != gd and xs[0].shape[gd] != g_sizes[me]:
-            raise OpenDiTError(
-                f"all_to_all: dim {gd} of this rank has {xs[0].shape[gd]} entries but "
-                f"gather_sizes[{me}] = {g_sizes[me]} ({g_sizes})"
-            )
+        sd, gd, s_sizes, g_sizes = _a2a_check(xs, scatter_dim, gather_dim, scatter_sizes, gather_sizes, p, me)
         kind = "all_to_all"
         if p == 1:
             result = xs if many else x
             return _done_handle(result, self.stats, kind) if async_op else result
         n_t = len(xs)
         dtype, wire = xs[0].dtype, self._wire_dtype(xs[0].dtype)
-        if sd == gd:
-            # Same dim: per tensor x -> (N, *rest). Chunk j is laid out (s_j, T, *rest), so the pieces arriving from
-            # ranks 0..P-1, each (g_j, T, *rest), concatenate into (G, T, *rest) = a plain view of the buffer.
-            moved = [t.movedim(sd, 0) for t in xs]  # T x (N, *rest)
-            other = tuple(moved[0].shape[1:])
-            cdim = 0  # dim of `moved` that is chunked
-        else:
-            # Different dims: per tensor, move (gather, scatter) to the front, x -> (G_me, N_s, *other).
-            # Chunk j is laid out (G_me, T, s_j, *other) so that the pieces arriving from ranks 0..P-1,
-            # each (G_j, T, s_me, *other), concatenate into (G, T, s_me, *other) = a plain view of the buffer.
-            moved = [t.movedim((gd, sd), (0, 1)) for t in xs]  # T x (G_me, N_s, *other)
-            g_me = moved[0].shape[0]
-            other = tuple(moved[0].shape[2:])
-            cdim = 1
-
-        def send_shape(j: int) -> tuple[int, ...]:
-            return (s_sizes[j], n_t, *other) if sd == gd else (g_me, n_t, s_sizes[j], *other)
-
-        def recv_shape(j: int) -> tuple[int, ...]:
-            return (g_sizes[j], n_t, *other) if sd == gd else (g_sizes[j], n_t, s_sizes[me], *other)
-
+        moved, cdim, send_shapes, recv_shapes = _a2a_layout(xs, sd, gd, s_sizes, g_sizes, me)
+        other = send_shapes[0][2 if sd == gd else 3 :]
         starts = [sum(s_sizes[:j]) for j in range(p)]
-        send_numel = [math.prod(send_shape(j)) for j in range(p)]
-        recv_numel = [math.prod(recv_shape(j)) for j in range(p)]
+        send_numel = [math.prod(shape) for shape in send_shapes]
+        recv_numel = [math.prod(shape) for shape in recv_shapes]
         send = torch.empty(sum(send_numel), dtype=wire, device=xs[0].device)  # flat send buffer, chunk j at offset
         offset = 0
         for j in range(p):
-            view = send[offset : offset + send_numel[j]].view(send_shape(j))
+            view = send[offset : offset + send_numel[j]].view(send_shapes[j])
             for t in range(n_t):  # the one copy of the data (casts to the wire dtype on the way)
                 view.select(1, t).copy_(moved[t].narrow(cdim, starts[j], s_sizes[j]))
             offset += send_numel[j]
         recv = torch.empty(sum(recv_numel), dtype=wire, device=xs[0].device)
         work = dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=True)
-        self.stats.record(kind, (sum(send_numel) - send_numel[me]) * wire.itemsize)
+        event = self.stats.record(kind, (sum(send_numel) - send_numel[me]) * wire.itemsize)
 
         def finish() -> Any:
             buf = recv if wire == dtype else recv.to(dtype)
@@ -258,7 +353,7 @@ class Comm:
                 outs = [full[:, t].movedim((0, 1), (gd, sd)) for t in range(n_t)]
             return outs if many else outs[0]
 
-        handle = CommHandle([work], finish, self.stats, kind, keep=(send,))
+        handle = CommHandle([work], finish, self.stats, kind, keep=(send,), event=event)
         return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ all-gather
@@ -270,7 +365,7 @@ class Comm:
         """
         p, me = self.size, self.rank
         dim = dim % x.dim()
-        sizes = _check_sizes("sizes", sizes, p)
+        sizes = check_sizes(sizes, p, "sizes", minimum=0)
         if x.shape[dim] != sizes[me]:
             raise OpenDiTError(
                 f"all_gather: this rank (rank {me}) holds {x.shape[dim]} entries along dim {dim} "
@@ -287,18 +382,18 @@ class Comm:
         recv = torch.empty(sum(numel), dtype=wire, device=x.device)  # flat (N, *rest) in rank order
         if len(set(sizes)) == 1:
             send = moved.to(wire).contiguous().view(-1)  # (n_me * rest,)
-            work = _all_gather_single(recv, send, group=self.group, async_op=True)
+            work = all_gather_single(recv, send, group=self.group, async_op=True)
         else:
             send = torch.empty(numel[me] * p, dtype=wire, device=x.device)
             send.view(p, *moved.shape).copy_(moved.unsqueeze(0).expand(p, *moved.shape))  # (P, n_me, *rest)
             work = dist.all_to_all_single(recv, send, numel, [numel[me]] * p, group=self.group, async_op=True)
-        self.stats.record(kind, numel[me] * (p - 1) * wire.itemsize)
+        event = self.stats.record(kind, numel[me] * (p - 1) * wire.itemsize)
 
         def finish() -> torch.Tensor:
             buf = recv if wire == dtype else recv.to(dtype)
             return buf.view(sum(sizes), *rest).movedim(0, dim)  # (..., N, ...)
 
-        handle = CommHandle([work], finish, self.stats, kind)
+        handle = CommHandle([work], finish, self.stats, kind, event=event)
         return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ ring P2P
@@ -320,9 +415,9 @@ class Comm:
             dist.P2POp(dist.irecv, recv, self._global((me - shift) % p), self.group),
         ]
         works = dist.batch_isend_irecv(ops)
-        self.stats.record(kind, send.numel() * wire.itemsize)
+        event = self.stats.record(kind, send.numel() * wire.itemsize)
         finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
-        return self._complete(CommHandle(works, finish, self.stats, kind, keep=(send,)), True)
+        return self._complete(CommHandle(works, finish, self.stats, kind, keep=(send,), event=event), True)
 
     # ------------------------------------------------------------------------------------------------ broadcast
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
@@ -337,14 +432,14 @@ class Comm:
         dtype, wire = x.dtype, self._wire_dtype(x.dtype)
         buf = x if wire == dtype else x.to(wire)
         work = dist.broadcast(buf, self._global(src), group=self.group, async_op=True)
-        self.stats.record(kind, buf.numel() * wire.itemsize * (p - 1) if me == src else 0)
+        event = self.stats.record(kind, buf.numel() * wire.itemsize * (p - 1) if me == src else 0)
 
         def finish() -> torch.Tensor:
             if buf is not x:
                 x.copy_(buf)
             return x
 
-        handle = CommHandle([work], finish, self.stats, kind)
+        handle = CommHandle([work], finish, self.stats, kind, event=event)
         return self._complete(handle, async_op)
 
     def barrier(self) -> None:

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, replace
 
 from opendit.errors import OpenDiTError
 
-SP_IMPLS = ("ulysses", "ring", "usp", "fastseq")
 MESH_DIMS = ("dp", "cfg", "ring", "ulysses")
 
 
@@ -20,7 +19,7 @@ class ParallelConfig:
     cfg: int = 1  # 2: conditional and unconditional halves of the CFG batch on different groups
     ulysses: int = 1  # head-parallel sequence degree (Ulysses all-to-all, or FastSeq), innermost
     ring: int = 1  # ring-attention sequence degree
-    sp_impl: str = "auto"  # ulysses | ring | usp | fastseq; auto derives it from the degrees
+    sp_impl: str = "auto"  # a registered strategy (parallel/registry.py); auto: the registry's choice for the degrees
     shard_weights: bool = False  # shard parameters over the sequence-parallel group, gather per block
     comm_dtype: str | None = None  # send activations in bf16/fp16 while computing in the model dtype
     token_shares: tuple[float, ...] | None = None  # relative speed per sequence rank (load balancing); None: even
@@ -39,11 +38,9 @@ class ParallelConfig:
         """The sequence-parallel kernel this config runs ("none" without sequence parallelism)."""
         if self.sp_impl != "auto":
             return self.sp_impl
-        if self.sp_degree == 1:
-            return "none"
-        if self.ulysses > 1 and self.ring > 1:
-            return "usp"
-        return "ulysses" if self.ulysses > 1 else "ring"
+        from opendit.parallel.registry import auto_strategy
+
+        return auto_strategy(self.ulysses, self.ring)
 
     def describe(self) -> str:
         parts = [f"{name}={getattr(self, name)}" for name in MESH_DIMS if getattr(self, name) > 1]
@@ -72,8 +69,6 @@ class ParallelConfig:
                 f"{self.world_size} must equal the number of processes {world_size}; valid plans for {world_size}: "
                 + "; ".join(p.describe() for p in suggest_plans(world_size, num_heads, guided)[:4])
             )
-        if self.sp_impl not in ("auto", *SP_IMPLS):
-            raise OpenDiTError(f"unknown sp-impl {self.sp_impl!r}; choose one of {', '.join(SP_IMPLS)}")
         if self.cfg not in (1, 2):
             raise OpenDiTError(f"cfg degree must be 1 or 2 (the two halves of guidance), got {self.cfg}")
         if self.cfg == 2 and not guided:
@@ -85,18 +80,11 @@ class ParallelConfig:
                 f"sequence-parallel degree {self.sp_degree} exceeds the {num_tokens} tokens; use a larger image or "
                 f"at most {num_tokens} sequence ranks"
             )
-        impl = self.impl
-        if impl == "fastseq" and self.ring > 1:
-            raise OpenDiTError("fastseq does not combine with ring; use --sp-impl usp for ulysses x ring")
-        if impl in ("ulysses", "fastseq") and self.ring > 1 or impl == "ring" and self.ulysses > 1:
-            raise OpenDiTError(f"sp-impl {impl} contradicts ulysses={self.ulysses}, ring={self.ring}; use usp")
-        if impl == "usp" and (self.ulysses == 1 or self.ring == 1):
-            raise OpenDiTError("sp-impl usp needs both --ulysses > 1 and --ring > 1")
+        notes = self._check_strategy(num_heads, num_tokens)
         if self.balance_tokens and self.sp_degree == 1:
             raise OpenDiTError("--balance-tokens re-splits the sequence; add --ulysses or --ring (or drop it)")
         if self.token_shares is not None and len(self.token_shares) != self.sp_degree:
             raise OpenDiTError(f"token shares need one entry per sequence rank ({self.sp_degree})")
-        notes = []
         if self.ulysses > num_heads:
             inner = max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and self.ulysses % d == 0)
             raise OpenDiTError(
@@ -104,19 +92,33 @@ class ParallelConfig:
                 f"--ring {self.ring * self.ulysses // inner} (or --ring {self.sp_degree})"
             )
         if self.ulysses > 1 and num_heads % self.ulysses:
+            from opendit.parallel.sequence import head_sizes
+
             notes.append(
                 f"ulysses degree {self.ulysses} does not divide {num_heads} heads: heads are split unevenly "
-                f"({', '.join(map(str, head_split(num_heads, self.ulysses)))}), exact but less balanced"
+                f"({', '.join(map(str, head_sizes(num_heads, self.ulysses)))}), exact but less balanced"
+            )
+        return notes
+
+    def _check_strategy(self, num_heads: int, num_tokens: int) -> list[str]:
+        """The sequence-parallel strategy's own rules (parallel/registry.py): it must run on these degrees."""
+        from opendit.models.spec import ModelDims
+        from opendit.parallel.registry import get_strategy, strategies_for
+
+        if self.sp_impl == "auto":
+            return []
+        strategy = get_strategy(self.sp_impl)  # raises for an unknown name, listing the registered ones
+        notes = strategy.check(self, ModelDims(1, num_heads, num_heads, num_tokens))
+        if self.sp_degree > 1 and not strategy.accepts(self.ulysses, self.ring):
+            fits = ", ".join(s.name for s in strategies_for(self.ulysses, self.ring)) or "none"
+            raise OpenDiTError(
+                f"sp-impl {strategy.name} runs on {' x '.join(strategy.uses)} only, but the plan has "
+                f"ulysses={self.ulysses}, ring={self.ring}; strategies for this layout: {fits}"
             )
         return notes
 
     def with_degrees(self, **degrees: int) -> "ParallelConfig":
         return replace(self, **degrees)
-
-
-def head_split(num_heads: int, parts: int) -> list[int]:
-    """Heads per rank: the first num_heads % parts ranks take one more."""
-    return [num_heads // parts + (i < num_heads % parts) for i in range(parts)]
 
 
 def suggest_plans(world_size: int, num_heads: int, guided: bool) -> list[ParallelConfig]:

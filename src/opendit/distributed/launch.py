@@ -1,144 +1,443 @@
-"""Spawn N local workers with torch's elastic launcher (the machinery behind `torchrun`) and return rank 0's result.
+"""The library's one process launcher: a `WorkerPool` of long-lived local workers, and `launch` (one call) on top.
 
-    result = launch(fn, nproc=4, args=(request,))   # fn(*args) runs in 4 processes; rank 0's return value comes back
+    with WorkerPool(serve, nproc=4, args=(spec,)) as pool:  # serve(channel, spec) runs in 4 processes
+        pool.send(request)                                   # -> channel.recv() in rank 0
+        answer = pool.recv()                                 # <- channel.send(answer) in rank 0
+    result = launch(fn, nproc=4, args=(request,))           # fn(*args) on every rank; rank 0's return value
 
-Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), so the
-code it runs is the same code that runs under `torchrun --nproc-per-node N -m opendit ...`: it initialises the
-process group from env (opendit.distributed.mesh.init_from_env). Rendezvous is c10d on localhost with a free port, as
-`torchrun --standalone` does.
-
-Failure: if any worker raises, the agent (polling every 0.1 s) terminates the others and `launch` raises
-WorkerFailed with THAT rank's message (the first observed failure, preferring the root cause over peers that only
-saw their connection drop). No restarts: inference is not elastic. Ranks > 0 print nothing but errors.
+Design:
+- Processes are spawned (never forked: the parent may hold threads, CUDA state or a process group). Each worker sets
+  the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT) in its own
+  entry function, before anything in it reads the environment, so the code it runs initialises its process group
+  with `init_from_env(...)` exactly as under `torchrun --nproc-per-node N`. Ranks > 0 print nothing but errors.
+- Rendezvous: the parent hosts the job's TCPStore on a port the OS picks (port 0, so two jobs never race for one)
+  and passes it as MASTER_PORT with TORCHELASTIC_USE_AGENT_STORE=True, which makes env:// connect every rank as a
+  client of that store (the arrangement torchrun's agent uses). The store lives as long as the pool. A worker
+  initialises the default process group once per lifetime: a second init on the same store finds the first one's
+  keys and hangs, so long-lived workers keep their group between requests.
+- Channels: one duplex pipe per worker. The parent never waits on one worker alone: `recv` waits
+  (multiprocessing.connection.wait) on every channel and every process sentinel, so a worker that raises or dies ends
+  the wait at once, not after some peer's collective times out.
+- Failures: a worker's entry wrapper catches whatever its target raises, sends a FailureReport (message, traceback,
+  time) and exits 1; for a death without a report (a signal, os._exit) the parent writes the report from the exit
+  code. One failure usually makes its peers fail too, only because their connection to it dropped, so the parent
+  collects reports for a short grace and reports the earliest that is not such a secondary failure (`root_cause`),
+  then terminates the others (SIGTERM, SIGKILL after a grace). No restarts: inference is not elastic.
+- Shutdown: close() closes the parent's channel ends (a worker blocked in channel.recv() then exits quietly), waits
+  for the workers, terminates and kills the rest and reaps every one. A multiprocessing Finalize does the same if an
+  open pool is garbage-collected or the interpreter exits, so no worker outlives its pool.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import multiprocessing
 import os
 import re
-import uuid
+import signal
+import sys
+import time
+import traceback
+from collections import deque
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.util import Finalize
 from typing import Any
 
 from opendit.errors import OpenDiTError
 
-# Messages that mean "a peer went away", not a root cause: prefer any other failure when picking the one to report.
-_SECONDARY = re.compile(r"Signal \d+|Connection closed by peer|Connection reset|DistBackendError|Timed out|timed out")
-_AGENT_LOGGERS = (
-    "torch.distributed.elastic.multiprocessing.api",
-    "torch.distributed.elastic.agent.server.api",
-    "torch.distributed.elastic.agent.server.local_elastic_agent",
-    "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
-    "torch.distributed.launcher.api",
-    "torch.multiprocessing.spawn",
+# Messages that mean "a peer went away", not a root cause: any other failure is preferred as the one to report.
+_SECONDARY = re.compile(
+    r"Connection closed by peer|Connection reset|Broken pipe|DistBackendError|Timed out|timed out|"
+    r"NCCL communicator was aborted|remote process exited"
 )
+GRACE_S = 1.0  # after a first failure, how long to collect the other ranks' reports to find the root cause
+KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL
+GC_CLOSE_TIMEOUT_S = 5.0  # close() of a pool nobody closed (garbage-collected, or the interpreter exits)
 
 
 class WorkerFailed(RuntimeError):
-    """A worker raised: `rank` is its global rank, `message` its exception as 'Type: text'."""
+    """A worker raised or died: `rank` is its global rank, `message` its exception as 'Type: text' (or how it died),
+    `traceback` its formatted traceback ('' for a death), `exitcode` its exit status (negative: killed by a signal).
+    `input_error` is the text of an OpenDiTError (bad input) the worker raised, else None."""
 
-    def __init__(self, rank: int, message: str, exitcode: int | None = None, traceback: str = ""):
+    def __init__(
+        self, rank: int, message: str, exitcode: int | None = None, traceback: str = "", input_error: str | None = None
+    ):
         super().__init__(f"rank {rank} failed: {message}")
         self.rank, self.message, self.exitcode, self.traceback = rank, message, exitcode, traceback
+        self.input_error = input_error
 
 
-def _worker(fn: Callable, args: tuple, threads: int) -> Any:
-    """Runs in each spawned process: quiet ranks > 0, one share of the CPU threads, then fn(*args)."""
-    import torch
+@dataclass
+class FailureReport:
+    """One rank's failure, as the worker sent it (or the parent wrote it for a death without a report)."""
 
-    from opendit.distributed.mesh import quiet_unless_rank0
+    rank: int
+    message: str
+    traceback: str = ""
+    timestamp: float = 0.0  # time.time() when it failed (the parent's, when it saw a death)
+    exitcode: int | None = None
+    input_error: str | None = None
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
-    quiet_unless_rank0()
-    return fn(*args)
+    @property
+    def secondary(self) -> bool:
+        """True if this only says a peer went away (a symptom of another rank's failure)."""
+        return bool(_SECONDARY.search(self.message))
+
+    def error(self) -> WorkerFailed:
+        return WorkerFailed(self.rank, self.message, self.exitcode, self.traceback, self.input_error)
 
 
-def _error_data(failure: Any) -> dict:
-    """The 'message' entry of a worker's error file: {"message": "Type: text", "extraInfo": {"py_callstack", ...}}."""
-    data = getattr(failure, "error_file_data", None) or {}
-    message = data.get("message") if isinstance(data, dict) else None
-    return message if isinstance(message, dict) else {"message": message or failure.message}
+def root_cause(reports: list[FailureReport]) -> FailureReport:
+    """The failure to report: the earliest that is not a secondary one (a dropped connection, a timeout); deaths by
+    signal count as root causes. Only secondary ones: the earliest of them."""
+    primary = [r for r in reports if not r.secondary]
+    return min(primary or reports, key=lambda r: (r.timestamp, r.rank))
 
 
-def _sibling_failures(failure: Any) -> list[tuple[int, dict]]:
-    """Every worker's error file of this attempt: the agent reports only the first process it saw exit, which may
-    be a peer that died of the root cause's dropped connection. Files: <log dir>/<run>/attempt_k/<local rank>/."""
-    path = Path(str(getattr(failure, "error_file", "")))
-    found = []
-    if path.name == "error.json" and path.parent.parent.is_dir():
-        for rank_dir in path.parent.parent.iterdir():
-            error_file = rank_dir / "error.json"
-            if rank_dir.name.isdigit() and error_file.is_file():
+def exit_message(exitcode: int) -> str:
+    """How a worker that sent no report ended: 'killed by signal SIGKILL (out of memory?)', 'exit code 3'."""
+    if exitcode >= 0:
+        return f"exit code {exitcode}"
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:
+        name = str(-exitcode)
+    # the kernel's OOM killer is the usual sender of a SIGKILL nobody asked for
+    return f"killed by signal {name}" + (" (out of memory?)" if -exitcode == signal.SIGKILL else "")
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+class _ParentGone(SystemExit):
+    """The parent closed this worker's channel (the pool was closed, or the parent died): exit quietly."""
+
+
+class WorkerChannel:
+    """A worker's end of its channel: `rank` is its global rank; send() goes to the parent, recv() takes the next
+    object the parent sent to this rank. Once the parent has closed the pool both end the worker quietly."""
+
+    def __init__(self, rank: int, conn: Connection):
+        self.rank = rank
+        self._conn = conn
+
+    def send(self, obj: Any) -> None:
+        try:
+            self._conn.send(obj)
+        except (BrokenPipeError, ConnectionResetError):
+            raise _ParentGone(0) from None
+
+    def recv(self) -> Any:
+        try:
+            return self._conn.recv()
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            raise _ParentGone(0) from None
+
+
+def _report(conn: Connection, rank: int, exc: BaseException) -> None:
+    """Send this worker's failure to the parent; if the parent cannot hear it, print it (the exit code still tells)."""
+    text = str(exc)
+    report = FailureReport(
+        rank,
+        f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
+        "".join(traceback.format_exception(exc)),
+        time.time(),
+        1,
+        text if isinstance(exc, OpenDiTError) else None,
+    )
+    try:
+        conn.send(report)
+    except Exception:  # the channel is gone; stderr is the last place to say it
+        print(report.traceback, file=sys.stderr)
+
+
+def _release_ipc() -> None:
+    """Run multiprocessing's exit finalizers (priority >= 0: semaphores, pools), as a normal exit would. Without
+    this a worker leaving by os._exit or SIGTERM leaves its semaphores (tqdm creates one) registered with the
+    resource tracker it shares with the parent, which then warns of 'leaked semaphore objects' at the parent's exit.
+    Priority < 0 (queue feeder joins) is skipped: it may wait on a peer that is gone."""
+    from multiprocessing import util
+
+    try:
+        util._run_finalizers(0)
+    except Exception:  # a broken finalizer must not keep a failed worker alive
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """The pool's SIGTERM: release IPC objects, then die of the signal as the default action would. (A main thread
+    blocked in C runs this only once the call returns; the pool's SIGKILL after KILL_GRACE_S covers that.)"""
+    _release_ipc()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _exit_now(status: int) -> None:
+    """Leave by os._exit: after a failure, interpreter shutdown can block (a process group's destructor waiting on
+    dead peers, non-daemon threads); any report is already in the pipe and the parent reaps us anyway."""
+    _release_ipc()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream must not mask the exit
+            pass
+    os._exit(status)
+
+
+def _entry(target: Callable, rank: int, conn: Connection, env: dict, threads: int, args: tuple) -> None:
+    """Runs in each spawned process: the torchrun environment first (before anything reads it), a share of the
+    CPU threads, ranks > 0 quiet, then target(channel, *args). Any exception becomes a report and exit status 1."""
+    os.environ.update(env)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        import torch
+
+        from opendit.distributed.env import quiet_unless_rank0
+
+        if "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS is the user's choice
+            torch.set_num_threads(threads)
+        quiet_unless_rank0()
+        target(WorkerChannel(rank, conn), *args)
+    except _ParentGone:
+        _exit_now(0)
+    except BaseException as exc:  # KeyboardInterrupt and SystemExit are failures of this rank too
+        _report(conn, rank, exc)
+        _exit_now(1)
+    conn.close()  # a normal return ends the process normally
+
+
+# ------------------------------------------------------------------------------------------------ parent side
+def _reap(processes: list, conns: list, timeout: float) -> None:
+    """Close the parent's channel ends, wait up to `timeout` s for the workers to exit, then SIGTERM the rest and
+    SIGKILL what is left after KILL_GRACE_S. Every process is joined (no zombies). Needs no reference to the pool,
+    so it can run as the pool's finalizer."""
+    for i, conn in enumerate(conns):
+        if conn is not None:
+            conn.close()
+            conns[i] = None
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    stuck = [p for p in processes if p.exitcode is None]
+    for process in stuck:
+        process.terminate()
+    deadline = time.monotonic() + KILL_GRACE_S
+    for process in stuck:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in stuck:
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+
+
+class WorkerPool:
+    """`nproc` spawned worker processes; process r runs target(channel, *args) in the torchrun environment of rank r.
+
+    target must be importable (module level). A script that starts a pool must do so under
+    `if __name__ == "__main__":`, as with any multiprocessing spawn. `processes[r]` is rank r's Process.
+    """
+
+    def __init__(self, target: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None):
+        import torch.distributed as dist
+
+        if nproc < 1:
+            raise OpenDiTError(f"--nproc must be >= 1, got {nproc}")
+        self.nproc = nproc
+        self.processes: list[multiprocessing.Process] = []
+        self._conns: list[Connection | None] = []
+        self._pending: list[deque] = [deque() for _ in range(nproc)]
+        self._exited = [False] * nproc
+        self._reports: list[FailureReport] = []
+        self._failed: WorkerFailed | None = None
+        self._closed = False
+        # port 0: the OS picks a free port, so concurrent jobs never race for one
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self._finalizer = Finalize(self, _reap, (self.processes, self._conns, GC_CLOSE_TIMEOUT_S), exitpriority=10)
+        threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
+        context = multiprocessing.get_context("spawn")
+        try:
+            for rank in range(nproc):
+                parent_end, child_end = context.Pipe(duplex=True)
+                self._conns.append(parent_end)
+                process = context.Process(
+                    target=_entry,
+                    args=(target, rank, child_end, self._env(rank), threads, args),
+                    name=f"opendit-rank{rank}",
+                )
                 try:
-                    message = json.loads(error_file.read_text()).get("message")
-                except (OSError, ValueError):
-                    continue
-                if isinstance(message, dict):
-                    found.append((int(rank_dir.name), message))
-    return found
+                    process.start()
+                finally:
+                    child_end.close()  # only the worker holds its end: its exit then shows as EOF here too
+                self.processes.append(process)
+        except BaseException:
+            self._shutdown(0.0)
+            raise
+
+    def _env(self, rank: int) -> dict[str, str]:
+        world = str(self.nproc)
+        return {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": world,
+            "LOCAL_WORLD_SIZE": world,
+            "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(self._store.port),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",  # env:// connects to our store instead of hosting one on rank 0
+        }
+
+    # ---------------------------------------------------------------------------------------------- messages
+    def send(self, obj: Any, rank: int = 0) -> None:
+        """Send obj (picklable) to rank `rank`'s channel. Raises WorkerFailed if any worker has failed."""
+        self._check_usable()
+        self._pump(0.0)
+        self._raise_if_failed()
+        conn = self._conns[rank]
+        try:
+            if conn is None:
+                raise BrokenPipeError
+            conn.send(obj)
+        except (BrokenPipeError, ConnectionResetError):
+            # the worker is gone or going: its exit (or a peer's report) says why
+            self.processes[rank].join(KILL_GRACE_S)
+            self._pump(0.0)
+            if not self._reports:
+                code = self.processes[rank].exitcode
+                self._reports.append(FailureReport(rank, "exited before taking a message", "", time.time(), code))
+            self._raise_if_failed()
+
+    def recv(self, rank: int = 0, timeout: float | None = None) -> Any:
+        """The next object rank `rank` sent. While waiting, watches every worker: if any reports an exception or
+        dies, the others are terminated and WorkerFailed is raised for the root cause. TimeoutError after
+        `timeout` s. A worker that exits normally while we wait on it: WorkerFailed('exited before answering')."""
+        self._check_usable()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._raise_if_failed()
+            if self._pending[rank]:
+                return self._pending[rank].popleft()
+            if self._exited[rank]:  # exited normally (else its report is in) and everything it sent is read
+                code = self.processes[rank].exitcode
+                self._reports.append(FailureReport(rank, "exited before answering", "", time.time(), code))
+                continue
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"rank {rank} sent nothing within {timeout} s")
+            self._pump(left)
+
+    @property
+    def alive(self) -> bool:
+        """True while the pool is open, no failure is known and every worker is running."""
+        return (
+            not self._closed
+            and self._failed is None
+            and not self._reports
+            and all(p.exitcode is None for p in self.processes)
+        )
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the channels, wait up to `timeout` s for the workers to exit, then terminate and kill the rest;
+        every worker is reaped. Idempotent; a failed pool is already closed."""
+        self._closed = True
+        self._shutdown(timeout)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------------- internals
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise RuntimeError("this WorkerPool is closed")
+
+    def _shutdown(self, timeout: float) -> None:
+        if self._finalizer.still_active():
+            self._finalizer.cancel()
+            _reap(self.processes, self._conns, timeout)
+        self._store = None  # the workers are gone: nobody needs the rendezvous any more
+
+    def _pump(self, timeout: float | None) -> None:
+        """Wait up to `timeout` s (None: forever) for any channel or process; take in whatever arrived."""
+        channels = {conn: rank for rank, conn in enumerate(self._conns) if conn is not None}
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.processes) if not self._exited[rank]}
+        if not channels and not sentinels:
+            return
+        ready = wait([*channels, *sentinels], timeout)
+        for item in ready:
+            if item in channels:
+                self._drain(channels[item])
+        for item in ready:  # after the channels: a worker's last words arrive before its exit is judged
+            if item in sentinels:
+                self._on_exit(sentinels[item])
+
+    def _drain(self, rank: int) -> None:
+        """Read everything waiting on rank's channel: reports to the failure list, other objects to its queue."""
+        conn = self._conns[rank]
+        try:
+            while conn is not None and conn.poll():
+                item = conn.recv()
+                if isinstance(item, FailureReport):
+                    self._reports.append(item)
+                else:
+                    self._pending[rank].append(item)
+        except (EOFError, OSError):  # the worker closed its end (it exited): nothing more will come
+            conn.close()
+            self._conns[rank] = None
+
+    def _on_exit(self, rank: int) -> None:
+        process = self.processes[rank]
+        process.join()  # its sentinel is ready, so this only reaps it
+        self._exited[rank] = True
+        self._drain(rank)  # what it sent before exiting is still in the pipe
+        if self._conns[rank] is not None:  # a grandchild may hold the worker's end open; we are done with ours
+            self._conns[rank].close()
+            self._conns[rank] = None
+        code = process.exitcode
+        own = [r for r in self._reports if r.rank == rank]
+        for report in own:
+            report.exitcode = code
+        if code != 0 and not own:
+            self._reports.append(FailureReport(rank, exit_message(code), "", time.time(), code))
+
+    def _raise_if_failed(self) -> None:
+        """If any failure is known: collect the others' reports for up to GRACE_S (or until every worker has
+        exited), end every worker, and raise WorkerFailed for the root cause."""
+        if self._failed is not None:
+            raise self._failed
+        if not self._reports:
+            return
+        deadline = time.monotonic() + GRACE_S
+        while not all(self._exited) and (left := deadline - time.monotonic()) > 0:
+            self._pump(left)
+        self._failed = root_cause(self._reports).error()
+        self._shutdown(0.0)
+        raise self._failed
 
 
-def root_failure(exc: Any) -> WorkerFailed:
-    """The failure to report from a ChildFailedError: among all workers that wrote an error, the earliest whose
-    message is not just a signal or a dropped connection (a peer of the root cause); else the agent's first one.
-    Local rank == global rank: `launch` runs one node."""
-    candidates = [(rank, _error_data(f)) for rank, f in exc.failures.items()]
-    for failure in exc.failures.values():
-        candidates += _sibling_failures(failure)
-
-    def when(item: tuple[int, dict]) -> tuple[int, int]:
-        return int(item[1].get("extraInfo", {}).get("timestamp", 0) or 0), item[0]
-
-    primary = [c for c in candidates if not _SECONDARY.search(str(c[1].get("message")))]
-    rank, data = sorted(primary or candidates, key=when)[0]
-    exitcode = exc.failures[rank].exitcode if rank in exc.failures else 1
-    traceback = str(data.get("extraInfo", {}).get("py_callstack", ""))
-    return WorkerFailed(rank, str(data.get("message") or f"exit code {exitcode}"), exitcode, traceback)
+# ------------------------------------------------------------------------------------------------ one call
+def _call_once(channel: WorkerChannel, fn: Callable, args: tuple) -> None:
+    """launch's target: fn(*args), then rank 0's return value (the other ranks': a marker) to the parent."""
+    result = fn(*args)
+    channel.send(result if channel.rank == 0 else None)  # only rank 0's value is wanted: others need not pickle
 
 
 def launch(fn: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None) -> Any:
-    """Run fn(*args) in `nproc` local processes started by torch's elastic agent; return rank 0's return value.
+    """Run fn(*args) in `nproc` local processes (a WorkerPool); return rank 0's return value once every rank is done.
 
-    fn must be importable (module level) because workers are spawned; a script that calls this (or
-    generate(nproc=N)) must do so under `if __name__ == "__main__":`, as with any multiprocessing spawn.
-    Raises WorkerFailed if any rank raises (or OpenDiTError, unchanged, if the first failure was one: bad input is
-    the caller's error, not a crash).
+    fn must be importable (module level); a script that calls this (or generate(nproc=N)) must do so under
+    `if __name__ == "__main__":`, as with any multiprocessing spawn. Raises WorkerFailed if any rank raises or dies
+    (the root cause's rank and message), or OpenDiTError if that root cause was one: bad input is the caller's error,
+    not a crash.
     """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if nproc < 1:
-        raise OpenDiTError(f"--nproc must be >= 1, got {nproc}")
-    threads = threads_per_proc or max(1, (os.cpu_count() or 1) // nproc)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"opendit-{uuid.uuid4().hex[:12]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-    )
-    # The agent logs every failure with the whole traceback (and SIGTERMs to peers as warnings); we report the root
-    # cause ourselves (WorkerFailed carries its traceback), so only critical agent messages get through.
-    loggers = [logging.getLogger(name) for name in _AGENT_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        results = elastic_launch(config, _worker)(fn, args, threads)
-    except ChildFailedError as exc:
-        failed = root_failure(exc)
-        if failed.message.startswith("OpenDiTError: "):
-            raise OpenDiTError(failed.message.removeprefix("OpenDiTError: ")) from None
-        raise failed from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with WorkerPool(_call_once, nproc, (fn, args), threads_per_proc) as pool:
+        try:
+            results = [pool.recv(rank) for rank in range(nproc)]
+        except WorkerFailed as failed:
+            if failed.input_error is not None:
+                raise OpenDiTError(failed.input_error) from None
+            raise
     return results[0]

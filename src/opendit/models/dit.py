@@ -23,6 +23,7 @@ from opendit.models.layers import (
     sincos_2d,
     unpatchify,
 )
+from opendit.models.spec import ModelDims, ModelSpec, register_spec
 from opendit.precision import check_finite, residual_dtype
 
 LATENT_DOWNSCALE = 8  # stabilityai/sd-vae-ft-* maps H x W pixels to 4 x H/8 x W/8 latents
@@ -273,3 +274,89 @@ def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torc
     with torch.device(device):
         model = DiT(config)
     return model.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the parallel spec
+# Exact counts for the cost model and the planner (tests check them against the model and torch's FLOP counter).
+def count_params(config: DiTConfig, tokens: int | None = None) -> dict[str, int]:
+    """Parameters of a DiT (equal to build_dit(...).parameters(), pos_embed included): {"block", "total"}."""
+    c, p = config.hidden_size, config.patch_size
+    m = int(c * config.mlp_ratio)
+    tokens = config.num_tokens if tokens is None else tokens
+    block = (3 * c * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c) + (6 * c * c + 6 * c)
+    embed = config.in_channels * p * p * c + c + (256 * c + c) + (c * c + c)
+    embed += (config.num_classes + int(config.class_dropout_prob > 0)) * c + tokens * c
+    final = (2 * c * c + 2 * c) + (c * p * p * config.out_channels + p * p * config.out_channels)
+    return {"block": block, "total": embed + config.depth * block + final}
+
+
+def block_flops(config: DiTConfig, batch: float, rows: float, q_tokens: float, k_tokens: float, heads: float) -> dict:
+    """FLOPs of one block on one rank: linear layers on `rows` tokens per sample, attention of q_tokens x k_tokens
+    over `heads` heads (2 FLOPs per multiply-add; QK^T and PV are 2 * Sq * Sk * D each)."""
+    c = config.hidden_size
+    m = config.mlp_ratio * c
+    d = c // config.num_heads
+    linear = 2 * batch * rows * c * (3 * c + c + 2 * m) + 2 * batch * c * 6 * c  # qkv, proj, fc1, fc2; adaLN
+    attention = 4 * batch * heads * q_tokens * k_tokens * d
+    return {"linear": linear, "attention": attention}
+
+
+def edge_flops(config: DiTConfig, tokens: int, batch: float) -> float:
+    """FLOPs outside the blocks: patch embedding, final linear, timestep MLP and the final adaLN."""
+    c, p = config.hidden_size, config.patch_size
+    return 2 * batch * tokens * c * p * p * (config.in_channels + config.out_channels) + 2 * batch * (
+        256 * c + c * c + 2 * c * c
+    )
+
+
+def model_flops(config: DiTConfig, tokens: int, batch: int) -> float:
+    """FLOPs of one whole forward on one device (blocks + patch embedding + final layer + timestep MLP)."""
+    blk = block_flops(config, batch, tokens, tokens, tokens, config.num_heads)
+    return config.depth * (blk["linear"] + blk["attention"]) + edge_flops(config, tokens, batch)
+
+
+def token_values(config: DiTConfig) -> tuple[int, int]:
+    """Values per token where the sequence is split (raw patches) and where it is gathered (final layer output)."""
+    p2 = config.patch_size**2
+    return config.in_channels * p2, config.out_channels * p2
+
+
+def dit_dims(config: DiTConfig, tokens: int | None = None) -> ModelDims:
+    return ModelDims(
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        num_tokens=config.num_tokens if tokens is None else tokens,
+        mlp_ratio=config.mlp_ratio,
+    )
+
+
+DIT_SPEC = register_spec(
+    ModelSpec(
+        name="DiT",
+        config_type=DiTConfig,
+        # token_shard is applied to the raw patches and to pos_embed (forward above); token_gather before unpatchify
+        token_split={"token_shard": 1},
+        token_gather={"token_gather": 1},
+        attention=("blocks.*.attn",),
+        attention_kind="fused_qkv",
+        # a block is four units, not one: FSDP2 briefly holds a gathered unit twice while copying it out, so small
+        # units keep that transient small (parallel/sharding.py); attn stays whole because FastSeq reads qkv's weight
+        # directly (a hook on qkv alone would not fire)
+        shard_units=(
+            "t_embedder",
+            "y_embedder",
+            "blocks.*.adaLN_modulation",
+            "blocks.*.attn",
+            "blocks.*.mlp.fc1",
+            "blocks.*.mlp.fc2",
+            "final_layer",
+        ),
+        dims=dit_dims,
+        count_params=count_params,
+        block_flops=block_flops,
+        model_flops=model_flops,
+        edge_flops=edge_flops,
+        token_values=token_values,
+    )
+)

@@ -1,17 +1,18 @@
-"""`parallelize(model, runtime)`: apply the runtime's plan to a plain single-device DiT from outside.
+"""`parallelize(model, runtime)`: apply the runtime's plan to a plain single-device model from outside.
 
-What it installs (the model file is never edited; see models/dit.py for the three plug-in points):
-- `model.token_shard` / `model.token_gather`: TokenShard / TokenGather over the "sp" group (ring x ulysses), with
-  ⌈T/P⌉ / ⌊T/P⌋ tokens per rank (or token_shares), so any token count works without padding;
-- `blocks[i].attn.core`: RingAttention or HybridAttention (USP); or, for FastSeq and Ulysses, the whole
-  SelfAttention forward (FastSeqAttention.install, UlyssesOverlapAttention.install: the K/V all-to-all travels
-  while Q is projected; `ULYSSES_OVERLAP = False` falls back to the UlyssesAttention core).
+Nothing here names a model's modules: the model's spec (models/spec.py) declares where tokens are split and gathered,
+which modules are attention, and the shard units; the plan's strategy (parallel/registry.py) installs its kernel.
+What it installs:
+- a forward hook on each of the spec's `token_split` modules (output -> this rank's contiguous block of tokens,
+  ⌈T/P⌉ / ⌊T/P⌋ per rank or token_shares: any token count works without padding) and `token_gather` modules
+  (output all-gathered over the "sp" group, ring x ulysses, in sequence order);
+- the strategy's kernel in every attention module (an attention core, or a whole-module forward for FastSeq and
+  the overlapped Ulysses);
+- under --shard-weights, FSDP2 over the spec's shard units (parallel/sharding.py).
 What the returned `ParallelModel` adds around the model (the sampler's `model_fn(x, t, y)` on the full CFG batch):
 - cfg = 2: cfg rank c runs half c of [cond; uncond] and the halves are all-gathered before the guidance combine;
-- balance_tokens: `ParallelModel` times each call (minus collective waits) and, after the first steps, re-splits
-  the tokens by measured per-rank speed (balance.TokenBalancer; `set_token_sizes` re-installs the kernels; exact);
-- dp > 1: `ParallelModel.sample` gives dp group i its contiguous block of images (uneven allowed) with
-  `first_index`, so its noise is the noise those images get on one device, and gathers the samples at the end.
+- `step_hooks()`: the runtime's per-step hooks (comm accounting, fault injection, --balance-tokens re-splitting the
+  tokens by measured per-rank speed; `set_token_sizes` re-installs the kernels; exact).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from opendit.diffusion.sampler import SampleResult, sample
-from opendit.distributed.config import head_split
 from opendit.distributed.mesh import Runtime
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiT
+from opendit.models.spec import spec_for
 from opendit.parallel.balance import TokenBalancer
-from opendit.parallel.sequence import TokenGather, TokenShard, check_sizes, offsets, split_sizes
+from opendit.parallel.registry import get_strategy
+from opendit.parallel.sequence import TokenGather, TokenShard, check_sizes, head_sizes, split_sizes
 
 
 @dataclass
@@ -34,11 +35,12 @@ class ParallelModel:
     """model_fn for the sampler: (2B|B, C, H, W), (2B|B,), (2B|B,) -> (2B|B, C_out, H, W), identical on every rank
     of a dp group."""
 
-    model: DiT
+    model: nn.Module
     runtime: Runtime
     token_sizes: list[int] | None  # tokens per sequence rank (None without sequence parallelism)
     notes: list[str] = field(default_factory=list)
     balancer: TokenBalancer | None = None  # --balance-tokens: re-splits token_sizes from measured busy times
+    token_hooks: list = field(default_factory=list, repr=False)  # the installed split/gather hooks
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg_comm = self.runtime.comms["cfg"]
@@ -57,7 +59,7 @@ class ParallelModel:
 
     def step_hooks(self) -> list:
         """The runtime's per-step hooks for the sampler, in the order they must run (see parallel/hooks.py)."""
-        from opendit.distributed.mesh import global_rank
+        from opendit.distributed.env import global_rank
         from opendit.parallel.hooks import CommAccounting, FaultInjection, TokenBalancing
 
         hooks = [TokenBalancing(self, self.runtime.stats)] if self.balancer is not None else []
@@ -68,8 +70,9 @@ class ParallelModel:
         of the sequence group must switch before the next call, to the same sizes."""
         if self.token_sizes is None:
             raise OpenDiTError("token sizes exist only under sequence parallelism (--ulysses / --ring)")
-        install_sequence(self.model, self.runtime, check_sizes(sizes, self.runtime.plan.sp_degree))
-        self.token_sizes = list(sizes)
+        sizes = check_sizes(sizes, self.runtime.plan.sp_degree)
+        self.token_hooks = install_sequence(self.model, self.runtime, sizes, self.token_hooks)
+        self.token_sizes = sizes
 
     def set_input_size(self, config) -> None:
         """Another image size for the next calls (same architecture): new positions and a new token split, installed
@@ -81,37 +84,15 @@ class ParallelModel:
                 "the image size is fixed when weights are sharded (--shard-weights); start a new engine for "
                 f"{config.image_size[0]}x{config.image_size[1]}"
             )
-        plan = self.runtime.plan
-        plan.validate(self.runtime.world_size, config.num_heads, config.num_tokens, plan.dp, plan.cfg > 1)
+        plan, dims = self.runtime.plan, spec_for(config).dims(config)
+        plan.validate(self.runtime.world_size, dims.num_heads, dims.num_tokens, plan.dp, plan.cfg > 1)
         self.model.set_input_size(config)
         if self.token_sizes is not None:
-            sizes = token_split(config.num_tokens, self.runtime)
-            install_sequence(self.model, self.runtime, sizes)
+            sizes = token_split(dims.num_tokens, self.runtime)
+            self.token_hooks = install_sequence(self.model, self.runtime, sizes, self.token_hooks)
             self.token_sizes = sizes
             if self.balancer is not None:
-                self.balancer = make_balancer(config.num_tokens, sizes, self.runtime)
-
-    def image_split(self, num_images: int) -> tuple[list[int], int]:
-        """(images per dp group, first image index of this rank's group)."""
-        sizes = split_sizes(num_images, self.runtime.plan.dp)
-        return sizes, offsets(sizes)[self.runtime.coords["dp"]]
-
-    def sample(self, labels: torch.Tensor, shape: tuple[int, int, int], **kwargs) -> SampleResult:
-        """`sampler.sample` for every image of `labels`: this dp group denoises its block (seeded as on one device),
-        then the blocks are all-gathered over dp. Returns all (N, C, H, W) samples on every rank."""
-        sizes, first = self.image_split(len(labels))
-        mine = labels[first : first + sizes[self.runtime.coords["dp"]]]
-        hooks = [*kwargs.pop("hooks", ()), *self.step_hooks()]
-        result = sample(self, mine, shape, first_index=first, hooks=hooks, **kwargs)
-        dp_comm = self.runtime.comms["dp"]
-        if dp_comm is not None:  # (N_group, C, H, W) -> (N, C, H, W) in image order
-            result.samples = dp_comm.all_gather(result.samples.contiguous(), 0, sizes)
-        return result
-
-
-# `--sp-impl ulysses` runs the overlapped module-level kernel (ulysses_overlap.py); False: the plain UlyssesAttention
-# core (USP always uses the plain core inside its ring). Measured on 2 CPU ranks: benchmarks/results/scaling.json.
-ULYSSES_OVERLAP = True
+                self.balancer = make_balancer(dims.num_tokens, sizes, self.runtime)
 
 
 def token_split(num_tokens: int, runtime: Runtime) -> list[int]:
@@ -120,22 +101,23 @@ def token_split(num_tokens: int, runtime: Runtime) -> list[int]:
     return split_sizes(num_tokens, plan.sp_degree, plan.token_shares)
 
 
-def parallelize(model: DiT, runtime: Runtime) -> ParallelModel:
-    """Install the runtime's sequence parallelism into `model` (in place) and wrap it for cfg/dp parallelism."""
-    plan, cfg = runtime.plan, model.config
-    notes = plan.validate(runtime.world_size, cfg.num_heads, cfg.num_tokens, num_images=plan.dp, guided=plan.cfg > 1)
+def parallelize(model: nn.Module, runtime: Runtime) -> ParallelModel:
+    """Install the runtime's sequence parallelism into `model` (in place, as its spec declares) and wrap it for
+    cfg/dp parallelism."""
+    plan, dims = runtime.plan, spec_for(model).dims(model.config)
+    notes = plan.validate(runtime.world_size, dims.num_heads, dims.num_tokens, num_images=plan.dp, guided=plan.cfg > 1)
     if plan.sp_degree == 1:
         if plan.shard_weights:
             raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
         return ParallelModel(model, runtime, None, notes)
-    sizes = token_split(cfg.num_tokens, runtime)
+    sizes = token_split(dims.num_tokens, runtime)
     if len(set(sizes)) > 1:
-        notes.append(f"{cfg.num_tokens} tokens over {plan.sp_degree} sequence ranks: {sizes} (uneven, exact)")
-    install_sequence(model, runtime, sizes)
+        notes.append(f"{dims.num_tokens} tokens over {plan.sp_degree} sequence ranks: {sizes} (uneven, exact)")
+    hooks = install_sequence(model, runtime, sizes)
     if plan.shard_weights:
         shard_weights(model, runtime)
-    balancer = make_balancer(cfg.num_tokens, sizes, runtime) if plan.balance_tokens else None
-    return ParallelModel(model, runtime, sizes, notes, balancer)
+    balancer = make_balancer(dims.num_tokens, sizes, runtime) if plan.balance_tokens else None
+    return ParallelModel(model, runtime, sizes, notes, balancer, hooks)
 
 
 def make_balancer(num_tokens: int, sizes: list[int], runtime: Runtime) -> TokenBalancer:
@@ -148,63 +130,38 @@ def make_balancer(num_tokens: int, sizes: list[int], runtime: Runtime) -> TokenB
     return TokenBalancer(num_tokens, sizes, exchange)
 
 
-def install_sequence(model: DiT, runtime: Runtime, sizes: list[int]) -> None:
-    """Install (or re-install with new sizes) the sequence-parallel kernels and the token shard / gather."""
-    plan = runtime.plan
-    sp_comm = runtime.comms["sp"]
-    impl = plan.impl
-    if impl == "fastseq":
-        from opendit.parallel.attention.fastseq import FastSeqAttention
-
-        for block in model.blocks:
-            FastSeqAttention.install(block.attn, sp_comm, sizes)
-    elif impl == "ulysses" and ULYSSES_OVERLAP:
-        from opendit.parallel.attention.ulysses_overlap import UlyssesOverlapAttention
-
-        for block in model.blocks:  # K/V all-to-all under Q's projection, 2 head groups pipelined; same bytes
-            UlyssesOverlapAttention.install(block.attn, runtime.comms["ulysses"], sizes)
-    else:
-        core = make_core(impl, runtime, sizes)
-        for block in model.blocks:
-            block.attn.core = core  # stateless: one kernel object serves every block
-    model.token_shard = TokenShard(sp_comm, sizes)  # (B, T, C) -> (B, T_rank, C)
-    # the gathered tokens are the model's output: full precision whatever comm_dtype says
-    model.token_gather = TokenGather(runtime.exact("sp"), sizes)  # (B, T_rank, p*p*out) -> (B, T, p*p*out)
+def install_sequence(model: nn.Module, runtime: Runtime, sizes: list[int], old_hooks: list | None = None) -> list:
+    """Install (or re-install with new sizes) the plan's sequence-parallel strategy into the attention modules the
+    model's spec declares, and the spec's token split / gather points as forward hooks. Returns the hook handles
+    (pass them back as `old_hooks` on a re-install so the previous split is removed first)."""
+    spec = spec_for(model)
+    for handle in old_hooks or ():
+        handle.remove()
+    get_strategy(runtime.plan.impl).install(spec.attention_modules(model), runtime, sizes)
+    modules = dict(model.named_modules())
+    hooks = []
+    for path, dim in spec.token_split.items():  # output (B, T, D) -> this rank's (B, T_rank, D); no communication
+        shard = TokenShard(runtime.comms["sp"], sizes, dim)
+        hooks.append(modules[path].register_forward_hook(lambda _m, _args, out, shard=shard: shard(out)))
+    for path, dim in spec.token_gather.items():  # output (B, T_rank, D) -> (B, T, D) in sequence order
+        # the gathered tokens are the model's output: full precision whatever comm_dtype says
+        gather = TokenGather(runtime.exact("sp"), sizes, dim)
+        hooks.append(modules[path].register_forward_hook(lambda _m, _args, out, gather=gather: gather(out)))
+    return hooks
 
 
-def make_core(impl: str, runtime: Runtime, sizes: list[int]):
-    """The AttentionCore (B, S_rank, H, Dh) x3 -> (B, S_rank, H, Dh) for one sequence-parallel kernel."""
-    comms = runtime.comms
-    if impl == "ulysses":
-        from opendit.parallel.attention.ulysses import UlyssesAttention
+def shard_weights(model: nn.Module, runtime: Runtime) -> None:
+    """Shard parameters over the sequence-parallel group (parallel/sharding.py), one all-gather per spec unit."""
+    from opendit.parallel.sharding import apply_weight_sharding
 
-        return UlyssesAttention(comms["ulysses"], sizes)
-    if impl == "ring":
-        from opendit.parallel.attention.ring import RingAttention
-
-        return RingAttention(comms["ring"], sizes)
-    if impl == "usp":
-        from opendit.parallel.attention.usp import HybridAttention
-
-        return HybridAttention(comms["ulysses"], comms["ring"], sizes)
-    raise OpenDiTError(f"unknown sequence-parallel implementation {impl!r}")
-
-
-def shard_weights(model: DiT, runtime: Runtime) -> None:
-    """Shard parameters over the sequence-parallel group (opendit.parallel.sharding), gathered per block on use."""
-    try:
-        from opendit.parallel.sharding import apply_weight_sharding
-    except ImportError as exc:
-        raise OpenDiTError(
-            "--shard-weights is not available in this build (opendit.parallel.sharding is missing)"
-        ) from exc
-    apply_weight_sharding(model, runtime.comms["sp"])
+    # the runtime's own 1-D mesh over the sequence group: the kernels and FSDP2 share one set of groups
+    units = spec_for(model).shard_unit_modules(model)
+    apply_weight_sharding(model, runtime.sp_mesh, units=units, stats=runtime.stats)
 
 
 def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dict:
     """What record.json says about the plan: degrees, kernel, splits and the notes on exact fallbacks."""
-    plan, cfg = runtime.plan, pmodel.model.config
-    sizes, _ = pmodel.image_split(num_images)
+    plan, heads = runtime.plan, spec_for(pmodel.model).dims(pmodel.model.config).num_heads
     return {
         "config": plan.to_dict(),
         "describe": plan.describe(),
@@ -213,7 +170,7 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "mesh_order": "dp, cfg, ring, ulysses (outer -> inner)",
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
-        "head_split": head_split(cfg.num_heads, plan.ulysses) if plan.ulysses > 1 else None,
-        "images_per_dp_group": sizes,
+        "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,
+        "images_per_dp_group": split_sizes(num_images, plan.dp),  # contiguous blocks (opendit.worker.image_split)
         "notes": pmodel.notes,
     }

@@ -32,40 +32,6 @@ def speed_shares(speeds: Sequence[float]) -> tuple[float, ...]:
     return tuple(s / total for s in speeds)
 
 
-def refine_shares(
-    shares: Sequence[float],
-    token_sizes: Sequence[int],
-    busy_s: Sequence[float],
-    damping: float = 0.5,
-) -> tuple[float, ...]:
-    """New token shares from one (or an average of several) denoising steps' per-rank timings.
-
-    token_sizes: tokens each rank held during the measured steps; busy_s: each rank's compute time in those steps,
-    i.e. step time minus the time blocked in collectives (CommStats.wait_s summed over kinds) - the wait hides the
-    imbalance, since a fast rank waits for the slow one at every collective. Each rank's speed is tokens / busy;
-    the new shares move `damping` of the way from the old ones to speed-proportional shares (damping 1: jump).
-    The speed estimate assumes cost proportional to tokens; iterating it converges to equal busy times when part of
-    the cost is fixed (see the module note on Ulysses).
-    """
-    if not (len(shares) == len(token_sizes) == len(busy_s)):
-        raise OpenDiTError(
-            f"shares ({len(shares)}), token_sizes ({len(token_sizes)}) and busy_s ({len(busy_s)}) need one entry "
-            "per sequence rank"
-        )
-    if any(t <= 0 for t in busy_s) or any(n <= 0 for n in token_sizes):
-        raise OpenDiTError(f"busy times and token sizes must be positive, got {list(busy_s)}, {list(token_sizes)}")
-    if not 0 < damping <= 1:
-        raise OpenDiTError(f"damping must be in (0, 1], got {damping}")
-    target = speed_shares([n / t for n, t in zip(token_sizes, busy_s)])
-    old = speed_shares(shares)
-    return speed_shares([(1 - damping) * o + damping * t for o, t in zip(old, target)])
-
-
-def busy_times(step_s: Sequence[float], wait_s: Sequence[float]) -> list[float]:
-    """Per-rank compute time: each rank's step time minus its time blocked waiting in collectives."""
-    return [max(1e-9, s - w) for s, w in zip(step_s, wait_s)]
-
-
 class TokenBalancer:
     """Automatic token re-splitting during a run (`--balance-tokens`): measure, then re-split, up to `rounds` times.
 

@@ -10,7 +10,7 @@ import os
 
 from opendit.diffusion.hooks import StepContext, StepHook
 from opendit.distributed.comm import CommStats
-from opendit.distributed.mesh import ENV_FAULT, InjectedFault
+from opendit.distributed.env import ENV_FAULT, InjectedFault
 
 
 class CommAccounting(StepHook):

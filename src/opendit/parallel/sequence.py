@@ -2,7 +2,7 @@
 
 A sequence of L tokens over P ranks gives rank r a contiguous block of `sizes[r]` tokens, with sizes ⌈L/P⌉ for the
 first L mod P ranks and ⌊L/P⌋ for the rest (or shares proportional to load-balancer weights). No padding, ever.
-`TokenShard` / `TokenGather` are assigned to `model.token_shard` / `model.token_gather` (DiT's split/gather points).
+`TokenShard` / `TokenGather` run at the split / gather points a model's spec declares (parallel/apply.py hooks).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from opendit.distributed.comm import Comm
+from opendit.distributed.comm import Comm, check_sizes
 from opendit.errors import OpenDiTError
 
 
@@ -63,15 +63,14 @@ def offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def check_sizes(sizes: Sequence[int], comm_size: int, what: str = "seq_sizes") -> list[int]:
-    """Validate one positive size per rank; returns them as a list of ints."""
-    sizes = [int(s) for s in sizes]
-    if len(sizes) != comm_size or any(s < 1 for s in sizes):
+def head_sizes(heads: int, parts: int) -> list[int]:
+    """Heads per rank of a head-parallel (Ulysses) group: ⌈H/P⌉ for the first H mod P ranks, ⌊H/P⌋ for the rest."""
+    if heads < parts:
         raise OpenDiTError(
-            f"{what} must give a positive size for each of the {comm_size} ranks of the group, got {sizes}; "
-            f"use split_sizes(total, {comm_size})"
+            f"Ulysses degree {parts} exceeds the {heads} attention heads, so some rank would get no head; "
+            f"use ulysses <= {heads} (and ring for the remaining factor, i.e. usp) or pure ring attention"
         )
-    return sizes
+    return split_sizes(heads, parts)
 
 
 class TokenShard(nn.Module):

@@ -4,7 +4,8 @@ gathers a piece of the model just before it runs, prefetching the next piece whi
 Built on torch's FSDP2 (`torch.distributed.fsdp.fully_shard`), used for inference: it works on gloo/CPU device meshes
 and on NCCL, and its all-gather is an exact copy, so sharded output equals unsharded output bitwise (test_shard.py).
 
-Units (each one `fully_shard` call = one all-gather when it runs), in forward order:
+Units (each one `fully_shard` call = one all-gather when it runs) come from the model's spec (`shard_units`,
+models/spec.py), in forward order; DiT's (models/dit.py) are:
 
     root (pos_embed, x_embedder) -> t_embedder -> y_embedder
     -> for each block: adaLN_modulation (6C^2) -> attn (qkv + proj, 4C^2) -> mlp.fc1 (4C^2) -> mlp.fc2 (4C^2)
@@ -34,7 +35,8 @@ device and after the parallel attention / token shard / FastSeq modules are inst
 
     from opendit.parallel.sharding import apply_weight_sharding
     if plan.shard_weights:
-        apply_weight_sharding(model, runtime.comms["sp"])  # Comm, ProcessGroup or 1-D DeviceMesh of the sp ranks
+        apply_weight_sharding(model, runtime.comms["sp"])  # Comm, ProcessGroup or 1-D DeviceMesh of the sp ranks;
+        # units: the model spec's shard units (default), in forward order
 
 Then call `model(x, t, y)` as before, under torch.no_grad() (not inference_mode), in lockstep on every rank of that
 group (every forward all-gathers over it). Anything that caches weight tensors at install time (e.g. per-head slices
@@ -51,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from opendit.distributed.comm import all_gather_single
 from opendit.errors import OpenDiTError
 
 
@@ -62,7 +65,7 @@ def _as_mesh(group_or_mesh: Any, device_type: str):
         if group_or_mesh.ndim != 1:
             raise OpenDiTError(
                 f"weight sharding needs a 1-D mesh (the sequence-parallel ranks), got a {group_or_mesh.ndim}-D mesh "
-                f"{group_or_mesh.mesh_dim_names}; pass mesh['ulysses'], or mesh['ring', 'ulysses']._flatten()"
+                f"{group_or_mesh.mesh_dim_names}; pass runtime.sp_mesh, or a 1-D slice such as mesh['ulysses']"
             )
         if group_or_mesh.device_type != device_type:
             raise OpenDiTError(
@@ -76,31 +79,16 @@ def _as_mesh(group_or_mesh: Any, device_type: str):
     return DeviceMesh.from_group(group, device_type)
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become one all-gather each, in forward order (see the module docstring); root excluded."""
-    if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
-        raise OpenDiTError(f"{type(model).__name__} has no `blocks` ModuleList; weight sharding supports DiT models")
-    units: list[nn.Module] = [getattr(model, n) for n in ("t_embedder", "y_embedder") if hasattr(model, n)]
-    for block in model.blocks:
-        parts = [getattr(block, n) for n in ("adaLN_modulation", "attn") if hasattr(block, n)]
-        mlp = getattr(block, "mlp", None)
-        if mlp is not None:
-            fc = [getattr(mlp, n) for n in ("fc1", "fc2") if isinstance(getattr(mlp, n, None), nn.Module)]
-            fc_ids = {id(p) for m in fc for p in m.parameters()}
-            parts.extend(fc if len(fc) == 2 and fc_ids == {id(p) for p in mlp.parameters()} else [mlp])
-        covered = {id(p) for part in parts for p in part.parameters()}
-        if parts and covered == {id(p) for p in block.parameters()}:
-            units.extend(parts)
-        else:  # an unknown block layout: the whole block is one unit (still exact; peak 2 blocks with prefetch)
-            units.append(block)
-    if hasattr(model, "final_layer"):
-        units.append(model.final_layer)
-    return units
-
-
-def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: bool = True) -> None:
-    """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks;
-    an opendit Comm also gets the weight all-gathers counted in its CommStats).
+def apply_weight_sharding(
+    model: nn.Module,
+    group_or_mesh: Any,
+    *,
+    prefetch: bool = True,
+    units: list[nn.Module] | None = None,
+    stats: Any = None,
+) -> None:
+    """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks).
+    The weight all-gathers are counted in `stats` (a CommStats; default: an opendit Comm's own).
 
     Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
@@ -123,7 +111,10 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
     mesh = _as_mesh(group_or_mesh, device.type)
     if mesh.size() == 1:
         return
-    units = shard_units(model)
+    if units is None:  # the model's declared shard units, in forward order (models/spec.py)
+        from opendit.models.spec import spec_for
+
+        units = spec_for(model).shard_unit_modules(model)
     placement = _placement_for(mesh.size())
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, shard_placement_fn=placement)
@@ -131,7 +122,8 @@ def apply_weight_sharding(model: nn.Module, group_or_mesh: Any, *, prefetch: boo
     fully_shard(model, mesh=mesh, reshard_after_forward=True, shard_placement_fn=placement)
     model.set_reshard_after_forward(True, recurse=False)  # FSDP2 keeps a root gathered after forward by default
     chain = [model, *units]
-    gather = WeightAllGather(dist.get_backend(mesh.get_group()) == "gloo", getattr(group_or_mesh, "stats", None))
+    stats = stats if stats is not None else getattr(group_or_mesh, "stats", None)
+    gather = WeightAllGather(dist.get_backend(mesh.get_group()) == "gloo", stats)
     for unit in chain:
         unit.set_custom_all_gather(gather)
     if prefetch:
@@ -182,8 +174,9 @@ class WeightAllGather:
         n = input_tensor.numel()
         if output_tensor.numel() != world * n:
             raise OpenDiTError(f"all-gather output has {output_tensor.numel()} elements, expected {world} x {n}")
-        if self.stats is not None:
-            self.stats.record(self.kind, (world - 1) * n * input_tensor.element_size())
+        nbytes = (world - 1) * n * input_tensor.element_size()
+        # the event (None unless the stats' event log is on) links this issue to the wait in _AllWorks
+        event = self.stats.record(self.kind, nbytes) if self.stats is not None else None
         if self.in_place:
             slices = [output_tensor.narrow(0, source * n, n) for source in range(world)]  # P x (n,), views
             if slices[rank].data_ptr() != input_tensor.data_ptr():  # FSDP2 copies its input in place; else do it
@@ -193,8 +186,8 @@ class WeightAllGather:
                 for source, part in enumerate(slices)
             ]
         else:
-            works = [dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=True)]
-        work = _AllWorks(works, self.stats, self.kind)
+            works = [all_gather_single(output_tensor, input_tensor, group=group, async_op=True)]
+        work = _AllWorks(works, self.stats, self.kind, event)
         if not async_op:
             work.wait()
             return None
@@ -202,18 +195,20 @@ class WeightAllGather:
 
 
 class _AllWorks(dist.Work):
-    """One Work over several in-flight collectives (FSDP2 waits on a single Work); the wait is timed into stats."""
+    """One Work over several in-flight collectives (FSDP2 waits on a single Work); the wait is timed into stats, and
+    into `event` (the CommEvent stats.record returned at issue, when its event log is on)."""
 
-    def __init__(self, works, stats, kind: str):
+    def __init__(self, works, stats, kind: str, event=None):
         super().__init__()
-        self._works, self._stats, self._kind = works, stats, kind
+        self._works, self._stats, self._kind, self._event = works, stats, kind, event
 
     def wait(self, timeout=None) -> bool:
         start = time.perf_counter()
         for work in self._works:
             work.wait()
+        end = time.perf_counter()
         if self._stats is not None:
-            self._stats.record_wait(self._kind, time.perf_counter() - start)
+            self._stats.record_wait(self._kind, end - start, event=self._event, end_s=end)
         return True
 
 
@@ -235,11 +230,6 @@ def sharded_parameter_bytes(model: nn.Module) -> int:
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the full (unsharded) model: sum of numel x element size over all parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def unit_bytes(module: nn.Module) -> int:
-    """Full bytes of one module's parameters (e.g. one block), whether or not the model is sharded."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------ memory measurement (CPU processes)

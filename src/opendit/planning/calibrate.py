@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -126,11 +125,14 @@ def _gather_single(out, shard):
     (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, shard)
 
 
-def _link_worker(rank: int, nproc: int, backend: str, threads: int, init: str, sizes, reps: int, out: str) -> None:
+def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
+    """One rank of measure_links (started by launch, which sets the torchrun environment). Rank 0 returns
+    {kind: [(bytes sent per rank, slowest rank's seconds), ...]}; the others None."""
     import torch.distributed as dist
 
-    torch.set_num_threads(threads)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=nproc)
+    torch.set_num_threads(threads)  # even under OMP_NUM_THREADS: the calibration is for exactly `threads`
+    dist.init_process_group(backend)  # env://
+    rank, nproc = dist.get_rank(), dist.get_world_size()
     results: dict[str, list] = {"all_to_all": [], "all_gather": [], "p2p": []}
     try:
         for nbytes in sizes:
@@ -168,12 +170,12 @@ def _link_worker(rank: int, nproc: int, backend: str, threads: int, init: str, s
         # every rank measured; the slowest rank's time is what a step waits for
         gathered = [None] * nproc
         dist.all_gather_object(gathered, results)
-        if rank == 0:
-            worst = {
-                kind: [(nb, max(g[kind][i][1] for g in gathered)) for i, (nb, _) in enumerate(results[kind])]
-                for kind in results
-            }
-            Path(out).write_text(json.dumps(worst))
+        if rank != 0:
+            return None
+        return {
+            kind: [[nb, max(g[kind][i][1] for g in gathered)] for i, (nb, _) in enumerate(results[kind])]
+            for kind in results
+        }  # lists, not tuples: the samples are what a JSON round trip (the cache file) gives back
     finally:
         dist.destroy_process_group()
 
@@ -181,16 +183,12 @@ def _link_worker(rank: int, nproc: int, backend: str, threads: int, init: str, s
 def measure_links(
     nproc: int = 2, backend: str = "gloo", threads: int = 1, sizes=LINK_SIZES, reps: int = 10
 ) -> dict[str, dict]:
-    """Spawn `nproc` local processes and fit latency + bandwidth per collective kind: {kind: {link, samples}}."""
-    import torch.multiprocessing as mp
+    """Start `nproc` local processes and fit latency + bandwidth per collective kind: {kind: {link, samples}}."""
+    from opendit.distributed.launch import launch
 
     if nproc < 2:
         raise OpenDiTError("measuring a link needs at least 2 processes; pass --nproc 2")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "links.json")
-        init = f"file://{os.path.join(tmp, 'store')}"
-        mp.spawn(_link_worker, args=(nproc, backend, threads, init, list(sizes), reps, out), nprocs=nproc, join=True)
-        samples = json.loads(Path(out).read_text())
+    samples = launch(_link_worker, nproc, (backend, threads, list(sizes), reps), threads_per_proc=threads)
     return {kind: {"link": fit_link([tuple(s) for s in rows]), "samples": rows} for kind, rows in samples.items()}
 
 

@@ -1,4 +1,9 @@
-"""Cost model: predicted step time and per-rank memory of a DiT forward under a parallel plan.
+"""Cost model: predicted step time and per-rank memory of a model's forward under a parallel plan.
+
+What is counted comes from two declarations, never from a switch on names: the model's spec (models/spec.py: exact
+parameter and FLOP counts, values per token at the split and gather points) and the plan's sequence-parallel strategy
+(parallel/registry.py: the attention work per rank, its collectives per block from the kernel's own formulas, its
+buffers).
 
 step time = max over the ranks of one group of (compute + exposed communication + fixed overhead), where
 - compute = exact matmul FLOPs / matmul rate + attention FLOPs / attention rate + elementwise bytes / memory bandwidth;
@@ -12,7 +17,6 @@ step time = max over the ranks of one group of (compute + exposed communication 
 
 Memory per rank = weights (/ sp degree + one block in flight when sharded) + the block's live activations (tokens / sp)
 + the kernel's send/receive buffers + attention workspace + a reserved amount (CUDA context, allocator slack).
-All formulas follow the kernels in ulysses.py, ring.py, hybrid.py and FastSeq as described in ANCHORS.md.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from opendit.distributed.config import ParallelConfig, head_split
+from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig
+from opendit.models.spec import spec_for
+from opendit.parallel.registry import AttentionWork, CommItem, get_strategy
 from opendit.parallel.sequence import split_sizes
 from opendit.planning.speeds import DEFAULTS, Speeds
 
@@ -35,39 +40,6 @@ EW_ELEMS_PER_TOKEN = 40
 
 def _saturating(peak: float, size: float, half: float) -> float:
     return peak * size / (size + half) if size > 0 else peak
-
-
-# ------------------------------------------------------------------------------------------------ exact counts
-def count_params(model: DiTConfig, tokens: int | None = None) -> dict[str, int]:
-    """Parameters of a DiT (equal to build_dit(...).parameters(), pos_embed included): {"block", "total"}."""
-    c, p = model.hidden_size, model.patch_size
-    m = int(c * model.mlp_ratio)
-    tokens = model.num_tokens if tokens is None else tokens
-    block = (3 * c * c + 3 * c) + (c * c + c) + (c * m + m) + (m * c + c) + (6 * c * c + 6 * c)
-    embed = model.in_channels * p * p * c + c + (256 * c + c) + (c * c + c)
-    embed += (model.num_classes + int(model.class_dropout_prob > 0)) * c + tokens * c
-    final = (2 * c * c + 2 * c) + (c * p * p * model.out_channels + p * p * model.out_channels)
-    return {"block": block, "total": embed + model.depth * block + final}
-
-
-def block_flops(model: DiTConfig, batch: float, rows: float, q_tokens: float, k_tokens: float, heads: float) -> dict:
-    """FLOPs of one block on one rank: linear layers on `rows` tokens per sample, attention of q_tokens x k_tokens
-    over `heads` heads (2 FLOPs per multiply-add; QK^T and PV are 2 * Sq * Sk * D each)."""
-    c = model.hidden_size
-    m = model.mlp_ratio * c
-    d = c // model.num_heads
-    linear = 2 * batch * rows * c * (3 * c + c + 2 * m) + 2 * batch * c * 6 * c  # qkv, proj, fc1, fc2; adaLN
-    attention = 4 * batch * heads * q_tokens * k_tokens * d
-    return {"linear": linear, "attention": attention}
-
-
-def model_flops(model: DiTConfig, tokens: int, batch: int) -> float:
-    """FLOPs of one whole forward on one device (blocks + patch embedding + final layer + timestep MLP)."""
-    c, p = model.hidden_size, model.patch_size
-    blk = block_flops(model, batch, tokens, tokens, tokens, model.num_heads)
-    edges = 2 * batch * tokens * c * p * p * (model.in_channels + model.out_channels)
-    edges += 2 * batch * (256 * c + c * c + 2 * c * c)
-    return model.depth * (blk["linear"] + blk["attention"]) + edges
 
 
 # ------------------------------------------------------------------------------------------------ layout helpers
@@ -127,78 +99,69 @@ class StepCost:
         return asdict(self)
 
 
-def _rank_block(model, plan, b, tokens, sizes, heads_u, r, speeds, s) -> dict:
-    """Compute and communication of one block on sequence rank r = ring_idx * U + ulysses_idx."""
-    c, h = model.hidden_size, model.num_heads
-    d = c // h
-    u_deg, r_deg = plan.ulysses, plan.ring
-    g, u = divmod(r, u_deg)
-    impl = plan.impl
+def _attention_work(dims, plan: ParallelConfig, b: float, sizes: list[int], r: int):
+    """The strategy's attention work on sequence rank r (one device: every token and head)."""
+    if plan.sp_degree == 1:
+        return None, AttentionWork(q_tokens=dims.num_tokens, heads=dims.num_heads, qkv_rows=dims.num_tokens)
+    strategy = get_strategy(plan.impl)
+    return strategy, strategy.block_work(dims, plan, b, sizes, r)
+
+
+def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
+    """Compute and communication of one block on sequence rank r = ring_idx * U + ulysses_idx: the FLOPs from the
+    model's spec, the attention shape and the collectives from the plan's strategy (parallel/registry.py)."""
+    spec = spec_for(model)
+    dims = spec.dims(model, tokens)
+    c = dims.hidden_size
+    strategy, work = _attention_work(dims, plan, b, sizes, r)
     t_r = sizes[r]
-    group = sizes[g * u_deg : (g + 1) * u_deg]
-    t_g = sum(group)
-    h_u = heads_u[u]
-    if impl == "none":
-        q_tok, heads, qkv_rows = tokens, h, tokens
-    elif impl in ("ulysses", "fastseq"):
-        q_tok, heads, qkv_rows = tokens, h_u, t_r
-    elif impl == "ring":
-        q_tok, heads, qkv_rows = t_r, h, t_r
-    else:  # usp: the group's tokens for this rank's heads, against all keys through the ring
-        q_tok, heads, qkv_rows = t_g, h_u, t_r
-    fl = block_flops(model, b, t_r, q_tok, tokens, heads)
-    if impl == "fastseq":  # QKV for every token but only this rank's heads: 3 * h_u * d outputs instead of 3c
-        fl["linear"] += 2 * b * c * 3 * (tokens * h_u * d - t_r * c)
-        qkv_rows = tokens
-    rows = b * t_r
-    lin_rate = _saturating(speeds.matmul_flops, rows, speeds.matmul_half_rows)
-    qkv_rate = _saturating(speeds.matmul_flops, b * qkv_rows, speeds.matmul_half_rows)
-    qkv_share = 3 * c / (3 * c + c + 2 * model.mlp_ratio * c)
+    fl = spec.block_flops(model, b, t_r, work.q_tokens, tokens, work.heads)
+    fl["linear"] += work.extra_linear_flops
+    lin_rate = _saturating(speeds.matmul_flops, b * t_r, speeds.matmul_half_rows)
+    qkv_rate = _saturating(speeds.matmul_flops, b * work.qkv_rows, speeds.matmul_half_rows)
+    qkv_share = 3 * c / (3 * c + c + 2 * dims.mlp_ratio * c)
     linear_s = fl["linear"] * (1 - qkv_share) / lin_rate + fl["linear"] * qkv_share / qkv_rate
     # Attention runs in one call (Ulysses, FastSeq) or in one call per ring block on (q_tok x block) tiles: a short
     # block runs below the kernel's sustained rate, which is what makes ring lose at small sequences on GPUs.
-    ring_deg = {"ring": plan.sp_degree, "usp": r_deg}.get(impl, 1)
-    k_block = tokens / ring_deg
-    attn_rate = _saturating(speeds.attn_flops, min(q_tok, k_block), speeds.attn_half_tokens)
+    k_block = tokens / work.key_blocks
+    attn_rate = _saturating(speeds.attn_flops, min(work.q_tokens, k_block), speeds.attn_half_tokens)
     attn_s = fl["attention"] / attn_rate
-    ew_elems = EW_ELEMS_PER_TOKEN * b * max(t_r, qkv_rows if impl == "fastseq" else t_r) * c
-    if ring_deg > 1:  # the fp32 log-sum-exp merge after each ring step: ~6 passes over (b, q_tok, heads, d) fp32
-        ew_elems += 6 * b * q_tok * heads * d * (ring_deg - 1) * 4 / s
+    rows = work.elementwise_rows if work.elementwise_rows is not None else t_r
+    ew_elems = EW_ELEMS_PER_TOKEN * b * rows * c + work.extra_elementwise * 4 / s
     ew_s = ew_elems * s / speeds.mem_bw
-    # Dispatch overhead grows with the kernel's extra ops: packing around each all-to-all, and per ring step an
-    # exchange, an attention call and a merge (~a third of a block's ops each).
-    ops = 1.0 + 0.3 * (impl in ("ulysses", "fastseq", "usp")) + 0.3 * (ring_deg - 1)
-    comm = []  # (kind, bytes, calls, stride, size, overlappable_with_seconds, overlap_key)
-    if impl in ("ulysses", "usp"):
-        hs = heads_u
-        a2a = s * b * d * (3 * t_r * (h - hs[u]) + hs[u] * (t_g - t_r))
-        comm.append(("all_to_all", a2a, 2, 1, u_deg, 0.0, None))
-    if impl in ("ring", "usp"):
-        blocks = sizes if impl == "ring" else [sum(sizes[j * u_deg : (j + 1) * u_deg]) for j in range(r_deg)]
-        me, hh = (r, h) if impl == "ring" else (g, h_u)
-        stride = 1 if impl == "ring" else u_deg
-        p = len(blocks)
-        for step in range(p - 1):  # block (me - step) travels on while attention runs on it
-            src = blocks[(me - step) % p]
-            nbytes = 2 * b * src * hh * d * s
-            hide = attn_s * src / tokens
-            comm.append(("p2p", nbytes, 1, stride, p, hide, "ring"))
-    if impl == "fastseq":
-        comm.append(("all_gather", b * t_r * c * s * (u_deg - 1), 1, 1, u_deg, 0.0, None))
-        comm.append(("all_to_all", b * (tokens - t_r) * h_u * d * s, 1, 1, u_deg, 0.0, None))
-    if plan.shard_weights and plan.sp_degree > 1:
-        blk = count_params(model)["block"] * s
-        comm.append(("all_gather", blk / plan.sp_degree * (plan.sp_degree - 1), 1, 1, plan.sp_degree, None, "weights"))
+    comm = [] if strategy is None else strategy.block_comm(dims, plan, b, sizes, r, s, attn_s)
+    if plan.shard_weights and plan.sp_degree > 1:  # one block's weights gathered, under the previous block
+        blk = spec.count_params(model)["block"] * s
+        comm.append(CommItem("all_gather", blk / plan.sp_degree * (plan.sp_degree - 1), 1, plan.sp_degree, 1, 0.0))
+        comm[-1].overlap = "weights"
+    ops = 1.0 + work.dispatch_ops
     return {"linear_s": linear_s, "attn_s": attn_s, "ew_s": ew_s, "comm": comm, "ops": ops}
 
 
+def _block_costs(model, tokens: int, b: float, plan: ParallelConfig, speeds: Speeds) -> list[dict]:
+    """Per sequence rank: one block's compute, exposed and hidden communication, bytes and calls."""
+    s, sp = speeds.dtype_bytes, plan.sp_degree
+    sizes = split_sizes(tokens, sp, plan.token_shares)
+    rel = speeds.rank_speeds or (1.0,) * sp
+    if len(rel) != sp:
+        raise OpenDiTError(f"speeds.rank_speeds lists {len(rel)} ranks but the plan has {sp} sequence ranks")
+    out = []
+    for r in range(sp):
+        blk = _rank_block(model, plan, b, tokens, sizes, r, speeds, s)
+        compute = (blk["linear_s"] + blk["attn_s"] + blk["ew_s"]) / rel[r]
+        exposed = hidden = 0.0
+        for item in blk["comm"]:
+            t = comm_time(item.kind, item.bytes, item.calls, item.stride, item.size, speeds)
+            hide_s = compute if item.overlap == "weights" else item.hide_s  # weights: prefetched a block ahead
+            h = speeds.overlap.get(item.overlap, 0.0) * min(t, hide_s / rel[r]) if item.overlap else 0.0
+            exposed, hidden = exposed + t - h, hidden + h
+        nbytes, calls = sum(i.bytes for i in blk["comm"]), sum(i.calls for i in blk["comm"])
+        out.append({"compute": compute, "exposed": exposed, "hidden": hidden, "bytes": nbytes, "calls": calls, **blk})
+    return out
+
+
 def predict_step_time(
-    model: DiTConfig,
-    tokens: int,
-    batch: int,
-    plan: ParallelConfig,
-    speeds: Speeds,
-    guided: bool | None = None,
+    model, tokens: int, batch: int, plan: ParallelConfig, speeds: Speeds, guided: bool | None = None
 ) -> StepCost:
     """Predicted time of one denoising step.
 
@@ -207,47 +170,25 @@ def predict_step_time(
     False). Time is that of the busiest rank of the busiest group; every rank waits for it at the next collective.
     """
     guided = plan.cfg == 2 if guided is None else guided
-    s = speeds.dtype_bytes
-    b = local_batch(batch, plan, guided)
-    sp = plan.sp_degree
+    spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree
     if tokens < sp:
         raise OpenDiTError(f"{tokens} tokens cannot be split over {sp} sequence ranks; use at most {tokens}")
-    sizes = split_sizes(tokens, sp, plan.token_shares)
-    heads_u = head_split(model.num_heads, plan.ulysses)
-    rel = speeds.rank_speeds or (1.0,) * sp
-    if len(rel) != sp:
-        raise OpenDiTError(f"speeds.rank_speeds lists {len(rel)} ranks but the plan has {sp} sequence ranks")
-    per_rank, parts = [], []
-    for r in range(sp):
-        blk = _rank_block(model, plan, b, tokens, sizes, heads_u, r, speeds, s)
-        compute = (blk["linear_s"] + blk["attn_s"] + blk["ew_s"]) / rel[r]
-        exposed = hidden = 0.0
-        nbytes = calls = 0
-        for kind, nb, n, stride, size, hide_s, key in blk["comm"]:
-            t = comm_time(kind, nb, n, stride, size, speeds)
-            if key == "weights":  # prefetched during the previous block
-                hide_s = compute
-            frac = speeds.overlap.get(key, 0.0) if key else 0.0
-            h = frac * min(t, (hide_s or 0.0) / rel[r])
-            exposed, hidden = exposed + t - h, hidden + h
-            nbytes, calls = nbytes + nb, calls + n
-        per_rank.append(model.depth * (compute + exposed))
-        parts.append((compute, exposed, hidden, nbytes, calls, blk))
+    depth = spec.dims(model, tokens).depth
+    ranks = _block_costs(model, tokens, b, plan, speeds)
+    per_rank = [depth * (r["compute"] + r["exposed"]) for r in ranks]
     worst = max(range(sp), key=lambda r: per_rank[r])
-    compute, exposed, hidden, nbytes, calls, blk = parts[worst]
-    depth = model.depth
-    # Outside the blocks: patch embedding and final layer on the full sequence before the shard / after the gather
-    # (small), the token gather over the sequence group and the CFG gather of the prediction over the cfg group.
-    edges = 2 * b * tokens * model.hidden_size * model.patch_size**2 * (model.in_channels + model.out_channels)
-    edge_s = edges / _saturating(speeds.matmul_flops, b * tokens, speeds.matmul_half_rows)
-    out_elems = b * model.patch_size**2 * model.out_channels
+    blk, sizes = ranks[worst], split_sizes(tokens, sp, plan.token_shares)
+    # Outside the blocks: embeddings and final layer (small), the token gather over the sequence group and the CFG
+    # gather of the prediction over the cfg group.
+    edge_s = spec.edge_flops(model, tokens, b) / _saturating(speeds.matmul_flops, b * tokens, speeds.matmul_half_rows)
+    out_elems = b * spec.token_values(model)[1]
     gather_bytes = out_elems * sizes[worst] * s * (sp - 1)
     gather_s = comm_time("all_gather", gather_bytes, 1, 1, sp, speeds) if sp > 1 else 0.0
     cfg_bytes = out_elems * tokens * s if plan.cfg == 2 else 0
     cfg_s = comm_time("all_gather", cfg_bytes, 1, sp, 2, speeds) if plan.cfg == 2 else 0.0
     overhead = (depth * blk["ops"] + 2) * speeds.block_overhead_s  # + embedder and final layer
-    comm_s = depth * exposed + gather_s + cfg_s
-    compute_s = depth * compute + edge_s
+    comm_s = depth * blk["exposed"] + gather_s + cfg_s
+    compute_s = depth * blk["compute"] + edge_s
     if speeds.async_dispatch:  # GPUs: the host queues kernels ahead; dispatch costs only when it is the bottleneck
         total = max(compute_s + comm_s, overhead)
     else:  # CPU: the same core dispatches and computes
@@ -256,10 +197,10 @@ def predict_step_time(
         total_s=total,
         compute_s=compute_s,
         comm_s=comm_s,
-        hidden_s=depth * hidden,
+        hidden_s=depth * blk["hidden"],
         overhead_s=overhead,
-        bytes_per_rank=depth * nbytes + gather_bytes + cfg_bytes,
-        calls_per_rank=depth * calls + (sp > 1) + (plan.cfg == 2),
+        bytes_per_rank=depth * blk["bytes"] + gather_bytes + cfg_bytes,
+        calls_per_rank=depth * blk["calls"] + (sp > 1) + (plan.cfg == 2),
         per_rank_s=[t + edge_s + overhead for t in per_rank],
         detail={
             "local_batch": b,
@@ -290,61 +231,73 @@ class MemoryCost:
 
 
 def predict_memory(
-    model: DiTConfig, tokens: int, batch: int, plan: ParallelConfig, speeds: Speeds, guided: bool | None = None
+    model, tokens: int, batch: int, plan: ParallelConfig, speeds: Speeds, guided: bool | None = None
 ) -> MemoryCost:
     """Peak bytes per rank. Inference keeps one block's activations alive at a time (no autograd graph), so the
     peak is the larger of the attention phase and the MLP phase of one block, on this rank's tokens."""
     guided = plan.cfg == 2 if guided is None else guided
-    s = speeds.dtype_bytes
-    b = local_batch(batch, plan, guided)
-    c, h = model.hidden_size, model.num_heads
-    sp, impl = plan.sp_degree, plan.impl
-    t_r = max(split_sizes(tokens, sp, plan.token_shares))
-    h_u = max(head_split(h, plan.ulysses))
-    params = count_params(model, tokens)
+    spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree
+    dims = spec.dims(model, tokens)
+    sizes = split_sizes(tokens, sp, plan.token_shares)
+    t_r, c = max(sizes), dims.hidden_size
+    params = spec.count_params(model, tokens)
     weights = params["total"] * s
     if plan.shard_weights and sp > 1:  # own shard + at most one block's worth gathered (tests/test_shard.py: 0.9-1.0)
         weights = params["total"] * s / sp + params["block"] * s
     unit = b * t_r * c * s  # one (b, T_r, C) tensor
-    full_heads = b * tokens * c * h_u / h * s  # one (b, T, H_u, D) tensor
-    group_heads = full_heads / plan.ring  # one (b, T_group, H_u, D) tensor (USP)
     # attention phase: residual x, normed x, fused qkv (3), attention output, projection (1 + 1 + 3 + 1 + 1)
     attn_phase = 7 * unit
-    buffers = {
-        "none": 0.0,
-        "ulysses": 3 * unit + 3 * full_heads + 2 * full_heads,  # packed send, receive, output send/receive
-        "fastseq": b * tokens * c * s + 3 * full_heads + 2 * full_heads,  # gathered x, qkv of my heads, a2a back
-        "ring": 4 * unit + unit * 4 / s,  # K/V stack, in-flight block, fp32 running output
-        "usp": 3 * unit + (3 + 4 + 4 / s + 2) * group_heads,  # a2a send/recv, K/V stack + in flight, fp32 out
-    }[impl]
-    mlp_phase = (3 + 2 * model.mlp_ratio) * unit  # x, normed, fc1 out, gelu out, fc2 out
-    # Before the blocks: raw patches (b, T, C_in p^2) are sharded before the embedding, so no (b, T, C) tensor exists;
-    # with sharded weights the root all-gathers pos_embed (1, T, C) for the embedding and frees it before block 0.
-    patch_values = model.in_channels * model.patch_size**2
-    embedding = b * tokens * patch_values * s + (tokens * c * s if plan.shard_weights and sp > 1 else 0)
+    mlp_phase = (3 + 2 * dims.mlp_ratio) * unit  # x, normed, fc1 out, gelu out, fc2 out
+    # Before the blocks: the inputs are sharded at the split point (raw patches for DiT), so no (b, T, C) tensor
+    # exists; with sharded weights the root all-gathers the positions (1, T, C) and frees them before block 0.
+    embedding = b * tokens * spec.token_values(model)[0] * s + (tokens * c * s if plan.shard_weights and sp > 1 else 0)
     activations = max(attn_phase, mlp_phase, embedding)
-    q_tok = t_r if impl == "ring" else tokens
-    k_tok = t_r if impl in ("ring", "usp") else tokens
-    workspace = b * h_u * q_tok * 4 * 2  # fp32 log-sum-exp and row statistics
+    strategy = get_strategy(plan.impl) if sp > 1 else None
+    buffers = strategy.buffers(dims, plan, b, sizes, s) if strategy else 0.0
+    work = max((_attention_work(dims, plan, b, sizes, r)[1] for r in range(sp)), key=lambda w: w.heads * w.q_tokens)
+    workspace = b * work.heads * work.q_tokens * 4 * 2  # fp32 log-sum-exp and row statistics
     if not speeds.fused_attention:  # the math path materialises the scores
-        workspace += b * h_u * q_tok * k_tok * 4
+        workspace += b * work.heads * work.q_tokens * tokens / work.key_blocks * 4
     reserved = speeds.reserved_bytes
     total = weights + activations + buffers + workspace + reserved
     return MemoryCost(total, weights, activations, buffers, workspace, reserved)
 
 
-def block_comm(model: DiTConfig, tokens: int, batch: float, plan: ParallelConfig, rank: int, itemsize: int = 4) -> dict:
+def block_comm(model, tokens: int, batch: float, plan: ParallelConfig, rank: int, itemsize: int = 4) -> dict:
     """Bytes (CommStats convention) and calls one sequence rank sends per block, per collective kind:
-    {kind: {"bytes", "calls"}}. `batch` is the local batch of the rank's group. Matches ulysses_bytes, ring_bytes,
-    hybrid_bytes and FastSeq's all-gather + all-to-all."""
+    {kind: {"bytes", "calls"}}, from the plan's strategy (the kernel's own formulas). `batch` is the local batch of
+    the rank's group."""
     speeds = replace(DEFAULTS["cpu-gloo"], dtype_bytes=itemsize)
     sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
-    heads_u = head_split(model.num_heads, plan.ulysses)
     out: dict[str, dict] = {}
-    for kind, nbytes, calls, *_ in _rank_block(model, plan, batch, tokens, sizes, heads_u, rank, speeds, itemsize)[
-        "comm"
-    ]:
+    for item in _rank_block(model, plan, batch, tokens, sizes, rank, speeds, itemsize)["comm"]:
+        entry = out.setdefault(item.kind, {"bytes": 0, "calls": 0})
+        entry["bytes"] += item.bytes
+        entry["calls"] += item.calls
+    return out
+
+
+def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp_rank: int, itemsize: int = 4) -> dict:
+    """Every collective one rank issues per denoising step, {kind: {"bytes", "calls"}} in the CommStats convention:
+    the strategy's per-block collectives x depth (in the wire dtype: 2 bytes under comm_dtype), the token gather of
+    the output over the sequence group and the cfg gather of the prediction (always exact, `itemsize`). `batch` is
+    the samples of this rank's model call (its dp group's guided batch, halved by cfg). Weight gathers of sharded
+    weights are counted separately (kind "weight_gather"). Tests assert this equals what a run records."""
+    spec = spec_for(model)
+    depth, out_values = spec.dims(model, tokens).depth, spec.token_values(model)[1]
+    wire = 2 if plan.comm_dtype else itemsize
+    out: dict[str, dict] = {}
+
+    def add(kind: str, nbytes: float, calls: int) -> None:
         entry = out.setdefault(kind, {"bytes": 0, "calls": 0})
         entry["bytes"] += nbytes
         entry["calls"] += calls
+
+    if plan.sp_degree > 1:
+        for kind, counts in block_comm(model, tokens, batch, plan, sp_rank, wire).items():
+            add(kind, depth * counts["bytes"], depth * counts["calls"])
+        sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
+        add("all_gather", batch * sizes[sp_rank] * out_values * itemsize * (plan.sp_degree - 1), 1)
+    if plan.cfg == 2:  # my half of the prediction goes to the other cfg rank
+        add("all_gather", batch * tokens * out_values * itemsize, 1)
     return out

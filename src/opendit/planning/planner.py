@@ -15,9 +15,10 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from opendit.distributed.config import SP_IMPLS, ParallelConfig
+from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig
+from opendit.models.spec import spec_for
+from opendit.parallel.registry import strategies_for
 from opendit.planning.cost import MemoryCost, Speeds, StepCost, predict_memory, predict_step_time
 
 GIB = 1 << 30
@@ -99,7 +100,7 @@ def enumerate_plans(
     tokens: int,
     images: int,
     guided: bool,
-    impls: tuple[str, ...] = SP_IMPLS,
+    impls: tuple[str, ...] | None = None,
     shard_options: tuple[bool, ...] = (False, True),
     queue: bool = False,
 ) -> list[ParallelConfig]:
@@ -112,14 +113,9 @@ def enumerate_plans(
         sp = world_size // (dp * cfg)
         for ulysses in _divisors(sp):
             ring = sp // ulysses
-            if sp == 1:
-                candidates = ["auto"]
-            elif ring == 1:
-                candidates = [i for i in ("ulysses", "fastseq") if i in impls]
-            elif ulysses == 1:
-                candidates = ["ring"] if "ring" in impls else []
-            else:
-                candidates = ["usp"] if "usp" in impls else []
+            # every registered strategy that runs on these degrees (parallel/registry.py), or none without sp
+            fits = [s.name for s in strategies_for(ulysses, ring)]
+            candidates = ["auto"] if sp == 1 else [i for i in fits if impls is None or i in impls]
             for impl, shard in itertools.product(candidates, shard_options if sp > 1 else (False,)):
                 plan = ParallelConfig(dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, sp_impl=impl, shard_weights=shard)
                 try:
@@ -131,7 +127,7 @@ def enumerate_plans(
 
 
 def estimate(
-    model: DiTConfig, tokens: int, images: int, guided: bool, plan: ParallelConfig, speeds: Speeds, steps: int
+    model, tokens: int, images: int, guided: bool, plan: ParallelConfig, speeds: Speeds, steps: int
 ) -> PlanEstimate:
     per_image = 2 if guided else 1
     batch = max(images, plan.dp) * per_image  # throughput: each dp group holds at least one image
@@ -150,7 +146,7 @@ def estimate(
 
 
 def plan(
-    model: DiTConfig,
+    model,
     world_size: int,
     speeds: Speeds,
     images: int = 1,
@@ -159,7 +155,7 @@ def plan(
     steps: int = 50,
     objective: str = "latency",
     memory_bytes: float | None = None,
-    impls: tuple[str, ...] = SP_IMPLS,
+    impls: tuple[str, ...] | None = None,
     shard_options: tuple[bool, ...] = (False, True),
 ) -> PlanResult:
     """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans."""
@@ -167,15 +163,15 @@ def plan(
         raise OpenDiTError(f"unknown objective {objective!r}; choose latency or throughput")
     if world_size < 1 or images < 1 or steps < 1:
         raise OpenDiTError(f"world size, images and steps must be >= 1 (got {world_size}, {images}, {steps})")
-    tokens = model.num_tokens if tokens is None else tokens
+    dims = spec_for(model).dims(model, tokens)
+    tokens = dims.num_tokens
     if memory_bytes is not None:
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
-    configs = enumerate_plans(world_size, model.num_heads, tokens, images, guided, impls, shard_options, queue)
+    configs = enumerate_plans(world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue)
     if not configs:
         raise OpenDiTError(
-            f"no valid plan for {world_size} ranks, {model.num_heads} heads, {tokens} tokens; "
-            f"use at most {tokens} ranks"
+            f"no valid plan for {world_size} ranks, {dims.num_heads} heads, {tokens} tokens; use at most {tokens} ranks"
         )
     estimates = [estimate(model, tokens, images, guided, c, speeds, steps) for c in configs]
 
@@ -265,7 +261,7 @@ def nearest_plans(
 
 def check_request(
     requested: ParallelConfig,
-    model: DiTConfig,
+    model,
     world_size: int,
     images: int,
     guided: bool,
@@ -274,11 +270,12 @@ def check_request(
 ) -> list[str]:
     """Validate a user's plan; on failure raise OpenDiTError naming the nearest valid plans (and, with speeds,
     a plan that fits memory). Returns ParallelConfig.validate's notes."""
-    tokens = model.num_tokens if tokens is None else tokens
+    dims = spec_for(model).dims(model, tokens)
+    tokens = dims.num_tokens
     try:
-        notes = requested.validate(world_size, model.num_heads, tokens, images, guided)
+        notes = requested.validate(world_size, dims.num_heads, tokens, images, guided)
     except OpenDiTError as exc:
-        near = nearest_plans(requested, world_size, model.num_heads, tokens, images, guided)
+        near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided)
         names = "; ".join(p.describe() for p in near) or "none (check the world size)"
         raise OpenDiTError(f"{exc}. Nearest valid plans for {world_size} rank(s): {names}") from exc
     if speeds is not None:
@@ -290,7 +287,7 @@ def check_request(
                 for e in sorted(
                     (
                         estimate(model, tokens, images, guided, c, speeds, 1)
-                        for c in enumerate_plans(world_size, model.num_heads, tokens, images, guided)
+                        for c in enumerate_plans(world_size, dims.num_heads, tokens, images, guided)
                     ),
                     key=lambda e: (_distance(requested, e.config), e.memory.total),
                 )

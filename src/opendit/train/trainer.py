@@ -13,7 +13,6 @@ batch as one process, so their losses agree up to float rounding of the gradient
 import datetime
 import json
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -147,28 +146,23 @@ def per_sample_loss(model, batch: dict, prediction: str, ddpm=None) -> torch.Ten
     return (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train in this process, under torchrun (WORLD_SIZE set), or over cfg.nproc spawned local processes.
 
-    Returns {"step", "loss", "elapsed_s", "checkpoint", "log"}. A failing rank ends the whole job: the spawner kills
-    the others and raises its traceback; collectives also time out after 10 minutes.
+    Returns {"step", "loss", "elapsed_s", "checkpoint", "log"}. A failing or dying rank ends the whole job: the
+    launcher terminates the others and raises WorkerFailed with that rank's message (OpenDiTError for bad input);
+    collectives also time out after 10 minutes.
     """
     cfg.validate()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process already
-        _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, None)
+        _env_worker(cfg)
     elif cfg.nproc > 1:
-        import torch.multiprocessing as mp
+        from opendit.distributed.launch import launch
 
-        # join=True: if any rank exits non-zero, the others are terminated and ProcessRaisedException carries its error
-        mp.spawn(_worker, args=(cfg.nproc, cfg, _free_port()), nprocs=cfg.nproc, join=True)
+        # each process gets the torchrun environment, so it runs exactly the torchrun path above
+        launch(_env_worker, cfg.nproc, (cfg,), threads_per_proc=cfg.threads or None)
     else:
-        _worker(0, 1, cfg, None)
+        _worker(0, 1, cfg)
     return summary(cfg.out)
 
 
@@ -192,7 +186,7 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _setup(rank: int, world: int, cfg: TrainConfig, port: int | None) -> torch.device:
+def _setup(rank: int, world: int, cfg: TrainConfig) -> torch.device:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise OpenDiTError("--device cuda but no CUDA device is visible; use --device cpu")
@@ -203,11 +197,10 @@ def _setup(rank: int, world: int, cfg: TrainConfig, port: int | None) -> torch.d
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world))
-    if world > 1:
-        init = f"tcp://127.0.0.1:{port}" if port else "env://"
+    if world > 1:  # rendezvous from the environment torchrun or opendit's launcher set
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
-            init_method=init,
+            init_method="env://",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=10),
@@ -215,8 +208,13 @@ def _setup(rank: int, world: int, cfg: TrainConfig, port: int | None) -> torch.d
     return device
 
 
-def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None) -> None:
-    device = _setup(rank, world, cfg, port)
+def _env_worker(cfg: TrainConfig) -> None:
+    """One rank of a multi-process run: its rank and world size come from the environment (torchrun or launch)."""
+    _worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg)
+
+
+def _worker(rank: int, world: int, cfg: TrainConfig) -> None:
+    device = _setup(rank, world, cfg)
     try:
         _train_loop(rank, world, cfg, device)
     finally:
@@ -224,9 +222,24 @@ def _worker(rank: int, world: int, cfg: TrainConfig, port: int | None) -> None:
             dist.destroy_process_group()
 
 
-def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> None:
+@dataclass
+class _Run:
+    """Everything one rank's training loop holds: data, model (and its DDP wrapper), EMA, optimiser, where it starts."""
+
+    dataset: ImageDataset
+    mconfig: DiTConfig
+    model: DiT
+    net: torch.nn.Module
+    ema: EMA
+    params: list
+    opt: torch.optim.Optimizer
+    ddpm: object
+    start: int
+    elapsed: float
+
+
+def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> _Run:
     out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
     dataset = build_dataset(cfg.data, cfg.image_size, cfg.channels)
     mconfig = model_config(cfg, dataset)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts rank 0's weights anyway)
@@ -237,17 +250,11 @@ def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, elapsed = 0, 0.0
-    latest = ckpt_dir / "latest.pt"
+    latest = out / "checkpoints" / "latest.pt"
     if cfg.resume and latest.is_file():
         start, elapsed = load_checkpoint(latest, cfg, model, ema, opt, device)
     elif cfg.resume:
         raise OpenDiTError(f"--resume but {latest} does not exist; drop --resume to start a new run in {out}")
-    if start >= cfg.steps:
-        return
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": mconfig.to_dict()}, indent=2))
-        _truncate_log(out / "log.jsonl", start)
     ddpm = None
     if cfg.prediction == "epsilon":
         from diffusers import DDPMScheduler
@@ -258,41 +265,59 @@ def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+    return _Run(dataset, mconfig, model, net, ema, params, opt, ddpm, start, elapsed)
+
+
+def _train_step(run: _Run, cfg: TrainConfig, batch: dict, step: int, world: int, device: torch.device):
+    """One optimiser step on this rank's slice of the global batch; returns the per-sample losses (detached)."""
+    for group in run.opt.param_groups:
+        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        losses = per_sample_loss(run.net, batch, cfg.prediction, run.ddpm)  # (hi - lo,)
+    # sum / global B, times world because DDP averages gradients over ranks: the gradient of the global mean
+    (losses.sum() * (world / cfg.batch_size)).backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.ema.update(run.model)
+    return losses.detach()
+
+
+def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> None:
+    out = Path(cfg.out)
+    run = _prepare_run(rank, world, cfg, device)
+    if run.start >= cfg.steps:
+        return
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "model": run.mconfig.to_dict()}, indent=2))
+        _truncate_log(out / "log.jsonl", run.start)
+    sampler = BatchSampler(len(run.dataset), cfg.batch_size, cfg.seed)
     lo, hi = rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world  # this rank's slice, uneven allowed
-    bar = tqdm(total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.steps, initial=run.start, disable=rank != 0 or not cfg.progress, desc="train", dynamic_ncols=True
+    )
     window_loss = torch.zeros((), dtype=torch.float64, device=device)  # sum of per-sample losses since the last log
     window_steps, window_start = 0, time.perf_counter()
     session_start = time.perf_counter()
-    for step in range(start, cfg.steps):
-        batch = draw_batch(cfg, dataset, sampler, model, step)
+    for step in range(run.start, cfg.steps):
+        batch = draw_batch(cfg, run.dataset, sampler, run.model, step)
         batch = {k: v[lo:hi].to(device, non_blocking=True) for k, v in batch.items()}
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            losses = per_sample_loss(net, batch, cfg.prediction, ddpm)  # (hi - lo,)
-        # sum / global B, times world because DDP averages gradients over ranks: the gradient of the global mean
-        (losses.sum() * (world / cfg.batch_size)).backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        window_loss += losses.detach().double().sum()
+        window_loss += _train_step(run, cfg, batch, step, world, device).double().sum()
         window_steps += 1
         bar.update(1)
-        done = step + 1
-        stop = False
+        done, stop = step + 1, False
         if done % cfg.log_every == 0 or done == cfg.steps:
-            timing = (window_steps, window_start, elapsed, session_start)
+            timing = (window_steps, window_start, run.elapsed, session_start)
             stop, loss = _log(rank, world, cfg, out, done, window_loss, *timing)
             bar.set_postfix(loss=f"{loss:.4f}")
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
         if done % cfg.ckpt_every == 0 or done == cfg.steps or stop:
             if rank == 0:
-                total = elapsed + time.perf_counter() - session_start
-                save_checkpoint(ckpt_dir, cfg, mconfig, model, ema, opt, done, total)
+                total = run.elapsed + time.perf_counter() - session_start
+                save_checkpoint(out / "checkpoints", cfg, run.mconfig, run.model, run.ema, run.opt, done, total)
             if world > 1:
                 dist.barrier()
         if stop:

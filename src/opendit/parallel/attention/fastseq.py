@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
-from opendit.models.attention import AttentionCore, SelfAttention, local_attention
+from opendit.models.attention import SelfAttention
 from opendit.parallel.attention.override import AttentionOverride
-from opendit.parallel.attention.ulysses import head_sizes
-from opendit.parallel.sequence import check_sizes, offsets
+from opendit.parallel.registry import AttentionWork, CommItem, SequenceStrategy, register
+from opendit.parallel.sequence import head_sizes, offsets
 
 
 def qkv_head_slice(
@@ -67,20 +67,12 @@ class FastSeqAttention(AttentionOverride):
     """
 
     attribute = "fastseq"  # module.fastseq holds the installed kernel
+    kernel = "FastSeq"
 
-    def __init__(
-        self,
-        module: SelfAttention,
-        comm: Comm,
-        seq_sizes: Sequence[int],
-        chunks: int = 2,
-        attn: AttentionCore = local_attention,
-    ):
-        self.check_module("FastSeq", module)
+    def __init__(self, module: SelfAttention, comm: Comm, seq_sizes: Sequence[int], chunks: int = 2, **kwargs):
         if chunks < 1:
             raise OpenDiTError(f"chunks must be >= 1 (all-gather pieces for overlap), got {chunks}")
-        self.module, self.comm, self.attn = module, comm, attn
-        self.seq_sizes = check_sizes(seq_sizes, comm.size)
+        super().__init__(module, comm, seq_sizes, **kwargs)
         self.head_sizes = head_sizes(module.num_heads, comm.size)
         self.head_start = offsets(self.head_sizes)[comm.rank]
         self.plan = chunk_plan(self.seq_sizes, chunks)
@@ -103,7 +95,7 @@ class FastSeqAttention(AttentionOverride):
     # ---------------------------------------------------------------------------------------------- forward
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         comm, me, mod = self.comm, self.comm.rank, self.module
-        self.check_input("FastSeq", x, self.seq_sizes, me)
+        self.check_input(self.kernel, x, self.seq_sizes, me)
         w_r, b_r = self._weights()  # (3*H_r*Dh, C), (3*H_r*Dh,)
         b, s_r, c = x.shape
         h_r, dh = self.head_sizes[me], mod.head_dim
@@ -160,3 +152,50 @@ def fastseq_calls(seq_sizes: Sequence[int], chunks: int = 2) -> dict[str, int]:
     if len(seq_sizes) == 1:
         return {}
     return {"all_gather": len(chunk_plan(seq_sizes, chunks)), "all_to_all": 1}
+
+
+class FastSeqStrategy(SequenceStrategy):
+    """`--sp-impl fastseq` (on the --ulysses degree): all-gather x, QKV for this rank's heads, one all-to-all back."""
+
+    name = "fastseq"
+    summary = "all-gather x (chunked, under the QKV matmul), QKV of this rank's heads, local attention, 1 all-to-all"
+    uses = ("ulysses",)
+
+    def check(self, plan, dims) -> list[str]:
+        if plan.ring > 1:
+            raise OpenDiTError("fastseq does not combine with ring; use --sp-impl usp for ulysses x ring")
+        return []
+
+    def install(self, modules: list, runtime, sizes: list[int]) -> None:
+        for module in modules:
+            FastSeqAttention.install(module, runtime.comms["sp"], sizes)
+
+    def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
+        tokens, c = sum(sizes), dims.hidden_size
+        heads = head_sizes(dims.num_heads, plan.ulysses)[rank]
+        # QKV for every token but only this rank's heads: 3 * H_r * Dh outputs instead of 3C on its own tokens
+        extra = 2 * batch * c * 3 * (tokens * heads * dims.head_dim - sizes[rank] * c)
+        return AttentionWork(
+            q_tokens=tokens,
+            heads=heads,
+            qkv_rows=tokens,
+            extra_linear_flops=extra,
+            elementwise_rows=tokens,
+            dispatch_ops=0.3,
+        )
+
+    def block_comm(self, dims, plan, batch, sizes, rank, itemsize, attn_s) -> list[CommItem]:
+        p, tokens = len(sizes), sum(sizes)
+        heads = head_sizes(dims.num_heads, p)[rank]
+        calls = fastseq_calls(sizes)
+        gather = itemsize * batch * (p - 1) * sizes[rank] * dims.hidden_size  # the first term of fastseq_bytes
+        back = itemsize * batch * (tokens - sizes[rank]) * heads * dims.head_dim  # its second term
+        return [CommItem("all_gather", gather, calls["all_gather"], p), CommItem("all_to_all", back, 1, p)]
+
+    def buffers(self, dims, plan, batch, sizes, itemsize) -> float:
+        h_u = max(head_sizes(dims.num_heads, plan.ulysses))
+        full_heads = batch * sum(sizes) * h_u * dims.head_dim * itemsize  # one (B, S, H_r, D) tensor
+        return batch * sum(sizes) * dims.hidden_size * itemsize + 5 * full_heads  # gathered x, qkv of my heads, a2a
+
+
+register(FastSeqStrategy())

@@ -12,11 +12,20 @@ from collections.abc import Sequence
 import torch
 
 from opendit.errors import OpenDiTError
-from opendit.models.attention import SelfAttention
+from opendit.models.attention import AttentionCore, SelfAttention, local_attention
+from opendit.parallel.sequence import check_sizes
 
 
 class AttentionOverride:
     attribute = "attention_override"  # where the installed kernel is kept on the module (subclasses rename it)
+    kernel = "AttentionOverride"  # the name error messages use
+
+    def __init__(self, module: SelfAttention, comm, seq_sizes: Sequence[int], attn: AttentionCore = local_attention):
+        """module: the SelfAttention whose qkv / proj / heads the kernel uses; comm: its group; seq_sizes: tokens
+        per group rank (uneven allowed); attn: the local attention it runs on its heads."""
+        self.check_module(self.kernel, module)
+        self.module, self.comm, self.attn = module, comm, attn
+        self.seq_sizes = check_sizes(seq_sizes, comm.size)
 
     @staticmethod
     def check_module(kernel: str, module) -> None:

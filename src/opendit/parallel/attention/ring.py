@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from opendit.distributed.comm import Comm
+from opendit.parallel.registry import AttentionWork, CommItem, SequenceStrategy, register
 from opendit.parallel.sequence import check_qkv, check_sizes
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -119,6 +120,63 @@ def ring_bytes(
     return sum(seq_sizes[(rank - t) % p] for t in range(p - 1)) * per_token
 
 
-def ring_calls(world: int) -> int:
-    """P2P exchanges (CommStats 'p2p' calls) per RingAttention call on each rank."""
-    return world - 1
+def ring_comm_items(
+    blocks: Sequence[int], me: int, batch: float, heads: int, head_dim: int, itemsize: int, attn_s: float, stride: int
+) -> list[CommItem]:
+    """RingAttention's P2P per call on ring rank `me`: at step t it sends the K/V block that started on rank
+    (me - t) mod P (2 x (B, S_src, H, D)) while attending to it, so each message can hide behind that block's share
+    of the attention time. The bytes sum to ring_bytes(blocks, ..., rank=me)."""
+    p, total = len(blocks), sum(blocks)
+    items = []
+    for step in range(p - 1):
+        src = blocks[(me - step) % p]
+        nbytes = 2 * batch * src * heads * head_dim * itemsize
+        items.append(CommItem("p2p", nbytes, 1, p, stride, hide_s=attn_s * src / total, overlap="ring"))
+    return items
+
+
+def ring_merge_elements(batch: float, q_tokens: float, heads: float, head_dim: int, steps: int, itemsize: int) -> float:
+    """Elements (in the compute dtype's units) the fp32 log-sum-exp merges touch per call: ~6 passes over the
+    (B, S_q, H, D) fp32 running output per merged block."""
+    return 6 * batch * q_tokens * heads * head_dim * steps * 4 / itemsize
+
+
+def ring_buffers(batch: float, tokens_r: int, hidden: int, itemsize: int) -> float:
+    """K/V stack, the block in flight and the fp32 running output of one ring attention, for (B, S_r, C) inputs."""
+    unit = batch * tokens_r * hidden * itemsize
+    return 4 * unit + unit * 4 / itemsize
+
+
+class RingStrategy(SequenceStrategy):
+    """`--sp-impl ring`: K/V blocks around the ring with the next one in flight, exact log-sum-exp merge."""
+
+    name = "ring"
+    summary = "K/V blocks travel around the ring (P2P, next block in flight), exact fp32 log-sum-exp merge"
+    uses = ("ring",)
+    auto = True
+
+    def install(self, modules: list, runtime, sizes: list[int]) -> None:
+        core = RingAttention(runtime.comms["ring"], sizes)
+        for module in modules:
+            module.core = core
+
+    def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
+        p = plan.ring
+        merge = ring_merge_elements(batch, sizes[rank], dims.num_heads, dims.head_dim, p - 1, 4)
+        return AttentionWork(
+            q_tokens=sizes[rank],
+            heads=dims.num_heads,
+            qkv_rows=sizes[rank],
+            key_blocks=p,
+            extra_elementwise=merge,
+            dispatch_ops=0.3 * (p - 1),
+        )
+
+    def block_comm(self, dims, plan, batch, sizes, rank, itemsize, attn_s) -> list[CommItem]:
+        return ring_comm_items(sizes, rank, batch, dims.num_heads, dims.head_dim, itemsize, attn_s, 1)
+
+    def buffers(self, dims, plan, batch, sizes, itemsize) -> float:
+        return ring_buffers(batch, max(sizes), dims.hidden_size, itemsize)
+
+
+register(RingStrategy())

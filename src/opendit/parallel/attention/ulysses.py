@@ -16,19 +16,9 @@ from collections.abc import Sequence
 import torch
 
 from opendit.distributed.comm import Comm
-from opendit.errors import OpenDiTError
 from opendit.models.attention import AttentionCore, local_attention
-from opendit.parallel.sequence import check_qkv, check_sizes, split_sizes
-
-
-def head_sizes(heads: int, parts: int) -> list[int]:
-    """Heads per rank for Ulysses: ⌈H/P⌉ for the first H mod P ranks, ⌊H/P⌋ for the rest."""
-    if heads < parts:
-        raise OpenDiTError(
-            f"Ulysses degree {parts} exceeds the {heads} attention heads, so some rank would get no head; "
-            f"use ulysses <= {heads} (and ring for the remaining factor, i.e. usp) or pure ring attention"
-        )
-    return split_sizes(heads, parts)
+from opendit.parallel.registry import AttentionWork, CommItem, SequenceStrategy, register
+from opendit.parallel.sequence import check_qkv, check_sizes, head_sizes
 
 
 class UlyssesAttention:
@@ -91,3 +81,39 @@ def ulysses_calls(world: int, pack_qkv: bool = True) -> int:
     if world == 1:
         return 0
     return 2 if pack_qkv else 4
+
+
+class UlyssesStrategy(SequenceStrategy):
+    """`--sp-impl ulysses`: q, k, v packed in one all-to-all (seq -> heads), local attention, one all-to-all back."""
+
+    name = "ulysses"
+    summary = "all-to-all seq->heads (q, k, v packed), local attention, all-to-all back; 2 calls per block"
+    uses = ("ulysses",)
+
+    def install(self, modules: list, runtime, sizes: list[int]) -> None:
+        core = UlyssesAttention(runtime.comms["ulysses"], sizes)  # stateless: one kernel serves every block
+        for module in modules:
+            module.core = core
+
+    def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
+        heads = head_sizes(dims.num_heads, plan.ulysses)[rank % plan.ulysses]
+        return AttentionWork(q_tokens=sum(sizes), heads=heads, qkv_rows=sizes[rank], dispatch_ops=0.3)
+
+    def block_comm(self, dims, plan, batch, sizes, rank, itemsize, attn_s) -> list[CommItem]:
+        nbytes = ulysses_bytes(sizes, batch, dims.num_heads, dims.head_dim, rank=rank, itemsize=itemsize)
+        return [CommItem("all_to_all", nbytes, ulysses_calls(plan.ulysses), plan.ulysses)]
+
+    def buffers(self, dims, plan, batch, sizes, itemsize) -> float:
+        return ulysses_buffers(dims, plan, batch, sizes, itemsize)
+
+
+def ulysses_buffers(dims, plan, batch: float, sizes: list[int], itemsize: int) -> float:
+    """Peak send/receive bytes of one Ulysses attention: packed q, k, v send (3 x (B, S_r, C)), their receive and the
+    output's send/receive on (B, S, H_r, D) tensors."""
+    unit = batch * max(sizes) * dims.hidden_size * itemsize  # one (B, S_r, C) tensor
+    h_u = max(head_sizes(dims.num_heads, plan.ulysses))
+    full_heads = batch * sum(sizes) * h_u * dims.head_dim * itemsize  # one (B, S, H_r, D) tensor
+    return 3 * unit + 3 * full_heads + 2 * full_heads
+
+
+register(UlyssesStrategy())

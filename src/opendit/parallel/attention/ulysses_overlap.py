@@ -38,10 +38,11 @@ import torch.nn.functional as F
 
 from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
-from opendit.models.attention import AttentionCore, SelfAttention, local_attention
+from opendit.models.attention import SelfAttention
 from opendit.parallel.attention.override import AttentionOverride
-from opendit.parallel.attention.ulysses import head_sizes
-from opendit.parallel.sequence import check_sizes, offsets, split_sizes
+from opendit.parallel.attention.ulysses import ulysses_buffers, ulysses_bytes
+from opendit.parallel.registry import AttentionWork, CommItem, SequenceStrategy, register
+from opendit.parallel.sequence import head_sizes, offsets, split_sizes
 
 
 def overlap_head_groups(heads: int, parts: int, chunks: int) -> list[list[int]]:
@@ -73,19 +74,13 @@ class UlyssesOverlapAttention(AttentionOverride):
     """
 
     attribute = "ulysses_overlap"  # module.ulysses_overlap holds the installed kernel
+    kernel = "UlyssesOverlapAttention"
 
     def __init__(
-        self,
-        module: SelfAttention,
-        comm: Comm,
-        seq_sizes: Sequence[int],
-        chunks: int = 2,
-        kv_first: bool = True,
-        attn: AttentionCore = local_attention,
+        self, module: SelfAttention, comm: Comm, seq_sizes: Sequence[int], chunks: int = 2, kv_first: bool = True, **kw
     ):
-        self.check_module("UlyssesOverlapAttention", module)
-        self.module, self.comm, self.attn, self.kv_first = module, comm, attn, kv_first
-        self.seq_sizes = check_sizes(seq_sizes, comm.size)
+        super().__init__(module, comm, seq_sizes, **kw)
+        self.kv_first = kv_first
         self.groups = overlap_head_groups(module.num_heads, comm.size, chunks)  # (n, P)
         self.group_start = offsets([sum(g) for g in self.groups])  # first global head of each group
 
@@ -99,7 +94,7 @@ class UlyssesOverlapAttention(AttentionOverride):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         comm, me, mod = self.comm, self.comm.rank, self.module
-        self.check_input("UlyssesOverlapAttention", x, self.seq_sizes, me)
+        self.check_input(self.kernel, x, self.seq_sizes, me)
         b, s_r, c = x.shape
         dh = mod.head_dim
         messages = ((1, 2), (0,)) if self.kv_first else ((0, 1, 2),)
@@ -136,3 +131,34 @@ class UlyssesOverlapAttention(AttentionOverride):
                 full[:, :, self.group_start[g] : self.group_start[g] + sum(self.groups[g])] = handle.wait()
             full = full.view(b, s_r, c)
         return mod.proj(full)  # (B, S_r, C)
+
+
+class UlyssesOverlapStrategy(SequenceStrategy):
+    """`--sp-impl ulysses-overlap` (the default on a --ulysses degree): Ulysses with K/V sent before Q is projected
+    and head groups pipelined through the all-to-alls; same bytes as Ulysses, more (smaller) calls."""
+
+    name = "ulysses-overlap"
+    summary = "Ulysses with the all-to-alls under the projections and attention (K/V first, 2 head groups pipelined)"
+    uses = ("ulysses",)
+    auto = True
+
+    def install(self, modules: list, runtime, sizes: list[int]) -> None:
+        for module in modules:
+            UlyssesOverlapAttention.install(module, runtime.comms["ulysses"], sizes)
+
+    def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
+        heads = head_sizes(dims.num_heads, plan.ulysses)[rank]
+        return AttentionWork(q_tokens=sum(sizes), heads=heads, qkv_rows=sizes[rank], dispatch_ops=0.3)
+
+    def block_comm(self, dims, plan, batch, sizes, rank, itemsize, attn_s) -> list[CommItem]:
+        nbytes = ulysses_bytes(sizes, batch, dims.num_heads, dims.head_dim, rank=rank, itemsize=itemsize)
+        calls = ulysses_overlap_calls(plan.ulysses, dims.num_heads)
+        # what the link hides behind the projections and the other groups' attention: Speeds.overlap["ulysses"]
+        # (0 unless a calibration measured it), so an uncalibrated plan never counts on it
+        return [CommItem("all_to_all", nbytes, calls, plan.ulysses, hide_s=attn_s, overlap="ulysses")]
+
+    def buffers(self, dims, plan, batch, sizes, itemsize) -> float:
+        return ulysses_buffers(dims, plan, batch, sizes, itemsize)
+
+
+register(UlyssesOverlapStrategy())

@@ -19,8 +19,16 @@ import torch
 
 from opendit.distributed.comm import Comm
 from opendit.errors import OpenDiTError
-from opendit.parallel.attention.ring import LseAttention, RingAttention, attention_with_lse, ring_bytes
-from opendit.parallel.attention.ulysses import UlyssesAttention, head_sizes, ulysses_bytes
+from opendit.parallel.attention.ring import (
+    LseAttention,
+    RingAttention,
+    attention_with_lse,
+    ring_comm_items,
+    ring_merge_elements,
+)
+from opendit.parallel.attention.ulysses import UlyssesAttention, ulysses_bytes, ulysses_calls
+from opendit.parallel.registry import AttentionWork, CommItem, SequenceStrategy, register
+from opendit.parallel.sequence import head_sizes
 
 
 def group_sizes(seq_sizes: Sequence[int], ulysses: int, ring: int) -> list[list[int]]:
@@ -60,25 +68,52 @@ class HybridAttention:
         return self.ulysses(q, k, v)  # Ulysses a2a -> ring attention (B, S_g, H_u, D) -> a2a back
 
 
-def hybrid_bytes(
-    seq_sizes: Sequence[int],
-    ulysses: int,
-    ring: int,
-    batch: int,
-    heads: int,
-    head_dim: int,
-    rank: int | None = None,
-    itemsize: int = 4,
-) -> int:
-    """Bytes HybridAttention sends per call (CommStats convention), for global rank r = g * U + u or all ranks:
-    ulysses_bytes within group g (H heads, the group's shards) + ring_bytes within ring u (H_u heads, group blocks)."""
-    groups = group_sizes(seq_sizes, ulysses, ring)
-    blocks = [sum(g) for g in groups]
-    hs = head_sizes(heads, ulysses)
+class USPStrategy(SequenceStrategy):
+    """`--sp-impl usp`: Ulysses inside each group of U adjacent ranks, ring attention across the R groups."""
 
-    def one(r: int) -> int:
-        g, u = divmod(r, ulysses)
-        a2a = ulysses_bytes(groups[g], batch, heads, head_dim, rank=u, itemsize=itemsize)
-        return a2a + ring_bytes(blocks, batch, hs[u], head_dim, rank=g, itemsize=itemsize)
+    name = "usp"
+    summary = "Ulysses all-to-all inside groups of adjacent ranks, ring attention across the groups (ulysses x ring)"
+    uses = ("ulysses", "ring")
+    auto = True
 
-    return sum(one(r) for r in range(ulysses * ring)) if rank is None else one(rank)
+    def check(self, plan, dims) -> list[str]:
+        if plan.ulysses == 1 or plan.ring == 1:
+            raise OpenDiTError("sp-impl usp needs both --ulysses > 1 and --ring > 1")
+        return []
+
+    def install(self, modules: list, runtime, sizes: list[int]) -> None:
+        core = HybridAttention(runtime.comms["ulysses"], runtime.comms["ring"], sizes)
+        for module in modules:
+            module.core = core
+
+    def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
+        g, u = divmod(rank, plan.ulysses)
+        group = group_sizes(sizes, plan.ulysses, plan.ring)[g]
+        heads = head_sizes(dims.num_heads, plan.ulysses)[u]
+        merge = ring_merge_elements(batch, sum(group), heads, dims.head_dim, plan.ring - 1, 4)
+        return AttentionWork(
+            q_tokens=sum(group),  # the group's tokens for this rank's heads, against all keys through the ring
+            heads=heads,
+            qkv_rows=sizes[rank],
+            key_blocks=plan.ring,
+            extra_elementwise=merge,
+            dispatch_ops=0.3 + 0.3 * (plan.ring - 1),
+        )
+
+    def block_comm(self, dims, plan, batch, sizes, rank, itemsize, attn_s) -> list[CommItem]:
+        g, u = divmod(rank, plan.ulysses)
+        groups = group_sizes(sizes, plan.ulysses, plan.ring)
+        a2a = ulysses_bytes(groups[g], batch, dims.num_heads, dims.head_dim, rank=u, itemsize=itemsize)
+        heads = head_sizes(dims.num_heads, plan.ulysses)[u]
+        blocks = [sum(group) for group in groups]
+        ring = ring_comm_items(blocks, g, batch, heads, dims.head_dim, itemsize, attn_s, plan.ulysses)
+        return [CommItem("all_to_all", a2a, ulysses_calls(plan.ulysses), plan.ulysses), *ring]
+
+    def buffers(self, dims, plan, batch, sizes, itemsize) -> float:
+        unit = batch * max(sizes) * dims.hidden_size * itemsize  # one (B, S_r, C) tensor
+        h_u = max(head_sizes(dims.num_heads, plan.ulysses))
+        group_heads = batch * sum(sizes) / plan.ring * h_u * dims.head_dim * itemsize  # one (B, S_g, H_u, D) tensor
+        return 3 * unit + (3 + 4 + 4 / itemsize + 2) * group_heads  # a2a send/recv, K/V + in flight, fp32 out
+
+
+register(USPStrategy())

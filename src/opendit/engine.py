@@ -1,0 +1,262 @@
+"""`opendit.Engine`: load a model (and start its worker processes) once, then generate many times.
+
+    with opendit.Engine(nproc=2, parallel=ParallelConfig(ulysses=2)) as engine:
+        a = engine.generate(classes=[0, 1, 2])                                   # the model's steps and guidance
+        b = engine.generate(classes=[7] * 10, seed=5, steps=20, cfg_scale=3.0)  # another batch, seed, schedule
+        c = engine.generate(classes=[4], image_size=32)                         # another size (re-split, exact)
+
+The constructor holds everything that is fixed for the engine's life: the model source (model / ckpt, vae), dtype,
+processes (nproc), the ParallelConfig (chosen once, as `opendit.generate` chooses it: given degrees, default_plan, or
+the planner with parallel_auto=True), device and default image size. Each `generate()` call may change the classes
+(and so the batch size), seed, steps, guidance, scheduler and image size, and returns a GenerationResult (images
+(B, H, W, C) uint8, labels, record); `trace=FILE` also writes a Chrome trace of that call with every rank's events.
+
+Modes, chosen from the world size:
+(a) one process (nproc 1, or torchrun with one process): in-process; the model is loaded once, each call samples.
+(b) nproc > 1 outside torchrun: a WorkerPool of nproc processes is started ONCE. Every worker joins the process
+    group from its environment, builds the runtime, loads and parallelises the model once and serves (worker.py):
+    the engine sends ("call", Call) to rank 0's channel, rank 0 broadcasts it to every rank, all ranks sample in
+    lockstep, rank 0 decodes and sends the GenerationResult back; close() sends ("close",) and every worker leaves
+    the process group and exits. Scripts using this mode must create the engine under `if __name__ == "__main__":`
+    (the workers are spawned).
+(c) inside torchrun with WORLD_SIZE > 1: EVERY rank constructs the Engine with the same arguments. On rank 0 the
+    constructor returns the handle: that process is the serving rank 0 itself (no channel; generate() broadcasts the
+    call directly). On the other ranks the constructor serves rank 0's calls until rank 0 closes its engine, then
+    returns an engine whose `is_main` is False and whose generate() returns None. So one script runs both ways:
+
+        with Engine() as engine:                 # ranks > 0 serve in here, until rank 0 leaves its `with`
+            result = engine.generate(classes=[1, 2, 3])
+            if engine.is_main:                   # rank 0 (and the only process in modes a and b)
+                save_outputs(result, "out")
+
+Errors: every call is validated in the caller before anything is sent (classes out of range, steps <= 0, cfg < 1, a
+scheduler that does not fit the model's prediction, cfg parallel without guidance, a bad image size or too few tokens
+for the sequence degree, more dp groups than images, another size under sharded weights...): OpenDiTError, and the
+engine stays usable. A worker that fails ends the engine: that call raises WorkerFailed with the failing rank's
+message (OpenDiTError when the rank raised one), and later calls raise OpenDiTError("engine is closed: rank R failed:
+..."). No receive waits forever on a dead worker: the pool's recv raises as soon as any worker exits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from opendit.distributed.env import in_distributed_env
+from opendit.errors import OpenDiTError
+from opendit.generation import (
+    ENGINE_FIELDS,
+    GenerationRequest,
+    GenerationResult,
+    check_plan,
+    prepare,
+    resolve_call,
+    resolve_engine,
+)
+
+
+class Engine:
+    """A long-lived generator: see the module docstring for the modes and the message flow."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        ckpt: str | None = None,
+        vae: str | None = None,
+        dtype: str = "fp32",
+        nproc: int | None = None,
+        parallel=None,
+        parallel_auto: bool = False,
+        device: str | None = None,
+        image_size: int | None = None,
+        progress: bool = False,
+        *,
+        _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
+    ):
+        start = time.perf_counter()
+        self.is_main = True
+        self._pool = self._replica = None
+        self._closed: str | None = None  # why generate() refuses: set by close() or a worker failure
+        self._failed = self._busy = False
+        self._calls = 0
+        given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
+        paths = {name: str(given[name]) for name in ("ckpt", "vae") if given[name] is not None}  # Path -> str
+        settings = GenerationRequest(classes=[], **{**given, **paths})
+        self.spec = resolve_engine(settings, *(_plan_for or (None, None)))
+        self._check()
+        if self.spec.world == 1:
+            from opendit.worker import Replica
+
+            self.mode = "in-process"
+            self._replica = Replica(self.spec)
+        elif in_distributed_env():
+            self.mode = "torchrun"
+            self._start_torchrun()
+        else:
+            self.mode = "pool"
+            self._start_pool()
+        self._launch_s = time.perf_counter() - start
+
+    @property
+    def plan(self):
+        """The ParallelConfig every call runs with."""
+        return self.spec.plan
+
+    @property
+    def world_size(self) -> int:
+        return self.spec.world
+
+    def _check(self) -> None:
+        """Engine-level checks that need no weights: the plan fits the model (a missing VAE is reported after the
+        checkpoint loaded, so that a bad checkpoint is named first)."""
+        spec = self.spec
+        if spec.world > 1:
+            plan = spec.plan
+            spec.plan_notes += check_plan(plan, spec.world, spec.config, plan.dp, plan.cfg > 1)
+
+    def _start_torchrun(self) -> None:
+        """Mode (c): every rank builds its replica; rank 0 keeps it, the others serve until rank 0 closes."""
+        from opendit.worker import Replica, serve
+
+        replica = Replica(self.spec)
+        self.spec = replica.spec  # rank 0's (they agree)
+        if replica.is_output:
+            self._replica = replica
+            return
+        serve(replica)
+        replica.close()
+        self.is_main = False
+        self._closed = "this rank served rank 0's calls until rank 0 closed its engine"
+
+    def _start_pool(self) -> None:
+        """Mode (b): start the workers once and wait until every rank has loaded (or one failed)."""
+        from opendit.distributed.launch import WorkerFailed, WorkerPool
+        from opendit.worker import pool_worker
+
+        try:
+            self._pool = WorkerPool(pool_worker, self.spec.world, (self.spec,))
+            self._pool.recv()  # ("ready", load_s) from rank 0, after every rank loaded
+        except WorkerFailed as exc:
+            self._fail(exc)
+
+    def _fail(self, exc) -> None:
+        """A worker failed: end the engine (every worker) and raise its message."""
+        self._closed, self._failed = str(exc), True
+        if self._pool is not None:
+            self._pool.close()
+        if exc.input_error is not None:  # bad input found on a worker (e.g. a corrupt checkpoint): not a crash
+            raise OpenDiTError(exc.input_error) from None
+        raise exc
+
+    def generate(
+        self,
+        classes,
+        seed: int = 0,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        scheduler: str | None = None,
+        image_size: int | None = None,
+        trace: str | Path | None = None,
+    ) -> GenerationResult | None:
+        """One image per entry of `classes` (image i seeded seed + i); None on the serving ranks of torchrun."""
+        if not self.is_main:
+            return None
+        if self._closed is not None:
+            raise OpenDiTError(f"engine is closed: {self._closed}")
+        classes = [classes] if isinstance(classes, int) else list(classes)
+        request = replace(
+            self.spec.settings,
+            classes=classes,
+            seed=seed,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            scheduler=scheduler,
+            image_size=image_size if image_size is not None else self.spec.settings.image_size,
+            trace=str(Path(trace).resolve()) if trace is not None else None,  # workers may not share the cwd
+        )
+        call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
+        start = time.perf_counter()
+        result = self._dispatch(call)
+        if self._calls == 0:  # + process start, rendezvous and loading
+            result.record["timing"]["with_launch_s"] = self._launch_s + time.perf_counter() - start
+        self._calls += 1
+        return result
+
+    def _dispatch(self, call) -> GenerationResult:
+        if self.mode == "in-process":
+            return self._replica.run(call)
+        if self.mode == "torchrun":
+            try:
+                self._replica.broadcast(("call", call))
+                return self._replica.run(call)
+            except BaseException as exc:  # the other ranks may be stuck in a collective: no further calls
+                self._closed, self._failed = f"rank 0 failed: {type(exc).__name__}: {exc}", True
+                raise
+        from opendit.distributed.launch import WorkerFailed
+
+        self._busy = True  # until the result is back: an interrupted call leaves rank 0 busy with it
+        try:
+            self._pool.send(("call", call))
+            result = self._pool.recv()
+        except WorkerFailed as exc:
+            self._fail(exc)
+        except BaseException:  # e.g. KeyboardInterrupt: a later result would answer the wrong call
+            self._closed = "a call was interrupted before its result came back; create a new opendit.Engine"
+            self._pool.close(timeout=2.0)  # the workers are mid-call: no clean exit to wait for
+            raise
+        self._busy = False
+        return result
+
+    def close(self) -> None:
+        """End the engine: the workers (or torchrun's serving ranks) leave the process group and exit. Idempotent."""
+        if self._closed is None:
+            self._closed = "close() was called; create a new opendit.Engine"
+        if self._pool is not None:
+            from opendit.distributed.launch import WorkerFailed
+
+            pool, self._pool = self._pool, None
+            try:
+                if pool.alive and not self._failed and not self._busy:
+                    pool.send(("close",))  # every rank leaves its loop and the process group, and exits
+            except WorkerFailed as exc:  # a worker died while idle: nothing left to close cleanly
+                self._closed = str(exc)
+            pool.close()
+        if self._replica is not None:
+            replica, self._replica = self._replica, None
+            if self.mode == "torchrun" and not self._failed:
+                replica.broadcast(("close",))
+                replica.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed is not None else "open"
+        return f"Engine({self.mode}, {self.spec.world} process(es), {self.spec.plan.describe()}, {state})"
+
+
+def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
+    """Generate one image per entry of `classes` on a one-shot `opendit.Engine`. Keyword arguments are
+    GenerationRequest fields.
+
+    With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
+    inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
+    Scripts that pass nproc > 1 must call it under `if __name__ == "__main__":` (workers are spawned). To make many
+    calls, keep an Engine instead: it starts the workers and loads the model once.
+    """
+    request = request or GenerationRequest(**kwargs)
+    job = prepare(request)  # the whole request checked first: the errors (and their order) of a one-shot request
+    settings = {k: getattr(request, k) for k in ENGINE_FIELDS}
+    with Engine(**settings, _plan_for=(len(request.classes), request.cfg_scale)) as engine:
+        resolved = {"steps": job.steps, "cfg_scale": job.cfg_scale, "scheduler": job.scheduler}
+        result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved)
+    if result is None:  # ranks > 0 under torchrun: rank 0 holds the images
+        return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=list(request.classes))
+    result.record["request"] = asdict(request)  # as asked (None = the model's default), not as resolved
+    return result

@@ -1,0 +1,126 @@
+"""Model specs: what a model declares, as data, so that parallelism can be applied to it from outside.
+
+A spec says (in the spirit of diffusers' `_cp_plan` and torchtitan's per-model specs):
+- `token_split`: module path -> dim. The module's OUTPUT is this rank's contiguous block of tokens along dim
+  (a forward hook narrows it; no communication). For DiT: the identity `token_shard`, which the model applies to the
+  raw patches and to the positions, so no rank ever embeds the whole sequence.
+- `token_gather`: module path -> dim. The module's output is all-gathered along dim over the sequence group.
+- `attention`: path patterns (fnmatch, `*` = one path component) of the attention modules the sequence-parallel
+  strategies install into, and `attention_kind`, the interface those modules offer ("fused_qkv": `qkv`, `proj`,
+  `num_heads`, `head_dim` and an `attention(q, k, v)` entry point `core`, see models/attention.py).
+- `shard_units`: the modules that become one all-gather each under sharded weights, in forward order. Patterns that
+  share a wildcard prefix (`blocks.*.attn`, `blocks.*.mlp.fc1`) expand index by index, so block i's units all come
+  before block i + 1's. Parameters in no unit belong to the root unit.
+- `dims(config)`, `count_params(config, tokens)`, `block_flops(...)`, `model_flops(...)`, `edge_flops(...)` and
+  `token_values(config)` (values per token where tokens are split and gathered): the sizes and exact counts the cost
+  model and the planner read.
+
+Specs are registered by config type (`register_spec`), and `spec_for(model_or_config)` finds one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from opendit.errors import OpenDiTError
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes every strategy and the cost model need, whatever the model family."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    num_tokens: int  # sequence length of one sample
+    mlp_ratio: float = 4.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_type: type
+    token_split: dict[str, int]
+    token_gather: dict[str, int]
+    attention: tuple[str, ...]
+    attention_kind: str
+    shard_units: tuple[str, ...]
+    dims: Callable[..., ModelDims]
+    count_params: Callable[..., dict[str, int]]
+    block_flops: Callable[..., dict[str, float]]
+    model_flops: Callable[..., float]
+    edge_flops: Callable[..., float]  # (config, tokens, batch): FLOPs outside the blocks (embeddings, final layer)
+    token_values: Callable[..., tuple[int, int]]  # config -> values per token at the split and at the gather point
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every attention module of `model`, in model order."""
+        found = [m for path, m in model.named_modules() if any(_match(path, p) for p in self.attention)]
+        if not found:
+            raise OpenDiTError(f"{self.name} spec: no module of {type(model).__name__} matches {self.attention}")
+        return found
+
+    def shard_unit_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The shard units of `model` in forward order (see the module docstring)."""
+        modules = dict(model.named_modules())
+        units: list[nn.Module] = []
+        for group in _prefix_groups(self.shard_units):
+            prefix = group[0].split("*")[0]  # "blocks." for "blocks.*.attn"; the whole path without a wildcard
+            if "*" not in group[0]:
+                units.append(_lookup(modules, group[0], self.name))
+                continue
+            container = _lookup(modules, prefix.rstrip("."), self.name)
+            for index, _ in container.named_children():
+                for pattern in group:
+                    units.append(_lookup(modules, pattern.replace("*", index, 1), self.name))
+        return units
+
+
+def _match(path: str, pattern: str) -> bool:
+    return len(path.split(".")) == len(pattern.split(".")) and fnmatch.fnmatchcase(path, pattern)
+
+
+def _prefix_groups(patterns: tuple[str, ...]) -> list[list[str]]:
+    """Consecutive patterns with the same wildcard prefix form one group (expanded index by index)."""
+    groups: list[list[str]] = []
+    for pattern in patterns:
+        prefix = pattern.split("*")[0] if "*" in pattern else None
+        if groups and prefix is not None and "*" in groups[-1][0] and groups[-1][0].split("*")[0] == prefix:
+            groups[-1].append(pattern)
+        else:
+            groups.append([pattern])
+    return groups
+
+
+def _lookup(modules: dict[str, nn.Module], path: str, spec: str) -> nn.Module:
+    if path not in modules:
+        raise OpenDiTError(f"{spec} spec names module {path!r}, which the model does not have")
+    return modules[path]
+
+
+_SPECS: dict[type, ModelSpec] = {}
+
+
+def register_spec(spec: ModelSpec) -> ModelSpec:
+    _SPECS[spec.config_type] = spec
+    return spec
+
+
+def spec_for(model_or_config) -> ModelSpec:
+    """The spec of a model (by its `config`) or of a config object."""
+    config = getattr(model_or_config, "config", model_or_config)
+    spec = _SPECS.get(type(config))
+    if spec is None:
+        known = ", ".join(s.name for s in _SPECS.values()) or "none"
+        raise OpenDiTError(
+            f"no parallel spec is declared for {type(config).__name__}; known: {known}; declare one with register_spec"
+        )
+    return spec

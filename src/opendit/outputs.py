@@ -1,0 +1,83 @@
+"""Model-space samples -> uint8 images (VAE for latent models), and the files `opendit sample` writes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from opendit.errors import OpenDiTError
+
+if TYPE_CHECKING:
+    from opendit.models.dit import DiTConfig
+
+VAE_SCALE = 0.18215  # stabilityai/sd-vae-ft-* latent scaling used by DiT
+VAE_MISSING = "this is a latent model: pass --vae DIR (a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema)"
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (B, H, W, C) uint8
+    labels: list[int]
+    record: dict = field(default_factory=dict)
+
+    def pil_images(self) -> list[Image.Image]:
+        return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in self.images]
+
+
+def load_vae(vae_path: str, device: torch.device):
+    """A local diffusers AutoencoderKL in eval mode (loaded once per engine, on the rank that decodes)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    except Exception as exc:
+        raise OpenDiTError(f"cannot load the VAE from {vae_path}: {exc}; pass a local AutoencoderKL folder") from exc
+
+
+def decode(samples: torch.Tensor, config: DiTConfig, vae, device: torch.device) -> np.ndarray:
+    """Model-space samples (B, C, h, w) -> uint8 images (B, H, W, C). `vae`: a loaded AutoencoderKL or a local
+    folder to load one from (latent models only; pixel models ignore it)."""
+    if config.latent:
+        if vae is None:
+            raise OpenDiTError(VAE_MISSING)
+        if isinstance(vae, (str, Path)):
+            vae = load_vae(str(vae), device)
+        with torch.no_grad():
+            samples = vae.decode(samples.to(device) / VAE_SCALE).sample  # (B, 3, H, W) in [-1, 1]
+    pixels = ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, C, H, W)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+
+
+def save_outputs(result: GenerationResult, out_dir: str | Path, label_names: list[str] | None = None) -> Path:
+    """Write DIR/samples.png (a labelled grid), DIR/NNN_class-K.png per image and DIR/record.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    images = result.pil_images()
+    for index, (img, label) in enumerate(zip(images, result.labels)):
+        img.save(out / f"{index:03d}_class-{label}.png")
+    labelled_grid(images, result.labels, label_names).save(out / "samples.png")
+    (out / "record.json").write_text(json.dumps(result.record, indent=2, default=str))
+    return out / "samples.png"
+
+
+def labelled_grid(images: list[Image.Image], labels: list[int], names: list[str] | None = None) -> Image.Image:
+    """Images (upscaled to at least 96 px, nearest) in a grid of up to 10 columns, each with its class printed above."""
+    scale = max(1, -(-96 // max(images[0].size)))
+    tile_w, tile_h = images[0].size[0] * scale, images[0].size[1] * scale
+    caption, pad = 14, 4
+    cols = min(10, len(images))
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * (tile_w + pad) + pad, rows * (tile_h + caption + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (img, label) in enumerate(zip(images, labels)):
+        x = pad + (index % cols) * (tile_w + pad)
+        y = pad + (index // cols) * (tile_h + caption + pad)
+        draw.text((x, y), names[label] if names else f"class {label}", fill="black")
+        grid.paste(img.convert("RGB").resize((tile_w, tile_h), Image.NEAREST), (x, y + caption))
+    return grid

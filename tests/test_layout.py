@@ -1,0 +1,117 @@
+"""The source layout's rules, checked on the code itself: no import cycles, the library never imports the CLI,
+parallelism and planning name no model's modules, model files hold no torch.distributed, and sizes stay readable."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "opendit"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every opendit module this file imports, at module level or inside functions (lazy imports count too)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("opendit")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("opendit"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import submodule`
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_no_import_cycles():
+    edges = graph()
+    # A package's __init__ re-exporting its modules is not a cycle of logic: only module -> module edges count.
+    packages = {name for name in edges if (PACKAGE.parent / name.replace(".", "/") / "__init__.py").is_file()}
+    edges = {n: {m for m in deps if m not in packages} for n, deps in edges.items() if n not in packages}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_library_never_imports_the_cli():
+    offenders = {
+        name: sorted(m for m in deps if m == "opendit.cli" or m.startswith("opendit.cli."))
+        for name, deps in graph().items()
+        if not (name == "opendit.cli" or name.startswith("opendit.cli.") or name == "opendit.__main__")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def code_names(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, identifier or string) of everything the code uses: names, attributes, keyword arguments and string
+    constants, docstrings excluded (they may describe a model as an example)."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.Attribute):
+            found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_parallel_and_planning_name_no_model_module():
+    # DiT's module names live in its spec (models/dit.py); the generic code reads the spec.
+    names = re.compile(r"\b(x_embedder|t_embedder|y_embedder|pos_embed|final_layer|adaLN_modulation|token_shard)\b")
+    hits = []
+    for folder in ("parallel", "planning", "distributed"):
+        for path in (PACKAGE / folder).rglob("*.py"):
+            for line, text in code_names(ast.parse(path.read_text())):
+                if names.search(text):
+                    hits.append(f"{path.relative_to(SRC)}:{line}: {text}")
+    assert not hits, "\n".join(hits)
+
+
+def test_model_files_hold_no_torch_distributed():
+    for path in (PACKAGE / "models").glob("*.py"):
+        assert "torch.distributed" not in path.read_text(), path
+
+
+def test_functions_and_files_stay_short():
+    long_functions, long_files = [], []
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            long_files.append(str(path.relative_to(SRC)))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long_functions.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
+    assert not long_files and not long_functions, (long_files, long_functions)
