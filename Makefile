@@ -20,10 +20,10 @@ demo: $(STAMP)
 	$(BIN)/opendit sample --nproc $(NPROC) --ulysses $(NPROC) --classes 0 1 2 3 4 5 6 7 8 9 --seed 0 --out outputs
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -4,8 +4,9 @@
 
 DiT-XL/2 (28 blocks, hidden 1152, 16 heads) at 256 / 512 / 1024 px (256 / 1024 / 4096 tokens) and a video-length
 sequence (32,760 tokens, e.g. 13 latent frames x 2,520 spatial tokens), one image with CFG, 50 steps, on documented
-speeds (opendit/parallel/calibrate.py DEFAULTS): 8x H100 NVLink, 8x A100 PCIe and 16x H100 over 2 nodes (IB NDR).
-Pure prediction: no devices are used. Published configurations are from ../shared/design/ANCHORS.md.
+speeds (opendit/planning/speeds.py DEFAULTS): 8x H100 NVLink, 8x A100 PCIe and 16x H100 over 2 nodes (IB NDR).
+Pure prediction: no devices are used. Published configurations: xDiT, VideoSys and DistriFusion papers and
+READMEs, quoted next to each row.
 """
 
 import argparse

@@ -69,7 +69,7 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
             model = build_dit(config).eval()
             try:
                 pmodel = parallelize(model, runtime)
-            except Exception as exc:  # e.g. a kernel that is not in this build (shard.py): reported, not measured
+            except Exception as exc:  # e.g. a kernel that is not in this build (sharding.py): reported, not measured
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
                 dist.barrier()
                 continue

@@ -42,8 +42,8 @@ BAD_INPUTS = [
     (["--model", "DiT-T/2", "--image-size", "100"], "image size 100 must be a positive multiple of 16"),
     (["--classes", "10"], "class id 10 is outside this model's range 0..9"),
     (["--model", "DiT-T/2", "--ckpt", "/nonexistent/x.pt"], "does not exist"),
-    (["--steps", "0"], "steps must be positive"),
-    (["--steps", "-3"], "steps must be positive"),
+    (["--steps", "0"], "steps must be an integer from 1 to 1000, got 0"),
+    (["--steps", "-3"], "steps must be an integer from 1 to 1000, got -3"),
     (["--scheduler", "heun"], "unknown scheduler 'heun'"),
     (["--dtype", "fp8"], "unknown dtype 'fp8'"),
 ]

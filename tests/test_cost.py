@@ -69,7 +69,7 @@ def test_usp_bytes_equal_hybrid_formula():
 
 
 def test_fastseq_volume_vs_ulysses_as_published():
-    # ANCHORS.md: FastSeq sends ~0.75 of Ulysses' bytes at s=2 and more than Ulysses at s>=4.
+    # as published for FastSeq (OpenDiT): it sends ~0.75 of Ulysses' bytes at s=2 and more than Ulysses at s>=4.
     for p, lo, hi in ((2, 0.74, 0.76), (4, 1.2, 1.3)):
         fs = block_comm(XL, 1024, 1, ParallelConfig(ulysses=p, sp_impl="fastseq"), 0)
         ul = block_comm(XL, 1024, 1, ParallelConfig(ulysses=p), 0)
@@ -89,7 +89,7 @@ def test_step_time_scales_and_overlap_is_explicit():
     h100 = hardware("h100-nvlink")
     one = predict_step_time(XL, 4096, 2, ParallelConfig(cfg=2), h100, guided=True)
     four = predict_step_time(XL, 4096, 2, ParallelConfig(cfg=2, ulysses=4, sp_impl="ulysses"), h100, guided=True)
-    # below ideal by the exposed all-to-alls; xDiT reports ~66% efficiency for Ulysses-4 on 4x H100 (ANCHORS.md)
+    # below ideal by the exposed all-to-alls; xDiT reports ~66% efficiency for Ulysses-4 on 4x H100
     assert 2.4 < one.total_s / four.total_s < 3.6
     ring = ParallelConfig(ring=4)
     hidden = predict_step_time(XL, 4096, 1, ring, h100)

@@ -55,8 +55,8 @@ def test_bad_calls_are_rejected_in_the_caller_before_anything_is_sent():
     bad = [
         ({"classes": [10]}, "class id 10 is outside this model's range 0..9"),
         ({"classes": []}, "no classes given"),
-        ({"classes": [1], "steps": 0}, "steps must be positive"),
-        ({"classes": [1], "cfg_scale": 0.5}, "cfg scale must be >= 1"),
+        ({"classes": [1], "steps": 0}, "steps must be an integer from 1 to 1000"),
+        ({"classes": [1], "cfg_scale": 0.5}, r"cfg_scale \(--cfg-scale\) must be a finite number from 1 to 100"),
         ({"classes": [1], "scheduler": "ddpm"}, "scheduler ddpm needs a model that predicts epsilon"),
         ({"classes": [1], "image_size": 15}, "image size 15 must be a positive multiple of 2"),
         ({"classes": [1], "image_size": 2}, "sequence-parallel degree 2 exceeds the 1 tokens"),

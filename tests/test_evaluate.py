@@ -89,7 +89,7 @@ def test_eval_cli_writes_the_json_report(tmp_path, tiny_config):
 
 
 def test_bad_inputs_are_refused(tmp_path):
-    with pytest.raises(OpenDiTError, match="do not exist"):
+    with pytest.raises(OpenDiTError, match="does not exist"):
         load_for_eval(tmp_path / "missing.safetensors")
     rgb = DiT(DiTConfig(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=(8, 8), in_channels=3))
     with pytest.raises(OpenDiTError, match="digits model"):

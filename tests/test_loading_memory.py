@@ -54,6 +54,7 @@ _PROBE = textwrap.dedent(
     """
     import json, sys, time
     import torch
+    import opendit.engine  # what `opendit sample` has imported before it loads (diffusers, the sampler, ...)
     from opendit.checkpoint import load_model
     from opendit.models.dit import preset
     from opendit.precision import parse_dtype

@@ -81,7 +81,7 @@ BAD_PARALLEL = [
     (["--nproc", "8", "--ulysses", "8"], "ulysses degree 8 exceeds num_heads 4"),
     (["--nproc", "2", "--cfg-parallel", "--cfg-scale", "1"], "cfg parallel needs guidance: pass --cfg-scale > 1"),
     (["--nproc", "4", "--dp", "4", "--classes", "1", "2"], "dp degree 4 exceeds the 2 images requested; use --dp 2"),
-    (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--nproc", "0"], "nproc must be an integer from 1 to 256 (local processes), got 0"),
     (["--nproc", "2", "--sp-impl", "usp"], "sp-impl usp needs both --ulysses > 1 and --ring > 1"),
     (["--ring", "2", "--ulysses", "2", "--sp-impl", "fastseq"], "fastseq does not combine with ring"),
     (["--nproc", "2", "--cfg-parallel", "--shard-weights"], "--shard-weights shards over the sequence-parallel"),

@@ -101,7 +101,26 @@ def test_scheduler_errors():
         make_scheduler("euler-a", "epsilon", True)
     with pytest.raises(OpenDiTError, match="use --scheduler flow-euler"):
         make_scheduler("ddim", "flow", False)
-    with pytest.raises(OpenDiTError, match="steps must be positive"):
-        sample(label_model, torch.tensor([1]), (1, 4, 4), cfg_scale=1.0, **flow_kwargs(steps=0))
-    with pytest.raises(OpenDiTError, match="outside this model's range 0..9"):
-        sample(label_model, torch.tensor([10]), (1, 4, 4), cfg_scale=1.0, **flow_kwargs())
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"steps": 0}, "steps must be an integer from 1 to 1000, got 0"),
+        ({"steps": 1001, "scheduler": "ddpm"}, "steps must be an integer from 1 to 1000, got 1001"),
+        ({"cfg_scale": 0.5}, "must be a finite number from 1 to 100"),
+        ({"cfg_scale": float("nan")}, "must be a finite number from 1 to 100"),
+        ({"classes": [1000]}, "class id 1000 is outside this model's range 0..999"),
+        ({"classes": [-1]}, "classes\\[0\\] \\(--classes\\) must be an integer class id"),
+        ({"scheduler": "flow-euler"}, "scheduler flow-euler needs a model that predicts flow"),
+        ({"seed": 2**64 - 1, "classes": [1, 2]}, "exceeds 2\\*\\*64 - 1"),
+    ],
+)
+def test_the_boundary_refuses_what_the_sampler_trusts(fields, message):
+    """sample() does not re-check its arguments: the request schema (request.py) refuses, before any worker starts,
+    every input the loop would get wrong (steps the scheduler cannot take, guidance < 1 or NaN, unknown classes)."""
+    from opendit.generation import GenerationRequest, prepare
+
+    latent_t2 = {"model": "DiT-T/2", "image_size": 64, "classes": [1]}  # 1000 classes, epsilon; no weights read
+    with pytest.raises(OpenDiTError, match=message):
+        prepare(GenerationRequest(**{**latent_t2, **fields}))

@@ -1,4 +1,4 @@
-"""--shard-weights (parallel/shard.py, FSDP2): exact against unsharded, and 1/P + one block of parameter memory."""
+"""--shard-weights (parallel/sharding.py, FSDP2): exact against unsharded, and 1/P + one block of parameter memory."""
 
 import gc
 
@@ -129,7 +129,7 @@ def test_sharded_output_equals_unsharded(world):
 
 
 def _memory_worker(rank, world):
-    """Per-rank parameter memory from the resident set (see shard.py's measurement notes), prefetch off then on."""
+    """Per-rank parameter memory from the resident set (see sharding.py's measurement notes), prefetch off then on."""
     import torch.distributed as dist
 
     from opendit.parallel.sharding import (
@@ -183,7 +183,7 @@ def test_per_rank_parameter_memory_is_1_over_p_plus_one_block(world):
             extra = (r["peak"] - share) / r["block"]
             print(f"P={world} prefetch={prefetch}: {mb} MiB; peak = 1/P + {extra:.2f} blocks")
             assert r["resident"] <= share * 1.05 + (4 << 20), mb  # persistent: 1/P (+ padding, allocator noise)
-            # During forward (see shard.py): measured 1/P + 0.98-0.99 blocks without prefetch and 0.90 with it,
+            # During forward (see sharding.py): measured 1/P + 0.98-0.99 blocks without prefetch and 0.90 with it,
             # since the gloo all-gather broadcasts in place (gloo's all_gather_into_tensor staged a second copy of
             # every unit: 1.0 / 1.2-1.3 blocks). The issue's bound: 1/P + one block.
             assert r["peak"] <= share + r["block"] + r["root"] + (2 << 20), mb

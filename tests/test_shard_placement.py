@@ -1,4 +1,4 @@
-"""Where sharded weights split each parameter (parallel/shard.py `_placement_for`); no processes needed."""
+"""Where sharded weights split each parameter (parallel/sharding.py `_placement_for`); no processes needed."""
 
 import torch
 from torch import nn

@@ -233,7 +233,7 @@ def test_lse_merge_bf16_inputs_merge_in_fp32():
 
 
 def test_byte_formulas_match_the_known_ratios():
-    """Even split, per rank: Ulysses 4*B*S*C*(P-1)/P^2; FastSeq 0.75x Ulysses at P=2 and 1.25x at P=4 (ANCHORS)."""
+    """Even split, per rank: Ulysses 4*B*S*C*(P-1)/P^2; FastSeq 0.75x Ulysses at P=2, 1.25x at P=4 (as published)."""
     b, s, h, d = 1, 64, 4, 8
     for p in (2, 4):
         sizes = split_sizes(s, p)

@@ -10,21 +10,37 @@ bf16 bytes, measured). Hence: safetensors tensors are read with ordinary file re
 (page cache, not resident set); `.pt` files (a zip that only torch's unpickler understands) are still opened with
 torch.load(mmap=True), and after each tensor is cast, its pages are handed back with madvise(MADV_DONTNEED) - safe for a
 private, read-only file mapping: a page that is touched again is re-read from the file (Linux; elsewhere a no-op).
+
+Checking: `inspect_checkpoint` reads a source's headers and tensor shapes (no weights) in the caller, before any process
+starts, and turns every way a file can be wrong into one OpenDiTError line naming the file, the cause and the fix.
+Sources: a file, or a run directory of `opendit train` (its checkpoints/latest.pt); the model config comes from the
+.json beside the weights or from a training checkpoint's own "model_config".
 """
 
+import copy
 import ctypes
+import functools
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from opendit.checkpoint_files import (  # noqa: F401 - re-exported: the API of checkpoints
+    KINDS,
+    first_line,
+    load_torch_file,
+    locate_checkpoint,
+    resave_trusted,
+)
 from opendit.errors import OpenDiTError
 from opendit.models.dit import _ARCHS, DiT, DiTConfig, build_dit
 
@@ -37,18 +53,38 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _pick_weights(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Official files are raw EMA state dicts; training checkpoints are {"model","ema","opt","args"}: prefer EMA."""
+# Keys every DiT state dict has: a file without them holds some other model's tensors.
+_DIT_KEYS = ("pos_embed", "x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight")
+
+
+def _pick_weights(obj: object, path: Path, use: str | None = None) -> Mapping[str, torch.Tensor]:
+    """Official files are raw EMA state dicts; training checkpoints are {"model","ema","opt","args"}: `use` if given,
+    else EMA (the weights to sample with)."""
+    if isinstance(obj, SafetensorsStateDict):
+        return obj
     if not isinstance(obj, dict):
-        raise OpenDiTError(f"{path} holds a {type(obj).__name__}, not a state dict; expected a DiT checkpoint")
-    for key in ("ema", "model", "state_dict"):
-        if isinstance(obj.get(key), dict):
-            return obj[key]
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise OpenDiTError(
-            f"{path} is not a DiT checkpoint: expected tensors or 'ema'/'model' entries, got {list(obj)}"
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict (tensor names -> tensors); pass {KINDS}"
         )
+    for key in dict.fromkeys((use, "ema", "model", "state_dict")):
+        if key is not None and isinstance(obj.get(key), dict):
+            return obj[key]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad or not obj:
+        found = f"its entries {', '.join(map(repr, bad[:4]))} are not tensors" if bad else "it is empty"
+        raise OpenDiTError(f"checkpoint {path} is not a DiT state dict ({found}); pass {KINDS}")
     return obj
+
+
+def _check_dit_keys(state: Mapping, path: Path) -> None:
+    missing = [k for k in _DIT_KEYS if k not in state]
+    if not missing and any(k.startswith("blocks.") for k in state):
+        return
+    names = ", ".join(list(state)[:3]) + (", ..." if len(state) > 3 else "")
+    raise OpenDiTError(
+        f"checkpoint {path} holds {len(state)} tensor(s) but no DiT weights (no {', '.join(missing) or 'blocks.*'}; "
+        f"it has {names or 'nothing'}); pass {KINDS}"
+    )
 
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec) -> torch dtypes.
@@ -66,6 +102,24 @@ _ST_DTYPES = {
 }
 
 
+def _damaged(path: Path, detail: str) -> OpenDiTError:
+    return OpenDiTError(
+        f"cannot read checkpoint {path}: it is not an intact .safetensors file ({detail}); copy or download it again, "
+        f"or re-export it (opendit train --export)"
+    )
+
+
+def _entry_span(key: str, entry: dict) -> tuple[int, int]:
+    """(start, end) of one header entry's data, after checking the entry is well formed (ValueError if not)."""
+    if entry["dtype"] not in _ST_DTYPES:
+        raise ValueError(f"tensor {key} has dtype {entry['dtype']}, not one of {', '.join(_ST_DTYPES)}")
+    start, end = (int(v) for v in entry["data_offsets"])
+    count = math.prod(int(dim) for dim in entry["shape"])
+    if not 0 <= start <= end or end - start != count * _ST_DTYPES[entry["dtype"]].itemsize:
+        raise ValueError(f"tensor {key}: offsets {start}..{end} do not fit shape {entry['shape']}")
+    return start, end
+
+
 class SafetensorsStateDict(Mapping):
     """A read-only state dict over a safetensors file: each tensor is read from disk only when asked for.
 
@@ -75,17 +129,23 @@ class SafetensorsStateDict(Mapping):
 
     def __init__(self, path: Path):
         self._path = path
-        with open(path, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            if size > os.path.getsize(path):
-                raise ValueError(f"header length {size} exceeds the file size")
-            header = json.loads(handle.read(size))
-        header.pop("__metadata__", None)
+        file_size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                if size > file_size - 8:
+                    raise ValueError(f"header length {size} exceeds the file size {file_size}")
+                header = json.loads(handle.read(size))
+            header.pop("__metadata__", None)
+            spans = [(key, _entry_span(key, entry)) for key, entry in header.items()]
+        except (struct.error, ValueError, TypeError, AttributeError, KeyError) as exc:  # JSON and Unicode errors too
+            raise _damaged(path, f"damaged header: {type(exc).__name__}: {first_line(exc)}") from None
         self._base = 8 + size
         self._entries = header
-        for key, entry in header.items():
-            if entry["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor {key} has dtype {entry['dtype']}, not one of {', '.join(_ST_DTYPES)}")
+        needed = max((end for _, (_, end) in spans), default=0)
+        if self._base + needed > file_size:  # a download or copy cut short: found here, not at the last tensor
+            raise _damaged(path, f"truncated: its header lists {needed} bytes of tensors, the file holds "
+                           f"{file_size - self._base}")  # fmt: skip
 
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self._entries[key]  # KeyError for unknown keys, as a dict
@@ -93,8 +153,8 @@ class SafetensorsStateDict(Mapping):
         buffer = bytearray(end - start)
         with open(self._path, "rb") as handle:
             handle.seek(self._base + start)
-            if handle.readinto(buffer) != len(buffer):
-                raise OpenDiTError(f"checkpoint {self._path} is truncated at tensor {key}; re-download or re-export it")
+            if handle.readinto(buffer) != len(buffer):  # the file shrank since it was opened
+                raise _damaged(self._path, f"truncated at tensor {key}")
         dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
         if not buffer:
             return torch.empty(shape, dtype=dtype)
@@ -158,26 +218,114 @@ class _PageReleaser:
 
 
 def tensor_shape(state: Mapping, key: str) -> tuple[int, ...]:
-    return state.shape(key) if isinstance(state, SafetensorsStateDict) else tuple(state[key].shape)
+    """Works on state dicts, SafetensorsStateDict (reads no tensor) and CheckpointInfo.shapes (name -> shape)."""
+    if isinstance(state, SafetensorsStateDict):
+        return state.shape(key)
+    value = state[key]
+    return value if isinstance(value, tuple) else tuple(value.shape)
 
 
-def read_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
-    """Tensors of a `.pt`/`.pth`/`.safetensors` checkpoint, lazily mapped where the format allows."""
-    path = Path(path)
-    if not path.is_file():
-        raise OpenDiTError(f"checkpoint {path} does not exist; pass --ckpt with a path to a .pt or .safetensors file")
+def read_state_dict(path: str | Path, use: str | None = None) -> Mapping[str, torch.Tensor]:
+    """Tensors of a `.pt`/`.pth`/`.safetensors` checkpoint (or a run directory), lazily mapped where the format
+    allows. `use`: "ema" or "model" weights of a training checkpoint (default: EMA)."""
+    path = locate_checkpoint(path)
+    obj = SafetensorsStateDict(path) if path.suffix == ".safetensors" else load_torch_file(path)
+    return _pick_weights(obj, path, use)
+
+
+# How `opendit train --export` records a trained model's sampling (cli/train.py's --sample-steps and --cfg-scale).
+TRAINED_STEPS, TRAINED_CFG_SCALE = 30, 3.0
+
+
+def sampling_defaults(model: dict) -> dict:
+    """How to sample a model trained by opendit train, as `opendit train --export` records it: 30 steps, CFG 3
+    (1 when it was trained without label dropout: it has no unconditional class then)."""
+    guided = model.get("class_dropout_prob", 0) > 0
+    scheduler = "flow-euler" if model.get("prediction") == "flow" else "ddim"
+    return {"scheduler": scheduler, "steps": TRAINED_STEPS, "cfg_scale": TRAINED_CFG_SCALE if guided else 1.0}
+
+
+def _config_from(meta: object, source: Path) -> DiTConfig:
+    """The DiTConfig of a sidecar / training checkpoint's metadata; OpenDiTError if it is not one."""
+    model = meta.get("model") if isinstance(meta, dict) else None
     try:
-        if path.suffix == ".safetensors":
-            return SafetensorsStateDict(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except OpenDiTError:
-        raise
-    except Exception as exc:  # corrupt, truncated, pickled code, wrong format: all get the same actionable message
+        if not isinstance(model, dict):
+            raise ValueError(
+                "it has no 'model' entry" if isinstance(meta, dict) else f"it holds a {type(meta).__name__}"
+            )
+        required = [f.name for f in fields(DiTConfig) if f.default is MISSING]  # depth, hidden_size, heads, patch
+        if [k for k in required if k not in model]:
+            raise ValueError(f"its model entry lacks {', '.join(k for k in required if k not in model)}")
+        config = DiTConfig.from_dict(model)
+        if not all(isinstance(model[k], int) for k in required):
+            raise ValueError(f"{', '.join(required)} must be integers")
+    except (TypeError, ValueError, KeyError) as exc:  # OpenDiTError (unknown keys) is a ValueError
         raise OpenDiTError(
-            f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; "
-            "is it an intact DiT .pt (official or training) or .safetensors file?"
-        ) from exc
-    return _pick_weights(obj, path)
+            f"config {source} is not an OpenDiT model config ({first_line(exc)}); {_SIDECAR_FIX}"
+        ) from None
+    return config
+
+
+_SIDECAR_FIX = "restore the .json written with the weights (opendit train --export), or pass --ckpt RUN_DIR (their run)"
+
+
+def _read_json(sidecar: Path) -> dict:
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenDiTError(f"config {sidecar} is not valid JSON ({first_line(exc)}); {_SIDECAR_FIX}") from None
+    _config_from(meta, sidecar)
+    return meta
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a source holds, read without its weights: the weights file, its metadata ({"model": config, and the
+    sampling "steps"/"scheduler"/"cfg_scale" where known}; None for a bare state dict), every tensor's shape."""
+
+    path: Path
+    meta: dict | None
+    shapes: dict
+
+    @property
+    def config(self) -> DiTConfig | None:
+        return DiTConfig.from_dict(self.meta["model"]) if self.meta is not None else None
+
+
+def inspect_checkpoint(ckpt: str | Path, use: str | None = None) -> CheckpointInfo:
+    """Check a source as far as it can be without loading weights; OpenDiTError (one line: file, cause, fix) if bad.
+    Cached per file version: a request resolves its model more than once."""
+    path = locate_checkpoint(ckpt)
+    return _inspect(path, _version(path), _version(path.with_suffix(".json")), use)
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None if absent: a rewritten weights file or sidecar is inspected again."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect(path: Path, version: tuple, sidecar_version: tuple | None, use: str | None) -> CheckpointInfo:
+    obj = SafetensorsStateDict(path) if path.suffix == ".safetensors" else load_torch_file(path)
+    state = _pick_weights(obj, path, use)
+    _check_dit_keys(state, path)
+    sidecar = path.with_suffix(".json")
+    meta = None
+    if sidecar.is_file():
+        meta = _read_json(sidecar)
+    elif isinstance(obj, dict) and "model_config" in obj:  # a training checkpoint carries its model's config
+        config = _config_from({"model": obj["model_config"]}, path).to_dict()
+        meta = {"model": config, **sampling_defaults(config)}
+    return CheckpointInfo(path, meta, {k: tensor_shape(state, k) for k in state})
+
+
+def check_fits(info: CheckpointInfo, config: DiTConfig) -> None:
+    """Raise the mismatch message (check_state_dict) if `info`'s tensors do not fit `config`; reads no weights."""
+    check_state_dict(build_dit(config, device="meta"), info.shapes, info.path)
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
@@ -226,8 +374,9 @@ def describe_mismatch(config: DiTConfig, state: Mapping[str, torch.Tensor]) -> s
     return f"checkpoint is for another model ({details}).{guess}"
 
 
-def check_state_dict(model: DiT, state: Mapping[str, torch.Tensor]) -> None:
-    """Raise an OpenDiTError listing missing/unexpected keys and every shape mismatch (expected vs found)."""
+def check_state_dict(model: DiT, state: Mapping[str, torch.Tensor], path: str | Path | None = None) -> None:
+    """Raise an OpenDiTError listing missing/unexpected keys and every shape mismatch (expected vs found); its first
+    line names the file (`path`), the cause and the fix, the next ones the details."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -238,7 +387,8 @@ def check_state_dict(model: DiT, state: Mapping[str, torch.Tensor]) -> None:
     ]
     if not (missing or unexpected or shapes):
         return
-    lines = [describe_mismatch(model.config, state) or "checkpoint does not match the model:"]
+    first = describe_mismatch(model.config, state) or "checkpoint does not match the model."
+    lines = [first if path is None else f"{first} (checkpoint {path})"]
     if missing:
         lines.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
     if unexpected:
@@ -258,14 +408,17 @@ def load_model(
     ckpt: str | Path | None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    use: str | None = None,
 ) -> DiT:
-    """Build `config`, fill it from `ckpt` (random init when None) in `dtype` on `device`, in eval mode."""
+    """Build `config`, fill it from `ckpt` (random init when None) in `dtype` on `device`, in eval mode. `ckpt` may be
+    a run directory; `use`: "ema" (default) or "model" weights of a training checkpoint."""
     if ckpt is None:
         return build_dit(config, device=device, dtype=dtype).eval()
-    state = read_state_dict(ckpt)
+    ckpt = locate_checkpoint(ckpt)
+    state = read_state_dict(ckpt, use)
     model = build_dit(config, device="meta", dtype=dtype)
-    check_state_dict(model, state)
-    release = _PageReleaser(Path(ckpt)) if not isinstance(state, SafetensorsStateDict) else lambda t: None
+    check_state_dict(model, state, ckpt)
+    release = _PageReleaser(ckpt) if not isinstance(state, SafetensorsStateDict) else lambda t: None
     # One tensor at a time: read -> cast -> device -> adopted, so the peak is the model plus one source tensor.
     for key in list(model.state_dict()):
         source = state[key]
@@ -293,11 +446,7 @@ def save_safetensors(model: DiT, path: str | Path, extra: dict | None = None) ->
 
 
 def read_sidecar_config(ckpt: str | Path) -> dict | None:
-    """The JSON written beside one of our safetensors files, if any."""
-    sidecar = Path(ckpt).with_suffix(".json")
-    if not sidecar.is_file():
-        return None
-    try:
-        return json.loads(sidecar.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenDiTError(f"config {sidecar} is not valid JSON ({exc}); re-export the model") from exc
+    """The model metadata of a source ({"model": config, sampling defaults}): the JSON beside our safetensors, or a
+    training checkpoint's own config; None for a bare state dict. The source is checked (inspect_checkpoint)."""
+    meta = inspect_checkpoint(ckpt).meta
+    return copy.deepcopy(meta)  # the cached original stays as read

@@ -29,33 +29,29 @@ Modes, chosen from the world size:
             if engine.is_main:                   # rank 0 (and the only process in modes a and b)
                 save_outputs(result, "out")
 
-Errors: every call is validated in the caller before anything is sent (classes out of range, steps <= 0, cfg < 1, a
-scheduler that does not fit the model's prediction, cfg parallel without guidance, a bad image size or too few tokens
-for the sequence degree, more dp groups than images, another size under sharded weights...): OpenDiTError, and the
-engine stays usable. A worker that fails ends the engine: that call raises WorkerFailed with the failing rank's
-message (OpenDiTError when the rank raised one), and later calls raise OpenDiTError("engine is closed: rank R failed:
-..."). No receive waits forever on a dead worker: the pool's recv raises as soon as any worker exits.
+Errors: the constructor's arguments and every call are validated in the caller by the request schema (request.py:
+strict types, bounded ranges, finite guidance; classes out of range, steps outside 1..1000, cfg < 1, a scheduler that
+does not fit the model's prediction, cfg parallel without guidance, a bad image size or too few tokens for the
+sequence degree, more dp groups than images, another size under sharded weights, a trace file that cannot be
+written...) before anything is sent: OpenDiTError, and the engine stays usable. A worker that fails ends the engine:
+that call raises WorkerFailed with the failing rank's message (OpenDiTError when the rank raised one), and later calls
+raise OpenDiTError("engine is closed: rank R failed: ..."). No receive waits forever on a dead worker: the pool's recv
+raises as soon as any worker exits.
 """
 
 from __future__ import annotations
 
+import numbers
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 
 from opendit.distributed.env import in_distributed_env
 from opendit.errors import OpenDiTError
-from opendit.generation import (
-    ENGINE_FIELDS,
-    GenerationRequest,
-    GenerationResult,
-    check_plan,
-    prepare,
-    resolve_call,
-    resolve_engine,
-)
+from opendit.generation import ENGINE_FIELDS, GenerationRequest, GenerationResult, prepare, resolve_call, resolve_engine
+from opendit.request import CallRequest, EngineRequest
 
 
 class Engine:
@@ -83,10 +79,7 @@ class Engine:
         self._failed = self._busy = False
         self._calls = 0
         given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
-        paths = {name: str(given[name]) for name in ("ckpt", "vae") if given[name] is not None}  # Path -> str
-        settings = GenerationRequest(classes=[], **{**given, **paths})
-        self.spec = resolve_engine(settings, *(_plan_for or (None, None)))
-        self._check()
+        self.spec = resolve_engine(EngineRequest.build(given), *(_plan_for or (None, None)))  # checked, no weights
         if self.spec.world == 1:
             from opendit.worker import Replica
 
@@ -108,14 +101,6 @@ class Engine:
     @property
     def world_size(self) -> int:
         return self.spec.world
-
-    def _check(self) -> None:
-        """Engine-level checks that need no weights: the plan fits the model (a missing VAE is reported after the
-        checkpoint loaded, so that a bad checkpoint is named first)."""
-        spec = self.spec
-        if spec.world > 1:
-            plan = spec.plan
-            spec.plan_notes += check_plan(plan, spec.world, spec.config, plan.dp, plan.cfg > 1)
 
     def _start_torchrun(self) -> None:
         """Mode (c): every rank builds its replica; rank 0 keeps it, the others serve until rank 0 closes."""
@@ -166,17 +151,10 @@ class Engine:
             return None
         if self._closed is not None:
             raise OpenDiTError(f"engine is closed: {self._closed}")
-        classes = [classes] if isinstance(classes, int) else list(classes)
-        request = replace(
-            self.spec.settings,
-            classes=classes,
-            seed=seed,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            scheduler=scheduler,
-            image_size=image_size if image_size is not None else self.spec.settings.image_size,
-            trace=str(Path(trace).resolve()) if trace is not None else None,  # workers may not share the cwd
-        )
+        if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
+            classes = [classes]  # one image (documented shorthand)
+        values = {"classes": classes, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "scheduler": scheduler}
+        request = CallRequest.build({**values, "image_size": image_size, "trace": trace})  # None: engine's size
         call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
         start = time.perf_counter()
         result = self._dispatch(call)
@@ -250,7 +228,7 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
     Scripts that pass nproc > 1 must call it under `if __name__ == "__main__":` (workers are spawned). To make many
     calls, keep an Engine instead: it starts the workers and loads the model once.
     """
-    request = request or GenerationRequest(**kwargs)
+    request = _one_shot_request(request, kwargs)
     job = prepare(request)  # the whole request checked first: the errors (and their order) of a one-shot request
     settings = {k: getattr(request, k) for k in ENGINE_FIELDS}
     with Engine(**settings, _plan_for=(len(request.classes), request.cfg_scale)) as engine:
@@ -260,3 +238,18 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
         return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=list(request.classes))
     result.record["request"] = asdict(request)  # as asked (None = the model's default), not as resolved
     return result
+
+
+def _one_shot_request(request: GenerationRequest | None, kwargs: dict) -> GenerationRequest:
+    """generate()'s request from its arguments; a wrong shape is an OpenDiTError like every other bad input."""
+    if request is not None:
+        if kwargs:
+            raise OpenDiTError(f"pass a GenerationRequest or keyword fields, not both (got {', '.join(kwargs)})")
+        return request  # prepare() checks its type
+    names = [f.name for f in fields(GenerationRequest)]
+    unknown = [name for name in kwargs if name not in names]
+    if unknown:
+        raise OpenDiTError(f"unknown field {unknown[0]!r} for opendit.generate; the fields are: {', '.join(names)}")
+    if "classes" not in kwargs:
+        raise OpenDiTError("classes is required; e.g. opendit.generate(classes=[0, 1, 2])")
+    return GenerationRequest(**kwargs)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiT, DiTConfig
+from opendit.models.dit import DiT
 from opendit.train.data import digits_to_unit, to_digits_scale, upsample
 
 SHIPPED = Path(__file__).parent / "weights" / "digits.safetensors"
@@ -195,23 +195,18 @@ def evaluate(
 
 
 def load_for_eval(ckpt: str | Path | None = None, use: str = "ema") -> tuple[DiT, dict]:
-    """A model from our .safetensors (+ .json), a training checkpoint .pt (`use`: "ema" or "model"), or the shipped
-    digits model when ckpt is None. Returns (model in eval mode, sidecar metadata with "path")."""
-    from opendit.checkpoint import load_model, read_sidecar_config
+    """A model from our .safetensors (+ .json), a training checkpoint .pt or its run directory (`use`: "ema" or
+    "model" weights), or the shipped digits model when ckpt is None. The source is checked before anything is
+    computed (one message per cause, checkpoint.py). Returns (model in eval mode, metadata with "path")."""
+    from opendit.checkpoint import inspect_checkpoint, load_model
 
-    path = Path(ckpt) if ckpt is not None else SHIPPED
-    if not path.is_file():
-        hint = "train and export one first (opendit train --export ...)" if ckpt is None else "check the path"
-        raise OpenDiTError(f"model weights {path} do not exist; {hint}")
-    if path.suffix == ".pt":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if use not in state or "model_config" not in state:
-            raise OpenDiTError(f"{path} is not an OpenDiT training checkpoint with {use!r} weights and a model config")
-        model = DiT(DiTConfig.from_dict(state["model_config"]))
-        model.load_state_dict(state[use])
-        return model.eval(), {"path": str(path)}
-    meta = read_sidecar_config(path)
-    if meta is None:
-        raise OpenDiTError(f"{path} has no .json config beside it; export with opendit train --export")
-    model = load_model(DiTConfig.from_dict(meta["model"]), path)
-    return model, {**meta, "path": str(path)}
+    if ckpt is None and not SHIPPED.is_file():
+        raise OpenDiTError(f"the shipped model {SHIPPED} does not exist; train and export one (opendit train --export)")
+    info = inspect_checkpoint(ckpt if ckpt is not None else SHIPPED, use=use)
+    if info.config is None:
+        raise OpenDiTError(
+            f"checkpoint {info.path} has no model config (no .json beside it, not a training checkpoint); eval needs "
+            "an opendit train run directory, its checkpoints/*.pt, or an export (opendit train --export PATH)"
+        )
+    model = load_model(info.config, info.path, use=use)
+    return model, {**info.meta, "path": str(info.path)}

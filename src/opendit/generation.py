@@ -1,27 +1,39 @@
-"""Requests: what a generation asks for, resolved (model, sampling defaults, parallel plan) and validated in the caller.
+"""Requests: what a generation asks for, validated at the boundary and resolved (model, defaults, plan) in the caller.
 
 Two levels, because an `opendit.Engine` loads a model once and then serves many calls:
-- engine level (`resolve_engine` -> `EngineSpec`): model source, dtype, VAE, device, processes, parallel plan;
-- call level (`resolve_call` -> `Call`): classes, seed, steps, guidance, scheduler, image size.
-Both are checked here, before any process is started or any message is sent, so a bad request raises OpenDiTError in
-the caller and never reaches (or hangs) a worker. `prepare(request)` does both for a one-shot request (-> `Job`), and
-`generate(request)` runs it on a one-shot engine (engine.py); per-rank execution is in worker.py.
+- engine level (`EngineRequest` -> `resolve_engine` -> `EngineSpec`): model source, dtype, VAE, device, processes,
+  parallel plan;
+- call level (`CallRequest` -> `resolve_call` -> `Call`): classes, seed, steps, guidance, scheduler, image size, the
+  output folder and trace file.
+The schema (request.py) checks every field's type and range; the resolution here adds the model (presets, sidecar
+JSON: no weights) and the plan, and the schema's cross-field rules run against them. Output folders are created (or
+refused) last, still before any process is started or any model is loaded, so a bad request raises OpenDiTError in
+the caller and never reaches (or hangs) a worker. `GenerationRequest` is the user-facing dataclass of a one-shot
+request (`opendit.generate`, the CLI): `prepare(request)` converts and checks it (-> `Job`), and `generate(request)`
+runs it on a one-shot engine (engine.py); per-rank execution is in worker.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opendit.checkpoint import read_sidecar_config
-from opendit.diffusion.sampler import make_scheduler
 from opendit.distributed.config import ParallelConfig, default_plan
-from opendit.distributed.env import env_world_size, in_distributed_env
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, pixel_config, preset
-from opendit.outputs import VAE_SCALE, GenerationResult, decode, labelled_grid, save_outputs  # noqa: F401 - re-exported
+from opendit.outputs import (  # noqa: F401 - re-exported
+    VAE_SCALE,
+    GenerationResult,
+    decode,
+    labelled_grid,
+    prepare_output_dir,
+    prepare_trace_file,
+    save_outputs,
+)
 from opendit.parallel.registry import get_strategy
-from opendit.precision import parse_dtype
+from opendit.request import CallRequest, EngineRequest, check_engine, check_plan  # noqa: F401 - check_plan re-exported
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CKPT = WEIGHTS_DIR / "digits.safetensors"
@@ -29,6 +41,9 @@ DEFAULT_CKPT = WEIGHTS_DIR / "digits.safetensors"
 
 @dataclass
 class GenerationRequest:
+    """A one-shot request as users write it; converted to the schema (EngineRequest + CallRequest) at the boundary,
+    where every field is checked (types strict, ranges bounded: request.py)."""
+
     classes: list[int]
     model: str | None = None  # preset name; None with no ckpt -> the shipped digits model
     ckpt: str | None = None
@@ -51,7 +66,7 @@ class GenerationRequest:
 class EngineSpec:
     """The engine-level request, resolved: what every rank needs to load and parallelise the model once."""
 
-    settings: GenerationRequest  # the engine-level fields (classes and per-call fields unused)
+    settings: EngineRequest  # as validated (device, dtype, vae, progress are read by every rank)
     config: DiTConfig  # at the engine's default image size
     ckpt: str | None
     defaults: dict  # the model's steps, scheduler and cfg_scale
@@ -74,6 +89,7 @@ class Call:
     config: DiTConfig  # the model at this call's image size
     request: dict  # the record's "request" entry
     trace: str | None = None  # absolute path of the Chrome trace to write, or None
+    notes: list[str] = field(default_factory=list)  # the plan's notes for this call's batch and size
 
 
 @dataclass
@@ -90,10 +106,17 @@ class Job:
     world: int  # processes: 1, --nproc, or torchrun's WORLD_SIZE
     plan: ParallelConfig
     plan_notes: list[str]
+    engine: EngineRequest | None = None  # the validated schema objects the job was built from
+    call: CallRequest | None = None
 
 
 def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, dict, str | None]:
-    """(config, checkpoint, sampling defaults, note) for a request: from presets, sidecar JSON or the shipped model."""
+    """(config, checkpoint, sampling defaults, note) for a request: from presets, the checkpoint's own config (the
+    .json beside our safetensors, or a training checkpoint's; a run directory means its checkpoints/latest.pt) or
+    the shipped model. The checkpoint is checked here, in the caller (headers and shapes, no weights): a bad file is
+    named before any process starts."""
+    from opendit.checkpoint import check_fits, inspect_checkpoint
+
     defaults = {"steps": 50, "scheduler": None, "cfg_scale": 4.0}
     note = None
     ckpt = request.ckpt
@@ -104,36 +127,43 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
             note = "no trained default model is installed: using a randomly initialised DiT-T/2 (images are noise)"
             config = pixel_config("DiT-T/2", 16)
             return config, None, {**defaults, "scheduler": "flow-euler"}, note
-    sidecar = read_sidecar_config(ckpt) if ckpt else None
-    if sidecar is not None:
-        config = DiTConfig.from_dict(sidecar["model"])
+    info = inspect_checkpoint(ckpt) if ckpt else None
+    native = info.config if info is not None else None
+    if native is not None:
+        config = native
         if request.model is not None and preset(request.model).depth != config.depth:
             raise OpenDiTError(f"--model {request.model} does not match checkpoint {ckpt} (its config: {config})")
-        defaults.update({k: sidecar[k] for k in ("steps", "scheduler", "cfg_scale") if k in sidecar})
+        defaults.update({k: info.meta[k] for k in ("steps", "scheduler", "cfg_scale") if k in info.meta})
     else:
-        if request.model is None:
-            raise OpenDiTError(f"checkpoint {ckpt} has no .json config beside it; pass --model (e.g. DiT-XL/2)")
+        if info is not None and request.model is None:
+            raise OpenDiTError(
+                f"checkpoint {ckpt} has no model config (no .json beside it, not a training checkpoint of opendit "
+                "train); pass --model (e.g. DiT-XL/2) and --image-size"
+            )
         config = preset(request.model)
         if request.image_size is None:
             request.image_size = 256
     if request.image_size is not None:
         config = config.with_image_size(request.image_size)
+    if info is not None:  # ours load at their own size (resolve_engine), the others at the requested one
+        check_fits(info, native or config)
     if defaults["scheduler"] is None:
         defaults["scheduler"] = "flow-euler" if config.prediction == "flow" else "ddpm"
-    return config, ckpt, defaults, note
+    return config, str(info.path) if info is not None else None, defaults, note
 
 
 def resolve_engine(
-    settings: GenerationRequest, images: int | None = None, cfg_scale: float | None = None
+    settings: EngineRequest | GenerationRequest, images: int | None = None, cfg_scale: float | None = None
 ) -> EngineSpec:
-    """Resolve the model and the processes, and choose the plan once (cheap: no weights are read).
+    """Validate the engine-level fields, resolve the model and the processes, and choose and check the plan once
+    (cheap: no weights are read).
 
     The automatic plan (no degrees given) depends on the batch and on guidance: a one-shot request passes its own
     (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
     automatic plan ever needs more images than a call has (dp is used only when asked for)."""
-    parse_dtype(settings.dtype)
-    config, ckpt, defaults, note = resolve_model(settings)
-    world = _world_size(settings)
+    settings = engine_request(settings)
+    world = settings.world_size()
+    config, ckpt, defaults, note = resolve_model(settings.model_copy())  # a copy: it may fill in the image size
     guided = (cfg_scale if cfg_scale is not None else defaults["cfg_scale"]) != 1.0
     plan, plan_notes = choose_plan(settings, config, world, images or 1, guided)
     # Our checkpoints carry their own size: load at it, then move to the requested one (the sin-cos positions are
@@ -141,14 +171,16 @@ def resolve_engine(
     sidecar = read_sidecar_config(ckpt) if ckpt else None
     native = DiTConfig.from_dict(sidecar["model"]) if sidecar is not None else None
     load_config = native if native is not None and native.input_size != config.input_size else None
-    return EngineSpec(settings, config, ckpt, defaults, note, world, plan, plan_notes, load_config)
+    spec = EngineSpec(settings, config, ckpt, defaults, note, world, plan, plan_notes, load_config)
+    spec.plan_notes += check_engine(spec)  # the plan vs the world and the model; each call is checked again
+    return spec
 
 
 def choose_plan(
-    request: GenerationRequest, config: DiTConfig, world: int, images: int, guided: bool
+    request: EngineRequest, config: DiTConfig, world: int, images: int, guided: bool
 ) -> tuple[ParallelConfig, list[str]]:
     """The plan the request asks for, or (no degrees given, world > 1) one chosen for it, with notes saying why."""
-    plan = request.parallel or ParallelConfig()
+    plan = request.plan() or ParallelConfig()
     notes: list[str] = []
     if world == 1 or plan.world_size != 1:
         return plan, notes
@@ -178,100 +210,64 @@ def choose_plan(
     return plan, notes
 
 
-def check_plan(plan: ParallelConfig, world: int, config: DiTConfig, images: int, guided: bool) -> list[str]:
-    """Raise OpenDiTError if the plan cannot run this batch at this size; return the notes on exact fallbacks."""
-    from opendit.planning.planner import check_request
-
-    notes = check_request(plan, config, world, images, guided)  # an invalid plan's message names the nearest valid
-    if plan.shard_weights and plan.sp_degree == 1:
-        raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
-    return notes
-
-
-def check_sampling(
-    config: DiTConfig, defaults: dict, classes: list[int], steps: int | None, cfg_scale: float | None, scheduler
-) -> tuple[int, str, float]:
-    """(steps, scheduler, cfg_scale) with the model's defaults filled in; OpenDiTError naming the fix if invalid."""
-    if not classes:
-        raise OpenDiTError("no classes given; pass e.g. --classes 0 1 2")
-    steps = steps if steps is not None else defaults["steps"]
-    scheduler = scheduler or defaults["scheduler"]
-    cfg_scale = float(cfg_scale if cfg_scale is not None else defaults["cfg_scale"])
-    if steps <= 0:
-        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
-    if cfg_scale < 1.0:
-        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-    make_scheduler(scheduler, config.prediction, config.learn_sigma)  # raises on a scheduler/model mismatch
-    bad = [c for c in classes if not 0 <= c < config.num_classes]
-    if bad:
-        raise OpenDiTError(f"class id {bad[0]} is outside this model's range 0..{config.num_classes - 1}")
-    return int(steps), scheduler, cfg_scale
-
-
-def resolve_call(spec: EngineSpec, request: GenerationRequest) -> Call:
-    """Validate one call against the engine (model, plan) and resolve its defaults; nothing is sent before this."""
-    classes = [int(c) for c in request.classes]
-    steps, scheduler, cfg_scale = check_sampling(
-        spec.config, spec.defaults, classes, request.steps, request.cfg_scale, request.scheduler
+def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> Call:
+    """Validate one call against the engine (model, plan), resolve its defaults and create (or refuse) its output
+    folders: nothing is sent, and nothing computed, before this."""
+    request = call_request(request)
+    resolved = request.resolve(spec)
+    if request.out is not None:
+        prepare_output_dir(request.out, "--out")
+    trace = None
+    if request.trace is not None:
+        trace = os.path.abspath(prepare_trace_file(request.trace))  # absolute: workers may not share the cwd
+    asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "trace": trace}  # the record's
+    asked["image_size"] = request.image_size if request.image_size is not None else spec.settings.image_size
+    return Call(
+        classes=request.classes,
+        seed=request.seed,
+        steps=resolved.steps,
+        scheduler=resolved.scheduler,
+        cfg_scale=resolved.cfg_scale,
+        config=resolved.config,
+        request=asked,
+        trace=trace,
+        notes=resolved.notes,
     )
-    config = spec.config
-    if request.image_size is not None:
-        config = spec.config.with_image_size(request.image_size)
-    if config.input_size != spec.config.input_size and spec.plan.shard_weights:
-        size = f"{config.image_size[0]}x{config.image_size[1]}"
-        raise OpenDiTError(
-            f"the image size is fixed when weights are sharded (--shard-weights): this engine makes "
-            f"{spec.config.image_size[0]}x{spec.config.image_size[1]}; start a new engine for {size}"
-        )
-    if spec.world > 1:
-        check_plan(spec.plan, spec.world, config, len(classes), cfg_scale != 1.0)
-    record = asdict(replace(request, classes=classes))
-    return Call(classes, int(request.seed), steps, scheduler, cfg_scale, config, record, request.trace)
 
 
-def prepare(request: GenerationRequest) -> Job:
-    """Resolve the model and sampling settings and validate the request and its parallel plan (cheap: no weights)."""
-    if not request.classes:
-        raise OpenDiTError("no classes given; pass e.g. --classes 0 1 2")
-    parse_dtype(request.dtype)
-    config, ckpt, defaults, note = resolve_model(request)
-    steps, scheduler, cfg_scale = check_sampling(
-        config, defaults, request.classes, request.steps, request.cfg_scale, request.scheduler
-    )
-    world = _world_size(request)
-    guided = cfg_scale != 1.0
-    plan, plan_notes = choose_plan(request, config, world, len(request.classes), guided)
-    plan_notes += check_plan(plan, world, config, len(request.classes), guided)
-    return Job(request, config, ckpt, steps, scheduler, cfg_scale, note, world, plan, plan_notes)
+def prepare(request: GenerationRequest, out: str | os.PathLike | None = None) -> Job:
+    """Convert and validate a one-shot request and its parallel plan, resolve the model and sampling settings, and
+    create (or refuse) the output folder `out` and the trace's folder (cheap: no weights, no processes)."""
+    if not isinstance(request, GenerationRequest):
+        raise OpenDiTError(f"expected an opendit.GenerationRequest, got {type(request).__name__}")
+    settings = engine_request(request)
+    call = call_request(request, out)  # every field's type and range checked before anything is resolved
+    spec = resolve_engine(settings, len(call.classes), call.cfg_scale)
+    resolved = resolve_call(spec, call)
+    notes = list(dict.fromkeys(spec.plan_notes + resolved.notes))
+    return Job(
+        request, spec.config, spec.ckpt, resolved.steps, resolved.scheduler, resolved.cfg_scale, spec.note,
+        spec.world, spec.plan, notes, settings, call,
+    )  # fmt: skip
 
 
-def _world_size(request: GenerationRequest) -> int:
-    """Processes for this request: torchrun's world, else --nproc, else the plan's product of degrees."""
-    if in_distributed_env():
-        world = env_world_size()
-        if request.nproc is not None and request.nproc != world:
-            raise OpenDiTError(
-                f"--nproc {request.nproc} conflicts with the {world} processes torchrun started; drop --nproc "
-                "under torchrun (its --nproc-per-node x --nnodes sets the world)"
-            )
-        return world
-    if request.nproc is not None:
-        if request.nproc < 1:
-            raise OpenDiTError(f"--nproc must be >= 1, got {request.nproc}")
-        return request.nproc
-    return request.parallel.world_size if request.parallel is not None else 1
+def engine_request(request: EngineRequest | GenerationRequest) -> EngineRequest:
+    """The engine-level fields of a request, validated (an EngineRequest passes as it is)."""
+    if isinstance(request, EngineRequest):
+        return request
+    return EngineRequest.build({name: getattr(request, name) for name in ENGINE_FIELDS})
 
 
-# GenerationRequest fields that configure an Engine (the rest are per call).
-ENGINE_FIELDS = (
-    "model",
-    "ckpt",
-    "vae",
-    "dtype",
-    "nproc",
-    "parallel",
-    "parallel_auto",
-    "device",
-    "image_size",
-    "progress",
-)
+def call_request(request: CallRequest | GenerationRequest, out: str | os.PathLike | None = None) -> CallRequest:
+    """The call-level fields of a request, validated (a CallRequest passes as it is)."""
+    if isinstance(request, CallRequest):
+        return request
+    values = {name: getattr(request, name) for name in CALL_FIELDS}
+    return CallRequest.build({**values, "out": out} if out is not None else values)
+
+
+# GenerationRequest fields that configure an Engine, and those of one call (image_size is both: the engine's default
+# and the call's size; `out` is the CLI's, not a GenerationRequest field). tests/test_request.py checks they cover
+# GenerationRequest exactly.
+ENGINE_FIELDS = tuple(EngineRequest.model_fields)
+CALL_FIELDS = tuple(name for name in CallRequest.model_fields if name != "out")

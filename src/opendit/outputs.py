@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +66,45 @@ def save_outputs(result: GenerationResult, out_dir: str | Path, label_names: lis
     labelled_grid(images, result.labels, label_names).save(out / "samples.png")
     (out / "record.json").write_text(json.dumps(result.record, indent=2, default=str))
     return out / "samples.png"
+
+
+def prepare_output_dir(
+    path: str | Path, flag: str = "--out", fix: str = "a folder you can write, e.g. --out ./outputs"
+) -> Path:
+    """Create the folder `path` (and its parents), or refuse it with one line naming why and the fix: a file in the
+    way, no permission, a read-only place. Called before any model is loaded, so a run never computes for minutes and
+    then fails to save. Writing is proven by creating (and at once removing) an unnamed file, not inferred from the
+    permission bits: root ignores them, and ACLs or a read-only mount do not show in them."""
+    folder = Path(path)
+    try:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            where = f"{flag} {path}" if blocker == folder else f"{flag} {path}: {blocker}"
+            raise OpenDiTError(f"{where} is a file, not a folder; remove the file or pass another {flag}")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".opendit-write-check-"):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__  # e.g. "Permission denied", "Read-only file system"
+        raise OpenDiTError(f"cannot write to {flag} {path} ({why}); pass {fix}") from None
+    return folder
+
+
+def prepare_trace_file(path: str | Path) -> Path:
+    """The trace file `path`, its folder created (or refused, as prepare_output_dir) before anything runs."""
+    trace = Path(path)
+    try:
+        if trace.is_dir():
+            raise OpenDiTError(f"--trace {path} is a folder; pass a file name, e.g. --trace {trace / 'trace.json'}")
+        exists_read_only = trace.exists() and not os.access(trace, os.W_OK)
+    except OSError as exc:
+        raise OpenDiTError(f"cannot write the trace {path} ({exc.strerror}); pass e.g. --trace trace.json") from None
+    if exists_read_only:
+        raise OpenDiTError(f"cannot write the trace {path} (the file is read-only); pass another --trace file")
+    prepare_output_dir(
+        trace.parent, "--trace folder", "a trace file in a folder you can write, e.g. --trace trace.json"
+    )
+    return trace
 
 
 def labelled_grid(images: list[Image.Image], labels: list[int], names: list[str] | None = None) -> Image.Image:

@@ -9,8 +9,8 @@ follow the weights, except in these **fp32 islands**, kept because their numeric
 - the adaLN-Zero gates: `gate * branch(x)` is formed in fp32 before it is added to the residual stream;
 - the residual stream itself under fp16 (see "fp16 overflow guard" below);
 - softmax statistics: SDPA (flash/memory-efficient kernels, CPU and CUDA) keeps the running max and sum in fp32;
-  ring attention (parallel/ring.py) merges partial outputs with their log-sum-exp in fp32 - the ring kernel's owner
-  keeps that invariant, this module only records it;
+  ring attention (parallel/attention/ring.py) merges partial outputs with their log-sum-exp in fp32 - the ring
+  kernel's owner keeps that invariant, this module only records it;
 - the sampler: the latents, the scheduler state and the CFG combine are fp32 (diffusion/sampler.py casts the model
   output with `.float()` before touching them), so a 50-step loop does not accumulate half-precision rounding.
 
@@ -29,9 +29,9 @@ digits model is reported in tests/test_precision.py and the README.
 **Communication dtype.** Collectives carry tensors in the dtype they have, i.e. the compute dtype: sequence-parallel
 kernels exchange q/k/v/attention outputs that come out of compute-dtype linears, and `token_gather` moves the final
 layer's output (compute dtype). The residual stream never crosses ranks. The one override is
-`ParallelConfig.comm_dtype` (`--comm-dtype`), which the runtime (parallel/parallelize.py) passes to every
+`ParallelConfig.comm_dtype` (`--comm-dtype`), which the runtime (parallel/apply.py) passes to every
 `parallel.comm.Comm` it builds; `Comm` then casts wider floating tensors to that dtype on the wire and back on arrival
-(never narrower ones: bf16 data is not re-rounded through fp16). Sharded weights (parallel/shard.py) are gathered in
+(never narrower ones: bf16 data is not re-rounded through fp16). Sharded weights (parallel/sharding.py) are gathered in
 their storage dtype, never through comm_dtype, so that sharding stays exact.
 """
 

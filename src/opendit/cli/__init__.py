@@ -1,9 +1,18 @@
-"""`opendit` command line: thin wrappers over the Python API. Bad input exits with status 2 and one clear line."""
+"""`opendit` command line: thin wrappers over the Python API. Bad input exits with status 2 and one clear line on
+stderr ("error: ..."), for bad flags (argparse) as for bad values (the request schema, request.py)."""
 
 import argparse
 import sys
 
 from opendit.errors import OpenDiTError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, "3.5" for an integer, a missing value) are one OpenDiTError line, as every
+    other bad input, instead of the usage text plus a message (subcommand parsers inherit this class)."""
+
+    def error(self, message: str):
+        raise OpenDiTError(f"{message}; see `{self.prog} --help`")
 
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
@@ -81,14 +90,10 @@ def parallel_config(args: argparse.Namespace):
     )
 
 
-def run_sample(args: argparse.Namespace) -> int:
-    from opendit.distributed.env import global_rank, in_distributed_env, quiet_unless_rank0
-    from opendit.engine import generate
-    from opendit.generation import GenerationRequest
-    from opendit.outputs import save_outputs
-
-    if in_distributed_env():  # a torchrun worker
-        quiet_unless_rank0()
+def validate_sample(args: argparse.Namespace):
+    """The request the flags ask for, validated (request.py) and resolved, with --out and the trace's folder created
+    or refused: a generation.Job. Nothing is loaded and no process is started."""
+    from opendit.generation import GenerationRequest, prepare
 
     # flags named as the request's fields pass straight through; the others are translated
     same = ("classes", "model", "ckpt", "image_size", "steps", "scheduler", "cfg_scale", "seed", "dtype", "vae")
@@ -98,7 +103,24 @@ def run_sample(args: argparse.Namespace) -> int:
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",
     )
-    result = generate(request)  # a one-shot opendit.Engine (the plan chosen for this batch and guidance)
+    return prepare(request, out=args.out)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from opendit.distributed.env import in_distributed_env, quiet_unless_rank0
+
+    if in_distributed_env():  # a torchrun worker
+        quiet_unless_rank0()
+    return execute_sample(args, validate_sample(args))  # every check first, then the compute
+
+
+def execute_sample(args: argparse.Namespace, job) -> int:
+    """Generate a validated job (`validate_sample`) and write its files."""
+    from opendit.distributed.env import global_rank
+    from opendit.engine import generate
+    from opendit.outputs import save_outputs
+
+    result = generate(job.request)  # a one-shot opendit.Engine (the plan chosen for this batch and guidance)
     if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
         return 0
     grid = save_outputs(result, args.out)
@@ -127,7 +149,7 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opendit", description="Fast, exact multi-device Diffusion Transformers")
+    parser = Parser(prog="opendit", description="Fast, exact multi-device Diffusion Transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_sample_parser(subparsers)
     models = subparsers.add_parser("models", help="list model presets")
@@ -143,19 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from opendit.distributed.launch import WorkerFailed
 
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except OpenDiTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except WorkerFailed as exc:  # one worker of --nproc N raised: its traceback, then its message, exit 1
         if exc.traceback:
             print(exc.traceback.rstrip(), file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def one_line(message: str) -> str:
+    """A message on one line: a value echoed in it may hold line breaks (a path, a model name)."""
+    return " ".join(message.splitlines())
 
 
 if __name__ == "__main__":

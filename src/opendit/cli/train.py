@@ -43,6 +43,7 @@ _HELP = {
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` (one option per TrainConfig field) plus `--export PATH` for the EMA weights at the end."""
+    from opendit.checkpoint import TRAINED_CFG_SCALE, TRAINED_STEPS
     from opendit.train.trainer import TrainConfig
 
     parser = subparsers.add_parser("train", help="train a class-conditional DiT (default: digits, DiT-D/2, 16x16)")
@@ -58,8 +59,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--export", default=None, help="after training, write the EMA weights to PATH.safetensors+.json"
     )
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="CFG scale recorded in the exported JSON")
-    parser.add_argument("--sample-steps", type=int, default=30, help="sampling steps recorded in the exported JSON")
+    # the same defaults a run directory or training checkpoint samples with (checkpoint.sampling_defaults)
+    parser.add_argument("--cfg-scale", type=float, default=TRAINED_CFG_SCALE, help="CFG scale recorded in the export")
+    parser.add_argument("--sample-steps", type=int, default=TRAINED_STEPS, help="sampling steps recorded in the export")
     parser.set_defaults(func=run_train)
     return parser
 
@@ -89,8 +91,8 @@ def command_line() -> str:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval`: class accuracy, Fréchet distances and sampling time of a model's samples, as JSON."""
     parser = subparsers.add_parser("eval", help="measure a digits model: SVC accuracy, Fréchet distance, timing")
-    parser.add_argument("--ckpt", default=None, help="weights (.safetensors with .json beside it, or a training .pt); "
-                        "default: the shipped digits model")  # fmt: skip
+    parser.add_argument("--ckpt", default=None, help="weights: a run directory of opendit train, a training .pt, or "
+                        ".safetensors with its .json; default: the shipped digits model")  # fmt: skip
     parser.add_argument("--per-class", type=int, default=100, help="samples per class (default: 100)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model JSON's, else 30)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model JSON's, else 3)")
@@ -134,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     args = parser.parse_args(argv)
+    from opendit.distributed.launch import WorkerFailed
+
     try:
         return args.func(args)
     except OpenDiTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # as the main CLI: the failing rank's traceback, then its message, exit 1
+        if exc.traceback:
+            print(exc.traceback.rstrip(), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

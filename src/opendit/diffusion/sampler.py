@@ -30,16 +30,22 @@ _DDPM_BETAS = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_sta
 SCHEDULERS = {"ddpm": "epsilon", "ddim": "epsilon", "dpm-solver": "epsilon", "flow-euler": "flow"}
 
 
-def make_scheduler(name: str, prediction: str, learn_sigma: bool):
-    """A fresh diffusers scheduler for a model that predicts `prediction` ("epsilon" or "flow")."""
+def check_scheduler(name: str, prediction: str | None = None) -> None:
+    """OpenDiTError naming the fix if `name` is no scheduler or (given the model's prediction type) does not fit it.
+    The request schema (request.py) calls this at the boundary; make_scheduler keeps it as its own precondition."""
     if name not in SCHEDULERS:
         raise OpenDiTError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
-    if SCHEDULERS[name] != prediction:
+    if prediction is not None and SCHEDULERS[name] != prediction:
         fits = [s for s, p in SCHEDULERS.items() if p == prediction]
         raise OpenDiTError(
             f"scheduler {name} needs a model that predicts {SCHEDULERS[name]}, but this model predicts {prediction}; "
             f"use --scheduler {' or '.join(fits)}"
         )
+
+
+def make_scheduler(name: str, prediction: str, learn_sigma: bool):
+    """A fresh diffusers scheduler for a model that predicts `prediction` ("epsilon" or "flow")."""
+    check_scheduler(name, prediction)
     if name == "ddpm":
         variance = "learned_range" if learn_sigma else "fixed_small"
         return DDPMScheduler(**_DDPM_BETAS, variance_type=variance, clip_sample=False)
@@ -48,18 +54,6 @@ def make_scheduler(name: str, prediction: str, learn_sigma: bool):
     if name == "dpm-solver":
         return DPMSolverMultistepScheduler(**_DDPM_BETAS, algorithm_type="dpmsolver++", solver_order=2)
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-
-
-def check_sampling(labels: torch.Tensor, num_classes: int, steps: int, cfg_scale: float) -> torch.Tensor:
-    """The sampler's own preconditions (callers that build requests check them earlier, with the CLI's wording)."""
-    if steps <= 0:
-        raise OpenDiTError(f"steps must be positive, got {steps}; try --steps 30")
-    if cfg_scale < 1.0:
-        raise OpenDiTError(f"cfg scale must be >= 1 (1 disables guidance), got {cfg_scale}")
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.numel():
-        raise OpenDiTError(f"class id {int(bad[0])} is outside this model's range 0..{num_classes - 1}")
-    return labels
 
 
 def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.Generator]:
@@ -105,8 +99,11 @@ def sample(
     progress: bool = False,
     hooks: Sequence[StepHook] = (),
 ) -> SampleResult:
-    """Denoise len(labels) images of shape (C, H, W). cfg_scale 1 means no guidance (and no unconditional pass)."""
-    labels = check_sampling(labels.to(device), num_classes, steps, cfg_scale)
+    """Denoise len(labels) images of shape (C, H, W). cfg_scale 1 means no guidance (and no unconditional pass).
+
+    Trusts its arguments: requests are validated once, at the boundary (request.py: steps 1..1000, cfg_scale finite
+    and >= 1, class ids in the model's range, seeds within the generator's range), before any worker starts."""
+    labels = labels.to(device)
     scheduler = make_scheduler(scheduler_name, prediction, learn_sigma)
     scheduler.set_timesteps(steps, device=device)
     generators = image_generators(seed, len(labels), first_index)

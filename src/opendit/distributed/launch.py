@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import sys
@@ -44,6 +45,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.util import Finalize
 from typing import Any
 
+from opendit.distributed.resources import warn_resources
 from opendit.errors import OpenDiTError
 
 # Messages that mean "a peer went away", not a root cause: any other failure is preferred as the one to report.
@@ -113,6 +115,17 @@ class _ParentGone(SystemExit):
     """The parent closed this worker's channel (the pool was closed, or the parent died): exit quietly."""
 
 
+def _send(conn: Connection, obj: Any) -> None:
+    """Every message by value, with the standard pickler: a Connection's own pickler (with torch imported) passes
+    tensors as shared-memory handles that die with the sending process, so a worker's last answer (launch's return
+    value) could be unreadable once it has exited."""
+    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 class WorkerChannel:
     """A worker's end of its channel: `rank` is its global rank; send() goes to the parent, recv() takes the next
     object the parent sent to this rank. Once the parent has closed the pool both end the worker quietly."""
@@ -123,13 +136,13 @@ class WorkerChannel:
 
     def send(self, obj: Any) -> None:
         try:
-            self._conn.send(obj)
+            _send(self._conn, obj)
         except (BrokenPipeError, ConnectionResetError):
             raise _ParentGone(0) from None
 
     def recv(self) -> Any:
         try:
-            return self._conn.recv()
+            return _recv(self._conn)
         except (EOFError, ConnectionResetError, BrokenPipeError):
             raise _ParentGone(0) from None
 
@@ -146,7 +159,7 @@ def _report(conn: Connection, rank: int, exc: BaseException) -> None:
         text if isinstance(exc, OpenDiTError) else None,
     )
     try:
-        conn.send(report)
+        _send(conn, report)
     except Exception:  # the channel is gone; stderr is the last place to say it
         print(report.traceback, file=sys.stderr)
 
@@ -237,11 +250,19 @@ class WorkerPool:
     `if __name__ == "__main__":`, as with any multiprocessing spawn. `processes[r]` is rank r's Process.
     """
 
-    def __init__(self, target: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None):
+    def __init__(
+        self,
+        target: Callable,
+        nproc: int,
+        args: tuple = (),
+        threads_per_proc: int | None = None,
+        model_bytes: int = 0,
+    ):
         import torch.distributed as dist
 
         if nproc < 1:
             raise OpenDiTError(f"--nproc must be >= 1, got {nproc}")
+        warn_resources(nproc, model_bytes)  # before anything starts: what this many processes will cost
         self.nproc = nproc
         self.processes: list[multiprocessing.Process] = []
         self._conns: list[Connection | None] = []
@@ -296,7 +317,7 @@ class WorkerPool:
         try:
             if conn is None:
                 raise BrokenPipeError
-            conn.send(obj)
+            _send(conn, obj)
         except (BrokenPipeError, ConnectionResetError):
             # the worker is gone or going: its exit (or a peer's report) says why
             self.processes[rank].join(KILL_GRACE_S)
@@ -379,7 +400,7 @@ class WorkerPool:
         conn = self._conns[rank]
         try:
             while conn is not None and conn.poll():
-                item = conn.recv()
+                item = _recv(conn)
                 if isinstance(item, FailureReport):
                     self._reports.append(item)
                 else:
@@ -425,15 +446,17 @@ def _call_once(channel: WorkerChannel, fn: Callable, args: tuple) -> None:
     channel.send(result if channel.rank == 0 else None)  # only rank 0's value is wanted: others need not pickle
 
 
-def launch(fn: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None) -> Any:
+def launch(
+    fn: Callable, nproc: int, args: tuple = (), threads_per_proc: int | None = None, model_bytes: int = 0
+) -> Any:
     """Run fn(*args) in `nproc` local processes (a WorkerPool); return rank 0's return value once every rank is done.
 
     fn must be importable (module level); a script that calls this (or generate(nproc=N)) must do so under
     `if __name__ == "__main__":`, as with any multiprocessing spawn. Raises WorkerFailed if any rank raises or dies
     (the root cause's rank and message), or OpenDiTError if that root cause was one: bad input is the caller's error,
-    not a crash.
+    not a crash. `model_bytes`: what each process will hold of the model (for the memory warning).
     """
-    with WorkerPool(_call_once, nproc, (fn, args), threads_per_proc) as pool:
+    with WorkerPool(_call_once, nproc, (fn, args), threads_per_proc, model_bytes) as pool:
         try:
             results = [pool.recv(rank) for rank in range(nproc)]
         except WorkerFailed as failed:

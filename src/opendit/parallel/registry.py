@@ -115,9 +115,12 @@ def _load_builtins() -> None:
 
 
 def strategies() -> dict[str, SequenceStrategy]:
-    """Every registered strategy by name, built-ins first."""
+    """Every registered strategy by name: the built-ins in BUILTIN_MODULES order (whatever imported them first),
+    then the others in registration order."""
     _load_builtins()
-    return dict(_REGISTRY)
+    rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    order = sorted(_REGISTRY.values(), key=lambda s: rank.get(type(s).__module__, len(rank)))
+    return {s.name: s for s in order}
 
 
 def get_strategy(name: str) -> SequenceStrategy:

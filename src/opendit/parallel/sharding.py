@@ -30,7 +30,7 @@ are sharded along their largest dim that P divides instead (`_placement_for`), e
 Dtypes: parameters are sharded and gathered in their storage dtype (the compute dtype after loading), never through
 `comm_dtype`, so that sharding is exact. No MixedPrecisionPolicy is used.
 
-For the runtime (parallel/parallelize.py), once per process, after the weights are loaded in their final dtype and
+For the runtime (parallel/apply.py), once per process, after the weights are loaded in their final dtype and
 device and after the parallel attention / token shard / FastSeq modules are installed:
 
     from opendit.parallel.sharding import apply_weight_sharding

@@ -154,16 +154,28 @@ def train(cfg: TrainConfig) -> dict:
     collectives also time out after 10 minutes.
     """
     cfg.validate()
+    if cfg.resume:  # in the caller, before any process starts or data is built: a bad checkpoint is named first
+        read_resume_state(_resume_path(cfg), cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process already
         _env_worker(cfg)
     elif cfg.nproc > 1:
         from opendit.distributed.launch import launch
 
         # each process gets the torchrun environment, so it runs exactly the torchrun path above
-        launch(_env_worker, cfg.nproc, (cfg,), threads_per_proc=cfg.threads or None)
+        launch(_env_worker, cfg.nproc, (cfg,), threads_per_proc=cfg.threads or None, model_bytes=_train_bytes(cfg))
     else:
         _worker(0, 1, cfg)
     return summary(cfg.out)
+
+
+def _train_bytes(cfg: TrainConfig) -> int:
+    """Training state per process, for the launcher's memory warning: fp32 weights, gradients, EMA, two AdamW moments
+    and DDP's gradient buckets (6 copies of the parameters)."""
+    from opendit.models.dit import build_dit
+
+    size = (cfg.image_size, cfg.image_size)
+    config = replace(preset(cfg.model), input_size=size, in_channels=cfg.channels, learn_sigma=cfg.learn_sigma)
+    return 6 * 4 * sum(p.numel() for p in build_dit(config, device="meta").parameters())
 
 
 def summary(out: str | Path) -> dict:
@@ -239,7 +251,6 @@ class _Run:
 
 
 def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> _Run:
-    out = Path(cfg.out)
     dataset = build_dataset(cfg.data, cfg.image_size, cfg.channels)
     mconfig = model_config(cfg, dataset)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts rank 0's weights anyway)
@@ -250,11 +261,9 @@ def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, elapsed = 0, 0.0
-    latest = out / "checkpoints" / "latest.pt"
-    if cfg.resume and latest.is_file():
+    latest = _resume_path(cfg)
+    if latest is not None:
         start, elapsed = load_checkpoint(latest, cfg, model, ema, opt, device)
-    elif cfg.resume:
-        raise OpenDiTError(f"--resume but {latest} does not exist; drop --resume to start a new run in {out}")
     ddpm = None
     if cfg.prediction == "epsilon":
         from diffusers import DDPMScheduler
@@ -389,17 +398,57 @@ def save_checkpoint(ckpt_dir, cfg, mconfig, model, ema, opt, step, elapsed) -> P
     return path
 
 
-def load_checkpoint(path, cfg: TrainConfig, model: DiT, ema: EMA, opt, device) -> tuple[int, float]:
-    """Restore model, EMA, optimiser and RNG; refuse settings that would change the curve. Returns (step, elapsed)."""
-    state = torch.load(path, map_location=device, weights_only=True)
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint --resume continues from (None without --resume); OpenDiTError if there is none."""
+    if not cfg.resume:
+        return None
+    latest = Path(cfg.out) / "checkpoints" / "latest.pt"
+    if not latest.is_file():
+        raise OpenDiTError(f"--resume but {latest} does not exist; drop --resume to start a new run in {cfg.out}")
+    return latest
+
+
+# What save_checkpoint writes and resume needs.
+_RESUME_KEYS = ("model", "ema", "opt", "step", "elapsed_s", "args", "rng")
+
+
+def read_resume_state(path: Path, cfg: TrainConfig, map_location="cpu", mmap: bool = True) -> dict:
+    """A training checkpoint's state, checked for --resume: readable, complete, and of a run with these settings."""
+    from opendit.checkpoint import load_torch_file
+
+    state = load_torch_file(path, map_location, mmap=mmap, resume=True)
+    if not isinstance(state, dict):
+        what = f"it holds a {type(state).__name__}"
+    else:
+        missing = [k for k in _RESUME_KEYS if k not in state]
+        what = f"no {', '.join(map(repr, missing))}" if missing else None
+        what = what or (None if isinstance(state["args"], dict) else "its 'args' are not a dict")
+    if what is not None:
+        raise OpenDiTError(
+            f"cannot resume from {path}: it is not a training checkpoint of opendit train ({what}); "
+            f"start a new run in another --out directory (or drop --resume to start over in {cfg.out})"
+        )
     saved = state["args"]
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
     if diff:
         details = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise OpenDiTError(f"cannot resume {path}: {details}; use the original values or a new --out directory")
-    unwrap(model).load_state_dict(state["model"])
-    ema.load_state_dict(state["ema"])
-    opt.load_state_dict(state["opt"])
+    return state
+
+
+def load_checkpoint(path, cfg: TrainConfig, model: DiT, ema: EMA, opt, device) -> tuple[int, float]:
+    """Restore model, EMA, optimiser and RNG; refuse settings that would change the curve. Returns (step, elapsed)."""
+    # no mmap: the optimiser adopts the loaded tensors, which must be ordinary memory, not a mapping of the file
+    state = read_resume_state(Path(path), cfg, map_location=device, mmap=False)
+    try:
+        unwrap(model).load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+    except (RuntimeError, KeyError, ValueError) as exc:  # e.g. another number of classes in the data folder
+        raise OpenDiTError(
+            f"cannot resume from {path}: its weights do not fit this run's model ({str(exc).splitlines()[0][:160]}); "
+            "use the original data, or start a new run in another --out directory"
+        ) from None
     torch.set_rng_state(state["rng"]["torch"].cpu())
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
@@ -408,13 +457,11 @@ def load_checkpoint(path, cfg: TrainConfig, model: DiT, ema: EMA, opt, device) -
 
 def export_ema(checkpoint: str | Path, path: str | Path, extra: dict | None = None) -> Path:
     """EMA weights of a training checkpoint -> `path`.safetensors + .json {"model": config, **extra}."""
-    from opendit.checkpoint import save_safetensors
+    from opendit.checkpoint import load_torch_file, locate_checkpoint, save_safetensors
 
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise OpenDiTError(f"checkpoint {checkpoint} does not exist; train first or point at runs/<name>/checkpoints")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "ema" not in state or "model_config" not in state:
+    checkpoint = locate_checkpoint(checkpoint)  # a file or a run directory
+    state = load_torch_file(checkpoint, mmap=False)
+    if not isinstance(state, dict) or "ema" not in state or "model_config" not in state:
         raise OpenDiTError(f"{checkpoint} is not an OpenDiT training checkpoint (needs 'ema' and 'model_config')")
     model = DiT(DiTConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["ema"])
