@@ -116,9 +116,10 @@ def test_pool_answers_requests_in_turn_over_a_gloo_group():
     assert_reaped(pool)
 
 
-@pytest.mark.slow
-def test_a_rank_raising_mid_request_ends_the_pool_with_its_message():
-    pool = WorkerPool(faulty_worker, 2, (1, "raise"), threads_per_proc=1)
+def fail_one_request(mode: str):
+    """Start a 2-worker pool whose rank 1 fails (`mode`: raise or kill itself) on the first request; returns the
+    WorkerFailed, the seconds from sending the request to the raise, and the (closed) pool."""
+    pool = WorkerPool(faulty_worker, 2, (1, mode), threads_per_proc=1)
     try:
         assert pool.recv(timeout=60) == "ready"
         pool.send("req-1")
@@ -128,7 +129,12 @@ def test_a_rank_raising_mid_request_ends_the_pool_with_its_message():
         elapsed = time.monotonic() - start
     finally:
         pool.close()
-    failed = info.value
+    return info.value, elapsed, pool
+
+
+@pytest.mark.slow
+def test_a_rank_raising_mid_request_ends_the_pool_with_its_message():
+    failed, elapsed, pool = fail_one_request("raise")
     assert str(failed) == "rank 1 failed: ValueError: bad request 'req-1'"
     assert failed.exitcode == 1 and "faulty_worker" in failed.traceback and "ValueError" in failed.traceback
     assert elapsed < 5, elapsed
@@ -140,18 +146,9 @@ def test_a_rank_raising_mid_request_ends_the_pool_with_its_message():
 
 @pytest.mark.slow
 def test_a_killed_rank_is_reported_not_its_peer_blocked_in_a_collective():
-    pool = WorkerPool(faulty_worker, 2, (1, "kill"), threads_per_proc=1)
-    try:
-        assert pool.recv(timeout=60) == "ready"
-        pool.send("req")
-        start = time.monotonic()
-        with pytest.raises(WorkerFailed) as info:
-            pool.recv(timeout=60)
-        elapsed = time.monotonic() - start
-    finally:
-        pool.close()
-    assert str(info.value) == "rank 1 failed: killed by signal SIGKILL (out of memory?)"
-    assert info.value.exitcode == -signal.SIGKILL and info.value.traceback == ""
+    failed, elapsed, pool = fail_one_request("kill")
+    assert str(failed) == "rank 1 failed: killed by signal SIGKILL (out of memory?)"
+    assert failed.exitcode == -signal.SIGKILL and failed.traceback == ""
     assert elapsed < 10, elapsed  # including the 0.2 s before the kill
     assert_reaped(pool)
 
