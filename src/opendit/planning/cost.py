@@ -181,10 +181,8 @@ def predict_step_time(
     # Outside the blocks: embeddings and final layer (small), the token gather over the sequence group and the CFG
     # gather of the prediction over the cfg group.
     edge_s = spec.edge_flops(model, tokens, b) / _saturating(speeds.matmul_flops, b * tokens, speeds.matmul_half_rows)
-    out_elems = b * spec.token_values(model)[1]
-    gather_bytes = out_elems * sizes[worst] * s * (sp - 1)
+    gather_bytes, cfg_bytes = output_gather_bytes(model, tokens, b, plan, worst, s)
     gather_s = comm_time("all_gather", gather_bytes, 1, 1, sp, speeds) if sp > 1 else 0.0
-    cfg_bytes = out_elems * tokens * s if plan.cfg == 2 else 0
     cfg_s = comm_time("all_gather", cfg_bytes, 1, sp, 2, speeds) if plan.cfg == 2 else 0.0
     overhead = (depth * blk["ops"] + 2) * speeds.block_overhead_s  # + embedder and final layer
     comm_s = depth * blk["exposed"] + gather_s + cfg_s
@@ -283,8 +281,7 @@ def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp
     the output over the sequence group and the cfg gather of the prediction (always exact, `itemsize`). `batch` is
     the samples of this rank's model call (its dp group's guided batch, halved by cfg). Weight gathers of sharded
     weights are counted separately (kind "weight_gather"). Tests assert this equals what a run records."""
-    spec = spec_for(model)
-    depth, out_values = spec.dims(model, tokens).depth, spec.token_values(model)[1]
+    depth = spec_for(model).dims(model, tokens).depth
     wire = 2 if plan.comm_dtype else itemsize
     out: dict[str, dict] = {}
 
@@ -293,11 +290,20 @@ def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp
         entry["bytes"] += nbytes
         entry["calls"] += calls
 
+    gather_bytes, cfg_bytes = output_gather_bytes(model, tokens, batch, plan, sp_rank, itemsize)
     if plan.sp_degree > 1:
         for kind, counts in block_comm(model, tokens, batch, plan, sp_rank, wire).items():
             add(kind, depth * counts["bytes"], depth * counts["calls"])
-        sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
-        add("all_gather", batch * sizes[sp_rank] * out_values * itemsize * (plan.sp_degree - 1), 1)
-    if plan.cfg == 2:  # my half of the prediction goes to the other cfg rank
-        add("all_gather", batch * tokens * out_values * itemsize, 1)
+        add("all_gather", gather_bytes, 1)
+    if plan.cfg == 2:
+        add("all_gather", cfg_bytes, 1)
     return out
+
+
+def output_gather_bytes(model, tokens: int, batch: float, plan: ParallelConfig, sp_rank: int, itemsize: int):
+    """(token gather, cfg gather) bytes one rank sends per step: its (B, T_r, values) output to the other sequence
+    ranks, and its half of the prediction (B, T, values) to the other cfg rank (0 where the plan has none)."""
+    out_elems = batch * spec_for(model).token_values(model)[1]
+    sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
+    gather = out_elems * sizes[sp_rank] * itemsize * (plan.sp_degree - 1)
+    return gather, out_elems * tokens * itemsize if plan.cfg == 2 else 0
