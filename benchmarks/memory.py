@@ -12,7 +12,7 @@ what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, 
 `opendit.distributed.launch` (gloo, one thread each).
 
 How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
-threshold at 64 KiB (`shard.exact_malloc`), so every tensor is its own mapping and freeing returns it to the OS; warms
+threshold at 64 KiB (`opendit.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the OS; warms
 up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch, gloo,
 kernels); builds and parallelizes (and shards) the model; resets the kernel's high-water mark (clear_refs) and runs
 the forward. Reported per rank: `params` = resident set after setup - baseline (the parameters this rank holds), and
@@ -80,7 +80,7 @@ def measure_rank(case: dict) -> dict:
     from opendit.distributed.mesh import build_runtime
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize
-    from opendit.parallel.sharding import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.precision import parse_dtype
 
     exact_malloc()

@@ -27,7 +27,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -148,17 +148,25 @@ class SafetensorsStateDict(Mapping):
                            f"{file_size - self._base}")  # fmt: skip
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]  # KeyError for unknown keys, as a dict
-        start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
+        shape = self.shape(key)  # KeyError for unknown keys, as a dict
+        return self.read_rows(key, 0, shape[0] if shape else 1)
+
+    def read_rows(self, key: str, start: int, length: int) -> torch.Tensor:
+        """Rows [start, start + length) of dim 0 of tensor `key` (row-major: one contiguous byte range), read from
+        the file without the rest: what sharded loading reads for a rank's shard."""
+        entry = self._entries[key]
+        dtype, shape = _ST_DTYPES[entry["dtype"]], list(entry["shape"])
+        row = dtype.itemsize * math.prod(shape[1:]) if shape else dtype.itemsize
+        first, _ = entry["data_offsets"]
+        buffer = bytearray(row * length)
         with open(self._path, "rb") as handle:
-            handle.seek(self._base + start)
+            handle.seek(self._base + first + row * start)
             if handle.readinto(buffer) != len(buffer):  # the file shrank since it was opened
                 raise _damaged(self._path, f"truncated at tensor {key}")
-        dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
+        out_shape = [length, *shape[1:]] if shape else []
         if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)  # owns `buffer`; freed with the tensor
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(out_shape)  # owns `buffer`; freed with the tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -403,6 +411,19 @@ def check_state_dict(model: DiT, state: Mapping[str, torch.Tensor], path: str | 
     raise OpenDiTError("\n  ".join(lines))
 
 
+def open_for_model(
+    config: DiTConfig, ckpt: str | Path, dtype: torch.dtype = torch.float32, use: str | None = None
+) -> tuple[DiT, Mapping[str, torch.Tensor], Callable[[torch.Tensor], None], Path]:
+    """(the model built on meta, the checkpoint's lazy state dict checked against it, the page releaser of a
+    memory-mapped source, the weights file). Nothing is read but headers and shapes."""
+    ckpt = locate_checkpoint(ckpt)
+    state = read_state_dict(ckpt, use)
+    model = build_dit(config, device="meta", dtype=dtype)
+    check_state_dict(model, state, ckpt)
+    release = _PageReleaser(ckpt) if not isinstance(state, SafetensorsStateDict) else lambda tensor: None
+    return model, state, release, ckpt
+
+
 def load_model(
     config: DiTConfig,
     ckpt: str | Path | None,
@@ -411,14 +432,11 @@ def load_model(
     use: str | None = None,
 ) -> DiT:
     """Build `config`, fill it from `ckpt` (random init when None) in `dtype` on `device`, in eval mode. `ckpt` may be
-    a run directory; `use`: "ema" (default) or "model" weights of a training checkpoint."""
+    a run directory; `use`: "ema" (default) or "model" weights of a training checkpoint. (Sharded plans load each
+    rank's shards only: parallel/sharded_loading.py.)"""
     if ckpt is None:
         return build_dit(config, device=device, dtype=dtype).eval()
-    ckpt = locate_checkpoint(ckpt)
-    state = read_state_dict(ckpt, use)
-    model = build_dit(config, device="meta", dtype=dtype)
-    check_state_dict(model, state, ckpt)
-    release = _PageReleaser(ckpt) if not isinstance(state, SafetensorsStateDict) else lambda t: None
+    model, state, release, ckpt = open_for_model(config, ckpt, dtype, use)
     # One tensor at a time: read -> cast -> device -> adopted, so the peak is the model plus one source tensor.
     for key in list(model.state_dict()):
         source = state[key]

@@ -27,16 +27,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from opendit.checkpoint import file_sha256, load_model
+from opendit.checkpoint import file_sha256, load_model, open_for_model
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.comm import CommStats
 from opendit.distributed.env import global_rank, init_from_env, pick_device
 from opendit.distributed.mesh import Runtime, build_runtime
 from opendit.errors import OpenDiTError
 from opendit.generation import Call, EngineSpec, GenerationResult
+from opendit.memory import PhasePeaks
 from opendit.outputs import VAE_MISSING, decode, load_vae
 from opendit.parallel.apply import ParallelModel, parallelize, plan_record
 from opendit.parallel.sequence import offsets, split_sizes
+from opendit.parallel.sharded_loading import fill_sharded
 from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
 from opendit.precision import parse_dtype
 
@@ -79,6 +81,28 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
     return sharded_parameter_bytes(model)
 
 
+def load_replica_model(spec: EngineSpec, device: torch.device, runtime: Runtime | None):
+    """(model, ParallelModel or None, the loading record) of one rank.
+
+    A plan with sharded weights and a checkpoint loads each rank's shards only: the model is built and parallelised
+    on meta, then its local shards are read from the file (parallel/sharded_loading.py), so the loading peak is 1/P
+    of the model plus one tensor. Every other plan loads the whole model, one tensor at a time (checkpoint.py)."""
+    dtype = parse_dtype(spec.settings.dtype)
+    plan = spec.plan
+    if runtime is not None and plan.shard_weights and plan.sp_degree > 1 and spec.ckpt is not None:
+        model, state, release, path = open_for_model(spec.load_config or spec.config, spec.ckpt, dtype)
+        model.set_input_size(spec.config)  # on meta: only shapes; the positions are derived when filled
+        pmodel = parallelize(model, runtime)
+        stats = fill_sharded(model, state, device, release, path)
+        del state
+        return model.eval(), pmodel, stats.to_dict()
+    start = time.perf_counter()
+    model = load_model(spec.load_config or spec.config, spec.ckpt, device, dtype)
+    model.set_input_size(spec.config)  # a no-op unless the checkpoint's own size is another
+    pmodel = parallelize(model, runtime) if runtime is not None else None
+    return model, pmodel, {"mode": "whole", "seconds": time.perf_counter() - start}
+
+
 class Replica:
     """One rank's model (or the only process's): loaded and parallelised once, then `run(call)` per call.
 
@@ -101,10 +125,10 @@ class Replica:
         else:
             device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.spec, self.device = spec, device
+        # phase peaks reset the high-water mark: only in worker processes, never in a caller's own (in-process engine)
+        self.memory = PhasePeaks(device, reset=spec.world > 1)
         self.is_output = self.runtime is None or self.runtime.index == 0
-        self.model = load_model(spec.load_config or spec.config, spec.ckpt, device, parse_dtype(settings.dtype))
-        self.model.set_input_size(spec.config)  # a no-op unless the checkpoint's own size is another
-        self.pmodel = parallelize(self.model, self.runtime) if self.runtime is not None else None
+        self.model, self.pmodel, self.load_record = load_replica_model(spec, device, self.runtime)
         self.parameter_bytes = _parameter_bytes(self.model)
         if spec.config.latent and settings.vae is None:
             raise OpenDiTError(VAE_MISSING)
@@ -112,6 +136,7 @@ class Replica:
         self.vae = load_vae(settings.vae, device) if spec.config.latent and self.is_output else None
         self.ckpt_sha256 = file_sha256(spec.ckpt) if spec.ckpt and self.is_output else None
         self.load_s = time.perf_counter() - start
+        self.memory.end("load")  # from the process start: imports, the process group, the model, the VAE
         self.calls = 0
 
     def broadcast(self, message=None):
@@ -132,8 +157,7 @@ class Replica:
     def run(self, call: Call) -> GenerationResult | None:
         """Sample one call on this rank (every rank of the job at once); the output rank returns the result."""
         start = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.memory.end("between_calls")  # what ran since the last phase (idle, the previous call's record)
         if self.pmodel is not None:  # a new size re-installs the token split on every rank (exact)
             self.pmodel.set_input_size(call.config)
         else:
@@ -144,11 +168,14 @@ class Replica:
         align = None if self.runtime is None else lambda: dist.barrier(group=self.runtime.group("all"))
         trace = TraceHook(stats, global_rank(), align=align, device=self.device)
         result = self._sample(call, trace)
+        self.memory.end("sampling")
         ranks = self._rank_records(call, trace, result.step_times, stats)
         self.calls += 1
         if not self.is_output:
             return None
         images = decode(result.samples, call.config, self.vae, self.device)
+        self.memory.end("decode")
+        ranks[0]["memory"] = self.memory.record()  # this rank's, now with its decode
         if call.trace is not None:
             events = [rank.pop("trace_events") for rank in ranks]
             write_chrome_trace(call.trace, events, {"request": call.request, "plan": self.spec.plan.describe()})
@@ -185,6 +212,8 @@ class Replica:
             "sampling_s": sum(step_times),
             "per_step_s": step_times,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "memory": self.memory.record(),  # peaks of load, sampling (and, on the output rank, decode) and whole
+            "loading": self.load_record,
             "parameter_bytes": self.parameter_bytes,  # this rank's shards under --shard-weights
             "comm_per_step": stats.history,  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
             "comm_after_sampling": stats.snapshot(),  # after the last step: the dp gather of the samples
@@ -223,6 +252,8 @@ class Replica:
                 "total_s": time.perf_counter() - start,
             },
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "memory": ranks[0]["memory"],  # this (the output) rank's peaks per phase; every rank's under "ranks"
+            "loading": self.load_record,
             "comm": _comm_record(ranks) if self.runtime is not None else None,
             "ranks": ranks if self.runtime is not None else None,
             "utilisation": utilisation,

@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample_parser(subparsers)
     models = subparsers.add_parser("models", help="list model presets")
     models.set_defaults(func=run_models)
+    from opendit.cli.convert import add_convert_parser
     from opendit.cli.plan import add_calibrate_parser, add_plan_parser
     from opendit.cli.train import add_eval_parser, add_train_parser
 
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_convert_parser(subparsers)
     return parser
 
 

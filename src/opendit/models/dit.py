@@ -218,10 +218,14 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def sincos_positions(self) -> torch.Tensor:
+        """The fixed positions of this size, (1, T, C) float64 on the CPU."""
+        return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
+
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
-        pos = sincos_2d(self.config.hidden_size, *self.config.grid)  # (T, C) float64
-        self.pos_embed.copy_(torch.from_numpy(pos).to(self.pos_embed.dtype).unsqueeze(0))
+        if not self.pos_embed.is_meta:  # on meta (sharded loading) the positions are filled after materialising
+            self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
 
     @torch.no_grad()
     def set_input_size(self, config: DiTConfig) -> None:
@@ -358,5 +362,6 @@ DIT_SPEC = register_spec(
         model_flops=model_flops,
         edge_flops=edge_flops,
         token_values=token_values,
+        derived={"pos_embed": lambda model: model.sincos_positions()},
     )
 )

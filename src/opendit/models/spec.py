@@ -14,6 +14,9 @@ A spec says (in the spirit of diffusers' `_cp_plan` and torchtitan's per-model s
 - `dims(config)`, `count_params(config, tokens)`, `block_flops(...)`, `model_flops(...)`, `edge_flops(...)` and
   `token_values(config)` (values per token where tokens are split and gathered): the sizes and exact counts the cost
   model and the planner read.
+- `derived`: parameter name -> function(model) -> the full tensor, for parameters the model computes rather than
+  learns (DiT's sin-cos positions): sharded loading (parallel/sharded_loading.py) fills them from the function when a
+  checkpoint has them for another size (or not at all).
 
 Specs are registered by config type (`register_spec`), and `spec_for(model_or_config)` finds one.
 """
@@ -60,6 +63,7 @@ class ModelSpec:
     edge_flops: Callable[..., float]  # (config, tokens, batch): FLOPs outside the blocks (embeddings, final layer)
     token_values: Callable[..., tuple[int, int]]  # config -> values per token at the split and at the gather point
     notes: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, Callable[[nn.Module], object]] = field(default_factory=dict)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model`, in model order."""

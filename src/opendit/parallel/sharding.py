@@ -42,6 +42,7 @@ Then call `model(x, t, y)` as before, under torch.no_grad() (not inference_mode)
 group (every forward all-gathers over it). Anything that caches weight tensors at install time (e.g. per-head slices
 of qkv) must be built before sharding is applied, or read the weights inside forward, where they are gathered.
 `sharded_parameter_bytes(model)` gives this rank's resident parameter bytes, for the record.
+Memory readers (resident set, high-water mark, exact_malloc) are in opendit/memory.py.
 """
 
 from __future__ import annotations
@@ -92,9 +93,10 @@ def apply_weight_sharding(
 
     Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
-    gloo and NCCL, so it overlaps compute). P == 1 leaves the model untouched. The model must be fully materialised
-    (not on meta) in its final dtype and device. Its class becomes FSDP2's subclass of it and its parameters DTensors;
-    the forward signature and results are unchanged. Calling it again on a sharded model does nothing.
+    gloo and NCCL, so it overlaps compute). P == 1 leaves the model untouched. The model must be in its final dtype
+    and device, or wholly on `meta` (with a DeviceMesh): then no memory is used, and `sharded_loading.fill_sharded`
+    materialises and fills the local shards from the checkpoint. Its class becomes FSDP2's subclass of it and its
+    parameters DTensors; the forward signature and results are unchanged. Calling it again does nothing.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -105,10 +107,7 @@ def apply_weight_sharding(
     params = list(model.parameters())
     if not params:
         raise OpenDiTError("the model has no parameters to shard")
-    if any(p.is_meta for p in params):
-        raise OpenDiTError("the model is still on the meta device: load the weights first, then shard them")
-    device = params[0].device
-    mesh = _as_mesh(group_or_mesh, device.type)
+    mesh = _as_mesh(group_or_mesh, _device_type(params, group_or_mesh))
     if mesh.size() == 1:
         return
     if units is None:  # the model's declared shard units, in forward order (models/spec.py)
@@ -134,6 +133,20 @@ def apply_weight_sharding(
         # before the first child unit; FSDP2 would keep them gathered until the root's forward ends (72 MiB at
         # 16384 tokens, XL width, fp32). Free them when the first unit starts.
         units[0].register_forward_pre_hook(lambda _module, _args: model.reshard())
+
+
+def _device_type(params: list[nn.Parameter], group_or_mesh: Any) -> str:
+    """The device type of the mesh to shard over: the parameters', or for a model wholly on meta (sharded loading:
+    FSDP2 is applied on meta, fill_sharded materialises the local shards) the DeviceMesh's own."""
+    on_meta = [p.is_meta for p in params]
+    if any(on_meta) and not all(on_meta):
+        raise OpenDiTError("the model is partly on the meta device: load every weight, or build it wholly on meta")
+    if not all(on_meta):
+        return params[0].device.type
+    device_type = getattr(group_or_mesh, "device_type", None)
+    if device_type is None:
+        raise OpenDiTError("a model on meta is sharded over a DeviceMesh (it says the device type), not a group")
+    return device_type
 
 
 def _placement_for(world: int):
@@ -230,53 +243,3 @@ def sharded_parameter_bytes(model: nn.Module) -> int:
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes of the full (unsharded) model: sum of numel x element size over all parameters."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-# ------------------------------------------------------------------------------ memory measurement (CPU processes)
-# Used by tests/test_shard.py and benchmarks/memory.py. torch has no allocator statistics for CPU tensors, so memory is
-# read from the kernel: the resident set (VmRSS) and its high-water mark (VmHWM, resettable through clear_refs).
-# `exact_malloc()` makes glibc serve every allocation >= 64 KiB with its own mmap and unmap it on free (fixing the
-# threshold also stops glibc from raising it dynamically), so the resident set follows live tensor bytes instead of
-# keeping freed heap. Linux only; elsewhere the readers return None.
-
-
-def exact_malloc(threshold: int = 1 << 16) -> bool:
-    """mallopt(M_MMAP_THRESHOLD, threshold) for this process; True if it took effect (glibc)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        return False
-
-
-def _status(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set now."""
-    return _status("VmRSS")
-
-
-def peak_rss_bytes() -> int | None:
-    """The resident set's high-water mark since the process started or since reset_peak_rss()."""
-    return _status("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current resident set (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
