@@ -21,6 +21,9 @@ gives the largest rank. Nothing here materialises the (S, S) attention matrix: a
 whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone would be 16 heads x S^2 x 4 bytes =
 17 GB at 16384 tokens, so the measured peaks prove its absence.
 
+`--whole` measures something else: whole-command peaks of `opendit sample` (imports, loading, sampling, decoding;
+benchmarks/whole_command.py) -> benchmarks/results/memory_whole.{json,md}. The figures below are forward-only.
+
 Results (benchmarks/results/memory.{json,png,md}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
 sharded weights and the real 28 blocks, 4 ranks peak at 0.26x of 1 rank (fp32 1113 vs 4237 MiB; measured with
 `--tokens 16384 --worlds 4 1 --dtypes fp32 --no-unsharded --depth 28`, 21 min of forward time for the one rank);
@@ -208,9 +211,15 @@ def main() -> None:
     parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
     parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
     parser.add_argument("--out", default="benchmarks/results/memory")
+    parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command.py)")
+    parser.add_argument("--whole-model", default="DiT-XL/2")
+    parser.add_argument("--whole-image-size", type=int, default=512)
+    parser.add_argument("--whole-passes", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.whole:
+        return run_whole(args, out.with_name(out.name + "_whole"))
     cases = [
         {"tokens": n, "world": w, "shard": s, "dtype": d, "depth": args.depth, "batch": args.batch}
         for d in args.dtypes
@@ -242,6 +251,23 @@ def main() -> None:
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
     print(f"wall time {time.perf_counter() - start:.0f} s -> {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+
+
+def run_whole(args, out: Path) -> None:
+    """Whole-command peaks (what decides whether a job fits), next to the forward-only figures above."""
+    import tempfile
+
+    from whole_command import table as whole_table
+    from whole_command import whole_command
+
+    with tempfile.TemporaryDirectory() as scratch:
+        result = whole_command(args.whole_model, args.whole_image_size, args.whole_passes, Path(scratch))
+    result |= {"machine": platform.node(), "torch": torch.__version__}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    text = whole_table(result)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"-> {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,13 @@ def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, fl
     nproc = int(flags[1])
     assert record["parallel"]["world_size"] == nproc and len(record["ranks"]) == nproc
     assert all(r["peak_memory_bytes"] > 0 and len(r["per_step_s"]) == 4 for r in record["ranks"])
+    for rank in record["ranks"]:  # per-phase peaks (opendit/memory.py); only the output rank decodes
+        mem = rank["memory"]
+        phases = [mem[f"{name}_peak_bytes"] for name in ("load", "sampling")]
+        assert 0 < max(phases) <= mem["process_peak_bytes"], mem
+        assert ("decode_peak_bytes" in mem) == (rank["rank"] == 0), mem
+        assert rank["loading"]["mode"] == ("sharded" if "--shard-weights" in flags else "whole"), rank["loading"]
+    assert record["memory"] == record["ranks"][0]["memory"]
     cfg = record["model"]
     if "--shard-weights" in flags:  # each of the 2 ranks keeps about half of the parameters
         resident = [r["parameter_bytes"] for r in record["ranks"]]

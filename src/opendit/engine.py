@@ -69,6 +69,7 @@ class Engine:
         device: str | None = None,
         image_size: int | None = None,
         progress: bool = False,
+        memory_gib: float | None = None,
         *,
         _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
     ):

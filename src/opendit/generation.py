@@ -59,6 +59,8 @@ class GenerationRequest:
     nproc: int | None = None  # processes; None: 1, or torchrun's world, or the plan's product of degrees
     parallel: ParallelConfig | None = None  # degrees and options; None (or all degrees 1): chosen for nproc
     parallel_auto: bool = False  # with nproc > 1 and no degrees: the planner chooses (cost model), not default_plan
+    memory_gib: float | None = None  # per rank (whole-run peak): the plan must fit; with no degrees the planner
+    # chooses the fastest plan that fits (sharded weights included); nothing fits -> OpenDiTError with the advice
     trace: str | None = None  # write a Chrome trace JSON of the call (every rank's steps) to this file
 
 
@@ -182,6 +184,8 @@ def choose_plan(
     """The plan the request asks for, or (no degrees given, world > 1) one chosen for it, with notes saying why."""
     plan = request.plan() or ParallelConfig()
     notes: list[str] = []
+    if request.memory_gib is not None:
+        return fit_memory(request, config, world, images, guided, plan)
     if world == 1 or plan.world_size != 1:
         return plan, notes
     strategy = get_strategy(plan.sp_impl) if plan.sp_impl != "auto" else None
@@ -208,6 +212,32 @@ def choose_plan(
         notes.append("--balance-tokens not used: the chosen plan has no sequence parallelism")
     notes.append(f"plan chosen automatically: {plan.describe()} ({why})")
     return plan, notes
+
+
+def fit_memory(
+    request: EngineRequest, config: DiTConfig, world: int, images: int, guided: bool, plan: ParallelConfig
+) -> tuple[ParallelConfig, list[str]]:
+    """--memory-gib G: the requested plan (degrees given, or one process) if its predicted whole-run peak per rank
+    fits G, else OpenDiTError with the advice; with no degrees, the planner's fastest plan that fits (sharded weights
+    are a candidate unless the request asks for them, then only they are)."""
+    from opendit.outputs import vae_memory_bytes
+    from opendit.planning.planner import fit_plan
+    from opendit.planning.speeds import resolve_speeds
+    from opendit.precision import parse_dtype
+
+    speeds = replace(
+        resolve_speeds(memory_gib=request.memory_gib), dtype_bytes=parse_dtype(request.dtype).itemsize
+    )
+    vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0
+    given = world == 1 or plan.world_size != 1
+    shard = (True,) if plan.shard_weights else (False, True)
+    chosen, why = fit_plan(config, world, images, guided, speeds, plan if given else None, vae, shard)
+    if not given:  # keep the request's own options (kernel, comm dtype, balancing) on the chosen degrees
+        chosen = replace(
+            plan, dp=chosen.dp, cfg=chosen.cfg, ulysses=chosen.ulysses, ring=chosen.ring,
+            sp_impl=plan.sp_impl if plan.sp_impl != "auto" else chosen.sp_impl, shard_weights=chosen.shard_weights,
+        )  # fmt: skip
+    return chosen, [f"memory: {why}"]
 
 
 def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> Call:

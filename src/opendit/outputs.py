@@ -42,6 +42,37 @@ def load_vae(vae_path: str, device: torch.device):
         raise OpenDiTError(f"cannot load the VAE from {vae_path}: {exc}; pass a local AutoencoderKL folder") from exc
 
 
+# Live (B, C, H, W) fp32 maps of the VAE decoder at its widest level (resnet input, norm, activation, conv output,
+# residual, upsample output): measured peak of a decode / (images x C x H x W x 4 bytes) on CPU, benchmarks/memory.py
+DECODE_LIVE_MAPS = 6
+
+
+def vae_memory_bytes(vae_path: str | Path | None, image_size: tuple[int, int], images: int) -> float:
+    """Predicted peak bytes the VAE adds on the decoding rank: max(loading: about 2x its weights, since diffusers
+    without `accelerate` initialises it and then loads the file; decoding: its weights + the decoder's widest
+    feature maps for `images` images). From the folder's config.json, building the model on meta (nothing read);
+    0 when there is no VAE or its config cannot be read (then the VAE is checked when it loads)."""
+    import json
+
+    if vae_path is None:
+        return 0.0
+    try:
+        from diffusers import AutoencoderKL
+
+        config = json.loads((Path(vae_path) / "config.json").read_text())
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(config)
+    except Exception:  # noqa: BLE001 - a bad VAE folder is reported by load_vae, with its own message
+        return 0.0
+    weights = sum(p.numel() for p in vae.parameters()) * 4
+    channels = list(config.get("block_out_channels", [128]))
+    h, w = image_size
+    levels = len(channels)  # level k (0 = full resolution) has channels[k] at (H / 2^k) x (W / 2^k)
+    widest = max(channels[k] * (h >> k) * (w >> k) for k in range(levels))
+    decode = weights + images * widest * 4 * DECODE_LIVE_MAPS
+    return float(max(2 * weights, decode))
+
+
 def decode(samples: torch.Tensor, config: DiTConfig, vae, device: torch.device) -> np.ndarray:
     """Model-space samples (B, C, h, w) -> uint8 images (B, H, W, C). `vae`: a loaded AutoencoderKL or a local
     folder to load one from (latent models only; pixel models ignore it)."""

@@ -52,6 +52,7 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1 an
 MAX_WORLD = 1024  # each mesh degree and their product: one process per device; past any job this code targets
 MAX_NPROC = 256  # --nproc starts local processes, each holding a model replica: 16x the largest node (16 GPUs)
 MAX_PATH_BYTES = 4096  # Linux PATH_MAX: longer paths fail in every os call (ENAMETOOLONG)
+MAX_MEMORY_GIB = 1 << 20  # per rank: a PiB, far beyond any device, still a finite number
 MAX_NAME_BYTES = 255  # Linux NAME_MAX, per path component
 
 
@@ -83,6 +84,8 @@ FIELD_HELP = {
     "token_shares[]": FieldHelp("", "a finite speed > 0", "e.g. token_shares=(1.0, 2.0)"),
     "balance_tokens": FieldHelp("--balance-tokens", _SWITCH, "pass --balance-tokens or leave it out"),
     "parallel_auto": FieldHelp("--parallel", _SWITCH, "pass --parallel auto or leave it out"),
+    "memory_gib": FieldHelp("--memory-gib", f"a number of GiB from 0 to {MAX_MEMORY_GIB} (memory per rank)",
+                            "e.g. --memory-gib 2"),  # fmt: skip
     "image_size": FieldHelp("--image-size", f"an integer from 1 to {MAX_IMAGE_SIZE} (pixels)", "e.g. --image-size 256"),
     "progress": FieldHelp("--no-progress", _SWITCH, "pass --no-progress or leave it out"),
     "classes": FieldHelp("--classes", f"a list of 1 to {MAX_CLASSES} integer class ids", "e.g. --classes 0 1 2"),
@@ -266,6 +269,7 @@ class EngineRequest(Schema):
     nproc: Annotated[Int, Field(ge=1, le=MAX_NPROC)] | None = None  # None: 1, torchrun's world, or the plan's
     parallel: Annotated[ParallelRequest | None, BeforeValidator(_as_plan_fields)] = None  # None: chosen for nproc
     parallel_auto: Switch = False  # with no degrees: the planner chooses (cost model), not default_plan
+    memory_gib: Annotated[float, Field(gt=0, le=MAX_MEMORY_GIB)] | None = None  # per rank: plans must fit in it
     image_size: ImageSize | None = None  # the engine's default size; None: the model's own
     progress: Switch = True
 

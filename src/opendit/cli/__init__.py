@@ -61,6 +61,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         default="default",
         help="with --nproc and no degrees: auto = the planner's fastest plan from the cost model (see `opendit plan`)",
     )
+    par.add_argument(
+        "--memory-gib",
+        type=float,
+        help="memory per rank (GiB): the plan's predicted whole-run peak must fit; without degrees the planner picks "
+        "the fastest plan that fits (e.g. --shard-weights); if none fits, says how many ranks or which dtype would",
+    )
     parser.set_defaults(func=run_sample)
     return parser
 
@@ -98,7 +104,7 @@ def validate_sample(args: argparse.Namespace):
     # flags named as the request's fields pass straight through; the others are translated
     same = ("classes", "model", "ckpt", "image_size", "steps", "scheduler", "cfg_scale", "seed", "dtype", "vae")
     request = GenerationRequest(
-        **{name: getattr(args, name) for name in (*same, "device", "nproc", "trace")},
+        **{name: getattr(args, name) for name in (*same, "device", "nproc", "trace", "memory_gib")},
         progress=not args.no_progress,
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",

@@ -283,7 +283,8 @@ def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torc
 # ------------------------------------------------------------------------------------------------ the parallel spec
 # Exact counts for the cost model and the planner (tests check them against the model and torch's FLOP counter).
 def count_params(config: DiTConfig, tokens: int | None = None) -> dict[str, int]:
-    """Parameters of a DiT (equal to build_dit(...).parameters(), pos_embed included): {"block", "total"}."""
+    """Parameters of a DiT (equal to build_dit(...).parameters(), pos_embed included): {"block", "total",
+    "largest_tensor"} (the largest single tensor: what a loader holds in flight)."""
     c, p = config.hidden_size, config.patch_size
     m = int(c * config.mlp_ratio)
     tokens = config.num_tokens if tokens is None else tokens
@@ -291,7 +292,8 @@ def count_params(config: DiTConfig, tokens: int | None = None) -> dict[str, int]
     embed = config.in_channels * p * p * c + c + (256 * c + c) + (c * c + c)
     embed += (config.num_classes + int(config.class_dropout_prob > 0)) * c + tokens * c
     final = (2 * c * c + 2 * c) + (c * p * p * config.out_channels + p * p * config.out_channels)
-    return {"block": block, "total": embed + config.depth * block + final}
+    largest = max(6 * c * c, c * m, tokens * c, (config.num_classes + 1) * c)  # adaLN, fc1/fc2, pos_embed, labels
+    return {"block": block, "total": embed + config.depth * block + final, "largest_tensor": largest}
 
 
 def block_flops(config: DiTConfig, batch: float, rows: float, q_tokens: float, k_tokens: float, heads: float) -> dict:

@@ -215,7 +215,16 @@ def predict_step_time(
 # ------------------------------------------------------------------------------------------------ memory
 @dataclass
 class MemoryCost:
-    """Predicted peak bytes on the busiest rank and its parts."""
+    """Predicted whole-run peak bytes of the busiest rank (`total`) and its parts.
+
+    A run has phases, and the peak is the largest of them, on top of what every process pays (`process`: the
+    interpreter, torch, diffusers, the process groups; 0 for device memory, where `reserved` is the CUDA context):
+    - `loading`: the weights as loaded (whole model, or 1/P of it with sharded loading) + one source tensor in
+      flight, read in the file's dtype (fp32 assumed);
+    - `sampling`: the forward (weights, one block's activations, the strategy's buffers, attention workspace,
+      `reserved`);
+    - `decode`: on the output rank of a latent model, its resident weights + the VAE + the VAE's activations.
+    `weights`, `activations`, `buffers`, `workspace` are the sampling phase's parts."""
 
     total: float
     weights: float
@@ -223,32 +232,44 @@ class MemoryCost:
     buffers: float
     workspace: float
     reserved: float
+    process: float = 0.0
+    loading: float = 0.0
+    sampling: float = 0.0
+    decode: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def predict_memory(
-    model, tokens: int, batch: int, plan: ParallelConfig, speeds: Speeds, guided: bool | None = None
+    model,
+    tokens: int,
+    batch: int,
+    plan: ParallelConfig,
+    speeds: Speeds,
+    guided: bool | None = None,
+    decode_bytes: float = 0.0,
 ) -> MemoryCost:
-    """Peak bytes per rank. Inference keeps one block's activations alive at a time (no autograd graph), so the
-    peak is the larger of the attention phase and the MLP phase of one block, on this rank's tokens."""
+    """Whole-run peak bytes per rank (MemoryCost's phases). Inference keeps one block's activations alive at a time
+    (no autograd graph), so sampling's peak is the larger of the attention and the MLP phase of one block, on this
+    rank's tokens. `decode_bytes`: the VAE's weights + activations for the request's images (outputs.decode_memory),
+    paid by the output rank."""
     guided = plan.cfg == 2 if guided is None else guided
     spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree
     dims = spec.dims(model, tokens)
     sizes = split_sizes(tokens, sp, plan.token_shares)
     t_r, c = max(sizes), dims.hidden_size
     params = spec.count_params(model, tokens)
-    weights = params["total"] * s
-    if plan.shard_weights and sp > 1:  # own shard + at most one block's worth gathered (tests/test_shard.py: 0.9-1.0)
-        weights = params["total"] * s / sp + params["block"] * s
+    sharded = plan.shard_weights and sp > 1
+    resident = params["total"] * s / sp if sharded else params["total"] * s
+    weights = resident + params["block"] * s if sharded else resident  # + at most one gathered block (test_shard)
     unit = b * t_r * c * s  # one (b, T_r, C) tensor
     # attention phase: residual x, normed x, fused qkv (3), attention output, projection (1 + 1 + 3 + 1 + 1)
     attn_phase = 7 * unit
     mlp_phase = (3 + 2 * dims.mlp_ratio) * unit  # x, normed, fc1 out, gelu out, fc2 out
     # Before the blocks: the inputs are sharded at the split point (raw patches for DiT), so no (b, T, C) tensor
     # exists; with sharded weights the root all-gathers the positions (1, T, C) and frees them before block 0.
-    embedding = b * tokens * spec.token_values(model)[0] * s + (tokens * c * s if plan.shard_weights and sp > 1 else 0)
+    embedding = b * tokens * spec.token_values(model)[0] * s + (tokens * c * s if sharded else 0)
     activations = max(attn_phase, mlp_phase, embedding)
     strategy = get_strategy(plan.impl) if sp > 1 else None
     buffers = strategy.buffers(dims, plan, b, sizes, s) if strategy else 0.0
@@ -257,8 +278,14 @@ def predict_memory(
     if not speeds.fused_attention:  # the math path materialises the scores
         workspace += b * work.heads * work.q_tokens * tokens / work.key_blocks * 4
     reserved = speeds.reserved_bytes
-    total = weights + activations + buffers + workspace + reserved
-    return MemoryCost(total, weights, activations, buffers, workspace, reserved)
+    sampling = weights + activations + buffers + workspace + reserved
+    # the largest source tensor (fp32 in the file), whole or this rank's rows of it
+    in_flight = params.get("largest_tensor", params["block"] / 4) * 4 / (sp if sharded else 1)
+    loading = resident + in_flight + reserved
+    decode = resident + decode_bytes + reserved if decode_bytes else 0.0
+    process = speeds.process_bytes
+    total = process + max(sampling, loading, decode)
+    return MemoryCost(total, weights, activations, buffers, workspace, reserved, process, loading, sampling, decode)
 
 
 def block_comm(model, tokens: int, batch: float, plan: ParallelConfig, rank: int, itemsize: int = 4) -> dict:

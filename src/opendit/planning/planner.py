@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
@@ -127,12 +127,19 @@ def enumerate_plans(
 
 
 def estimate(
-    model, tokens: int, images: int, guided: bool, plan: ParallelConfig, speeds: Speeds, steps: int
+    model,
+    tokens: int,
+    images: int,
+    guided: bool,
+    plan: ParallelConfig,
+    speeds: Speeds,
+    steps: int,
+    decode_bytes: float = 0.0,
 ) -> PlanEstimate:
     per_image = 2 if guided else 1
     batch = max(images, plan.dp) * per_image  # throughput: each dp group holds at least one image
     step = predict_step_time(model, tokens, batch, plan, speeds, guided=guided)
-    mem = predict_memory(model, tokens, batch, plan, speeds, guided=guided)
+    mem = predict_memory(model, tokens, batch, plan, speeds, guided=guided, decode_bytes=decode_bytes)
     group_images = math.ceil(max(images, plan.dp) / plan.dp)
     request_s = steps * step.total_s
     return PlanEstimate(
@@ -157,6 +164,7 @@ def plan(
     memory_bytes: float | None = None,
     impls: tuple[str, ...] | None = None,
     shard_options: tuple[bool, ...] = (False, True),
+    decode_bytes: float = 0.0,
 ) -> PlanResult:
     """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans."""
     if objective not in OBJECTIVES:
@@ -173,7 +181,7 @@ def plan(
         raise OpenDiTError(
             f"no valid plan for {world_size} ranks, {dims.num_heads} heads, {tokens} tokens; use at most {tokens} ranks"
         )
-    estimates = [estimate(model, tokens, images, guided, c, speeds, steps) for c in configs]
+    estimates = [estimate(model, tokens, images, guided, c, speeds, steps, decode_bytes) for c in configs]
 
     def key(e: PlanEstimate):  # ties: fewer bytes, unsharded weights, then the simpler plan
         return (round(e.score(objective), 12), e.step.bytes_per_rank, e.config.shard_weights, e.config.ring)
@@ -314,3 +322,89 @@ def auto_plan(model_config, world_size: int, images: int, guided: bool, objectiv
         model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective
     )
     return result.best.config, result.explain(others=2)
+
+
+# ------------------------------------------------------------------------------------------------ fitting memory
+def plan_flags(config: ParallelConfig) -> str:
+    """The `opendit sample` flags of a plan (the degrees and the switches the planner varies)."""
+    flags = [f"--nproc {config.world_size}"] if config.world_size > 1 else []
+    flags += [f"--{dim} {getattr(config, dim)}" for dim in ("dp", "ulysses", "ring") if getattr(config, dim) > 1]
+    flags += ["--cfg-parallel"] if config.cfg > 1 else []
+    flags += ["--shard-weights"] if config.shard_weights else []
+    return " ".join(flags) or "one process"
+
+
+def _leanest(model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float):
+    dims = spec_for(model).dims(model)
+    configs = enumerate_plans(world, dims.num_heads, dims.num_tokens, images, guided)
+    estimates = [estimate(model, dims.num_tokens, images, guided, c, speeds, 1, decode_bytes) for c in configs]
+    return min(estimates, key=lambda e: e.memory.total) if estimates else None
+
+
+def memory_advice(
+    model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float = 0.0, max_world: int = 256
+) -> str:
+    """What would fit `speeds.memory_bytes` per rank: the fewest ranks (from `world` up, doubling) with their leanest
+    plan, and a half-precision dtype at `world` ranks when the request is in fp32."""
+    options = []
+    ranks = max(world, 2) if world == 1 else world * 2
+    while ranks <= max_world:
+        lean = _leanest(model, ranks, images, guided, speeds, decode_bytes)
+        if lean is not None and lean.fits:
+            options.append(f"{plan_flags(lean.config)} ({lean.memory.total / GIB:.2f} GiB per rank predicted)")
+            break
+        ranks *= 2
+    if speeds.dtype_bytes == 4:
+        half = replace(speeds, dtype_bytes=2)
+        lean = _leanest(model, world, images, guided, half, decode_bytes)
+        if lean is not None and lean.fits:
+            options.append(f"--dtype bf16 with {plan_flags(lean.config)} ({lean.memory.total / GIB:.2f} GiB per rank)")
+    return " or ".join(options) if options else f"nothing up to {max_world} ranks in half precision: more memory"
+
+
+def fit_plan(
+    model,
+    world: int,
+    images: int,
+    guided: bool,
+    speeds: Speeds,
+    requested: ParallelConfig | None = None,
+    decode_bytes: float = 0.0,
+    shard_options: tuple[bool, ...] = (False, True),
+) -> tuple[ParallelConfig, str]:
+    """A plan whose predicted whole-run peak fits `speeds.memory_bytes` per rank, and why: `requested` (given
+    degrees, or one process) if it fits, else (no degrees) the planner's fastest plan that fits. When nothing
+    fits, OpenDiTError with the predicted need and `memory_advice` (how many ranks, or which dtype, would fit)."""
+    dims = spec_for(model).dims(model)
+    budget = speeds.memory_bytes / GIB
+    if requested is not None or world == 1:
+        requested = requested or ParallelConfig()
+        est = estimate(model, dims.num_tokens, images, guided, requested, speeds, 1, decode_bytes)
+        if est.fits:
+            return requested, f"{est.memory.total / GIB:.2f} GiB per rank predicted, within {budget:g}"
+        advice = memory_advice(model, world, images, guided, speeds, decode_bytes)
+        raise OpenDiTError(
+            f"{plan_flags(requested)} needs {est.memory.total / GIB:.2f} GiB per rank (whole run, predicted: "
+            f"{_phases(est)}), more than --memory-gib {budget:g}; fits with {advice}"
+        )
+    try:
+        result = plan(model, world, speeds, images, guided, steps=1, decode_bytes=decode_bytes,
+                      shard_options=shard_options)  # fmt: skip
+    except OpenDiTError as exc:
+        if "no plan fits" not in str(exc):
+            raise
+        advice = memory_advice(model, world, images, guided, speeds, decode_bytes)
+        lean = _leanest(model, world, images, guided, speeds, decode_bytes)
+        raise OpenDiTError(
+            f"no plan for {world} ranks fits --memory-gib {budget:g} per rank (the leanest, {plan_flags(lean.config)},"
+            f" needs {lean.memory.total / GIB:.2f} GiB: {_phases(lean)}); fits with {advice}"
+        ) from None
+    best = result.best
+    dropped = f", {len(result.dropped)} plan(s) dropped for memory" if result.dropped else ""
+    return best.config, f"fastest plan within --memory-gib {budget:g}: {best.memory.total / GIB:.2f} GiB{dropped}"
+
+
+def _phases(est: PlanEstimate) -> str:
+    m = est.memory
+    parts = {"process": m.process, "loading": m.loading, "sampling": m.sampling, "decode": m.decode}
+    return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)

@@ -49,6 +49,7 @@ class Speeds:
     ranks_per_node: int = 1 << 30
     memory_bytes: float = float("inf")  # per device
     reserved_bytes: float = 0.0  # per device, not available to the model (CUDA context, allocator slack)
+    process_bytes: float = 0.0  # per process, in the same memory: the interpreter, torch, diffusers (host RAM only)
     dtype_bytes: int = 4  # activation / weight element size these rates were measured with
     overlap: dict[str, float] = field(default_factory=lambda: {"ring": 1.0, "weights": 1.0})
     rank_speeds: tuple[float, ...] | None = None  # relative speed of each rank of a group (1.0 = as measured)
@@ -143,7 +144,8 @@ DEFAULTS["cpu-gloo"] = Speeds(
     # quick link fit on the loaded machine (p2p was the noisiest: its latency here is a rounded guess)
     links={"all_to_all": Link(250e-6, 1.1e9), "all_gather": Link(350e-6, 0.95e9), "p2p": Link(300e-6, 0.8e9)},
     memory_bytes=8 * GIB,
-    reserved_bytes=0.3 * GIB,
+    reserved_bytes=0.05 * GIB,  # allocator slack and kernels' workspaces
+    process_bytes=0.45 * GIB,  # python + torch + diffusers + gloo groups of one engine worker (record.json: load)
     dtype_bytes=4,
     overlap={"ring": 0.3, "weights": 0.3},  # gloo's transport shares the one core with the compute
     source="estimate; run `opendit calibrate`",
