@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast test-xl lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP) lint
 
 test-fast: $(STAMP)
 	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
+
+# issue 13's full-size memory acceptance (DiT-XL/2, 2.7 GB checkpoint; ~4 min): not part of `make test`
+test-xl: $(STAMP)
+	OPENDIT_XL=1 $(BIN)/python -m pytest -q -s tests/test_whole_memory_xl.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

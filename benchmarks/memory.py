@@ -12,9 +12,9 @@ what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, 
 `opendit.distributed.launch` (gloo, one thread each).
 
 How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
-threshold at 64 KiB (`opendit.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the OS; warms
-up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch, gloo,
-kernels); builds and parallelizes (and shards) the model; resets the kernel's high-water mark (clear_refs) and runs
+threshold at 64 KiB (`opendit.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the
+OS; warms up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch,
+gloo, kernels); builds and parallelizes (and shards) the model; resets the high-water mark (clear_refs) and runs
 the forward. Reported per rank: `params` = resident set after setup - baseline (the parameters this rank holds), and
 `peak` = high-water mark during the forward - baseline (parameters + activations + communication buffers). The table
 gives the largest rank. Nothing here materialises the (S, S) attention matrix: attention is SDPA (flash kernel on CPU),
@@ -81,9 +81,9 @@ def measure_rank(case: dict) -> dict:
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
+    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.precision import parse_dtype
 
     exact_malloc()
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
     parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
     parser.add_argument("--out", default="benchmarks/results/memory")
-    parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command.py)")
+    parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command)")
     parser.add_argument("--whole-model", default="DiT-XL/2")
     parser.add_argument("--whole-image-size", type=int, default=512)
     parser.add_argument("--whole-passes", type=int, default=2)

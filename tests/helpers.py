@@ -3,6 +3,7 @@ the manual token-share refinement and per-module parameter bytes (the library's 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
 import torch
@@ -94,3 +95,16 @@ def busy_times(step_s: Sequence[float], wait_s: Sequence[float]) -> list[float]:
 def unit_bytes(module: nn.Module) -> int:
     """Full bytes of one module's parameters (e.g. one block), whether or not the model is sharded."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def forward_peak(model_fn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, base: int) -> int:
+    """Peak resident bytes above `base` during a forward, after a first forward that does the one-time work (FSDP2's
+    lazy init, kernel workspaces)."""
+    from opendit.memory import peak_rss_bytes, reset_peak_rss
+
+    with torch.no_grad():
+        model_fn(x, t, y)
+        gc.collect()
+        reset_peak_rss()
+        model_fn(x, t, y)
+    return peak_rss_bytes() - base

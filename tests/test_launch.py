@@ -127,7 +127,8 @@ def test_failing_rank_ends_the_job_with_its_message(tmp_path, ckpt):
 @pytest.mark.slow
 def test_two_torchrun_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, ckpt):
     """Two `torchrun --nnodes 2 --nproc-per-node 1` agents meet at a c10d store on localhost: ring attention across
-    the two "nodes" gives the images of one process; only rank 0 writes and prints."""
+    the two "nodes", with weights sharded (each rank loads only its shards from the file), gives the images of one
+    process; only rank 0 writes and prints."""
     from opendit.cli import main
 
     single = tmp_path / "single"
@@ -135,7 +136,7 @@ def test_two_torchrun_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, ckp
     out, port = tmp_path / "nodes", free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"t{port}"]  # fmt: skip
-    cmd = [*torchrun, "-m", "opendit", *sample_args(ckpt, out), "--ring", "2"]
+    cmd = [*torchrun, "-m", "opendit", *sample_args(ckpt, out), "--ring", "2", "--shard-weights"]
     nodes = [subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
     nodes.append(subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [node.communicate(timeout=180) for node in nodes]
@@ -144,5 +145,6 @@ def test_two_torchrun_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, ckp
     assert len(wrote) == 1  # rank 0 only
     assert np.abs(read_images(out) - read_images(single)).max() <= 1 and read_images(single).std() > 10
     record = json.loads((out / "record.json").read_text())
-    assert record["parallel"]["describe"] == "ring=2 (sequence parallel: ring)"
+    assert record["parallel"]["describe"] == "ring=2 (sequence parallel: ring), sharded weights"
+    assert [r["loading"]["mode"] for r in record["ranks"]] == ["sharded", "sharded"]
     assert [r["rank"] for r in record["ranks"]] == [0, 1] and record["comm"]["rank0_per_step"][0]["p2p"]["calls"] > 0

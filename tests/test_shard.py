@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from helpers import unit_bytes
+from helpers import forward_peak, unit_bytes
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, build_dit, preset
 
@@ -132,7 +132,7 @@ def _memory_worker(rank, world):
     """Per-rank parameter memory from the resident set (see sharding.py's measurement notes), prefetch off then on."""
     import torch.distributed as dist
 
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from opendit.memory import exact_malloc, rss_bytes
     from opendit.parallel.sharding import apply_weight_sharding, parameter_bytes
 
     assert exact_malloc()
@@ -156,12 +156,7 @@ def _memory_worker(rank, world):
         apply_weight_sharding(model, dist.group.WORLD, prefetch=prefetch)
         gc.collect()
         resident = rss_bytes() - base
-        with torch.no_grad():
-            model(x, t, y)  # first forward: FSDP2's lazy init
-            gc.collect()
-            reset_peak_rss()
-            model(x, t, y)
-        peak = peak_rss_bytes() - base
+        peak = forward_peak(model, x, t, y, base)  # after a first forward: FSDP2's lazy init
         results[prefetch] = {"full": full, "block": block, "root": root, "resident": resident, "peak": peak}
         del model
     return results

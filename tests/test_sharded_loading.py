@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from tests.dist_utils import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -105,10 +104,11 @@ def test_sharded_load_equals_unsharded(tmp_path, world, fmt, dtype, resize):
 
 
 def _memory_worker(rank, world, config, ckpt):
+    from tests.helpers import forward_peak, unit_bytes
+
     from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.models.dit import DiTConfig, build_dit
     from opendit.parallel.sharding import sharded_parameter_bytes
-    from tests.helpers import unit_bytes
 
     assert exact_malloc()
     # Everything loading and sampling import, imported before the baseline (FSDP2 pulls in torch._dynamo, ~70 MiB).
@@ -132,12 +132,7 @@ def _memory_worker(rank, world, config, ckpt):
     model, pmodel, stats = _load_sharded(config, ckpt, torch.float32, runtime=runtime)
     gc.collect()
     load_peak, resident = peak_rss_bytes() - base, rss_bytes() - base
-    with torch.no_grad():
-        pmodel(x, t, y)  # first forward: FSDP2's lazy init
-        gc.collect()
-        reset_peak_rss()
-        pmodel(x, t, y)
-    sample_peak = peak_rss_bytes() - base
+    sample_peak = forward_peak(pmodel, x, t, y, base)
     root = unit_bytes(model.x_embedder) + model.pos_embed.numel() * 4
     return {
         "full": full,

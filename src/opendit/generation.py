@@ -225,9 +225,7 @@ def fit_memory(
     from opendit.planning.speeds import resolve_speeds
     from opendit.precision import parse_dtype
 
-    speeds = replace(
-        resolve_speeds(memory_gib=request.memory_gib), dtype_bytes=parse_dtype(request.dtype).itemsize
-    )
+    speeds = replace(resolve_speeds(memory_gib=request.memory_gib), dtype_bytes=parse_dtype(request.dtype).itemsize)
     vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0
     given = world == 1 or plan.world_size != 1
     shard = (True,) if plan.shard_weights else (False, True)

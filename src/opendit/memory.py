@@ -104,8 +104,12 @@ class PhasePeaks:
         """For record.json: bytes per phase and for the whole process (host resident set; device allocator)."""
         out = {
             "convention": "peak resident set (host) of this process during each phase; whole = since it started"
-            + ("" if self.resettable else " (in the caller's process, or no resettable high-water mark: every phase "
-                                           "shows the process peak so far)"),
+            + (
+                ""
+                if self.resettable
+                else " (in the caller's process, or no resettable high-water mark: every phase "
+                "shows the process peak so far)"
+            ),
             **{f"{name}_peak_bytes": value for name, value in self.host.items()},
             "process_peak_bytes": max(self.whole_host, peak_rss_bytes() or 0),
         }

@@ -84,8 +84,9 @@ FIELD_HELP = {
     "token_shares[]": FieldHelp("", "a finite speed > 0", "e.g. token_shares=(1.0, 2.0)"),
     "balance_tokens": FieldHelp("--balance-tokens", _SWITCH, "pass --balance-tokens or leave it out"),
     "parallel_auto": FieldHelp("--parallel", _SWITCH, "pass --parallel auto or leave it out"),
-    "memory_gib": FieldHelp("--memory-gib", f"a number of GiB from 0 to {MAX_MEMORY_GIB} (memory per rank)",
-                            "e.g. --memory-gib 2"),  # fmt: skip
+    "memory_gib": FieldHelp(
+        "--memory-gib", f"a number of GiB from 0 to {MAX_MEMORY_GIB} (memory per rank)", "e.g. --memory-gib 2"
+    ),  # fmt: skip
     "image_size": FieldHelp("--image-size", f"an integer from 1 to {MAX_IMAGE_SIZE} (pixels)", "e.g. --image-size 256"),
     "progress": FieldHelp("--no-progress", _SWITCH, "pass --no-progress or leave it out"),
     "classes": FieldHelp("--classes", f"a list of 1 to {MAX_CLASSES} integer class ids", "e.g. --classes 0 1 2"),

@@ -252,7 +252,7 @@ def predict_memory(
 ) -> MemoryCost:
     """Whole-run peak bytes per rank (MemoryCost's phases). Inference keeps one block's activations alive at a time
     (no autograd graph), so sampling's peak is the larger of the attention and the MLP phase of one block, on this
-    rank's tokens. `decode_bytes`: the VAE's weights + activations for the request's images (outputs.decode_memory),
+    rank's tokens. `decode_bytes`: the VAE's weights + activations for the request's images (outputs.vae_memory_bytes),
     paid by the output rank."""
     guided = plan.cfg == 2 if guided is None else guided
     spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree

@@ -1,0 +1,1 @@
+"""Bridges between OpenDiT and other libraries (diffusers pipelines, tokenizers)."""
