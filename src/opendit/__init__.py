@@ -14,8 +14,9 @@ _EXPORTS = {
     "GenerationRequest": "opendit.generation",
     "GenerationResult": "opendit.outputs",
     "save_outputs": "opendit.outputs",
+    "parallelize": "opendit.parallel.entry",
 }
-__all__ = ["Engine", "OpenDiTError", "GenerationRequest", "GenerationResult", "generate", "save_outputs"]
+__all__ = ["Engine", "OpenDiTError", "GenerationRequest", "GenerationResult", "generate", "parallelize", "save_outputs"]
 __version__ = "0.1.0"
 
 
