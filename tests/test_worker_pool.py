@@ -78,7 +78,7 @@ def bad_input() -> None:
 def crash_on_rank1() -> None:
     if int(os.environ["RANK"]) == 1:
         raise KeyError("boom")
-    time.sleep(30)  # rank 0 keeps working: the pool must still end it promptly
+    time.sleep(120)  # rank 0 keeps working: the pool must still end it promptly
 
 
 # ------------------------------------------------------------------------------------------------ fast units
@@ -201,5 +201,6 @@ def test_launch_ends_every_rank_when_one_raises():
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match=r"^rank 1 failed: KeyError: 'boom'$") as info:
         launch(crash_on_rank1, 2, threads_per_proc=1)
-    assert time.monotonic() - start < 15  # rank 0's 30 s sleep was cut short
+    # rank 0's 120 s sleep was cut short (the margin covers process start-up on a loaded 2-core machine: 29 s seen)
+    assert time.monotonic() - start < 60
     assert "crash_on_rank1" in info.value.traceback
