@@ -37,6 +37,32 @@ def _one(kind, plan_kwargs):
     return error, torch.equal(got, again), tuple(got.shape) == tuple(expected.shape), calls
 
 
+def _one_ours(plan_kwargs):
+    """OpenDiT's own DiT through the same public entry point (positional x, t, y; cfg/dp via the batch hooks)."""
+    import opendit
+    from opendit.distributed.config import ParallelConfig
+    from opendit.models.dit import DiTConfig, build_dit, preset
+
+    torch.manual_seed(0)
+    config = DiTConfig(**{**preset("DiT-S/2").to_dict(), "hidden_size": 72, "num_heads": 3, "depth": 2,
+                          "input_size": (10, 10)})  # fmt: skip
+    reference = build_dit(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = copy.deepcopy(reference)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = (
+        torch.randn(4, 4, 10, 10, generator=g),
+        torch.tensor([10.0, 500.0, 10.0, 500.0]),
+        torch.tensor([1, 2, 3, 4]),
+    )
+    with torch.no_grad():
+        expected = reference(x, t, y)
+        got = opendit.parallelize(model, ParallelConfig(**plan_kwargs))(x, t, y)
+    return ((got - expected).abs().max() / expected.abs().max()).item()
+
+
 def plans_for(world: int, kind: str) -> list[dict]:
     plans = {2: [{"ulysses": 2}, {"ring": 2}], 3: [{"ulysses": 3}, {"ring": 3}]}.get(world)
     if world == 4:  # USP 2x2, and cfg x Ulysses where the pipeline batches cond and uncond (else dp x Ulysses)
@@ -49,14 +75,16 @@ def _worker(rank, world):
     """Every class under every plan of this world, in one process group (one launch per world); at world 2 also
     the plans that must be refused."""
     results = {(kind, str(plan)): _one(kind, plan) for kind in KINDS for plan in plans_for(world, kind)}
-    return results, _refusals() if world == 2 else None
+    ours = {str(plan): _one_ours(plan) for plan in plans_for(world, "dit")}
+    return results, ours, _refusals() if world == 2 else None
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_diffusers_modules_equal_one_process(world):
-    for rank, (results, refusals) in enumerate(run_distributed(_worker, world, timeout=400)):
+    for rank, (results, ours, refusals) in enumerate(run_distributed(_worker, world, timeout=400)):
         if refusals is not None:
             check_refusals(refusals)
+        assert all(error <= 1e-5 for error in ours.values()), ours  # our DiT through opendit.parallelize
         assert len(results) == 2 * len(KINDS)
         for (kind, plan), (error, repeatable, shaped, calls) in results.items():
             assert shaped and repeatable, (kind, plan, rank)
