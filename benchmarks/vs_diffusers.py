@@ -1,0 +1,864 @@
+"""OpenDiT's sequence parallelism vs diffusers' own context parallelism, side by side, on the same diffusers
+transformer, the same inputs, in the same run -> JSON + Markdown table + PNG.
+
+    .venv/bin/python benchmarks/vs_diffusers.py                  # full run (~18 min on 2 cores)
+    .venv/bin/python benchmarks/vs_diffusers.py --quick          # few tokens / blocks, 2 passes: a smoke test
+    .venv/bin/python benchmarks/vs_diffusers.py --models flux --dtypes fp32 --passes 7
+    .venv/bin/python benchmarks/vs_diffusers.py --from-json benchmarks/results/vs_diffusers.json   # re-render
+
+Models (random weights, seed 0, identical in every process; checked by a parameter checksum per process):
+  flux  FluxTransformer2DModel of DiT-XL width: 16 heads x 72 head_dim = 1152 hidden, axes_dims_rope (8, 32, 32),
+        2 double-stream + 2 single-stream blocks, in_channels 64, joint_attention_dim 1024, pooled 768, no guidance
+        embedding; 1024 image tokens (32 x 32 grid ids) + 256 text tokens, batch 1.
+  wan   WanTransformer3DModel, 16 heads x 72 (RoPE splits 72 into t/h/w = 24/24/24), ffn 4608, text_dim 4096,
+        2 blocks; latent (1, 16, 9, 32, 32) with patch (1, 2, 2) -> 2304 video tokens, 256 text tokens, batch 1.
+Each in fp32 and bf16 (`model.to(dtype)`, inputs cast; the same cast model in every configuration).
+
+Configurations (every one under torch.no_grad(), `return_dict=False`, one forward per timed pass):
+  single              1 process x 1 thread, the plain diffusers model (the reference for speedup and error)
+  diffusers-ulysses   2 gloo ranks x 1 thread: diffusers' own
+                      `enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))`
+  diffusers-ring      2 gloo ranks x 1 thread: diffusers' own ring (`ContextParallelConfig(ring_degree=2)`)
+  ours-ulysses        2 gloo ranks x 1 thread: `opendit.parallelize(model, ParallelConfig(ulysses=2))`
+  ours-ring           2 gloo ranks x 1 thread: `opendit.parallelize(model, ParallelConfig(ring=2))`
+  ours-fastseq        n/a: FastSeq replaces a fused-qkv attention forward of OpenDiT's own DiT; for diffusers modules
+                      `parallelize` refuses it (its message is recorded in the JSON)
+
+Stock diffusers 0.42.1 cannot run context parallelism on CPU-only torch. Both stock calls are run once per model
+and their raw failures are recorded in the JSON ("stock_failures"). The workarounds below live ONLY in this file and
+touch nothing global (no registry entry, no module attribute of diffusers is changed):
+  (a) CPU device / mesh [both diffusers modes]: `ModelMixin._resolve_parallel_config` (modeling_utils.py:1697-1740)
+      does `torch.device(type, rank % torch.accelerator.device_count())` (line 1719), a ZeroDivisionError when the
+      accelerator count is 0. We override `_resolve_parallel_config` on the model INSTANCE with the same code using
+      device "cpu" and `init_device_mesh("cpu", (ring, ulysses), ("ring", "ulysses"))`, then call diffusers' own
+      `model.enable_parallelism(config=...)`: its backend check, per-processor `_parallel_config` and
+      `apply_context_parallel(model, cp_config, model._cp_plan)` all run unchanged.
+  (b) "diffusers ring + benchmark-local CPU LSE workaround" [diffusers-ring only]: diffusers' TemplatedRingAttention
+      calls its forward op with return_lse=True (attention_dispatch.py:2427-2440); the native op refuses it
+      (attention_dispatch.py:875-876) and `_native_flash` calls aten._scaled_dot_product_flash_attention, which has
+      no CPU kernel. Backends are a closed Enum in a global registry, so instead the self-/joint-attention modules get
+      a benchmark-local processor (subclass of FluxAttnProcessor / WanAttnProcessor, the same code with only the
+      dispatch call replaced) that calls diffusers' own `_templated_context_parallel_attention` (hence its
+      TemplatedRingAttention, all-gather of K/V, fp32 LSE merge) with a local forward op built on
+      `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` (out + logsumexp on CPU; the same CPU flash kernel
+      F.scaled_dot_product_attention uses). diffusers-ulysses needs no (b): the stock processors and the native
+      backend run it.
+
+Timing: every configuration gets one warm-up forward first (for diffusers configurations it is also the byte-counting
+forward, see below); then `--passes` interleaved passes: pass i runs every (model, dtype, configuration) once, in the
+list order rotated by i * n / passes, each timed as the wall time of one forward (2 ranks: both leave a barrier, each
+times its forward, the slowest rank's time counts). `--warmup-each-pass` adds a warm-up forward before every timed one
+(doubles the run time). Speedup (min) = min over passes of the single time / min over passes of the 2-rank time;
+speedup (median) = median single / median 2-rank. Error = max |out - ref| / max |ref| (float64) of rank 0's output
+vs the single-process output of the same model and dtype.
+
+Bytes per forward (rank 0; bytes this rank sends to OTHER ranks, the convention of opendit.distributed.comm):
+ours from `model._opendit_runtime.stats.snapshot()` of the timed forward; diffusers MEASURED on the warm-up forward by
+a TorchDispatchMode (a context manager on this thread only, nothing patched) that sees every
+torch.ops._c10d_functional collective diffusers issues (funcol all_to_all_single / all_gather_into_tensor), counted
+with the same convention. Collectives diffusers issues outside funcol (dist.all_gather, only for masks or the
+*_anything modes, unused here) would not be seen; the JSON lists the op names seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 0
+CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
+PARALLEL = CONFIGS[1:]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEADS, HEAD_DIM = 16, 72
+
+# model dims: full and --quick
+DIMS = {
+    "flux": {
+        "full": {"double": 2, "single": 2, "grid": 32, "text": 256},
+        "quick": {"double": 1, "single": 1, "grid": 16, "text": 64},
+    },
+    "wan": {
+        "full": {"layers": 2, "latent": (9, 32, 32), "text": 256},
+        "quick": {"layers": 1, "latent": (3, 16, 16), "text": 64},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------------ models, inputs
+def build_model(kind: str, dims: dict):
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+    torch.manual_seed(SEED)
+    if kind == "flux":
+        model = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=dims["double"],
+            num_single_layers=dims["single"],
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=1024,
+            pooled_projection_dim=768,
+            guidance_embeds=False,
+            axes_dims_rope=(8, 32, 32),
+        )
+    else:
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=HEADS,
+            attention_head_dim=HEAD_DIM,
+            in_channels=16,
+            out_channels=16,
+            text_dim=4096,
+            freq_dim=256,
+            ffn_dim=4608,
+            num_layers=dims["layers"],
+        )
+    return model.eval()
+
+
+def make_inputs(kind: str, dims: dict, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(SEED + 1)
+    if kind == "flux":
+        side, text = dims["grid"], dims["text"]
+        img_ids = torch.zeros(side * side, 3)
+        img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
+        img_ids[:, 2] = torch.arange(side).repeat(side)
+        return {
+            "hidden_states": torch.randn(1, side * side, 64, generator=gen).to(dtype),
+            "encoder_hidden_states": torch.randn(1, text, 1024, generator=gen).to(dtype),
+            "pooled_projections": torch.randn(1, 768, generator=gen).to(dtype),
+            "timestep": torch.tensor([0.5]),
+            "img_ids": img_ids,
+            "txt_ids": torch.zeros(text, 3),
+            "return_dict": False,
+        }
+    f, h, w = dims["latent"]
+    return {
+        "hidden_states": torch.randn(1, 16, f, h, w, generator=gen).to(dtype),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, dims["text"], 4096, generator=gen).to(dtype),
+        "return_dict": False,
+    }
+
+
+def token_counts(kind: str, dims: dict) -> dict:
+    if kind == "flux":
+        return {"image_tokens": dims["grid"] ** 2, "text_tokens": dims["text"]}
+    f, h, w = dims["latent"]
+    return {"video_tokens": f * (h // 2) * (w // 2), "text_tokens": dims["text"]}
+
+
+def shared_copy(model):
+    """A copy with its own modules (hooks and processors are per module) sharing the parameter and buffer tensors."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def build_group(kind: str, dims: dict, dtypes: list[str]) -> dict:
+    """{dtype name: model} with the same weights (bf16 = the fp32 model cast)."""
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()  # the keep-in-fp32 note on .to(bf16); the model is cast the same everywhere
+    base = build_model(kind, dims)
+    return {name: (base if name == "fp32" else copy.deepcopy(base).to(DTYPES[name])) for name in dtypes}
+
+
+# ------------------------------------------------------------------------------------------------ diffusers side
+def _cpu_resolve_parallel_config(self, config):
+    """WORKAROUND (a): ModelMixin._resolve_parallel_config (modeling_utils.py:1697-1740) with device "cpu" and a CPU
+    DeviceMesh instead of `torch.device(accel, rank % torch.accelerator.device_count())` (line 1719: division by zero
+    on CPU-only torch). Bound to one model instance; nothing global changes."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if isinstance(config, ContextParallelConfig):
+        config = ParallelConfig(context_parallel_config=config)
+    cp = config.context_parallel_config
+    mesh = cp.mesh or init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    self._parallel_config = config
+    return config
+
+
+def _cpu_lse_forward_op(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    """WORKAROUND (b): a forward op with diffusers' forward-op signature (cf. _native_flash_attention_forward_op,
+    attention_dispatch.py:1074-1120) on the CPU flash kernel, which returns the logsumexp. (B, S, H, D) in and out;
+    lse (B, S, H) float32. Inference only (no ctx saved)."""
+    if enable_gqa:
+        raise ValueError("enable_gqa is not supported by the benchmark-local CPU LSE op")
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (query, key, value))  # (B, H, S, D), as _native_flash does
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    out = out.transpose(1, 2).contiguous()
+    lse = lse.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
+
+
+def _ring_cpu_attention(query, key, value, parallel_config):
+    """diffusers' own templated context-parallel attention (ring for ring_degree > 1) with the CPU LSE op."""
+    from diffusers.models.attention_dispatch import _native_attention_backward_op, _templated_context_parallel_attention
+
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        None,
+        0.0,
+        False,
+        None,
+        False,
+        False,
+        forward_op=_cpu_lse_forward_op,
+        backward_op=_native_attention_backward_op,
+        _parallel_config=parallel_config,
+    )
+
+
+def _ring_processor_classes():
+    """WORKAROUND (b) processors: diffusers' FluxAttnProcessor / WanAttnProcessor code (transformer_flux.py:76-142,
+    transformer_wan.py:68-162, I2V branch omitted) with `dispatch_attention_fn(...)` replaced by _ring_cpu_attention."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections as flux_qkv
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from diffusers.models.transformers.transformer_wan import _get_qkv_projections as wan_qkv
+
+    class FluxRingCpuLseProcessor(FluxAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            if attention_mask is not None:
+                raise NotImplementedError("benchmark-local ring processor: no mask")
+            query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv(
+                attn, hidden_states, encoder_hidden_states
+            )
+            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+            value = value.unflatten(-1, (-1, attn.head_dim))
+            if attn.added_kv_proj_dim is not None:
+                encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+                encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+                encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+                query = torch.cat([encoder_query, query], dim=1)
+                key = torch.cat([encoder_key, key], dim=1)
+                value = torch.cat([encoder_value, value], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            if encoder_hidden_states is not None:
+                encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                    [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+                )
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+                return hidden_states, encoder_hidden_states
+            return hidden_states
+
+    class WanRingCpuLseProcessor(WanAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            if encoder_hidden_states is not None or attn.add_k_proj is not None:
+                # cross-attention: diffusers runs it without CP (parallel_config=None), unchanged
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            if attention_mask is not None:
+                raise NotImplementedError("benchmark-local ring processor: no mask")
+            query, key, value = wan_qkv(attn, hidden_states, None)
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            if rotary_emb is not None:
+
+                def rotate(x, freqs_cos, freqs_sin):
+                    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+                    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+                    out = torch.empty_like(x)
+                    out[..., 0::2] = x1 * cos - x2 * sin
+                    out[..., 1::2] = x1 * sin + x2 * cos
+                    return out.type_as(x)
+
+                query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
+            hidden_states = hidden_states.flatten(2, 3).type_as(query)
+            return attn.to_out[1](attn.to_out[0](hidden_states))
+
+    return FluxRingCpuLseProcessor, WanRingCpuLseProcessor
+
+
+def _context_parallel_config(mode: str):
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    return ContextParallelConfig(ulysses_degree=2) if mode == "ulysses" else ContextParallelConfig(ring_degree=2)
+
+
+def apply_diffusers_cp(model, kind: str, mode: str) -> None:
+    """diffusers' own enable_parallelism with workaround (a); for ring also workaround (b)."""
+    import types
+
+    if mode == "ring":
+        flux_cls, wan_cls = _ring_processor_classes()
+        pattern = ("transformer_blocks.", "single_transformer_blocks.") if kind == "flux" else ("blocks.",)
+        for path, module in model.named_modules():
+            if kind == "flux" and path.endswith(".attn") and path.startswith(pattern):
+                module.set_processor(flux_cls())
+            elif kind == "wan" and path.endswith(".attn1"):
+                module.set_processor(wan_cls())
+    model._resolve_parallel_config = types.MethodType(_cpu_resolve_parallel_config, model)  # (a), this instance
+    model.enable_parallelism(config=_context_parallel_config(mode))
+
+
+def _failure(exc: BaseException) -> dict:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = [f"{_short(f.filename)}:{f.lineno} in {f.name}: {f.line}" for f in frames[-4:]]
+    ours = [f for f in frames if "/diffusers/" in f.filename or "/opendit/" in f.filename]
+    at = f"{_short(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name}: {ours[-1].line}" if ours else ""
+    return {
+        "error": f"{type(exc).__name__}: {exc}",
+        "raised_at": where[-1] if where else "",
+        "library_frame": at,  # the innermost diffusers / opendit frame
+        "last_frames": where,
+    }
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", str(ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def stock_failures(kind: str, model, inputs: dict) -> dict:
+    """The stock diffusers calls on CPU-only torch, each on a throwaway copy; the raw failures."""
+    out = {}
+    for mode in ("ulysses", "ring"):
+        trial = shared_copy(model)
+        key = f"enable_parallelism(config=ContextParallelConfig({mode}_degree=2))"
+        try:
+            trial.enable_parallelism(config=_context_parallel_config(mode))
+            with torch.no_grad():
+                trial(**inputs)
+            out[key] = {"error": None, "note": "ran without error"}
+        except Exception as exc:  # noqa: BLE001 - the failure is what we record
+            out[key] = _failure(exc)
+    # past (a): diffusers' ring with its stock processors on the default (native) backend, and with `_native_flash`
+    # set per module (AttentionModuleMixin.set_attention_backend: the processor only, no global change)
+    for backend in (None, "_native_flash"):
+        trial = shared_copy(model)
+        key = f"ring with workaround (a) only, backend {backend or 'native (default)'}: first forward"
+        try:
+            if backend is not None:
+                for module in trial.modules():
+                    if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
+                        module.set_attention_backend(backend)
+            trial._resolve_parallel_config = __import__("types").MethodType(_cpu_resolve_parallel_config, trial)
+            trial.enable_parallelism(config=_context_parallel_config("ring"))
+            with torch.no_grad():
+                trial(**inputs)
+            out[key] = {"error": None, "note": "ran without error"}
+        except Exception as exc:  # noqa: BLE001
+            out[key] = _failure(exc)
+    return out
+
+
+class CollectiveBytes:
+    """Counts the functional collectives issued on this thread while active (a TorchDispatchMode: a context
+    manager, not a patch): bytes this rank sends to other ranks, per op name."""
+
+    COLLECTIVES = (
+        "all_to_all_single",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_gather_into_tensor_coalesced",
+        "reduce_scatter_tensor",
+        "all_reduce",
+        "broadcast",
+    )
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if getattr(func, "namespace", "") != "_c10d_functional":
+                    return func(*args, **kwargs)
+                counter.record(func, args, kwargs)
+                start = time.perf_counter()
+                out = func(*args, **kwargs)
+                counter.seconds += time.perf_counter() - start  # issue + wait_tensor: this rank's blocked time
+                return out
+
+        self.mode = _Mode()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.other_ops: dict[str, int] = {}
+        self.seconds = 0.0
+
+    def record(self, func, args, kwargs) -> None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        name = func.overloadpacket.__name__
+        if name not in self.COLLECTIVES:  # wait_tensor, _wrap_tensor_autograd: bookkeeping, no data moves
+            self.other_ops[name] = self.other_ops.get(name, 0) + 1
+            return
+        x = args[0]
+        group_name = kwargs.get("group_name", args[-1])
+        group = _resolve_process_group(group_name) if isinstance(group_name, str) else None
+        size = group.size() if group is not None else dist.get_world_size()
+        me = dist.get_rank(group) if group is not None else dist.get_rank()
+        nbytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+        if name == "all_to_all_single":
+            splits = args[2] if len(args) > 2 else kwargs.get("input_split_sizes")
+            if splits:
+                sent = nbytes - nbytes * splits[me] // x.shape[0]
+            else:
+                sent = nbytes * (size - 1) // size
+        elif name in ("all_gather_into_tensor", "all_gather_single"):
+            sent = nbytes * (size - 1)
+        elif name == "broadcast":
+            sent = nbytes * (size - 1) if me == args[1] else 0
+        else:  # reductions (not used by diffusers' CP here): count the input once so it shows up
+            sent = nbytes
+        self.bytes[name] = self.bytes.get(name, 0) + int(sent)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def _entries(job: dict) -> list[tuple[str, str]]:
+    return [(m, d) for m in job["models"] for d in job["dtypes"]]
+
+
+def parallel_worker(channel, job: dict) -> None:
+    """One of 2 ranks: builds every (model, dtype) x 2-rank configuration once, then runs what the parent asks."""
+    import opendit
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.env import init_from_env
+
+    torch.set_num_threads(1)
+    init_from_env(torch.device("cpu"), "gloo")
+    rank = dist.get_rank()
+    models, inputs, report = {}, {}, {"rank": rank, "checksums": {}, "stock_failures": {}, "fastseq": {}}
+    for kind in job["models"]:
+        dims = DIMS[kind][job["size"]]
+        group = build_group(kind, dims, job["dtypes"])
+        for dname, base in group.items():
+            report["checksums"][f"{kind}/{dname}"] = checksum(base)
+            inputs[(kind, dname)] = make_inputs(kind, dims, DTYPES[dname])
+            for config in PARALLEL:
+                model = shared_copy(base)
+                impl, mode = config.split("-")
+                if impl == "diffusers":
+                    apply_diffusers_cp(model, kind, mode)
+                else:
+                    opendit.parallelize(model, ParallelConfig(**{mode: 2}))
+                models[(kind, dname, config)] = model
+        first = group[job["dtypes"][0]]
+        report["stock_failures"][kind] = stock_failures(kind, first, inputs[(kind, job["dtypes"][0])])
+        try:
+            opendit.parallelize(shared_copy(first), ParallelConfig(ulysses=2, sp_impl="fastseq"))
+            report["fastseq"][kind] = {"error": None}
+        except Exception as exc:  # noqa: BLE001
+            report["fastseq"][kind] = _failure(exc)
+    channel.send(report)
+    while True:
+        command = channel.recv()
+        if command == "stop":
+            break
+        kind, dname, config, what = command
+        model, x = models[(kind, dname, config)], inputs[(kind, dname)]
+        runtime = getattr(model, "_opendit_runtime", None)
+        counter = CollectiveBytes() if (what == "warmup" and config.startswith("diffusers")) else None
+        if runtime is not None:
+            runtime.stats.reset()
+        dist.barrier()
+        with torch.no_grad():
+            start = time.perf_counter()
+            if counter is not None:
+                with counter:
+                    out = model(**x)[0]
+            else:
+                out = model(**x)[0]
+            elapsed = time.perf_counter() - start
+        answer = {"seconds": elapsed}
+        if runtime is not None:
+            answer["comm"] = runtime.stats.snapshot()
+        if counter is not None:
+            answer["comm"] = {k: {"calls": counter.calls[k], "bytes": counter.bytes[k]} for k in counter.bytes}
+            answer["other_functional_ops"] = counter.other_ops
+            answer["collective_seconds"] = counter.seconds
+        if what == "output" and rank == 0:
+            answer["output"] = out.float().numpy()
+        channel.send(answer)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def single_worker(channel, job: dict) -> None:
+    """1 process x 1 thread: the plain diffusers models."""
+    torch.set_num_threads(1)
+    models, inputs, report = {}, {}, {"checksums": {}}
+    for kind in job["models"]:
+        dims = DIMS[kind][job["size"]]
+        for dname, model in build_group(kind, dims, job["dtypes"]).items():
+            report["checksums"][f"{kind}/{dname}"] = checksum(model)
+            models[(kind, dname)] = model
+            inputs[(kind, dname)] = make_inputs(kind, dims, DTYPES[dname])
+    channel.send(report)
+    while True:
+        command = channel.recv()
+        if command == "stop":
+            break
+        kind, dname, _config, what = command
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = models[(kind, dname)](**inputs[(kind, dname)])[0]
+            elapsed = time.perf_counter() - start
+        answer = {"seconds": elapsed}
+        if what == "output":
+            answer["output"] = out.float().numpy()
+        channel.send(answer)
+
+
+# ------------------------------------------------------------------------------------------------ parent
+def rel_err(a, b) -> float:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def total_bytes(comm: dict | None) -> int | None:
+    return None if comm is None else int(sum(v["bytes"] for v in comm.values()))
+
+
+def run(job: dict, log) -> dict:
+    from opendit.distributed.launch import WorkerPool
+
+    os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # a bf16 forward on a busy 2-core box can take minutes
+    started = time.perf_counter()
+    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
+    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
+    try:
+        reports = [pool2.recv(r) for r in range(2)]
+        single_report = pool1.recv(0)
+        log(f"setup done in {time.perf_counter() - started:.0f} s")
+        for key, value in single_report["checksums"].items():
+            for rep in reports:
+                if rep["checksums"][key] != value:
+                    raise RuntimeError(f"weights differ between processes for {key}")
+
+        def ask(kind, dname, config, what):
+            command = (kind, dname, config, what)
+            if config == "single":
+                pool1.send(command)
+                return pool1.recv(0)
+            for r in range(2):
+                pool2.send(command, r)
+            answers = [pool2.recv(r) for r in range(2)]
+            answer = dict(answers[0])
+            answer["rank_seconds"] = [a["seconds"] for a in answers]
+            answer["seconds"] = max(answer["rank_seconds"])  # the step ends when the slowest rank is done
+            answer["comm_rank1"] = answers[1].get("comm")
+            return answer
+
+        keys = [(m, d, c) for (m, d) in _entries(job) for c in CONFIGS]
+        warm = {}
+        for key in keys:
+            warm[key] = ask(*key, "warmup")
+            log(f"warm-up {'/'.join(key)}: {warm[key]['seconds']:.2f} s")
+        times = {key: [] for key in keys}
+        outputs, comms, order_log, loads = {}, {}, [], []
+        n = len(keys)
+        for i in range(job["passes"]):
+            shift = (i * n) // job["passes"]
+            order = keys[shift:] + keys[:shift]
+            order_log.append(["/".join(k) for k in order])
+            for key in order:
+                if job["warmup_each_pass"]:
+                    ask(*key, "warmup")
+                answer = ask(*key, "output" if i == 0 else "time")
+                times[key].append(answer["seconds"])
+                if "output" in answer:
+                    outputs[key] = answer["output"]
+                if key[2].startswith("ours"):
+                    comms[key] = answer.get("comm")
+                elif key[2].startswith("diffusers"):
+                    comms[key] = warm[key].get("comm")
+            loads.append(os.getloadavg())
+            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s)")
+        for r in range(2):
+            pool2.send("stop", r)
+        pool1.send("stop")
+    finally:
+        pool2.close()
+        pool1.close()
+    wall = time.perf_counter() - started
+
+    rows = []
+    for kind, dname in _entries(job):
+        ref_key = (kind, dname, "single")
+        ref_t = times[ref_key]
+        for config in PARALLEL:
+            key = (kind, dname, config)
+            t = times[key]
+            rows.append(
+                {
+                    "model": kind,
+                    "dtype": dname,
+                    "config": config,
+                    "impl": config.split("-")[0],
+                    "mode": config.split("-")[1],
+                    "single_s": ref_t,
+                    "parallel_s": t,
+                    "single_min_s": min(ref_t),
+                    "parallel_min_s": min(t),
+                    "single_median_s": statistics.median(ref_t),
+                    "parallel_median_s": statistics.median(t),
+                    "speedup_min": min(ref_t) / min(t),
+                    "speedup_median": statistics.median(ref_t) / statistics.median(t),
+                    "max_rel_err": rel_err(outputs[key], outputs[ref_key]),
+                    "bytes_per_forward_rank0": total_bytes(comms.get(key)),
+                    "comm_rank0": comms.get(key),
+                    "bytes_source": "CommStats.snapshot()" if config.startswith("ours") else "TorchDispatchMode count",
+                    "warmup_s": warm[key]["seconds"],
+                    "parallel_rank_seconds_warmup": warm[key].get("rank_seconds"),
+                    "other_functional_ops_seen": warm[key].get("other_functional_ops"),
+                    # diffusers, warm-up (counting) forward: seconds rank 0 spent inside functional collectives and
+                    # wait_tensor; ours: CommStats wait_s of the timed forwards (comm_rank0)
+                    "collective_seconds_warmup": warm[key].get("collective_seconds"),
+                }
+            )
+    return {
+        "rows": rows,
+        "single_warmup_s": {f"{m}/{d}": warm[(m, d, "single")]["seconds"] for m, d in _entries(job)},
+        "order_per_pass": order_log,
+        "loadavg_after_each_pass": loads,
+        "wall_s": wall,
+        "stock_failures": reports[0]["stock_failures"],
+        "fastseq": {k: {"status": "n/a", **v} for k, v in reports[0]["fastseq"].items()},
+        "checksums": single_report["checksums"],
+    }
+
+
+def machine() -> dict:
+    import diffusers
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text)
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": load,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "threads_per_process": 1,
+        "backend": "gloo over loopback",
+    }
+
+
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "not counted"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    job, mach = result["job"], result["machine"]
+    lines = [
+        "# OpenDiT vs diffusers' own context parallelism (2 gloo ranks x 1 thread vs 1 process x 1 thread)",
+        "",
+        f"Machine: {mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch {mach['torch']}, "
+        f"diffusers {mach['diffusers']}; load average (1 min) at start {mach['loadavg_at_start'][0]:.1f}, after each "
+        f"pass {', '.join(f'{x[0]:.1f}' for x in result.get('loadavg_after_each_pass', []))} (other jobs share the "
+        "2 cores: single timings are noisy, hence the min-based speedup). "
+        f"{job['passes']} interleaved passes, wall time {result['wall_s'] / 60:.1f} min"
+        + (" (--quick smoke run)" if job["size"] == "quick" else "")
+        + ".",
+        "",
+        "Speedup = min single / min 2-rank over passes (median-based in brackets). Error = max|out - ref| / max|ref| "
+        "of rank 0's output vs the single-process output of the same model and dtype. Bytes = what rank 0 sends per "
+        "forward (ours: CommStats; diffusers: counted by a TorchDispatchMode on its functional collectives).",
+        "diffusers ring = diffusers ring + benchmark-local CPU LSE workaround (b); both diffusers modes need "
+        "workaround (a) (CPU device / mesh). See the script's docstring.",
+        "",
+        "| model | dtype | mode | diffusers speedup | ours speedup | diffusers max rel err | ours max rel err "
+        "| diffusers bytes | ours bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
+    for kind in job["models"]:
+        for dname in job["dtypes"]:
+            for mode in ("ulysses", "ring"):
+                d, o = rows[(kind, dname, f"diffusers-{mode}")], rows[(kind, dname, f"ours-{mode}")]
+                lines.append(
+                    f"| {kind} | {dname} | {mode} | {d['speedup_min']:.2f}x ({d['speedup_median']:.2f}x) | "
+                    f"{o['speedup_min']:.2f}x ({o['speedup_median']:.2f}x) | {d['max_rel_err']:.2e} | "
+                    f"{o['max_rel_err']:.2e} | {fmt_bytes(d['bytes_per_forward_rank0'])} | "
+                    f"{fmt_bytes(o['bytes_per_forward_rank0'])} |"
+                )
+            lines.append(
+                f"| {kind} | {dname} | fastseq | n/a (diffusers has none) | n/a (refused for diffusers modules) "
+                "| | | | |"
+            )
+    lines += [
+        "",
+        "Times (seconds; min / median over passes):",
+        "",
+        "| model | dtype | config | min | median |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in job["models"]:
+        for dname in job["dtypes"]:
+            first = rows[(kind, dname, "diffusers-ulysses")]
+            lines.append(
+                f"| {kind} | {dname} | single | {first['single_min_s']:.2f} | {first['single_median_s']:.2f} |"
+            )
+            for config in PARALLEL:
+                r = rows[(kind, dname, config)]
+                lines.append(
+                    f"| {kind} | {dname} | {config} | {r['parallel_min_s']:.2f} | {r['parallel_median_s']:.2f} |"
+                )
+    lines += ["", "Stock diffusers failures on CPU-only torch (raw):", ""]
+    for kind, fails in result["stock_failures"].items():
+        for call, info in fails.items():
+            error = (info.get("error") or "").splitlines()[0]  # the JSON has the full text
+            error = error if len(error) <= 200 else error[:200] + " ..."
+            where = info.get("library_frame") or info.get("raised_at", "")
+            lines.append(f"- {kind}, `{call}`: `{error}` (innermost diffusers frame: `{where}`)")
+    for kind, info in result["fastseq"].items():
+        lines.append(f"- {kind}, ours fastseq: n/a: `{info.get('error')}`")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    job = result["job"]
+    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
+    groups = [(m, d, mode) for m in job["models"] for d in job["dtypes"] for mode in ("ulysses", "ring")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+    width = 0.38
+    for j, (impl, color) in enumerate((("diffusers", "tab:orange"), ("ours", "tab:blue"))):
+        xs = [i + (j - 0.5) * width for i in range(len(groups))]
+        ys = [rows[(m, d, f"{impl}-{mode}")]["speedup_min"] for m, d, mode in groups]
+        label = "diffusers (own CP; ring with CPU-LSE workaround)" if impl == "diffusers" else "OpenDiT parallelize"
+        bars = ax.bar(xs, ys, width, label=label, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    top = max(r["speedup_min"] for r in result["rows"])
+    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.axhline(2.0, color="gray", lw=0.5, ls=":")
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{m}\n{d}\n{mode}" for m, d, mode in groups], fontsize=8)
+    ax.set_ylabel("speedup vs 1 process (min/min)")
+    ax.set_title("2 gloo ranks x 1 thread vs 1 process x 1 thread" + (" [--quick]" if job["size"] == "quick" else ""))
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passes", type=int, default=None, help="interleaved timed passes (default 5; --quick 2)")
+    parser.add_argument("--models", nargs="+", default=["flux", "wan"], choices=["flux", "wan"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and blocks: a smoke test, not a measurement")
+    parser.add_argument("--warmup-each-pass", action="store_true", help="a warm-up forward before every timed one")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_diffusers.json"))
+    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    args = parser.parse_args()
+    if args.from_json:
+        path = Path(args.from_json)
+        result = json.loads(path.read_text())
+        write_markdown(result, path.with_suffix(".md"))
+        write_plot(result, path.with_suffix(".png"))
+        return 0
+    passes = args.passes or (2 if args.quick else 5)
+    job = {
+        "models": args.models,
+        "dtypes": args.dtypes,
+        "passes": passes,
+        "size": "quick" if args.quick else "full",
+        "warmup_each_pass": args.warmup_each_pass,
+    }
+    dims = {kind: {**DIMS[kind][job["size"]], **token_counts(kind, DIMS[kind][job["size"]])} for kind in args.models}
+
+    def log(msg: str) -> None:
+        print(f"[vs_diffusers] {msg}", flush=True)
+
+    log(f"job {job}")
+    mach = machine()
+    result = run(job, log)
+    result = {
+        "job": {**job, "dims": dims, "heads": HEADS, "head_dim": HEAD_DIM, "seed": SEED},
+        "machine": mach,
+        **result,
+        "loadavg_at_end": os.getloadavg(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    write_markdown(result, out.with_suffix(".md"))
+    write_plot(result, out.with_suffix(".png"))
+    log(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}; wall {result['wall_s']:.0f} s")
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
