@@ -37,6 +37,11 @@ written...) before anything is sent: OpenDiTError, and the engine stays usable. 
 that call raises WorkerFailed with the failing rank's message (OpenDiTError when the rank raised one), and later calls
 raise OpenDiTError("engine is closed: rank R failed: ..."). No receive waits forever on a dead worker: the pool's recv
 raises as soon as any worker exits.
+
+diffusers pipelines: `Engine(diffusers=DIR)` runs a local diffusers pipeline folder instead (opendit/pipelines.py:
+its own loop and scheduler, its transformer parallelised by `opendit.parallelize`); each call takes
+`generate(prompt=[...], negative_prompt=..., seed=, steps=, cfg_scale=, image_size=)`, one image per prompt, all in
+one pipeline call with one generator seeded `seed`. Same modes, same message flow (a PipelineReplica per rank).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Engine:
         image_size: int | None = None,
         progress: bool = False,
         memory_gib: float | None = None,
+        diffusers: str | None = None,
         *,
         _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
     ):
@@ -82,10 +88,10 @@ class Engine:
         given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
         self.spec = resolve_engine(EngineRequest.build(given), *(_plan_for or (None, None)))  # checked, no weights
         if self.spec.world == 1:
-            from opendit.worker import Replica
+            from opendit.worker import make_replica
 
             self.mode = "in-process"
-            self._replica = Replica(self.spec)
+            self._replica = make_replica(self.spec)
         elif in_distributed_env():
             self.mode = "torchrun"
             self._start_torchrun()
@@ -105,9 +111,9 @@ class Engine:
 
     def _start_torchrun(self) -> None:
         """Mode (c): every rank builds its replica; rank 0 keeps it, the others serve until rank 0 closes."""
-        from opendit.worker import Replica, serve
+        from opendit.worker import make_replica, serve
 
-        replica = Replica(self.spec)
+        replica = make_replica(self.spec)
         self.spec = replica.spec  # rank 0's (they agree)
         if replica.is_output:
             self._replica = replica
@@ -135,6 +141,8 @@ class Engine:
         from opendit.precision import parse_dtype
 
         spec, plan = self.spec, self.spec.plan
+        if spec.settings.diffusers is not None:  # the pipeline's weight files (every component, stored dtype)
+            return spec.info["weight_bytes"]
         counts = spec_for(spec.config).count_params(spec.config)
         itemsize = parse_dtype(spec.settings.dtype).itemsize
         if plan.shard_weights and plan.sp_degree > 1:
@@ -152,15 +160,18 @@ class Engine:
 
     def generate(
         self,
-        classes,
+        classes=None,
         seed: int = 0,
         steps: int | None = None,
         cfg_scale: float | None = None,
         scheduler: str | None = None,
         image_size: int | None = None,
         trace: str | Path | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | None = None,
     ) -> GenerationResult | None:
-        """One image per entry of `classes` (image i seeded seed + i); None on the serving ranks of torchrun."""
+        """One image per entry of `classes` (image i seeded seed + i), or on a diffusers engine one per `prompt` (one
+        pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun."""
         if not self.is_main:
             return None
         if self._closed is not None:
@@ -168,7 +179,8 @@ class Engine:
         if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
             classes = [classes]  # one image (documented shorthand)
         values = {"classes": classes, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "scheduler": scheduler}
-        request = CallRequest.build({**values, "image_size": image_size, "trace": trace})  # None: engine's size
+        texts = {"prompt": prompt, "negative_prompt": negative_prompt}
+        request = CallRequest.build({**values, **texts, "image_size": image_size, "trace": trace})  # None: engine's
         call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
         start = time.perf_counter()
         result = self._dispatch(call)
@@ -234,8 +246,8 @@ class Engine:
 
 
 def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
-    """Generate one image per entry of `classes` on a one-shot `opendit.Engine`. Keyword arguments are
-    GenerationRequest fields.
+    """Generate one image per entry of `classes` (with `diffusers=DIR`: of `prompt`) on a one-shot `opendit.Engine`.
+    Keyword arguments are GenerationRequest fields.
 
     With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
     inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
@@ -245,11 +257,13 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
     request = _one_shot_request(request, kwargs)
     job = prepare(request)  # the whole request checked first: the errors (and their order) of a one-shot request
     settings = {k: getattr(request, k) for k in ENGINE_FIELDS}
-    with Engine(**settings, _plan_for=(len(request.classes), request.cfg_scale)) as engine:
+    labels = list(request.classes if request.classes is not None else request.prompt or [])
+    with Engine(**settings, _plan_for=(len(labels), request.cfg_scale)) as engine:
         resolved = {"steps": job.steps, "cfg_scale": job.cfg_scale, "scheduler": job.scheduler}
-        result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved)
+        texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+        result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved, **texts)
     if result is None:  # ranks > 0 under torchrun: rank 0 holds the images
-        return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=list(request.classes))
+        return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=labels)
     result.record["request"] = asdict(request)  # as asked (None = the model's default), not as resolved
     return result
 
@@ -264,6 +278,6 @@ def _one_shot_request(request: GenerationRequest | None, kwargs: dict) -> Genera
     unknown = [name for name in kwargs if name not in names]
     if unknown:
         raise OpenDiTError(f"unknown field {unknown[0]!r} for opendit.generate; the fields are: {', '.join(names)}")
-    if "classes" not in kwargs:
+    if "classes" not in kwargs and "prompt" not in kwargs:
         raise OpenDiTError("classes is required; e.g. opendit.generate(classes=[0, 1, 2])")
     return GenerationRequest(**kwargs)

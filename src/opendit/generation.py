@@ -10,7 +10,8 @@ JSON: no weights) and the plan, and the schema's cross-field rules run against t
 refused) last, still before any process is started or any model is loaded, so a bad request raises OpenDiTError in
 the caller and never reaches (or hangs) a worker. `GenerationRequest` is the user-facing dataclass of a one-shot
 request (`opendit.generate`, the CLI): `prepare(request)` converts and checks it (-> `Job`), and `generate(request)`
-runs it on a one-shot engine (engine.py); per-rank execution is in worker.py.
+runs it on a one-shot engine (engine.py); per-rank execution is in worker.py. A request with `diffusers` (a local
+diffusers pipeline folder) resolves through opendit/pipelines.py instead: prompts, the pipeline's own loop.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class GenerationRequest:
     """A one-shot request as users write it; converted to the schema (EngineRequest + CallRequest) at the boundary,
     where every field is checked (types strict, ranges bounded: request.py)."""
 
-    classes: list[int]
+    classes: list[int] | None = None  # one image per class id (OpenDiT's DiT; required unless `diffusers`)
     model: str | None = None  # preset name; None with no ckpt -> the shipped digits model
     ckpt: str | None = None
     image_size: int | None = None  # pixels; None -> the model's own size
@@ -62,6 +63,9 @@ class GenerationRequest:
     memory_gib: float | None = None  # per rank (whole-run peak): the plan must fit; with no degrees the planner
     # chooses the fastest plan that fits (sharded weights included); nothing fits -> OpenDiTError with the advice
     trace: str | None = None  # write a Chrome trace JSON of the call (every rank's steps) to this file
+    diffusers: str | None = None  # a local diffusers pipeline folder (save_pretrained layout): its own loop runs
+    prompt: list[str] | None = None  # with diffusers: one image per prompt, all in one pipeline call
+    negative_prompt: str | None = None  # with diffusers, when the pipeline takes one
 
 
 @dataclass
@@ -164,6 +168,10 @@ def resolve_engine(
     (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
     automatic plan ever needs more images than a call has (dp is used only when asked for)."""
     settings = engine_request(settings)
+    if settings.diffusers is not None:
+        from opendit.pipelines import resolve_pipeline_engine
+
+        return resolve_pipeline_engine(settings)
     world = settings.world_size()
     config, ckpt, defaults, note = resolve_model(settings.model_copy())  # a copy: it may fill in the image size
     guided = (cfg_scale if cfg_scale is not None else defaults["cfg_scale"]) != 1.0
@@ -242,13 +250,21 @@ def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> 
     """Validate one call against the engine (model, plan), resolve its defaults and create (or refuse) its output
     folders: nothing is sent, and nothing computed, before this."""
     request = call_request(request)
+    if spec.settings.diffusers is not None:
+        from opendit.pipelines import resolve_pipeline_call
+
+        return resolve_pipeline_call(spec, request)
     resolved = request.resolve(spec)
     if request.out is not None:
         prepare_output_dir(request.out, "--out")
     trace = None
     if request.trace is not None:
         trace = os.path.abspath(prepare_trace_file(request.trace))  # absolute: workers may not share the cwd
-    asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "trace": trace}  # the record's
+    asked = {  # the record's (the DiT path's fields only)
+        **spec.settings.model_dump(exclude={"diffusers"}),
+        **request.model_dump(exclude={"out", "prompt", "negative_prompt"}),
+        "trace": trace,
+    }
     asked["image_size"] = request.image_size if request.image_size is not None else spec.settings.image_size
     return Call(
         classes=request.classes,
@@ -270,7 +286,7 @@ def prepare(request: GenerationRequest, out: str | os.PathLike | None = None) ->
         raise OpenDiTError(f"expected an opendit.GenerationRequest, got {type(request).__name__}")
     settings = engine_request(request)
     call = call_request(request, out)  # every field's type and range checked before anything is resolved
-    spec = resolve_engine(settings, len(call.classes), call.cfg_scale)
+    spec = resolve_engine(settings, len(call.classes) if call.classes is not None else None, call.cfg_scale)
     resolved = resolve_call(spec, call)
     notes = list(dict.fromkeys(spec.plan_notes + resolved.notes))
     return Job(

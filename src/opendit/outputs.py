@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,16 @@ if TYPE_CHECKING:
     from opendit.models.dit import DiTConfig
 
 VAE_SCALE = 0.18215  # stabilityai/sd-vae-ft-* latent scaling used by DiT
+GIF_FRAME_MS = 62  # videos (frames of a diffusers video pipeline) play at 16 frames per second, Wan's rate
 VAE_MISSING = "this is a latent model: pass --vae DIR (a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema)"
 
 
 @dataclass
 class GenerationResult:
     images: np.ndarray  # (B, H, W, C) uint8
-    labels: list[int]
+    labels: list[int] | list[str]  # class ids (DiT) or prompts (a diffusers pipeline)
     record: dict = field(default_factory=dict)
+    frames: np.ndarray | None = None  # (B, F, H, W, C) uint8 of a video pipeline (images: frame 0 of each)
 
     def pil_images(self) -> list[Image.Image]:
         return [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img) for img in self.images]
@@ -88,15 +91,28 @@ def decode(samples: torch.Tensor, config: DiTConfig, vae, device: torch.device) 
 
 
 def save_outputs(result: GenerationResult, out_dir: str | Path, label_names: list[str] | None = None) -> Path:
-    """Write DIR/samples.png (a labelled grid), DIR/NNN_class-K.png per image and DIR/record.json."""
+    """Write DIR/samples.png (a labelled grid), DIR/NNN_class-K.png (NNN_prompt-WORDS.png for a prompt) per image,
+    DIR/NNN_....gif per video (all its frames) and DIR/record.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = result.pil_images()
     for index, (img, label) in enumerate(zip(images, result.labels)):
-        img.save(out / f"{index:03d}_class-{label}.png")
+        img.save(out / f"{file_stem(index, label)}.png")
+    for index, (video, label) in enumerate(zip(result.frames if result.frames is not None else [], result.labels)):
+        frames = [Image.fromarray(frame) for frame in video]
+        gif = out / f"{file_stem(index, label)}.gif"
+        frames[0].save(gif, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
     labelled_grid(images, result.labels, label_names).save(out / "samples.png")
     (out / "record.json").write_text(json.dumps(result.record, indent=2, default=str))
     return out / "samples.png"
+
+
+def file_stem(index: int, label: int | str) -> str:
+    """NNN_class-K for a class id, NNN_prompt-SOME-WORDS (up to 40 characters of [a-z0-9-]) for a prompt."""
+    if isinstance(label, str):
+        words = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40].strip("-")
+        return f"{index:03d}_prompt-{words}" if words else f"{index:03d}_prompt"
+    return f"{index:03d}_class-{label}"
 
 
 def prepare_output_dir(
@@ -138,8 +154,9 @@ def prepare_trace_file(path: str | Path) -> Path:
     return trace
 
 
-def labelled_grid(images: list[Image.Image], labels: list[int], names: list[str] | None = None) -> Image.Image:
-    """Images (upscaled to at least 96 px, nearest) in a grid of up to 10 columns, each with its class printed above."""
+def labelled_grid(images: list[Image.Image], labels: list, names: list[str] | None = None) -> Image.Image:
+    """Images (upscaled to at least 96 px, nearest) in a grid of up to 10 columns, each with its class (or the start
+    of its prompt) printed above."""
     scale = max(1, -(-96 // max(images[0].size)))
     tile_w, tile_h = images[0].size[0] * scale, images[0].size[1] * scale
     caption, pad = 14, 4
@@ -150,6 +167,12 @@ def labelled_grid(images: list[Image.Image], labels: list[int], names: list[str]
     for index, (img, label) in enumerate(zip(images, labels)):
         x = pad + (index % cols) * (tile_w + pad)
         y = pad + (index // cols) * (tile_h + caption + pad)
-        draw.text((x, y), names[label] if names else f"class {label}", fill="black")
+        if isinstance(label, str):  # a prompt: as much as fits (~6 px a character), ASCII (any font draws it)
+            fits = max(4, tile_w // 6)
+            text = label.encode("ascii", "replace").decode()
+            caption_text = text if len(text) <= fits else text[: fits - 3] + "..."
+        else:
+            caption_text = names[label] if names else f"class {label}"
+        draw.text((x, y), caption_text, fill="black")
         grid.paste(img.convert("RGB").resize((tile_w, tile_h), Image.NEAREST), (x, y + caption))
     return grid

@@ -2,9 +2,11 @@
 
 Two models, split as the engine splits a request (engine.py):
 - `EngineRequest`: fixed for an engine's life: model source (model, ckpt, vae), dtype, device, processes (nproc), the
-  parallel plan (`ParallelRequest`, the fields of a ParallelConfig), parallel_auto, default image size, progress bar;
-- `CallRequest`: what each `generate()` call may change: classes, seed, steps, scheduler, cfg_scale, image size, the
-  output folder (`opendit sample --out`) and the trace file.
+  parallel plan (`ParallelRequest`, the fields of a ParallelConfig), parallel_auto, default image size, progress bar,
+  or a diffusers pipeline folder (`diffusers`, run by opendit/pipelines.py instead of a DiT model);
+- `CallRequest`: what each `generate()` call may change: classes (or, on a --diffusers pipeline, prompts and a
+  negative prompt), seed, steps, scheduler, cfg_scale, image size, the output folder (`opendit sample --out`) and the
+  trace file.
 
 The rules, in the order they run:
 1. types are strict: no bool where a number is expected, no float -> int or str -> number coercion (numpy integer
@@ -54,6 +56,7 @@ MAX_NPROC = 256  # --nproc starts local processes, each holding a model replica:
 MAX_PATH_BYTES = 4096  # Linux PATH_MAX: longer paths fail in every os call (ENAMETOOLONG)
 MAX_MEMORY_GIB = 1 << 20  # per rank: a PiB, far beyond any device, still a finite number
 MAX_NAME_BYTES = 255  # Linux NAME_MAX, per path component
+MAX_PROMPT_CHARS = 1 << 16  # per prompt: text encoders read at most a few hundred tokens (CLIP 77, T5 512) of it
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ FIELD_HELP = {
         "--cfg-scale", f"a finite number from 1 to {MAX_CFG_SCALE:g} (1 disables guidance)", "e.g. --cfg-scale 4"
     ),
     "out": FieldHelp("--out", "a folder path", "e.g. --out outputs"),
+    "diffusers": FieldHelp("--diffusers", "a local diffusers pipeline folder", "e.g. --diffusers ./PixArt-XL-2-512"),
+    "prompt": FieldHelp("--prompt", f"a list of 1 to {MAX_CLASSES} prompts (text)", 'e.g. --prompt "a photo of a cat"'),
+    "prompt[]": FieldHelp("--prompt", f"a text of at most {MAX_PROMPT_CHARS} characters", 'e.g. --prompt "a cat"'),
+    "negative_prompt": FieldHelp(
+        "--negative-prompt", f"a text of at most {MAX_PROMPT_CHARS} characters", 'e.g. --negative-prompt "blurry"'
+    ),
     "trace": FieldHelp("--trace", "a file path", "e.g. --trace trace.json"),
 }
 
@@ -196,6 +205,19 @@ def _as_class_list(value: Any) -> Any:
     return value.tolist() if is_array else list(value)
 
 
+def _as_prompt_list(value: Any) -> Any:
+    """One prompt (a str) -> a one-prompt list; a tuple -> a list (after a length check, as classes)."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        return value  # the strict list check names the type
+    if len(value) == 0:
+        raise _FieldError("is empty (no prompts given)")
+    if len(value) > MAX_CLASSES:
+        raise _FieldError(f"has {len(value)} entries, more than {MAX_CLASSES} per call", "split them over calls")
+    return list(value)
+
+
 def _as_plan_fields(value: Any) -> Any:
     """A ParallelConfig -> its fields (validated like every other field); dicts (JSON) and None pass as they are."""
     return value.to_dict() if isinstance(value, ParallelConfig) else value
@@ -214,6 +236,9 @@ ImageSize = Annotated[Int, Field(ge=1, le=MAX_IMAGE_SIZE)]
 ClassId = Annotated[Int, Field(ge=0, le=MAX_CLASS_ID)]
 Share = Annotated[float, Field(gt=0.0)]  # relative speed of one sequence rank
 Shares = Annotated[tuple[Share, ...], Field(min_length=1, max_length=MAX_WORLD)]
+Classes = Annotated[list[ClassId], BeforeValidator(_as_class_list), Field(min_length=1, max_length=MAX_CLASSES)]
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+Prompts = Annotated[list[Prompt], BeforeValidator(_as_prompt_list), Field(min_length=1, max_length=MAX_CLASSES)]
 
 
 class Schema(BaseModel):
@@ -273,6 +298,7 @@ class EngineRequest(Schema):
     memory_gib: Annotated[float, Field(gt=0, le=MAX_MEMORY_GIB)] | None = None  # per rank: plans must fit in it
     image_size: ImageSize | None = None  # the engine's default size; None: the model's own
     progress: Switch = True
+    diffusers: PathText | None = None  # a local diffusers pipeline folder: its own loop runs (opendit/pipelines.py)
 
     @model_validator(mode="after")
     def _auto_or_degrees(self) -> EngineRequest:
@@ -318,7 +344,8 @@ class ResolvedCall:
 class CallRequest(Schema):
     """What one generate() call asks for (None: the model's default, or the engine's image size)."""
 
-    classes: Annotated[list[ClassId], BeforeValidator(_as_class_list), Field(min_length=1, max_length=MAX_CLASSES)]
+    # classes (OpenDiT's DiT) or prompt (a --diffusers pipeline): which one the engine needs is checked in resolve
+    classes: Classes | None = None
     seed: Annotated[Int, Field(ge=0, le=SEED_MAX)] = 0
     steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = None
     scheduler: Annotated[str, AfterValidator(_check_scheduler)] | None = None
@@ -326,9 +353,17 @@ class CallRequest(Schema):
     image_size: ImageSize | None = None
     out: PathText | None = None  # the folder `opendit sample` writes (the library itself writes no images)
     trace: FilePath | None = None  # a Chrome trace JSON of the call
+    prompt: Prompts | None = None  # one image each, all in one pipeline call
+    negative_prompt: Prompt | None = None
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> CallRequest:
+        if self.classes is not None and self.prompt is not None:
+            raise OpenDiTError(
+                "pass --classes (OpenDiT's class-conditional DiT) or --prompt (a --diffusers pipeline), not both"
+            )
+        if self.classes is None:
+            return self  # prompts: one generator for the whole call (pipelines.py)
         last = self.seed + len(self.classes) - 1
         if last > SEED_MAX:
             raise OpenDiTError(
@@ -340,6 +375,14 @@ class CallRequest(Schema):
     def resolve(self, engine) -> ResolvedCall:
         """The rules against the engine's resolved model and plan (`engine`: a generation.EngineSpec), and the
         model's defaults filled in. Raises OpenDiTError naming the fix."""
+        if self.prompt is not None or self.negative_prompt is not None:
+            flag = "--prompt" if self.prompt is not None else "--negative-prompt"
+            raise OpenDiTError(
+                f"{flag} needs --diffusers DIR (a local diffusers text-to-image pipeline folder); OpenDiT's DiT "
+                "models take --classes"
+            )
+        if self.classes is None:
+            raise OpenDiTError("classes is required; e.g. --classes 0 1 2")
         config, defaults = engine.config, engine.defaults
         steps = self.steps if self.steps is not None else defaults["steps"]
         scheduler = self.scheduler or defaults["scheduler"]

@@ -320,6 +320,15 @@ def serve(replica: Replica, channel=None) -> None:
             channel.send(result)
 
 
+def make_replica(spec) -> Replica:
+    """This rank's replica for an engine spec: a diffusers pipeline's (pipelines.py) or OpenDiT's DiT."""
+    if spec.settings.diffusers is not None:
+        from opendit.pipeline_replica import PipelineReplica
+
+        return PipelineReplica(spec)
+    return Replica(spec)
+
+
 def pool_worker(channel, spec: EngineSpec) -> None:
     """Entry point of every WorkerPool process of a local engine: load once, say ready, serve until close.
 
@@ -332,7 +341,7 @@ def pool_worker(channel, spec: EngineSpec) -> None:
     # with the caller: a worker that the pool ends (os._exit, SIGTERM) would leave the caller's exit warning of
     # "leaked semaphore objects". One progress bar per process needs only a thread lock.
     tqdm.set_lock(threading.RLock())
-    replica = Replica(spec)
+    replica = make_replica(spec)
     replica.barrier()  # every rank loaded: a failure to load is reported by the engine's constructor, not a call
     if replica.is_output:
         channel.send(("ready", replica.load_s))

@@ -18,15 +18,19 @@ class Parser(argparse.ArgumentParser):
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     from opendit.parallel.registry import strategies
 
-    parser = subparsers.add_parser("sample", help="generate class-conditional images")
+    parser = subparsers.add_parser(
+        "sample", help="generate class-conditional images (or run a local diffusers pipeline: --diffusers DIR)"
+    )
     parser.add_argument("--model", help="preset name (see `opendit models`); default: the shipped digits model")
     parser.add_argument("--ckpt", help="checkpoint: official DiT .pt, training .pt, or our .safetensors (+ .json)")
-    parser.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="one image per class id")
+    parser.add_argument("--classes", type=int, nargs="+", help="one image per class id (default: 0 to 9)")
     parser.add_argument("--image-size", type=int, help="output size in pixels (default: the model's own)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's recommendation)")
     parser.add_argument("--scheduler", help="ddpm | ddim | dpm-solver | flow-euler (default: the model's)")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; 1 disables guidance")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="image i uses seed + i (--diffusers: one generator seeded SEED for all)"
+    )
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
     parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent models only)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -35,6 +39,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--trace", metavar="FILE", help="write a Chrome trace JSON of the sampling loop, every rank (ui.perfetto.dev)"
     )
+    add_diffusers_flags(parser)
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -71,6 +76,20 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
+    """`opendit sample --diffusers DIR --prompt TEXT ...` (opendit/pipelines.py)."""
+    pipe = parser.add_argument_group("diffusers pipelines (their own loop and scheduler; the transformer parallelised)")
+    pipe.add_argument("--diffusers", metavar="DIR", help="a local diffusers pipeline folder (save_pretrained layout)")
+    pipe.add_argument(
+        "--prompt",
+        nargs="+",
+        action="extend",
+        metavar="TEXT",
+        help="one image per prompt (repeatable); all prompts go into one pipeline call with one generator",
+    )
+    pipe.add_argument("--negative-prompt", metavar="TEXT", help="for pipelines that take one (guided ones)")
+
+
 def parallel_config(args: argparse.Namespace):
     """The ParallelConfig the flags ask for, or None when no parallel flag was given (degrees chosen for --nproc)."""
     from opendit.distributed.config import ParallelConfig
@@ -102,9 +121,15 @@ def validate_sample(args: argparse.Namespace):
     from opendit.generation import GenerationRequest, prepare
 
     # flags named as the request's fields pass straight through; the others are translated
-    same = ("classes", "model", "ckpt", "image_size", "steps", "scheduler", "cfg_scale", "seed", "dtype", "vae")
+    same = ("model", "ckpt", "image_size", "steps", "scheduler", "cfg_scale", "seed", "dtype", "vae", "diffusers")
+    classes = args.classes
+    if classes is None and args.diffusers is None and args.prompt is None:
+        classes = list(range(10))  # the default of OpenDiT's DiT path
     request = GenerationRequest(
         **{name: getattr(args, name) for name in (*same, "device", "nproc", "trace", "memory_gib")},
+        classes=classes,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
         progress=not args.no_progress,
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",

@@ -1,0 +1,233 @@
+"""Per rank: a diffusers pipeline loaded once, its transformer parallelised, then called once per engine call
+(`PipelineReplica`, the diffusers counterpart of worker.Replica; pipelines.py resolves and checks what it runs).
+
+Every rank runs the whole pipeline call: the text encoders, the scheduler's loop and the VAE are repeated on each
+rank, and only the transformer's work is split (its outputs are all-gathered, so every rank's loop sees the same
+tensors). Rank 0 converts the output and writes the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from opendit.distributed.env import init_from_env, pick_device
+from opendit.errors import OpenDiTError
+from opendit.memory import PhasePeaks, max_rss_bytes
+from opendit.outputs import GenerationResult
+from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
+from opendit.precision import parse_dtype
+
+CONTROL_TIMEOUT = timedelta(days=30)  # as worker.CONTROL_TIMEOUT: idle time between calls is the caller's business
+GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
+
+
+def load_pipeline(folder: str, dtype: str, device: torch.device):
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings(), quiet_transformers():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        try:
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+        except (OSError, ValueError, KeyError) as exc:
+            raise OpenDiTError(f"cannot load the pipeline from --diffusers {folder}: {exc}") from exc
+    return pipe.to(device)
+
+
+def to_uint8(output) -> tuple[np.ndarray, np.ndarray | None]:
+    """A pipeline's output_type="np" output -> (images (N, H, W, C), frames (N, F, H, W, C) or None), uint8."""
+    frames = getattr(output, "frames", None)
+    pixels = np.asarray(frames if frames is not None else output.images, dtype=np.float32)
+    pixels = (pixels * 255).round().clip(0, 255).astype(np.uint8)  # diffusers' numpy_to_pil
+    if pixels.ndim == 5:
+        return np.ascontiguousarray(pixels[:, 0]), pixels
+    return pixels, None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """As worker.peak_memory_bytes: the device allocator's peak on CUDA, else the process's maximum resident set."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else max_rss_bytes()
+
+
+class PipelineReplica:
+    """One rank's pipeline (or the only process's): loaded once, its transformer parallelised, then `run(call)` per
+    call. The interface of worker.Replica (is_output, spec, load_s, broadcast, barrier, run, close), so the engine
+    and worker.serve drive it the same way, over the same kind of control group."""
+
+    def __init__(self, spec: PipelineSpec):
+        start = time.perf_counter()
+        self.runtime = self.control = None
+        self.owns_group = False
+        if spec.world > 1:
+            device, backend = pick_device(spec.settings.device)
+            self.owns_group = init_from_env(device, backend)
+            self.control = dist.new_group(list(range(dist.get_world_size())), timeout=CONTROL_TIMEOUT, backend="gloo")
+            spec = self.broadcast(spec)
+        else:
+            device = torch.device(spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.spec, self.device = spec, device
+        self.memory = PhasePeaks(device, reset=spec.world > 1)
+        self.is_output = spec.world == 1 or dist.get_rank() == 0
+        bars = spec.settings.progress and self.is_output
+        with contextlib.nullcontext() if bars else _no_loading_bars():
+            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device)
+        self.pipe.set_progress_bar_config(disable=not bars)
+        self.plan = spec.plan
+        if spec.world > 1:
+            from opendit.parallel.entry import parallelize
+
+            parallelize(self.pipe.transformer, spec.plan)
+            self.runtime = self.pipe.transformer._opendit_runtime
+            self.plan = self.pipe.transformer._opendit_plan  # with the kernel chosen for the degrees
+        self.load_s = time.perf_counter() - start
+        self.memory.end("load")
+        self.calls = 0
+
+    def broadcast(self, message=None):
+        """Rank 0's `message` on every rank (over the control group); returns it."""
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
+    def close(self) -> None:
+        """Leave the process group if this replica created it (every rank closes at the same message)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+
+    def run(self, call: PipelineCall) -> GenerationResult | None:
+        """One pipeline call on this rank (every rank of the job at once); the output rank returns the result."""
+        start = time.perf_counter()
+        self.memory.end("between_calls")
+        stats = self.runtime.stats if self.runtime is not None else None
+        if stats is not None:
+            stats.reset()
+        step_times: list[float] = []
+        kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
+        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times))
+        begin = time.perf_counter()
+        try:
+            output = self.pipe(**kwargs)
+        except ValueError as exc:  # the pipeline's check_inputs (e.g. a size its VAE and patches cannot take)
+            raise OpenDiTError(f"{type(self.pipe).__name__} refused the call: {exc}") from exc
+        sampling_s = time.perf_counter() - begin
+        self.memory.end("sampling")  # the whole call: prompt encoding, the denoising loop, the VAE decode
+        images, frames = to_uint8(output)
+        ranks = self._rank_records(sampling_s, step_times, stats)
+        self.calls += 1
+        if not self.is_output:
+            return None
+        record = self._record(call, images, frames, ranks, start)
+        return GenerationResult(images=images, labels=list(call.prompts), record=record, frames=frames)
+
+    def _rank_records(self, sampling_s: float, step_times: list[float], stats) -> list[dict]:
+        mine = {
+            "rank": dist.get_rank() if self.spec.world > 1 else 0,
+            "load_s": self.load_s,
+            "sampling_s": sampling_s,
+            "per_step_s": step_times,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "memory": self.memory.record(),
+            "comm": stats.snapshot() if stats is not None else None,  # {kind: {calls, bytes, wait_s}}, this call
+        }
+        if self.spec.world == 1:
+            return [mine]
+        everyone: list = [None] * self.spec.world
+        dist.all_gather_object(everyone, mine, group=self.control)
+        return everyone
+
+    def _record(self, call: PipelineCall, images: np.ndarray, frames, ranks: list[dict], start: float) -> dict:
+        """record.json of one call (on the output rank)."""
+        spec, pipe, defaults = self.spec, self.pipe, self.spec.info["call"]
+        parallel = {"world_size": spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
+        parallel["notes"] = list(dict.fromkeys(spec.plan_notes + call.notes))
+        if spec.world > 1:
+            parallel["backend"] = dist.get_backend()
+        return {
+            "request": call.request,
+            "pipeline": {
+                "folder": spec.folder,
+                "class": type(pipe).__name__,
+                "loop": f"{type(pipe).__name__}.__call__ (diffusers' own denoising loop and scheduler)",
+                "transformer": type(pipe.transformer).__name__,
+                "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
+                "call": call.kwargs,  # what the pipeline was called with, besides the generator
+                "seeding": SEEDING,
+                "outputs": "uint8 = (x * 255).round() of output_type='np'" + (GIF_NOTE if frames is not None else ""),
+            },
+            "resolved": {
+                "steps": call.kwargs.get("num_inference_steps", defaults.get("num_inference_steps")),
+                "cfg_scale": call.kwargs.get("guidance_scale", defaults.get("guidance_scale")),
+                "image_size": list(images.shape[1:3]),
+                "frames": int(frames.shape[1]) if frames is not None else None,
+                "dtype": str(parse_dtype(spec.settings.dtype)),
+            },
+            "note": spec.note,
+            "device": str(self.device),
+            "parallel": parallel,
+            "timing": {
+                "load_s": self.load_s,
+                "sampling_s": ranks[0]["sampling_s"],
+                "per_step_s": ranks[0]["per_step_s"],  # between step ends; the first includes prompt encoding
+                "total_s": time.perf_counter() - start,
+            },
+            "peak_memory_bytes": ranks[0]["peak_memory_bytes"],
+            "memory": ranks[0]["memory"],
+            "comm": _comm_record(ranks) if spec.world > 1 else None,
+            "ranks": ranks if spec.world > 1 else None,
+        }
+
+
+def _comm_record(ranks: list[dict]) -> dict:
+    return {
+        "convention": "bytes = payload a rank sends to other ranks (wire dtype); calls per op kind; the whole call",
+        "per_rank": [rank["comm"] for rank in ranks],
+    }
+
+
+def _step_clock(params: dict, device: torch.device, times: list[float]) -> dict:
+    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one)."""
+    last = [time.perf_counter()]
+
+    def tick() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    if "callback_on_step_end" in params:
+        return {"callback_on_step_end": lambda _pipe, _i, _t, tensors: (tick(), tensors)[1]}
+    if "callback" in params and "callback_steps" in params:  # PixArt's older callback
+        return {"callback": lambda _i, _t, _latents: tick(), "callback_steps": 1}
+    return {}
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """diffusers' and transformers' loading bars off while loading (their switches are process-wide: restored)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    libraries = [diffusers_logging]
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        libraries.append(transformers_logging)
+    enabled = [library.is_progress_bar_enabled() for library in libraries]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, was in zip(libraries, enabled):
+            if was:
+                library.enable_progress_bar()

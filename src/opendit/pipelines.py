@@ -1,0 +1,322 @@
+"""Local diffusers pipelines on OpenDiT's engine: `opendit sample --diffusers DIR --prompt TEXT ...`.
+
+The pipeline's own `__call__` runs: its text encoders, its scheduler and denoising loop, its VAE. OpenDiT loads it
+on every rank (`DiffusionPipeline.from_pretrained(DIR)`), parallelises its transformer in place
+(`opendit.parallelize`: Ulysses / ring / USP over the sequence, cfg and dp splits of each transformer call's batch;
+every rank then holds the whole output, so the pipeline's loop runs unchanged on every rank) and records the call.
+
+Seeding: all prompts of a call go into ONE pipeline call with ONE `torch.Generator(device="cpu").manual_seed(seed)`,
+exactly as `pipe(prompts, generator=torch.Generator().manual_seed(seed))` draws them: image i is the i-th image of
+that batch's noise, not an image seeded seed + i (OpenDiT's DiT path). Every rank builds the same generator, so every
+rank draws the same noise.
+
+Per rank (pipeline_replica.py): `PipelineReplica` loads, parallelises and calls the pipeline. Checked in the caller
+before any process starts (`resolve_pipeline_engine`, `resolve_pipeline_call`): the folder
+(`inspect_pipeline`: model_index.json, a transformer class with an OpenDiT plan; no weights read), the plan against a
+meta-device instance of the transformer (the checks of `opendit.parallelize`), and each call's fields against the
+pipeline's `__call__` (prompt or class labels, negative prompt, image size, guidance for --cfg-parallel, prompts for
+--dp). Calls use `output_type="np"`, converted to uint8 as diffusers' `numpy_to_pil` does ((x * 255).round());
+PixArt's resolution binning is turned off (the size asked is the size computed). Video pipelines (Wan: `.frames`)
+give frame 0 of each video as its image and every frame in `GenerationResult.frames` (saved as an animated GIF).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from opendit.distributed.config import ParallelConfig
+from opendit.errors import OpenDiTError
+from opendit.outputs import prepare_output_dir
+from opendit.request import CallRequest, EngineRequest
+
+LAYOUT = "a local diffusers pipeline folder (save_pretrained layout)"
+SEEDING = (
+    "all prompts in one pipeline call with one torch.Generator(device='cpu').manual_seed(seed), as diffusers' own "
+    "pipe(prompts, generator=...); every rank draws the same noise"
+)
+CALL_PARAMETERS = ("num_inference_steps", "guidance_scale", "height", "width")  # whose defaults the record shows
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+def inspect_pipeline(folder: str | Path) -> dict:
+    """What a pipeline folder holds, from its JSON files alone (no weights read): pipeline and transformer class,
+    the transformer's config and heads, the pipeline's `__call__` parameters and defaults, the weights' bytes.
+    Raises OpenDiTError naming the fix for what OpenDiT cannot run."""
+    from opendit.integrations.diffusers_specs import SPECS
+
+    path = Path(folder)
+    if not path.exists():
+        raise OpenDiTError(f"--diffusers {folder} does not exist; pass {LAYOUT}")
+    if not path.is_dir():
+        raise OpenDiTError(f"--diffusers {folder} is a file, not a folder; pass {LAYOUT}")
+    if not (path / "model_index.json").is_file():
+        raise OpenDiTError(
+            f"--diffusers {folder} is not a diffusers pipeline folder (save_pretrained layout): no model_index.json"
+        )
+    index = _read_json(path / "model_index.json", folder)
+    pipeline = str(index.get("_class_name"))
+    entry = index.get("transformer")
+    supported = ", ".join(SPECS)
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+        parts = ", ".join(k for k, v in index.items() if isinstance(v, list)) or "none"
+        raise OpenDiTError(
+            f"--diffusers {folder}: {pipeline} has no transformer (its components: {parts}); OpenDiT parallelises "
+            f"the transformer of pipelines built on {supported}"
+        )
+    config_file = path / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise OpenDiTError(f"--diffusers {folder}: no transformer/config.json; pass {LAYOUT}")
+    config = _read_json(config_file, folder)
+    for name in dict.fromkeys((str(entry[1]), str(config.get("_class_name", entry[1])))):
+        if name not in SPECS:
+            raise OpenDiTError(
+                f"--diffusers {folder}: its transformer {name} is not supported; OpenDiT parallelises {supported}"
+            )
+    spec = SPECS[str(entry[1])]
+    weights = sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+    return {
+        "folder": str(path.resolve()),
+        "pipeline_class": pipeline,
+        "transformer_class": str(entry[1]),
+        "transformer_config": config,
+        "scheduler_class": (index.get("scheduler") or [None, None])[1],
+        "num_heads": int(config.get(spec.heads_attr, 1)),
+        "cfg_batched": spec.cfg_batched,
+        "call": _call_parameters(pipeline, folder),
+        "id2label": index.get("id2label"),
+        "weight_bytes": weights,
+    }
+
+
+def _read_json(file: Path, folder) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OpenDiTError(f"--diffusers {folder}: cannot read {file.name} ({exc}); pass {LAYOUT}") from None
+    if not isinstance(data, dict):
+        raise OpenDiTError(f"--diffusers {folder}: {file.name} is not a JSON object; pass {LAYOUT}")
+    return data
+
+
+def _call_parameters(pipeline: str, folder) -> dict:
+    """{parameter: default} of the pipeline class's __call__ (defaults only for CALL_PARAMETERS)."""
+    import diffusers
+
+    with quiet_transformers():  # importing a pipeline imports its transformers classes, which warn on import
+        cls = getattr(diffusers, pipeline, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise OpenDiTError(
+            f"--diffusers {folder}: {pipeline} is not a pipeline class of diffusers {diffusers.__version__} (custom "
+            "pipelines are not supported); pass a folder saved from a diffusers pipeline"
+        )
+    params = inspect.signature(cls.__call__).parameters
+    return {name: params[name].default if name in CALL_PARAMETERS else None for name in params if name != "self"}
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        yield
+        return
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def meta_transformer(info: dict) -> torch.nn.Module:
+    """The folder's transformer built on the meta device from its config (no memory, no weights)."""
+    import diffusers
+
+    cls = getattr(diffusers, info["transformer_class"])
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_config(info["transformer_config"])
+
+
+# ------------------------------------------------------------------------------------------------ resolution
+@dataclass
+class PipelineSpec:
+    """An engine on a diffusers pipeline folder, resolved in the caller: what every rank needs to load it."""
+
+    settings: EngineRequest
+    folder: str  # absolute
+    info: dict  # inspect_pipeline's
+    world: int
+    plan: ParallelConfig
+    plan_notes: list[str]
+    note: str | None = None
+
+    @property
+    def config(self):
+        return None  # no DiTConfig: the pipeline's transformer has its own (info["transformer_config"])
+
+    @property
+    def ckpt(self) -> str:
+        return self.folder
+
+
+@dataclass
+class PipelineCall:
+    """One call on a pipeline engine, validated: the pipeline's arguments (but the generator) and the record's."""
+
+    prompts: list[str]
+    seed: int
+    kwargs: dict  # the pipeline __call__'s arguments, but `generator` (built from seed on every rank)
+    request: dict  # the record's "request" entry
+    steps: int | None = None  # as asked (None: the pipeline's default)
+    cfg_scale: float | None = None
+    scheduler: None = None  # the pipeline runs its own scheduler
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
+    """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read)."""
+    flags = {"--model": settings.model, "--ckpt": settings.ckpt, "--vae": settings.vae}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        raise OpenDiTError(
+            "--diffusers loads the whole pipeline (transformer, VAE, text encoders) from its folder; drop "
+            + " ".join(given)
+        )
+    if settings.memory_gib is not None:
+        raise OpenDiTError("--memory-gib plans OpenDiT's own DiT models; it is not supported with --diffusers: drop it")
+    world = settings.world_size()
+    info = inspect_pipeline(settings.diffusers)
+    plan, notes = choose_pipeline_plan(settings, info, world)
+    notes += check_pipeline_plan(plan, info, world)
+    return PipelineSpec(settings, info["folder"], info, world, plan, notes)
+
+
+def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tuple[ParallelConfig, list[str]]:
+    """The plan asked for, or (no degrees, world > 1) all ranks on one sequence dimension: Ulysses when the heads
+    divide evenly over the ranks (or --sp-impl ulysses), else ring; with --parallel auto, the planner's."""
+    plan = settings.plan() or ParallelConfig()
+    if world == 1 or plan.world_size != 1:
+        return plan, []
+    if settings.parallel_auto:
+        return auto_pipeline_plan(plan, info, world)
+    heads = info["num_heads"]
+    ring = plan.sp_impl == "ring" or (plan.sp_impl == "auto" and heads % world != 0)
+    chosen = replace(plan, ring=world) if ring else replace(plan, ulysses=world)
+    why = f"ring: ulysses degree {world} does not divide {heads} heads" if ring else f"ulysses over {heads} heads"
+    return chosen, [f"plan chosen automatically: {chosen.describe()} ({why})"]
+
+
+def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> tuple[ParallelConfig, list[str]]:
+    """--parallel auto: the planner's fastest plan from the transformer's cost view (integrations/diffusers_cost.py)
+    at its configured sample size (one image; 256 text tokens where text joins the attention)."""
+    from opendit.integrations.diffusers_cost import diffusers_auto_plan
+
+    config = info["transformer_config"]
+    patch = config.get("patch_size", 1)
+    patch = (patch[-1] if isinstance(patch, (list, tuple)) else patch) or 1
+    side = max(int(config.get("sample_size") or 64) // int(patch), 1)
+    best, why = diffusers_auto_plan(meta_transformer(info), world, 1, True, side * side, 256)
+    chosen = replace(plan, dp=best.dp, cfg=best.cfg, ulysses=best.ulysses, ring=best.ring, sp_impl=best.sp_impl)
+    return chosen, [f"plan chosen by the planner at {side * side} image tokens: {why.splitlines()[0]}"]
+
+
+def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:
+    """Raise the OpenDiTError `opendit.parallelize` would raise on the ranks, here; return the plan's notes."""
+    from opendit.integrations.diffusers_apply import check_diffusers, diffusers_plan
+    from opendit.integrations.diffusers_specs import SPECS
+
+    if plan.balance_tokens or plan.token_shares is not None or plan.shard_weights:
+        flag = "--shard-weights" if plan.shard_weights else "--balance-tokens"
+        raise OpenDiTError(f"{flag} is not supported with --diffusers yet; drop it")
+    if world == 1 and plan.world_size == 1:
+        return []
+    module = meta_transformer(info)
+    check_diffusers(module, plan)
+    plan, notes = diffusers_plan(plan, SPECS[info["transformer_class"]], module)
+    heads = info["num_heads"]
+    return notes + plan.validate(world, heads, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
+
+
+def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineCall:
+    """Validate one call against the pipeline and the plan, build the pipeline's arguments and create (or refuse)
+    the output folder: nothing is sent before this."""
+    if request.classes is not None:
+        raise OpenDiTError(
+            "--classes is for OpenDiT's class-conditional DiT models; a --diffusers pipeline takes --prompt TEXT "
+            "(one image per prompt)"
+        )
+    if request.prompt is None:
+        raise OpenDiTError('prompt (--prompt) is required with --diffusers; e.g. --prompt "a photo of a cat"')
+    if request.scheduler is not None:
+        raise OpenDiTError(
+            f"--scheduler chooses a scheduler of OpenDiT's DiT; a --diffusers pipeline runs its own "
+            f"({spec.info['scheduler_class']}): drop --scheduler"
+        )
+    if request.trace is not None:
+        raise OpenDiTError("--trace is not supported with --diffusers yet; drop it")
+    size = request.image_size if request.image_size is not None else spec.settings.image_size
+    kwargs = call_kwargs(spec.info, request, size)
+    guidance = kwargs.get("guidance_scale", spec.info["call"].get("guidance_scale"))
+    if spec.plan.cfg > 1 and not (isinstance(guidance, (int, float)) and guidance > 1):
+        raise OpenDiTError("cfg parallel needs guidance: pass --cfg-scale > 1, or drop --cfg-parallel")
+    if spec.plan.dp > len(request.prompt):
+        raise OpenDiTError(
+            f"dp degree {spec.plan.dp} exceeds the {len(request.prompt)} prompt(s) of this call (one image each); "
+            f"give more prompts or use --dp {len(request.prompt)}"
+        )
+    if request.out is not None:
+        prepare_output_dir(request.out, "--out")
+    asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
+    return PipelineCall(list(request.prompt), request.seed, kwargs, asked, request.steps, request.cfg_scale)
+
+
+def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
+    """The pipeline's __call__ arguments for a call (but the generator); refuses what this pipeline cannot take."""
+    params, name = info["call"], info["pipeline_class"]
+    kwargs: dict = {"output_type": "np"}
+    if "prompt" in params:
+        kwargs["prompt"] = list(request.prompt)
+    elif "class_labels" in params:  # DiTPipeline: the prompts are class names (its id2label)
+        kwargs["class_labels"] = label_ids(info, request.prompt)
+    else:
+        raise OpenDiTError(f"{name} takes neither a prompt nor class labels; OpenDiT cannot call it")
+    asked = {
+        "negative_prompt": ("--negative-prompt", request.negative_prompt),
+        "num_inference_steps": ("--steps", request.steps),
+        "guidance_scale": ("--cfg-scale", request.cfg_scale),
+        "height": ("--image-size", size),
+        "width": ("--image-size", size),
+    }
+    for parameter, (flag, value) in asked.items():
+        if value is None:
+            continue
+        if parameter not in params:
+            raise OpenDiTError(f"{flag}: {name} takes no {parameter} argument; drop {flag}")
+        kwargs[parameter] = value
+    if "use_resolution_binning" in params:
+        kwargs["use_resolution_binning"] = False  # the size asked is the size computed
+    return kwargs
+
+
+def label_ids(info: dict, prompts: list[str]) -> list[int]:
+    """Class ids of a class-conditional pipeline (DiTPipeline) for prompts naming its labels (model_index.json's
+    id2label; a label of several comma-separated names answers to each, as DiTPipeline.get_label_ids)."""
+    labels = {}
+    for key, names in (info.get("id2label") or {}).items():
+        for label in str(names).split(","):
+            labels[label.strip()] = int(key)
+    if not labels:
+        raise OpenDiTError(f"{info['pipeline_class']} is class-conditional and its model_index.json has no id2label")
+    unknown = [p for p in prompts if p not in labels]
+    if unknown:
+        some = ", ".join(list(labels)[:8])
+        raise OpenDiTError(f"--prompt {unknown[0]!r} is not a class label of this pipeline; its labels: {some}, ...")
+    return [labels[p] for p in prompts]
