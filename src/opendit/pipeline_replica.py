@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.distributed.control import ControlMember
 from opendit.distributed.env import init_from_env, pick_device
 from opendit.errors import OpenDiTError
 from opendit.memory import PhasePeaks, max_rss_bytes
@@ -24,7 +24,6 @@ from opendit.outputs import GenerationResult
 from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.precision import parse_dtype
 
-CONTROL_TIMEOUT = timedelta(days=30)  # as worker.CONTROL_TIMEOUT: idle time between calls is the caller's business
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
 
@@ -55,7 +54,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else max_rss_bytes()
 
 
-class PipelineReplica:
+class PipelineReplica(ControlMember):
     """One rank's pipeline (or the only process's): loaded once, its transformer parallelised, then `run(call)` per
     call. The interface of worker.Replica (is_output, spec, load_s, broadcast, barrier, run, close), so the engine
     and worker.serve drive it the same way, over the same kind of control group."""
@@ -67,7 +66,7 @@ class PipelineReplica:
         if spec.world > 1:
             device, backend = pick_device(spec.settings.device)
             self.owns_group = init_from_env(device, backend)
-            self.control = dist.new_group(list(range(dist.get_world_size())), timeout=CONTROL_TIMEOUT, backend="gloo")
+            self.join_control()
             spec = self.broadcast(spec)
         else:
             device = torch.device(spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -88,21 +87,6 @@ class PipelineReplica:
         self.load_s = time.perf_counter() - start
         self.memory.end("load")
         self.calls = 0
-
-    def broadcast(self, message=None):
-        """Rank 0's `message` on every rank (over the control group); returns it."""
-        box = [message]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.control)
-
-    def close(self) -> None:
-        """Leave the process group if this replica created it (every rank closes at the same message)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self.owns_group = False
 
     def run(self, call: PipelineCall) -> GenerationResult | None:
         """One pipeline call on this rank (every rank of the job at once); the output rank returns the result."""

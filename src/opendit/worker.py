@@ -22,7 +22,6 @@ import os
 import resource
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from opendit.checkpoint import file_sha256, load_model, open_for_model
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.comm import CommStats
+from opendit.distributed.control import ControlMember
 from opendit.distributed.env import global_rank, init_from_env, pick_device
 from opendit.distributed.mesh import Runtime, build_runtime
 from opendit.errors import OpenDiTError
@@ -43,7 +43,6 @@ from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_
 from opendit.precision import parse_dtype
 
 SHARDED_MMAP_THRESHOLD = 1 << 20  # bytes; see Replica.__init__
-CONTROL_TIMEOUT = timedelta(days=30)  # idle time between calls is the caller's business (see the docstring)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -104,7 +103,7 @@ def load_replica_model(spec: EngineSpec, device: torch.device, runtime: Runtime 
     return model, pmodel, {"mode": "whole", "seconds": time.perf_counter() - start}
 
 
-class Replica:
+class Replica(ControlMember):
     """One rank's model (or the only process's): loaded and parallelised once, then `run(call)` per call.
 
     With spec.world > 1 this is one rank of the job: it joins the process group from the environment (torchrun's or
@@ -120,7 +119,7 @@ class Replica:
         if spec.world > 1:
             device, backend = pick_device(settings.device)
             self.owns_group = init_from_env(device, backend)
-            self.control = dist.new_group(list(range(dist.get_world_size())), timeout=CONTROL_TIMEOUT, backend="gloo")
+            self.join_control()
             spec = self.broadcast(spec)
             self.runtime = build_runtime(spec.plan, device)
         else:
@@ -145,21 +144,6 @@ class Replica:
         self.load_s = time.perf_counter() - start
         self.memory.end("load")  # from the process start: imports, the process group, the model, the VAE
         self.calls = 0
-
-    def broadcast(self, message=None):
-        """Rank 0's `message` on every rank (over the control group); returns it."""
-        box = [message]
-        dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.control)
-
-    def close(self) -> None:
-        """Leave the process group if this replica created it (a clean end: every rank closes at the same message)."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self.owns_group = False
 
     def run(self, call: Call) -> GenerationResult | None:
         """Sample one call on this rank (every rank of the job at once); the output rank returns the result."""
