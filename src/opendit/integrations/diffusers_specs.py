@@ -71,8 +71,9 @@ SPECS = {
             "": {
                 "hidden_states": Split(1, "image", 3),
                 "encoder_hidden_states": Split(1, "text", 3),
-                "img_ids": Split(0, "image", 2),
-                "txt_ids": Split(0, "text", 2),
+                # (S, 3), or the deprecated (B, S, 3) that Flux reduces to (S, 3): the sequence dim is -2 in both
+                "img_ids": Split(-2, "image"),
+                "txt_ids": Split(-2, "text"),
             }
         },
         outputs={},
