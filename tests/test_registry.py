@@ -75,7 +75,7 @@ def test_builtins_are_registered_with_their_layouts():
     assert {"ulysses", "ulysses-overlap", "ring", "usp", "fastseq"} <= set(found)
     assert registry.auto_strategy(2, 1) == "ulysses-overlap" and registry.auto_strategy(1, 2) == "ring"
     assert registry.auto_strategy(2, 2) == "usp" and registry.auto_strategy(1, 1) == "none"
-    assert {s.name for s in registry.strategies_for(4, 1)} == {"ulysses", "ulysses-overlap", "fastseq"}
+    assert {s.name for s in registry.strategies_for(4, 1)} == {"ulysses", "ulysses-overlap", "fastseq", "dsp"}
     with pytest.raises(OpenDiTError, match="unknown sp-impl 'nope'; choose one of ulysses"):
         ParallelConfig(ulysses=2, sp_impl="nope").validate(2, 4, 64, 1, True)
 

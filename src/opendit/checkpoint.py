@@ -45,6 +45,22 @@ from opendit.errors import OpenDiTError
 from opendit.models.dit import _ARCHS, DiT, DiTConfig, build_dit
 
 
+def config_from_dict(data: dict):
+    """A saved model config -> DiTConfig, or VideoDiTConfig (models/video_dit.py) when it has frames."""
+    from opendit.models.video_dit import VideoDiTConfig
+
+    return VideoDiTConfig.from_dict(data) if "frames" in data else DiTConfig.from_dict(data)
+
+
+def build_model(config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A DiT or a video DiT (by the config's type) on `device` ("meta": no memory, no init)."""
+    from opendit.models.video_dit import VideoDiTConfig, build_video_dit
+
+    if isinstance(config, VideoDiTConfig):
+        return build_video_dit(config, device=device, dtype=dtype)
+    return build_dit(config, device=device, dtype=dtype)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -264,7 +280,7 @@ def _config_from(meta: object, source: Path) -> DiTConfig:
         required = [f.name for f in fields(DiTConfig) if f.default is MISSING]  # depth, hidden_size, heads, patch
         if [k for k in required if k not in model]:
             raise ValueError(f"its model entry lacks {', '.join(k for k in required if k not in model)}")
-        config = DiTConfig.from_dict(model)
+        config = config_from_dict(model)
         if not all(isinstance(model[k], int) for k in required):
             raise ValueError(f"{', '.join(required)} must be integers")
     except (TypeError, ValueError, KeyError) as exc:  # OpenDiTError (unknown keys) is a ValueError
@@ -296,8 +312,9 @@ class CheckpointInfo:
     shapes: dict
 
     @property
-    def config(self) -> DiTConfig | None:
-        return DiTConfig.from_dict(self.meta["model"]) if self.meta is not None else None
+    def config(self):
+        """DiTConfig or VideoDiTConfig, or None for a bare state dict."""
+        return config_from_dict(self.meta["model"]) if self.meta is not None else None
 
 
 def inspect_checkpoint(ckpt: str | Path, use: str | None = None) -> CheckpointInfo:
@@ -333,7 +350,7 @@ def _inspect(path: Path, version: tuple, sidecar_version: tuple | None, use: str
 
 def check_fits(info: CheckpointInfo, config: DiTConfig) -> None:
     """Raise the mismatch message (check_state_dict) if `info`'s tensors do not fit `config`; reads no weights."""
-    check_state_dict(build_dit(config, device="meta"), info.shapes, info.path)
+    check_state_dict(build_model(config, device="meta"), info.shapes, info.path)
 
 
 def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
@@ -356,25 +373,31 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> dict:
         "learn_sigma": out_channels == 2 * in_channels,
         "num_tokens": tokens,
         "classes_rows": classes,
+        "frames": tensor_shape(state, "temp_embed")[1] if "temp_embed" in state else None,  # a video DiT (Latte)
     }
 
 
 def describe_mismatch(config: DiTConfig, state: Mapping[str, torch.Tensor]) -> str | None:
     """A message naming the model the checkpoint is for, if it is not `config`'s architecture."""
     found = infer_config(state)
+    video = getattr(config, "frames", None)
     expected = {
         "depth": config.depth,
         "hidden_size": config.hidden_size,
         "patch_size": config.patch_size,
         "in_channels": config.in_channels,
         "learn_sigma": config.learn_sigma,
+        "frames": video,
     }
     wrong = {k: (v, found[k]) for k, v in expected.items() if found[k] != v}
     if not wrong:
         return None
+    from opendit.models.video_dit import _ARCHS as VIDEO_ARCHS
+
+    family, archs = ("Latte", VIDEO_ARCHS) if found["frames"] is not None else ("DiT", _ARCHS)
     names = [
-        f"DiT-{s}/{found['patch_size']}"
-        for s, (d, h, _) in _ARCHS.items()
+        f"{family}-{s}/{found['patch_size']}"
+        for s, (d, h, _) in archs.items()
         if (d, h) == (found["depth"], found["hidden_size"])
     ]
     guess = f" It looks like {names[0]}; pass --model {names[0]}." if names else ""
@@ -418,7 +441,7 @@ def open_for_model(
     memory-mapped source, the weights file). Nothing is read but headers and shapes."""
     ckpt = locate_checkpoint(ckpt)
     state = read_state_dict(ckpt, use)
-    model = build_dit(config, device="meta", dtype=dtype)
+    model = build_model(config, device="meta", dtype=dtype)
     check_state_dict(model, state, ckpt)
     release = _PageReleaser(ckpt) if not isinstance(state, SafetensorsStateDict) else lambda tensor: None
     return model, state, release, ckpt
@@ -435,7 +458,7 @@ def load_model(
     a run directory; `use`: "ema" (default) or "model" weights of a training checkpoint. (Sharded plans load each
     rank's shards only: parallel/sharded_loading.py.)"""
     if ckpt is None:
-        return build_dit(config, device=device, dtype=dtype).eval()
+        return build_model(config, device=device, dtype=dtype).eval()
     model, state, release, ckpt = open_for_model(config, ckpt, dtype, use)
     # One tensor at a time: read -> cast -> device -> adopted, so the peak is the model plus one source tensor.
     for key in list(model.state_dict()):
@@ -448,7 +471,9 @@ def load_model(
         model.load_state_dict({key: value}, strict=False, assign=True)
         del source, value
     del state
-    model.pos_embed.requires_grad_(False)
+    for fixed in ("pos_embed", "temp_embed"):  # sin-cos tables (temp_embed: video DiTs), never trained
+        if hasattr(model, fixed):
+            getattr(model, fixed).requires_grad_(False)
     return model.eval()
 
 

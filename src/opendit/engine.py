@@ -76,6 +76,7 @@ class Engine:
         progress: bool = False,
         memory_gib: float | None = None,
         diffusers: str | None = None,
+        video: bool = False,
         *,
         _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
     ):
@@ -169,6 +170,8 @@ class Engine:
         trace: str | Path | None = None,
         prompt: str | list[str] | None = None,
         negative_prompt: str | None = None,
+        motion: str | list[str] | None = None,
+        frames: int | None = None,
     ) -> GenerationResult | None:
         """One image per entry of `classes` (image i seeded seed + i), or on a diffusers engine one per `prompt` (one
         pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun."""
@@ -180,7 +183,9 @@ class Engine:
             classes = [classes]  # one image (documented shorthand)
         values = {"classes": classes, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "scheduler": scheduler}
         texts = {"prompt": prompt, "negative_prompt": negative_prompt}
-        request = CallRequest.build({**values, **texts, "image_size": image_size, "trace": trace})  # None: engine's
+        video = {"motion": motion, "frames": frames}  # video engines (video=True): result.frames holds the videos
+        # None: the engine's image size
+        request = CallRequest.build({**values, **texts, **video, "image_size": image_size, "trace": trace})
         call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
         start = time.perf_counter()
         result = self._dispatch(call)
@@ -261,6 +266,7 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
     with Engine(**settings, _plan_for=(len(labels), request.cfg_scale)) as engine:
         resolved = {"steps": job.steps, "cfg_scale": job.cfg_scale, "scheduler": job.scheduler}
         texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+        texts.update(motion=request.motion, frames=request.frames)
         result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved, **texts)
     if result is None:  # ranks > 0 under torchrun: rank 0 holds the images
         return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=labels)

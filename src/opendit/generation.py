@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from opendit.checkpoint import read_sidecar_config
+from opendit.checkpoint import config_from_dict, read_sidecar_config
 from opendit.distributed.config import ParallelConfig, default_plan
 from opendit.errors import OpenDiTError
 from opendit.models.dit import DiTConfig, pixel_config, preset
@@ -66,6 +66,9 @@ class GenerationRequest:
     diffusers: str | None = None  # a local diffusers pipeline folder (save_pretrained layout): its own loop runs
     prompt: list[str] | None = None  # with diffusers: one image per prompt, all in one pipeline call
     negative_prompt: str | None = None  # with diffusers, when the pipeline takes one
+    video: bool = False  # a video DiT (video.py): the bundled digits video model unless model/ckpt say otherwise
+    motion: list[str] | None = None  # video, a motion model: one direction per class or one for all
+    frames: int | None = None  # video: must equal the model's own frame count
 
 
 @dataclass
@@ -87,12 +90,12 @@ class EngineSpec:
 class Call:
     """One generate() call, validated: the small picklable message the caller sends to the serving ranks."""
 
-    classes: list[int]
+    classes: list[int]  # the model's labels (for a motion model: digit + 10 * direction)
     seed: int
     steps: int
     scheduler: str
     cfg_scale: float
-    config: DiTConfig  # the model at this call's image size
+    config: DiTConfig  # the model at this call's image size (a VideoDiTConfig under --video)
     request: dict  # the record's "request" entry
     trace: str | None = None  # absolute path of the Chrome trace to write, or None
     notes: list[str] = field(default_factory=list)  # the plan's notes for this call's batch and size
@@ -123,9 +126,15 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
     named before any process starts."""
     from opendit.checkpoint import check_fits, inspect_checkpoint
 
+    if request.video:
+        from opendit.video import resolve_video_model
+
+        return resolve_video_model(request)
     defaults = {"steps": 50, "scheduler": None, "cfg_scale": 4.0}
     note = None
     ckpt = request.ckpt
+    if request.model is not None and request.model.startswith("Latte-"):
+        raise OpenDiTError(f"{request.model} is a video model: add --video")
     if request.model is None and ckpt is None:
         if DEFAULT_CKPT.is_file():
             ckpt = str(DEFAULT_CKPT)
@@ -137,6 +146,8 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
     native = info.config if info is not None else None
     if native is not None:
         config = native
+        if not isinstance(config, DiTConfig):
+            raise OpenDiTError(f"{ckpt} is a video model: add --video")
         if request.model is not None and preset(request.model).depth != config.depth:
             raise OpenDiTError(f"--model {request.model} does not match checkpoint {ckpt} (its config: {config})")
         defaults.update({k: info.meta[k] for k in ("steps", "scheduler", "cfg_scale") if k in info.meta})
@@ -179,7 +190,7 @@ def resolve_engine(
     # Our checkpoints carry their own size: load at it, then move to the requested one (the sin-cos positions are
     # recomputed, never trained), so any valid size works. Other checkpoints load at the requested size, as before.
     sidecar = read_sidecar_config(ckpt) if ckpt else None
-    native = DiTConfig.from_dict(sidecar["model"]) if sidecar is not None else None
+    native = config_from_dict(sidecar["model"]) if sidecar is not None else None
     load_config = native if native is not None and native.input_size != config.input_size else None
     spec = EngineSpec(settings, config, ckpt, defaults, note, world, plan, plan_notes, load_config)
     spec.plan_notes += check_engine(spec)  # the plan vs the world and the model; each call is checked again
@@ -267,7 +278,7 @@ def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> 
     }
     asked["image_size"] = request.image_size if request.image_size is not None else spec.settings.image_size
     return Call(
-        classes=request.classes,
+        classes=resolved.labels if resolved.labels is not None else request.classes,
         seed=request.seed,
         steps=resolved.steps,
         scheduler=resolved.scheduler,

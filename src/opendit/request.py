@@ -108,6 +108,10 @@ FIELD_HELP = {
         "--negative-prompt", f"a text of at most {MAX_PROMPT_CHARS} characters", 'e.g. --negative-prompt "blurry"'
     ),
     "trace": FieldHelp("--trace", "a file path", "e.g. --trace trace.json"),
+    "video": FieldHelp("--video", _SWITCH, "pass --video or leave it out"),
+    "motion": FieldHelp("--motion", "a list of directions (right, left, down, up)", "e.g. --motion right up"),
+    "motion[]": FieldHelp("--motion", "a direction: right, left, down or up", "e.g. --motion right"),
+    "frames": FieldHelp("--frames", "an integer from 1 to 1024 (the video model's own frame count)", "e.g. --frames 8"),
 }
 
 
@@ -171,8 +175,20 @@ def _check_device(value: str) -> str:
 
 
 def _check_model(value: str) -> str:
-    preset(value)  # raises "unknown model ...; choose one of ..."
+    if value.startswith("Latte-"):  # a video DiT preset (models/video_dit.py), for --video
+        from opendit.models.video_dit import preset as video_preset
+
+        video_preset(value)
+    else:
+        preset(value)  # raises "unknown model ...; choose one of ..."
     return value
+
+
+def _as_motion_list(value: Any) -> Any:
+    """One motion (a str) -> a one-entry list; a tuple -> a list."""
+    if isinstance(value, str):
+        return [value]
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_dtype(value: str) -> str:
@@ -299,6 +315,7 @@ class EngineRequest(Schema):
     image_size: ImageSize | None = None  # the engine's default size; None: the model's own
     progress: Switch = True
     diffusers: PathText | None = None  # a local diffusers pipeline folder: its own loop runs (opendit/pipelines.py)
+    video: Switch = False  # a video DiT (the bundled digits video model, our checkpoints, Latte files): video.py
 
     @model_validator(mode="after")
     def _auto_or_degrees(self) -> EngineRequest:
@@ -337,8 +354,9 @@ class ResolvedCall:
     steps: int
     scheduler: str
     cfg_scale: float
-    config: Any  # DiTConfig at this call's image size
+    config: Any  # DiTConfig (VideoDiTConfig) at this call's image size
     notes: list[str]
+    labels: list[int] | None = None  # the model's labels (a motion model's digit + 10 * direction)
 
 
 class CallRequest(Schema):
@@ -355,6 +373,10 @@ class CallRequest(Schema):
     trace: FilePath | None = None  # a Chrome trace JSON of the call
     prompt: Prompts | None = None  # one image each, all in one pipeline call
     negative_prompt: Prompt | None = None
+    motion: (
+        Annotated[list[str], BeforeValidator(_as_motion_list), Field(min_length=1, max_length=MAX_CLASSES)] | None
+    ) = None  # --video, a model trained with motion: one direction per class, or one for all
+    frames: Annotated[Int, Field(ge=1, le=1024)] | None = None  # --video: must be the model's own frame count
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> CallRequest:
@@ -384,11 +406,20 @@ class CallRequest(Schema):
         if self.classes is None:
             raise OpenDiTError("classes is required; e.g. --classes 0 1 2")
         config, defaults = engine.config, engine.defaults
+        video = engine.settings.video
+        if not video and (self.motion is not None or self.frames is not None):
+            raise OpenDiTError(f"{'--motion' if self.motion is not None else '--frames'} applies to --video only")
+        labels = self.classes
+        if video:
+            from opendit.video import motion_labels
+
+            config = config.with_frames(self.frames)
+            labels = motion_labels(self.classes, self.motion, config)
         steps = self.steps if self.steps is not None else defaults["steps"]
         scheduler = self.scheduler or defaults["scheduler"]
         cfg_scale = float(self.cfg_scale if self.cfg_scale is not None else defaults["cfg_scale"])
         check_scheduler(scheduler, config.prediction)  # e.g. ddpm on a flow model: names the schedulers that fit
-        bad = [c for c in self.classes if c >= config.num_classes]
+        bad = [c for c in labels if c >= config.num_classes]
         if bad:
             raise OpenDiTError(f"class id {bad[0]} is outside this model's range 0..{config.num_classes - 1}")
         if self.image_size is not None:
@@ -400,7 +431,7 @@ class CallRequest(Schema):
                 f"{have[0]}x{have[1]}; start a new engine for {want[0]}x{want[1]}"
             )
         notes = check_plan(engine.plan, engine.world, config, len(self.classes), cfg_scale != 1.0)
-        return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes)
+        return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes, labels)
 
 
 def check_plan(plan: ParallelConfig, world: int, config, images: int, guided: bool) -> list[str]:

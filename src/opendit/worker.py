@@ -164,14 +164,21 @@ class Replica(ControlMember):
         self.calls += 1
         if not self.is_output:
             return None
-        images = decode(result.samples, call.config, self.vae, self.device)
+        frames = None
+        if self.spec.settings.video:  # (B, C, F, h, w) -> frames (B, F, H, W, C); the first frame stands for each
+            from opendit.video import decode_video
+
+            frames = decode_video(result.samples, call.config, self.vae, self.device)
+            images = frames[:, 0]
+        else:
+            images = decode(result.samples, call.config, self.vae, self.device)
         self.memory.end("decode")
         ranks[0]["memory"] = self.memory.record()  # this rank's, now with its decode
         if call.trace is not None:
             events = [rank.pop("trace_events") for rank in ranks]
             write_chrome_trace(call.trace, events, {"request": call.request, "plan": self.spec.plan.describe()})
         record = self._record(call, result.step_times, ranks, start)
-        return GenerationResult(images=images, labels=list(call.classes), record=record)
+        return GenerationResult(images=images, labels=list(call.classes), record=record, frames=frames)
 
     def _sample(self, call: Call, trace: TraceHook) -> SampleResult:
         config = call.config
@@ -188,7 +195,8 @@ class Replica(ControlMember):
             "hooks": [trace],  # before the runtime's hooks: CommAccounting closes each step's counters last
         }
         labels = torch.tensor(call.classes, dtype=torch.long)
-        shape = (config.in_channels, *config.input_size)
+        # (C, H, W) per image, (C, F, H, W) per video (models/video_dit.py is channel-first)
+        shape = getattr(config, "sample_shape", None) or (config.in_channels, *config.input_size)
         if self.pmodel is None:
             return sample(self.model, labels, shape, **kwargs)
         return sample_images(self.pmodel, labels, shape, **kwargs)

@@ -40,6 +40,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "--trace", metavar="FILE", help="write a Chrome trace JSON of the sampling loop, every rank (ui.perfetto.dev)"
     )
     add_diffusers_flags(parser)
+    vid = parser.add_argument_group("video (a video DiT: the bundled moving-digits model, or --model Latte-*/p --ckpt)")
+    vid.add_argument("--video", action="store_true", help="sample videos: GIF + lossless PNG frames per video")
+    vid.add_argument(
+        "--motion", nargs="+", help="digits video model: right | left | down | up, one per class or one for all"
+    )
+    vid.add_argument("--frames", type=int, help="frames per video: must be the model's own (checked)")
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -130,6 +136,9 @@ def validate_sample(args: argparse.Namespace):
         classes=classes,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
+        video=args.video,
+        motion=args.motion,
+        frames=args.frames,
         progress=not args.no_progress,
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",
@@ -153,6 +162,17 @@ def execute_sample(args: argparse.Namespace, job) -> int:
 
     result = generate(job.request)  # a one-shot opendit.Engine (the plan chosen for this batch and guidance)
     if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
+        return 0
+    if result.frames is not None and job.request.video:
+        from opendit.video import label_names
+        from opendit.video_outputs import save_video_outputs
+
+        written = save_video_outputs(result.frames, result.labels, args.out, label_names(job.config), result.record)
+        timing = result.record["timing"]
+        print(
+            f"wrote {written['grid']} and {len(result.labels)} videos (GIF + PNG frames) to {args.out}/ "
+            f"(sampling {timing['sampling_s']:.2f} s)"
+        )
         return 0
     grid = save_outputs(result, args.out)
     timing = result.record["timing"]

@@ -58,8 +58,11 @@ class ParallelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self, world_size: int, num_heads: int, num_tokens: int, num_images: int, guided: bool) -> list[str]:
-        """Raise OpenDiTError for impossible requests (naming valid alternatives); return notes on exact fallbacks."""
+    def validate(
+        self, world_size: int, num_heads: int, num_tokens: int, num_images: int, guided: bool, frames: int = 1
+    ) -> list[str]:
+        """Raise OpenDiTError for impossible requests (naming valid alternatives); return notes on exact fallbacks.
+        `frames`: a video model's frame count (num_tokens is then the positions per frame)."""
         for name in MESH_DIMS:
             if getattr(self, name) < 1:
                 raise OpenDiTError(f"{name} degree must be >= 1, got {getattr(self, name)}")
@@ -80,11 +83,13 @@ class ParallelConfig:
                 f"sequence-parallel degree {self.sp_degree} exceeds the {num_tokens} tokens; use a larger image or "
                 f"at most {num_tokens} sequence ranks"
             )
-        notes = self._check_strategy(num_heads, num_tokens)
+        notes = self._check_strategy(num_heads, num_tokens, frames)
         if self.balance_tokens and self.sp_degree == 1:
             raise OpenDiTError("--balance-tokens re-splits the sequence; add --ulysses or --ring (or drop it)")
         if self.token_shares is not None and len(self.token_shares) != self.sp_degree:
             raise OpenDiTError(f"token shares need one entry per sequence rank ({self.sp_degree})")
+        if self.sp_degree > 1 and not self._strategy_splits_heads():
+            return notes  # e.g. DSP: the degree splits frames and positions, every rank keeps every head
         if self.ulysses > num_heads:
             inner = max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and self.ulysses % d == 0)
             raise OpenDiTError(
@@ -100,7 +105,12 @@ class ParallelConfig:
             )
         return notes
 
-    def _check_strategy(self, num_heads: int, num_tokens: int) -> list[str]:
+    def _strategy_splits_heads(self) -> bool:
+        from opendit.parallel.registry import get_strategy
+
+        return self.impl == "none" or get_strategy(self.impl).splits_heads
+
+    def _check_strategy(self, num_heads: int, num_tokens: int, frames: int = 1) -> list[str]:
         """The sequence-parallel strategy's own rules (parallel/registry.py): it must run on these degrees."""
         from opendit.models.spec import ModelDims
         from opendit.parallel.registry import get_strategy, strategies_for
@@ -108,7 +118,7 @@ class ParallelConfig:
         if self.sp_impl == "auto":
             return []
         strategy = get_strategy(self.sp_impl)  # raises for an unknown name, listing the registered ones
-        notes = strategy.check(self, ModelDims(1, num_heads, num_heads, num_tokens))
+        notes = strategy.check(self, ModelDims(1, num_heads, num_heads, num_tokens, sequences=frames))
         if self.sp_degree > 1 and not strategy.accepts(self.ulysses, self.ring):
             fits = ", ".join(s.name for s in strategies_for(self.ulysses, self.ring)) or "none"
             raise OpenDiTError(

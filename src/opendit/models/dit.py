@@ -264,11 +264,12 @@ class DiT(nn.Module):
 
 @torch.no_grad()
 def perturb_weights(model: DiT, std: float, seed: int = 0) -> DiT:
-    """Add N(0, std) to every parameter but the fixed positions, for tests and benchmarks on random weights:
-    adaLN-Zero makes a freshly initialised DiT's output exactly zero, which would make every comparison trivial."""
+    """Add N(0, std) to every trained parameter (not the fixed sin-cos tables), for tests and benchmarks on random
+    weights: adaLN-Zero makes a freshly initialised DiT's output exactly zero, which would make every comparison
+    trivial."""
     generator = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name != "pos_embed":
+    for param in model.parameters():
+        if param.requires_grad:  # not the fixed sin-cos tables (pos_embed; a video DiT's temp_embed)
             param.add_((torch.randn(param.shape, generator=generator) * std).to(param))
     return model
 

@@ -14,6 +14,9 @@ A spec says (in the spirit of diffusers' `_cp_plan` and torchtitan's per-model s
 - `dims(config)`, `count_params(config, tokens)`, `block_flops(...)`, `model_flops(...)`, `edge_flops(...)` and
   `token_values(config)` (values per token where tokens are split and gathered): the sizes and exact counts the cost
   model and the planner read.
+- `attention_filter`: optional path -> bool, narrowing `attention` (the video DiT: only the spatial blocks' attention
+  spans the position split; its temporal blocks attend over frames every rank holds whole).
+- `frame_split`: the split points of a model with spatial and temporal blocks (`FrameSplit`), which DSP reads.
 - `derived`: parameter name -> function(model) -> the full tensor, for parameters the model computes rather than
   learns (DiT's sin-cos positions): sharded loading (parallel/sharded_loading.py) fills them from the function when a
   checkpoint has them for another size (or not at all).
@@ -39,12 +42,31 @@ class ModelDims:
     depth: int
     hidden_size: int
     num_heads: int
-    num_tokens: int  # sequence length of one sample
+    num_tokens: int  # sequence length of one sample (the dimension position-split strategies split)
     mlp_ratio: float = 4.0
+    # video DiT: attention over the split runs in `sequences` independent sequences per sample (one per frame) and in
+    # a share `split_blocks` of the blocks (the spatial ones); the rest attend over frames, local on every rank
+    sequences: int = 1
+    split_blocks: float = 1.0
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class FrameSplit:
+    """Where a spatial-temporal model lets DSP (parallel/dsp.py) switch its split: `frame_split` / `frame_gather`
+    (module -> frame dim of its output, as token_split / token_gather), `to_temporal` (modules whose output goes from
+    frames split to positions split, before each temporal block) and `to_spatial` (the way back); `frames(config)` and
+    `positions(config)` the sizes of the two dimensions."""
+
+    frame_split: dict[str, int]
+    frame_gather: dict[str, int]
+    to_temporal: tuple[str, ...]
+    to_spatial: tuple[str, ...]
+    frames: Callable[..., int]
+    positions: Callable[..., int]
 
 
 @dataclass(frozen=True)
@@ -64,10 +86,13 @@ class ModelSpec:
     token_values: Callable[..., tuple[int, int]]  # config -> values per token at the split and at the gather point
     notes: dict[str, str] = field(default_factory=dict)
     derived: dict[str, Callable[[nn.Module], object]] = field(default_factory=dict)
+    attention_filter: Callable[[str], bool] | None = None
+    frame_split: FrameSplit | None = None
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        """Every attention module of `model`, in model order."""
-        found = [m for path, m in model.named_modules() if any(_match(path, p) for p in self.attention)]
+        """Every attention module of `model` that spans the token split, in model order."""
+        keep = self.attention_filter or (lambda _path: True)
+        found = [m for path, m in model.named_modules() if any(_match(path, p) for p in self.attention) and keep(path)]
         if not found:
             raise OpenDiTError(f"{self.name} spec: no module of {type(model).__name__} matches {self.attention}")
         return found

@@ -105,13 +105,20 @@ def parallelize(model: nn.Module, runtime: Runtime) -> ParallelModel:
     """Install the runtime's sequence parallelism into `model` (in place, as its spec declares) and wrap it for
     cfg/dp parallelism."""
     plan, dims = runtime.plan, spec_for(model).dims(model.config)
-    notes = plan.validate(runtime.world_size, dims.num_heads, dims.num_tokens, num_images=plan.dp, guided=plan.cfg > 1)
+    notes = plan.validate(
+        runtime.world_size, dims.num_heads, dims.num_tokens, plan.dp, plan.cfg > 1, frames=dims.sequences
+    )
     if plan.sp_degree == 1:
         if plan.shard_weights:
             raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
         return ParallelModel(model, runtime, None, notes)
     sizes = token_split(dims.num_tokens, runtime)
-    if len(set(sizes)) > 1:
+    if plan.impl == "dsp":
+        from opendit.parallel.dsp import dsp_sizes
+
+        frames, positions = dsp_sizes(dims.sequences, dims.num_tokens, plan.ulysses)
+        notes.append(f"dsp: frames per rank {frames} (spatial blocks), positions per rank {positions} (temporal)")
+    elif len(set(sizes)) > 1:
         notes.append(f"{dims.num_tokens} tokens over {plan.sp_degree} sequence ranks: {sizes} (uneven, exact)")
     hooks = install_sequence(model, runtime, sizes)
     if plan.shard_weights:
@@ -137,7 +144,10 @@ def install_sequence(model: nn.Module, runtime: Runtime, sizes: list[int], old_h
     spec = spec_for(model)
     for handle in old_hooks or ():
         handle.remove()
-    get_strategy(runtime.plan.impl).install(spec.attention_modules(model), runtime, sizes)
+    strategy = get_strategy(runtime.plan.impl)
+    if strategy.layout != "tokens":  # DSP: the strategy installs the model's own split points
+        return strategy.install_model(model, spec, runtime)
+    strategy.install(spec.attention_modules(model), runtime, sizes)
     modules = dict(model.named_modules())
     hooks = []
     for path, dim in spec.token_split.items():  # output (B, T, D) -> this rank's (B, T_rank, D); no communication

@@ -9,7 +9,11 @@ A strategy declares
 - `block_work(dims, plan, batch, sizes, rank)`: the attention work one sequence rank does per block (AttentionWork);
 - `block_comm(dims, plan, batch, sizes, rank, itemsize, attn_s)`: its collectives per block (CommItem list), bytes
   and calls taken from the kernel's own formulas (the same functions the kernel tests check against CommStats);
-- `buffers(dims, plan, batch, sizes, itemsize)`: peak bytes of its send/receive buffers per block.
+- `buffers(dims, plan, batch, sizes, itemsize)`: peak bytes of its send/receive buffers per block;
+- `layout`: "tokens" (the spec's token_split / token_gather split the sequence and the kernel goes into the attention
+  modules) or "frames" (DSP: `install_model(model, spec, runtime)` installs its own split points; its block_work and
+  block_comm describe the model as it runs, not one attention over the split); `splits_heads`: whether the degree is
+  bounded by the head count.
 
 Adding a strategy is one new file that defines a SequenceStrategy subclass and calls `register(...)`; the built-in
 ones live in parallel/attention/ and are imported on first use of the registry.
@@ -29,6 +33,7 @@ BUILTIN_MODULES = (
     "opendit.parallel.attention.ring",
     "opendit.parallel.attention.usp",
     "opendit.parallel.attention.fastseq",
+    "opendit.parallel.dsp",
 )
 
 
@@ -67,6 +72,11 @@ class SequenceStrategy:
     summary: str = ""
     uses: tuple[str, ...] = ()
     auto: bool = False
+    layout: str = "tokens"
+    splits_heads: bool = True
+
+    def install_model(self, model, spec, runtime) -> list:
+        raise NotImplementedError(f"{self.name} installs into attention modules (layout 'tokens')")
 
     def check(self, plan, dims: ModelDims) -> list[str]:
         return []

@@ -129,7 +129,11 @@ def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
     rows = work.elementwise_rows if work.elementwise_rows is not None else t_r
     ew_elems = EW_ELEMS_PER_TOKEN * b * rows * c + work.extra_elementwise * 4 / s
     ew_s = ew_elems * s / speeds.mem_bw
-    comm = [] if strategy is None else strategy.block_comm(dims, plan, b, sizes, r, s, attn_s)
+    comm = [] if strategy is None else strategy.block_comm(dims, plan, b * dims.sequences, sizes, r, s, attn_s)
+    if strategy is not None and strategy.layout == "tokens" and dims.split_blocks != 1:
+        # video DiT: a position-split kernel runs in the spatial blocks only (on B * F sequences, passed above);
+        # spread over every block, as the step time multiplies a block by depth
+        comm = [replace(c, bytes=c.bytes * dims.split_blocks, calls=c.calls * dims.split_blocks) for c in comm]
     if plan.shard_weights and plan.sp_degree > 1:  # one block's weights gathered, under the previous block
         blk = spec.count_params(model)["block"] * s
         comm.append(CommItem("all_gather", blk / plan.sp_degree * (plan.sp_degree - 1), 1, plan.sp_degree, 1, 0.0))
@@ -330,7 +334,12 @@ def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp
 def output_gather_bytes(model, tokens: int, batch: float, plan: ParallelConfig, sp_rank: int, itemsize: int):
     """(token gather, cfg gather) bytes one rank sends per step: its (B, T_r, values) output to the other sequence
     ranks, and its half of the prediction (B, T, values) to the other cfg rank (0 where the plan has none)."""
-    out_elems = batch * spec_for(model).token_values(model)[1]
+    spec = spec_for(model)
+    out_elems = batch * spec.token_values(model)[1]
     sizes = split_sizes(tokens, plan.sp_degree, plan.token_shares)
     gather = out_elems * sizes[sp_rank] * itemsize * (plan.sp_degree - 1)
+    if plan.sp_degree > 1 and plan.impl == "dsp":  # DSP gathers frames: F_r of the F frames' values per position
+        frames = spec.dims(model, tokens).sequences
+        gather = out_elems * tokens * split_sizes(frames, plan.sp_degree)[sp_rank] / frames
+        gather *= itemsize * (plan.sp_degree - 1)
     return gather, out_elems * tokens * itemsize if plan.cfg == 2 else 0

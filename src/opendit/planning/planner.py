@@ -103,8 +103,10 @@ def enumerate_plans(
     impls: tuple[str, ...] | None = None,
     shard_options: tuple[bool, ...] = (False, True),
     queue: bool = False,
+    frames: int = 1,
 ) -> list[ParallelConfig]:
-    """Every plan that ParallelConfig.validate accepts. queue=True lets dp exceed the request's images."""
+    """Every plan that ParallelConfig.validate accepts. queue=True lets dp exceed the request's images; `frames`: a
+    video model's frame count (`tokens` is then the positions per frame; DSP needs it)."""
     plans = []
     max_images = max(images, world_size) if queue else images
     for dp, cfg in itertools.product(_divisors(world_size), (1, 2) if guided else (1,)):
@@ -119,7 +121,7 @@ def enumerate_plans(
             for impl, shard in itertools.product(candidates, shard_options if sp > 1 else (False,)):
                 plan = ParallelConfig(dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, sp_impl=impl, shard_weights=shard)
                 try:
-                    plan.validate(world_size, num_heads, tokens, max_images, guided)
+                    plan.validate(world_size, num_heads, tokens, max_images, guided, frames=frames)
                 except OpenDiTError:
                     continue
                 plans.append(plan)
@@ -176,7 +178,9 @@ def plan(
     if memory_bytes is not None:
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
-    configs = enumerate_plans(world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue)
+    configs = enumerate_plans(
+        world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, frames=dims.sequences
+    )
     if not configs:
         raise OpenDiTError(
             f"no valid plan for {world_size} ranks, {dims.num_heads} heads, {tokens} tokens; use at most {tokens} ranks"
@@ -281,7 +285,7 @@ def check_request(
     dims = spec_for(model).dims(model, tokens)
     tokens = dims.num_tokens
     try:
-        notes = requested.validate(world_size, dims.num_heads, tokens, images, guided)
+        notes = requested.validate(world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences)
     except OpenDiTError as exc:
         near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided)
         names = "; ".join(p.describe() for p in near) or "none (check the world size)"
@@ -295,7 +299,9 @@ def check_request(
                 for e in sorted(
                     (
                         estimate(model, tokens, images, guided, c, speeds, 1)
-                        for c in enumerate_plans(world_size, dims.num_heads, tokens, images, guided)
+                        for c in enumerate_plans(
+                            world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences
+                        )
                     ),
                     key=lambda e: (_distance(requested, e.config), e.memory.total),
                 )
@@ -336,7 +342,7 @@ def plan_flags(config: ParallelConfig) -> str:
 
 def _leanest(model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float):
     dims = spec_for(model).dims(model)
-    configs = enumerate_plans(world, dims.num_heads, dims.num_tokens, images, guided)
+    configs = enumerate_plans(world, dims.num_heads, dims.num_tokens, images, guided, frames=dims.sequences)
     estimates = [estimate(model, dims.num_tokens, images, guided, c, speeds, 1, decode_bytes) for c in configs]
     return min(estimates, key=lambda e: e.memory.total) if estimates else None
 

@@ -12,6 +12,7 @@ batch as one process, so their losses agree up to float rounding of the gradient
 
 import datetime
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -30,7 +31,7 @@ NUM_TRAIN_TIMESTEPS = 1000  # sigma -> model timestep t = sigma * 1000, as FlowM
 # Changing these mid-run would silently change the loss curve; resume refuses instead.
 RESUME_MUST_MATCH = (
     "model", "data", "image_size", "channels", "prediction", "learn_sigma", "time_sampling", "batch_size", "seed",
-    "label_dropout", "ema_decay",
+    "label_dropout", "ema_decay", "video", "lr_schedule",
 )  # fmt: skip
 
 
@@ -53,6 +54,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: int = 0  # linear learning-rate warm-up steps
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 over --steps (after any warm-up)
     ema_decay: float = 0.995
     label_dropout: float = 0.1  # fraction of labels replaced by the null class, so CFG has an unconditional model
     seed: int = 0
@@ -67,9 +69,16 @@ class TrainConfig:
     resume: bool = False
     time_limit: float = 0.0  # minutes of training after which to checkpoint and stop; 0 = none
     progress: bool = True
+    video: bool = False  # a video DiT (Latte-* presets) on video data (moving-digits)
 
     def validate(self) -> None:
-        preset(self.model)  # raises with the list of presets
+        arch = model_preset(self)  # raises with the list of presets
+        if self.video != (self.data == "moving-digits"):
+            raise OpenDiTError(
+                "--video trains on --data moving-digits (and moving-digits needs --video)"
+                if self.video
+                else "--data moving-digits is video data: add --video (and a video preset, e.g. --model Latte-D/4)"
+            )
         checks = [
             (self.prediction in ("flow", "epsilon"), f"--prediction must be flow or epsilon, got {self.prediction!r}"),
             (not (self.prediction == "flow" and self.learn_sigma), "--learn-sigma applies to epsilon prediction only"),
@@ -84,11 +93,12 @@ class TrainConfig:
             (0 <= self.label_dropout < 1, f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
             (self.ckpt_every >= 1 and self.log_every >= 1, "--ckpt-every and --log-every must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.lr_schedule in ("constant", "cosine"), "--lr-schedule must be constant or cosine"),
         ]
         for ok, message in checks:
             if not ok:
                 raise OpenDiTError(message)
-        patch = preset(self.model).patch_size
+        patch = arch.patch_size
         if self.image_size % patch:
             raise OpenDiTError(f"--image-size {self.image_size} must be a multiple of {self.model}'s patch {patch}")
 
@@ -98,10 +108,26 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def model_config(cfg: TrainConfig, dataset: ImageDataset) -> DiTConfig:
-    """The preset's architecture, set up for this dataset: pixel space, its channels, classes and resolution."""
+def model_preset(cfg: TrainConfig):
+    """The architecture preset: an image DiT, or with --video a Latte-style video DiT (models/video_dit.py)."""
+    if not cfg.video:
+        if cfg.model.startswith("Latte-"):
+            raise OpenDiTError(f"{cfg.model} is a video model: add --video (with --data moving-digits)")
+        return preset(cfg.model)
+    from opendit.models.video_dit import preset as video_preset
+
+    if cfg.model.startswith("DiT-"):
+        raise OpenDiTError(f"--video trains a video DiT; {cfg.model} is an image preset: use e.g. --model Latte-D/4")
+    return video_preset(cfg.model)
+
+
+def model_config(cfg: TrainConfig, dataset: ImageDataset):
+    """The preset's architecture, set up for this dataset: pixel space, its channels, classes and resolution (and
+    frames, for video)."""
+    video = {"frames": dataset.frames, "motion": True} if cfg.video else {}
     return replace(
-        preset(cfg.model),
+        model_preset(cfg),
+        **video,
         input_size=(cfg.image_size, cfg.image_size),
         in_channels=dataset.channels,
         num_classes=dataset.num_classes,
@@ -115,6 +141,8 @@ def model_config(cfg: TrainConfig, dataset: ImageDataset) -> DiTConfig:
 def draw_batch(cfg: TrainConfig, dataset: ImageDataset, sampler: BatchSampler, model: DiT, step: int) -> dict:
     """Everything random about global batch `step`, on CPU: x0 (B,C,H,W), noise, t (B,), labels after dropout (B,)."""
     x0, labels = dataset.batch(sampler.indices(step))
+    if cfg.video:
+        x0 = x0.transpose(1, 2).contiguous()  # (B, F, C, H, W) -> (B, C, F, H, W): the video DiT is channel-first
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0x7EA1))
     noise = torch.randn(x0.shape, generator=gen)  # (B, C, H, W)
     b = x0.shape[0]
@@ -134,7 +162,7 @@ def per_sample_loss(model, batch: dict, prediction: str, ddpm=None) -> torch.Ten
     """MSE between the model's prediction and its target, averaged per sample: (B,) float32."""
     x0, noise, t, labels = batch["x0"], batch["noise"], batch["t"], batch["labels"]
     if prediction == "flow":
-        s = t.view(-1, 1, 1, 1)  # (B, 1, 1, 1) sigma
+        s = t.view(-1, *[1] * (x0.dim() - 1))  # (B, 1, 1, 1) sigma; (B, 1, 1, 1, 1) for video
         x_t = (1 - s) * x0 + s * noise
         out = model(x_t, t * NUM_TRAIN_TIMESTEPS, labels)
         target = noise - x0  # velocity d x_t / d sigma
@@ -143,7 +171,7 @@ def per_sample_loss(model, batch: dict, prediction: str, ddpm=None) -> torch.Ten
         out = model(x_t, t, labels)
         target = noise
     out = out[:, : x0.shape[1]].float()  # learn_sigma models: the first C channels are the epsilon prediction
-    return (out - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return (out - target).pow(2).flatten(1).mean(dim=1)  # (B,)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -171,11 +199,10 @@ def train(cfg: TrainConfig) -> dict:
 def _train_bytes(cfg: TrainConfig) -> int:
     """Training state per process, for the launcher's memory warning: fp32 weights, gradients, EMA, two AdamW moments
     and DDP's gradient buckets (6 copies of the parameters)."""
-    from opendit.models.dit import build_dit
 
     size = (cfg.image_size, cfg.image_size)
-    config = replace(preset(cfg.model), input_size=size, in_channels=cfg.channels, learn_sigma=cfg.learn_sigma)
-    return 6 * 4 * sum(p.numel() for p in build_dit(config, device="meta").parameters())
+    config = replace(model_preset(cfg), input_size=size, in_channels=cfg.channels, learn_sigma=cfg.learn_sigma)
+    return 6 * 4 * sum(p.numel() for p in build_model(config, device="meta").parameters())
 
 
 def summary(out: str | Path) -> dict:
@@ -239,8 +266,8 @@ class _Run:
     """Everything one rank's training loop holds: data, model (and its DDP wrapper), EMA, optimiser, where it starts."""
 
     dataset: ImageDataset
-    mconfig: DiTConfig
-    model: DiT
+    mconfig: object  # DiTConfig or VideoDiTConfig
+    model: torch.nn.Module
     net: torch.nn.Module
     ema: EMA
     params: list
@@ -250,11 +277,28 @@ class _Run:
     elapsed: float
 
 
+def build_model(config, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A DiT or a video DiT, by the config's type."""
+    from opendit.models.video_dit import VideoDiTConfig, build_video_dit
+
+    if isinstance(config, VideoDiTConfig):
+        return build_video_dit(config, device)
+    with torch.device(device):
+        return DiT(config)
+
+
 def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> _Run:
-    dataset = build_dataset(cfg.data, cfg.image_size, cfg.channels)
+    if cfg.video:
+        from opendit.train.video_data import MovingDigitsDataset
+
+        dataset = MovingDigitsDataset()
+        if cfg.image_size != dataset.resolution[0] or cfg.channels != dataset.channels:
+            raise OpenDiTError(f"moving digits are {dataset.resolution[0]} px grey: use --image-size 16 --channels 1")
+    else:
+        dataset = build_dataset(cfg.data, cfg.image_size, cfg.channels)
     mconfig = model_config(cfg, dataset)
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts rank 0's weights anyway)
-    model = DiT(mconfig).to(device)
+    model = build_model(mconfig).to(device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     ema = EMA(model, cfg.ema_decay)
@@ -280,7 +324,7 @@ def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) 
 def _train_step(run: _Run, cfg: TrainConfig, batch: dict, step: int, world: int, device: torch.device):
     """One optimiser step on this rank's slice of the global batch; returns the per-sample losses (detached)."""
     for group in run.opt.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        group["lr"] = learning_rate(cfg, step)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         losses = per_sample_loss(run.net, batch, cfg.prediction, run.ddpm)  # (hi - lo,)
     # sum / global B, times world because DDP averages gradients over ranks: the gradient of the global mean
@@ -291,6 +335,16 @@ def _train_step(run: _Run, cfg: TrainConfig, batch: dict, step: int, world: int,
     run.opt.zero_grad(set_to_none=True)
     run.ema.update(run.model)
     return losses.detach()
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The rate of optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0 at --steps."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
 
 
 def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> None:
@@ -350,7 +404,7 @@ def _log(rank, world, cfg, out, done, window_loss, window_steps, window_start, e
         record = {
             "step": done,
             "loss": loss,
-            "lr": cfg.lr * min(1.0, done / cfg.warmup) if cfg.warmup else cfg.lr,
+            "lr": learning_rate(cfg, done - 1),
             "samples_per_s": window_steps * cfg.batch_size / max(now - window_start, 1e-9),
             "elapsed_s": round(total, 3),
         }
@@ -429,7 +483,9 @@ def read_resume_state(path: Path, cfg: TrainConfig, map_location="cpu", mmap: bo
             f"start a new run in another --out directory (or drop --resume to start over in {cfg.out})"
         )
     saved = state["args"]
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)}
+    defaults = TrainConfig()  # a key an older run did not save had this default
+    saved = {k: saved.get(k, getattr(defaults, k)) for k in RESUME_MUST_MATCH}
+    diff = {k: (saved[k], getattr(cfg, k)) for k in RESUME_MUST_MATCH if saved[k] != getattr(cfg, k)}
     if diff:
         details = ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise OpenDiTError(f"cannot resume {path}: {details}; use the original values or a new --out directory")
@@ -463,6 +519,13 @@ def export_ema(checkpoint: str | Path, path: str | Path, extra: dict | None = No
     state = load_torch_file(checkpoint, mmap=False)
     if not isinstance(state, dict) or "ema" not in state or "model_config" not in state:
         raise OpenDiTError(f"{checkpoint} is not an OpenDiT training checkpoint (needs 'ema' and 'model_config')")
-    model = DiT(DiTConfig.from_dict(state["model_config"]))
+    model = build_model(config_from_dict(state["model_config"]))
     model.load_state_dict(state["ema"])
     return save_safetensors(model, path, extra)
+
+
+def config_from_dict(data: dict):
+    """A saved model config -> DiTConfig, or VideoDiTConfig when it has frames."""
+    from opendit.models.video_dit import VideoDiTConfig
+
+    return VideoDiTConfig.from_dict(data) if "frames" in data else DiTConfig.from_dict(data)

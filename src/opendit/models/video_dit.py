@@ -1,0 +1,399 @@
+"""A Latte-style video DiT: alternating spatial blocks (attention within a frame) and temporal blocks (attention
+across the frames at one position), adaLN-Zero, class conditioning, fixed sin-cos spatial and temporal positions.
+
+Plain single-device PyTorch. Parameter names and shapes follow Vchitect/Latte `models/latte.py` (class-conditional,
+`extras=2`), so its checkpoints load with strict=True: `blocks` holds `depth` DiT blocks, even indices spatial, odd
+temporal; `pos_embed` (1, H*W/p^2, C) and `temp_embed` (1, F, C) are fixed sin-cos tables stored in the checkpoint;
+`temp_embed` is added once, before the first temporal block; both kinds of block are conditioned on t + y.
+
+Layout difference to Latte (documented, weights unaffected): videos are channel-first, x (B, C, F, H, W), as
+diffusers' video models take them, so the sampler's per-channel guidance and learned-sigma split (dim 1) work for
+images and videos alike. Latte's forward takes (B, F, C, H, W).
+
+Split points where parallelism plugs in from outside (identities here; see the spec at the end and
+parallel/dsp.py): between blocks the hidden state is (B, F, T, C) (F frames, T positions per frame):
+- `position_shard` / `position_gather` (dim 2): position-split strategies (Ulysses, ring, USP, FastSeq) shard the
+  positions; spatial attention then runs the strategy's kernel, temporal attention stays local (every rank holds
+  every frame of its positions);
+- `frame_shard` / `frame_gather` (dim 1) and `to_temporal` / `to_spatial` (the switches before and after each
+  temporal block): DSP shards frames for spatial blocks and positions for temporal blocks, one all-to-all per switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from opendit.errors import OpenDiTError
+from opendit.models.dit import LATENT_DOWNSCALE, DiTBlock, FinalLayer
+from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
+from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
+from opendit.precision import check_finite, residual_dtype
+
+
+@dataclass(frozen=True)
+class VideoDiTConfig:
+    """Everything needed to build a video DiT. `depth` counts both kinds of block (even); `input_size` is one frame's
+    model-space (H, W) (latent or pixel)."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    frames: int = 16
+    input_size: tuple[int, int] = (32, 32)
+    in_channels: int = 4
+    num_classes: int = 101
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    latent: bool = True
+    prediction: str = "epsilon"
+    motion: bool = False  # labels are digit + 10 * direction (the moving-digits model): `--motion` applies
+
+    def __post_init__(self):
+        if self.depth < 2 or self.depth % 2:
+            raise OpenDiTError(f"video DiT depth {self.depth} must be even (spatial + temporal pairs) and >= 2")
+        if self.frames < 1:
+            raise OpenDiTError(f"frames must be >= 1, got {self.frames}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+    @property
+    def positions(self) -> int:
+        """Tokens per frame."""
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of one video (frames x positions)."""
+        return self.frames * self.positions
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        factor = LATENT_DOWNSCALE if self.latent else 1
+        return self.input_size[0] * factor, self.input_size[1] * factor
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of one model-space video: what the sampler draws noise for."""
+        return (self.in_channels, self.frames, *self.input_size)
+
+    def with_image_size(self, height: int, width: int | None = None) -> VideoDiTConfig:
+        """The same architecture for another frame size (pixels); the frame count is the model's own."""
+        from opendit.models.dit import DiTConfig
+
+        frame = DiTConfig.with_image_size(as_dit_config(self), height, width)  # its checks and messages
+        return replace(self, input_size=frame.input_size)
+
+    def with_frames(self, frames: int | None) -> VideoDiTConfig:
+        """`frames` must be the model's own: temporal positions are trained for that count (OpenDiTError)."""
+        if frames is not None and frames != self.frames:
+            raise OpenDiTError(
+                f"this video model makes {self.frames}-frame videos (its temporal positions and training are for "
+                f"{self.frames}); drop --frames or pass --frames {self.frames}"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VideoDiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise OpenDiTError(f"unknown video DiT config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        data = dict(data)
+        data["input_size"] = tuple(data.get("input_size", (32, 32)))
+        return cls(**data)
+
+
+# Latte's architectures (depth counts both kinds, hidden, heads); T is a tiny test model, D the moving-digits one.
+_ARCHS = {
+    "T": (4, 64, 4),
+    "D": (6, 128, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+PRESETS: dict[str, VideoDiTConfig] = {
+    f"Latte-{size}/{patch}": VideoDiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
+    for size, (d, h, n) in _ARCHS.items()
+    for patch in (2, 4, 8)
+}
+
+
+def preset(name: str) -> VideoDiTConfig:
+    if name not in PRESETS:
+        raise OpenDiTError(f"unknown video model {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+class VideoDiT(nn.Module):
+    """f(x, t, y) -> prediction. x (B, C_in, F, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+
+    def __init__(self, config: VideoDiTConfig):
+        super().__init__()
+        self.config = config
+        h, w = config.input_size
+        if h % config.patch_size or w % config.patch_size:
+            raise OpenDiTError(f"input size {config.input_size} must be divisible by patch size {config.patch_size}")
+        c = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, c)
+        self.t_embedder = TimestepEmbedder(c)
+        self.y_embedder = LabelEmbedder(config.num_classes, c, config.class_dropout_prob)
+        # Fixed sin-cos tables, stored in checkpoints (as Latte does) but never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.positions, c), requires_grad=False)
+        self.temp_embed = nn.Parameter(torch.zeros(1, config.frames, c), requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(c, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(c, config.patch_size, config.out_channels)
+        # split points (identities on one device; the module docstring says who replaces what)
+        self.frame_shard: nn.Module = nn.Identity()  # (B, F, T, *) -> (B, F_r, T, *)
+        self.position_shard: nn.Module = nn.Identity()  # (B, F, T, *) -> (B, F, T_r, *)
+        self.to_temporal: nn.Module = nn.Identity()  # DSP: (B, F_r, T, C) -> (B, F, T_r, C)
+        self.to_spatial: nn.Module = nn.Identity()  # DSP: (B, F, T_r, C) -> (B, F_r, T, C)
+        self.frame_gather: nn.Module = nn.Identity()  # (B, F_r, T, *) -> (B, F, T, *)
+        self.position_gather: nn.Module = nn.Identity()  # (B, F, T_r, *) -> (B, F, T, *)
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Latte's (= DiT's) initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.reset_fixed_embeddings()
+        proj = self.x_embedder.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def sincos_positions(self) -> torch.Tensor:
+        """(1, T, C) float64: the spatial table (DiT's 2-D sin-cos over the patch grid)."""
+        return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
+
+    def sincos_frames(self) -> torch.Tensor:
+        """(1, F, C) float64: the temporal table (1-D sin-cos over frame indices, sin half first, as Latte)."""
+        import numpy as np
+
+        frames = np.arange(self.config.frames, dtype=np.float64)
+        return torch.from_numpy(sincos_1d(self.config.hidden_size, frames)).unsqueeze(0)
+
+    @torch.no_grad()
+    def set_input_size(self, config: VideoDiTConfig) -> None:
+        """Another frame size, same architecture and frames: the spatial sin-cos table is recomputed for the new grid
+        (never trained), exactly as a model built at that size has it."""
+        if replace(config, input_size=self.config.input_size) != self.config:
+            raise OpenDiTError(f"set_input_size changes only the frame size; got another video model: {config}")
+        if config.input_size == self.config.input_size:
+            return
+        old = self.pos_embed
+        self.config = config
+        self.pos_embed = nn.Parameter(old.new_zeros(1, config.positions, config.hidden_size), requires_grad=False)
+        if not self.pos_embed.is_meta:
+            self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
+
+    @torch.no_grad()
+    def reset_fixed_embeddings(self) -> None:
+        if not self.pos_embed.is_meta:
+            self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
+            self.temp_embed.copy_(self.sincos_frames().to(self.temp_embed.dtype))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[2] != cfg.frames:
+            raise OpenDiTError(
+                f"video DiT input must be (B, C, F={cfg.frames}, H, W) (the frame count it was built for); "
+                f"got {tuple(x.shape)}"
+            )
+        dtype = self.pos_embed.dtype  # the compute dtype (weights and branch activations)
+        b, f = x.shape[0], x.shape[2]
+        frames = x.to(dtype).transpose(1, 2).flatten(0, 1)  # (B*F, C_in, H, W)
+        patches = self.x_embedder.patchify(frames).unflatten(0, (b, f))  # (B, F, T, C_in*p*p)
+        # shard the raw patches (never a full (B, F, T, hidden) tensor on a rank); one of the two is active
+        patches = self.position_shard(self.frame_shard(patches))  # (B, F_r, T_r, C_in*p*p)
+        positions = self.position_shard(self.pos_embed.unsqueeze(1))  # (1, 1, T_r, C)
+        tokens = self.x_embedder.embed(patches) + positions  # (B, F_r, T_r, C)
+        tokens = tokens.to(residual_dtype(dtype))  # fp16 -> fp32 residual stream (precision.py)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, C) compute dtype
+        for i in range(0, len(self.blocks), 2):
+            tokens = self._spatial(self.blocks[i], tokens, c)  # (B, F_r, T_r, C)
+            tokens = self.to_temporal(tokens)  # DSP: (B, F, T_r', C); otherwise unchanged
+            if i == 0:
+                tokens = tokens + self.temp_embed.unsqueeze(2).to(tokens.dtype)  # (1, F, 1, C): every frame here
+            tokens = self._temporal(self.blocks[i + 1], tokens, c)
+            tokens = self.to_spatial(tokens)  # DSP: back to (B, F_r, T, C)
+        bl, fl, tl, _ = tokens.shape
+        out = self.final_layer(tokens.reshape(bl, fl * tl, -1), c)  # (B, F_r*T_r, p*p*out)
+        out = out.reshape(bl, fl, tl, -1)  # (B, F_r, T_r, p*p*out)
+        out = self.position_gather(self.frame_gather(out))  # (B, F, T, p*p*out)
+        if dtype == torch.float16:
+            check_finite(out, "video DiT output")
+        images = unpatchify(out.flatten(0, 1), *cfg.grid, cfg.patch_size, cfg.out_channels)  # (B*F, out, H, W)
+        return images.unflatten(0, (b, f)).transpose(1, 2)  # (B, out, F, H, W)
+
+    @staticmethod
+    def _spatial(block: DiTBlock, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Attention within each frame: (B, F_r, T_r, C) -> (B*F_r, T_r, C) sequences, c repeated per frame."""
+        b, f, t, ch = tokens.shape
+        out = block(tokens.reshape(b * f, t, ch), c.repeat_interleave(f, dim=0))  # (B*F_r, T_r, C)
+        return out.reshape(b, f, t, ch)
+
+    @staticmethod
+    def _temporal(block: DiTBlock, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Attention across the frames at each position: (B, F, T_r, C) -> (B*T_r, F, C) sequences."""
+        b, f, t, ch = tokens.shape
+        seq = tokens.transpose(1, 2).reshape(b * t, f, ch)  # (B*T_r, F, C)
+        out = block(seq, c.repeat_interleave(t, dim=0))  # (B*T_r, F, C)
+        return out.reshape(b, t, f, ch).transpose(1, 2)  # (B, F, T_r, C)
+
+
+def build_video_dit(
+    config: VideoDiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> VideoDiT:
+    with torch.device(device):
+        model = VideoDiT(config)
+    return model.to(dtype)
+
+
+def pixel_video_config(name: str, size: int, frames: int, channels: int = 1, num_classes: int = 40, **kw):
+    """A preset's architecture as a pixel-space flow model on size x size x channels videos of `frames` frames."""
+    return replace(
+        preset(name),
+        input_size=(size, size),
+        frames=frames,
+        in_channels=channels,
+        num_classes=num_classes,
+        learn_sigma=False,
+        latent=False,
+        prediction="flow",
+        **kw,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the parallel spec
+def as_dit_config(config: VideoDiTConfig):
+    """The image DiT with the same blocks and embedders (one frame's grid): its exact counts are reused below."""
+    from opendit.models.dit import DiTConfig
+
+    shared = {f.name for f in fields(DiTConfig)}
+    return DiTConfig(**{k: v for k, v in asdict(config).items() if k in shared})
+
+
+def count_params(config: VideoDiTConfig, tokens: int | None = None) -> dict[str, int]:
+    """Parameters (equal to build_video_dit(...).parameters(), both fixed tables included). `tokens`: positions."""
+    from opendit.models import dit
+
+    counts = dit.count_params(as_dit_config(config), config.positions if tokens is None else tokens)
+    table = config.frames * config.hidden_size  # temp_embed
+    return {**counts, "total": counts["total"] + table, "largest_tensor": max(counts["largest_tensor"], table)}
+
+
+def block_flops(config: VideoDiTConfig, batch: float, rows: float, q_tokens: float, k_tokens: float, heads: float):
+    """FLOPs of one block on one rank, averaged over a spatial + temporal pair (depth counts both). `rows`: positions
+    this rank holds (every frame of them); spatial attention is `heads` heads of q_tokens x k_tokens in each of the F
+    frames (the strategy's view: DSP passes heads scaled by its frame share), temporal attention is every head over
+    F x F at each of the rank's positions."""
+    c, f = config.hidden_size, config.frames
+    m, d = config.mlp_ratio * c, c // config.num_heads
+    linear = 2 * batch * rows * f * c * (3 * c + c + 2 * m)  # qkv, proj, fc1, fc2 on every (frame, position) token
+    adaln = 2 * 6 * c * c * batch * (f + rows) / 2  # c is repeated per frame (spatial) or per position (temporal)
+    spatial = 4 * batch * f * heads * q_tokens * k_tokens * d
+    temporal = 4 * batch * rows * config.num_heads * f * f * d
+    return {"linear": linear + adaln, "attention": (spatial + temporal) / 2}
+
+
+def edge_flops(config: VideoDiTConfig, tokens: int, batch: float) -> float:
+    """Patch embedding and final linear on every (frame, position) token, timestep MLP, final adaLN."""
+    from opendit.models import dit
+
+    return dit.edge_flops(as_dit_config(config), tokens * config.frames, batch)
+
+
+def model_flops(config: VideoDiTConfig, tokens: int, batch: int) -> float:
+    blk = block_flops(config, batch, tokens, tokens, tokens, config.num_heads)
+    return config.depth * (blk["linear"] + blk["attention"]) + edge_flops(config, tokens, batch)
+
+
+def token_values(config: VideoDiTConfig) -> tuple[int, int]:
+    """Values per position (all frames) where positions are split (raw patches) and gathered (final output)."""
+    p2 = config.patch_size**2
+    return config.frames * config.in_channels * p2, config.frames * config.out_channels * p2
+
+
+def video_dims(config: VideoDiTConfig, tokens: int | None = None) -> ModelDims:
+    return ModelDims(
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        num_tokens=config.positions if tokens is None else tokens,
+        mlp_ratio=config.mlp_ratio,
+        sequences=config.frames,
+        split_blocks=0.5,
+    )
+
+
+def _spatial_block(path: str) -> bool:
+    """blocks.{i}.attn with i even: Latte's layout puts the spatial block of pair i // 2 at index i."""
+    return int(path.split(".")[1]) % 2 == 0
+
+
+VIDEO_DIT_SPEC = register_spec(
+    ModelSpec(
+        name="VideoDiT",
+        config_type=VideoDiTConfig,
+        token_split={"position_shard": 2},  # applied to the raw patches and to pos_embed (forward above)
+        token_gather={"position_gather": 2},
+        attention=("blocks.*.attn",),
+        attention_kind="fused_qkv",
+        attention_filter=_spatial_block,
+        shard_units=(
+            "t_embedder",
+            "y_embedder",
+            "blocks.*.adaLN_modulation",
+            "blocks.*.attn",
+            "blocks.*.mlp.fc1",
+            "blocks.*.mlp.fc2",
+            "final_layer",
+        ),
+        dims=video_dims,
+        count_params=count_params,
+        block_flops=block_flops,
+        model_flops=model_flops,
+        edge_flops=edge_flops,
+        token_values=token_values,
+        derived={
+            "pos_embed": lambda model: model.sincos_positions(),
+            "temp_embed": lambda model: model.sincos_frames(),
+        },
+        frame_split=FrameSplit(
+            frame_split={"frame_shard": 1},
+            frame_gather={"frame_gather": 1},
+            to_temporal=("to_temporal",),
+            to_spatial=("to_spatial",),
+            frames=lambda config: config.frames,
+            positions=lambda config: config.positions,
+        ),
+    )
+)
