@@ -168,3 +168,18 @@ def test_dsp_on_an_image_model_names_the_alternatives():
     model = DiT(preset("DiT-T/2"))
     with pytest.raises(OpenDiTError, match="spatial and temporal blocks.*ulysses, ring"):
         DSPStrategy().install_model(model, spec_for(model), runtime=None)
+
+
+def test_planner_knows_dsp_for_video_models_only():
+    from opendit.models.dit import preset as image_preset
+    from opendit.planning.planner import enumerate_plans, plan
+    from opendit.planning.speeds import DEFAULTS
+
+    result = plan(CONFIG, 2, DEFAULTS["cpu-gloo"], images=1, guided=True)
+    impls = {e.config.sp_impl for e in result.ranked}
+    assert "dsp" in impls and "ulysses" in impls
+    dsp = next(e for e in result.ranked if e.config.sp_impl == "dsp" and not e.config.shard_weights)
+    uly = next(e for e in result.ranked if e.config.sp_impl == "ulysses" and not e.config.shard_weights)
+    assert dsp.step.bytes_per_rank < uly.step.bytes_per_rank  # the cost model sees DSP's smaller volume
+    image = image_preset("DiT-S/2")
+    assert all(p.sp_impl != "dsp" for p in enumerate_plans(2, image.num_heads, image.num_tokens, 1, True))
