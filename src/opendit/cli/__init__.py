@@ -196,6 +196,16 @@ def run_models(args: argparse.Namespace) -> int:
             f"{name:<10} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} {config.patch_size:>5} "
             f"{params:>22,}"
         )
+    from opendit.models.video_dit import PRESETS as VIDEO_PRESETS
+    from opendit.models.video_dit import build_video_dit
+
+    print(f"\nvideo (--video; depth counts spatial + temporal blocks; {'params (16 x 256px latent)':>26})")
+    for name, config in VIDEO_PRESETS.items():
+        params = sum(p.numel() for p in build_video_dit(config, device="meta").parameters())
+        print(
+            f"{name:<10} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} {config.patch_size:>5} "
+            f"{params:>22,}"
+        )
     return 0
 
 

@@ -26,7 +26,7 @@ def _add_speed_args(parser: argparse.ArgumentParser) -> None:
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("plan", help="rank the parallel plans for a request (predicted, no devices used)")
-    parser.add_argument("--model", default="DiT-XL/2", help="preset name (see `opendit models`)")
+    parser.add_argument("--model", default="DiT-XL/2", help="preset name (see `opendit models`; Latte-*: video)")
     parser.add_argument("--image-size", type=int, help="output size in pixels (default: the preset's 256)")
     parser.add_argument("--tokens", type=int, help="sequence length instead of an image size (e.g. video latents)")
     parser.add_argument("--images", type=int, default=1, help="images in the request")
@@ -73,7 +73,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from opendit.models.dit import preset
     from opendit.planning.planner import plan
 
-    model = preset(args.model)
+    if args.model.startswith("Latte-"):  # a video DiT: tokens are the positions per frame, DSP is a candidate
+        from opendit.models.video_dit import preset as video_preset
+
+        model = video_preset(args.model)
+    else:
+        model = preset(args.model)
     if args.image_size:
         model = model.with_image_size(args.image_size)
     from opendit.planning.speeds import resolve_speeds
@@ -104,6 +109,7 @@ def run_plan(args: argparse.Namespace) -> int:
     flags = [f"--{k} {getattr(best, k)}" for k in ("dp", "ulysses", "ring") if getattr(best, k) > 1]
     flags += ["--cfg-parallel"] * (best.cfg == 2) + [f"--sp-impl {best.impl}"] * (best.sp_degree > 1)
     flags += ["--shard-weights"] * best.shard_weights
+    flags += ["--video"] * args.model.startswith("Latte-")
     print(f"run it: opendit sample --nproc {args.nproc} {' '.join(flags)}".rstrip())
     return 0
 

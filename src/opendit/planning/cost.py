@@ -113,12 +113,13 @@ def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
     spec = spec_for(model)
     dims = spec.dims(model, tokens)
     c = dims.hidden_size
-    strategy, work = _attention_work(dims, plan, b, sizes, r)
+    strategy, work = _attention_work(dims, plan, b * dims.sequences, sizes, r)  # video: B * F sequences
     t_r = sizes[r]
     fl = spec.block_flops(model, b, t_r, work.q_tokens, tokens, work.heads)
     fl["linear"] += work.extra_linear_flops
-    lin_rate = _saturating(speeds.matmul_flops, b * t_r, speeds.matmul_half_rows)
-    qkv_rate = _saturating(speeds.matmul_flops, b * work.qkv_rows, speeds.matmul_half_rows)
+    seq = dims.sequences  # a video DiT's matmuls run on every frame of the rank's positions: B * F * T_r rows
+    lin_rate = _saturating(speeds.matmul_flops, b * seq * t_r, speeds.matmul_half_rows)
+    qkv_rate = _saturating(speeds.matmul_flops, b * seq * work.qkv_rows, speeds.matmul_half_rows)
     qkv_share = 3 * c / (3 * c + c + 2 * dims.mlp_ratio * c)
     linear_s = fl["linear"] * (1 - qkv_share) / lin_rate + fl["linear"] * qkv_share / qkv_rate
     # Attention runs in one call (Ulysses, FastSeq) or in one call per ring block on (q_tok x block) tiles: a short
@@ -127,7 +128,7 @@ def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
     attn_rate = _saturating(speeds.attn_flops, min(work.q_tokens, k_block), speeds.attn_half_tokens)
     attn_s = fl["attention"] / attn_rate
     rows = work.elementwise_rows if work.elementwise_rows is not None else t_r
-    ew_elems = EW_ELEMS_PER_TOKEN * b * rows * c + work.extra_elementwise * 4 / s
+    ew_elems = EW_ELEMS_PER_TOKEN * b * seq * rows * c + work.extra_elementwise * 4 / s
     ew_s = ew_elems * s / speeds.mem_bw
     comm = [] if strategy is None else strategy.block_comm(dims, plan, b * dims.sequences, sizes, r, s, attn_s)
     if strategy is not None and strategy.layout == "tokens" and dims.split_blocks != 1:
