@@ -8,7 +8,6 @@ the bytes diffusers' functional collectives send.
 
 from __future__ import annotations
 
-import copy
 import time
 import traceback
 from pathlib import Path
@@ -16,13 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench_pools import shared_copy
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_copy(model):
-    """A copy with its own modules (hooks and processors are per module) sharing the parameter and buffer tensors."""
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo)
 
 
 def _cpu_resolve_parallel_config(self, config):

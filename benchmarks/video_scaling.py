@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_cp_cpu import shared_copy  # noqa: E402  (a copy with its own modules sharing the weight tensors)
+from bench_pools import ask_pools, shared_copy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -222,18 +222,9 @@ def run(job: dict, log) -> dict:
                 raise RuntimeError(f"weights of {name} differ between processes")
 
         def ask(name, cname, what, repeats=1):
-            command = (name, cname, what, repeats)
-            if cname == "single":
-                pool1.send(command)
-                return pool1.recv(0)
-            for r in range(2):
-                pool2.send(command, r)
-            answers = [pool2.recv(r) for r in range(2)]
-            answer = dict(answers[0])
-            answer["rank_seconds"] = [a["seconds"] for a in answers]
-            answer["seconds"] = [max(pair) for pair in zip(*answer["rank_seconds"])]  # the slower rank ends it
-            answer["comm_ranks"] = [a["comm"] for a in answers]
-            answer["wait_s_ranks"] = [a["wait_s"] for a in answers]
+            answer, answers = ask_pools(pool1, pool2, (name, cname, what, repeats), cname == "single")
+            answer["comm_ranks"] = [a.get("comm") for a in answers]
+            answer["wait_s_ranks"] = [a.get("wait_s") for a in answers]
             return answer
 
         keys = [(m, c) for m in job["models"] for c in CONFIGS]

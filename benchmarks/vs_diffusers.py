@@ -78,7 +78,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from diffusers_cp_cpu import CollectiveBytes, _failure, apply_diffusers_cp, shared_copy, stock_failures  # noqa: E402
+from bench_pools import ask_pools, shared_copy  # noqa: E402
+from diffusers_cp_cpu import CollectiveBytes, _failure, apply_diffusers_cp, stock_failures  # noqa: E402
 from vs_diffusers_report import write_markdown, write_plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,18 +312,8 @@ def run(job: dict, log) -> dict:
 
         def ask(kind, dname, config, what, repeats=1):
             """-> answer with "seconds": one time per forward (2 ranks: the slower rank's, forward by forward)."""
-            command = (kind, dname, config, what, repeats)
-            if config == "single":
-                pool1.send(command)
-                return pool1.recv(0)
-            for r in range(2):
-                pool2.send(command, r)
-            answers = [pool2.recv(r) for r in range(2)]
-            answer = dict(answers[0])
-            answer["rank_seconds"] = [a["seconds"] for a in answers]
-            # a forward ends when the slower rank is done
-            answer["seconds"] = [max(pair) for pair in zip(*answer["rank_seconds"])]
-            answer["comm_rank1"] = answers[1].get("comm")
+            answer, answers = ask_pools(pool1, pool2, (kind, dname, config, what, repeats), config == "single")
+            answer["comm_rank1"] = answers[-1].get("comm")
             return answer
 
         keys = [(m, d, c) for (m, d) in _entries(job) for c in CONFIGS]

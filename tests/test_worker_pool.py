@@ -204,3 +204,55 @@ def test_launch_ends_every_rank_when_one_raises():
     # rank 0's 120 s sleep was cut short (the margin covers process start-up on a loaded 2-core machine: 29 s seen)
     assert time.monotonic() - start < 60
     assert "crash_on_rank1" in info.value.traceback
+
+
+PARENT_SCRIPT = """
+import os, sys, time
+from opendit.distributed.launch import WorkerPool
+
+def busy(channel, folder):
+    with open(os.path.join(folder, f"{os.getpid()}.pid"), "w"):
+        pass
+    while True:  # computing, never reading its channel: only the parent-death watch can end it
+        time.sleep(0.05)
+
+if __name__ == "__main__":
+    pool = WorkerPool(busy, 2, (sys.argv[1],), threads_per_proc=1)
+    print("started", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    """A parent killed without closing its pool (SIGKILL runs no finalizer) must not leave its workers running."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.stem) for p in tmp_path.glob("*.pid")]
+        assert len(pids) == 2, "workers did not start"
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().split()[2] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in pids if alive(pid)]
+    for pid in survivors:  # never leave them running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "a worker outlived its killed parent"

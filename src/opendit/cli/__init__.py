@@ -185,27 +185,22 @@ def execute_sample(args: argparse.Namespace, job) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    from opendit.checkpoint import build_model
     from opendit.models.dit import PRESETS
+    from opendit.models.video_dit import PRESETS as VIDEO_PRESETS
+
+    def table(presets: dict) -> None:
+        for name, config in presets.items():
+            params = sum(p.numel() for p in build_model(config, device="meta").parameters())
+            print(
+                f"{name:<10} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} {config.patch_size:>5} "
+                f"{params:>22,}"
+            )
 
     print(f"{'name':<10} {'depth':>5} {'hidden':>6} {'heads':>5} {'patch':>5} {'params (256px latent)':>22}")
-    for name, config in PRESETS.items():
-        from opendit.models.dit import build_dit
-
-        params = sum(p.numel() for p in build_dit(config, device="meta").parameters())
-        print(
-            f"{name:<10} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} {config.patch_size:>5} "
-            f"{params:>22,}"
-        )
-    from opendit.models.video_dit import PRESETS as VIDEO_PRESETS
-    from opendit.models.video_dit import build_video_dit
-
-    print(f"\nvideo (--video; depth counts spatial + temporal blocks; {'params (16 x 256px latent)':>26})")
-    for name, config in VIDEO_PRESETS.items():
-        params = sum(p.numel() for p in build_video_dit(config, device="meta").parameters())
-        print(
-            f"{name:<10} {config.depth:>5} {config.hidden_size:>6} {config.num_heads:>5} {config.patch_size:>5} "
-            f"{params:>22,}"
-        )
+    table(PRESETS)
+    print("\nvideo (--video; depth counts spatial + temporal blocks; params at 16 frames of 256 px latents)")
+    table(VIDEO_PRESETS)
     return 0
 
 

@@ -127,31 +127,22 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    ckpt = args.ckpt
     if args.video:
-        from opendit.evaluate_video import evaluate_video_model
         from opendit.video import DEFAULT_VIDEO_CKPT
 
-        if args.ckpt is None and not DEFAULT_VIDEO_CKPT.is_file():
+        if ckpt is None and not DEFAULT_VIDEO_CKPT.is_file():
             raise OpenDiTError(f"the bundled video model {DEFAULT_VIDEO_CKPT} does not exist; pass --ckpt")
-        model, meta = load_for_eval(args.ckpt or DEFAULT_VIDEO_CKPT, use=args.use_model)
-        report = evaluate_video_model(
-            model,
-            per_condition=args.per_condition,
-            steps=args.steps or meta.get("steps", 30),
-            cfg_scale=args.cfg_scale if args.cfg_scale is not None else meta.get("cfg_scale", 3.0),
-            seed=args.seed,
-            batch_size=min(args.batch_size, 40),
-        )
-        return _report(report, meta, args.out)
-    model, meta = load_for_eval(args.ckpt, use=args.use_model)
-    report = evaluate(
-        model,
-        per_class=args.per_class,
-        steps=args.steps or meta.get("steps", 30),
-        cfg_scale=args.cfg_scale if args.cfg_scale is not None else meta.get("cfg_scale", 3.0),
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+        ckpt = ckpt or DEFAULT_VIDEO_CKPT
+    model, meta = load_for_eval(ckpt, use=args.use_model)
+    steps = args.steps or meta.get("steps", 30)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else meta.get("cfg_scale", 3.0)
+    if args.video:
+        from opendit.evaluate_video import evaluate_video_model
+
+        report = evaluate_video_model(model, args.per_condition, steps, cfg_scale, args.seed, min(args.batch_size, 40))
+    else:
+        report = evaluate(model, args.per_class, steps, cfg_scale, args.seed, args.batch_size)
     return _report(report, meta, args.out)
 
 

@@ -48,6 +48,8 @@ from typing import Any
 from opendit.distributed.resources import warn_resources
 from opendit.errors import OpenDiTError
 
+LAUNCHER_PID = "OPENDIT_LAUNCHER_PID"
+
 # Messages that mean "a peer went away", not a root cause: any other failure is preferred as the one to report.
 _SECONDARY = re.compile(
     r"Connection closed by peer|Connection reset|Broken pipe|DistBackendError|Timed out|timed out|"
@@ -197,9 +199,27 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+PARENT_POLL_S = 1.0  # how often a worker checks that its pool's process is still alive
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A worker's daemon thread: if the pool's process dies without closing the pool (SIGKILL, or a SIGTERM that
+    skips the finalizers), the worker is re-parented; it then ends itself as a SIGTERM would, so no worker ever
+    outlives its pool. (Polling, not PR_SET_PDEATHSIG: that fires when the *thread* that started the worker exits,
+    and an Engine may be created on a short-lived thread.)"""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    _release_ipc()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _entry(target: Callable, rank: int, conn: Connection, env: dict, threads: int, args: tuple) -> None:
     """Runs in each spawned process: the torchrun environment first (before anything reads it), a share of the
     CPU threads, ranks > 0 quiet, then target(channel, *args). Any exception becomes a report and exit status 1."""
+    import threading
+
+    parent = int(env.pop(LAUNCHER_PID, os.getppid()))
+    threading.Thread(target=_watch_parent, args=(parent,), name="opendit-parent-watch", daemon=True).start()
     os.environ.update(env)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -297,6 +317,7 @@ class WorkerPool:
     def _env(self, rank: int) -> dict[str, str]:
         world = str(self.nproc)
         return {
+            LAUNCHER_PID: str(os.getpid()),  # read (and removed) by _entry: the worker's parent-death watch
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": world,

@@ -147,6 +147,30 @@ class DiTBlock(nn.Module):
         return x  # (B, S, C)
 
 
+@torch.no_grad()
+def adaln_zero_init(model: nn.Module) -> None:
+    """DiT's (and Latte's) initialisation of a model with DiT's module names: xavier linears and patch embedding,
+    N(0, 0.02) label table and timestep MLP, zeroed adaLN and output layers (adaLN-Zero). Fixed tables are the
+    caller's."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    proj = model.x_embedder.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for layer in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def norm_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -199,24 +223,8 @@ class DiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        adaln_zero_init(self)
         self.reset_pos_embed()
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def sincos_positions(self) -> torch.Tensor:
         """The fixed positions of this size, (1, T, C) float64 on the CPU."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import LATENT_DOWNSCALE, DiTBlock, FinalLayer
+from opendit.models.dit import LATENT_DOWNSCALE, DiTBlock, FinalLayer, adaln_zero_init
 from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
 from opendit.precision import check_finite, residual_dtype
@@ -170,24 +170,8 @@ class VideoDiT(nn.Module):
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """Latte's (= DiT's) initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        adaln_zero_init(self)
         self.reset_fixed_embeddings()
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def sincos_positions(self) -> torch.Tensor:
         """(1, T, C) float64: the spatial table (DiT's 2-D sin-cos over the patch grid)."""
