@@ -55,6 +55,7 @@ PLANS = {
     "dsp3": ["--nproc", "3", "--ulysses", "3", "--sp-impl", "dsp"],
     "ulysses2": ["--nproc", "2", "--ulysses", "2", "--sp-impl", "ulysses"],
     "cfg-dsp4": ["--nproc", "4", "--cfg-parallel", "--ulysses", "2", "--sp-impl", "dsp"],
+    "dsp2-sharded": ["--nproc", "2", "--sp-impl", "dsp", "--shard-weights"],
 }
 
 

@@ -220,3 +220,28 @@ def test_motion_needs_a_motion_model():
     assert motion_labels([3, 7], ["left"], replace(preset("Latte-T/2"), motion=True)) == [13, 17]
     with pytest.raises(OpenDiTError, match="--motion applies to the digits video model"):
         motion_labels([3], ["up"], preset("Latte-T/2"))
+
+
+def test_eval_video_reports_accuracies_and_the_judge_on_real_videos(tmp_path, capsys, digits_video_ckpt):
+    import json
+
+    out = tmp_path / "report.json"
+    args = [
+        "eval",
+        "--video",
+        "--ckpt",
+        str(digits_video_ckpt),
+        "--per-condition",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    code, _, stderr = run(args, capsys)
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["samples"]["total"] == 40 and len(report["per_condition"]["digit_accuracy"]) == 40
+    assert 0 <= report["digit_accuracy"] <= 1 and 0 <= report["direction_accuracy"] <= 1
+    assert report["judge_on_real"]["digit_accuracy"] >= 0.95  # the judge checked on real moving digits first
+    assert report["model"] == str(digits_video_ckpt) and report["timing"]["sampling_s"] > 0
