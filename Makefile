@@ -25,9 +25,10 @@ test: $(STAMP) lint
 test-fast: $(STAMP)
 	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
 
-# issue 13's full-size memory acceptance (DiT-XL/2, 2.7 GB checkpoint; ~4 min): not part of `make test`
+# full-size acceptances: issue 13's memory (DiT-XL/2, 2.7 GB checkpoint; ~4 min) and issue 15's Latte-XL/2
+# checkpoint through sample --video (~4 min): not part of `make test`
 test-xl: $(STAMP)
-	OPENDIT_XL=1 $(BIN)/python -m pytest -q -s tests/test_whole_memory_xl.py
+	OPENDIT_XL=1 $(BIN)/python -m pytest -q -s tests/test_whole_memory_xl.py tests/test_latte_xl.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -14,3 +14,16 @@ def tiny_config():
     from opendit.models.dit import pixel_config
 
     return pixel_config("DiT-T/2", 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A small 4-channel AutoencoderKL saved as a local folder (x8 down/up-sampling, as sd-vae-ft-*)."""
+    from diffusers import AutoencoderKL
+
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+    ).save_pretrained(path)  # fmt: skip
+    return path

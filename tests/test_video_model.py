@@ -134,18 +134,6 @@ def test_forward_is_latte_and_the_fixed_tables_are_latte_sincos():
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-    ).save_pretrained(path)  # fmt: skip
-    return path
-
-
-@pytest.fixture(scope="module")
 def latte_ckpt(tmp_path_factory):
     """A synthetic class-conditional Latte-S/2 checkpoint in the official layout: {"ema": state dict} in a .pt, with
     4 frames of 8x8 latents (sizes the loader must read from the tensors)."""
