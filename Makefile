@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/opendit sample --nproc $(NPROC) --ulysses $(NPROC) --classes 0 1 2 3 4 5 6 7 8 9 --seed 0 --out outputs
+	$(BIN)/opendit sample --video --nproc $(NPROC) --sp-impl dsp --classes 3 7 0 5 --motion right up left down --seed 0 --out outputs/video
 
 test: $(STAMP) lint
 	OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q
