@@ -92,7 +92,7 @@ BAD_CALLS = [
     ({"classes": [1], "trace": "\ud800.json"}, "trace must be encodable as a file name"),
     ({"classes": [1], "out": ""}, "out must be a non-empty path; e.g. --out outputs"),
     ({"classes": [1], "out": 3}, "out must be a folder path, got 3 (an int)"),
-    ({"classes": [1], "motion": "pan"}, "unknown field 'motion'; the fields are: classes, seed, steps"),
+    ({"classes": [1], "camera": "pan"}, "unknown field 'camera'; the fields are: classes, seed, steps"),
     ({"classes": [1], "prompt": "a cat"}, "pass --classes (OpenDiT's class-conditional DiT) or --prompt"),
     ({"prompt": []}, "prompt is empty (no prompts given)"),
     ({"prompt": ["a cat", 3]}, "prompt[1] (--prompt) must be a text of at most 65536 characters, got 3 (an int)"),
