@@ -40,12 +40,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "--trace", metavar="FILE", help="write a Chrome trace JSON of the sampling loop, every rank (ui.perfetto.dev)"
     )
     add_diffusers_flags(parser)
-    vid = parser.add_argument_group("video (a video DiT: the bundled moving-digits model, or --model Latte-*/p --ckpt)")
-    vid.add_argument("--video", action="store_true", help="sample videos: GIF + lossless PNG frames per video")
-    vid.add_argument(
-        "--motion", nargs="+", help="digits video model: right | left | down | up, one per class or one for all"
-    )
-    vid.add_argument("--frames", type=int, help="frames per video: must be the model's own (checked)")
+    add_video_flags(parser)
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -80,6 +75,16 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.set_defaults(func=run_sample)
     return parser
+
+
+def add_video_flags(parser: argparse.ArgumentParser) -> None:
+    """`opendit sample --video [--motion ...] [--frames N]` (opendit/video.py)."""
+    vid = parser.add_argument_group("video (a video DiT: the bundled moving-digits model, or --model Latte-*/p --ckpt)")
+    vid.add_argument("--video", action="store_true", help="sample videos: GIF + lossless PNG frames per video")
+    vid.add_argument(
+        "--motion", nargs="+", help="digits video model: right | left | down | up, one per class or one for all"
+    )
+    vid.add_argument("--frames", type=int, help="frames per video: must be the model's own (checked)")
 
 
 def add_diffusers_flags(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ batch as one process, so their losses agree up to float rounding of the gradient
 
 import datetime
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -22,10 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from opendit.checkpoint import build_model, config_from_dict
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiT, DiTConfig, preset
+from opendit.models.dit import DiT
 from opendit.train.data import BatchSampler, ImageDataset, build_dataset, step_seed
 from opendit.train.ema import EMA, unwrap
+from opendit.train.setup import learning_rate, model_preset
 
 NUM_TRAIN_TIMESTEPS = 1000  # sigma -> model timestep t = sigma * 1000, as FlowMatchEulerDiscreteScheduler does
 # Changing these mid-run would silently change the loss curve; resume refuses instead.
@@ -106,19 +107,6 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def model_preset(cfg: TrainConfig):
-    """The architecture preset: an image DiT, or with --video a Latte-style video DiT (models/video_dit.py)."""
-    if not cfg.video:
-        if cfg.model.startswith("Latte-"):
-            raise OpenDiTError(f"{cfg.model} is a video model: add --video (with --data moving-digits)")
-        return preset(cfg.model)
-    from opendit.models.video_dit import preset as video_preset
-
-    if cfg.model.startswith("DiT-"):
-        raise OpenDiTError(f"--video trains a video DiT; {cfg.model} is an image preset: use e.g. --model Latte-D/4")
-    return video_preset(cfg.model)
 
 
 def model_config(cfg: TrainConfig, dataset: ImageDataset):
@@ -277,16 +265,6 @@ class _Run:
     elapsed: float
 
 
-def build_model(config, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A DiT or a video DiT, by the config's type."""
-    from opendit.models.video_dit import VideoDiTConfig, build_video_dit
-
-    if isinstance(config, VideoDiTConfig):
-        return build_video_dit(config, device)
-    with torch.device(device):
-        return DiT(config)
-
-
 def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> _Run:
     if cfg.video:
         from opendit.train.video_data import MovingDigitsDataset
@@ -335,16 +313,6 @@ def _train_step(run: _Run, cfg: TrainConfig, batch: dict, step: int, world: int,
     run.opt.zero_grad(set_to_none=True)
     run.ema.update(run.model)
     return losses.detach()
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """The rate of optimiser step `step` (0-based): linear warm-up, then constant or cosine decay to 0 at --steps."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr
 
 
 def _train_loop(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> None:
@@ -522,10 +490,3 @@ def export_ema(checkpoint: str | Path, path: str | Path, extra: dict | None = No
     model = build_model(config_from_dict(state["model_config"]))
     model.load_state_dict(state["ema"])
     return save_safetensors(model, path, extra)
-
-
-def config_from_dict(data: dict):
-    """A saved model config -> DiTConfig, or VideoDiTConfig when it has frames."""
-    from opendit.models.video_dit import VideoDiTConfig
-
-    return VideoDiTConfig.from_dict(data) if "frames" in data else DiTConfig.from_dict(data)
