@@ -88,6 +88,9 @@ class ModelSpec:
     derived: dict[str, Callable[[nn.Module], object]] = field(default_factory=dict)
     attention_filter: Callable[[str], bool] | None = None
     frame_split: FrameSplit | None = None
+    # True when the root's own parameters are read after the first shard unit has run (the video DiT adds
+    # temp_embed after the first spatial block): sharded weights then keep the root gathered for the whole forward
+    root_used_after_embedding: bool = False
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model` that spans the token split, in model order."""
@@ -141,6 +144,11 @@ _SPECS: dict[type, ModelSpec] = {}
 def register_spec(spec: ModelSpec) -> ModelSpec:
     _SPECS[spec.config_type] = spec
     return spec
+
+
+def has_spec(model_or_config) -> bool:
+    """Whether a spec is declared for this model's (or config's) config type."""
+    return type(getattr(model_or_config, "config", model_or_config)) in _SPECS
 
 
 def spec_for(model_or_config) -> ModelSpec:

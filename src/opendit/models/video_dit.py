@@ -352,6 +352,7 @@ VIDEO_DIT_SPEC = register_spec(
         attention=("blocks.*.attn",),
         attention_kind="fused_qkv",
         attention_filter=_spatial_block,
+        root_used_after_embedding=True,  # temp_embed, added after the first spatial block
         shard_units=(
             "t_embedder",
             "y_embedder",
