@@ -58,6 +58,9 @@ from opendit.errors import OpenDiTError
 from opendit.generation import ENGINE_FIELDS, GenerationRequest, GenerationResult, prepare, resolve_call, resolve_engine
 from opendit.request import CallRequest, EngineRequest
 
+CACHE_FIELDS = ("cache", "pab_range", "pab_window", "pab_mlp_range", "cache_threshold", "cache_max_reuse",
+                "cache_guard_steps")  # fmt: skip
+
 
 class Engine:
     """A long-lived generator: see the module docstring for the modes and the message flow."""
@@ -172,9 +175,13 @@ class Engine:
         negative_prompt: str | None = None,
         motion: str | list[str] | None = None,
         frames: int | None = None,
+        cache: str | None = None,
+        **cache_options,
     ) -> GenerationResult | None:
         """One image per entry of `classes` (image i seeded seed + i), or on a diffusers engine one per `prompt` (one
-        pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun."""
+        pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun. `cache` ("pab" or
+        "fbcache") with `cache_options` (pab_range, pab_window, pab_mlp_range, cache_threshold, cache_max_reuse,
+        cache_guard_steps) reuses work across this call's steps (opendit/cache)."""
         if not self.is_main:
             return None
         if self._closed is not None:
@@ -185,7 +192,8 @@ class Engine:
         texts = {"prompt": prompt, "negative_prompt": negative_prompt}
         video = {"motion": motion, "frames": frames}  # video engines (video=True): result.frames holds the videos
         # None: the engine's image size
-        request = CallRequest.build({**values, **texts, **video, "image_size": image_size, "trace": trace})
+        caching = {"cache": cache, **cache_options}  # unknown option names: the schema names the known fields
+        request = CallRequest.build({**values, **texts, **video, **caching, "image_size": image_size, "trace": trace})
         call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
         start = time.perf_counter()
         result = self._dispatch(call)
@@ -267,6 +275,7 @@ def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationRe
         resolved = {"steps": job.steps, "cfg_scale": job.cfg_scale, "scheduler": job.scheduler}
         texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
         texts.update(motion=request.motion, frames=request.frames)
+        texts.update({name: getattr(request, name) for name in CACHE_FIELDS})
         result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved, **texts)
     if result is None:  # ranks > 0 under torchrun: rank 0 holds the images
         return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=labels)

@@ -91,7 +91,14 @@ def roundtrip_accuracy(judge: dict, resolution: int) -> float:
 
 
 def generate_digits(
-    model: DiT, per_class: int, steps: int, cfg_scale: float, seed: int = 0, batch_size: int = 50, scheduler=None
+    model: DiT,
+    per_class: int,
+    steps: int,
+    cfg_scale: float,
+    seed: int = 0,
+    batch_size: int = 50,
+    scheduler=None,
+    hooks=(),
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """per_class samples of every class with the project sampler. Returns images (N, C, H, W), labels (N,), seconds.
 
@@ -124,6 +131,7 @@ def generate_digits(
             seed=seed,
             first_index=first,
             device=device,
+            hooks=hooks,
         )
         chunks.append(result.samples.cpu())  # (b, C, H, W)
     seconds = time.perf_counter() - start

@@ -217,7 +217,9 @@ def judge_on_real(n_per_condition: int = 10, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ a model's videos
-def generate_videos(model, per_condition: int, steps: int, cfg_scale: float, seed: int = 0, batch_size: int = 40):
+def generate_videos(
+    model, per_condition: int, steps: int, cfg_scale: float, seed: int = 0, batch_size: int = 40, hooks=()
+):
     """per_condition videos of every label with the project sampler: (videos (N, F, 1, H, W) in [-1, 1], labels (N,),
     seconds). Video i draws its noise from seed + i, so results do not depend on batch_size."""
     import time
@@ -240,7 +242,7 @@ def generate_videos(model, per_condition: int, steps: int, cfg_scale: float, see
         result = sample(
             model, batch, cfg.sample_shape, num_classes=cfg.num_classes, scheduler_name="flow-euler",
             prediction=cfg.prediction, learn_sigma=False, steps=steps, cfg_scale=cfg_scale, seed=seed,
-            first_index=first, device=device,
+            first_index=first, device=device, hooks=hooks,
         )  # fmt: skip
         chunks.append(result.samples.cpu().transpose(1, 2))  # (b, C, F, H, W) -> (b, F, C, H, W)
     return torch.cat(chunks), labels, time.perf_counter() - start

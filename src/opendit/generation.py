@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 from opendit.checkpoint import config_from_dict, read_sidecar_config
@@ -69,6 +70,13 @@ class GenerationRequest:
     video: bool = False  # a video DiT (video.py): the bundled digits video model unless model/ckpt say otherwise
     motion: list[str] | None = None  # video, a motion model: one direction per class or one for all
     frames: int | None = None  # video: must equal the model's own frame count
+    cache: str | None = None  # "pab" | "fbcache" | "none" (cache/config.py); None: no cache
+    pab_range: int | None = None  # pab: self/spatial attention every N steps (temporal 2N, cross 3N)
+    pab_window: list[float] | None = None  # pab: [A, B] fractions of the steps where outputs may be reused
+    pab_mlp_range: int | None = None  # pab: MLPs every N steps too (0: always computed)
+    cache_threshold: float | None = None  # fbcache: relative L1 change under which blocks 2..N are reused
+    cache_max_reuse: int | None = None  # fbcache: consecutive reuses before a full step
+    cache_guard_steps: int | None = None  # fbcache: first/last steps that always compute
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Call:
     request: dict  # the record's "request" entry
     trace: str | None = None  # absolute path of the Chrome trace to write, or None
     notes: list[str] = field(default_factory=list)  # the plan's notes for this call's batch and size
+    cache: Any = None  # a cache.CacheConfig, or None
 
 
 @dataclass
@@ -287,6 +296,7 @@ def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> 
         request=asked,
         trace=trace,
         notes=resolved.notes,
+        cache=resolved.cache,
     )
 
 

@@ -97,12 +97,18 @@ class PipelineReplica(ControlMember):
             stats.reset()
         step_times: list[float] = []
         kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
-        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times))
+        cache = self._install_cache(call, kwargs)
+        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times, cache))
         begin = time.perf_counter()
+        self.cache_summary = None
         try:
             output = self.pipe(**kwargs)
         except ValueError as exc:  # the pipeline's check_inputs (e.g. a size its VAE and patches cannot take)
             raise OpenDiTError(f"{type(self.pipe).__name__} refused the call: {exc}") from exc
+        finally:
+            if cache is not None:
+                self.cache_summary = cache.summary()
+                cache.remove()
         sampling_s = time.perf_counter() - begin
         self.memory.end("sampling")  # the whole call: prompt encoding, the denoising loop, the VAE decode
         images, frames = to_uint8(output)
@@ -112,6 +118,17 @@ class PipelineReplica(ControlMember):
             return None
         record = self._record(call, images, frames, ranks, start)
         return GenerationResult(images=images, labels=list(call.prompts), record=record, frames=frames)
+
+    def _install_cache(self, call: PipelineCall, kwargs: dict):
+        """The call's cache on the transformer (after its parallel plan), stepped by the pipeline's callback."""
+        if call.cache is None:
+            return None
+        from opendit.cache.runtime import install_cache
+
+        steps = kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps"))
+        cache = install_cache(self.pipe.transformer, call.cache, self.runtime)
+        cache.reset(int(steps))
+        return cache
 
     def _rank_records(self, sampling_s: float, step_times: list[float], stats) -> list[dict]:
         mine = {
@@ -168,6 +185,7 @@ class PipelineReplica(ControlMember):
             "memory": ranks[0]["memory"],
             "comm": _comm_record(ranks) if spec.world > 1 else None,
             "ranks": ranks if spec.world > 1 else None,
+            "cache": self.cache_summary,
         }
 
 
@@ -178,8 +196,9 @@ def _comm_record(ranks: list[dict]) -> dict:
     }
 
 
-def _step_clock(params: dict, device: torch.device, times: list[float]) -> dict:
-    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one)."""
+def _step_clock(params: dict, device: torch.device, times: list[float], cache=None) -> dict:
+    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one) and
+    move the cache (if any) on to the next step."""
     last = [time.perf_counter()]
 
     def tick() -> None:
@@ -188,6 +207,8 @@ def _step_clock(params: dict, device: torch.device, times: list[float]) -> dict:
         now = time.perf_counter()
         times.append(now - last[0])
         last[0] = now
+        if cache is not None and len(times) < cache.num_steps:
+            cache.start_step(len(times))
 
     if "callback_on_step_end" in params:
         return {"callback_on_step_end": lambda _pipe, _i, _t, tensors: (tick(), tensors)[1]}

@@ -28,6 +28,7 @@ import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -163,6 +164,14 @@ class PipelineSpec:
         return None  # no DiTConfig: the pipeline's transformer has its own (info["transformer_config"])
 
     @property
+    def family(self) -> str | None:
+        """The transformer's diffusers spec name (cache defaults are per family)."""
+        from opendit.integrations.diffusers_specs import SPECS
+
+        spec = SPECS.get(self.info["transformer_class"])
+        return spec.name if spec is not None else None
+
+    @property
     def ckpt(self) -> str:
         return self.folder
 
@@ -179,6 +188,7 @@ class PipelineCall:
     cfg_scale: float | None = None
     scheduler: None = None  # the pipeline runs its own scheduler
     notes: list[str] = field(default_factory=list)
+    cache: Any = None  # a cache.CacheConfig, or None
 
 
 def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
@@ -274,8 +284,12 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
         )
     if request.out is not None:
         prepare_output_dir(request.out, "--out")
+    cache = request.cache_config(spec.family, spec.plan)
+    if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
+        raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
-    return PipelineCall(list(request.prompt), request.seed, kwargs, asked, request.steps, request.cfg_scale)
+    return PipelineCall(list(request.prompt), request.seed, kwargs, asked, request.steps, request.cfg_scale,
+                        cache=cache)  # fmt: skip
 
 
 def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:

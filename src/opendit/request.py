@@ -112,6 +112,14 @@ FIELD_HELP = {
     "motion": FieldHelp("--motion", "a list of directions (right, left, down, up)", "e.g. --motion right up"),
     "motion[]": FieldHelp("--motion", "a direction: right, left, down or up", "e.g. --motion right"),
     "frames": FieldHelp("--frames", "an integer from 1 to 1024 (the video model's own frame count)", "e.g. --frames 8"),
+    "cache": FieldHelp("--cache", "none, pab or fbcache", "e.g. --cache fbcache"),
+    "pab_range": FieldHelp("--pab-range", "an integer >= 1", "e.g. --pab-range 2"),
+    "pab_window": FieldHelp("--pab-window", "two fractions A < B in [0, 1]", "e.g. --pab-window 0.2 0.9"),
+    "pab_window[]": FieldHelp("--pab-window", "a fraction in [0, 1]", "e.g. --pab-window 0.2 0.9"),
+    "pab_mlp_range": FieldHelp("--pab-mlp-range", "an integer >= 0", "e.g. --pab-mlp-range 2"),
+    "cache_threshold": FieldHelp("--cache-threshold", "a finite number >= 0", "e.g. --cache-threshold 0.08"),
+    "cache_max_reuse": FieldHelp("--cache-max-reuse", "an integer >= 1", "e.g. --cache-max-reuse 3"),
+    "cache_guard_steps": FieldHelp("--cache-guard-steps", "an integer >= 0", "e.g. --cache-guard-steps 2"),
 }
 
 
@@ -357,6 +365,7 @@ class ResolvedCall:
     config: Any  # DiTConfig (VideoDiTConfig) at this call's image size
     notes: list[str]
     labels: list[int] | None = None  # the model's labels (a motion model's digit + 10 * direction)
+    cache: Any = None  # cache.CacheConfig (None: no cache)
 
 
 class CallRequest(Schema):
@@ -377,6 +386,14 @@ class CallRequest(Schema):
         Annotated[list[str], BeforeValidator(_as_motion_list), Field(min_length=1, max_length=MAX_CLASSES)] | None
     ) = None  # --video, a model trained with motion: one direction per class, or one for all
     frames: Annotated[Int, Field(ge=1, le=1024)] | None = None  # --video: must be the model's own frame count
+    # caching across steps (cache/config.py checks the values and names the fix; --cache none or absent: off)
+    cache: str | None = None
+    pab_range: Int | None = None
+    pab_window: list[float] | None = None
+    pab_mlp_range: Int | None = None
+    cache_threshold: float | None = None
+    cache_max_reuse: Int | None = None
+    cache_guard_steps: Int | None = None
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> CallRequest:
@@ -431,7 +448,32 @@ class CallRequest(Schema):
                 f"{have[0]}x{have[1]}; start a new engine for {want[0]}x{want[1]}"
             )
         notes = check_plan(engine.plan, engine.world, config, len(self.classes), cfg_scale != 1.0)
-        return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes, labels)
+        cache = self.cache_config(spec_family(config), engine.plan)
+        return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes, labels, cache)
+
+    def cache_config(self, family: str | None, plan=None):
+        """The call's cache settings, validated (None when no cache is asked for)."""
+        from opendit.cache.config import make_cache_config
+
+        options = {
+            "pab_range": self.pab_range, "pab_window": self.pab_window, "pab_mlp_range": self.pab_mlp_range,
+            "threshold": self.cache_threshold, "max_reuse": self.cache_max_reuse, "guard_steps": self.cache_guard_steps,
+        }  # fmt: skip
+        config = make_cache_config(self.cache or "none", family, **options)
+        if not config.enabled:
+            return None
+        if plan is not None and plan.shard_weights:
+            raise OpenDiTError("--cache with --shard-weights is not supported yet; drop one of them")
+        if plan is not None and plan.balance_tokens:
+            raise OpenDiTError("--cache with --balance-tokens is not supported (a re-split drops every cached shard)")
+        return config
+
+
+def spec_family(config) -> str | None:
+    """The spec name of a model config (the cache defaults are per family)."""
+    from opendit.models.spec import has_spec, spec_for
+
+    return spec_for(config).name if has_spec(config) else None
 
 
 def check_plan(plan: ParallelConfig, world: int, config, images: int, guided: bool) -> list[str]:

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from opendit.cache.runtime import install_cache
 from opendit.checkpoint import file_sha256, load_model, open_for_model
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.comm import CommStats
@@ -197,9 +198,18 @@ class Replica(ControlMember):
         labels = torch.tensor(call.classes, dtype=torch.long)
         # (C, H, W) per image, (C, F, H, W) per video (models/video_dit.py is channel-first)
         shape = getattr(config, "sample_shape", None) or (config.in_channels, *config.input_size)
-        if self.pmodel is None:
-            return sample(self.model, labels, shape, **kwargs)
-        return sample_images(self.pmodel, labels, shape, **kwargs)
+        self.cache_summary = None
+        cache = install_cache(self.model, call.cache, self.runtime) if call.cache is not None else None
+        if cache is not None:  # installed for this call only (after the plan's kernels), removed below
+            kwargs["hooks"] = [cache, *kwargs["hooks"]]
+        try:
+            if self.pmodel is None:
+                return sample(self.model, labels, shape, **kwargs)
+            return sample_images(self.pmodel, labels, shape, **kwargs)
+        finally:
+            if cache is not None:
+                self.cache_summary = cache.summary()
+                cache.remove()
 
     def _rank_records(self, call: Call, trace: TraceHook, step_times: list[float], stats: CommStats) -> list[dict]:
         """Every rank's timings, peak memory, resident parameter bytes, comm counters and utilisation (and, when
@@ -257,6 +267,7 @@ class Replica(ControlMember):
             "ranks": ranks if self.runtime is not None else None,
             "utilisation": utilisation,
             "trace": call.trace,
+            "cache": self.cache_summary,  # per step what was computed and reused (this rank's view), and the totals
         }
 
     def _parallel_record(self, num_images: int) -> dict:

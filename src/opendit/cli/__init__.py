@@ -41,6 +41,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_diffusers_flags(parser)
     add_video_flags(parser)
+    add_cache_flags(parser)
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -85,6 +86,25 @@ def add_video_flags(parser: argparse.ArgumentParser) -> None:
         "--motion", nargs="+", help="digits video model: right | left | down | up, one per class or one for all"
     )
     vid.add_argument("--frames", type=int, help="frames per video: must be the model's own (checked)")
+
+
+# the request's cache fields, each one flag (--cache, --pab-range, ...)
+CACHE_FLAGS = ("cache", "pab_range", "pab_window", "pab_mlp_range", "cache_threshold", "cache_max_reuse",
+               "cache_guard_steps")  # fmt: skip
+
+
+def add_cache_flags(parser: argparse.ArgumentParser) -> None:
+    """`opendit sample --cache pab|fbcache ...` (opendit/cache/): reuse work across denoising steps."""
+    cache = parser.add_argument_group("caching across steps (cache/config.py; defaults per model in the README)")
+    cache.add_argument("--cache", help="none | pab (pyramid attention broadcast) | fbcache (adaptive first-block cache)")
+    cache.add_argument("--pab-range", type=int, help="pab: self/spatial attention every N steps; temporal 2N, cross 3N")
+    cache.add_argument(
+        "--pab-window", type=float, nargs=2, metavar=("A", "B"), help="pab: reuse inside steps [A, B) (fractions)"
+    )
+    cache.add_argument("--pab-mlp-range", type=int, help="pab: reuse the MLPs too, every N steps (0: never)")
+    cache.add_argument("--cache-threshold", type=float, help="fbcache: relative L1 change under which blocks are reused")
+    cache.add_argument("--cache-max-reuse", type=int, help="fbcache: consecutive reuses before a full step")
+    cache.add_argument("--cache-guard-steps", type=int, help="fbcache: first/last N steps always compute")
 
 
 def add_diffusers_flags(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +164,7 @@ def validate_sample(args: argparse.Namespace):
         video=args.video,
         motion=args.motion,
         frames=args.frames,
+        **{name: getattr(args, name) for name in CACHE_FLAGS},
         progress=not args.no_progress,
         parallel=parallel_config(args),
         parallel_auto=args.parallel == "auto",

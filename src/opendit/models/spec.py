@@ -91,6 +91,9 @@ class ModelSpec:
     # True when the root's own parameters are read after the first shard unit has run (the video DiT adds
     # temp_embed after the first spatial block): sharded weights then keep the root gathered for the whole forward
     root_used_after_embedding: bool = False
+    # the block chain a first-block cache skips through, and the MLPs PAB may reuse (cache/layout.py)
+    cache_blocks: tuple[str, ...] = ("blocks.*",)
+    cache_mlps: tuple[str, ...] = ("blocks.*.mlp",)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model` that spans the token split, in model order."""

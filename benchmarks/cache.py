@@ -1,0 +1,259 @@
+"""Caching across steps: wall-clock speedup vs drift, on trained models -> JSON + Markdown table + PNG.
+
+    .venv/bin/python benchmarks/cache.py                 # full run (~25 min on 2 cores)
+    .venv/bin/python benchmarks/cache.py --quick         # 100 samples, 1 timing pass: a smoke test
+
+Parts (one process, 1 thread, fp32, flow-euler, 30 steps, CFG 3, the same seeds in every setting):
+  digits     the bundled digits DiT: uncached, PAB settings, fbcache thresholds. Per setting: sampling wall time of
+             `--timing-samples` images (interleaved passes; per-pass minimum and median), and on `--samples` images
+             (100 per class at 1000) the project judge's class accuracy and the PSNR against the uncached images.
+  diffusers  the same digits model converted to diffusers' DiTTransformer2DModel (integrations/dit_to_diffusers.py,
+             outputs equal to ours): diffusers' own `apply_first_block_cache` vs our fbcache on that same module,
+             same thresholds, same sampler; speedup and PSNR vs that module's uncached images.
+  video      the bundled digits video model: uncached, PAB and fbcache defaults; per-frame digit and direction
+             accuracy on 40 conditions x `--video-per-condition` seeds, and sampling time.
+Speedup = uncached time / cached time of the same images in the same run: what a user of `opendit sample` waits
+for in the sampling loop (model load and PNG writing, identical in every setting, are outside the figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from opendit.cache import CacheConfig, install_cache, make_cache_config  # noqa: E402
+
+STEPS, CFG = 30, 3.0
+
+
+def digits_settings() -> list[tuple[str, CacheConfig | None]]:
+    settings = [("uncached", None), ("pab (default)", make_cache_config("pab", "DiT"))]
+    settings += [("pab range 3", make_cache_config("pab", "DiT", pab_range=3))]
+    settings += [("pab range 2 + mlp 2", make_cache_config("pab", "DiT", pab_mlp_range=2))]
+    for threshold in (0.04, 0.08, 0.12, 0.2, 0.3):
+        label = f"fbcache {threshold:g}" + (" (default)" if threshold == make_cache_config("fbcache", "DiT").threshold else "")
+        settings.append((label, make_cache_config("fbcache", "DiT", threshold=threshold)))
+    settings.append(("fbcache 0.3 reuse<=6", make_cache_config("fbcache", "DiT", threshold=0.3, max_reuse=6)))
+    return settings
+
+
+def sample_digits(model_fn, labels: torch.Tensor, cache, batch: int, channels_hw) -> tuple[torch.Tensor, float]:
+    from opendit.diffusion.sampler import sample
+
+    chunks, start = [], time.perf_counter()
+    for first in range(0, len(labels), batch):
+        result = sample(
+            model_fn, labels[first : first + batch], channels_hw, num_classes=10, scheduler_name="flow-euler",
+            prediction="flow", learn_sigma=False, steps=STEPS, cfg_scale=CFG, seed=0, first_index=first,
+            hooks=[cache] if cache is not None else [],
+        )  # fmt: skip
+        chunks.append(result.samples)
+    return torch.cat(chunks), time.perf_counter() - start
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR (dB) of images in [-1, 1] against the uncached ones, on [0, 1] pixels."""
+    a, b = (images.clamp(-1, 1) + 1) / 2, (reference.clamp(-1, 1) + 1) / 2
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def timed(settings, make_fn, labels, batch, shape, passes) -> dict[str, list[float]]:
+    """Per setting, `passes` wall times of sampling `labels`, interleaved setting by setting within each pass."""
+    times: dict[str, list[float]] = {label: [] for label, _c in settings}
+    for _ in range(passes):
+        for label, config in settings:
+            fn, module = make_fn(label)
+            cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
+            if callable(config):  # diffusers' own cache: applied to a fresh copy by make_fn
+                cache = None
+            _images, seconds = sample_digits(fn, labels, cache, batch, shape)
+            if cache is not None:
+                cache.remove()
+            times[label].append(seconds)
+    return times
+
+
+def run_digits(args) -> list[dict]:
+    from opendit.evaluate import load_for_eval, score_samples
+
+    model, _meta = load_for_eval()
+    settings = digits_settings()
+    shape = (model.config.in_channels, *model.config.input_size)
+    labels = torch.arange(10).repeat_interleave(args.samples // 10)
+    timing_labels = torch.arange(10).repeat_interleave(max(1, args.timing_samples // 10))
+    times = timed(settings, lambda _label: (model, model), timing_labels, args.batch, shape, args.passes)
+    rows, reference = [], None
+    for label, config in settings:
+        cache = install_cache(model, config) if config is not None else None
+        images, seconds = sample_digits(model, labels, cache, args.batch, shape)
+        saved = cache.summary()["saved"] if cache is not None else None
+        if cache is not None:
+            cache.remove()
+        reference = images if reference is None else reference
+        score = score_samples(images.clamp(-1, 1), labels)
+        rows.append({"part": "digits", "setting": label, "cache": config.to_dict() if config else None,
+                     "times_s": times[label], "quality_run_s": seconds, "accuracy": score["accuracy"],
+                     "psnr_db": psnr(images, reference), "saved": saved})  # fmt: skip
+        print(f"[cache] digits {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
+    return with_speedups(rows)
+
+
+def run_diffusers(args) -> list[dict]:
+    import copy
+
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    from opendit.evaluate import load_for_eval
+    from opendit.integrations.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
+
+    model, _meta = load_for_eval()
+    base = to_diffusers_dit(model)
+    shape = (model.config.in_channels, *model.config.input_size)
+    thresholds = (0.04, 0.08, 0.12, 0.2)
+    settings = [("uncached", None)]
+    for threshold in thresholds:
+        settings.append((f"diffusers FBC {threshold:g}", lambda m, t=threshold: apply_first_block_cache(
+            m, FirstBlockCacheConfig(threshold=t))))  # fmt: skip
+        settings.append((f"ours fbcache {threshold:g}", make_cache_config("fbcache", threshold=threshold)))
+    modules = {}
+    for label, config in settings:  # diffusers' cache is installed for good: one module copy per setting
+        module = copy.deepcopy(base)
+        if callable(config):
+            config(module)
+        modules[label] = module
+
+    def make_fn(label):
+        return DiffusersDiTFn(modules[label]), modules[label]
+
+    labels = torch.arange(10).repeat_interleave(args.samples // 10)
+    timing_labels = torch.arange(10).repeat_interleave(max(1, args.timing_samples // 10))
+    times = timed(settings, make_fn, timing_labels, args.batch, shape, args.passes)
+    rows, reference = [], None
+    with torch.no_grad():
+        check = torch.randn(2, *shape)
+        t, y = torch.tensor([500.0, 20.0]), torch.tensor([3, 10])
+        conversion_err = float((DiffusersDiTFn(base)(check, t, y) - model(check, t, y)).abs().max())
+    for label, config in settings:
+        fn, module = make_fn(label)
+        cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
+        images, seconds = sample_digits(fn, labels, cache, args.batch, shape)
+        saved = cache.summary()["saved"] if cache is not None else None
+        if cache is not None:
+            cache.remove()
+        reference = images if reference is None else reference
+        from opendit.evaluate import score_samples
+
+        score = score_samples(images.clamp(-1, 1), labels)
+        rows.append({"part": "diffusers", "setting": label, "times_s": times[label], "quality_run_s": seconds,
+                     "accuracy": score["accuracy"], "psnr_db": psnr(images, reference), "saved": saved,
+                     "conversion_max_abs_err": conversion_err})  # fmt: skip
+        print(f"[cache] diffusers {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
+    return with_speedups(rows)
+
+
+def run_video(args) -> list[dict]:
+    from opendit.checkpoint import inspect_checkpoint, load_model
+    from opendit.evaluate_video import generate_videos, score_videos
+    from opendit.video import DEFAULT_VIDEO_CKPT
+
+    info = inspect_checkpoint(DEFAULT_VIDEO_CKPT)
+    model = load_model(info.config, info.path)
+    rows = []
+    for label, config in (("uncached", None), ("pab (default)", make_cache_config("pab", "VideoDiT")),
+                          ("fbcache (default)", make_cache_config("fbcache", "VideoDiT"))):  # fmt: skip
+        cache = install_cache(model, config) if config is not None else None
+        videos, labels, seconds = generate_videos(model, args.video_per_condition, STEPS, CFG,
+                                                  hooks=[cache] if cache else ())  # fmt: skip
+        saved = cache.summary()["saved"] if cache is not None else None
+        if cache is not None:
+            cache.remove()
+        score = score_videos(videos.clamp(-1, 1), labels)
+        score.pop("per_condition", None)
+        rows.append({"part": "video", "setting": label, "times_s": [seconds], "saved": saved, **score})
+        print(f"[cache] video {label}: {seconds:.1f} s, digit {score['digit_accuracy']:.3f}", flush=True)
+    return with_speedups(rows)
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    base = rows[0]
+    for row in rows:
+        row["time_min_s"], row["time_median_s"] = min(row["times_s"]), statistics.median(row["times_s"])
+        row["speedup_min"] = min(base["times_s"]) / row["time_min_s"]
+        row["speedup_median"] = statistics.median(base["times_s"]) / row["time_median_s"]
+        row["time_ratio"] = 1 / row["speedup_min"]
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    lines = ["| part | setting | time (min / median, s) | time ratio | accuracy | PSNR vs uncached (dB) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        acc = r.get("accuracy", r.get("digit_accuracy"))
+        extra = f" (direction {r['direction_accuracy']:.3f})" if "direction_accuracy" in r else ""
+        lines.append(f"| {r['part']} | {r['setting']} | {r['time_min_s']:.2f} / {r['time_median_s']:.2f} | "
+                     f"{r['time_ratio']:.2f} | {acc:.3f}{extra} | {r.get('psnr_db', float('nan')):.1f} |")  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, part in zip(axes, ("digits", "diffusers")):
+        for family, marker in (("uncached", "s"), ("pab", "o"), ("fbcache", "^"), ("diffusers FBC", "v")):
+            pts = [r for r in rows if r["part"] == part and family in r["setting"] and not (
+                family == "fbcache" and "diffusers" in r["setting"])]  # fmt: skip
+            if pts:
+                ax.plot([r["speedup_min"] for r in pts], [min(r["psnr_db"], 60) for r in pts], marker, ls="-",
+                        label=family)  # fmt: skip
+                for r in pts:
+                    ax.annotate(f"{r['accuracy']:.0%}", (r["speedup_min"], min(r["psnr_db"], 60)), fontsize=7)
+        ax.set_xlabel("sampling speedup vs uncached (wall clock, per-pass minimum)")
+        ax.set_ylabel("PSNR vs uncached (dB; 60 = identical)")
+        ax.set_title(f"{part}: speed vs drift (labels: class accuracy)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--timing-samples", type=int, default=100)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--video-per-condition", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=["digits", "diffusers", "video"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache"))
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.timing_samples, args.passes, args.video_per_condition = 100, 50, 1, 1
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    runners = {"digits": run_digits, "diffusers": run_diffusers, "video": run_video}
+    for part in args.parts:
+        rows += runners[part](args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"steps": STEPS, "cfg_scale": CFG, "threads": 1, "samples": args.samples, "passes": args.passes,
+            "timing_samples": args.timing_samples, "torch": torch.__version__}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    report(rows, out)
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

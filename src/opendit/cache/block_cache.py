@@ -1,0 +1,188 @@
+"""The adaptive first-block cache (`--cache fbcache`), per sample and shard-aware.
+
+Per model call (slot) and per sample b (a row of the model's batch: an image or video, cond and uncond apart):
+- the head block (block 0) always runs; its residual r_b = out - in (the image stream) is compared with r_b at b's
+  last full step: d_b = |r_b - r_prev_b|_1 / |r_prev_b|_1, both sums over b's tokens on this rank, all-reduced over
+  the sequence group (fp64) so every rank of the group decides the same;
+- b reuses when d_b < threshold, it has reused fewer than `max_reuse` times in a row, and the step is not one of the
+  first or last `guard_steps`; otherwise it computes;
+- the cached span, blocks 1..K, is then skipped for b: the middle blocks pass b's tokens through and the span's last
+  block K adds R_b, the residual the span added at b's last full step (R = out_K - out_0, per stream: image tokens and,
+  for joint-attention blocks, the text tokens). Blocks after K always run.
+K is the last block of the head's kind: the whole chain for image models; for the video DiT (spatial / temporal
+blocks alternate, and the two kinds see the tokens in different layouts, (B*F, T, C) vs (B*T, F, C)) the last spatial
+block, so R is taken in one layout and the final temporal block runs on every step.
+When only some samples reuse, the span's blocks run on the computing samples' rows (rows of a sample are contiguous:
+every block's batch is sample-major, (B*k, ...)), every rank of a sequence group on the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_TINY = 1e-30
+
+
+@dataclass
+class _SlotState:
+    prev_residual: torch.Tensor | None = None  # (rows_0, ...) head residual at each sample's last full step
+    span_residual: tuple | None = None  # (image (rows_K, ...), text or None): out_K - out_0 at the last full step
+    streak: torch.Tensor | None = None  # (B,) consecutive reuses
+    head_out: tuple | None = None  # (image, text) out of block 0, this call
+    reuse: torch.Tensor | None = None  # (B,) bool, this call
+
+
+class BlockCache:
+    def __init__(self, owner):
+        self.owner, self.config = owner, owner.config
+        layout = owner.layout
+        kinds = [_block_kind(layout, path) for path, _m, _io in layout.blocks]
+        self.span_end = max(i for i, k in enumerate(kinds) if k == kinds[0])
+        if self.span_end == 0:
+            from opendit.errors import OpenDiTError
+
+            raise OpenDiTError(f"{layout.family}: the first-block cache needs two blocks of the first block's kind")
+        self.skippable = self.span_end  # blocks 1..K
+        self.slots: dict[int, _SlotState] = {}
+        for index, (_path, module, io) in enumerate(layout.blocks[: self.span_end + 1]):
+            role = "head" if index == 0 else ("tail" if index == self.span_end else "middle")
+            owner._wrap(module, self._forward(module.forward, io, role))
+
+    def reset(self) -> None:
+        self.slots.clear()
+
+    def _state(self) -> _SlotState:
+        return self.slots.setdefault(self.owner.slot, _SlotState())
+
+    def _forward(self, forward, io, role: str):
+        def head(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            self._decide(io.inputs(args, kwargs)[0], io.outputs(out))
+            return out
+
+        def span(*args, **kwargs):
+            state = self._state()
+            reuse = state.reuse
+            if reuse is None or not bool(reuse.any()):
+                out = forward(*args, **kwargs)
+                if role == "tail":
+                    state.span_residual = _minus(io.outputs(out), state.head_out)
+                return out
+            hidden, text = io.inputs(args, kwargs)
+            like = None
+            if bool(reuse.all()):
+                streams = (hidden, text)
+            else:
+                rows = _rows(reuse, hidden.shape[0])  # (rows,) True where the sample reuses
+                keep = ~rows
+                out = forward(*_take(args, keep), **_take(kwargs, keep))
+                like, computed = out, io.outputs(out)
+                streams = tuple(
+                    _merge(full, part, _rows(reuse, full.shape[0])) if full is not None and part is not None else None
+                    for full, part in zip((hidden, text), computed)
+                )
+            if role == "tail":
+                streams = self._finish_span(state, streams, reuse)
+            return io.pack(*streams, like)
+
+        return head if role == "head" else span
+
+    def _decide(self, hidden_in: torch.Tensor, head_out: tuple) -> None:
+        owner, config, state = self.owner, self.config, self._state()
+        batch, record = owner.batch, owner.call_record
+        residual = head_out[0] - hidden_in  # (rows_0, ...), rows_0 = B x (frames on this rank, or 1)
+        reuse = torch.zeros(batch, dtype=torch.bool, device=residual.device)
+        step, n, guard = owner.step, owner.num_steps, config.guard_steps
+        guarded = step < guard or step >= n - guard
+        if state.streak is None or state.streak.shape[0] != batch:
+            state.streak = torch.zeros(batch, dtype=torch.long, device=residual.device)
+        metric = None
+        comparable = state.prev_residual is not None and state.prev_residual.shape == residual.shape
+        if comparable:
+            # per-sample L1 sums over this rank's tokens: (B, 2) fp64, then summed over the sequence group
+            diff = (residual - state.prev_residual).abs().reshape(batch, -1).sum(1, dtype=torch.float64)
+            base = state.prev_residual.abs().reshape(batch, -1).sum(1, dtype=torch.float64)
+            sums = owner.reduce_sum(torch.stack([diff, base], 1))
+            metric = sums[:, 0] / sums[:, 1].clamp_min(_TINY)
+            if not guarded and state.span_residual is not None:
+                reuse = (metric < config.threshold) & (state.streak < config.max_reuse)
+        replay = owner.replay
+        if replay is not None and step < len(replay) and owner.slot < len(replay[step]):
+            forced = torch.tensor(replay[step][owner.slot], dtype=torch.bool, device=residual.device)
+            if forced.any() and (guarded or state.span_residual is None):
+                from opendit.errors import OpenDiTError
+
+                raise OpenDiTError(f"replayed decisions reuse at step {step}, where nothing can be reused")
+            reuse = forced
+        compute_rows = ~_rows(reuse, residual.shape[0])
+        if state.prev_residual is None or not comparable:
+            state.prev_residual = residual
+        else:
+            state.prev_residual = torch.where(_bcast(compute_rows, residual), residual, state.prev_residual)
+        state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
+        state.head_out, state.reuse = head_out, reuse
+        reused = [int(i) for i in torch.nonzero(reuse).flatten()]
+        record["reused_samples"] = reused
+        record["blocks_skipped"] += len(reused) * self.skippable
+        if metric is not None:
+            record["metric"] = [round(float(v), 6) for v in metric]
+
+    def _finish_span(self, state: _SlotState, streams: tuple, reuse: torch.Tensor) -> tuple:
+        """At block K: reusing rows get out_0 + R; computing rows refresh R = out_K - out_0."""
+        out = []
+        for stream, head, cached in zip(streams, state.head_out, state.span_residual):
+            if stream is None or head is None or cached is None:  # e.g. SD3's last block returns no text tokens
+                out.append(None)
+                continue
+            rows = _bcast(_rows(reuse, stream.shape[0]), stream)
+            out.append(torch.where(rows, head + cached, stream))
+        fresh = _minus(tuple(out), state.head_out)
+        state.span_residual = tuple(
+            None if f is None or c is None else torch.where(_bcast(_rows(reuse, f.shape[0]), f), c, f)
+            for f, c in zip(fresh, state.span_residual)
+        )
+        return tuple(out)
+
+
+def _block_kind(layout, block_path: str) -> str:
+    kinds = {kind for path, _m, kind in layout.attention if path.startswith(block_path + ".") and kind != "cross"}
+    return ",".join(sorted(kinds)) or "block"
+
+
+def _rows(per_sample: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B,) per-sample flags -> (rows,) per-row flags; a block's batch is sample-major, rows = B x k."""
+    batch = per_sample.shape[0]
+    if rows % batch:
+        from opendit.errors import OpenDiTError
+
+        raise OpenDiTError(f"a block's batch of {rows} rows is not a multiple of the model's batch {batch}")
+    return per_sample.repeat_interleave(rows // batch)
+
+
+def _bcast(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return rows.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _minus(streams: tuple, base: tuple) -> tuple:
+    return tuple(None if s is None or b is None else s - b for s, b in zip(streams, base))
+
+
+def _merge(full: torch.Tensor, part: torch.Tensor, reuse_rows: torch.Tensor) -> torch.Tensor:
+    """Rows that reuse keep `full` (their input); the others take the computed `part` (in row order)."""
+    out = full.clone()
+    out[~reuse_rows] = part.to(full.dtype)
+    return out
+
+
+def _take(values, keep: torch.Tensor):
+    """The computing rows of every tensor argument whose dim 0 is the block's rows (others pass unchanged)."""
+    rows = keep.shape[0]
+
+    def pick(v):
+        return v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+
+    if isinstance(values, dict):
+        return {k: pick(v) for k, v in values.items()}
+    return tuple(pick(v) for v in values)

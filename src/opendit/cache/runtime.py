@@ -1,0 +1,189 @@
+"""`install_cache(model, config, runtime)`: a cache across denoising steps, installed from outside into a plain
+model (ours or a diffusers transformer) after any parallel plan, driven by the sampler's step hooks.
+
+Shard-awareness: the cache wraps module forwards on each rank, so each rank caches its own shard of every tensor
+(tokens under Ulysses / ring / USP / FastSeq, frames or positions under DSP, its half under cfg-parallel, its
+images under dp). A reused attention or block does not run, so its all-to-alls / ring passes do not run either:
+recorded bytes fall on reused steps. The one addition is the first-block cache's decision metric: per sample,
+(|r - r_prev|_1, |r_prev|_1) summed over this rank's tokens, then all-reduced (fp64) over the sequence group so
+every rank of a sample's sequence group decides the same (kind "cache_metric" in the comm counters).
+
+Per sample: the decision is made for each row of the model's batch, i.e. each image (or video), and separately for
+its conditional and unconditional rows; a batch that mixes images, a dp split or the server's batching therefore
+never changes an image. When some samples reuse and others do not, the remaining blocks run on the computing
+samples' rows only.
+
+Calls: a model call within a step is a "slot" (our sampler calls once per step, [cond; uncond] in one batch;
+diffusers' Flux / Wan pipelines call once per branch): each slot keeps its own cached tensors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from opendit.cache.block_cache import BlockCache
+from opendit.cache.config import CacheConfig, validate_cache
+from opendit.cache.layout import cache_layout
+from opendit.cache.pab import pab_schedule
+from opendit.diffusion.hooks import LoopInfo, StepContext, StepHook
+from opendit.errors import OpenDiTError
+
+
+class StepCache(StepHook):
+    """The installed cache: a step hook for the sampler plus the wrapped forwards. `remove()` restores the model."""
+
+    def __init__(self, model: nn.Module, config: CacheConfig, runtime=None):
+        validate_cache(config)
+        self.model, self.config, self.runtime = model, config, runtime
+        self.layout = cache_layout(model)
+        self.step, self.num_steps, self.slot, self.batch = 0, 0, -1, 0
+        self.records: list[dict] = []
+        self.replay: list | None = None  # [step][slot] -> per-sample reuse flags, to rerun recorded decisions
+        self._schedule: dict[str, list[bool]] = {}
+        self._outputs: dict = {}  # PAB: (slot, path) -> the module's last computed output
+        self._restore: list[tuple[nn.Module, object]] = []
+        self._handles = [model.register_forward_pre_hook(self._begin_call, with_kwargs=True)]
+        self.blocks = BlockCache(self) if config.kind == "fbcache" else None
+        if config.kind == "pab":
+            self._install_pab()
+
+    # ---------------------------------------------------------------------------------------------- step hooks
+    def on_loop_start(self, loop: LoopInfo) -> None:
+        self.reset(loop.num_steps)
+
+    def on_step_start(self, ctx: StepContext) -> None:
+        self.start_step(ctx.index)
+
+    def reset(self, num_steps: int) -> None:
+        """A new trajectory of `num_steps` steps: every cached tensor is dropped."""
+        self.num_steps, self.records = int(num_steps), []
+        self._outputs.clear()
+        if self.blocks is not None:
+            self.blocks.reset()
+        if self.config.kind == "pab":
+            self._schedule = {
+                kind: pab_schedule(self.num_steps, self.config.pab_range * factor, self.config.pab_window)
+                for kind, factor in (("spatial", 1), ("temporal", 2), ("cross", 3))
+            }
+            if self.config.pab_mlp_range > 1:
+                self._schedule["mlp"] = pab_schedule(self.num_steps, self.config.pab_mlp_range, self.config.pab_window)
+        self.start_step(0)
+
+    def start_step(self, index: int) -> None:
+        self.step, self.slot = int(index), -1
+        while len(self.records) <= self.step:
+            self.records.append({"step": len(self.records), "calls": []})
+
+    def _begin_call(self, _module, args, kwargs):
+        if self.num_steps == 0:
+            raise OpenDiTError("the cache was not started: pass it to the sampler's hooks (or call reset(num_steps))")
+        self.slot += 1
+        self.batch = self.layout.batch_size(args, kwargs)
+        self.records[self.step]["calls"].append(
+            {"samples": self.batch, "reused_samples": [], "blocks_skipped": 0, "attention_reused": 0, "mlp_reused": 0}
+        )
+
+    @property
+    def call_record(self) -> dict:
+        return self.records[self.step]["calls"][self.slot]
+
+    # ---------------------------------------------------------------------------------------------------- PAB
+    def _install_pab(self) -> None:
+        targets = [(path, module, kind) for path, module, kind in self.layout.attention]
+        if self.config.pab_mlp_range > 1:
+            targets += [(path, module, "mlp") for path, module in self.layout.mlps]
+        for path, module, kind in targets:
+            self._wrap(module, self._pab_forward(module.forward, path, kind))
+
+    def _pab_forward(self, forward, path: str, kind: str):
+        counter = "mlp_reused" if kind == "mlp" else "attention_reused"
+
+        def cached_forward(*args, **kwargs):
+            key = (self.slot, path)
+            schedule = self._schedule[kind]
+            if not schedule[self.step] and key in self._outputs:
+                self.call_record[counter] += 1
+                return self._outputs[key]
+            out = forward(*args, **kwargs)
+            # keep it only if a later step of the window may reuse it
+            if any(not s for s in schedule[self.step + 1 :]):
+                self._outputs[key] = out
+            else:
+                self._outputs.pop(key, None)
+            return out
+
+        return cached_forward
+
+    # ---------------------------------------------------------------------------------------------- plumbing
+    def _wrap(self, module: nn.Module, forward) -> None:
+        self._restore.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, k) fp64 per-sample partial sums -> summed over this rank's sequence group (all ranks get the same)."""
+        comm = self.runtime.comms.get("sp") if self.runtime is not None else None
+        if comm is None or comm.size == 1:
+            return values
+        values = values.contiguous()
+        comm.stats.record("cache_metric", (comm.size - 1) * values.numel() * values.element_size())
+        dist.all_reduce(values, group=comm.group)
+        return values
+
+    def summary(self) -> dict:
+        """What record.json says: the settings, per step what was computed and reused, and the totals saved."""
+        totals = defaultdict(int)
+        for step in self.records:
+            for call in step["calls"]:
+                for key in ("blocks_skipped", "attention_reused", "mlp_reused"):
+                    totals[key] += call[key]
+                totals["sample_steps"] += call["samples"]
+                totals["samples_reused"] += len(call["reused_samples"])
+        blocks, attention = len(self.layout.blocks), len(self.layout.attention)
+        calls = sum(len(step["calls"]) for step in self.records)
+        saved = {
+            **totals,
+            "model_calls": calls,
+            "blocks_per_call": blocks,
+            "attention_per_call": attention,
+            # a skipped block of one sample = 1/blocks of that sample's model call
+            "model_calls_saved": (totals["blocks_skipped"] / blocks) if self.config.kind == "fbcache" else 0.0,
+            "attention_calls_saved_share": totals["attention_reused"] / max(1, calls * attention),
+        }
+        return {"config": self.config.to_dict(), "describe": self.config.describe(), "family": self.layout.family,
+                "steps": self.records, "saved": saved}  # fmt: skip
+
+    def remove(self) -> None:
+        """Restore every wrapped forward and drop the cached tensors."""
+        for module, forward in reversed(self._restore):
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
+        self._restore.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+        if self.blocks is not None:
+            self.blocks.reset()
+
+
+def install_cache(model: nn.Module, config: CacheConfig, runtime=None) -> StepCache | None:
+    """Install `config`'s cache into `model` (after any parallel plan: it wraps the forwards the plan installed).
+    None for kind "none". Pass the returned hook to the sampler (before the runtime's hooks)."""
+    if not config.enabled:
+        return None
+    plan = getattr(runtime, "plan", None)
+    if plan is not None and plan.shard_weights:
+        raise OpenDiTError(
+            "--cache with --shard-weights is not supported yet: a skipped block would leave FSDP2's prefetched "
+            "all-gather unconsumed; drop one of them"
+        )
+    if plan is not None and plan.balance_tokens:
+        raise OpenDiTError("--cache with --balance-tokens is not supported: a re-split would invalidate every cached "
+                           "shard; drop one of them")  # fmt: skip
+    return StepCache(model, config, runtime)
