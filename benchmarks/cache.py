@@ -1,12 +1,13 @@
 """Caching across steps: wall-clock speedup vs drift, on trained models -> JSON + Markdown table + PNG.
 
-    .venv/bin/python benchmarks/cache.py                 # full run (~25 min on 2 cores)
+    .venv/bin/python benchmarks/cache.py                 # full run (~40 min on 2 cores)
     .venv/bin/python benchmarks/cache.py --quick         # 100 samples, 1 timing pass: a smoke test
 
 Parts (one process, 1 thread, fp32, flow-euler, 30 steps, CFG 3, the same seeds in every setting):
   digits     the bundled digits DiT: uncached, PAB settings, fbcache thresholds. Per setting: sampling wall time of
              `--timing-samples` images (interleaved passes; per-pass minimum and median), and on `--samples` images
-             (100 per class at 1000) the project judge's class accuracy and the PSNR against the uncached images.
+             (100 per class at 1000; the non-default curve points on the first `--curve-samples`) the project
+             judge's class accuracy and the PSNR against the uncached images.
   diffusers  the same digits model converted to diffusers' DiTTransformer2DModel (integrations/dit_to_diffusers.py,
              outputs equal to ours): diffusers' own `apply_first_block_cache` vs our fbcache on that same module,
              same thresholds, same sampler; speedup and PSNR vs that module's uncached images.
@@ -37,13 +38,13 @@ STEPS, CFG = 30, 3.0
 
 
 def digits_settings() -> list[tuple[str, CacheConfig | None]]:
+    default_threshold = make_cache_config("fbcache", "DiT").threshold
     settings = [("uncached", None), ("pab (default)", make_cache_config("pab", "DiT"))]
-    settings += [("pab range 3", make_cache_config("pab", "DiT", pab_range=3))]
     settings += [("pab range 2 + mlp 2", make_cache_config("pab", "DiT", pab_mlp_range=2))]
-    for threshold in (0.04, 0.08, 0.12, 0.2, 0.3):
-        label = f"fbcache {threshold:g}" + (" (default)" if threshold == make_cache_config("fbcache", "DiT").threshold else "")
+    for threshold in (0.05, default_threshold, 0.3):
+        label = f"fbcache {threshold:g}" + (" (default)" if threshold == default_threshold else "")
         settings.append((label, make_cache_config("fbcache", "DiT", threshold=threshold)))
-    settings.append(("fbcache 0.3 reuse<=6", make_cache_config("fbcache", "DiT", threshold=0.3, max_reuse=6)))
+    settings.append(("fbcache 0.4 reuse<=8", make_cache_config("fbcache", "DiT", threshold=0.4, max_reuse=8)))
     return settings
 
 
@@ -52,6 +53,8 @@ def sample_digits(model_fn, labels: torch.Tensor, cache, batch: int, channels_hw
 
     chunks, start = [], time.perf_counter()
     for first in range(0, len(labels), batch):
+        if hasattr(model_fn, "reset"):  # diffusers' cache state: a new trajectory
+            model_fn.reset()
         result = sample(
             model_fn, labels[first : first + batch], channels_hw, num_classes=10, scheduler_name="flow-euler",
             prediction="flow", learn_sigma=False, steps=STEPS, cfg_scale=CFG, seed=0, first_index=first,
@@ -96,17 +99,26 @@ def run_digits(args) -> list[dict]:
     rows, reference = [], None
     for label, config in settings:
         cache = install_cache(model, config) if config is not None else None
-        images, seconds = sample_digits(model, labels, cache, args.batch, shape)
+        # the uncached reference and the defaults on every sample; the other curve points on the first ones
+        mine = labels if label == "uncached" or "default" in label else labels[curve_index(args)]
+        images, seconds = sample_digits(model, mine, cache, args.batch, shape)
         saved = cache.summary()["saved"] if cache is not None else None
         if cache is not None:
             cache.remove()
         reference = images if reference is None else reference
-        score = score_samples(images.clamp(-1, 1), labels)
+        score = score_samples(images.clamp(-1, 1), mine)
         rows.append({"part": "digits", "setting": label, "cache": config.to_dict() if config else None,
                      "times_s": times[label], "quality_run_s": seconds, "accuracy": score["accuracy"],
-                     "psnr_db": psnr(images, reference), "saved": saved})  # fmt: skip
+                     "samples": len(mine), "psnr_db": psnr(images, reference[: len(mine)] if len(mine) == len(
+                         labels) else reference[curve_index(args)]), "saved": saved})  # fmt: skip
         print(f"[cache] digits {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
     return with_speedups(rows)
+
+
+def curve_index(args) -> torch.Tensor:
+    """The samples of the curve points: the first `curve_samples // 10` of every class."""
+    per, keep = args.samples // 10, max(1, args.curve_samples // 10)
+    return torch.cat([torch.arange(c * per, c * per + min(keep, per)) for c in range(10)])
 
 
 def run_diffusers(args) -> list[dict]:
@@ -120,7 +132,7 @@ def run_diffusers(args) -> list[dict]:
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)
     shape = (model.config.in_channels, *model.config.input_size)
-    thresholds = (0.04, 0.08, 0.12, 0.2)
+    thresholds = (0.05, 0.1, 0.15, 0.25)
     settings = [("uncached", None)]
     for threshold in thresholds:
         settings.append((f"diffusers FBC {threshold:g}", lambda m, t=threshold: apply_first_block_cache(
@@ -136,7 +148,7 @@ def run_diffusers(args) -> list[dict]:
     def make_fn(label):
         return DiffusersDiTFn(modules[label]), modules[label]
 
-    labels = torch.arange(10).repeat_interleave(args.samples // 10)
+    labels = torch.arange(10).repeat_interleave(args.curve_samples // 10)
     timing_labels = torch.arange(10).repeat_interleave(max(1, args.timing_samples // 10))
     times = timed(settings, make_fn, timing_labels, args.batch, shape, args.passes)
     rows, reference = [], None
@@ -230,16 +242,18 @@ def report(rows: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--timing-samples", type=int, default=100)
+    parser.add_argument("--curve-samples", type=int, default=300, help="samples of the non-default settings")
+    parser.add_argument("--timing-samples", type=int, default=50)
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--video-per-condition", type=int, default=3)
+    parser.add_argument("--video-per-condition", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["digits", "diffusers", "video"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache"))
     args = parser.parse_args()
     if args.quick:
-        args.samples, args.timing_samples, args.passes, args.video_per_condition = 100, 50, 1, 1
+        args.samples, args.curve_samples, args.timing_samples, args.passes = 100, 50, 20, 1
+        args.video_per_condition = 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
@@ -249,6 +263,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"steps": STEPS, "cfg_scale": CFG, "threads": 1, "samples": args.samples, "passes": args.passes,
+            "curve_samples": args.curve_samples, "batch": args.batch,
             "timing_samples": args.timing_samples, "torch": torch.__version__}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     report(rows, out)

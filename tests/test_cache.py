@@ -238,7 +238,7 @@ def _two_rank_world() -> list[dict]:
                 if mode == "replayed":
                     c.replay = mine
                 runtime.stats.history.clear()
-                got = run_sampler(lambda x, t, y: pmodel(x, t, y), c, labels, hooks=pmodel.step_hooks())
+                got = run_sampler(pmodel, c, labels, hooks=pmodel.step_hooks())
                 bytes_per_step = [sum(v["bytes"] for v in step.values()) for step in runtime.stats.history]
                 out[mode] = {
                     "err": float((got - ref).abs().max()),
@@ -319,11 +319,11 @@ def _pseudo_trajectory(module, kind, cache, steps=6):
 
 def _diffusers_world() -> list[dict]:
     import torch.distributed as dist
+    from tests.diffusers_models import KINDS, build
 
     import opendit
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
-    from tests.diffusers_models import KINDS, build
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
@@ -370,14 +370,14 @@ def test_diffusers_transformers_take_both_caches_on_two_ranks():
 
 def _video_world() -> list[dict]:
     import torch.distributed as dist
+    from tests.test_video_parallel import CONFIG, reference_model
 
+    from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
-    from opendit.diffusion.sampler import sample
     from opendit.parallel.apply import parallelize
     from opendit.worker import sample_images
-    from tests.test_video_parallel import reference_model, CONFIG
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from opendit.checkpoint import config_from_dict, read_sidecar_config
 from opendit.distributed.config import ParallelConfig, default_plan

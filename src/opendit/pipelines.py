@@ -284,7 +284,9 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
         )
     if request.out is not None:
         prepare_output_dir(request.out, "--out")
-    cache = request.cache_config(spec.family, spec.plan)
+    from opendit.cache.config import request_cache
+
+    cache = request_cache(request, spec.family, spec.plan)
     if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
         raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}

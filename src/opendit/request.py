@@ -4,9 +4,8 @@ Two models, split as the engine splits a request (engine.py):
 - `EngineRequest`: fixed for an engine's life: model source (model, ckpt, vae), dtype, device, processes (nproc), the
   parallel plan (`ParallelRequest`, the fields of a ParallelConfig), parallel_auto, default image size, progress bar,
   or a diffusers pipeline folder (`diffusers`, run by opendit/pipelines.py instead of a DiT model);
-- `CallRequest`: what each `generate()` call may change: classes (or, on a --diffusers pipeline, prompts and a
-  negative prompt), seed, steps, scheduler, cfg_scale, image size, the output folder (`opendit sample --out`) and the
-  trace file.
+- `CallRequest`: what each `generate()` call may change: classes (or prompts), seed, steps, scheduler, cfg_scale,
+  image size, video motion / frames, the cache across steps, the output folder (`--out`) and the trace file.
 
 The rules, in the order they run:
 1. types are strict: no bool where a number is expected, no float -> int or str -> number coercion (numpy integer
@@ -18,9 +17,8 @@ The rules, in the order they run:
    classes, scheduler vs the model's prediction type, image size vs the patch size, one size under sharded weights,
    and the plan vs the world size, batch, guidance and model (delegated to `check_plan`, i.e. the planner's
    check_request and ParallelConfig.validate, whose messages name the nearest valid plans).
-Every failure is ONE OpenDiTError whose one-line message names the field and the fix: `build` converts pydantic's
-ValidationError, which never escapes. A new field (prompts, motion, cache settings) is a typed, bounded attribute of
-one of these models plus its entry in FIELD_HELP.
+Every failure is ONE OpenDiTError naming the field and the fix (`build` converts pydantic's ValidationError). A new
+field is a typed, bounded attribute of one of these models plus its entry in FIELD_HELP.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from opendit.cache.config import CACHE_FIELD_HELP, request_cache, spec_family
 from opendit.diffusion.sampler import SCHEDULERS, check_scheduler
 from opendit.distributed.config import MESH_DIMS, ParallelConfig
 from opendit.distributed.env import env_world_size, in_distributed_env
@@ -112,15 +111,8 @@ FIELD_HELP = {
     "motion": FieldHelp("--motion", "a list of directions (right, left, down, up)", "e.g. --motion right up"),
     "motion[]": FieldHelp("--motion", "a direction: right, left, down or up", "e.g. --motion right"),
     "frames": FieldHelp("--frames", "an integer from 1 to 1024 (the video model's own frame count)", "e.g. --frames 8"),
-    "cache": FieldHelp("--cache", "none, pab or fbcache", "e.g. --cache fbcache"),
-    "pab_range": FieldHelp("--pab-range", "an integer >= 1", "e.g. --pab-range 2"),
-    "pab_window": FieldHelp("--pab-window", "two fractions A < B in [0, 1]", "e.g. --pab-window 0.2 0.9"),
-    "pab_window[]": FieldHelp("--pab-window", "a fraction in [0, 1]", "e.g. --pab-window 0.2 0.9"),
-    "pab_mlp_range": FieldHelp("--pab-mlp-range", "an integer >= 0", "e.g. --pab-mlp-range 2"),
-    "cache_threshold": FieldHelp("--cache-threshold", "a finite number >= 0", "e.g. --cache-threshold 0.08"),
-    "cache_max_reuse": FieldHelp("--cache-max-reuse", "an integer >= 1", "e.g. --cache-max-reuse 3"),
-    "cache_guard_steps": FieldHelp("--cache-guard-steps", "an integer >= 0", "e.g. --cache-guard-steps 2"),
 }
+FIELD_HELP.update({name: FieldHelp(*entry) for name, entry in CACHE_FIELD_HELP.items()})
 
 
 class _FieldError(ValueError):
@@ -350,9 +342,7 @@ class EngineRequest(Schema):
                     "under torchrun (its --nproc-per-node x --nnodes sets the world)"
                 )
             return world
-        if self.nproc is not None:
-            return self.nproc
-        return self.plan().world_size if self.parallel is not None else 1
+        return self.nproc if self.nproc is not None else (self.plan().world_size if self.parallel is not None else 1)
 
 
 @dataclass
@@ -386,8 +376,7 @@ class CallRequest(Schema):
         Annotated[list[str], BeforeValidator(_as_motion_list), Field(min_length=1, max_length=MAX_CLASSES)] | None
     ) = None  # --video, a model trained with motion: one direction per class, or one for all
     frames: Annotated[Int, Field(ge=1, le=1024)] | None = None  # --video: must be the model's own frame count
-    # caching across steps (cache/config.py checks the values and names the fix; --cache none or absent: off)
-    cache: str | None = None
+    cache: str | None = None  # caching across steps: cache/config.py checks these and names the fix
     pab_range: Int | None = None
     pab_window: list[float] | None = None
     pab_mlp_range: Int | None = None
@@ -448,32 +437,8 @@ class CallRequest(Schema):
                 f"{have[0]}x{have[1]}; start a new engine for {want[0]}x{want[1]}"
             )
         notes = check_plan(engine.plan, engine.world, config, len(self.classes), cfg_scale != 1.0)
-        cache = self.cache_config(spec_family(config), engine.plan)
+        cache = request_cache(self, spec_family(config), engine.plan)
         return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes, labels, cache)
-
-    def cache_config(self, family: str | None, plan=None):
-        """The call's cache settings, validated (None when no cache is asked for)."""
-        from opendit.cache.config import make_cache_config
-
-        options = {
-            "pab_range": self.pab_range, "pab_window": self.pab_window, "pab_mlp_range": self.pab_mlp_range,
-            "threshold": self.cache_threshold, "max_reuse": self.cache_max_reuse, "guard_steps": self.cache_guard_steps,
-        }  # fmt: skip
-        config = make_cache_config(self.cache or "none", family, **options)
-        if not config.enabled:
-            return None
-        if plan is not None and plan.shard_weights:
-            raise OpenDiTError("--cache with --shard-weights is not supported yet; drop one of them")
-        if plan is not None and plan.balance_tokens:
-            raise OpenDiTError("--cache with --balance-tokens is not supported (a re-split drops every cached shard)")
-        return config
-
-
-def spec_family(config) -> str | None:
-    """The spec name of a model config (the cache defaults are per family)."""
-    from opendit.models.spec import has_spec, spec_for
-
-    return spec_for(config).name if has_spec(config) else None
 
 
 def check_plan(plan: ParallelConfig, world: int, config, images: int, guided: bool) -> list[str]:

@@ -33,8 +33,8 @@ class CacheConfig:
     pab_window: tuple[float, float] = (0.2, 0.9)  # fractions of the steps [A, B) in which outputs may be reused
     pab_mlp_range: int = 0  # 0: MLPs always computed; N > 1: reused like attention, every N steps
     # fbcache
-    threshold: float = 0.08  # relative L1 change of the first block's residual under which the rest is reused
-    max_reuse: int = 3  # consecutive reuses per sample before a full step is forced
+    threshold: float = 0.15  # relative L1 change of the first block's residual under which the rest is reused
+    max_reuse: int = 4  # consecutive reuses per sample before a full step is forced
     guard_steps: int = 2  # the first and the last `guard_steps` steps always compute every block
 
     @property
@@ -56,16 +56,17 @@ class CacheConfig:
             )
         if self.kind == "fbcache":
             return (
-                f"fbcache: per sample, skip blocks 2..N when the first block's residual moved < {self.threshold:g} "
-                f"(relative L1); at most {self.max_reuse} reuses in a row; first/last {self.guard_steps} steps full"
+                f"fbcache: per sample, skip the blocks after the first when its residual moved < "
+                f"{self.threshold:g} (relative L1); at most {self.max_reuse} reuses in a row; "
+                f"first/last {self.guard_steps} steps full"
             )
         return "no cache"
 
 
 # Per model family: what `--cache pab` / `--cache fbcache` mean when no other cache flag is given.
 DEFAULTS: dict[str, dict[str, dict]] = {
-    "DiT": {"pab": {"pab_range": 2, "pab_window": (0.2, 0.9)}, "fbcache": {"threshold": 0.08, "max_reuse": 3}},
-    "VideoDiT": {"pab": {"pab_range": 2, "pab_window": (0.2, 0.9)}, "fbcache": {"threshold": 0.08, "max_reuse": 3}},
+    "DiT": {"pab": {"pab_range": 2, "pab_window": (0.2, 0.9)}, "fbcache": {"threshold": 0.15, "max_reuse": 4}},
+    "VideoDiT": {"pab": {"pab_range": 2, "pab_window": (0.2, 0.9)}, "fbcache": {"threshold": 0.15, "max_reuse": 4}},
 }
 
 
@@ -119,7 +120,9 @@ def validate_cache(config: CacheConfig) -> None:
     if not isinstance(config.pab_range, int) or config.pab_range < 1:
         raise OpenDiTError(f"--pab-range must be an integer >= 1 (1: never reuse), got {config.pab_range!r}")
     if not isinstance(config.pab_mlp_range, int) or config.pab_mlp_range < 0:
-        raise OpenDiTError(f"--pab-mlp-range must be an integer >= 0 (0: MLPs always run), got {config.pab_mlp_range!r}")
+        raise OpenDiTError(
+            f"--pab-mlp-range must be an integer >= 0 (0: MLPs always run), got {config.pab_mlp_range!r}"
+        )
     window = config.pab_window
     if len(window) != 2 or not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in window) or window[0] >= window[1]:
         raise OpenDiTError(
@@ -127,7 +130,8 @@ def validate_cache(config: CacheConfig) -> None:
         )
     if not math.isfinite(config.threshold) or config.threshold < 0:
         raise OpenDiTError(
-            f"--cache-threshold must be a finite number >= 0 (0 never reuses; try 0.05 to 0.2), got {config.threshold!r}"
+            f"--cache-threshold must be a finite number >= 0 (0 never reuses; try 0.05 to 0.3), "
+            f"got {config.threshold!r}"
         )
     if not isinstance(config.max_reuse, int) or config.max_reuse < 1:
         raise OpenDiTError(f"--cache-max-reuse must be an integer >= 1, got {config.max_reuse!r}")
@@ -149,3 +153,40 @@ def cache_from_dict(data: dict | None) -> CacheConfig:
     config = CacheConfig(**values)
     validate_cache(config)
     return config
+
+
+# the request fields of a cache (request.CallRequest), with their flag, what they take and an example
+CACHE_FIELD_HELP = {
+    "cache": ("--cache", "none, pab or fbcache", "e.g. --cache fbcache"),
+    "pab_range": ("--pab-range", "an integer >= 1", "e.g. --pab-range 2"),
+    "pab_window": ("--pab-window", "two fractions A < B in [0, 1]", "e.g. --pab-window 0.2 0.9"),
+    "pab_window[]": ("--pab-window", "a fraction in [0, 1]", "e.g. --pab-window 0.2 0.9"),
+    "pab_mlp_range": ("--pab-mlp-range", "an integer >= 0", "e.g. --pab-mlp-range 2"),
+    "cache_threshold": ("--cache-threshold", "a finite number >= 0", "e.g. --cache-threshold 0.15"),
+    "cache_max_reuse": ("--cache-max-reuse", "an integer >= 1", "e.g. --cache-max-reuse 4"),
+    "cache_guard_steps": ("--cache-guard-steps", "an integer >= 0", "e.g. --cache-guard-steps 2"),
+}
+
+
+def request_cache(request, family: str | None, plan=None) -> CacheConfig | None:
+    """A call request's cache settings (its cache_* / pab_* fields), validated against the plan; None: no cache."""
+    options = {
+        "pab_range": request.pab_range, "pab_window": request.pab_window, "pab_mlp_range": request.pab_mlp_range,
+        "threshold": request.cache_threshold, "max_reuse": request.cache_max_reuse,
+        "guard_steps": request.cache_guard_steps,
+    }  # fmt: skip
+    config = make_cache_config(request.cache or "none", family, **options)
+    if not config.enabled:
+        return None
+    if plan is not None and plan.shard_weights:
+        raise OpenDiTError("--cache with --shard-weights is not supported yet; drop one of them")
+    if plan is not None and plan.balance_tokens:
+        raise OpenDiTError("--cache with --balance-tokens is not supported (a re-split drops every cached shard)")
+    return config
+
+
+def spec_family(config) -> str | None:
+    """The spec name of a model config (the cache defaults are per family)."""
+    from opendit.models.spec import has_spec, spec_for
+
+    return spec_for(config).name if has_spec(config) else None

@@ -139,7 +139,10 @@ def _diffusers_layout(model: nn.Module, dspec) -> CacheLayout:
         # attention over the token sequence (split by sequence parallelism) is "spatial"; others attend to the text
         attention.append((path, module, "spatial" if path in sequence else "cross"))
     mlps = [
-        (f"{p}.{n}", getattr(b, n)) for p, b, _io in blocks for n in _DIFFUSERS_MLPS if isinstance(getattr(b, n, None), nn.Module)
+        (f"{p}.{n}", getattr(b, n))
+        for p, b, _io in blocks
+        for n in _DIFFUSERS_MLPS
+        if isinstance(getattr(b, n, None), nn.Module)
     ]
     return _checked(CacheLayout(dspec.name, blocks, attention, mlps, "hidden_states"))
 

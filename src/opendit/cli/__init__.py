@@ -16,8 +16,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
-    from opendit.parallel.registry import strategies
-
     parser = subparsers.add_parser(
         "sample", help="generate class-conditional images (or run a local diffusers pipeline: --diffusers DIR)"
     )
@@ -42,6 +40,15 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     add_diffusers_flags(parser)
     add_video_flags(parser)
     add_cache_flags(parser)
+    add_parallel_flags(parser)
+    parser.set_defaults(func=run_sample)
+    return parser
+
+
+def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
+    """`opendit sample --nproc N --dp/--ulysses/--ring ... ` (one device mesh)."""
+    from opendit.parallel.registry import strategies
+
     par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
@@ -74,8 +81,6 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help="memory per rank (GiB): the plan's predicted whole-run peak must fit; without degrees the planner picks "
         "the fastest plan that fits (e.g. --shard-weights); if none fits, says how many ranks or which dtype would",
     )
-    parser.set_defaults(func=run_sample)
-    return parser
 
 
 def add_video_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,13 +101,17 @@ CACHE_FLAGS = ("cache", "pab_range", "pab_window", "pab_mlp_range", "cache_thres
 def add_cache_flags(parser: argparse.ArgumentParser) -> None:
     """`opendit sample --cache pab|fbcache ...` (opendit/cache/): reuse work across denoising steps."""
     cache = parser.add_argument_group("caching across steps (cache/config.py; defaults per model in the README)")
-    cache.add_argument("--cache", help="none | pab (pyramid attention broadcast) | fbcache (adaptive first-block cache)")
+    cache.add_argument(
+        "--cache", help="none | pab (pyramid attention broadcast) | fbcache (adaptive first-block cache)"
+    )
     cache.add_argument("--pab-range", type=int, help="pab: self/spatial attention every N steps; temporal 2N, cross 3N")
     cache.add_argument(
         "--pab-window", type=float, nargs=2, metavar=("A", "B"), help="pab: reuse inside steps [A, B) (fractions)"
     )
     cache.add_argument("--pab-mlp-range", type=int, help="pab: reuse the MLPs too, every N steps (0: never)")
-    cache.add_argument("--cache-threshold", type=float, help="fbcache: relative L1 change under which blocks are reused")
+    cache.add_argument(
+        "--cache-threshold", type=float, help="fbcache: relative L1 change under which blocks are reused"
+    )
     cache.add_argument("--cache-max-reuse", type=int, help="fbcache: consecutive reuses before a full step")
     cache.add_argument("--cache-guard-steps", type=int, help="fbcache: first/last N steps always compute")
 

@@ -62,14 +62,29 @@ def to_diffusers_dit(model) -> torch.nn.Module:
     for module in out.modules():
         if type(module).__name__ == "Timesteps":
             module.downscale_freq_shift = 0  # facebook's exponent: -log(10000) * i / half
-    return out.to(next(model.parameters()).dtype).eval()
+    dtype = next(model.parameters()).dtype
+    return (out if dtype == torch.float32 else out.to(dtype)).eval()
 
 
 class DiffusersDiTFn:
-    """model_fn(x, t, y) for OpenDiT's sampler around a diffusers DiT transformer."""
+    """model_fn(x, t, y) for OpenDiT's sampler around a diffusers DiT transformer. Each call runs inside the module's
+    `cache_context` (diffusers' caches need one: our sampler's one call per step is [cond; uncond], one context),
+    and `reset()` (call it before each trajectory) clears diffusers' cache state."""
 
     def __init__(self, transformer):
         self.transformer = transformer
 
+    def reset(self) -> None:
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.transformer(hidden_states=x, timestep=t, class_labels=y, return_dict=False)[0]
+        # DiTTransformer2DModel has no CacheMixin.cache_context; set the context its cache hooks read directly
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        _set_cache_context(self.transformer, CacheContext("cond_uncond"))
+        try:
+            return self.transformer(hidden_states=x, timestep=t, class_labels=y, return_dict=False)[0]
+        finally:
+            _set_cache_context(self.transformer, None)
