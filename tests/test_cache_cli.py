@@ -1,0 +1,90 @@
+"""`--cache` through the CLI: our digits DiT on 1 and 2 processes (Ulysses, cfg-parallel) gives the same PNGs with
+the same cache, record.json lists what was reused; a diffusers pipeline takes both caches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from opendit.cli import main
+
+CACHES = {
+    "fbcache": [
+        "--cache",
+        "fbcache",
+        "--cache-threshold",
+        "1000",
+        "--cache-max-reuse",
+        "2",
+        "--cache-guard-steps",
+        "1",
+    ],
+    "pab": ["--cache", "pab", "--pab-range", "2", "--pab-window", "0", "1", "--pab-mlp-range", "3"],
+}
+
+
+def digits(out, extra) -> tuple[np.ndarray, dict]:
+    argv = ["sample", "--classes", "2", "7", "9", "--steps", "8", "--seed", "1", "--out", str(out), "--no-progress"]
+    assert main(argv + extra) == 0
+    files = sorted(out.glob("[0-9][0-9][0-9]_class-*.png"))
+    return np.stack([np.asarray(Image.open(f)) for f in files]).astype(int), json.loads(
+        (out / "record.json").read_text()
+    )
+
+
+@pytest.mark.parametrize("cache", sorted(CACHES))
+def test_one_process_cache_is_recorded(cache, tmp_path):
+    plain, plain_record = digits(tmp_path / "plain", [])
+    cached, record = digits(tmp_path / "cached", CACHES[cache])
+    assert plain_record["cache"] is None
+    summary = record["cache"]
+    assert summary["config"]["kind"] == cache and len(summary["steps"]) == 8
+    saved = summary["saved"]
+    if cache == "fbcache":
+        assert saved["blocks_skipped"] > 0 and saved["samples_reused"] > 0
+        assert any(call["reused_samples"] for step in summary["steps"] for call in step["calls"])
+    else:
+        assert saved["attention_reused"] > 0 and saved["mlp_reused"] > 0
+    assert np.abs(cached - plain).max() > 0  # reuse changed something
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", sorted(CACHES))
+@pytest.mark.parametrize("plan", [["--ulysses", "2"], ["--cfg-parallel"]])
+def test_two_processes_with_a_cache_equal_one(cache, plan, tmp_path):
+    one, one_record = digits(tmp_path / "one", CACHES[cache])
+    two, two_record = digits(tmp_path / "two", [*CACHES[cache], "--nproc", "2", *plan])
+    assert np.abs(one - two).max() <= 1
+    assert two_record["parallel"]["world_size"] == 2
+    if "--cfg-parallel" not in plan:  # cfg ranks hold half the rows each: the per-row record differs in shape
+        assert two_record["cache"]["saved"] == one_record["cache"]["saved"]
+
+
+def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
+    for extra, fragment in [
+        (["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold belongs to --cache fbcache"),
+        (["--cache", "fbcache", "--cache-max-reuse", "0"], "--cache-max-reuse must be"),
+        (["--cache", "fbcache", "--nproc", "2", "--ulysses", "2", "--shard-weights"], "--shard-weights"),
+    ]:
+        code = main(["sample", "--classes", "1", "--out", str(tmp_path / "x"), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err and "Traceback" not in err, err
+
+
+def test_a_diffusers_pipeline_takes_both_caches(tmp_path):
+    pytest.importorskip("transformers")
+    from opendit.integrations.tiny_pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("pixart", tmp_path / "pixart", seed=0)
+    base = ["sample", "--diffusers", str(folder), "--prompt", "a cat", "--steps", "6", "--cfg-scale", "4.5",
+            "--no-progress"]  # fmt: skip
+    for name, flags in CACHES.items():
+        out = tmp_path / name
+        assert main([*base, "--out", str(out), *flags]) == 0
+        record = json.loads((out / "record.json").read_text())
+        saved = record["cache"]["saved"]
+        assert (saved["blocks_skipped"] if name == "fbcache" else saved["attention_reused"]) > 0, saved
+        assert len(record["cache"]["steps"]) == 6
