@@ -88,3 +88,22 @@ def test_a_diffusers_pipeline_takes_both_caches(tmp_path):
         saved = record["cache"]["saved"]
         assert (saved["blocks_skipped"] if name == "fbcache" else saved["attention_reused"]) > 0, saved
         assert len(record["cache"]["steps"]) == 6
+
+
+def test_engine_generate_takes_the_cache_per_call(tmp_path):
+    """Engine.generate(cache=..., cache_threshold=...) is the CLI's cache; one engine, cached and uncached calls."""
+    import opendit
+    from opendit.errors import OpenDiTError
+
+    cli, _record = digits(tmp_path / "cli", CACHES["fbcache"])
+    options = {"cache_threshold": 1000.0, "cache_max_reuse": 2, "cache_guard_steps": 1}
+    with opendit.Engine() as engine:
+        plain = engine.generate(classes=[2, 7, 9], steps=8, seed=1)
+        cached = engine.generate(classes=[2, 7, 9], steps=8, seed=1, cache="fbcache", **options)
+        again = engine.generate(classes=[2, 7, 9], steps=8, seed=1)
+        with pytest.raises(OpenDiTError, match="unknown field 'cache_size'"):
+            engine.generate(classes=[1], cache="fbcache", cache_size=3)
+    assert np.abs(cached.images.astype(int).reshape(cli.shape) - cli).max() == 0
+    assert cached.record["cache"]["saved"]["blocks_skipped"] > 0 and plain.record["cache"] is None
+    assert np.array_equal(plain.images, again.images)  # the cache was removed after its call
+    assert np.abs(plain.images.astype(int) - cached.images.astype(int)).max() > 0
