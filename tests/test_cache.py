@@ -186,6 +186,16 @@ def test_cache_refuses_shard_weights_and_unknown_models():
         install_cache(small_model(), CacheConfig(kind="fbcache"), Runtime())
 
 
+def every_ranks_rows(rows: list[dict]) -> list[dict]:
+    """Every rank's rows (on every rank), then the process group ends."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    dist.destroy_process_group()
+    return [row for rank_rows in everyone for row in rank_rows]
+
+
 # ------------------------------------------------------------------------------------------------ 2 ranks
 PLANS = [{"ulysses": 2}, {"ring": 2}, {"cfg": 2}]
 CACHES = {
@@ -249,10 +259,7 @@ def _two_rank_world() -> list[dict]:
                 if c is not None:
                     c.remove()
             rows.append({"cache": name, "plan": str(plan), "rank": dist.get_rank(), "ref_flags": mine, **out})
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return every_ranks_rows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -347,10 +354,7 @@ def _diffusers_world() -> list[dict]:
                 "err": float((got - ref).abs().max() / ref.abs().max()),
                 "moved": float((ref - uncached).abs().max()),
             })  # fmt: skip
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return every_ranks_rows(rows)
 
 
 @pytest.mark.slow
@@ -369,7 +373,6 @@ def test_diffusers_transformers_take_both_caches_on_two_ranks():
 
 
 def _video_world() -> list[dict]:
-    import torch.distributed as dist
     from tests.test_video_parallel import CONFIG, reference_model
 
     from opendit.diffusion.sampler import sample
@@ -399,10 +402,7 @@ def _video_world() -> list[dict]:
             rows.append({"cache": name, "impl": impl, "err": float((got - ref).abs().max()),
                          "saved": cache.summary()["saved"], "ref_saved": ref_saved})  # fmt: skip
             cache.remove()
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return every_ranks_rows(rows)
 
 
 @pytest.mark.slow
