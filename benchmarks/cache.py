@@ -45,6 +45,11 @@ def digits_settings() -> list[tuple[str, CacheConfig | None]]:
         label = f"fbcache {threshold:g}" + (" (default)" if threshold == default_threshold else "")
         settings.append((label, make_cache_config("fbcache", "DiT", threshold=threshold)))
     settings.append(("fbcache 0.4 reuse<=8", make_cache_config("fbcache", "DiT", threshold=0.4, max_reuse=8)))
+    # past the useful range, to show where accuracy falls: reuse whenever the cap allows, no guard steps
+    settings.append(("fbcache 1.0 reuse<=30 guard 0",
+                     make_cache_config("fbcache", "DiT", threshold=1.0, max_reuse=30, guard_steps=0)))  # fmt: skip
+    settings.append(("pab range 6 + mlp 6", make_cache_config("pab", "DiT", pab_range=6, pab_mlp_range=6,
+                                                               pab_window=(0.05, 1.0))))  # fmt: skip
     return settings
 
 
@@ -93,14 +98,16 @@ def run_digits(args) -> list[dict]:
     model, _meta = load_for_eval()
     settings = digits_settings()
     shape = (model.config.in_channels, *model.config.input_size)
-    labels = torch.arange(10).repeat_interleave(args.samples // 10)
-    timing_labels = torch.arange(10).repeat_interleave(max(1, args.timing_samples // 10))
+    # classes interleaved (0..9, 0..9, ...): the first n samples are n/10 per class with the same seeds as in the
+    # whole run (sample i draws from seed + i), so a curve point on a prefix compares with the reference's prefix
+    labels = torch.arange(10).repeat(args.samples // 10)
+    timing_labels = torch.arange(10).repeat(max(1, args.timing_samples // 10))
     times = timed(settings, lambda _label: (model, model), timing_labels, args.batch, shape, args.passes)
     rows, reference = [], None
     for label, config in settings:
         cache = install_cache(model, config) if config is not None else None
         # the uncached reference and the defaults on every sample; the other curve points on the first ones
-        mine = labels if label == "uncached" or "default" in label else labels[curve_index(args)]
+        mine = labels if label == "uncached" or "default" in label else labels[: args.curve_samples]
         images, seconds = sample_digits(model, mine, cache, args.batch, shape)
         saved = cache.summary()["saved"] if cache is not None else None
         if cache is not None:
@@ -109,16 +116,10 @@ def run_digits(args) -> list[dict]:
         score = score_samples(images.clamp(-1, 1), mine)
         rows.append({"part": "digits", "setting": label, "cache": config.to_dict() if config else None,
                      "times_s": times[label], "quality_run_s": seconds, "accuracy": score["accuracy"],
-                     "samples": len(mine), "psnr_db": psnr(images, reference[: len(mine)] if len(mine) == len(
-                         labels) else reference[curve_index(args)]), "saved": saved})  # fmt: skip
+                     "samples": len(mine), "psnr_db": psnr(images, reference[: len(mine)]),
+                     "saved": saved})  # fmt: skip
         print(f"[cache] digits {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
     return with_speedups(rows)
-
-
-def curve_index(args) -> torch.Tensor:
-    """The samples of the curve points: the first `curve_samples // 10` of every class."""
-    per, keep = args.samples // 10, max(1, args.curve_samples // 10)
-    return torch.cat([torch.arange(c * per, c * per + min(keep, per)) for c in range(10)])
 
 
 def run_diffusers(args) -> list[dict]:
@@ -148,8 +149,8 @@ def run_diffusers(args) -> list[dict]:
     def make_fn(label):
         return DiffusersDiTFn(modules[label]), modules[label]
 
-    labels = torch.arange(10).repeat_interleave(args.curve_samples // 10)
-    timing_labels = torch.arange(10).repeat_interleave(max(1, args.timing_samples // 10))
+    labels = torch.arange(10).repeat(args.curve_samples // 10)
+    timing_labels = torch.arange(10).repeat(max(1, args.timing_samples // 10))
     times = timed(settings, make_fn, timing_labels, args.batch, shape, args.passes)
     rows, reference = [], None
     with torch.no_grad():
@@ -249,6 +250,9 @@ def main() -> None:
     parser.add_argument("--video-per-condition", type=int, default=2)
     parser.add_argument("--parts", nargs="+", default=["digits", "diffusers", "video"])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="PART=JSON", help="re-render: take each part's rows from an earlier run's JSON"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache"))
     args = parser.parse_args()
     if args.quick:
@@ -256,15 +260,20 @@ def main() -> None:
         args.video_per_condition = 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    rows = []
+    rows, meta_runs = [], {}
     runners = {"digits": run_digits, "diffusers": run_diffusers, "video": run_video}
-    for part in args.parts:
+    for entry in args.merge or ():
+        part, path = entry.split("=", 1)
+        earlier = json.loads(Path(path).read_text())
+        rows += [r for r in earlier["rows"] if r["part"] == part]
+        meta_runs[part] = {"from": path, **earlier["meta"]}
+    for part in [] if args.merge else args.parts:
         rows += runners[part](args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"steps": STEPS, "cfg_scale": CFG, "threads": 1, "samples": args.samples, "passes": args.passes,
             "curve_samples": args.curve_samples, "batch": args.batch,
-            "timing_samples": args.timing_samples, "torch": torch.__version__}  # fmt: skip
+            "timing_samples": args.timing_samples, "torch": torch.__version__, "merged": meta_runs}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     report(rows, out)
     print(out.with_suffix(".md").read_text())
