@@ -139,6 +139,9 @@ def run_diffusers(args) -> list[dict]:
         settings.append((f"diffusers FBC {threshold:g}", lambda m, t=threshold: apply_first_block_cache(
             m, FirstBlockCacheConfig(threshold=t))))  # fmt: skip
         settings.append((f"ours fbcache {threshold:g}", make_cache_config("fbcache", threshold=threshold)))
+        # diffusers' rule has no cap and no guard steps: ours with the same freedom, per sample
+        uncapped = make_cache_config("fbcache", threshold=threshold, max_reuse=1000, guard_steps=0)
+        settings.append((f"ours fbcache {threshold:g} uncapped", uncapped))
     modules = {}
     for label, config in settings:  # diffusers' cache is installed for good: one module copy per setting
         module = copy.deepcopy(base)
@@ -224,9 +227,10 @@ def report(rows: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, part in zip(axes, ("digits", "diffusers")):
-        for family, marker in (("uncached", "s"), ("pab", "o"), ("fbcache", "^"), ("diffusers FBC", "v")):
+        for family, marker in (("uncached", "s"), ("pab", "o"), ("fbcache", "^"), ("uncapped", "D"),
+                               ("diffusers FBC", "v")):  # fmt: skip
             pts = [r for r in rows if r["part"] == part and family in r["setting"] and not (
-                family == "fbcache" and "diffusers" in r["setting"])]  # fmt: skip
+                family == "fbcache" and ("diffusers" in r["setting"] or "uncapped" in r["setting"]))]  # fmt: skip
             if pts:
                 ax.plot([r["speedup_min"] for r in pts], [min(r["psnr_db"], 60) for r in pts], marker, ls="-",
                         label=family)  # fmt: skip
