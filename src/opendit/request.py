@@ -74,10 +74,11 @@ FIELD_HELP = {
     "dtype": FieldHelp("--dtype", f"one of {', '.join(DTYPES)}", "e.g. --dtype bf16"),
     "device": FieldHelp("--device", "cpu, cuda or cuda:N", "e.g. --device cpu"),
     "nproc": FieldHelp("--nproc", f"an integer from 1 to {MAX_NPROC} (local processes)", "e.g. --nproc 2"),
-    "parallel": FieldHelp("--dp/--ulysses/--ring", "an opendit ParallelConfig", "e.g. ParallelConfig(ulysses=2)"),
+    "parallel": FieldHelp("--dp/--ulysses/--ring/--tp", "an opendit ParallelConfig", "e.g. ParallelConfig(ulysses=2)"),
     "dp": FieldHelp("--dp", _DEGREE, "e.g. --dp 2"),
     "cfg": FieldHelp("--cfg-parallel", "1 or 2", "pass --cfg-parallel for 2"),
     "ulysses": FieldHelp("--ulysses", _DEGREE, "e.g. --ulysses 2"),
+    "tp": FieldHelp("--tp", _DEGREE, "e.g. --tp 2"),
     "ring": FieldHelp("--ring", _DEGREE, "e.g. --ring 2"),
     "sp_impl": FieldHelp("--sp-impl", "auto or a registered strategy", "see `opendit plan --list-strategies`"),
     "shard_weights": FieldHelp("--shard-weights", _SWITCH, "pass --shard-weights or leave it out"),
@@ -280,6 +281,7 @@ class ParallelRequest(Schema):
     cfg: Annotated[Int, Field(ge=1, le=2)] = 1  # the two halves of guidance, or not split
     ulysses: Degree = 1
     ring: Degree = 1
+    tp: Degree = 1
     sp_impl: Annotated[str, AfterValidator(_check_sp_impl)] = "auto"
     shard_weights: Switch = False
     comm_dtype: Literal["bf16", "fp16"] | None = None
@@ -288,10 +290,11 @@ class ParallelRequest(Schema):
 
     @model_validator(mode="after")
     def _world_in_range(self) -> ParallelRequest:
-        world = self.dp * self.cfg * self.ulysses * self.ring
+        world = self.dp * self.cfg * self.ulysses * self.ring * self.tp
         if world > MAX_WORLD:
             raise OpenDiTError(
-                f"the parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} need "
+                f"the parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} x "
+                f"tp={self.tp} need "
                 f"{world} processes, more than {MAX_WORLD}; use smaller degrees (their product is the process count)"
             )
         return self

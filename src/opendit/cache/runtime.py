@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from opendit.cache.block_cache import BlockCache
@@ -128,10 +127,7 @@ class StepCache(StepHook):
         comm = self.runtime.comms.get("sp") if self.runtime is not None else None
         if comm is None or comm.size == 1:
             return values
-        values = values.contiguous()
-        comm.stats.record("cache_metric", (comm.size - 1) * values.numel() * values.element_size())
-        dist.all_reduce(values, group=comm.group)
-        return values
+        return comm.all_reduce(values, kind="cache_metric", inplace=True)  # (B, k) fp64, counted
 
     def summary(self) -> dict:
         """What record.json says: the settings, per step what was computed and reused, and the totals saved."""

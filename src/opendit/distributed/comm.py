@@ -19,7 +19,8 @@ the sum over destinations d != self of the bytes d receives from this rank, in t
 part a rank keeps for itself is excluded. It is algorithm-independent (NCCL's ring or tree may route differently), and
 summing it over ranks gives the total volume that crosses links. Examples for a tensor of N bytes on P ranks:
 all_gather of this rank's shard -> N * (P - 1); ring_exchange -> N; all_to_all -> N minus the chunk kept locally;
-broadcast -> N * (P - 1) on the source, 0 elsewhere.
+broadcast -> N * (P - 1) on the source, 0 elsewhere; all_reduce -> 2 * N * (P - 1) / P (the reduce-scatter +
+all-gather that bandwidth-optimal all-reduces send, `all_reduce_bytes`).
 
 Event log (`CommStats.enable_events()`, off by default: `events` is None and nothing is timed beyond the counters):
 one `CommEvent` per op, {kind, bytes, issued_s, wait_start_s, wait_end_s} in perf_counter seconds. `record()` returns
@@ -198,6 +199,12 @@ def _done_handle(result: Any, stats: CommStats, kind: str) -> CommHandle:
     return CommHandle([], lambda: result, stats, kind)
 
 
+def all_reduce_bytes(nbytes: int, size: int) -> int:
+    """What one rank sends in an all-reduce of `nbytes` over `size` ranks: 2 (P - 1) / P of it (reduce-scatter then
+    all-gather; NCCL's ring sends exactly this, gloo's algorithms no more). Rounded down to whole bytes."""
+    return 2 * nbytes * (size - 1) // size if size > 1 else 0
+
+
 def check_sizes(sizes: Sequence[int], parts: int, what: str = "seq_sizes", minimum: int = 1) -> list[int]:
     """One size >= `minimum` per rank of a group of `parts` ranks (collectives take 0 for an empty chunk; kernels
     need >= 1 token per rank); returns them as a list of ints."""
@@ -357,11 +364,14 @@ class Comm:
         return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ all-gather
-    def all_gather(self, x: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool = False) -> Any:
+    def all_gather(
+        self, x: torch.Tensor, dim: int, sizes: Sequence[int], async_op: bool = False, kind: str = "all_gather"
+    ) -> Any:
         """Concatenate every rank's x along `dim`; rank j contributes sizes[j] entries (uneven allowed).
 
         x (..., sizes[rank], ...) -> (..., sum(sizes), ...). Equal sizes use the backend's all_gather; uneven sizes
         use one split-sizes all-to-all whose send buffer repeats x once per rank (gloo has no uneven all_gather).
+        `kind`: the counter it is recorded under (tensor parallelism's gathers are "tp_all_gather").
         """
         p, me = self.size, self.rank
         dim = dim % x.dim()
@@ -371,7 +381,6 @@ class Comm:
                 f"all_gather: this rank (rank {me}) holds {x.shape[dim]} entries along dim {dim} "
                 f"but sizes[{me}] = {sizes[me]} (sizes {sizes}); shard with the same sizes"
             )
-        kind = "all_gather"
         if p == 1:
             return _done_handle(x, self.stats, kind) if async_op else x
         dtype, wire = x.dtype, self._wire_dtype(x.dtype)
@@ -441,6 +450,23 @@ class Comm:
 
         handle = CommHandle([work], finish, self.stats, kind, event=event)
         return self._complete(handle, async_op)
+
+    # ------------------------------------------------------------------------------------------------ all-reduce
+    def all_reduce(self, x: torch.Tensor, kind: str = "all_reduce", inplace: bool = False) -> torch.Tensor:
+        """The elementwise sum of every rank's x (same shape everywhere); blocking. A new tensor, or x itself with
+        `inplace` (the caller owns it, e.g. a fresh matmul output). Always in x's dtype (a sum of partial results is
+        a result: comm_dtype never rounds it). `kind` names the counter ("cache_metric" for a cache's decision)."""
+        if self.size == 1:
+            return x
+        if not x.is_contiguous():
+            out = x.contiguous()
+        else:
+            out = x if inplace else x.clone()
+        event = self.stats.record(kind, all_reduce_bytes(out.numel() * out.element_size(), self.size))
+        start = time.perf_counter()
+        dist.all_reduce(out, group=self.group)
+        self.stats.record_wait(kind, time.perf_counter() - start, event=event)
+        return out
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

@@ -1,8 +1,9 @@
 """ParallelConfig: the degrees of every parallel strategy on one device mesh, validated with actionable messages.
 
-Mesh layout, outermost to innermost: dp, cfg, ring, ulysses. Ulysses (or FastSeq) is innermost because its
-all-to-alls are the heaviest traffic and the innermost ranks share the fastest links (same node, NVLink).
-Rank r therefore has coordinates r = ((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i.
+Mesh layout, outermost to innermost: dp, cfg, ring, ulysses, tp. Tensor parallelism is innermost because it
+all-reduces the whole activation twice per block, the heaviest traffic of all; Ulysses (or FastSeq) comes next for
+its all-to-alls; the innermost ranks share the fastest links (same node, NVLink).
+Rank r therefore has coordinates r = (((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i) * tp + tp_i.
 """
 
 import itertools
@@ -10,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 from opendit.errors import OpenDiTError
 
-MESH_DIMS = ("dp", "cfg", "ring", "ulysses")
+MESH_DIMS = ("dp", "cfg", "ring", "ulysses", "tp")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ParallelConfig:
     cfg: int = 1  # 2: conditional and unconditional halves of the CFG batch on different groups
     ulysses: int = 1  # head-parallel sequence degree (Ulysses all-to-all, or FastSeq), innermost
     ring: int = 1  # ring-attention sequence degree
+    tp: int = 1  # tensor parallel: heads, MLP and adaLN weights split over the innermost ranks (parallel/tensor.py)
     sp_impl: str = "auto"  # a registered strategy (parallel/registry.py); auto: the registry's choice for the degrees
     shard_weights: bool = False  # shard parameters over the sequence-parallel group, gather per block
     comm_dtype: str | None = None  # send activations in bf16/fp16 while computing in the model dtype
@@ -27,7 +29,7 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.cfg * self.ulysses * self.ring
+        return self.dp * self.cfg * self.ulysses * self.ring * self.tp
 
     @property
     def sp_degree(self) -> int:
@@ -68,7 +70,8 @@ class ParallelConfig:
                 raise OpenDiTError(f"{name} degree must be >= 1, got {getattr(self, name)}")
         if self.world_size != world_size:
             raise OpenDiTError(
-                f"parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} = "
+                f"parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} x "
+                f"tp={self.tp} = "
                 f"{self.world_size} must equal the number of processes {world_size}; valid plans for {world_size}: "
                 + "; ".join(p.describe() for p in suggest_plans(world_size, num_heads, guided)[:4])
             )
@@ -83,7 +86,9 @@ class ParallelConfig:
                 f"sequence-parallel degree {self.sp_degree} exceeds the {num_tokens} tokens; use a larger image or "
                 f"at most {num_tokens} sequence ranks"
             )
-        notes = self._check_strategy(num_heads, num_tokens, frames)
+        notes = self._check_tensor(num_heads)
+        num_heads = num_heads // self.tp  # what each tensor-parallel rank's attention holds (at least)
+        notes += self._check_strategy(num_heads, num_tokens, frames)
         if self.balance_tokens and self.sp_degree == 1:
             raise OpenDiTError("--balance-tokens re-splits the sequence; add --ulysses or --ring (or drop it)")
         if self.token_shares is not None and len(self.token_shares) != self.sp_degree:
@@ -93,7 +98,9 @@ class ParallelConfig:
         if self.ulysses > num_heads:
             inner = max(d for d in range(1, num_heads + 1) if num_heads % d == 0 and self.ulysses % d == 0)
             raise OpenDiTError(
-                f"ulysses degree {self.ulysses} exceeds num_heads {num_heads}; try --ulysses {inner} "
+                f"ulysses degree {self.ulysses} exceeds num_heads {num_heads}"
+                + (f" (heads per tensor-parallel rank at --tp {self.tp})" if self.tp > 1 else "")
+                + f"; try --ulysses {inner} "
                 f"--ring {self.ring * self.ulysses // inner} (or --ring {self.sp_degree})"
             )
         if self.ulysses > 1 and num_heads % self.ulysses:
@@ -104,6 +111,28 @@ class ParallelConfig:
                 f"({', '.join(map(str, head_sizes(num_heads, self.ulysses)))}), exact but less balanced"
             )
         return notes
+
+    def _check_tensor(self, num_heads: int) -> list[str]:
+        """Tensor parallelism splits heads: at most one rank per head; uneven splits are exact (a note says so)."""
+        if self.tp == 1:
+            return []
+        if self.tp > num_heads:
+            valid = [d for d in range(2, num_heads + 1) if num_heads % d == 0]
+            raise OpenDiTError(
+                f"tp degree {self.tp} exceeds num_heads {num_heads}: tensor parallelism splits attention by heads; "
+                f"try --tp {' or --tp '.join(map(str, valid[:4])) if valid else 1}"
+            )
+        if self.shard_weights:
+            raise OpenDiTError(
+                "--tp already splits the block weights over its ranks; --shard-weights with --tp is not supported, "
+                "drop one of the two"
+            )
+        if num_heads % self.tp:
+            from opendit.parallel.sequence import head_sizes
+
+            sizes = ", ".join(map(str, head_sizes(num_heads, self.tp)))
+            return [f"tp degree {self.tp} does not divide {num_heads} heads: heads split {sizes} (exact, less even)"]
+        return []
 
     def _strategy_splits_heads(self) -> bool:
         from opendit.parallel.registry import get_strategy

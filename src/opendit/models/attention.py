@@ -39,8 +39,9 @@ class SelfAttention(nn.Module):
         self.core: AttentionCore = local_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, c = x.shape  # (B, S, C)
+        b, s, _ = x.shape  # (B, S, C)
         qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, self.head_dim)  # (B, S, 3, H, Dh)
         q, k, v = qkv.unbind(dim=2)  # (B, S, H, Dh) each
         out = self.core(q, k, v)  # (B, S, H, Dh)
-        return self.proj(out.reshape(b, s, c))  # (B, S, C)
+        # H * Dh = C on one device; under tensor parallelism this module holds its rank's H_r heads (proj's input)
+        return self.proj(out.reshape(b, s, self.num_heads * self.head_dim))  # (B, S, C)

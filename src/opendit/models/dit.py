@@ -23,7 +23,7 @@ from opendit.models.layers import (
     sincos_2d,
     unpatchify,
 )
-from opendit.models.spec import ModelDims, ModelSpec, register_spec
+from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, register_spec
 from opendit.precision import check_finite, residual_dtype
 
 LATENT_DOWNSCALE = 8  # stabilityai/sd-vae-ft-* maps H x W pixels to 4 x H/8 x W/8 latents
@@ -346,6 +346,16 @@ def dit_dims(config: DiTConfig, tokens: int | None = None) -> ModelDims:
     )
 
 
+# Megatron's split of a DiT block: attention by heads, fc1 by columns and fc2 by rows (2 all-reduces per block), the
+# adaLN modulation (6 x C outputs, a third of the block's weights) per chunk, gathered for the elementwise ops
+DIT_TENSOR_SPLIT = TensorSplit(
+    attention=("blocks.*.attn",),
+    attention_kind="fused_qkv",
+    column=("blocks.*.mlp.fc1",),
+    row=("blocks.*.mlp.fc2",),
+    gathered=(("blocks.*.adaLN_modulation.1", 6),),
+)
+
 DIT_SPEC = register_spec(
     ModelSpec(
         name="DiT",
@@ -374,5 +384,6 @@ DIT_SPEC = register_spec(
         edge_flops=edge_flops,
         token_values=token_values,
         derived={"pos_embed": lambda model: model.sincos_positions()},
+        tensor_split=DIT_TENSOR_SPLIT,
     )
 )

@@ -17,6 +17,7 @@ A spec says (in the spirit of diffusers' `_cp_plan` and torchtitan's per-model s
 - `attention_filter`: optional path -> bool, narrowing `attention` (the video DiT: only the spatial blocks' attention
   spans the position split; its temporal blocks attend over frames every rank holds whole).
 - `frame_split`: the split points of a model with spatial and temporal blocks (`FrameSplit`), which DSP reads.
+- `tensor_split`: where tensor parallelism splits heads, MLP and modulation weights (`TensorSplit`).
 - `derived`: parameter name -> function(model) -> the full tensor, for parameters the model computes rather than
   learns (DiT's sin-cos positions): sharded loading (parallel/sharded_loading.py) fills them from the function when a
   checkpoint has them for another size (or not at all).
@@ -70,6 +71,24 @@ class FrameSplit:
 
 
 @dataclass(frozen=True)
+class TensorSplit:
+    """Where tensor parallelism (parallel/tensor.py) splits a model, as path patterns (see `attention`):
+    - `attention`: modules split by heads; `attention_kind` "fused_qkv" (qkv, proj, num_heads, head_dim: the fused
+      qkv weight is split per q/k/v block and per head) or "separate_qkv" (diffusers' Attention: to_q, to_k, to_v,
+      to_out.0, heads); their output projection is row-parallel (one all-reduce);
+    - `column`: Linears whose output features are split (their input is whole on every rank);
+    - `row`: Linears whose input features are split (the column layer's output): partial sums, one all-reduce;
+    - `gathered`: Linears whose output is split per chunk (pattern -> chunks: adaLN's 6 modulation vectors) and
+      all-gathered back to the full width, for what consumes it whole."""
+
+    attention: tuple[str, ...]
+    attention_kind: str = "fused_qkv"
+    column: tuple[str, ...] = ()
+    row: tuple[str, ...] = ()
+    gathered: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     config_type: type
@@ -94,6 +113,8 @@ class ModelSpec:
     # the block chain a first-block cache skips through, and the MLPs PAB may reuse (cache/layout.py)
     cache_blocks: tuple[str, ...] = ("blocks.*",)
     cache_mlps: tuple[str, ...] = ("blocks.*.mlp",)
+    # where tensor parallelism splits the model (parallel/tensor.py); None: the family does not declare it
+    tensor_split: TensorSplit | None = None
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model` that spans the token split, in model order."""
@@ -119,8 +140,12 @@ class ModelSpec:
         return units
 
 
-def _match(path: str, pattern: str) -> bool:
+def match_path(path: str, pattern: str) -> bool:
+    """Whether a module path matches a spec pattern (fnmatch, `*` = exactly one path component)."""
     return len(path.split(".")) == len(pattern.split(".")) and fnmatch.fnmatchcase(path, pattern)
+
+
+_match = match_path
 
 
 def _prefix_groups(patterns: tuple[str, ...]) -> list[list[str]]:

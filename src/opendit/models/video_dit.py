@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import LATENT_DOWNSCALE, DiTBlock, FinalLayer, adaln_zero_init
+from opendit.models.dit import DIT_TENSOR_SPLIT, LATENT_DOWNSCALE, DiTBlock, FinalLayer, adaln_zero_init
 from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
 from opendit.precision import check_finite, residual_dtype
@@ -352,6 +352,7 @@ VIDEO_DIT_SPEC = register_spec(
         attention=("blocks.*.attn",),
         attention_kind="fused_qkv",
         attention_filter=_spatial_block,
+        tensor_split=DIT_TENSOR_SPLIT,  # the same DiTBlock in every spatial and temporal slot
         root_used_after_embedding=True,  # temp_embed, added after the first spatial block
         shard_units=(
             "t_embedder",

@@ -41,6 +41,7 @@ class ParallelModel:
     notes: list[str] = field(default_factory=list)
     balancer: TokenBalancer | None = None  # --balance-tokens: re-splits token_sizes from measured busy times
     token_hooks: list = field(default_factory=list, repr=False)  # the installed split/gather hooks
+    tensor: dict | None = None  # --tp: what tensor parallelism split (parallel/tensor.py), None without it
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg_comm = self.runtime.comms["cfg"]
@@ -108,10 +109,11 @@ def parallelize(model: nn.Module, runtime: Runtime) -> ParallelModel:
     notes = plan.validate(
         runtime.world_size, dims.num_heads, dims.num_tokens, plan.dp, plan.cfg > 1, frames=dims.sequences
     )
+    tensor = install_tensor(model, runtime) if plan.tp > 1 else None  # first: the SP kernels see the narrow modules
     if plan.sp_degree == 1:
         if plan.shard_weights:
             raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
-        return ParallelModel(model, runtime, None, notes)
+        return ParallelModel(model, runtime, None, notes, tensor=tensor)
     sizes = token_split(dims.num_tokens, runtime)
     if plan.impl == "dsp":
         from opendit.parallel.dsp import dsp_sizes
@@ -124,7 +126,19 @@ def parallelize(model: nn.Module, runtime: Runtime) -> ParallelModel:
     if plan.shard_weights:
         shard_weights(model, runtime)
     balancer = make_balancer(dims.num_tokens, sizes, runtime) if plan.balance_tokens else None
-    return ParallelModel(model, runtime, sizes, notes, balancer, hooks)
+    return ParallelModel(model, runtime, sizes, notes, balancer, hooks, tensor)
+
+
+def install_tensor(model: nn.Module, runtime: Runtime) -> dict:
+    """--tp: split the blocks over the tp group as the model's spec declares (parallel/tensor.py)."""
+    from opendit.parallel.tensor import apply_tensor_parallel
+
+    spec = spec_for(model)
+    if spec.tensor_split is None:
+        raise OpenDiTError(
+            f"{spec.name} declares no tensor-parallel split (ModelSpec.tensor_split); drop --tp or use --ulysses/--ring"
+        )
+    return apply_tensor_parallel(model, spec.tensor_split, runtime.comms["tp"])
 
 
 def make_balancer(num_tokens: int, sizes: list[int], runtime: Runtime) -> TokenBalancer:
@@ -177,7 +191,8 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "describe": plan.describe(),
         "impl": plan.impl,
         "world_size": runtime.world_size,
-        "mesh_order": "dp, cfg, ring, ulysses (outer -> inner)",
+        "mesh_order": "dp, cfg, ring, ulysses, tp (outer -> inner)",
+        "tensor": pmodel.tensor,
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,

@@ -15,7 +15,9 @@ or empty, exactly as FSDP2 and DTensor lay them out; Replicate keeps it whole). 
 are read from the file (safetensors: one byte range; a memory-mapped .pt: a view of the mapping whose pages are
 handed back right after, see checkpoint.py), narrowed along the other dims, cast and copied into the local shard. So
 FSDP2's Shard(0) reads exactly the shard; a parameter sharded along another dim (pos_embed (1, T, C) over T) reads
-its whole rows once, at most one tensor. Tensor parallelism places DTensors the same way and reuses this path.
+its whole rows once, at most one tensor. Tensor parallelism (parallel/tensor.py) keeps plain local parameters with a
+SliceLayout each (ranges of the global tensor along one dim: a fused qkv's three per-head row blocks): the rows of a
+dim-0 layout are read range by range, a layout along another dim reads the whole rows once and narrows them.
 
 Parameters the model computes rather than learns (the spec's `derived`, DiT's sin-cos positions) are filled from the
 model when the file has them for another size. Everything else must come from the file: a missing tensor or a
@@ -88,6 +90,19 @@ def _read_region(state: Mapping, key: str, region: list[tuple[int, int]]) -> tup
     return box, rows.numel() * rows.element_size()
 
 
+def _read_slices(state: Mapping, key: str, layout) -> tuple[torch.Tensor, int]:
+    """(the local tensor of a tensor-parallel SliceLayout, bytes read): dim-0 ranges are read one by one (only those
+    rows from a safetensors file); another dim reads the rows once and narrows them."""
+    if layout.dim == 0:
+        parts = [
+            _read_region(state, key, [(start, n), *((0, d) for d in layout.global_shape[1:])])
+            for start, n in layout.ranges
+        ]
+        return torch.cat([p for p, _ in parts]), sum(nbytes for _, nbytes in parts)
+    whole, nbytes = _read_region(state, key, [(0, d) for d in layout.global_shape])
+    return torch.cat([whole.narrow(layout.dim, start, n) for start, n in layout.ranges], layout.dim), nbytes
+
+
 def _check_shape(key: str, expected: tuple, found: tuple, path) -> None:
     if tuple(found) != tuple(expected):
         raise OpenDiTError(
@@ -107,8 +122,11 @@ def fill_sharded(
     every local shard from `state` (a lazy state dict: SafetensorsStateDict or memory-mapped tensors), one tensor at a
     time. `release(source)` hands a memory-mapped source's pages back after its copy. Returns this rank's LoadStats."""
     start_s = time.perf_counter()
+    from opendit.parallel.tensor import tensor_layouts
+
     spec = spec_for(model)
     stats = LoadStats()
+    layouts = tensor_layouts(model)  # the parameters --tp split: name -> SliceLayout of the global tensor
     model.to_empty(device=device)  # local shards only (1/P of each parameter), uninitialised until filled below
     derived = []
     with torch.no_grad():
@@ -127,8 +145,9 @@ def fill_sharded(
                 raise OpenDiTError(
                     f"checkpoint {path} has no tensor {key}, which {type(model).__name__} needs; is it this model's?"
                 )
-            _check_shape(key, tuple(tensor.shape), _shape(state, key), path)
-            box, nbytes = _read_region(state, key, region)
+            layout = layouts.get(key)
+            _check_shape(key, layout.global_shape if layout else tuple(tensor.shape), _shape(state, key), path)
+            box, nbytes = _read_slices(state, key, layout) if layout else _read_region(state, key, region)
             local.copy_(box)  # cast to the parameter's dtype, moved to its device
             stats.tensors += 1
             stats.read_bytes += nbytes

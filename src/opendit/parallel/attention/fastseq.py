@@ -97,7 +97,7 @@ class FastSeqAttention(AttentionOverride):
         comm, me, mod = self.comm, self.comm.rank, self.module
         self.check_input(self.kernel, x, self.seq_sizes, me)
         w_r, b_r = self._weights()  # (3*H_r*Dh, C), (3*H_r*Dh,)
-        b, s_r, c = x.shape
+        b, s_r, c = x.shape[0], x.shape[1], self.module.num_heads * self.module.head_dim  # c: H*Dh (tp: H_r*Dh)
         h_r, dh = self.head_sizes[me], mod.head_dim
         total = sum(self.seq_sizes)
         starts = offsets(self.seq_sizes)  # global start of each rank's shard

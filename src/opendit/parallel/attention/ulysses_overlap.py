@@ -95,8 +95,8 @@ class UlyssesOverlapAttention(AttentionOverride):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         comm, me, mod = self.comm, self.comm.rank, self.module
         self.check_input(self.kernel, x, self.seq_sizes, me)
-        b, s_r, c = x.shape
         dh = mod.head_dim
+        b, s_r, c = x.shape[0], x.shape[1], mod.num_heads * dh  # c: H*Dh, the module's heads (tp: its H_r)
         messages = ((1, 2), (0,)) if self.kv_first else ((0, 1, 2),)
 
         # 1. project and send, group by group; every message travels while the next projection runs.

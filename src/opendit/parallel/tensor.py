@@ -1,0 +1,225 @@
+"""Tensor parallelism (--tp N): the block weights and their compute split over the innermost mesh ranks, exact.
+
+Megatron's layout, declared per model family by its spec (`TensorSplit`, models/spec.py) and installed from outside:
+- attention by heads: tp rank r keeps heads [h_r, h_r + H_r) (head_sizes: ceil first, so any head count >= N runs;
+  uneven splits are exact). A fused qkv weight (3C, C) is laid out (3, H, Dh) along its output dim, so rank r's rows
+  are three ranges (its heads of q, of k and of v), not one column range. The module then has H_r heads, and the
+  sequence-parallel kernels installed after this (Ulysses, ring, ...) see a narrower attention and split those heads
+  or the tokens further. The output projection (C, C) is row-parallel: rank r keeps the input columns of its heads,
+  computes a partial sum and all-reduces it; the bias is added once, after the sum.
+- MLP: fc1 column-parallel (rank r keeps M_r of the M hidden units, split_sizes), GELU local, fc2 row-parallel.
+- adaLN modulation (k x C outputs, a third of a DiT block's weights): rank r keeps C_r of each of the k chunks and
+  all-gathers (B, k, C_r) -> (B, k, C), because the modulations act elementwise on the whole residual stream, which
+  every tp rank holds.
+Per block and rank that is 2 all-reduces of the (B, S, C) activation (S: this rank's tokens) and one all-gather of
+(B, k, C_r) per adaLN; `block_comm_bytes` states both in the CommStats convention, for the cost model and the tests.
+
+Weights: the local tensors are plain parameters of their local shape (a rank's block bytes are ~1/N). Every split
+module keeps `tp_layouts` (parameter name -> SliceLayout: the global shape and the ranges of the global tensor the
+local one is made of), which sharded loading reads, so a rank reads only its slices from the file
+(parallel/sharded_loading.py). Installed on a model built on `meta`, nothing real is sliced.
+
+Inference only: the collectives are not differentiable (training uses DDP / FSDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opendit.distributed.comm import Comm, all_reduce_bytes
+from opendit.errors import OpenDiTError
+from opendit.models.spec import TensorSplit, match_path
+from opendit.parallel.sequence import head_sizes, split_sizes
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """A local tensor = the global tensor's `ranges` (start, length) along `dim`, concatenated in order."""
+
+    global_shape: tuple[int, ...]
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        shape = list(self.global_shape)
+        shape[self.dim] = sum(n for _, n in self.ranges)
+        return tuple(shape)
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        if tuple(full.shape) != self.global_shape:
+            raise OpenDiTError(f"tensor of shape {tuple(full.shape)} where the layout expects {self.global_shape}")
+        parts = [full.narrow(self.dim, start, n) for start, n in self.ranges]
+        return torch.cat(parts, self.dim) if len(parts) > 1 else parts[0].clone()
+
+
+def _local_parameter(param: nn.Parameter, layout: SliceLayout | None) -> nn.Parameter:
+    """The local part of a parameter as its own Parameter (a copy, so the whole tensor can be freed)."""
+    value = param.detach().clone() if layout is None else layout.take(param.detach())
+    return nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+class TensorParallelLinear(nn.Module):
+    """A Linear's local part: `weight` and `bias` keep nn.Linear's state-dict names; `tp_layouts` say which part."""
+
+    def __init__(self, linear: nn.Linear, weight: SliceLayout, bias: SliceLayout | None, comm: Comm):
+        super().__init__()
+        self.weight = _local_parameter(linear.weight, weight)
+        self.bias = None if linear.bias is None else _local_parameter(linear.bias, bias)
+        self.tp_layouts = {"weight": weight, **({"bias": bias} if bias is not None and linear.bias is not None else {})}
+        self.comm = comm
+        self.out_features, self.in_features = self.weight.shape
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tp={self.comm.size}"
+
+
+class ColumnParallelLinear(TensorParallelLinear):
+    """Output features split: (..., C_in) whole -> (..., out_r) this rank's outputs. No communication."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(TensorParallelLinear):
+    """Input features split: (..., in_r) -> partial sums, all-reduced -> (..., C_out) whole, bias added once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)  # (..., C_out): this rank's share of the sum over input features
+        out = self.comm.all_reduce(partial, kind="tp_all_reduce", inplace=True)  # (..., C_out) on every tp rank
+        return out if self.bias is None else out + self.bias
+
+
+class GatheredLinear(TensorParallelLinear):
+    """Outputs in `chunks` blocks of C, each split by `sizes`: (..., C_in) -> (..., chunks * C) on every rank."""
+
+    def __init__(self, linear: nn.Linear, weight, bias, comm: Comm, chunks: int, sizes: list[int]):
+        super().__init__(linear, weight, bias, comm)
+        self.chunks, self.sizes = chunks, sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight, self.bias).unflatten(-1, (self.chunks, -1))  # (..., k, C_r)
+        full = self.comm.all_gather(local, -1, self.sizes, kind="tp_all_gather")  # (..., k, C) in rank order
+        return full.flatten(-2)  # (..., k * C): chunk j's C values as one Linear would give them
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(param.shape)
+
+
+def _rows(linear: nn.Linear, ranges) -> tuple[SliceLayout, SliceLayout | None]:
+    """Layouts of a Linear split along its output features (weight rows, bias entries) into `ranges`."""
+    bias = None if linear.bias is None else SliceLayout(_shape(linear.bias), 0, tuple(ranges))
+    return SliceLayout(_shape(linear.weight), 0, tuple(ranges)), bias
+
+
+def _columns(linear: nn.Linear, ranges) -> SliceLayout:
+    """The weight layout of a Linear split along its input features (its bias stays whole)."""
+    return SliceLayout(_shape(linear.weight), 1, tuple(ranges))
+
+
+def _share(length: int, parts: int, rank: int) -> tuple[int, int]:
+    sizes = split_sizes(length, parts)
+    return sum(sizes[:rank]), sizes[rank]
+
+
+def _split_fused_attention(attn: nn.Module, comm: Comm) -> list[int]:
+    """SelfAttention (qkv (3C, C) laid out (3, H, Dh), proj, num_heads, head_dim) -> this rank's heads."""
+    heads, dh = attn.num_heads, attn.head_dim
+    sizes = head_sizes(heads, comm.size)
+    start, count = sum(sizes[: comm.rank]), sizes[comm.rank]
+    width = heads * dh
+    rows = [(part * width + start * dh, count * dh) for part in range(3)]  # q, k, v blocks of this rank's heads
+    attn.qkv = ColumnParallelLinear(attn.qkv, *_rows(attn.qkv, rows), comm)
+    attn.proj = RowParallelLinear(attn.proj, _columns(attn.proj, [(start * dh, count * dh)]), None, comm)
+    attn.num_heads = count
+    return sizes
+
+
+def _split_separate_attention(attn: nn.Module, comm: Comm) -> list[int]:
+    """diffusers' Attention (to_q, to_k, to_v: (H*Dh, C_in) each; to_out.0; heads) -> this rank's heads."""
+    heads = attn.heads
+    dh = attn.to_q.out_features // heads
+    sizes = head_sizes(heads, comm.size)
+    start, count = sum(sizes[: comm.rank]), sizes[comm.rank]
+    rows = [(start * dh, count * dh)]
+    for name in ("to_q", "to_k", "to_v"):
+        setattr(attn, name, ColumnParallelLinear(getattr(attn, name), *_rows(getattr(attn, name), rows), comm))
+    out = attn.to_out[0]
+    attn.to_out[0] = RowParallelLinear(out, _columns(out, rows), None, comm)
+    attn.heads = count
+    return sizes
+
+
+ATTENTION_SPLITS = {"fused_qkv": _split_fused_attention, "separate_qkv": _split_separate_attention}
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def apply_tensor_parallel(model: nn.Module, split: TensorSplit, comm: Comm) -> dict:
+    """Split `model` (in place) over the tp group `comm` as `split` declares. Returns what record.json says."""
+    if split.attention_kind not in ATTENTION_SPLITS:
+        raise OpenDiTError(f"unknown tensor-parallel attention kind {split.attention_kind!r}")
+    modules = dict(model.named_modules())  # a snapshot: replacing children below does not change other paths
+
+    def matching(patterns) -> list[str]:
+        return [path for path in modules if any(match_path(path, p) for p in patterns)]
+
+    attention = matching(split.attention)
+    if not attention:
+        raise OpenDiTError(f"tensor parallelism: no module of {type(model).__name__} matches {split.attention}")
+    head_split = [ATTENTION_SPLITS[split.attention_kind](modules[path], comm) for path in attention]
+    n, r = comm.size, comm.rank
+    for path in matching(split.column):
+        linear = modules[path]
+        _replace(model, path, ColumnParallelLinear(linear, *_rows(linear, [_share(linear.out_features, n, r)]), comm))
+    for path in matching(split.row):
+        linear = modules[path]
+        columns = _columns(linear, [_share(linear.in_features, n, r)])
+        _replace(model, path, RowParallelLinear(linear, columns, None, comm))
+    gathered = 0
+    for pattern, chunks in split.gathered:
+        for path in matching([pattern]):
+            linear = modules[path]
+            width = linear.out_features // chunks
+            sizes = split_sizes(width, n)
+            start = sum(sizes[:r])
+            rows = [(j * width + start, sizes[r]) for j in range(chunks)]
+            _replace(model, path, GatheredLinear(linear, *_rows(linear, rows), comm, chunks, sizes))
+            gathered += 1
+    return {
+        "tp": n,
+        "attention_modules": len(attention),
+        "head_split": head_split[0],
+        "gathered_modules": gathered,
+    }
+
+
+def tensor_layouts(model: nn.Module) -> dict[str, SliceLayout]:
+    """Parameter name -> its SliceLayout, for every parameter tensor parallelism split."""
+    return {
+        f"{path}.{name}" if path else name: layout
+        for path, module in model.named_modules()
+        for name, layout in getattr(module, "tp_layouts", {}).items()
+    }
+
+
+def block_comm_bytes(
+    batch: float, tokens: float, hidden: int, tp: int, rank: int, itemsize: int, chunks: int = 6, rows: float = None
+) -> dict[str, tuple[float, int]]:
+    """What one DiT-style block sends under tensor parallelism on tp rank `rank`: {kind: (bytes, calls)}.
+    batch x tokens: the rows of the block's activation on this rank (its token shard); `rows`: the rows the adaLN
+    runs on (default `batch`; the video DiT's blocks modulate every frame or position sequence)."""
+    if tp == 1:
+        return {}
+    activation = int(batch * tokens * hidden * itemsize)
+    share = split_sizes(hidden, tp)[rank]
+    modulation = int((batch if rows is None else rows) * chunks * share * itemsize) * (tp - 1)
+    return {"tp_all_reduce": (2 * all_reduce_bytes(activation, tp), 2), "tp_all_gather": (modulation, 1)}
