@@ -18,28 +18,32 @@ CASES = [
     (ParallelConfig(ring=2, ulysses=2, comm_dtype="bf16"), None),  # sp = ring x ulysses flattened
     (ParallelConfig(ulysses=2), [1, 3]),  # a subset: ranks 0 and 2 are outside
     (ParallelConfig(ring=3), [0, 1, 2]),  # a subset: rank 3 is outside
+    (ParallelConfig(ulysses=2, tp=2), None),  # tp innermost: sp groups are the ranks tp apart
+    (ParallelConfig(cfg=2, tp=2), None),
+    (ParallelConfig(tp=2), [2, 3]),
 ]
 
 
 def _coords(plan: ParallelConfig, index: int) -> dict[str, int]:
     """Mesh coordinates of position `index`, written out independently of opendit's own helper."""
-    u = index % plan.ulysses
-    r = index // plan.ulysses % plan.ring
-    c = index // (plan.ulysses * plan.ring) % plan.cfg
-    d = index // (plan.ulysses * plan.ring * plan.cfg)
-    return {"dp": d, "cfg": c, "ring": r, "ulysses": u, "sp": r * plan.ulysses + u}
+    t = index % plan.tp
+    u = index // plan.tp % plan.ulysses
+    r = index // (plan.tp * plan.ulysses) % plan.ring
+    c = index // (plan.tp * plan.ulysses * plan.ring) % plan.cfg
+    d = index // (plan.tp * plan.ulysses * plan.ring * plan.cfg)
+    return {"dp": d, "cfg": c, "ring": r, "ulysses": u, "tp": t, "sp": r * plan.ulysses + u}
 
 
 def expected_members(plan: ParallelConfig, ranks: list[int], index: int) -> dict[str, list[int]]:
     """Global ranks sharing every coordinate but one (ordered by that one): the group of each dimension; "sp" shares
-    dp and cfg, ordered by the sequence index; "all" is the runtime."""
+    dp, cfg and tp, ordered by the sequence index; "all" is the runtime."""
     me = _coords(plan, index)
     coords = [_coords(plan, j) for j in range(len(ranks))]
     out = {}
     for name in MESH_DIMS:
         same = [j for j in range(len(ranks)) if all(coords[j][o] == me[o] for o in MESH_DIMS if o != name)]
         out[name] = [ranks[j] for j in sorted(same, key=lambda j: coords[j][name])]
-    same_slice = [j for j in range(len(ranks)) if coords[j]["dp"] == me["dp"] and coords[j]["cfg"] == me["cfg"]]
+    same_slice = [j for j in range(len(ranks)) if all(coords[j][o] == me[o] for o in ("dp", "cfg", "tp"))]
     out["sp"] = [ranks[j] for j in sorted(same_slice, key=lambda j: coords[j]["sp"])]
     out["all"] = list(ranks)
     return out
@@ -100,7 +104,7 @@ def test_runtime_groups_follow_the_mesh_coordinates_on_the_world_and_on_subsets(
                 continue
             index = ranks.index(rank)
             expect = expected_members(plan, ranks, index)
-            assert res["dim_names"] == ("dp", "cfg", "ring", "ulysses")
+            assert res["dim_names"] == ("dp", "cfg", "ring", "ulysses", "tp")
             assert res["shape"] == tuple(getattr(plan, d) for d in MESH_DIMS)  # size-1 dims included
             assert res["coordinate"] == tuple(_coords(plan, index)[d] for d in MESH_DIMS)
             assert res["coords"] == _coords(plan, index)

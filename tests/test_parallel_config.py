@@ -59,6 +59,19 @@ def test_mesh_groups_follow_dp_cfg_ring_ulysses_order():
     assert sub == {"cfg": [[5, 9]], "all": [[5, 9]]}
 
 
+def test_mesh_groups_put_tensor_parallel_innermost():
+    groups = mesh_groups(ParallelConfig(ulysses=2, tp=2), list(range(4)))
+    assert groups["tp"] == [[0, 1], [2, 3]] and groups["ulysses"] == [[0, 2], [1, 3]]
+    assert groups["sp"] == [[0, 2], [1, 3]]  # the sequence ranks share a tp coordinate
+    groups = mesh_groups(ParallelConfig(ring=2, ulysses=2, tp=2), list(range(8)))
+    assert groups["sp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+
+
+def test_uneven_tensor_parallel_heads_are_exact_and_noted():
+    notes = ParallelConfig(tp=3).validate(3, 4, 64, 1, True)
+    assert notes == ["tp degree 3 does not divide 4 heads: heads split 2, 1, 1 (exact, less even)"]
+
+
 def test_prepare_picks_a_plan_for_nproc_and_says_so():
     job = prepare(GenerationRequest(**T2, classes=[1, 2], steps=2, nproc=2))
     assert job.world == 2 and job.plan == ParallelConfig(cfg=2)
@@ -87,6 +100,16 @@ BAD_PARALLEL = [
     (["--nproc", "2", "--cfg-parallel", "--shard-weights"], "--shard-weights shards over the sequence-parallel"),
     (["--nproc", "2", "--cfg-parallel", "--balance-tokens"], "--balance-tokens re-splits the sequence; add --ulysses"),
     (["--ring", "65"], "sequence-parallel degree 65 exceeds the 64 tokens"),
+    (
+        ["--nproc", "8", "--tp", "8"],
+        "tp degree 8 exceeds num_heads 4: tensor parallelism splits attention by heads; try --tp 2 or --tp 4",
+    ),
+    (["--nproc", "4", "--tp", "2", "--ulysses", "2", "--shard-weights"], "--shard-weights with --tp is not supported"),
+    (
+        ["--nproc", "8", "--tp", "2", "--ulysses", "4"],
+        "ulysses degree 4 exceeds num_heads 2 (heads per tensor-parallel rank at --tp 2)",
+    ),
+    (["--nproc", "3", "--tp", "2"], "x tp=2 = 2 must equal the number of processes 3"),
 ]
 
 

@@ -96,3 +96,37 @@ def test_bad_degrees_name_the_nearest_valid_plans():
 def test_bad_objective():
     with pytest.raises(OpenDiTError, match="latency or throughput"):
         plan(XL512, 2, hardware("h100-nvlink"), objective="fast")
+
+
+def test_tensor_parallel_plans_are_enumerated_and_valid():
+    plans = enumerate_plans(4, 16, 1024, images=1, guided=True, tensor=True)
+    tp = [p for p in plans if p.tp > 1]
+    assert {(p.cfg, p.ulysses, p.ring, p.tp) for p in tp} >= {(1, 1, 1, 4), (2, 1, 1, 2), (1, 2, 1, 2), (1, 1, 2, 2)}
+    assert not any(p.shard_weights for p in tp)  # --tp already splits the block weights
+    for p in plans:
+        p.validate(4, 16, 1024, 1, True)
+    assert not any(p.tp > 1 for p in enumerate_plans(4, 16, 1024, images=1, guided=True))  # without a tp split
+
+
+def test_tensor_parallel_divides_block_weights_in_the_memory_model():
+    from opendit.models.dit import count_params
+    from opendit.planning.cost import predict_memory
+
+    speeds = hardware("a100-pcie")
+    params = count_params(XL512)
+    one, four = (predict_memory(XL512, 1024, 2, ParallelConfig(tp=n), speeds).weights for n in (1, 4))
+    assert one - four == pytest.approx(XL512.depth * params["block"] * speeds.dtype_bytes * 3 / 4)
+
+
+def test_memory_bound_on_pcie_picks_tensor_parallel_and_says_why():
+    """Weights that must be split, on PCIe: FSDP-style shards would gather every block's weights each step over the
+    slow link, tensor parallelism only moves activations; with room for the weights, sequence parallelism wins."""
+    xl256 = preset("DiT-XL/2").with_image_size(256)
+    pcie = hardware("a100-pcie")
+    free = plan(xl256, 4, pcie, images=1, guided=True)
+    assert free.best.config.tp == 1
+    tight = plan(xl256, 4, pcie, images=1, guided=True, memory_bytes=2.0 * GIB)
+    assert tight.best.config.tp == 4, tight.table()
+    sharded = [e for e in tight.ranked if e.config.shard_weights]
+    assert sharded and tight.best.step.total_s < 0.5 * min(e.step.total_s for e in sharded)
+    assert "tp=4" in tight.explain()

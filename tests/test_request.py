@@ -122,7 +122,7 @@ BAD_ENGINES = [
     ({"parallel": ParallelConfig(comm_dtype="fp8")}, "parallel.comm_dtype (--comm-dtype) must be bf16, fp16 or None"),
     ({"parallel": ParallelConfig(token_shares=(1.0, float("nan")))}, "parallel.token_shares[1] must be a finite"),
     ({"parallel": ParallelConfig(shard_weights=1)}, "parallel.shard_weights (--shard-weights) must be True or False"),
-    ({"parallel": "ulysses"}, "parallel (--dp/--ulysses/--ring) must be an opendit ParallelConfig, got 'ulysses'"),
+    ({"parallel": "ulysses"}, "parallel (--dp/--ulysses/--ring/--tp) must be an opendit ParallelConfig, got 'ulysses'"),
     ({"parallel_auto": 1}, "parallel_auto (--parallel) must be True or False, got 1 (an int)"),
     ({"progress": "no"}, "progress (--no-progress) must be True or False, got 'no' (a str)"),
     ({"parallel_auto": True, "parallel": ParallelConfig(ulysses=2)}, "--parallel auto chooses the degrees itself"),

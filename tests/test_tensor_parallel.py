@@ -77,6 +77,7 @@ def tensor_world() -> list[dict]:
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.parallel.apply import parallelize
+    from opendit.planning.cost import predict_step_comm
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
@@ -108,6 +109,11 @@ def tensor_world() -> list[dict]:
                     "block_bytes": block_bytes(pmodel.model),
                     "full_block_bytes": block_bytes(reference),
                     "tensor": pmodel.tensor,
+                    "predicted": predict_step_comm(
+                        reference.config, reference.config.num_tokens, BATCH // plan.cfg, plan, runtime.coords["sp"]
+                    )
+                    if kind == "image"
+                    else None,
                 }
             )
     everyone: list = [None] * dist.get_world_size()
@@ -189,6 +195,18 @@ def test_video_tp_bytes_equal_the_formula(rows):
         temporal = (batch * positions * frames, batch * positions)
         expected = _expected_tp_comm(r, 48, 4, [spatial, temporal] * 2)
         assert {k: tuple(v) for k, v in r["comm"].items() if k.startswith("tp_")} == expected
+
+
+def test_cost_model_predicts_every_recorded_collective(rows):
+    """The cost model's per-step collectives (tp's and the sequence kernels', gathers) equal a run's, on tp rank 0."""
+    checked = 0
+    for r in rows:
+        if r["predicted"] is None or r["coords"]["tp"] != 0:
+            continue
+        predicted = {k: (v["bytes"], v["calls"]) for k, v in r["predicted"].items()}
+        assert predicted == r["comm"], (r["plan"], r["rank"], predicted, r["comm"])
+        checked += 1
+    assert checked >= 8
 
 
 # ------------------------------------------------------------------------------------------------ the real CLI

@@ -232,6 +232,7 @@ def choose_plan(
             cfg=auto.cfg,
             ulysses=auto.ulysses,
             ring=auto.ring,
+            tp=auto.tp,
             sp_impl=auto.sp_impl if plan.sp_impl == "auto" else plan.sp_impl,
             shard_weights=plan.shard_weights or auto.shard_weights,
         )
@@ -260,7 +261,7 @@ def fit_memory(
     chosen, why = fit_plan(config, world, images, guided, speeds, plan if given else None, vae, shard)
     if not given:  # keep the request's own options (kernel, comm dtype, balancing) on the chosen degrees
         chosen = replace(
-            plan, dp=chosen.dp, cfg=chosen.cfg, ulysses=chosen.ulysses, ring=chosen.ring,
+            plan, dp=chosen.dp, cfg=chosen.cfg, ulysses=chosen.ulysses, ring=chosen.ring, tp=chosen.tp,
             sp_impl=plan.sp_impl if plan.sp_impl != "auto" else chosen.sp_impl, shard_weights=chosen.shard_weights,
         )  # fmt: skip
     return chosen, [f"memory: {why}"]

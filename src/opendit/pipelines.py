@@ -234,7 +234,9 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> tuple[Pa
     patch = (patch[-1] if isinstance(patch, (list, tuple)) else patch) or 1
     side = max(int(config.get("sample_size") or 64) // int(patch), 1)
     best, why = diffusers_auto_plan(meta_transformer(info), world, 1, True, side * side, 256)
-    chosen = replace(plan, dp=best.dp, cfg=best.cfg, ulysses=best.ulysses, ring=best.ring, sp_impl=best.sp_impl)
+    chosen = replace(
+        plan, dp=best.dp, cfg=best.cfg, ulysses=best.ulysses, ring=best.ring, tp=best.tp, sp_impl=best.sp_impl
+    )
     return chosen, [f"plan chosen by the planner at {side * side} image tokens: {why.splitlines()[0]}"]
 
 

@@ -100,13 +100,13 @@ def run_plan(args: argparse.Namespace) -> int:
     req = result.request
     print(
         f"{args.model}, {req['tokens']} tokens, {req['images']} image(s){' with CFG' if req['guided'] else ''}, "
-        f"{req['steps']} steps on {args.nproc} x [{speeds.name}] ({speeds.memory_bytes / GIB:.0f} GiB each; "
+        f"{req['steps']} steps on {args.nproc} x [{speeds.name}] ({speeds.memory_bytes / GIB:.3g} GiB each; "
         f"speeds: {speeds.source or 'calibrated'})"
     )
     print(result.table(args.top))
     print(result.explain())
     best = result.best.config
-    flags = [f"--{k} {getattr(best, k)}" for k in ("dp", "ulysses", "ring") if getattr(best, k) > 1]
+    flags = [f"--{k} {getattr(best, k)}" for k in ("dp", "ulysses", "ring", "tp") if getattr(best, k) > 1]
     flags += ["--cfg-parallel"] * (best.cfg == 2) + [f"--sp-impl {best.impl}"] * (best.sp_degree > 1)
     flags += ["--shard-weights"] * best.shard_weights
     flags += ["--video"] * args.model.startswith("Latte-")

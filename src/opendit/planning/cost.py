@@ -26,12 +26,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.models.spec import spec_for
+from opendit.models.spec import ModelDims, spec_for
 from opendit.parallel.registry import AttentionWork, CommItem, get_strategy
-from opendit.parallel.sequence import split_sizes
+from opendit.parallel.sequence import head_sizes, split_sizes
 from opendit.planning.speeds import DEFAULTS, Speeds
 
 KINDS = ("all_to_all", "all_gather", "p2p")
+# the link each recorded collective kind runs on (Speeds.links has one per KINDS entry): tensor parallelism's
+# all-reduce is a reduce-scatter + all-gather, its bytes in that convention (comm.all_reduce_bytes)
+LINK_OF = {"tp_all_reduce": "all_gather", "tp_all_gather": "all_gather"}
 # Elementwise traffic per token per block, in elements of hidden size C: two LayerNorm+modulate (12), SDPA layout
 # copies (4), gates and residuals (10), GELU over the 4C hidden (8), Ulysses/ring packing copies (~6). Counted from
 # models/dit.py; only the order of magnitude matters (it is < 10% of a step except for tiny hidden sizes).
@@ -69,6 +72,7 @@ def comm_time(kind: str, nbytes: float, calls: int, stride: int, size: int, spee
     if calls == 0 or size == 1:
         return 0.0
     crosses, off = _span(stride, size, speeds)
+    kind = LINK_OF.get(kind, kind)
     intra = speeds.links[kind]
     if not crosses:
         return intra.time(nbytes, calls)
@@ -107,19 +111,40 @@ def _attention_work(dims, plan: ParallelConfig, b: float, sizes: list[int], r: i
     return strategy, strategy.block_work(dims, plan, b, sizes, r)
 
 
+def tensor_share(dims, plan: ParallelConfig) -> tuple[float, ModelDims]:
+    """(the busiest tp rank's share of a block's matmuls and weights, the attention it holds): under --tp N rank 0
+    keeps ceil(H/N) of the H heads (and about that share of the MLP and adaLN), which the strategies then split."""
+    if plan.tp == 1:
+        return 1.0, dims
+    heads = head_sizes(dims.num_heads, plan.tp)[0]
+    return heads / dims.num_heads, replace(dims, num_heads=heads, hidden_size=heads * dims.head_dim)
+
+
+def _tensor_comm(dims, plan: ParallelConfig, b: float, t_r: int, s: int) -> list[CommItem]:
+    """Tensor parallelism's collectives per block on tp rank 0 (parallel/tensor.py's formulas)."""
+    from opendit.parallel.tensor import block_comm_bytes
+
+    rows = b * dims.sequences  # a video DiT's blocks modulate every frame (or position) sequence
+    counts = block_comm_bytes(rows, t_r, dims.hidden_size, plan.tp, 0, s, rows=rows)
+    return [CommItem(kind, nbytes, calls, plan.tp, 1) for kind, (nbytes, calls) in counts.items()]
+
+
 def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
     """Compute and communication of one block on sequence rank r = ring_idx * U + ulysses_idx: the FLOPs from the
-    model's spec, the attention shape and the collectives from the plan's strategy (parallel/registry.py)."""
+    model's spec, the attention shape and the collectives from the plan's strategy (parallel/registry.py), the
+    matmuls and heads divided by tensor parallelism, whose all-reduces and gathers join the collectives."""
     spec = spec_for(model)
     dims = spec.dims(model, tokens)
     c = dims.hidden_size
-    strategy, work = _attention_work(dims, plan, b * dims.sequences, sizes, r)  # video: B * F sequences
+    share, attn_dims = tensor_share(dims, plan)
+    strategy, work = _attention_work(attn_dims, plan, b * dims.sequences, sizes, r)  # video: B * F sequences
     t_r = sizes[r]
     fl = spec.block_flops(model, b, t_r, work.q_tokens, tokens, work.heads)
-    fl["linear"] += work.extra_linear_flops
+    fl["linear"] = fl["linear"] * share + work.extra_linear_flops
     seq = dims.sequences  # a video DiT's matmuls run on every frame of the rank's positions: B * F * T_r rows
-    lin_rate = _saturating(speeds.matmul_flops, b * seq * t_r, speeds.matmul_half_rows)
-    qkv_rate = _saturating(speeds.matmul_flops, b * seq * work.qkv_rows, speeds.matmul_half_rows)
+    # a tp rank's matmuls are `share` as wide: as little work per call as share x the rows, and as far below peak
+    lin_rate = _saturating(speeds.matmul_flops, b * seq * t_r * share, speeds.matmul_half_rows)
+    qkv_rate = _saturating(speeds.matmul_flops, b * seq * work.qkv_rows * share, speeds.matmul_half_rows)
     qkv_share = 3 * c / (3 * c + c + 2 * dims.mlp_ratio * c)
     linear_s = fl["linear"] * (1 - qkv_share) / lin_rate + fl["linear"] * qkv_share / qkv_rate
     # Attention runs in one call (Ulysses, FastSeq) or in one call per ring block on (q_tok x block) tiles: a short
@@ -130,11 +155,13 @@ def _rank_block(model, plan, b, tokens, sizes, r, speeds, s) -> dict:
     rows = work.elementwise_rows if work.elementwise_rows is not None else t_r
     ew_elems = EW_ELEMS_PER_TOKEN * b * seq * rows * c + work.extra_elementwise * 4 / s
     ew_s = ew_elems * s / speeds.mem_bw
-    comm = [] if strategy is None else strategy.block_comm(dims, plan, b * dims.sequences, sizes, r, s, attn_s)
+    comm = [] if strategy is None else strategy.block_comm(attn_dims, plan, b * dims.sequences, sizes, r, s, attn_s)
     if strategy is not None and strategy.layout == "tokens" and dims.split_blocks != 1:
         # video DiT: a position-split kernel runs in the spatial blocks only (on B * F sequences, passed above);
         # spread over every block, as the step time multiplies a block by depth
         comm = [replace(c, bytes=c.bytes * dims.split_blocks, calls=c.calls * dims.split_blocks) for c in comm]
+    if plan.tp > 1:  # the sequence groups' ranks are tp apart on the mesh; tp's own collectives are innermost
+        comm = [replace(item, stride=item.stride * plan.tp) for item in comm] + _tensor_comm(dims, plan, b, t_r, s)
     if plan.shard_weights and plan.sp_degree > 1:  # one block's weights gathered, under the previous block
         blk = spec.count_params(model)["block"] * s
         comm.append(CommItem("all_gather", blk / plan.sp_degree * (plan.sp_degree - 1), 1, plan.sp_degree, 1, 0.0))
@@ -187,8 +214,8 @@ def predict_step_time(
     # gather of the prediction over the cfg group.
     edge_s = spec.edge_flops(model, tokens, b) / _saturating(speeds.matmul_flops, b * tokens, speeds.matmul_half_rows)
     gather_bytes, cfg_bytes = output_gather_bytes(model, tokens, b, plan, worst, s)
-    gather_s = comm_time("all_gather", gather_bytes, 1, 1, sp, speeds) if sp > 1 else 0.0
-    cfg_s = comm_time("all_gather", cfg_bytes, 1, sp, 2, speeds) if plan.cfg == 2 else 0.0
+    gather_s = comm_time("all_gather", gather_bytes, 1, plan.tp, sp, speeds) if sp > 1 else 0.0
+    cfg_s = comm_time("all_gather", cfg_bytes, 1, sp * plan.tp, 2, speeds) if plan.cfg == 2 else 0.0
     overhead = (depth * blk["ops"] + 2) * speeds.block_overhead_s  # + embedder and final layer
     comm_s = depth * blk["exposed"] + gather_s + cfg_s
     compute_s = depth * blk["compute"] + edge_s
@@ -266,19 +293,24 @@ def predict_memory(
     t_r, c = max(sizes), dims.hidden_size
     params = spec.count_params(model, tokens)
     sharded = plan.shard_weights and sp > 1
-    resident = params["total"] * s / sp if sharded else params["total"] * s
+    share, attn_dims = tensor_share(dims, plan)  # --tp: this rank's part of every block's weights and heads
+    total = params["total"] - dims.depth * params["block"] * (1 - share)
+    resident = total * s / sp if sharded else total * s
     weights = resident + params["block"] * s if sharded else resident  # + at most one gathered block (test_shard)
     unit = b * t_r * c * s  # one (b, T_r, C) tensor
-    # attention phase: residual x, normed x, fused qkv (3), attention output, projection (1 + 1 + 3 + 1 + 1)
-    attn_phase = 7 * unit
-    mlp_phase = (3 + 2 * dims.mlp_ratio) * unit  # x, normed, fc1 out, gelu out, fc2 out
+    # attention phase: residual x, normed x, fused qkv (3), attention output, projection (1 + 1 + 3 + 1 + 1); under
+    # tp the qkv and attention output are this rank's heads only, the projection's partial sum is whole
+    attn_phase = (6 + 4 * share) * unit
+    mlp_phase = (3 + 2 * dims.mlp_ratio * share) * unit  # x, normed, fc1 out, gelu out (this rank's M_r), fc2 out
     # Before the blocks: the inputs are sharded at the split point (raw patches for DiT), so no (b, T, C) tensor
     # exists; with sharded weights the root all-gathers the positions (1, T, C) and frees them before block 0.
     embedding = b * tokens * spec.token_values(model)[0] * s + (tokens * c * s if sharded else 0)
     activations = max(attn_phase, mlp_phase, embedding)
     strategy = get_strategy(plan.impl) if sp > 1 else None
-    buffers = strategy.buffers(dims, plan, b, sizes, s) if strategy else 0.0
-    work = max((_attention_work(dims, plan, b, sizes, r)[1] for r in range(sp)), key=lambda w: w.heads * w.q_tokens)
+    buffers = strategy.buffers(attn_dims, plan, b, sizes, s) if strategy else 0.0
+    work = max(
+        (_attention_work(attn_dims, plan, b, sizes, r)[1] for r in range(sp)), key=lambda w: w.heads * w.q_tokens
+    )
     workspace = b * work.heads * work.q_tokens * 4 * 2  # fp32 log-sum-exp and row statistics
     if not speeds.fused_attention:  # the math path materialises the scores
         workspace += b * work.heads * work.q_tokens * tokens / work.key_blocks * 4
@@ -311,7 +343,8 @@ def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp
     """Every collective one rank issues per denoising step, {kind: {"bytes", "calls"}} in the CommStats convention:
     the strategy's per-block collectives x depth (in the wire dtype: 2 bytes under comm_dtype), the token gather of
     the output over the sequence group and the cfg gather of the prediction (always exact, `itemsize`). `batch` is
-    the samples of this rank's model call (its dp group's guided batch, halved by cfg). Weight gathers of sharded
+    the samples of this rank's model call (its dp group's guided batch, halved by cfg); tensor parallelism's
+    "tp_all_reduce" / "tp_all_gather" are tp rank 0's. Weight gathers of sharded
     weights are counted separately (kind "weight_gather"). Tests assert this equals what a run records."""
     depth = spec_for(model).dims(model, tokens).depth
     wire = 2 if plan.comm_dtype else itemsize
@@ -323,9 +356,12 @@ def predict_step_comm(model, tokens: int, batch: float, plan: ParallelConfig, sp
         entry["calls"] += calls
 
     gather_bytes, cfg_bytes = output_gather_bytes(model, tokens, batch, plan, sp_rank, itemsize)
+    if plan.sp_degree > 1 or plan.tp > 1:  # sequence kernels in the wire dtype, tensor parallelism's always exact
+        for size, exact in ((wire, False), (itemsize, True)):
+            for kind, counts in block_comm(model, tokens, batch, plan, sp_rank, size).items():
+                if kind.startswith("tp_") == exact:
+                    add(kind, depth * counts["bytes"], depth * counts["calls"])
     if plan.sp_degree > 1:
-        for kind, counts in block_comm(model, tokens, batch, plan, sp_rank, wire).items():
-            add(kind, depth * counts["bytes"], depth * counts["calls"])
         add("all_gather", gather_bytes, 1)
     if plan.cfg == 2:
         add("all_gather", cfg_bytes, 1)

@@ -104,22 +104,29 @@ def enumerate_plans(
     shard_options: tuple[bool, ...] = (False, True),
     queue: bool = False,
     frames: int = 1,
+    tensor: bool = False,
 ) -> list[ParallelConfig]:
     """Every plan that ParallelConfig.validate accepts. queue=True lets dp exceed the request's images; `frames`: a
-    video model's frame count (`tokens` is then the positions per frame; DSP needs it)."""
+    video model's frame count (`tokens` is then the positions per frame; DSP needs it); `tensor`: the model
+    declares a tensor-parallel split, so tp degrees are candidates too."""
     plans = []
     max_images = max(images, world_size) if queue else images
     for dp, cfg in itertools.product(_divisors(world_size), (1, 2) if guided else (1,)):
         if world_size % (dp * cfg) or dp > max_images:
             continue
-        sp = world_size // (dp * cfg)
-        for ulysses in _divisors(sp):
+        inner = world_size // (dp * cfg)
+        for tp, ulysses in itertools.product(_divisors(inner) if tensor else (1,), _divisors(inner)):
+            if inner % (tp * ulysses):
+                continue
+            sp = inner // tp
             ring = sp // ulysses
             # every registered strategy that runs on these degrees (parallel/registry.py), or none without sp
             fits = [s.name for s in strategies_for(ulysses, ring)]
             candidates = ["auto"] if sp == 1 else [i for i in fits if impls is None or i in impls]
             for impl, shard in itertools.product(candidates, shard_options if sp > 1 else (False,)):
-                plan = ParallelConfig(dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, sp_impl=impl, shard_weights=shard)
+                plan = ParallelConfig(
+                    dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, tp=tp, sp_impl=impl, shard_weights=shard
+                )
                 try:
                     plan.validate(world_size, num_heads, tokens, max_images, guided, frames=frames)
                 except OpenDiTError:
@@ -178,8 +185,9 @@ def plan(
     if memory_bytes is not None:
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
+    tensor = spec_for(model).tensor_split is not None
     configs = enumerate_plans(
-        world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, frames=dims.sequences
+        world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, dims.sequences, tensor
     )
     if not configs:
         raise OpenDiTError(
@@ -188,7 +196,13 @@ def plan(
     estimates = [estimate(model, tokens, images, guided, c, speeds, steps, decode_bytes) for c in configs]
 
     def key(e: PlanEstimate):  # ties: fewer bytes, unsharded weights, then the simpler plan
-        return (round(e.score(objective), 12), e.step.bytes_per_rank, e.config.shard_weights, e.config.ring)
+        return (
+            round(e.score(objective), 12),
+            e.step.bytes_per_rank,
+            e.config.shard_weights,
+            e.config.ring,
+            e.config.tp,
+        )
 
     ranked = sorted((e for e in estimates if e.fits), key=key)
     dropped = sorted((e for e in estimates if not e.fits), key=lambda e: e.memory.total)
@@ -208,7 +222,7 @@ def plan(
             f"no plan fits {speeds.memory_bytes / GIB:.1f} GiB per device for {images} image(s) of {tokens} tokens "
             f"on {world_size} rank(s); the leanest need "
             + "; ".join(f"{e.config.describe()}: {e.memory.total / GIB:.1f} GiB" for e in lean)
-            + ". Fix: more devices (sequence parallel divides activations, --shard-weights divides weights), "
+            + ". Fix: more devices (sequence parallel divides activations, --shard-weights or --tp divides weights), "
             "fewer images per request, or a smaller dtype (--dtype bf16)"
         )
     return PlanResult(objective=objective, ranked=ranked, dropped=dropped, request=request)
@@ -252,7 +266,7 @@ def explain(result: PlanResult, others: int = 3) -> str:
 
 
 def _distance(a: ParallelConfig, b: ParallelConfig) -> float:
-    d = sum(abs(math.log2(getattr(a, n)) - math.log2(getattr(b, n))) for n in ("dp", "cfg", "ulysses", "ring"))
+    d = sum(abs(math.log2(getattr(a, n)) - math.log2(getattr(b, n))) for n in ("dp", "cfg", "ulysses", "ring", "tp"))
     d += 0.5 * (a.sp_impl not in ("auto", b.sp_impl)) + 0.25 * (a.shard_weights != b.shard_weights)
     return d
 
@@ -265,9 +279,11 @@ def nearest_plans(
     images: int,
     guided: bool,
     k: int = 3,
+    tensor: bool = False,
 ) -> list[ParallelConfig]:
-    """The k valid plans closest to a requested one (distance in log2 of the degrees, then kernel and sharding)."""
-    valid = enumerate_plans(world_size, num_heads, tokens, images, guided)
+    """The k valid plans closest to a requested one (distance in log2 of the degrees, then kernel and sharding);
+    `tensor`: tp degrees are candidates (the model declares a tensor-parallel split)."""
+    valid = enumerate_plans(world_size, num_heads, tokens, images, guided, tensor=tensor)
     return sorted(valid, key=lambda p: (_distance(requested, p), p.ring, -p.cfg))[:k]
 
 
@@ -284,10 +300,15 @@ def check_request(
     a plan that fits memory). Returns ParallelConfig.validate's notes."""
     dims = spec_for(model).dims(model, tokens)
     tokens = dims.num_tokens
+    tensor = spec_for(model).tensor_split is not None
+    if requested.tp > 1 and not tensor:
+        raise OpenDiTError(
+            f"{spec_for(model).name} declares no tensor-parallel split; drop --tp (use --ulysses / --ring)"
+        )
     try:
         notes = requested.validate(world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences)
     except OpenDiTError as exc:
-        near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided)
+        near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided, tensor=tensor)
         names = "; ".join(p.describe() for p in near) or "none (check the world size)"
         raise OpenDiTError(f"{exc}. Nearest valid plans for {world_size} rank(s): {names}") from exc
     if speeds is not None:
@@ -300,7 +321,7 @@ def check_request(
                     (
                         estimate(model, tokens, images, guided, c, speeds, 1)
                         for c in enumerate_plans(
-                            world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences
+                            world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences, tensor=tensor
                         )
                     ),
                     key=lambda e: (_distance(requested, e.config), e.memory.total),
@@ -334,15 +355,18 @@ def auto_plan(model_config, world_size: int, images: int, guided: bool, objectiv
 def plan_flags(config: ParallelConfig) -> str:
     """The `opendit sample` flags of a plan (the degrees and the switches the planner varies)."""
     flags = [f"--nproc {config.world_size}"] if config.world_size > 1 else []
-    flags += [f"--{dim} {getattr(config, dim)}" for dim in ("dp", "ulysses", "ring") if getattr(config, dim) > 1]
+    dims = ("dp", "ulysses", "ring", "tp")
+    flags += [f"--{dim} {getattr(config, dim)}" for dim in dims if getattr(config, dim) > 1]
     flags += ["--cfg-parallel"] if config.cfg > 1 else []
     flags += ["--shard-weights"] if config.shard_weights else []
     return " ".join(flags) or "one process"
 
 
 def _leanest(model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float):
-    dims = spec_for(model).dims(model)
-    configs = enumerate_plans(world, dims.num_heads, dims.num_tokens, images, guided, frames=dims.sequences)
+    dims, tensor = spec_for(model).dims(model), spec_for(model).tensor_split is not None
+    configs = enumerate_plans(
+        world, dims.num_heads, dims.num_tokens, images, guided, frames=dims.sequences, tensor=tensor
+    )
     estimates = [estimate(model, dims.num_tokens, images, guided, c, speeds, 1, decode_bytes) for c in configs]
     return min(estimates, key=lambda e: e.memory.total) if estimates else None
 
