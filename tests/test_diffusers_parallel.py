@@ -20,11 +20,11 @@ def _run(module, kwargs):
     return out[0]
 
 
-def _one(kind, plan_kwargs):
+def _one(kind, plan_kwargs, heads=None):
     import opendit
     from opendit.distributed.config import ParallelConfig
 
-    reference = build(kind)
+    reference = build(kind) if heads is None else build(kind, heads=heads)
     model = copy.deepcopy(reference)
     expected = _run(reference, inputs(kind))
     parallel = opendit.parallelize(model, ParallelConfig(**plan_kwargs))
@@ -117,3 +117,41 @@ def check_refusals(messages: list[str]) -> None:
     assert "call the transformer once per branch" in messages[0] and "--ulysses" in messages[0]
     assert "choose one of ulysses, ring, usp" in messages[1]
     assert "Linear has no OpenDiT plan; supported:" in messages[2] and "FluxTransformer2DModel" in messages[2]
+
+
+TP_PLANS = {2: [{"tp": 2}], 4: [{"tp": 2, "ulysses": 2}, {"tp": 2, "ring": 2}, {"tp": 2, "dp": 2}]}
+TP_KINDS = ("dit", "pixart")  # the classes that declare a tensor-parallel split (DiffusersSpec.tensor)
+
+
+def _block_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n.startswith("transformer_blocks"))
+
+
+def _tp_worker(rank, world):
+    """diffusers' DiT and PixArt under --tp: at world 2 with 3 heads (split 2, 1), at world 4 with 4 heads (tp 2 x
+    ulysses 2 needs 2 heads per tp rank) with Ulysses / ring / dp."""
+    import opendit
+    from opendit.distributed.config import ParallelConfig
+
+    out = {}
+    for kind in TP_KINDS:
+        for plan in TP_PLANS[world]:
+            heads = 3 if world == 2 else 4
+            error, repeatable, shaped, calls = _one(kind, plan, heads)
+            whole = build(kind, heads=heads)
+            split = opendit.parallelize(copy.deepcopy(whole), ParallelConfig(**plan))
+            out[(kind, str(plan))] = (error, repeatable, shaped, calls, _block_bytes(split) / _block_bytes(whole))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_diffusers_tensor_parallel_equals_one_process(world):
+    for rank, results in enumerate(run_distributed(_tp_worker, world, timeout=400)):
+        assert len(results) == len(TP_KINDS) * len(TP_PLANS[world])
+        for (kind, plan), (error, repeatable, shaped, calls, share) in results.items():
+            assert shaped and repeatable, (kind, plan, rank)
+            assert error <= 1e-5, f"{kind} {plan} rank {rank}: relative error {error:.2e}"
+            assert calls.get("tp_all_reduce", 0) > 0, (kind, plan, calls)
+            assert (calls.get("tp_all_gather", 0) > 0) == (kind == "dit"), (kind, plan, calls)  # adaLN-Zero only
+            # 3 heads over 2 tp ranks: 2 and 1 (attention), the MLP and adaLN split evenly
+            assert share < 0.7, (kind, plan, rank, share)

@@ -144,3 +144,14 @@ def test_parallel_auto_takes_the_planners_choice():
     assert any(note.startswith("plan chosen automatically") and "best" in note for note in job.plan_notes)
     manual = prepare(GenerationRequest(classes=list(range(4)), steps=2, nproc=2))
     assert manual.plan.world_size == 2 and not any("best" in note for note in manual.plan_notes)
+
+
+def test_tensor_parallel_refusals_on_diffusers_classes_name_the_fix():
+    from opendit.integrations.diffusers_apply import check_diffusers
+    from tests.diffusers_models import build
+
+    with pytest.raises(OpenDiTError, match="--tp is not declared for FluxTransformer2DModel yet"):
+        check_diffusers(build("flux"), ParallelConfig(tp=2))
+    with pytest.raises(OpenDiTError, match="tp degree 4 exceeds PixArtTransformer2DModel's 3 attention heads"):
+        check_diffusers(build("pixart"), ParallelConfig(tp=4))
+    check_diffusers(build("pixart"), ParallelConfig(tp=2))  # 3 heads split 2, 1: exact

@@ -44,6 +44,18 @@ def check_diffusers(module: nn.Module, plan) -> None:
             + ", ".join(SPECS)
         )
     heads = spec.num_heads(module)
+    if plan.tp > 1:
+        if spec.tensor is None:
+            raise OpenDiTError(
+                f"--tp is not declared for {type(module).__name__} yet (tensor parallel runs on OpenDiT's DiT, "
+                "diffusers' DiT and PixArt); use --ulysses / --ring"
+            )
+        if plan.tp > heads:
+            raise OpenDiTError(
+                f"tp degree {plan.tp} exceeds {type(module).__name__}'s {heads} attention heads; use --tp {heads} "
+                "or less (tensor parallelism splits attention by heads)"
+            )
+        heads //= plan.tp  # what the sequence kernels see on each tensor-parallel rank (at least)
     if plan.ulysses > heads:
         raise OpenDiTError(
             f"ulysses degree {plan.ulysses} exceeds {type(module).__name__}'s {heads} attention heads; use "
@@ -61,8 +73,13 @@ def check_diffusers(module: nn.Module, plan) -> None:
 def apply_diffusers(module: nn.Module, runtime) -> dict:
     """Install the runtime's sequence parallelism into a diffusers transformer (in place); returns what was done."""
     spec = spec_for_module(module)
+    tensor = None
+    if runtime.plan.tp > 1:  # first: the sequence processors then run on each rank's heads
+        from opendit.parallel.tensor import apply_tensor_parallel
+
+        tensor = apply_tensor_parallel(module, spec.tensor, runtime.comms["tp"])
     if runtime.plan.sp_degree == 1:
-        return {"spec": spec.name, "attention_modules": 0}
+        return {"spec": spec.name, "attention_modules": 0, "tensor": tensor}
     state = SequenceState(size=runtime.plan.sp_degree, rank=runtime.comms["sp"].rank)  # sp order, as the kernels
     kernels = KernelCache(runtime)
     install_splits(module, spec, state)
@@ -70,4 +87,4 @@ def apply_diffusers(module: nn.Module, runtime) -> dict:
     found = attention_modules(module, spec)
     for _path, attn, (kind, streams) in found:
         attn.set_processor(PROCESSORS[kind](state, kernels, streams))
-    return {"spec": spec.name, "attention_modules": len(found), "impl": runtime.plan.impl}
+    return {"spec": spec.name, "attention_modules": len(found), "impl": runtime.plan.impl, "tensor": tensor}

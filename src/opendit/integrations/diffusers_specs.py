@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opendit.integrations.diffusers_parallel import Split
+from opendit.models.spec import TensorSplit
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class DiffusersSpec:
     not_batched: tuple[str, ...] = ()  # root arguments without a batch dim (Flux's img_ids / txt_ids)
     heads_attr: str = "num_attention_heads"
     notes: dict = field(default_factory=dict)
+    tensor: TensorSplit | None = None  # where --tp splits the class (parallel/tensor.py); None: not declared
 
     def num_heads(self, module) -> int:
         return int(module.config[self.heads_attr])
@@ -42,6 +44,13 @@ SPECS = {
         outputs={"pos_embed": {None: Split(1)}},  # patches + absolute positions (B, N, C): split there
         gather={"proj_out_2": (1, "image")},  # before unpatchify, which reads the grid from the token count
         attention={"transformer_blocks.*.attn1": ("self", IMAGE)},
+        tensor=TensorSplit(  # each block's own adaLN-Zero (norm1.linear: 6 x C) split per chunk and gathered
+            attention=("transformer_blocks.*.attn1",),
+            attention_kind="separate_qkv",
+            column=("transformer_blocks.*.ff.net.0.proj",),
+            row=("transformer_blocks.*.ff.net.2",),
+            gathered=(("transformer_blocks.*.norm1.linear", 6),),
+        ),
     ),
     "PixArtTransformer2DModel": DiffusersSpec(
         name="diffusers PixArt",
@@ -50,6 +59,12 @@ SPECS = {
         outputs={"pos_embed": {None: Split(1)}},
         gather={"proj_out": (1, "image")},
         attention={"transformer_blocks.*.attn1": ("self", IMAGE)},  # attn2: cross-attention to the text, local
+        tensor=TensorSplit(  # adaLN-single: the per-block scale_shift_table (6, C) is tiny and stays whole
+            attention=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2"),
+            attention_kind="separate_qkv",
+            column=("transformer_blocks.*.ff.net.0.proj",),
+            row=("transformer_blocks.*.ff.net.2",),
+        ),
     ),
     "SD3Transformer2DModel": DiffusersSpec(
         name="diffusers SD3 (MMDiT)",

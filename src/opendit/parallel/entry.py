@@ -31,7 +31,7 @@ def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
     if plan.world_size != dist.get_world_size():
         raise OpenDiTError(
             f"the plan {plan.describe()} needs {plan.world_size} ranks, the process group has {dist.get_world_size()}"
-            "; make the product of the degrees (dp x cfg x ring x ulysses) the world size"
+            "; make the product of the degrees (dp x cfg x ring x ulysses x tp) the world size"
         )
     if plan.world_size == 1:
         return module  # one rank: nothing to split
@@ -67,6 +67,6 @@ def _apply_ours(module: nn.Module, runtime) -> None:
     """Our DiT: the sequence parallelism of parallel/apply.py in place (cfg/dp go through the batch hooks)."""
     from opendit.parallel.apply import parallelize as install
 
-    if runtime is None or runtime.plan.sp_degree == 1:
+    if runtime is None or (runtime.plan.sp_degree == 1 and runtime.plan.tp == 1):
         return
     install(module, runtime)  # token split/gather hooks and kernels on the module itself; its wrapper is not used
