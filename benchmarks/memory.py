@@ -72,13 +72,29 @@ def random_model(config, dtype: torch.dtype):
     return model.eval()
 
 
+LAYOUTS = ("ulysses", "tp", "tp-ulysses")  # sequence parallel (+ sharded weights), tensor parallel, tp 2 x ulysses
+
+
+def layout_plan(layout: str, world: int, shard: bool):
+    """The plan of one layout on `world` ranks: Ulysses over all of them (sharded or not), tp over all of them, or
+    tp 2 x Ulysses world/2 (tp innermost)."""
+    from opendit.distributed.config import ParallelConfig
+
+    if world == 1:
+        return ParallelConfig()
+    if layout == "tp":
+        return ParallelConfig(tp=world)
+    if layout == "tp-ulysses":
+        return ParallelConfig(tp=2, ulysses=world // 2)
+    return ParallelConfig(ulysses=world, shard_weights=shard)
+
+
 def measure_rank(case: dict) -> dict:
     """Runs in every rank (launched): the memory of one forward pass for one configuration; rank 0 returns all."""
     import gc
 
     import torch.distributed as dist
 
-    from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -91,7 +107,7 @@ def measure_rank(case: dict) -> dict:
     world = dist.get_world_size()
     dtype = parse_dtype(case["dtype"])
     config = dit_config(case["tokens"], case["depth"])
-    plan = ParallelConfig(ulysses=world, shard_weights=case["shard"]) if world > 1 else ParallelConfig()
+    plan = layout_plan(case.get("layout", "ulysses"), world, case["shard"])
     runtime = build_runtime(plan)
     b = case["batch"]
     x = torch.randn(b, config.in_channels, *config.input_size)
@@ -102,8 +118,16 @@ def measure_rank(case: dict) -> dict:
         dist.barrier()
     gc.collect()
     base = rss_bytes()
-    model = random_model(config, dtype)
-    fn = parallelize(model, runtime)
+    if plan.tp > 1:  # what a run holds: built on meta, split, then only the local slices materialised (as loading)
+        model = build_dit(config, device="meta", dtype=dtype).eval()
+        fn = parallelize(model, runtime)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(model.sincos_positions()) if name == "pos_embed" else p.normal_(0, 0.02)
+    else:
+        model = random_model(config, dtype)
+        fn = parallelize(model, runtime)
     gc.collect()
     params = rss_bytes() - base
     dist.barrier()
@@ -113,7 +137,9 @@ def measure_rank(case: dict) -> dict:
         out = fn(x, t, y)  # (B, 8, H, W)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes() - base
-    mine = {"params": params, "peak": peak, "seconds": seconds, "finite": bool(torch.isfinite(out).all())}
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's shard
+    held = sum(p.numel() * p.element_size() for p in local)  # exact, vs the resident-set delta
+    mine = {"params": params, "peak": peak, "seconds": seconds, "finite": bool(torch.isfinite(out).all()), "held": held}
     every = [None] * world
     dist.all_gather_object(every, mine)
     dist.barrier()
@@ -131,6 +157,7 @@ def run_case(case: dict) -> dict:
         "per_rank": ranks,
         "peak_bytes": max(r["peak"] for r in ranks),
         "param_bytes": max(r["params"] for r in ranks),
+        "held_param_bytes": max(r["held"] for r in ranks),
         "seconds": max(r["seconds"] for r in ranks),
         "finite": all(r["finite"] for r in ranks),
     }
@@ -179,22 +206,29 @@ def projected_peak(r: dict, depth: int = 28) -> float:
 
     block = build_dit(dit_config(r["tokens"], 1), device="meta").blocks[0]
     per_block = sum(p.numel() for p in block.parameters()) * parse_dtype(r["dtype"]).itemsize
-    return r["peak_bytes"] + (depth - r["depth"]) * per_block / (r["world"] if r["shard"] else 1)
+    layout = r.get("layout", "ulysses")
+    split = r["world"] if r["shard"] else {"tp": r["world"], "tp-ulysses": 2}.get(layout, 1)  # ~1/tp per block
+    return r["peak_bytes"] + (depth - r["depth"]) * per_block / split
 
 
 def table(results: list[dict]) -> str:
     one = {(r["tokens"], r["dtype"], r["depth"]): r for r in results if r["world"] == 1}
     head = (
-        "| dtype | tokens | blocks | ranks | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | "
+        "| dtype | tokens | blocks | ranks | layout | sharded | params/rank MiB | peak/rank MiB | vs 1 rank | "
         "peak @28 blocks MiB (projected below 28) | vs 1 rank @28 | forward s |"
     )
-    lines = [head, "|" + "---|" * 11]
-    for r in sorted(results, key=lambda r: (r["dtype"], r["depth"], r["tokens"], r["world"], r["shard"])):
+    lines = [head, "|" + "---|" * 12]
+    order = {name: i for i, name in enumerate(LAYOUTS)}
+    for r in sorted(
+        results,
+        key=lambda r: (r["dtype"], r["depth"], r["tokens"], r["world"], order[r.get("layout", "ulysses")], r["shard"]),
+    ):
         ref = one.get((r["tokens"], r["dtype"], r["depth"]))
         ratio = f"{r['peak_bytes'] / ref['peak_bytes']:.2f}" if ref else "-"
         ratio28 = f"{projected_peak(r) / projected_peak(ref):.2f}" if ref else "-"
         lines.append(
-            f"| {r['dtype']} | {r['tokens']} | {r['depth']} | {r['world']} | {'yes' if r['shard'] else 'no'} | "
+            f"| {r['dtype']} | {r['tokens']} | {r['depth']} | {r['world']} | {r.get('layout', 'ulysses')} | "
+            f"{'yes' if r['shard'] else 'no'} | "
             f"{r['param_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {ratio} | "
             f"{projected_peak(r) / 2**20:.0f} | {ratio28} | {r['seconds']:.1f} |"
         )
@@ -209,6 +243,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
+    parser.add_argument("--layouts", nargs="+", default=["ulysses"], choices=LAYOUTS, help="plans at P > 1")
     parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
     parser.add_argument("--out", default="benchmarks/results/memory")
     parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command)")
@@ -220,19 +255,25 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.whole:
         return run_whole(args, out.with_name(out.name + "_whole"))
+    sharding = (True,) if args.no_unsharded else (False, True)
     cases = [
-        {"tokens": n, "world": w, "shard": s, "dtype": d, "depth": args.depth, "batch": args.batch}
+        {"tokens": n, "world": w, "shard": s, "dtype": d, "depth": args.depth, "batch": args.batch, "layout": layout}
         for d in args.dtypes
         for n in args.tokens
         for w in args.worlds
-        for s in (((True,) if args.no_unsharded else (False, True)) if w > 1 else (False,))
+        for layout in (args.layouts if w > 1 else ("ulysses",))
+        for s in (sharding if w > 1 and layout == "ulysses" else (False,))
+        if not (layout == "tp-ulysses" and w < 4)
     ]
     record = {"machine": platform.node(), "torch": torch.__version__, "method": "peak RSS delta, see docstring"}
     results, start, wall = [], time.perf_counter(), 0.0
     if args.append and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
         results, wall = old["results"], old.get("wall_s", 0.0)
-    key = lambda c: tuple(c[k] for k in ("tokens", "world", "shard", "dtype", "depth", "batch"))  # noqa: E731
+
+    def key(c: dict) -> tuple:
+        return (*(c[k] for k in ("tokens", "world", "shard", "dtype", "depth", "batch")), c.get("layout", "ulysses"))
+
     done = {key(r) for r in results}
     for case in cases:
         if key(case) in done:
@@ -240,8 +281,8 @@ def main() -> None:
         results.append(run_case(case))
         r = results[-1]
         print(
-            f"{r['dtype']} T={r['tokens']} P={r['world']} shard={r['shard']}: params {r['param_bytes'] / 2**20:.0f} "
-            f"MiB, peak {r['peak_bytes'] / 2**20:.0f} MiB, {r['seconds']:.1f} s",
+            f"{r['dtype']} T={r['tokens']} P={r['world']} {r['layout']} shard={r['shard']}: "
+            f"params {r['param_bytes'] / 2**20:.0f} MiB, peak {r['peak_bytes'] / 2**20:.0f} MiB, {r['seconds']:.1f} s",
             flush=True,
         )
         record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
