@@ -82,18 +82,35 @@ def timed(settings, make_fn, labels, batch, shape, passes) -> dict[str, list[flo
     for _ in range(passes):
         for label, config in settings:
             fn, module = make_fn(label)
-            cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
-            if callable(config):  # diffusers' own cache: applied to a fresh copy by make_fn
-                cache = None
-            _images, seconds = sample_digits(fn, labels, cache, batch, shape)
-            if cache is not None:
-                cache.remove()
-            times[label].append(seconds)
+            times[label].append(cached_run(fn, module, config, labels, batch, shape)[1])
     return times
 
 
+def cached_run(fn, module, config, labels, batch, shape):
+    """(images, seconds, what the cache saved) of sampling `labels` with our cache `config` installed on `module`
+    for the run (None, or diffusers' own cache, which make_fn applied to its module copy for good: nothing here)."""
+    cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
+    images, seconds = sample_digits(fn, labels, cache, batch, shape)
+    saved = cache.summary()["saved"] if cache is not None else None
+    if cache is not None:
+        cache.remove()
+    return images, seconds, saved
+
+
+def quality_row(part, label, images, labels, reference, seconds, times, **extra) -> dict:
+    """One result row: the judge's class accuracy and the PSNR against the uncached images (same seeds)."""
+    from opendit.evaluate import score_samples
+
+    score = score_samples(images.clamp(-1, 1), labels)
+    row = {"part": part, "setting": label, "times_s": times[label], "quality_run_s": seconds,
+           "accuracy": score["accuracy"], "samples": len(labels), "psnr_db": psnr(images, reference[: len(labels)]),
+           **extra}  # fmt: skip
+    print(f"[cache] {part} {label}: acc {row['accuracy']:.3f}, psnr {row['psnr_db']:.1f}", flush=True)
+    return row
+
+
 def run_digits(args) -> list[dict]:
-    from opendit.evaluate import load_for_eval, score_samples
+    from opendit.evaluate import load_for_eval
 
     model, _meta = load_for_eval()
     settings = digits_settings()
@@ -105,20 +122,12 @@ def run_digits(args) -> list[dict]:
     times = timed(settings, lambda _label: (model, model), timing_labels, args.batch, shape, args.passes)
     rows, reference = [], None
     for label, config in settings:
-        cache = install_cache(model, config) if config is not None else None
         # the uncached reference and the defaults on every sample; the other curve points on the first ones
         mine = labels if label == "uncached" or "default" in label else labels[: args.curve_samples]
-        images, seconds = sample_digits(model, mine, cache, args.batch, shape)
-        saved = cache.summary()["saved"] if cache is not None else None
-        if cache is not None:
-            cache.remove()
+        images, seconds, saved = cached_run(model, model, config, mine, args.batch, shape)
         reference = images if reference is None else reference
-        score = score_samples(images.clamp(-1, 1), mine)
-        rows.append({"part": "digits", "setting": label, "cache": config.to_dict() if config else None,
-                     "times_s": times[label], "quality_run_s": seconds, "accuracy": score["accuracy"],
-                     "samples": len(mine), "psnr_db": psnr(images, reference[: len(mine)]),
-                     "saved": saved})  # fmt: skip
-        print(f"[cache] digits {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
+        rows.append(quality_row("digits", label, images, mine, reference, seconds, times, saved=saved,
+                                cache=config.to_dict() if config else None))  # fmt: skip
     return with_speedups(rows)
 
 
@@ -162,19 +171,10 @@ def run_diffusers(args) -> list[dict]:
         conversion_err = float((DiffusersDiTFn(base)(check, t, y) - model(check, t, y)).abs().max())
     for label, config in settings:
         fn, module = make_fn(label)
-        cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
-        images, seconds = sample_digits(fn, labels, cache, args.batch, shape)
-        saved = cache.summary()["saved"] if cache is not None else None
-        if cache is not None:
-            cache.remove()
+        images, seconds, saved = cached_run(fn, module, config, labels, args.batch, shape)
         reference = images if reference is None else reference
-        from opendit.evaluate import score_samples
-
-        score = score_samples(images.clamp(-1, 1), labels)
-        rows.append({"part": "diffusers", "setting": label, "times_s": times[label], "quality_run_s": seconds,
-                     "accuracy": score["accuracy"], "psnr_db": psnr(images, reference), "saved": saved,
-                     "conversion_max_abs_err": conversion_err})  # fmt: skip
-        print(f"[cache] diffusers {label}: acc {score['accuracy']:.3f}, psnr {rows[-1]['psnr_db']:.1f}", flush=True)
+        rows.append(quality_row("diffusers", label, images, labels, reference, seconds, times, saved=saved,
+                                conversion_max_abs_err=conversion_err))  # fmt: skip
     return with_speedups(rows)
 
 
