@@ -21,6 +21,7 @@ CASES = [
     (ParallelConfig(ulysses=2, tp=2), None),  # tp innermost: sp groups are the ranks tp apart
     (ParallelConfig(cfg=2, tp=2), None),
     (ParallelConfig(tp=2), [2, 3]),
+    (ParallelConfig(pipefusion=4), None),  # stages outermost
 ]
 
 
@@ -30,8 +31,9 @@ def _coords(plan: ParallelConfig, index: int) -> dict[str, int]:
     u = index // plan.tp % plan.ulysses
     r = index // (plan.tp * plan.ulysses) % plan.ring
     c = index // (plan.tp * plan.ulysses * plan.ring) % plan.cfg
-    d = index // (plan.tp * plan.ulysses * plan.ring * plan.cfg)
-    return {"dp": d, "cfg": c, "ring": r, "ulysses": u, "tp": t, "sp": r * plan.ulysses + u}
+    d = index // (plan.tp * plan.ulysses * plan.ring * plan.cfg) % plan.dp
+    f = index // (plan.tp * plan.ulysses * plan.ring * plan.cfg * plan.dp)
+    return {"pipefusion": f, "dp": d, "cfg": c, "ring": r, "ulysses": u, "tp": t, "sp": r * plan.ulysses + u}
 
 
 def expected_members(plan: ParallelConfig, ranks: list[int], index: int) -> dict[str, list[int]]:
@@ -43,7 +45,7 @@ def expected_members(plan: ParallelConfig, ranks: list[int], index: int) -> dict
     for name in MESH_DIMS:
         same = [j for j in range(len(ranks)) if all(coords[j][o] == me[o] for o in MESH_DIMS if o != name)]
         out[name] = [ranks[j] for j in sorted(same, key=lambda j: coords[j][name])]
-    same_slice = [j for j in range(len(ranks)) if all(coords[j][o] == me[o] for o in ("dp", "cfg", "tp"))]
+    same_slice = [j for j in range(len(ranks)) if all(coords[j][o] == me[o] for o in ("pipefusion", "dp", "cfg", "tp"))]
     out["sp"] = [ranks[j] for j in sorted(same_slice, key=lambda j: coords[j]["sp"])]
     out["all"] = list(ranks)
     return out
@@ -104,7 +106,7 @@ def test_runtime_groups_follow_the_mesh_coordinates_on_the_world_and_on_subsets(
                 continue
             index = ranks.index(rank)
             expect = expected_members(plan, ranks, index)
-            assert res["dim_names"] == ("dp", "cfg", "ring", "ulysses", "tp")
+            assert res["dim_names"] == ("pipefusion", "dp", "cfg", "ring", "ulysses", "tp")
             assert res["shape"] == tuple(getattr(plan, d) for d in MESH_DIMS)  # size-1 dims included
             assert res["coordinate"] == tuple(_coords(plan, index)[d] for d in MESH_DIMS)
             assert res["coords"] == _coords(plan, index)

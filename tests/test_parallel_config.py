@@ -110,6 +110,9 @@ BAD_PARALLEL = [
         "ulysses degree 4 exceeds num_heads 2 (heads per tensor-parallel rank at --tp 2)",
     ),
     (["--nproc", "3", "--tp", "2"], "x tp=2 = 2 must equal the number of processes 3"),
+    (["--nproc", "2", "--pipefusion", "2", "--patches", "1"], "--patches 1 must be at least --pipefusion 2"),
+    (["--nproc", "4", "--pipefusion", "2", "--ulysses", "2"], "--pipefusion 2 does not combine with ulysses=2 yet"),
+    (["--patches", "4"], "--patches and --warmup-steps are PipeFusion's; add --pipefusion N"),
 ]
 
 
@@ -147,8 +150,9 @@ def test_parallel_auto_takes_the_planners_choice():
 
 
 def test_tensor_parallel_refusals_on_diffusers_classes_name_the_fix():
-    from opendit.integrations.diffusers_apply import check_diffusers
     from tests.diffusers_models import build
+
+    from opendit.integrations.diffusers_apply import check_diffusers
 
     with pytest.raises(OpenDiTError, match="--tp is not declared for FluxTransformer2DModel yet"):
         check_diffusers(build("flux"), ParallelConfig(tp=2))

@@ -79,6 +79,9 @@ FIELD_HELP = {
     "cfg": FieldHelp("--cfg-parallel", "1 or 2", "pass --cfg-parallel for 2"),
     "ulysses": FieldHelp("--ulysses", _DEGREE, "e.g. --ulysses 2"),
     "tp": FieldHelp("--tp", _DEGREE, "e.g. --tp 2"),
+    "pipefusion": FieldHelp("--pipefusion", _DEGREE, "e.g. --pipefusion 2"),
+    "patches": FieldHelp("--patches", "an integer from 0 to 65536 (0: one per stage)", "e.g. --patches 4"),
+    "warmup_steps": FieldHelp("--warmup-steps", "an integer from 0 to 10000", "e.g. --warmup-steps 2"),
     "ring": FieldHelp("--ring", _DEGREE, "e.g. --ring 2"),
     "sp_impl": FieldHelp("--sp-impl", "auto or a registered strategy", "see `opendit plan --list-strategies`"),
     "shard_weights": FieldHelp("--shard-weights", _SWITCH, "pass --shard-weights or leave it out"),
@@ -282,6 +285,9 @@ class ParallelRequest(Schema):
     ulysses: Degree = 1
     ring: Degree = 1
     tp: Degree = 1
+    pipefusion: Degree = 1
+    patches: Annotated[Int, Field(ge=0, le=65536)] = 0
+    warmup_steps: Annotated[Int, Field(ge=0, le=10000)] = 1
     sp_impl: Annotated[str, AfterValidator(_check_sp_impl)] = "auto"
     shard_weights: Switch = False
     comm_dtype: Literal["bf16", "fp16"] | None = None
@@ -290,11 +296,11 @@ class ParallelRequest(Schema):
 
     @model_validator(mode="after")
     def _world_in_range(self) -> ParallelRequest:
-        world = self.dp * self.cfg * self.ulysses * self.ring * self.tp
+        world = self.dp * self.cfg * self.ulysses * self.ring * self.tp * self.pipefusion
         if world > MAX_WORLD:
             raise OpenDiTError(
                 f"the parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} x "
-                f"tp={self.tp} need "
+                f"tp={self.tp} x pipefusion={self.pipefusion} need "
                 f"{world} processes, more than {MAX_WORLD}; use smaller degrees (their product is the process count)"
             )
         return self

@@ -49,7 +49,7 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     """`opendit sample --nproc N --dp/--ulysses/--ring ... ` (one device mesh)."""
     from opendit.parallel.registry import strategies
 
-    par = parser.add_argument_group("parallel (one mesh: dp x cfg x ring x ulysses x tp = processes)")
+    par = parser.add_argument_group("parallel (one mesh: pipefusion x dp x cfg x ring x ulysses x tp = processes)")
     par.add_argument("--nproc", type=int, help="local worker processes to start (default 1; under torchrun: its world)")
     par.add_argument("--dp", type=int, help="data parallel: groups that each generate a share of the images")
     par.add_argument("--cfg-parallel", action="store_true", help="conditional / unconditional halves on 2 groups")
@@ -58,6 +58,9 @@ def add_parallel_flags(parser: argparse.ArgumentParser) -> None:
     par.add_argument(
         "--tp", type=int, help="tensor parallel: attention heads, MLP and adaLN weights split over N ranks (innermost)"
     )
+    par.add_argument("--pipefusion", type=int, help="PipeFusion: the blocks in N stages, image patches pipelined")
+    par.add_argument("--patches", type=int, help="PipeFusion: patches M >= N (default: N)")
+    par.add_argument("--warmup-steps", type=int, help="PipeFusion: synchronous (exact) first steps (default 1)")
     par.add_argument(
         "--sp-impl",
         choices=("auto", *strategies()),  # every registered strategy (opendit plan --list-strategies)
@@ -137,7 +140,8 @@ def parallel_config(args: argparse.Namespace):
     """The ParallelConfig the flags ask for, or None when no parallel flag was given (degrees chosen for --nproc)."""
     from opendit.distributed.config import ParallelConfig
 
-    degrees = {"dp": args.dp, "ulysses": args.ulysses, "ring": args.ring, "tp": args.tp}
+    degrees = {"dp": args.dp, "ulysses": args.ulysses, "ring": args.ring, "tp": args.tp, "pipefusion": args.pipefusion}
+    degrees |= {"patches": args.patches, "warmup_steps": args.warmup_steps}
     given = {k: v for k, v in degrees.items() if v is not None}
     if (
         not given

@@ -428,6 +428,20 @@ class Comm:
         finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
         return self._complete(CommHandle(works, finish, self.stats, kind, keep=(send,), event=event), True)
 
+    def send(self, x: torch.Tensor, dst: int) -> CommHandle:
+        """Send a contiguous x to group rank `dst` (async; `wait()` before reusing x). Counted as "p2p"."""
+        work = dist.isend(x, self._global(dst), group=self.group)
+        event = self.stats.record("p2p", x.numel() * x.element_size())
+        return CommHandle([work], lambda: x, self.stats, "p2p", keep=(x,), event=event)
+
+    def recv(self, shape: Sequence[int], dtype: torch.dtype, src: int, device=None) -> torch.Tensor:
+        """Receive a `shape` tensor of `dtype` from group rank `src` (blocking; the sender counts the bytes)."""
+        out = torch.empty(tuple(shape), dtype=dtype, device=device)
+        start = time.perf_counter()
+        dist.recv(out, self._global(src), group=self.group)
+        self.stats.record_wait("p2p", time.perf_counter() - start)
+        return out
+
     # ------------------------------------------------------------------------------------------------ broadcast
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
         """Rank `src`'s x (group rank) to every rank, in place on a contiguous x; returns x (or a handle).

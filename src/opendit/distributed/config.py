@@ -1,9 +1,11 @@
 """ParallelConfig: the degrees of every parallel strategy on one device mesh, validated with actionable messages.
 
-Mesh layout, outermost to innermost: dp, cfg, ring, ulysses, tp. Tensor parallelism is innermost because it
-all-reduces the whole activation twice per block, the heaviest traffic of all; Ulysses (or FastSeq) comes next for
-its all-to-alls; the innermost ranks share the fastest links (same node, NVLink).
-Rank r therefore has coordinates r = (((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i) * tp + tp_i.
+Mesh layout, outermost to innermost: pipefusion, dp, cfg, ring, ulysses, tp. PipeFusion stages are outermost: their
+small per-patch messages are what slow links (PCIe, between nodes) carry best. Tensor parallelism is innermost
+because it all-reduces the whole activation twice per block, the heaviest traffic of all; Ulysses (or FastSeq) comes
+next for its all-to-alls; the innermost ranks share the fastest links (same node, NVLink).
+Rank r therefore has coordinates r = ((((pf_i * dp + dp_i) * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i) * tp
++ tp_i.
 """
 
 import itertools
@@ -11,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 from opendit.errors import OpenDiTError
 
-MESH_DIMS = ("dp", "cfg", "ring", "ulysses", "tp")
+MESH_DIMS = ("pipefusion", "dp", "cfg", "ring", "ulysses", "tp")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class ParallelConfig:
     ulysses: int = 1  # head-parallel sequence degree (Ulysses all-to-all, or FastSeq), innermost
     ring: int = 1  # ring-attention sequence degree
     tp: int = 1  # tensor parallel: heads, MLP and adaLN weights split over the innermost ranks (parallel/tensor.py)
+    pipefusion: int = 1  # PipeFusion stages: the blocks split over N ranks, patches pipelined (parallel/pipefusion.py)
+    patches: int = 0  # PipeFusion patches M >= stages (0: as many as stages)
+    warmup_steps: int = 1  # PipeFusion: the first K steps run synchronously (exact)
     sp_impl: str = "auto"  # a registered strategy (parallel/registry.py); auto: the registry's choice for the degrees
     shard_weights: bool = False  # shard parameters over the sequence-parallel group, gather per block
     comm_dtype: str | None = None  # send activations in bf16/fp16 while computing in the model dtype
@@ -29,7 +34,12 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.cfg * self.ulysses * self.ring * self.tp
+        return self.pipefusion * self.dp * self.cfg * self.ulysses * self.ring * self.tp
+
+    @property
+    def patch_count(self) -> int:
+        """PipeFusion's patches (M; the default: one per stage)."""
+        return self.patches or self.pipefusion
 
     @property
     def sp_degree(self) -> int:
@@ -49,6 +59,8 @@ class ParallelConfig:
         text = " x ".join(parts) or "single device"
         if self.sp_degree > 1:
             text += f" (sequence parallel: {self.impl})"
+        if self.pipefusion > 1:
+            text += f" ({self.patch_count} patches, {self.warmup_steps} synchronous steps)"
         if self.shard_weights:
             text += ", sharded weights"
         if self.comm_dtype:
@@ -70,8 +82,8 @@ class ParallelConfig:
                 raise OpenDiTError(f"{name} degree must be >= 1, got {getattr(self, name)}")
         if self.world_size != world_size:
             raise OpenDiTError(
-                f"parallel degrees dp={self.dp} x cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses} x "
-                f"tp={self.tp} = "
+                f"parallel degrees pipefusion={self.pipefusion} x dp={self.dp} x cfg={self.cfg} x ring={self.ring} x "
+                f"ulysses={self.ulysses} x tp={self.tp} = "
                 f"{self.world_size} must equal the number of processes {world_size}; valid plans for {world_size}: "
                 + "; ".join(p.describe() for p in suggest_plans(world_size, num_heads, guided)[:4])
             )
@@ -86,6 +98,7 @@ class ParallelConfig:
                 f"sequence-parallel degree {self.sp_degree} exceeds the {num_tokens} tokens; use a larger image or "
                 f"at most {num_tokens} sequence ranks"
             )
+        self._check_pipefusion(num_tokens)
         notes = self._check_tensor(num_heads)
         num_heads = num_heads // self.tp  # what each tensor-parallel rank's attention holds (at least)
         notes += self._check_strategy(num_heads, num_tokens, frames)
@@ -111,6 +124,31 @@ class ParallelConfig:
                 f"({', '.join(map(str, head_sizes(num_heads, self.ulysses)))}), exact but less balanced"
             )
         return notes
+
+    def _check_pipefusion(self, num_tokens: int) -> None:
+        """PipeFusion runs on its own mesh dimension alone for now; M >= N patches, each at least one token."""
+        if self.pipefusion == 1:
+            if self.patches or self.warmup_steps != 1:
+                raise OpenDiTError("--patches and --warmup-steps are PipeFusion's; add --pipefusion N (or drop them)")
+            return
+        others = {d: getattr(self, d) for d in MESH_DIMS if d != "pipefusion" and getattr(self, d) > 1}
+        if others or self.shard_weights or self.comm_dtype or self.balance_tokens:
+            given = ", ".join(f"{d}={n}" for d, n in others.items()) or "sharding, comm dtype or token balancing"
+            raise OpenDiTError(
+                f"--pipefusion {self.pipefusion} does not combine with {given} yet; run PipeFusion alone "
+                f"(--nproc {self.pipefusion} --pipefusion {self.pipefusion})"
+            )
+        if self.patches and self.patches < self.pipefusion:
+            raise OpenDiTError(
+                f"--patches {self.patches} must be at least --pipefusion {self.pipefusion} (every stage needs a patch "
+                f"in flight); try --patches {self.pipefusion} or {2 * self.pipefusion}"
+            )
+        if self.patch_count > num_tokens:
+            raise OpenDiTError(
+                f"--patches {self.patch_count} exceeds the {num_tokens} tokens; use at most {num_tokens}"
+            )
+        if self.warmup_steps < 0:
+            raise OpenDiTError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
 
     def _check_tensor(self, num_heads: int) -> list[str]:
         """Tensor parallelism splits heads: at most one rank per head; uneven splits are exact (a note says so)."""

@@ -5,9 +5,9 @@ sequence split/gather modules) receives a `Comm` for one mesh dimension. A runti
 the world (`ranks=`), which is how one 4-process test world checks plans of 2, 3 and 4 ranks. The process
 environment (rank, device, default process group, fault hook) is opendit.distributed.env.
 
-Mesh layout (outermost -> innermost): dp, cfg, ring, ulysses, tp, as ParallelConfig documents. Mesh index i (the
-position in `ranks`) has coordinates i = (((dp_i * cfg + cfg_i) * ring + ring_i) * ulysses + ulysses_i) * tp + tp_i.
-`runtime.mesh` is a 5-D DeviceMesh of shape (dp, cfg, ring, ulysses, tp), size-1 dims included, named as MESH_DIMS.
+Mesh layout (outermost -> innermost): pipefusion, dp, cfg, ring, ulysses, tp, as ParallelConfig documents; mesh index
+i (the position in `ranks`) is that mixed-radix number of its coordinates. `runtime.mesh` is a 6-D DeviceMesh of
+shape (pipefusion, dp, cfg, ring, ulysses, tp), size-1 dims included, named as MESH_DIMS.
 Groups (`runtime.comms`):
 - one per mesh dimension whose degree is > 1 (ranks that differ only in that coordinate): `mesh.get_group(name)`;
 - "sp": ring x ulysses flattened (sequence index ring_i * ulysses + ulysses_i), where tokens are split and gathered.
@@ -42,15 +42,15 @@ def mesh_groups(plan: ParallelConfig, ranks: list[int]) -> dict[str, list[list[i
 
     ranks: global ranks in mesh order (len == plan.world_size).
     """
-    shape = [getattr(plan, d) for d in MESH_DIMS]  # (dp, cfg, ring, ulysses, tp)
-    mesh = torch.tensor(ranks).reshape(shape)  # (dp, cfg, ring, ulysses, tp) of global ranks
+    shape = [getattr(plan, d) for d in MESH_DIMS]  # (pipefusion, dp, cfg, ring, ulysses, tp)
+    mesh = torch.tensor(ranks).reshape(shape)  # of global ranks
     out: dict[str, list[list[int]]] = {}
     for axis, name in enumerate(MESH_DIMS):
         if shape[axis] > 1:
             out[name] = mesh.movedim(axis, -1).reshape(-1, shape[axis]).tolist()  # (others, degree)
     if plan.sp_degree > 1:
-        # ranks that share (dp, cfg, tp): (dp, cfg, ring, ulysses, tp) -> (dp, cfg, tp, ring, ulysses) -> (-1, sp)
-        out["sp"] = mesh.movedim(-1, 2).reshape(-1, plan.sp_degree).tolist()
+        # ranks that share (pipefusion, dp, cfg, tp): tp moved before ring, then (-1, ring * ulysses)
+        out["sp"] = mesh.movedim(-1, MESH_DIMS.index("ring")).reshape(-1, plan.sp_degree).tolist()
     out["all"] = [list(ranks)]
     return out
 
@@ -68,7 +68,7 @@ class Runtime:
     stats: CommStats
     group_ranks: dict[str, list[int]] = field(default_factory=dict)  # name -> global ranks of this rank's group
     fault: tuple[int, int] | None = None
-    mesh: DeviceMesh | None = None  # (dp, cfg, ring, ulysses, tp) over `ranks`, size-1 dims included
+    mesh: DeviceMesh | None = None  # (pipefusion, dp, cfg, ring, ulysses, tp) over `ranks`, size-1 dims included
     sp_mesh: DeviceMesh | None = None  # 1-D over the "sp" group (FSDP2); None without sequence parallelism
     _exact: dict[str, Comm] = field(default_factory=dict, repr=False)
 
@@ -114,7 +114,7 @@ def _checked_ranks(plan: ParallelConfig, ranks: list[int] | None, world: int) ->
 
 
 def _device_mesh(plan: ParallelConfig, ranks: list[int], device_type: str) -> DeviceMesh:
-    """The (dp, cfg, ring, ulysses, tp) DeviceMesh over `ranks`. COLLECTIVE over the whole world, subsets included.
+    """The MESH_DIMS DeviceMesh over `ranks`. COLLECTIVE over the whole world, subsets included.
 
     Rule (torch 2.13, torch/distributed/device_mesh.py): the constructor creates one group per row of every dimension
     (size-1 dims too, one single-rank group per rank) with dist.new_group, or with one dist.split_group per dimension
@@ -143,7 +143,7 @@ def _flat_sp_group(plan: ParallelConfig, groups: dict[str, list[list[int]]], me:
 
 def _coords(plan: ParallelConfig, index: int) -> dict[str, int]:
     coords, rest = {}, index
-    for name in reversed(MESH_DIMS):  # innermost first: tp, ulysses, ring, cfg, dp
+    for name in reversed(MESH_DIMS):  # innermost first: tp, ulysses, ring, cfg, dp, pipefusion
         coords[name] = rest % getattr(plan, name)
         rest //= getattr(plan, name)
     coords["sp"] = coords["ring"] * plan.ulysses + coords["ulysses"]
@@ -189,7 +189,7 @@ def build_runtime(
         if dist.get_process_group_ranks(group) != members[name]:  # our layout and torch's must agree
             raise OpenDiTError(
                 f"the {name!r} group of rank {me} holds ranks {dist.get_process_group_ranks(group)}, but the mesh "
-                f"layout (dp, cfg, ring, ulysses, tp) puts it with {members[name]}: torch {torch.__version__} lays "
+                f"layout {MESH_DIMS} puts it with {members[name]}: torch {torch.__version__} lays "
                 "DeviceMesh out differently from torch 2.13 (row-major); install torch 2.13, or report this"
             )
         if name == "sp" and sp_group is None:

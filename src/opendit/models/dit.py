@@ -346,6 +346,58 @@ def dit_dims(config: DiTConfig, tokens: int | None = None) -> ModelDims:
     )
 
 
+class DiTPipeline:
+    """DiT's forward in the pieces PipeFusion (parallel/pipefusion.py) runs on different stages; the same operations
+    and dtypes as DiT.forward, so the synchronous steps equal it."""
+
+    @staticmethod
+    def compute_dtype(model: DiT) -> torch.dtype:
+        return model.pos_embed.dtype
+
+    @staticmethod
+    def residual_dtype(model: DiT) -> torch.dtype:
+        return residual_dtype(model.pos_embed.dtype)
+
+    @staticmethod
+    def num_tokens(model: DiT) -> int:
+        return model.config.num_tokens
+
+    @staticmethod
+    def embed(model: DiT, x: torch.Tensor) -> torch.Tensor:
+        dtype = model.pos_embed.dtype
+        tokens = model.x_embedder.embed(model.x_embedder.patchify(x.to(dtype))) + model.pos_embed  # (B, T, C)
+        return tokens.to(residual_dtype(dtype))
+
+    @staticmethod
+    def condition(model: DiT, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model.t_embedder(t) + model.y_embedder(y)  # (B, C)
+
+    @staticmethod
+    def blocks(model: DiT) -> nn.ModuleList:
+        return model.blocks
+
+    @staticmethod
+    def attention(block: DiTBlock) -> nn.Module:
+        return block.attn
+
+    @staticmethod
+    def block(model: DiT, index: int, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return model.blocks[index](tokens, c)  # (B, T_m, C)
+
+    @staticmethod
+    def final(model: DiT, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return model.final_layer(tokens, c)  # (B, T_m, p*p*out)
+
+    @staticmethod
+    def unpatchify(model: DiT, tokens: torch.Tensor) -> torch.Tensor:
+        cfg = model.config
+        return unpatchify(tokens, *cfg.grid, cfg.patch_size, cfg.out_channels)  # (B, out, H, W)
+
+    @staticmethod
+    def output_shape(model: DiT, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], model.config.out_channels, *model.config.input_size)
+
+
 # Megatron's split of a DiT block: attention by heads, fc1 by columns and fc2 by rows (2 all-reduces per block), the
 # adaLN modulation (6 x C outputs, a third of the block's weights) per chunk, gathered for the elementwise ops
 DIT_TENSOR_SPLIT = TensorSplit(
@@ -385,5 +437,6 @@ DIT_SPEC = register_spec(
         token_values=token_values,
         derived={"pos_embed": lambda model: model.sincos_positions()},
         tensor_split=DIT_TENSOR_SPLIT,
+        pipeline=DiTPipeline,
     )
 )

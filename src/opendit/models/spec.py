@@ -115,6 +115,8 @@ class ModelSpec:
     cache_mlps: tuple[str, ...] = ("blocks.*.mlp",)
     # where tensor parallelism splits the model (parallel/tensor.py); None: the family does not declare it
     tensor_split: TensorSplit | None = None
+    # PipeFusion's view of the forward (parallel/pipefusion.py: embed, condition, blocks, final); None: not declared
+    pipeline: object | None = None
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model` that spans the token split, in model order."""

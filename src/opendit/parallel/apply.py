@@ -109,6 +109,10 @@ def parallelize(model: nn.Module, runtime: Runtime) -> ParallelModel:
     notes = plan.validate(
         runtime.world_size, dims.num_heads, dims.num_tokens, plan.dp, plan.cfg > 1, frames=dims.sequences
     )
+    if plan.pipefusion > 1:  # the blocks over stages, patches pipelined (alone on the mesh: config validation)
+        from opendit.parallel.pipefusion import PipeFusionModel
+
+        return PipeFusionModel(model, runtime, notes)
     tensor = install_tensor(model, runtime) if plan.tp > 1 else None  # first: the SP kernels see the narrow modules
     if plan.sp_degree == 1:
         if plan.shard_weights:
@@ -191,8 +195,9 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "describe": plan.describe(),
         "impl": plan.impl,
         "world_size": runtime.world_size,
-        "mesh_order": "dp, cfg, ring, ulysses, tp (outer -> inner)",
+        "mesh_order": "pipefusion, dp, cfg, ring, ulysses, tp (outer -> inner)",
         "tensor": pmodel.tensor,
+        "pipefusion": getattr(pmodel, "pipeline", None),
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,
