@@ -52,6 +52,17 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.detach().double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def gather_rows(rows: list[dict]) -> list[dict]:
+    """Inside a launched world: every rank's result rows, concatenated in rank order on every rank; then the process
+    group is torn down (the world function's last step)."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    dist.destroy_process_group()
+    return [row for rank_rows in everyone for row in rank_rows]
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 255.0) -> float:
     """Peak signal-to-noise ratio in dB between two images/batches (inf when identical)."""
     mse = float(((a.detach().double() - b.detach().double()) ** 2).mean())

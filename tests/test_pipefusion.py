@@ -8,11 +8,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
+from helpers import gather_rows, psnr
 from opendit.distributed.launch import launch
 
 pytestmark = pytest.mark.slow
@@ -20,15 +19,8 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())  # samples in [-1, 1]: peak-to-peak 2
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
 def pipefusion_world() -> list[dict]:
     import copy
-
-    import torch.distributed as dist
 
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
@@ -63,14 +55,11 @@ def pipefusion_world() -> list[dict]:
         rows.append({
             "stages": stages, "patches": patches, "warmup": warmup, "rank": runtime.index,
             "max_err": float((samples - reference).abs().max() / reference.abs().max()),
-            "psnr": _psnr(samples, reference), "accuracy": score_samples(samples.clamp(-1, 1), labels)["accuracy"],
+            "psnr": psnr(samples, reference, 2.0), "accuracy": score_samples(samples.clamp(-1, 1), labels)["accuracy"],
             "block_share": mine / block_bytes, "p2p_calls": sum(s.get("p2p", {}).get("calls", 0)
                                                                for s in runtime.stats.history),
         })  # fmt: skip
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return gather_rows(rows)
 
 
 @pytest.fixture(scope="module")

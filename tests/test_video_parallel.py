@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 
+from helpers import gather_rows
 from opendit.distributed.config import ParallelConfig
 from opendit.distributed.launch import launch
 from opendit.errors import OpenDiTError
@@ -53,7 +54,6 @@ def inputs():
 
 
 def video_world() -> list[dict]:
-    import torch.distributed as dist
 
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
@@ -92,10 +92,7 @@ def video_world() -> list[dict]:
                     ),
                 }
             )
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return gather_rows(rows)
 
 
 @pytest.fixture(scope="module")
