@@ -26,7 +26,6 @@ from torch import nn
 from opendit.diffusion.hooks import StepContext, StepHook
 from opendit.errors import OpenDiTError
 from opendit.models.attention import local_attention
-from opendit.parallel.apply import ParallelModel
 from opendit.parallel.sequence import split_sizes
 
 
@@ -50,14 +49,19 @@ class StaleKV:
         return local_attention(q, self.k, self.v)  # (B, T_m, H, D)
 
 
-class PipeFusionModel(ParallelModel):
-    """The sampler's model_fn over a PipeFusion pipeline (see the module docstring); every rank returns the same
-    prediction. `step` (set by the step hook from the sampler) decides warm-up or pipelined."""
+class PipeFusionModel:
+    """The sampler's model_fn over a PipeFusion pipeline (see the module docstring), with ParallelModel's interface
+    (parallel/apply.py; no token split, balancer or tensor split); every rank returns the same prediction. `step`
+    (set by the step hook from the sampler) decides warm-up or pipelined."""
+
+    token_sizes = None
+    balancer = None
+    tensor = None
 
     def __init__(self, model: nn.Module, runtime, notes: list[str]):
         from opendit.models.spec import spec_for
 
-        super().__init__(model, runtime, None, notes)
+        self.model, self.runtime, self.notes = model, runtime, notes
         plan, spec = runtime.plan, spec_for(model)
         if spec.pipeline is None:
             raise OpenDiTError(f"{spec.name} declares no PipeFusion split (ModelSpec.pipeline); drop --pipefusion")
@@ -85,9 +89,20 @@ class PipeFusionModel(ParallelModel):
         notes.append(f"pipefusion: blocks per stage {sizes}, {self.patches} patches, {self.warmup} synchronous steps")
 
     def step_hooks(self) -> list:
-        return [_StepIndex(self), *super().step_hooks()]
+        from opendit.distributed.env import global_rank
+        from opendit.parallel.hooks import CommAccounting, FaultInjection
 
-    def _model_call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stats = self.runtime.stats
+        return [_StepIndex(self), FaultInjection(global_rank(), self.runtime.fault), CommAccounting(stats)]
+
+    def set_token_sizes(self, sizes: list[int]) -> None:
+        raise OpenDiTError("token sizes exist only under sequence parallelism (--ulysses / --ring), not --pipefusion")
+
+    def set_input_size(self, config) -> None:
+        if config.input_size != self.model.config.input_size:
+            raise OpenDiTError("the image size is fixed under --pipefusion; start a new engine for another size")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model, split, comm = self.model, self.split, self.comm
         tokens_total = split.num_tokens(model)
         patches = 1 if self.step < self.warmup else self.patches  # warm-up: one patch = the whole sequence, exact

@@ -161,6 +161,22 @@ def estimate(
     )
 
 
+def _rank_key(e: PlanEstimate, objective: str) -> tuple:
+    """Best first; ties: fewer bytes, unsharded weights, then the simpler plan (less ring, less tp)."""
+    return (round(e.score(objective), 12), e.step.bytes_per_rank, e.config.shard_weights, e.config.ring, e.config.tp)
+
+
+def _no_fit(speeds: Speeds, images: int, tokens: int, world_size: int, dropped: list[PlanEstimate]) -> OpenDiTError:
+    lean = dropped[:3]
+    return OpenDiTError(
+        f"no plan fits {speeds.memory_bytes / GIB:.1f} GiB per device for {images} image(s) of {tokens} tokens "
+        f"on {world_size} rank(s); the leanest need "
+        + "; ".join(f"{e.config.describe()}: {e.memory.total / GIB:.1f} GiB" for e in lean)
+        + ". Fix: more devices (sequence parallel divides activations, --shard-weights or --tp divides weights), "
+        "fewer images per request, or a smaller dtype (--dtype bf16)"
+    )
+
+
 def plan(
     model,
     world_size: int,
@@ -195,16 +211,7 @@ def plan(
         )
     estimates = [estimate(model, tokens, images, guided, c, speeds, steps, decode_bytes) for c in configs]
 
-    def key(e: PlanEstimate):  # ties: fewer bytes, unsharded weights, then the simpler plan
-        return (
-            round(e.score(objective), 12),
-            e.step.bytes_per_rank,
-            e.config.shard_weights,
-            e.config.ring,
-            e.config.tp,
-        )
-
-    ranked = sorted((e for e in estimates if e.fits), key=key)
+    ranked = sorted((e for e in estimates if e.fits), key=lambda e: _rank_key(e, objective))
     dropped = sorted((e for e in estimates if not e.fits), key=lambda e: e.memory.total)
     request = {
         "model": {k: getattr(model, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")},
@@ -217,14 +224,7 @@ def plan(
         "memory_per_device_gib": speeds.memory_bytes / GIB,
     }
     if not ranked:
-        lean = dropped[:3]
-        raise OpenDiTError(
-            f"no plan fits {speeds.memory_bytes / GIB:.1f} GiB per device for {images} image(s) of {tokens} tokens "
-            f"on {world_size} rank(s); the leanest need "
-            + "; ".join(f"{e.config.describe()}: {e.memory.total / GIB:.1f} GiB" for e in lean)
-            + ". Fix: more devices (sequence parallel divides activations, --shard-weights or --tp divides weights), "
-            "fewer images per request, or a smaller dtype (--dtype bf16)"
-        )
+        raise _no_fit(speeds, images, tokens, world_size, dropped)
     return PlanResult(objective=objective, ranked=ranked, dropped=dropped, request=request)
 
 
