@@ -184,31 +184,54 @@ class Engine:
         cache_guard_steps) reuses work across this call's steps (opendit/cache)."""
         if not self.is_main:
             return None
-        if self._closed is not None:
-            raise OpenDiTError(f"engine is closed: {self._closed}")
         if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
             classes = [classes]  # one image (documented shorthand)
         values = {"classes": classes, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "scheduler": scheduler}
         texts = {"prompt": prompt, "negative_prompt": negative_prompt}
         video = {"motion": motion, "frames": frames}  # video engines (video=True): result.frames holds the videos
-        # None: the engine's image size
-        caching = {"cache": cache, **cache_options}  # unknown option names: the schema names the known fields
-        request = CallRequest.build({**values, **texts, **video, **caching, "image_size": image_size, "trace": trace})
-        call = resolve_call(self.spec, request)  # raises OpenDiTError before anything is sent
+        # None: the engine's image size; unknown cache option names: the schema names the known fields
+        caching = {"cache": cache, **cache_options}
+        call = self.check(**values, **texts, **video, **caching, image_size=image_size, trace=trace)
+        return self.run_calls([call])[0]
+
+    def check(self, **fields):
+        """One call's fields (generate()'s arguments) validated against this engine and resolved: the Call that
+        run_calls takes. Raises OpenDiTError (nothing is sent) for bad input, or when the engine is closed."""
+        if self._closed is not None:
+            raise OpenDiTError(f"engine is closed: {self._closed}")
+        return resolve_call(self.spec, CallRequest.build(fields))
+
+    def run_calls(self, calls: list, on_step=None) -> list[GenerationResult]:
+        """Run checked calls (`check`) as ONE denoising loop when they merge (batching.py: same steps, guidance,
+        scheduler and size; each image keeps its own request's seed, so each result equals that call alone), and
+        return one GenerationResult per call. on_step(done, total) is called on this process after every step.
+        Calls that do not merge raise ValueError: the caller groups them (opendit/serve does)."""
+        from opendit.batching import merge_calls, split_result
+
+        if not self.is_main:
+            return [None] * len(calls)
+        if self._closed is not None:
+            raise OpenDiTError(f"engine is closed: {self._closed}")
+        merged = merge_calls(calls)
         start = time.perf_counter()
-        result = self._dispatch(call)
+        result = self._dispatch(merged, on_step)
         if self._calls == 0:  # + process start, rendezvous and loading
             result.record["timing"]["with_launch_s"] = self._launch_s + time.perf_counter() - start
         self._calls += 1
-        return result
+        return split_result(result, calls)
 
-    def _dispatch(self, call) -> GenerationResult:
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (pool mode; [] otherwise)."""
+        return [process.pid for process in self._pool.processes] if self._pool is not None else []
+
+    def _dispatch(self, call, on_step=None) -> GenerationResult:
         if self.mode == "in-process":
-            return self._replica.run(call)
+            return self._replica.run(call, on_step=on_step)
         if self.mode == "torchrun":
             try:
                 self._replica.broadcast(("call", call))
-                return self._replica.run(call)
+                return self._replica.run(call, on_step=on_step)
             except BaseException as exc:  # the other ranks may be stuck in a collective: no further calls
                 self._closed, self._failed = f"rank 0 failed: {type(exc).__name__}: {exc}", True
                 raise
@@ -218,6 +241,10 @@ class Engine:
         try:
             self._pool.send(("call", call))
             result = self._pool.recv()
+            while isinstance(result, tuple) and result[0] == "step":  # rank 0's ("step", done, total)
+                if on_step is not None:
+                    on_step(result[1], result[2])
+                result = self._pool.recv()
         except WorkerFailed as exc:
             self._fail(exc)
         except BaseException:  # e.g. KeyboardInterrupt: a later result would answer the wrong call

@@ -108,6 +108,7 @@ class Call:
     trace: str | None = None  # absolute path of the Chrome trace to write, or None
     notes: list[str] = field(default_factory=list)  # the plan's notes for this call's batch and size
     cache: Any = None  # a cache.CacheConfig, or None
+    image_seeds: list[int] | None = None  # per image, when merge_calls batched several requests (else seed + i)
 
 
 @dataclass

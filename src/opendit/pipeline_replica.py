@@ -88,7 +88,7 @@ class PipelineReplica(ControlMember):
         self.memory.end("load")
         self.calls = 0
 
-    def run(self, call: PipelineCall) -> GenerationResult | None:
+    def run(self, call: PipelineCall, on_step=None) -> GenerationResult | None:
         """One pipeline call on this rank (every rank of the job at once); the output rank returns the result."""
         start = time.perf_counter()
         self.memory.end("between_calls")
@@ -98,7 +98,9 @@ class PipelineReplica(ControlMember):
         step_times: list[float] = []
         kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
         cache = self._install_cache(call, kwargs)
-        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times, cache))
+        total = int(kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps") or 0))
+        progress = None if on_step is None else (lambda done: on_step(done, total))
+        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times, cache, progress))
         begin = time.perf_counter()
         self.cache_summary = None
         try:
@@ -196,9 +198,9 @@ def _comm_record(ranks: list[dict]) -> dict:
     }
 
 
-def _step_clock(params: dict, device: torch.device, times: list[float], cache=None) -> dict:
-    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one) and
-    move the cache (if any) on to the next step."""
+def _step_clock(params: dict, device: torch.device, times: list[float], cache=None, on_step=None) -> dict:
+    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one), move
+    the cache (if any) on to the next step and report progress to on_step(done)."""
     last = [time.perf_counter()]
 
     def tick() -> None:
@@ -209,6 +211,8 @@ def _step_clock(params: dict, device: torch.device, times: list[float], cache=No
         last[0] = now
         if cache is not None and len(times) < cache.num_steps:
             cache.start_step(len(times))
+        if on_step is not None:
+            on_step(len(times))
 
     if "callback_on_step_end" in params:
         return {"callback_on_step_end": lambda _pipe, _i, _t, tensors: (tick(), tensors)[1]}

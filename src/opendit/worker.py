@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from opendit.cache.runtime import install_cache
 from opendit.checkpoint import file_sha256, load_model, open_for_model
+from opendit.diffusion.hooks import StepHook
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.comm import CommStats
 from opendit.distributed.control import ControlMember
@@ -148,8 +149,9 @@ class Replica(ControlMember):
         self.memory.end("load")  # from the process start: imports, the process group, the model, the VAE
         self.calls = 0
 
-    def run(self, call: Call) -> GenerationResult | None:
-        """Sample one call on this rank (every rank of the job at once); the output rank returns the result."""
+    def run(self, call: Call, on_step=None) -> GenerationResult | None:
+        """Sample one call on this rank (every rank of the job at once); the output rank returns the result.
+        on_step(done, total) is called after every denoising step (the server's progress events)."""
         start = time.perf_counter()
         self.memory.end("between_calls")  # what ran since the last phase (idle, the previous call's record)
         if self.pmodel is not None:  # a new size re-installs the token split on every rank (exact)
@@ -161,7 +163,7 @@ class Replica(ControlMember):
         stats.history.clear()  # per-call counters: the record's comm_per_step covers this call's steps only
         align = None if self.runtime is None else lambda: dist.barrier(group=self.runtime.group("all"))
         trace = TraceHook(stats, global_rank(), align=align, device=self.device)
-        result = self._sample(call, trace)
+        result = self._sample(call, [trace] if on_step is None else [trace, ProgressHook(on_step)])
         self.memory.end("sampling")
         ranks = self._rank_records(call, trace, result.step_times, stats)
         self.calls += 1
@@ -183,7 +185,7 @@ class Replica(ControlMember):
         record = self._record(call, result.step_times, ranks, start)
         return GenerationResult(images=images, labels=list(call.classes), record=record, frames=frames)
 
-    def _sample(self, call: Call, trace: TraceHook) -> SampleResult:
+    def _sample(self, call: Call, hooks: list) -> SampleResult:
         config = call.config
         kwargs = {
             "num_classes": config.num_classes,
@@ -193,9 +195,10 @@ class Replica(ControlMember):
             "steps": call.steps,
             "cfg_scale": call.cfg_scale,
             "seed": call.seed,
+            "image_seeds": call.image_seeds,
             "device": self.device,
             "progress": self.spec.settings.progress and self.is_output,
-            "hooks": [trace],  # before the runtime's hooks: CommAccounting closes each step's counters last
+            "hooks": hooks,  # the trace before the runtime's hooks: CommAccounting closes each step's counters last
         }
         labels = torch.tensor(call.classes, dtype=torch.long)
         # (C, H, W) per image, (C, F, H, W) per video (models/video_dit.py is channel-first)
@@ -320,9 +323,22 @@ def serve(replica: Replica, channel=None) -> None:
         message = replica.broadcast(message)
         if message[0] == "close":
             return
-        result = replica.run(message[1])
+        progress = None
+        if channel is not None and replica.is_output:  # ("step", done, total) after every step, then the result
+            progress = lambda done, total: channel.send(("step", done, total))  # noqa: E731
+        result = replica.run(message[1], on_step=progress)
         if channel is not None and replica.is_output:
             channel.send(result)
+
+
+class ProgressHook(StepHook):
+    """Calls on_step(done, total) after every denoising step."""
+
+    def __init__(self, on_step):
+        self.on_step = on_step
+
+    def on_step_end(self, ctx) -> None:
+        self.on_step(ctx.index + 1, ctx.num_steps)
 
 
 def make_replica(spec) -> Replica:

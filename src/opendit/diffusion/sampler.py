@@ -56,8 +56,13 @@ def make_scheduler(name: str, prediction: str, learn_sigma: bool):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
-def image_generators(seed: int, count: int, first_index: int = 0) -> list[torch.Generator]:
-    """One CPU generator per image, seeded `seed + index`: identical on every rank and independent of batching."""
+def image_generators(
+    seed: int, count: int, first_index: int = 0, image_seeds: Sequence[int] | None = None
+) -> list[torch.Generator]:
+    """One CPU generator per image, seeded `seed + index` (or `image_seeds[index]` when a batch merges several
+    requests, each with its own seed): identical on every rank and independent of batching."""
+    if image_seeds is not None:
+        return [torch.Generator("cpu").manual_seed(image_seeds[first_index + i]) for i in range(count)]
     return [torch.Generator("cpu").manual_seed(seed + first_index + i) for i in range(count)]
 
 
@@ -94,6 +99,7 @@ def sample(
     cfg_scale: float,
     seed: int,
     first_index: int = 0,
+    image_seeds: Sequence[int] | None = None,
     eta: float = 0.0,
     device: str | torch.device = "cpu",
     progress: bool = False,
@@ -106,7 +112,7 @@ def sample(
     labels = labels.to(device)
     scheduler = make_scheduler(scheduler_name, prediction, learn_sigma)
     scheduler.set_timesteps(steps, device=device)
-    generators = image_generators(seed, len(labels), first_index)
+    generators = image_generators(seed, len(labels), first_index, image_seeds)
     channels = shape[0]
     x = randn_tensor((len(labels), *shape), generator=generators, device=torch.device(device), dtype=torch.float32)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # (B, C, H, W); flow schedulers start at sigma 1
