@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=run_models)
     from opendit.cli.convert import add_convert_parser
     from opendit.cli.plan import add_calibrate_parser, add_plan_parser
+    from opendit.cli.serve import add_serve_parser
     from opendit.cli.train import add_eval_parser, add_train_parser
 
     add_plan_parser(subparsers)
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     add_convert_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 
