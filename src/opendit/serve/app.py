@@ -177,7 +177,7 @@ def create_app(state: ServeState) -> FastAPI:
         runner = state.runner
         status = "stopping" if not state.queue.accepting and runner.state == "ok" else runner.state
         body = {"status": status, "workers": runner.worker_pids, "restarts": runner.restarts,
-                "queue": len(state.queue), "last_error": runner.last_error}  # fmt: skip
+                "queue": len(state.queue), "running": len(runner.running), "last_error": runner.last_error}  # fmt: skip
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics", dependencies=[Depends(authorised)])

@@ -36,6 +36,7 @@ class EngineRunner:
         self.restarts = 0
         self.last_error: str | None = None
         self.last_batch: dict | None = None  # the last finished batch's record (the page's timeline)
+        self.running: list[Job] = []  # the batch in the engine now
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="opendit-engine", daemon=True)
 
@@ -66,7 +67,11 @@ class EngineRunner:
                 if self._stopping or self.state == "failed":
                     return
                 continue
-            self._run(batch)
+            self.running = batch
+            try:
+                self._run(batch)
+            finally:
+                self.running = []
 
     def _run(self, batch: list[Job]) -> None:
         start = time.time()
