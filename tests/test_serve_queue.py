@@ -54,3 +54,24 @@ def test_merged_run_equals_each_call_alone(engine):
         assert (alone.images == result.images).all()
     with pytest.raises(ValueError, match="merge_key"):
         engine.run_calls([calls[0], replace(calls[1], steps=6)])
+
+
+def test_gif_and_timeline_encoding():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from opendit.serve.encode import gif_b64, timeline
+
+    frames = np.random.default_rng(0).integers(0, 255, size=(4, 8, 8, 1), dtype=np.uint8)
+    gif = Image.open(io.BytesIO(base64.b64decode(gif_b64(frames))))
+    assert gif.format == "GIF" and gif.n_frames == 4 and gif.size == (8, 8)
+    record = {"ranks": [{"rank": r, "per_step_s": [0.1, 0.2], "comm_per_step": [{"all_to_all": {"wait_s": 0.05}}, {}]}
+                        for r in range(2)]}  # fmt: skip
+    rows = timeline(record)
+    assert [row["rank"] for row in rows] == [0, 1]
+    names = [event["name"] for event in rows[0]["events"]]
+    assert names == ["step 1", "comm wait (all_to_all)", "step 2"]
+    assert abs(rows[0]["events"][2]["start_ms"] - 100.0) < 1e-9 and abs(rows[0]["events"][1]["dur_ms"] - 50) < 1e-9

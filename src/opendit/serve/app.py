@@ -111,7 +111,7 @@ def create_app(state: ServeState) -> FastAPI:
                               "total_s": end - job.created}  # fmt: skip
         if job.finished_ok and with_images:
             view["format"], view["images"] = encode_result(job.result)
-            view["labels"] = [str(label) for label in job.result.labels]
+            view["labels"] = state.label_text(job.result.labels)
             view["record"] = job.result.record
         return view
 

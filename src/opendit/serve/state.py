@@ -76,11 +76,22 @@ class ServeState:
         count = len(call.classes) if hasattr(call, "classes") else len(call.prompts)
         return Job(call=call, images=count)
 
+    def label_text(self, labels: list) -> list[str]:
+        """A result's labels as text: a motion model's "3 up" (its label is digit + 10 * direction)."""
+        if self.kind == "video" and getattr(self.spec.config, "motion", False):
+            from opendit.video import label_names
+
+            names = label_names(self.spec.config)
+            return [names[label] for label in labels]
+        return [str(label) for label in labels]
+
     def info(self) -> dict:
         config, defaults = self.spec.config, self.spec.defaults
         labels = class_labels(self.spec)
         return {
-            "model": self.spec.settings.model or self.spec.settings.diffusers or "digits (shipped)",
+            "model": self.spec.settings.model
+            or self.spec.settings.diffusers
+            or f"digits{' video' * self.spec.settings.video} (shipped)",
             "kind": self.kind,
             "num_classes": len(labels),
             "labels": labels,
