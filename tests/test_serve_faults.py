@@ -42,6 +42,7 @@ def test_killed_worker_fails_in_flight_jobs_with_503_then_restarts():
         while server.client.get(f"/v1/jobs/{jobs[0]}").json()["status"] != "failed":
             assert time.monotonic() < deadline, "the in-flight job did not fail within 15 s"
             time.sleep(0.05)
+        print(f"in-flight job failed {time.monotonic() - killed:.2f} s after the kill")
         failed = server.client.get(f"/v1/jobs/{jobs[0]}").json()
         assert "worker" in failed["error"] and ("rank 1" in failed["error"] or "killed" in failed["error"])
         thread.join(60.0)
