@@ -63,6 +63,15 @@ def create_app(state: ServeState) -> FastAPI:
 
     app = FastAPI(title="OpenDiT", lifespan=lifespan)
     app.state.serve = state
+    _add_error_handlers(app)
+    authorised = _key_check(state)
+    _add_job_routes(app, state, authorised)
+    _add_info_routes(app, state, authorised)
+    return app
+
+
+def _key_check(state: ServeState):
+    """The dependency that refuses a missing or wrong API key (when the server has one)."""
 
     def authorised(request: Request) -> None:
         if state.api_key is None:
@@ -72,6 +81,10 @@ def create_app(state: ServeState) -> FastAPI:
         if not secrets.compare_digest(token.encode(), state.api_key.encode()):
             raise RequestError("a valid API key is required: send the header 'Authorization: Bearer KEY'", 401)
 
+    return authorised
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def _request_error(_request, exc: RequestError):
         return error_body(exc.message, exc.status, exc.param)
@@ -85,85 +98,98 @@ def create_app(state: ServeState) -> FastAPI:
     async def _http_error(_request, exc: HTTPException):
         return error_body(str(exc.detail), exc.status_code)
 
-    def submit(fields: dict) -> Job:
-        job = state.check(fields)
-        try:
-            state.queue.submit(job)
-        except QueueFull as exc:
-            state.metrics.requests.labels(status="rejected").inc()
-            raise RequestError(str(exc), 429) from None
-        except NotAccepting as exc:
-            raise RequestError(str(exc), 503) from None
-        state.metrics.queue_length.set(len(state.queue))
-        return job
 
-    async def finished(job: Job) -> Job:
-        while not job.done_event.is_set():
-            await asyncio.sleep(WAIT_POLL_S)
-        return job
+def submit(state: ServeState, fields: dict) -> Job:
+    """Check a client's fields and queue the job (RequestError: 400, 429 full, 503 stopping)."""
+    job = state.check(fields)
+    try:
+        state.queue.submit(job)
+    except QueueFull as exc:
+        state.metrics.requests.labels(status="rejected").inc()
+        raise RequestError(str(exc), 429) from None
+    except NotAccepting as exc:
+        raise RequestError(str(exc), 503) from None
+    state.metrics.queue_length.set(len(state.queue))
+    return job
 
-    def job_view(job: Job, with_images: bool = True) -> dict:
-        view = {"id": job.id, "status": job.status, "step": job.step, "steps": job.steps, "error": job.error,
-                "plan": state.spec.plan.describe()}  # fmt: skip
-        if job.started is not None:
-            end = job.finished or time.time()
-            view["timing"] = {"queued_s": job.started - job.created, "run_s": end - job.started,
-                              "total_s": end - job.created}  # fmt: skip
-        if job.finished_ok and with_images:
-            view["format"], view["images"] = encode_result(job.result)
-            view["labels"] = state.label_text(job.result.labels)
-            view["record"] = job.result.record
-        return view
 
-    def known(job_id: str) -> Job:
-        job = state.queue.get(job_id)
-        if job is None:
-            raise RequestError(f"no job {job_id!r} (unknown, or finished long ago)", 404)
-        return job
+async def finished(job: Job) -> Job:
+    while not job.done_event.is_set():
+        await asyncio.sleep(WAIT_POLL_S)
+    return job
 
-    @app.post("/v1/jobs", status_code=202, dependencies=[Depends(authorised)])
+
+def job_view(state: ServeState, job: Job) -> dict:
+    """GET /v1/jobs/{id}: status and progress; once done, the images, labels and record."""
+    view = {"id": job.id, "status": job.status, "step": job.step, "steps": job.steps, "error": job.error,
+            "plan": state.spec.plan.describe()}  # fmt: skip
+    if job.started is not None:
+        end = job.finished or time.time()
+        view["timing"] = {"queued_s": job.started - job.created, "run_s": end - job.started,
+                          "total_s": end - job.created}  # fmt: skip
+    if job.finished_ok:
+        view["format"], view["images"] = encode_result(job.result)
+        view["labels"] = state.label_text(job.result.labels)
+        view["record"] = job.result.record
+    return view
+
+
+def known(state: ServeState, job_id: str) -> Job:
+    job = state.queue.get(job_id)
+    if job is None:
+        raise RequestError(f"no job {job_id!r} (unknown, or finished long ago)", 404)
+    return job
+
+
+async def event_stream(job: Job, request: Request):
+    """The job's events as server-sent events, from the first, until done or failed (or the client leaves)."""
+    sent = 0
+    while True:
+        events = job.events[sent:]
+        for name, data in events:
+            yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
+        sent += len(events)
+        if job.done_event.is_set() and sent == len(job.events):
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(WAIT_POLL_S)
+
+
+def _add_job_routes(app: FastAPI, state: ServeState, authorised) -> None:
+    guarded = [Depends(authorised)]
+
+    @app.post("/v1/jobs", status_code=202, dependencies=guarded)
     def post_job(body: JobBody):
-        job = submit(body.model_dump())
+        job = submit(state, body.model_dump())
         return {"id": job.id, "status": job.status}
 
-    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
+    @app.get("/v1/jobs/{job_id}", dependencies=guarded)
     def get_job(job_id: str):
-        return job_view(known(job_id))
+        return job_view(state, known(state, job_id))
 
-    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(authorised)])
+    @app.get("/v1/jobs/{job_id}/events", dependencies=guarded)
     async def job_events(job_id: str, request: Request):
-        job = known(job_id)
+        stream = event_stream(known(state, job_id), request)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        async def stream():
-            sent = 0
-            while True:
-                events = job.events[sent:]
-                for name, data in events:
-                    yield f"event: {name}\ndata: {json.dumps(data)}\n\n"
-                sent += len(events)
-                if job.done_event.is_set() and sent == len(job.events):
-                    return
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(WAIT_POLL_S)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    @app.post("/v1/generate", dependencies=[Depends(authorised)])
+    @app.post("/v1/generate", dependencies=guarded)
     async def generate(body: JobBody):
-        job = await finished(submit(body.model_dump()))
+        job = await finished(submit(state, body.model_dump()))
         if not job.finished_ok:
             return error_body(job.error, job.http_status)
-        view = job_view(job)
+        view = job_view(state, job)
         return {key: view[key] for key in ("id", "format", "images", "labels", "record", "timing")}
 
-    @app.post("/v1/images/generations", dependencies=[Depends(authorised)])
+    @app.post("/v1/images/generations", dependencies=guarded)
     async def images_generations(body: ImagesBody):
-        job = await finished(submit(to_fields(body, state)))
+        job = await finished(submit(state, to_fields(body, state)))
         if not job.finished_ok:
             return error_body(job.error, job.http_status)
         return images_response(job, body)
 
+
+def _add_info_routes(app: FastAPI, state: ServeState, authorised) -> None:
     @app.get("/v1/info")
     def info():
         return state.info()
@@ -189,5 +215,3 @@ def create_app(state: ServeState) -> FastAPI:
         if not PAGE.exists():
             return HTMLResponse("<p>page.html is missing from this install</p>", status_code=500)
         return HTMLResponse(PAGE.read_text())
-
-    return app
