@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: demo test test-fast test-xl lint format bench clean
+.PHONY: demo test test-fast test-xl lint format bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,15 @@ demo: $(STAMP)
 	$(BIN)/opendit sample --nproc $(NPROC) --ulysses $(NPROC) --classes 0 1 2 3 4 5 6 7 8 9 --seed 0 --out outputs
 	$(BIN)/opendit sample --video --nproc $(NPROC) --sp-impl dsp --classes 3 7 0 5 --motion right up left down --seed 0 --out outputs/video
 
-test: $(STAMP) lint
+test: $(STAMP) browser lint
 	OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
+
+# headless Chromium + its driver for tests/test_serve_page.py (Debian packages; installed only when missing)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
 # full-size acceptances: issue 13's memory (DiT-XL/2, 2.7 GB checkpoint; ~4 min) and issue 15's Latte-XL/2
 # checkpoint through sample --video (~4 min): not part of `make test`
