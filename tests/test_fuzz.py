@@ -271,7 +271,7 @@ class FakeReplica:
         self.spec, self.calls = spec, []
         FakeReplica.last = self
 
-    def run(self, call):
+    def run(self, call, on_step=None):
         self.calls.append(call)
         images = np.zeros((len(call.classes), 1, 1, 1), np.uint8)
         return GenerationResult(images=images, labels=list(call.classes), record={"timing": {}})
