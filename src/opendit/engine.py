@@ -221,6 +221,11 @@ class Engine:
         return split_result(result, calls)
 
     @property
+    def closed(self) -> bool:
+        """True once close() was called or a worker failed: later calls raise OpenDiTError."""
+        return self._closed is not None
+
+    @property
     def worker_pids(self) -> list[int]:
         """The worker processes' ids (pool mode; [] otherwise)."""
         return [process.pid for process in self._pool.processes] if self._pool is not None else []

@@ -90,9 +90,10 @@ class EngineRunner:
             self._fail(batch, f"a worker failed: {exc}", 503)
             self._restart(str(exc))
             return
-        except OpenDiTError as exc:  # bad input found on a worker, or the engine closed under us
-            self._fail(batch, str(exc), 503 if "engine is closed" in str(exc) else 400)
-            if self.engine._closed is not None:
+        except OpenDiTError as exc:  # bad input found on a worker (engine still open), or the engine ended
+            closed = self.engine.closed
+            self._fail(batch, str(exc), 503 if closed else 400)
+            if closed:
                 self._restart(str(exc))
             return
         except Exception as exc:  # a bug: the job reports it, the engine is rebuilt (its state is unknown)
