@@ -3,7 +3,8 @@
 - synchronous steps are exact: with every step a warm-up step the samples equal one process (fp32, <= 1e-5);
 - pipelined steps use stale K/V: the drift from one process is measured (PSNR) and must be there, but small;
 - the bundled digits model stays right: class accuracy >= 95% (the project's judge) with 2 and 4 stages;
-- each stage holds only its blocks (~1/N of the block weights).
+- each stage holds only its blocks (~1/N of the block weights), and loads only those from the checkpoint;
+- every step's recorded P2P and broadcast bytes and calls equal the cost model's formula (planning/pipefusion_cost).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def pipefusion_world() -> list[dict]:
     from opendit.distributed.mesh import build_runtime
     from opendit.evaluate import load_for_eval, score_samples
     from opendit.parallel.apply import parallelize
+    from opendit.planning.pipefusion_cost import pipefusion_step_comm
     from opendit.worker import sample_images
 
     torch.set_num_threads(1)
@@ -58,6 +60,10 @@ def pipefusion_world() -> list[dict]:
             "psnr": psnr(samples, reference, 2.0), "accuracy": score_samples(samples.clamp(-1, 1), labels)["accuracy"],
             "block_share": mine / block_bytes, "p2p_calls": sum(s.get("p2p", {}).get("calls", 0)
                                                                for s in runtime.stats.history),
+            "comm": [{k: {"bytes": v["bytes"], "calls": v["calls"]} for k, v in step.items()
+                      if k in ("p2p", "broadcast")} for step in runtime.stats.history],
+            "formula": [pipefusion_step_comm(model.config, model.config.num_tokens, 2 * len(labels), plan,
+                                             runtime.index, pipelined=i >= warmup) for i in range(STEPS)],
         })  # fmt: skip
     return gather_rows(rows)
 
@@ -96,6 +102,12 @@ def test_each_stage_holds_its_blocks_only(rows):
         assert r["p2p_calls"] > 0 or r["rank"] == r["stages"] - 1, r  # every stage but the last sends its patches
 
 
+def test_recorded_bytes_per_step_equal_the_formula(rows):
+    for r in rows:
+        assert len(r["comm"]) == STEPS, r["comm"]
+        assert r["comm"] == r["formula"], (r["stages"], r["patches"], r["rank"], r["comm"], r["formula"])
+
+
 def test_cli_pipefusion_with_every_step_synchronous_equals_one_process(tmp_path):
     """`opendit sample --nproc 2 --pipefusion 2` on the bundled model: all steps warm-up -> the single-process PNGs
     (<= 1/255); pipelined (the default one warm-up step) -> close, and record.json says how it ran."""
@@ -117,5 +129,11 @@ def test_cli_pipefusion_with_every_step_synchronous_equals_one_process(tmp_path)
     assert single.std() > 10 and np.abs(exact - single).max() <= 1
     assert record["parallel"]["pipefusion"] == {"stages": 2, "blocks_per_stage": [3, 3], "patches": 2,
                                                 "warmup_steps": 4}  # fmt: skip
+    from opendit.evaluate import SHIPPED
+
+    file_bytes = SHIPPED.stat().st_size
+    for rank in record["ranks"]:  # each stage read its own blocks (+ the embedders and final layer) from the file
+        assert rank["loading"]["mode"] == "sharded", rank["loading"]
+        assert rank["loading"]["read_bytes"] < 0.6 * file_bytes, (rank["loading"], file_bytes)
     stale, _ = run(tmp_path / "stale", ["--nproc", "2", "--pipefusion", "2", "--patches", "4"])
     assert 0 < np.abs(stale - single).mean() < 8  # drift, in grey levels of 255

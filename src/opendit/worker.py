@@ -86,13 +86,14 @@ def _parameter_bytes(model: torch.nn.Module) -> int:
 def load_replica_model(spec: EngineSpec, device: torch.device, runtime: Runtime | None):
     """(model, ParallelModel or None, the loading record) of one rank.
 
-    A plan with sharded weights or tensor parallelism, and a checkpoint, loads each rank's part only: the model is
-    built and parallelised on meta, then its local shards are read from the file (parallel/sharded_loading.py), so
-    the loading peak is that part plus one tensor. Every other plan loads the whole model, one tensor at a time
-    (checkpoint.py)."""
+    A plan with sharded weights, tensor parallelism or PipeFusion, and a checkpoint, loads each rank's part only: the
+    model is built and parallelised on meta (PipeFusion drops the other stages' blocks there), then its local shards
+    are read from the file (parallel/sharded_loading.py), so the loading peak is that part plus one tensor. Every
+    other plan loads the whole model, one tensor at a time (checkpoint.py)."""
     dtype = parse_dtype(spec.settings.dtype)
     plan = spec.plan
-    split = (plan.shard_weights and plan.sp_degree > 1) or plan.tp > 1  # each rank holds a part of the weights
+    # each rank holds a part of the weights
+    split = (plan.shard_weights and plan.sp_degree > 1) or plan.tp > 1 or plan.pipefusion > 1
     if runtime is not None and split and spec.ckpt is not None:
         model, state, release, path = open_for_model(spec.load_config or spec.config, spec.ckpt, dtype)
         model.set_input_size(spec.config)  # on meta: only shapes; the positions are derived when filled

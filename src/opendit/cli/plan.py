@@ -37,6 +37,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=5, help="plans to print")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
+        "--exact-only", action="store_true", help="leave out plans whose outputs drift (PipeFusion's stale K/V)"
+    )
+    parser.add_argument(
         "--list-strategies", action="store_true", help="list the registered sequence-parallel strategies and exit"
     )
     _add_speed_args(parser)
@@ -93,6 +96,7 @@ def run_plan(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         steps=args.steps,
         objective=args.objective,
+        stale=not args.exact_only,
     )
     if args.json:
         print(json.dumps(result.to_dict(top=args.top), indent=2, default=str))
@@ -109,6 +113,7 @@ def run_plan(args: argparse.Namespace) -> int:
     flags = [f"--{k} {getattr(best, k)}" for k in ("dp", "ulysses", "ring", "tp") if getattr(best, k) > 1]
     flags += ["--cfg-parallel"] * (best.cfg == 2) + [f"--sp-impl {best.impl}"] * (best.sp_degree > 1)
     flags += ["--shard-weights"] * best.shard_weights
+    flags += [f"--pipefusion {best.pipefusion} --patches {best.patch_count}"] * (best.pipefusion > 1)
     flags += ["--video"] * args.model.startswith("Latte-")
     print(f"run it: opendit sample --nproc {args.nproc} {' '.join(flags)}".rstrip())
     return 0

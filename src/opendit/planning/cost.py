@@ -84,6 +84,11 @@ def comm_time(kind: str, nbytes: float, calls: int, stride: int, size: int, spee
     return inter.time(nbytes, calls)
 
 
+def _no_pipefusion(plan: ParallelConfig) -> None:
+    if plan.pipefusion > 1:  # its stages and patches are another model: never price it as one device
+        raise OpenDiTError("PipeFusion plans are priced by planning.pipefusion_cost (step_time / memory)")
+
+
 # ------------------------------------------------------------------------------------------------ step time
 @dataclass
 class StepCost:
@@ -201,6 +206,7 @@ def predict_step_time(
     (images x 2 with CFG); guided: whether the batch holds CFG pairs (default: batch even and plan.cfg == 2, or
     False). Time is that of the busiest rank of the busiest group; every rank waits for it at the next collective.
     """
+    _no_pipefusion(plan)
     guided = plan.cfg == 2 if guided is None else guided
     spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree
     if tokens < sp:
@@ -286,6 +292,7 @@ def predict_memory(
     (no autograd graph), so sampling's peak is the larger of the attention and the MLP phase of one block, on this
     rank's tokens. `decode_bytes`: the VAE's weights + activations for the request's images (outputs.vae_memory_bytes),
     paid by the output rank."""
+    _no_pipefusion(plan)
     guided = plan.cfg == 2 if guided is None else guided
     spec, s, b, sp = spec_for(model), speeds.dtype_bytes, local_batch(batch, plan, guided), plan.sp_degree
     dims = spec.dims(model, tokens)

@@ -19,7 +19,8 @@ from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.models.spec import spec_for
 from opendit.parallel.registry import strategies_for
-from opendit.planning.cost import MemoryCost, Speeds, StepCost, predict_memory, predict_step_time
+from opendit.planning.cost import MemoryCost, Speeds, StepCost
+from opendit.planning.pipefusion_cost import memory, request_s, step_time
 
 GIB = 1 << 30
 OBJECTIVES = ("latency", "throughput")
@@ -105,11 +106,13 @@ def enumerate_plans(
     queue: bool = False,
     frames: int = 1,
     tensor: bool = False,
+    pipeline_depth: int = 0,
 ) -> list[ParallelConfig]:
     """Every plan that ParallelConfig.validate accepts. queue=True lets dp exceed the request's images; `frames`: a
     video model's frame count (`tokens` is then the positions per frame; DSP needs it); `tensor`: the model
-    declares a tensor-parallel split, so tp degrees are candidates too."""
-    plans = []
+    declares a tensor-parallel split, so tp degrees are candidates too; `pipeline_depth`: the model declares a
+    PipeFusion split over that many blocks, so PipeFusion over every rank is a candidate (stale: see `plan`)."""
+    plans = _pipefusion_plans(world_size, tokens, pipeline_depth, num_heads, max(images, 1), guided, frames)
     max_images = max(images, world_size) if queue else images
     for dp, cfg in itertools.product(_divisors(world_size), (1, 2) if guided else (1,)):
         if world_size % (dp * cfg) or dp > max_images:
@@ -135,6 +138,22 @@ def enumerate_plans(
     return plans
 
 
+def _pipefusion_plans(world, tokens, depth, num_heads, images, guided, frames) -> list[ParallelConfig]:
+    """PipeFusion over all `world` ranks (it runs alone on the mesh) with M = N, 2N and 4N patches, one warm-up step:
+    more patches shrink the pipeline's bubble ((M + N - 1) / (M N) of one device's time) but run smaller matmuls."""
+    if world == 1 or depth < world:
+        return []
+    plans = []
+    for patches in (world, 2 * world, 4 * world):
+        plan = ParallelConfig(pipefusion=world, patches=patches)
+        try:
+            plan.validate(world, num_heads, tokens, images, guided, frames=frames)
+        except OpenDiTError:
+            continue
+        plans.append(plan)
+    return plans
+
+
 def estimate(
     model,
     tokens: int,
@@ -147,23 +166,24 @@ def estimate(
 ) -> PlanEstimate:
     per_image = 2 if guided else 1
     batch = max(images, plan.dp) * per_image  # throughput: each dp group holds at least one image
-    step = predict_step_time(model, tokens, batch, plan, speeds, guided=guided)
-    mem = predict_memory(model, tokens, batch, plan, speeds, guided=guided, decode_bytes=decode_bytes)
+    step = step_time(model, tokens, batch, plan, speeds, guided=guided)
+    mem = memory(model, tokens, batch, plan, speeds, guided=guided, decode_bytes=decode_bytes)
     group_images = math.ceil(max(images, plan.dp) / plan.dp)
-    request_s = steps * step.total_s
+    total_s = request_s(step, steps)  # PipeFusion: its warm-up steps at their own (slower) time
     return PlanEstimate(
         config=plan,
         step=step,
         memory=mem,
         fits=mem.total <= speeds.memory_bytes,
-        request_s=request_s,
-        images_per_s=plan.dp * group_images / request_s,
+        request_s=total_s,
+        images_per_s=plan.dp * group_images / total_s,
     )
 
 
 def _rank_key(e: PlanEstimate, objective: str) -> tuple:
     """Best first; ties: fewer bytes, unsharded weights, then the simpler plan (less ring, less tp)."""
-    return (round(e.score(objective), 12), e.step.bytes_per_rank, e.config.shard_weights, e.config.ring, e.config.tp)
+    c = e.config
+    return (round(e.score(objective), 12), e.step.bytes_per_rank, c.shard_weights, c.pipefusion, c.ring, c.tp)
 
 
 def _no_fit(speeds: Speeds, images: int, tokens: int, world_size: int, dropped: list[PlanEstimate]) -> OpenDiTError:
@@ -190,8 +210,11 @@ def plan(
     impls: tuple[str, ...] | None = None,
     shard_options: tuple[bool, ...] = (False, True),
     decode_bytes: float = 0.0,
+    stale: bool = True,
 ) -> PlanResult:
-    """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans."""
+    """Rank every valid plan for a request. Raises OpenDiTError when none fits, naming the leanest plans.
+    stale=False leaves out the plans whose outputs drift from one device's (PipeFusion's stale K/V); `--parallel
+    auto` and memory fitting ask for exact plans only, `opendit plan` shows both."""
     if objective not in OBJECTIVES:
         raise OpenDiTError(f"unknown objective {objective!r}; choose latency or throughput")
     if world_size < 1 or images < 1 or steps < 1:
@@ -202,8 +225,9 @@ def plan(
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
     tensor = spec_for(model).tensor_split is not None
+    depth = dims.depth if stale and spec_for(model).pipeline is not None and impls is None else 0
     configs = enumerate_plans(
-        world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, dims.sequences, tensor
+        world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, dims.sequences, tensor, depth
     )
     if not configs:
         raise OpenDiTError(
@@ -243,6 +267,13 @@ def explain(result: PlanResult, others: int = 3) -> str:
         f" overhead {s.overhead_s * 1e3:.2f}), {s.bytes_per_rank / 1e6:.2f} MB sent per rank per step, "
         f"{best.memory.total / GIB:.2f} GiB per rank of {result.request.get('memory_per_device_gib', 0):.1f}"
     ]
+    if best.config.pipefusion > 1:
+        warm = best.step.detail["warmup_step_s"]
+        lines.append(
+            f"  PipeFusion: {best.config.warmup_steps} synchronous step(s) at {warm * 1e3:.2f} ms, then stale K/V "
+            f"(outputs drift from one device; exact plans only: `--exact-only`); it sends "
+            f"{best.step.bytes_per_rank / 1e6:.2f} MB per step in P2P patches instead of per-block collectives"
+        )
     for other in result.ranked[1 : 1 + others]:
         if result.objective == "latency":
             loss = other.request_s / best.request_s - 1
@@ -251,6 +282,8 @@ def explain(result: PlanResult, others: int = 3) -> str:
         diffs = {k: other_v - _parts(best)[k] for k, other_v in _parts(other).items()}
         worst = max(diffs, key=diffs.get)
         why = f"{worst} +{diffs[worst] * 1e3:.2f} ms/step"
+        if other.config.pipefusion > 1:
+            why += f" (stale K/V after {other.config.warmup_steps} exact step(s): outputs drift)"
         if worst == "communication":
             why += f" ({other.step.bytes_per_rank / 1e6:.2f} vs {s.bytes_per_rank / 1e6:.2f} MB/step)"
         if result.objective == "throughput" and other.config.dp != best.config.dp:
@@ -266,7 +299,8 @@ def explain(result: PlanResult, others: int = 3) -> str:
 
 
 def _distance(a: ParallelConfig, b: ParallelConfig) -> float:
-    d = sum(abs(math.log2(getattr(a, n)) - math.log2(getattr(b, n))) for n in ("dp", "cfg", "ulysses", "ring", "tp"))
+    dims = ("dp", "cfg", "ulysses", "ring", "tp", "pipefusion")
+    d = sum(abs(math.log2(getattr(a, n)) - math.log2(getattr(b, n))) for n in dims)
     d += 0.5 * (a.sp_impl not in ("auto", b.sp_impl)) + 0.25 * (a.shard_weights != b.shard_weights)
     return d
 
@@ -280,10 +314,12 @@ def nearest_plans(
     guided: bool,
     k: int = 3,
     tensor: bool = False,
+    pipeline_depth: int = 0,
 ) -> list[ParallelConfig]:
     """The k valid plans closest to a requested one (distance in log2 of the degrees, then kernel and sharding);
-    `tensor`: tp degrees are candidates (the model declares a tensor-parallel split)."""
-    valid = enumerate_plans(world_size, num_heads, tokens, images, guided, tensor=tensor)
+    `tensor`: tp degrees are candidates (the model declares a tensor-parallel split); `pipeline_depth`: PipeFusion
+    plans too (asked for when the request is one)."""
+    valid = enumerate_plans(world_size, num_heads, tokens, images, guided, tensor=tensor, pipeline_depth=pipeline_depth)
     return sorted(valid, key=lambda p: (_distance(requested, p), p.ring, -p.cfg))[:k]
 
 
@@ -308,12 +344,13 @@ def check_request(
     try:
         notes = requested.validate(world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences)
     except OpenDiTError as exc:
-        near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided, tensor=tensor)
+        depth = dims.depth if requested.pipefusion > 1 and spec_for(model).pipeline is not None else 0
+        near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided, 3, tensor, depth)
         names = "; ".join(p.describe() for p in near) or "none (check the world size)"
         raise OpenDiTError(f"{exc}. Nearest valid plans for {world_size} rank(s): {names}") from exc
     if speeds is not None:
         batch = images * (2 if guided else 1)
-        mem = predict_memory(model, tokens, batch, requested, speeds, guided=guided)
+        mem = memory(model, tokens, batch, requested, speeds, guided=guided)
         if mem.total > speeds.memory_bytes:
             fitting = [
                 e.config
@@ -346,8 +383,9 @@ def auto_plan(model_config, world_size: int, images: int, guided: bool, objectiv
     if world_size < 1:
         raise OpenDiTError(f"--nproc must be >= 1 for --parallel auto, got {world_size}")
     result = plan(
-        model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective
-    )
+        model_config, world_size, speeds or resolve_speeds(), images=images, guided=guided, objective=objective,
+        stale=False,
+    )  # fmt: skip
     return result.best.config, result.explain(others=2)
 
 
@@ -359,6 +397,8 @@ def plan_flags(config: ParallelConfig) -> str:
     flags += [f"--{dim} {getattr(config, dim)}" for dim in dims if getattr(config, dim) > 1]
     flags += ["--cfg-parallel"] if config.cfg > 1 else []
     flags += ["--shard-weights"] if config.shard_weights else []
+    if config.pipefusion > 1:
+        flags += [f"--pipefusion {config.pipefusion} --patches {config.patch_count}"]
     return " ".join(flags) or "one process"
 
 
@@ -419,7 +459,7 @@ def fit_plan(
         )
     try:
         result = plan(model, world, speeds, images, guided, steps=1, decode_bytes=decode_bytes,
-                      shard_options=shard_options)  # fmt: skip
+                      shard_options=shard_options, stale=False)  # fmt: skip
     except OpenDiTError as exc:
         if "no plan fits" not in str(exc):
             raise
