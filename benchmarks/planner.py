@@ -5,6 +5,10 @@
 DiT-XL/2 (28 blocks, hidden 1152, 16 heads) at 256 / 512 / 1024 px (256 / 1024 / 4096 tokens) and a video-length
 sequence (32,760 tokens, e.g. 13 latent frames x 2,520 spatial tokens), one image with CFG, 50 steps, on documented
 speeds (opendit/planning/speeds.py DEFAULTS): 8x H100 NVLink, 8x A100 PCIe and 16x H100 over 2 nodes (IB NDR).
+The `-2GiB` rows cap the memory per device (as if the model were ~30x larger than the device's share, which is where
+tensor parallelism, sharded weights and PipeFusion compete); every row gives the best plan of all (PipeFusion's
+stale K/V included, as `opendit plan` ranks them) and the best exact plan (`--exact-only`, what `--parallel auto`
+runs).
 Pure prediction: no devices are used. Published configurations: xDiT, VideoSys and DistriFusion papers and
 READMEs, quoted next to each row.
 """
@@ -13,11 +17,19 @@ import argparse
 import json
 from pathlib import Path
 
+from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
 from opendit.planning.planner import plan
 from opendit.planning.speeds import named_hardware as hardware
 
-SCENARIOS = [("256px", 256, None), ("512px", 512, None), ("1024px", 1024, None), ("video", 512, 32760)]
+SCENARIOS = [
+    ("256px", 256, None, None),
+    ("512px", 512, None, None),
+    ("1024px", 1024, None, None),
+    ("video", 512, 32760, None),
+    ("512px-2GiB", 512, None, 2.0),
+    ("1024px-2GiB", 1024, None, 2.0),
+]
 MACHINES = [
     ("8x H100 NVLink", "h100-nvlink", 1, 8),
     ("8x A100 PCIe", "a100-pcie", 1, 8),
@@ -40,13 +52,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for label, name, nodes, world in MACHINES:
-        speeds = hardware(name, nodes)
-        for scen, px, tokens in SCENARIOS:
+        for scen, px, tokens, mem_gib in SCENARIOS:
+            speeds = hardware(name, nodes)
             model = preset("DiT-XL/2").with_image_size(px)
-            result = plan(
-                model, world, speeds, images=args.images, guided=True, tokens=tokens, objective=args.objective
-            )
-            single = plan(model, 1, speeds, images=args.images, guided=True, tokens=tokens).best
+            single = plan(model, 1, speeds, images=args.images, guided=True, tokens=tokens).best  # no cap
+            speeds = speeds.with_memory(mem_gib * (1 << 30)) if mem_gib else speeds
+            kwargs = {"images": args.images, "guided": True, "tokens": tokens, "objective": args.objective}
+            try:
+                result = plan(model, world, speeds, **kwargs)
+                exact = plan(model, world, speeds, stale=False, **kwargs).best
+            except OpenDiTError as exc:  # nothing fits the cap
+                print(f"{label:<22} {scen:<11} {exc}")
+                continue
             best = result.best
             rows.append(
                 {
@@ -55,15 +72,18 @@ def main() -> None:
                     "tokens": result.request["tokens"],
                     "best": best.row(),
                     "runner_up": result.ranked[1].row() if len(result.ranked) > 1 else None,
+                    "best_exact": exact.row(),
+                    "memory_cap_gib": mem_gib,
                     "single_device_step_s": single.step.total_s,
-                    "predicted_speedup": single.step.total_s / best.step.total_s,
+                    "predicted_speedup": single.request_s / best.request_s,
                     "why": result.explain(),
                     "published": PUBLISHED[name],
                 }
             )
             print(
-                f"{label:<22} {scen:<7} {result.request['tokens']:>6} tok  {best.config.describe():<50} "
-                f"{best.step.total_s * 1e3:8.2f} ms/step  x{rows[-1]['predicted_speedup']:.1f} vs 1 device"
+                f"{label:<22} {scen:<11} {result.request['tokens']:>6} tok  {best.config.describe():<58} "
+                f"{best.request_s / 50 * 1e3:8.2f} ms/step  x{rows[-1]['predicted_speedup']:.1f} vs 1 device; exact: "
+                f"{exact.config.describe()} {exact.request_s / 50 * 1e3:.2f} ms"
             )
         print(f"{'':<22} published: {PUBLISHED[name]}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
