@@ -21,5 +21,5 @@ def test_bundled_video_model_draws_the_digit_and_its_motion():
     report = evaluate_video_model(model, per_condition=1, steps=meta.get("steps", 30), cfg_scale=meta["cfg_scale"])
     assert report["samples"]["total"] == 40
     assert report["judge_on_real"]["digit_accuracy"] >= 0.95  # the judge itself is sound
-    # the shipped model: 82.9% per frame over 40 x 10 (README); the 90% target of issue 15 is not met yet
+    # the shipped model: 84.7% per frame over 40 x 10 (README); the 90% target of issue 15 is not met yet
     assert report["digit_accuracy"] >= 0.7 and report["direction_accuracy"] >= 0.9, report
