@@ -72,7 +72,8 @@ def random_model(config, dtype: torch.dtype):
     return model.eval()
 
 
-LAYOUTS = ("ulysses", "tp", "tp-ulysses")  # sequence parallel (+ sharded weights), tensor parallel, tp 2 x ulysses
+# sequence parallel (+ sharded weights), tensor parallel, tp 2 x ulysses, PipeFusion over every rank (N patches)
+LAYOUTS = ("ulysses", "tp", "tp-ulysses", "pipefusion")
 
 
 def layout_plan(layout: str, world: int, shard: bool):
@@ -86,6 +87,8 @@ def layout_plan(layout: str, world: int, shard: bool):
         return ParallelConfig(tp=world)
     if layout == "tp-ulysses":
         return ParallelConfig(tp=2, ulysses=world // 2)
+    if layout == "pipefusion":
+        return ParallelConfig(pipefusion=world)
     return ParallelConfig(ulysses=world, shard_weights=shard)
 
 
@@ -118,7 +121,7 @@ def measure_rank(case: dict) -> dict:
         dist.barrier()
     gc.collect()
     base = rss_bytes()
-    if plan.tp > 1:  # what a run holds: built on meta, split, then only the local slices materialised (as loading)
+    if plan.tp > 1 or plan.pipefusion > 1:  # as a run loads: built on meta, split, only the local part materialised
         model = build_dit(config, device="meta", dtype=dtype).eval()
         fn = parallelize(model, runtime)
         model.to_empty(device="cpu")
@@ -134,7 +137,10 @@ def measure_rank(case: dict) -> dict:
     reset_peak_rss()
     start = time.perf_counter()
     with torch.no_grad():
-        out = fn(x, t, y)  # (B, 8, H, W)
+        out = fn(x, t, y)  # (B, 8, H, W); PipeFusion: a warm-up step (whole sequence), filling the K/V caches
+        if plan.pipefusion > 1:  # and a pipelined one: a run's peak covers both
+            fn.step = plan.warmup_steps
+            out = fn(x, t, y)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes() - base
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP2: this rank's shard
@@ -207,7 +213,11 @@ def projected_peak(r: dict, depth: int = 28) -> float:
     block = build_dit(dit_config(r["tokens"], 1), device="meta").blocks[0]
     per_block = sum(p.numel() for p in block.parameters()) * parse_dtype(r["dtype"]).itemsize
     layout = r.get("layout", "ulysses")
-    split = r["world"] if r["shard"] else {"tp": r["world"], "tp-ulysses": 2}.get(layout, 1)  # ~1/tp per block
+    split = r["world"] if r["shard"] else {"tp": r["world"], "tp-ulysses": 2, "pipefusion": r["world"]}.get(layout, 1)
+    if layout == "pipefusion":  # a stage's blocks each keep K and V of the whole sequence: 2 x (B, T, C)
+        per_block += (
+            2 * r["batch"] * r["tokens"] * dit_config(r["tokens"], 1).hidden_size * parse_dtype(r["dtype"]).itemsize
+        )
     return r["peak_bytes"] + (depth - r["depth"]) * per_block / split
 
 

@@ -61,7 +61,7 @@ def pipefusion_world() -> list[dict]:
             "block_share": mine / block_bytes, "p2p_calls": sum(s.get("p2p", {}).get("calls", 0)
                                                                for s in runtime.stats.history),
             "comm": [{k: {"bytes": v["bytes"], "calls": v["calls"]} for k, v in step.items()
-                      if k in ("p2p", "broadcast")} for step in runtime.stats.history],
+                      if k in ("p2p", "broadcast") and v["calls"]} for step in runtime.stats.history],
             "formula": [pipefusion_step_comm(model.config, model.config.num_tokens, 2 * len(labels), plan,
                                              runtime.index, pipelined=i >= warmup) for i in range(STEPS)],
         })  # fmt: skip

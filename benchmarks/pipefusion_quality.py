@@ -1,0 +1,108 @@
+"""PipeFusion's drift on the bundled digits model at its own sampling settings, on many samples.
+
+    .venv/bin/python benchmarks/pipefusion_quality.py --out benchmarks/results/pipefusion_quality.json
+
+One process samples `--images` digits (classes 0-9 in turn) with the model's own scheduler, steps and CFG scale (the
+exact reference); then, in 4 gloo processes, PipeFusion with 2 and 4 stages and several patch / warm-up settings
+samples the same images from the same seed. Per setting: the project's judge's class accuracy (evaluate.py), PSNR
+and max relative error vs the exact samples, and the sampling wall time of the slowest rank (4 processes share 2
+cores here, so the times compare settings with each other, not with a real 4-device run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+SETTINGS = [(2, 2, 1), (2, 4, 1), (2, 8, 1), (2, 8, 3), (4, 4, 1), (4, 8, 1), (4, 8, 3)]  # (stages, patches, warm-up)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def _kwargs(model, meta: dict, seed: int) -> dict:
+    return {"num_classes": model.config.num_classes, "scheduler_name": meta.get("scheduler", "flow-euler"),
+            "prediction": model.config.prediction, "learn_sigma": False, "steps": meta.get("steps", 30),
+            "cfg_scale": meta.get("cfg_scale", 2.0), "seed": seed}  # fmt: skip
+
+
+def world(images: int, seed: int, reference: torch.Tensor) -> list[dict]:
+    import copy
+
+    import torch.distributed as dist
+
+    from opendit.distributed.config import ParallelConfig
+    from opendit.distributed.env import init_from_env
+    from opendit.distributed.mesh import build_runtime
+    from opendit.evaluate import load_for_eval, score_samples
+    from opendit.parallel.apply import parallelize
+    from opendit.worker import sample_images
+
+    torch.set_num_threads(1)
+    init_from_env(torch.device("cpu"), "gloo")
+    model, meta = load_for_eval()
+    labels = torch.arange(images) % model.config.num_classes
+    shape = (model.config.in_channels, *model.config.input_size)
+    rows = []
+    for stages, patches, warmup in SETTINGS:
+        plan = ParallelConfig(pipefusion=stages, patches=patches, warmup_steps=warmup)
+        runtime = build_runtime(plan, "cpu", ranks=list(range(stages)))
+        dist.barrier()
+        if runtime is None:  # not in this plan's ranks
+            continue
+        pmodel = parallelize(copy.deepcopy(model), runtime)
+        start = time.perf_counter()
+        samples = sample_images(pmodel, labels, shape, **_kwargs(model, meta, seed)).samples
+        seconds = time.perf_counter() - start
+        if runtime.index == 0:
+            rows.append({"stages": stages, "patches": patches, "warmup_steps": warmup, "sampling_s": seconds,
+                         "accuracy": score_samples(samples.clamp(-1, 1), labels)["accuracy"],
+                         "psnr_db": _psnr(samples, reference),
+                         "max_rel_err": float((samples - reference).abs().max() / reference.abs().max())})  # fmt: skip
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rows)
+    dist.destroy_process_group()
+    return [r for part in everyone for r in part]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--out", default="benchmarks/results/pipefusion_quality.json")
+    args = parser.parse_args()
+
+    from opendit.diffusion.sampler import sample
+    from opendit.distributed.launch import launch
+    from opendit.evaluate import load_for_eval, score_samples
+
+    torch.set_num_threads(1)
+    model, meta = load_for_eval()
+    labels = torch.arange(args.images) % model.config.num_classes
+    shape = (model.config.in_channels, *model.config.input_size)
+    start = time.perf_counter()
+    reference = sample(model, labels, shape, **_kwargs(model, meta, args.seed)).samples
+    exact = {"sampling_s": time.perf_counter() - start,
+             "accuracy": score_samples(reference.clamp(-1, 1), labels)["accuracy"]}  # fmt: skip
+    rows = launch(world, 4, (args.images, args.seed, reference), threads_per_proc=1)
+    out = {"images": args.images, "steps": meta.get("steps"), "cfg_scale": meta.get("cfg_scale"),
+           "scheduler": meta.get("scheduler"), "one_process": exact, "pipefusion": rows}  # fmt: skip
+    print(f"one process: accuracy {exact['accuracy']:.1%}, {exact['sampling_s']:.1f} s")
+    for r in rows:
+        print(f"pipefusion {r['stages']} stages, {r['patches']} patches, {r['warmup_steps']} warm-up: accuracy "
+              f"{r['accuracy']:.1%}, PSNR {r['psnr_db']:.1f} dB, max rel err {r['max_rel_err']:.3f}, "
+              f"{r['sampling_s']:.1f} s")  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
