@@ -126,16 +126,28 @@ def enumerate_plans(
             # every registered strategy that runs on these degrees (parallel/registry.py), or none without sp
             fits = [s.name for s in strategies_for(ulysses, ring)]
             candidates = ["auto"] if sp == 1 else [i for i in fits if impls is None or i in impls]
-            for impl, shard in itertools.product(candidates, shard_options if sp > 1 else (False,)):
-                plan = ParallelConfig(
-                    dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, tp=tp, sp_impl=impl, shard_weights=shard
-                )
-                try:
-                    plan.validate(world_size, num_heads, tokens, max_images, guided, frames=frames)
-                except OpenDiTError:
-                    continue
-                plans.append(plan)
+            options = itertools.product(candidates, shard_options if sp > 1 else (False,))
+            plans += _valid(
+                [
+                    ParallelConfig(dp=dp, cfg=cfg, ulysses=ulysses, ring=ring, tp=tp, sp_impl=i, shard_weights=shard)
+                    for i, shard in options
+                ],
+                (world_size, num_heads, tokens, max_images, guided, frames),
+            )
     return plans
+
+
+def _valid(plans: list[ParallelConfig], request: tuple) -> list[ParallelConfig]:
+    """The plans ParallelConfig.validate accepts for request = (world, heads, tokens, images, guided, frames)."""
+    world, heads, tokens, images, guided, frames = request
+    out = []
+    for plan in plans:
+        try:
+            plan.validate(world, heads, tokens, images, guided, frames=frames)
+        except OpenDiTError:
+            continue
+        out.append(plan)
+    return out
 
 
 def _pipefusion_plans(world, tokens, depth, num_heads, images, guided, frames) -> list[ParallelConfig]:
@@ -143,15 +155,8 @@ def _pipefusion_plans(world, tokens, depth, num_heads, images, guided, frames) -
     more patches shrink the pipeline's bubble ((M + N - 1) / (M N) of one device's time) but run smaller matmuls."""
     if world == 1 or depth < world:
         return []
-    plans = []
-    for patches in (world, 2 * world, 4 * world):
-        plan = ParallelConfig(pipefusion=world, patches=patches)
-        try:
-            plan.validate(world, num_heads, tokens, images, guided, frames=frames)
-        except OpenDiTError:
-            continue
-        plans.append(plan)
-    return plans
+    plans = [ParallelConfig(pipefusion=world, patches=patches) for patches in (world, 2 * world, 4 * world)]
+    return _valid(plans, (world, num_heads, tokens, images, guided, frames))
 
 
 def estimate(
