@@ -31,18 +31,19 @@ from opendit.planning.cost import (
     StepCost,
     _saturating,
     comm_time,
+    local_batch,
     predict_memory,
     predict_step_time,
 )
 from opendit.planning.speeds import Speeds
 
 
-def _check(model, plan: ParallelConfig, guided: bool, batch: int) -> None:
+def _check(model, plan: ParallelConfig, guided: bool, batch: int) -> float:
+    """The batch every stage runs (PipeFusion splits no batch: cost.local_batch of its dp = cfg = 1 plan)."""
     spec = spec_for(model)
     if spec.pipeline is None:
         raise OpenDiTError(f"{spec.name} declares no PipeFusion split (ModelSpec.pipeline); drop --pipefusion")
-    if guided and batch % 2:
-        raise OpenDiTError(f"a guided batch counts 2 samples per image (cond + uncond); got an odd batch {batch}")
+    return local_batch(batch, plan, guided)
 
 
 def _block_s(model, b: float, rows: int, tokens: int, speeds: Speeds) -> float:
@@ -66,8 +67,7 @@ def _pipeline_s(model, tokens: int, b: float, plan: ParallelConfig, speeds: Spee
     hop_bytes = b * t_m * dims.hidden_size * s  # one patch's residual stream, (B, T_m, C)
     hop_s = comm_time("p2p", hop_bytes, 1, 1, 2, speeds)
     per_patch = [k * _block_s(model, b, t_m, tokens, speeds) for k in blocks]  # each stage, one patch
-    ops = 1.0  # kernel-launch units per block call, as cost.py counts a single-device block
-    dispatch = [k * ops * speeds.block_overhead_s for k in blocks]
+    dispatch = [k * speeds.block_overhead_s for k in blocks]  # one launch unit per block, as cost.py counts one device
     if speeds.async_dispatch:  # GPUs queue kernels ahead: a stage's patch costs the larger of the two
         stage = [max(c, d) for c, d in zip(per_patch, dispatch)]
     else:  # CPU: the core that computes dispatches
@@ -99,19 +99,16 @@ def predict_pipefusion_step(
     """Predicted time of one pipelined step (StepCost.total_s) and, in `detail`, of a warm-up step and the per-step
     mean over a request (`mean_step_s(steps)` is computed by `request_s`). `batch`: the request's forward samples
     (PipeFusion does not split the batch: every stage runs all of it)."""
-    _check(model, plan, guided, batch)
-    b = float(batch)
+    b = _check(model, plan, guided, batch)
     pipe = _pipeline_s(model, tokens, b, plan, speeds, plan.patch_count)
     warm = _pipeline_s(model, tokens, b, plan, speeds, 1)
-    last = plan.pipefusion - 1
-    sends = pipe["bytes"] if last > 0 else 0.0
     return StepCost(
         total_s=pipe["total_s"],
         compute_s=pipe["compute_s"],
         comm_s=pipe["comm_s"],
         hidden_s=pipe["hidden_s"],
         overhead_s=pipe["overhead_s"],
-        bytes_per_rank=max(sends, pipe["out_bytes"]),
+        bytes_per_rank=max(pipe["bytes"], pipe["out_bytes"]),  # a sending stage, or the last one's broadcast
         calls_per_rank=pipe["calls"] + 1,
         per_rank_s=[pipe["total_s"]] * plan.pipefusion,  # every stage waits for the broadcast
         detail={
@@ -138,8 +135,8 @@ def predict_pipefusion_memory(
 ) -> MemoryCost:
     """Whole-run peak bytes of the busiest stage (stage 0: the most blocks, and the embedding). Loading reads only the
     stage's own blocks from the file (worker.load_replica_model) and one tensor in flight."""
-    _check(model, plan, guided, batch)
-    spec, s, b = spec_for(model), speeds.dtype_bytes, float(batch)
+    b = _check(model, plan, guided, batch)
+    spec, s = spec_for(model), speeds.dtype_bytes
     dims = spec.dims(model, tokens)
     params = spec.count_params(model, tokens)
     mine = split_sizes(dims.depth, plan.pipefusion)[0]
