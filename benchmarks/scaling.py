@@ -406,8 +406,24 @@ def main() -> int:
     parser.add_argument("--calibrate", action="store_true", help="run `opendit calibrate` first (~1 min)")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 repeats: a smoke test, not a measurement")
     parser.add_argument("--no-digits", action="store_true", help="skip the digits model's comm-dtype errors")
-    parser.add_argument("--out", default="benchmarks/results/scaling.json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/scaling[_speedup].json")
+    parser.add_argument("--speedup", action="store_true", help="issue 19's interleaved speedup vs the measured limit")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="--speedup")
+    parser.add_argument("--passes", type=int, default=5, help="--speedup: interleaved passes (median)")
+    parser.add_argument("--transports", nargs="+", default=["shm", "gloo"], choices=["shm", "gloo"], help="--speedup")
     args = parser.parse_args()
+    if args.speedup:  # scaling_speedup.py: one pool, interleaved passes, per-pass minima, the per-rank breakdown
+        import scaling_speedup
+
+        if args.tokens == [256, 1024, 4096]:
+            args.tokens = [256] if args.quick else [1024]
+        if args.impls == list(IMPLS):
+            args.impls = ["ulysses", "ring", "fastseq"]
+        if args.quick:
+            args.passes, args.repeats = 2, 2
+        args.out = args.out or "benchmarks/results/scaling_speedup.json"
+        return scaling_speedup.main(args)
+    args.out = args.out or "benchmarks/results/scaling.json"
     if args.quick:
         args.tokens, args.repeats, args.sync_repeats = [256], 2, 1
     os.environ["OMP_NUM_THREADS"] = "1"

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from opendit.distributed.a2a_layout import a2a_check, a2a_layout, check_sizes
+from opendit.distributed.shm import ShmTransport, copy_piece, transport_wanted
 from opendit.errors import OpenDiTError
 
 # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; same semantics. The one shim.
@@ -205,61 +207,6 @@ def all_reduce_bytes(nbytes: int, size: int) -> int:
     return 2 * nbytes * (size - 1) // size if size > 1 else 0
 
 
-def check_sizes(sizes: Sequence[int], parts: int, what: str = "seq_sizes", minimum: int = 1) -> list[int]:
-    """One size >= `minimum` per rank of a group of `parts` ranks (collectives take 0 for an empty chunk; kernels
-    need >= 1 token per rank); returns them as a list of ints."""
-    sizes = [int(s) for s in sizes]
-    if len(sizes) != parts or any(s < minimum for s in sizes):
-        kind = "positive" if minimum >= 1 else "non-negative"
-        raise OpenDiTError(
-            f"{what} must give a {kind} size for each of the {parts} ranks of the group, got {sizes}; "
-            f"compute them with opendit.parallel.sequence.split_sizes(total, {parts})"
-        )
-    return sizes
-
-
-def _a2a_check(xs, scatter_dim: int, gather_dim: int, scatter_sizes, gather_sizes, p: int, me: int):
-    """all_to_all's input contract: tensors of one shape and dtype whose dims match the split sizes. Returns the
-    normalised (scatter dim, gather dim, scatter sizes, gather sizes)."""
-    if not xs or any(t.shape != xs[0].shape or t.dtype != xs[0].dtype for t in xs):
-        raise OpenDiTError("all_to_all packs tensors of one shape and dtype; got " + str([t.shape for t in xs]))
-    ndim = xs[0].dim()
-    sd, gd = scatter_dim % ndim, gather_dim % ndim
-    s_sizes = check_sizes(scatter_sizes, p, "scatter_sizes", minimum=0)
-    g_sizes = check_sizes(gather_sizes, p, "gather_sizes", minimum=0)
-    if xs[0].shape[sd] != sum(s_sizes):
-        raise OpenDiTError(
-            f"all_to_all: dim {sd} has {xs[0].shape[sd]} entries but scatter_sizes sum to {sum(s_sizes)} ({s_sizes})"
-        )
-    if sd != gd and xs[0].shape[gd] != g_sizes[me]:
-        raise OpenDiTError(
-            f"all_to_all: dim {gd} of this rank has {xs[0].shape[gd]} entries but "
-            f"gather_sizes[{me}] = {g_sizes[me]} ({g_sizes})"
-        )
-    return sd, gd, s_sizes, g_sizes
-
-
-def _a2a_layout(xs: list[torch.Tensor], sd: int, gd: int, s_sizes: list[int], g_sizes: list[int], me: int):
-    """How all_to_all lays out T tensors in its flat buffers: (moved views, chunked dim, send shapes, recv shapes).
-
-    Same dim (sd == gd): per tensor x -> (N, *rest); chunk j is (s_j, T, *rest), so the pieces arriving from ranks
-    0..P-1, each (g_j, T, *rest), concatenate into (G, T, *rest) = a plain view of the receive buffer.
-    Different dims: per tensor (gather, scatter) move to the front, x -> (G_me, N_s, *other); chunk j is
-    (G_me, T, s_j, *other), so the pieces, each (G_j, T, s_me, *other), concatenate into (G, T, s_me, *other)."""
-    n_t = len(xs)
-    if sd == gd:
-        moved = [t.movedim(sd, 0) for t in xs]  # T x (N, *rest)
-        other = tuple(moved[0].shape[1:])
-        sends = [(s, n_t, *other) for s in s_sizes]
-        recvs = [(g, n_t, *other) for g in g_sizes]
-        return moved, 0, sends, recvs
-    moved = [t.movedim((gd, sd), (0, 1)) for t in xs]  # T x (G_me, N_s, *other)
-    g_me, other = moved[0].shape[0], tuple(moved[0].shape[2:])
-    sends = [(g_me, n_t, s, *other) for s in s_sizes]
-    recvs = [(g, n_t, s_sizes[me], *other) for g in g_sizes]
-    return moved, 1, sends, recvs
-
-
 class Comm:
     """Collectives over one process group, with split sizes, async handles, optional wire dtype and accounting.
 
@@ -288,6 +235,9 @@ class Comm:
         self.stats = stats if stats is not None else CommStats()
         self.backend = dist.get_backend(group)
         self.sync = False  # measurement switch: async ops complete before returning (see the module docstring)
+        # same-host CPU ranks: bytes through shared memory, gloo only for doorbells (distributed/shm.py); built at
+        # the first all-to-all / all-gather / ring exchange (a collective), None = not built yet, False = gloo
+        self._shm: Any = None if (self.backend == "gloo" and transport_wanted()) else False
 
     def __repr__(self) -> str:
         return f"Comm(rank={self.rank}, size={self.size}, backend={self.backend}, comm_dtype={self.comm_dtype})"
@@ -305,6 +255,15 @@ class Comm:
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
+
+    def _transport(self, x: torch.Tensor) -> ShmTransport | None:
+        """The shared-memory transport for CPU tensors when every rank of the group is on this host, else None."""
+        if self._shm is False or x.device.type != "cpu":
+            return None
+        if self._shm is None:
+            transport = ShmTransport(self.group, self.rank, self.size)
+            self._shm = transport if transport.enabled else False
+        return self._shm or None
 
     # ------------------------------------------------------------------------------------------------ all-to-all
     def all_to_all(
@@ -327,27 +286,19 @@ class Comm:
         many = not isinstance(x, torch.Tensor)
         xs = list(x) if many else [x]
         p, me = self.size, self.rank
-        sd, gd, s_sizes, g_sizes = _a2a_check(xs, scatter_dim, gather_dim, scatter_sizes, gather_sizes, p, me)
+        sd, gd, s_sizes, g_sizes = a2a_check(xs, scatter_dim, gather_dim, scatter_sizes, gather_sizes, p, me)
         kind = "all_to_all"
         if p == 1:
             result = xs if many else x
             return _done_handle(result, self.stats, kind) if async_op else result
         n_t = len(xs)
         dtype, wire = xs[0].dtype, self._wire_dtype(xs[0].dtype)
-        moved, cdim, send_shapes, recv_shapes = _a2a_layout(xs, sd, gd, s_sizes, g_sizes, me)
+        moved, cdim, send_shapes, recv_shapes = a2a_layout(xs, sd, gd, s_sizes, g_sizes, me)
         other = send_shapes[0][2 if sd == gd else 3 :]
         starts = [sum(s_sizes[:j]) for j in range(p)]
         send_numel = [math.prod(shape) for shape in send_shapes]
         recv_numel = [math.prod(shape) for shape in recv_shapes]
-        send = torch.empty(sum(send_numel), dtype=wire, device=xs[0].device)  # flat send buffer, chunk j at offset
-        offset = 0
-        for j in range(p):
-            view = send[offset : offset + send_numel[j]].view(send_shapes[j])
-            for t in range(n_t):  # the one copy of the data (casts to the wire dtype on the way)
-                view.select(1, t).copy_(moved[t].narrow(cdim, starts[j], s_sizes[j]))
-            offset += send_numel[j]
-        recv = torch.empty(sum(recv_numel), dtype=wire, device=xs[0].device)
-        work = dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=True)
+        send, recv, work = self._a2a_transfer(moved, cdim, starts, s_sizes, send_shapes, recv_numel, wire)
         event = self.stats.record(kind, (sum(send_numel) - send_numel[me]) * wire.itemsize)
 
         def finish() -> Any:
@@ -362,6 +313,33 @@ class Comm:
 
         handle = CommHandle([work], finish, self.stats, kind, keep=(send,), event=event)
         return self._complete(handle, async_op)
+
+    def _a2a_transfer(self, moved, cdim, starts, s_sizes, send_shapes, recv_numel, wire):
+        """Pack chunk j of every moved tensor (the one copy of the data, cast to the wire dtype on the way) and start
+        the exchange: over shared memory (chunks packed straight into this rank's outbox, where rank j reads
+        chunk j) or gloo's all_to_all_single on one flat send buffer. -> (send buffer or None, recv, work)."""
+        p, kind, device = self.size, "all_to_all", moved[0].device
+        send_numel = [math.prod(shape) for shape in send_shapes]
+        shm = self._transport(moved[0])
+        if shm is not None:
+            op, pieces = shm.reserve([n * wire.itemsize for n in send_numel])
+            chunks = [piece.view(wire).view(send_shapes[j]) for j, piece in enumerate(pieces)]
+            send = None
+        else:
+            send = torch.empty(sum(send_numel), dtype=wire, device=device)  # flat, chunk j at its offset
+            chunks = [v.view(s) for v, s in zip(send.split(send_numel), send_shapes)]
+        for j in range(p):
+            for t in range(len(moved)):  # chunk j: (.., T, s_j, ..) with tensor t at index t of dim 1
+                chunks[j].select(1, t).copy_(moved[t].narrow(cdim, starts[j], s_sizes[j]))
+        recv = torch.empty(sum(recv_numel), dtype=wire, device=device)
+        if shm is None:
+            return (
+                send,
+                recv,
+                dist.all_to_all_single(recv, send, recv_numel, send_numel, group=self.group, async_op=True),
+            )
+        parts, ranks = recv.split(recv_numel), list(range(p))  # the piece from rank j -> parts[j]
+        return None, recv, shm.publish(op, ranks, ranks, lambda j, piece: copy_piece(parts[j], piece, kind), kind)
 
     # ------------------------------------------------------------------------------------------------ all-gather
     def all_gather(
@@ -389,7 +367,13 @@ class Comm:
         row = math.prod(rest)
         numel = [s * row for s in sizes]
         recv = torch.empty(sum(numel), dtype=wire, device=x.device)  # flat (N, *rest) in rank order
-        if len(set(sizes)) == 1:
+        shm = self._transport(x)
+        if shm is not None:  # x once into the shared outbox; every rank copies every piece (uneven sizes too)
+            op, pieces = shm.reserve([numel[me] * wire.itemsize] * p, shared=True)
+            pieces[0].view(wire).view(moved.shape).copy_(moved)
+            parts, ranks = recv.split(numel), list(range(p))
+            work = shm.publish(op, ranks, ranks, lambda j, piece: copy_piece(parts[j], piece, kind), "all_gather")
+        elif len(set(sizes)) == 1:
             send = moved.to(wire).contiguous().view(-1)  # (n_me * rest,)
             work = all_gather_single(recv, send, group=self.group, async_op=True)
         else:
@@ -417,6 +401,20 @@ class Comm:
         if p == 1:
             return _done_handle(x, self.stats, kind)
         dtype, wire = x.dtype, self._wire_dtype(x.dtype)
+        dst, src = (me + shift) % p, (me - shift) % p
+        shm = self._transport(x)
+        if shm is not None:  # x into the shared outbox for dst; the piece from src is copied in at wait()
+            sizes = [0] * p
+            sizes[dst] = x.numel() * wire.itemsize
+            op, pieces = shm.reserve(sizes)
+            pieces[dst].view(wire).view(x.shape).copy_(x)
+            recv = torch.empty(tuple(recv_shape), dtype=wire, device=x.device)
+            work = shm.publish(
+                op, [dst], [src], lambda _j, piece: copy_piece(recv, piece, "ring_exchange"), "ring_exchange"
+            )
+            event = self.stats.record(kind, x.numel() * wire.itemsize)
+            finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
+            return self._complete(CommHandle([work], finish, self.stats, kind, event=event), True)
         send = x.to(wire).contiguous()
         recv = torch.empty(tuple(recv_shape), dtype=wire, device=x.device)
         ops = [
