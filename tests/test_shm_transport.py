@@ -33,6 +33,8 @@ def _ops(comm: Comm, rank: int, world: int, seed: int) -> list[torch.Tensor]:
         out.append(comm.all_to_all(rows, 0, 0, m[rank], [m[i][rank] for i in range(world)]))
         prev = (rank - 1) % world
         out.append(comm.ring_exchange(torch.full((rank + 1 + it, 3), float(rank)), (prev + 1 + it, 3)).wait())
+        pair = (torch.randn(2, rank + 2, 3, generator=gen)[:, :, ::2], torch.full((2, rank + 2, 2), float(it)))
+        out.append(comm.ring_exchange(pair, (2, 2, prev + 2, 2)).wait())  # K, V as one stacked message, strided
     big = torch.randn(3 << 18, generator=gen) + rank  # 3 MiB: larger than the first slots, which must grow
     out.append(comm.all_gather(big, 0, [big.numel()] * world))
     return out

@@ -189,10 +189,13 @@ def resolve_engine(
     (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
     automatic plan ever needs more images than a call has (dp is used only when asked for)."""
     settings = engine_request(settings)
+    settings, dtype_note = resolve_dtype(settings)
     if settings.diffusers is not None:
         from opendit.pipelines import resolve_pipeline_engine
 
-        return resolve_pipeline_engine(settings)
+        spec = resolve_pipeline_engine(settings)
+        spec.plan_notes[:0] = dtype_note
+        return spec
     world = settings.world_size()
     config, ckpt, defaults, note = resolve_model(settings.model_copy())  # a copy: it may fill in the image size
     guided = (cfg_scale if cfg_scale is not None else defaults["cfg_scale"]) != 1.0
@@ -202,9 +205,33 @@ def resolve_engine(
     sidecar = read_sidecar_config(ckpt) if ckpt else None
     native = config_from_dict(sidecar["model"]) if sidecar is not None else None
     load_config = native if native is not None and native.input_size != config.input_size else None
-    spec = EngineSpec(settings, config, ckpt, defaults, note, world, plan, plan_notes, load_config)
+    spec = EngineSpec(settings, config, ckpt, defaults, note, world, plan, dtype_note + plan_notes, load_config)
     spec.plan_notes += check_engine(spec)  # the plan vs the world and the model; each call is checked again
     return spec
+
+
+DIFFUSERS_BF16_DRIFT = (
+    "diffusers transformers are published for half precision; parallel bf16 = one process within 1e-2"
+)
+
+
+def resolve_dtype(settings: EngineRequest) -> tuple[EngineRequest, list[str]]:
+    """--dtype auto -> the concrete dtype (precision.choose_dtype: this device's calibrated bf16 gain and the model's
+    documented drift) and a note saying why; any other dtype is kept as asked."""
+    from opendit.models.spec import spec_for
+    from opendit.planning.speeds import resolve_speeds
+    from opendit.precision import AUTO, choose_dtype
+
+    if settings.dtype != AUTO:
+        return settings, []
+    if settings.diffusers is not None:
+        drift = DIFFUSERS_BF16_DRIFT
+    else:
+        config = resolve_model(settings.model_copy(update={"dtype": "fp32"}))[0]
+        drift = spec_for(config).bf16_drift
+    speeds = resolve_speeds()
+    name, why = choose_dtype(speeds.half_speedup, drift, speeds.source or speeds.name)
+    return settings.model_copy(update={"dtype": name}), [f"--dtype auto -> {name}: {why}"]
 
 
 def choose_plan(
@@ -223,8 +250,11 @@ def choose_plan(
     else:
         if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
             from opendit.planning.planner import auto_plan
+            from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
+            from opendit.precision import parse_dtype
 
-            auto, why = auto_plan(config, world, images, guided)
+            speeds = speeds_in_dtype(resolve_speeds(), parse_dtype(request.dtype).itemsize)  # ranked in the run's dtype
+            auto, why = auto_plan(config, world, images, guided, speeds=speeds)
         else:
             auto, why = default_plan(world, config.num_heads, guided)
         plan = replace(
@@ -252,10 +282,10 @@ def fit_memory(
     are a candidate unless the request asks for them, then only they are)."""
     from opendit.outputs import vae_memory_bytes
     from opendit.planning.planner import fit_plan
-    from opendit.planning.speeds import resolve_speeds
+    from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
     from opendit.precision import parse_dtype
 
-    speeds = replace(resolve_speeds(memory_gib=request.memory_gib), dtype_bytes=parse_dtype(request.dtype).itemsize)
+    speeds = speeds_in_dtype(resolve_speeds(memory_gib=request.memory_gib), parse_dtype(request.dtype).itemsize)
     vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0
     given = world == 1 or plan.world_size != 1
     shard = (True,) if plan.shard_weights else (False, True)

@@ -44,6 +44,23 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 
 
+AUTO = "auto"  # --dtype auto: bf16 where this device computes it fast and the model documents its drift
+AUTO_MIN_SPEEDUP = 1.25  # bf16 must beat fp32 by this much (a DiT block, calibrated) to be chosen
+
+
+def choose_dtype(half_speedup: float, bf16_drift: str | None, speeds_source: str) -> tuple[str, str]:
+    """--dtype auto -> ("bf16" | "fp32", why). bf16 when the calibrated block speed-up reaches AUTO_MIN_SPEEDUP and
+    the model documents its bf16 drift (ModelSpec.bf16_drift); fp32 otherwise, saying which condition failed."""
+    if bf16_drift is None:
+        return "fp32", "the model documents no bf16 drift, so fp32"
+    if half_speedup < AUTO_MIN_SPEEDUP:
+        return "fp32", (
+            f"bf16 is {half_speedup:.2f}x fp32 here (< {AUTO_MIN_SPEEDUP}x; {speeds_source}), so fp32"
+            + ("; run `opendit calibrate` to measure it" if half_speedup == 1.0 else "")
+        )
+    return "bf16", f"bf16 is {half_speedup:.2f}x fp32 here ({speeds_source}); documented drift: {bf16_drift}"
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         if name in DTYPES.values():

@@ -40,7 +40,7 @@ from opendit.distributed.env import env_world_size, in_distributed_env
 from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
 from opendit.parallel.registry import get_strategy
-from opendit.precision import parse_dtype
+from opendit.precision import AUTO, parse_dtype
 from opendit.request_fields import (  # noqa: F401 - the bounds are part of the schema module's interface
     _DEGREE,
     _SWITCH,
@@ -138,7 +138,12 @@ def _as_motion_list(value: Any) -> Any:
 
 
 def _check_dtype(value: str) -> str:
-    parse_dtype(value)  # raises "unknown dtype ...; choose one of ..."
+    if value == AUTO:  # resolved per engine (generation.resolve_dtype): bf16 where fast and documented, else fp32
+        return value
+    try:
+        parse_dtype(value)
+    except OpenDiTError:
+        raise OpenDiTError(f"unknown dtype {value!r}; choose one of fp32, bf16, fp16, auto") from None
     return value
 
 

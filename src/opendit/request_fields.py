@@ -38,7 +38,7 @@ FIELD_HELP = {
     "model": FieldHelp("--model", "a preset name (`opendit models` lists them)", "e.g. --model DiT-XL/2"),
     "ckpt": FieldHelp("--ckpt", "a path to a .pt or .safetensors file", "e.g. --ckpt DiT-XL-2-256x256.pt"),
     "vae": FieldHelp("--vae", "a path to a local diffusers AutoencoderKL folder", "e.g. --vae ./sd-vae-ft-ema"),
-    "dtype": FieldHelp("--dtype", f"one of {', '.join(DTYPES)}", "e.g. --dtype bf16"),
+    "dtype": FieldHelp("--dtype", f"one of {', '.join(DTYPES)}, auto", "e.g. --dtype bf16"),
     "device": FieldHelp("--device", "cpu, cuda or cuda:N", "e.g. --device cpu"),
     "nproc": FieldHelp("--nproc", f"an integer from 1 to {MAX_NPROC} (local processes)", "e.g. --nproc 2"),
     "parallel": FieldHelp("--dp/--ulysses/--ring/--tp", "an opendit ParallelConfig", "e.g. ParallelConfig(ulysses=2)"),

@@ -29,7 +29,11 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="image i uses seed + i (--diffusers: one generator seeded SEED for all)"
     )
-    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    parser.add_argument(
+        "--dtype",
+        default="fp32",
+        help="fp32 | bf16 | fp16 | auto (bf16 where calibrated fast and the model's drift is documented)",
+    )
     parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent models only)")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--out", default="outputs", help="output folder")

@@ -33,6 +33,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="1 disables guidance (no CFG pair)")
     parser.add_argument("--nproc", type=int, help="devices / processes (required unless --list-strategies)")
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--dtype", help="fp32 | bf16 | fp16 | auto: rank the plans for this compute dtype (auto: as `opendit sample "
+        "--dtype auto` would choose; default: the speeds' own, bf16 for the GPU kinds, fp32 for a CPU calibration)"
+    )  # fmt: skip
     parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
     parser.add_argument("--top", type=int, default=5, help="plans to print")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -84,9 +88,15 @@ def run_plan(args: argparse.Namespace) -> int:
         model = preset(args.model)
     if args.image_size:
         model = model.with_image_size(args.image_size)
-    from opendit.planning.speeds import resolve_speeds
+    from opendit.models.spec import spec_for
+    from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
+    from opendit.precision import AUTO, choose_dtype, parse_dtype
 
     speeds = resolve_speeds(args.hardware, args.nodes, args.memory_gib)
+    dtype, why = args.dtype or {2: "bf16", 4: "fp32"}.get(speeds.dtype_bytes, "fp32"), None
+    if dtype == AUTO:
+        dtype, why = choose_dtype(speeds.half_speedup, spec_for(model).bf16_drift, speeds.source or speeds.name)
+    speeds = speeds_in_dtype(speeds, parse_dtype(dtype).itemsize)
     result = plan(
         model,
         args.nproc,
@@ -107,6 +117,7 @@ def run_plan(args: argparse.Namespace) -> int:
         f"{req['steps']} steps on {args.nproc} x [{speeds.name}] ({speeds.memory_bytes / GIB:.3g} GiB each; "
         f"speeds: {speeds.source or 'calibrated'})"
     )
+    print(f"dtype {dtype}" + (f" (--dtype auto: {why})" if why else ""))
     print(result.table(args.top))
     print(result.explain())
     best = result.best.config
@@ -115,6 +126,7 @@ def run_plan(args: argparse.Namespace) -> int:
     flags += ["--shard-weights"] * best.shard_weights
     flags += [f"--pipefusion {best.pipefusion} --patches {best.patch_count}"] * (best.pipefusion > 1)
     flags += ["--video"] * args.model.startswith("Latte-")
+    flags += [f"--dtype {dtype}"] * (dtype != "fp32")
     print(f"run it: opendit sample --nproc {args.nproc} {' '.join(flags)}".rstrip())
     return 0
 

@@ -16,7 +16,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--diffusers", metavar="DIR", help="a local diffusers pipeline folder (prompts)")
     model.add_argument("--video", action="store_true", help="a video DiT (GIFs)")
     model.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent models only)")
-    model.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    model.add_argument(
+        "--dtype",
+        default="fp32",
+        help="fp32 | bf16 | fp16 | auto (bf16 where calibrated fast and the model's drift is documented)",
+    )
     model.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     model.add_argument("--image-size", type=int, help="default output size in pixels (default: the model's own)")
     http = parser.add_argument_group("server")

@@ -390,40 +390,49 @@ class Comm:
         return self._complete(handle, async_op)
 
     # ------------------------------------------------------------------------------------------------ ring P2P
-    def ring_exchange(self, x: torch.Tensor, recv_shape: Sequence[int], shift: int = 1) -> CommHandle:
+    def ring_exchange(
+        self, x: torch.Tensor | Sequence[torch.Tensor], recv_shape: Sequence[int], shift: int = 1
+    ) -> CommHandle:
         """Send x to rank (r + shift) % P and receive a `recv_shape` tensor (x's dtype) from rank (r - shift) % P.
+        x may be a sequence of same-shape tensors: they travel as one message, torch.stack(x) (K and V of a ring
+        block), packed straight into the message buffer.
 
         Always async (P2P via dist.batch_isend_irecv): start it, compute on the current block, then `wait()`.
         Shapes may differ per rank (uneven ring blocks): each receiver states what it expects.
         """
-        p, me = self.size, self.rank
-        kind = "p2p"
+        p, me, kind = self.size, self.rank, "p2p"
+        parts = (x,) if isinstance(x, torch.Tensor) else tuple(x)  # the message is torch.stack(parts) for a sequence
         if p == 1:
-            return _done_handle(x, self.stats, kind)
-        dtype, wire = x.dtype, self._wire_dtype(x.dtype)
+            return _done_handle(x if isinstance(x, torch.Tensor) else torch.stack(parts), self.stats, kind)
+        shape = parts[0].shape if isinstance(x, torch.Tensor) else (len(parts), *parts[0].shape)
+        dtype, wire, device = parts[0].dtype, self._wire_dtype(parts[0].dtype), parts[0].device
+        nbytes = math.prod(shape) * wire.itemsize
         dst, src = (me + shift) % p, (me - shift) % p
-        shm = self._transport(x)
-        if shm is not None:  # x into the shared outbox for dst; the piece from src is copied in at wait()
+        recv = torch.empty(tuple(recv_shape), dtype=wire, device=device)
+        finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
+        shm = self._transport(parts[0])
+        if shm is not None:  # the message straight into the shared outbox for dst; src's piece is copied at wait()
             sizes = [0] * p
-            sizes[dst] = x.numel() * wire.itemsize
+            sizes[dst] = nbytes
             op, pieces = shm.reserve(sizes)
-            pieces[dst].view(wire).view(x.shape).copy_(x)
-            recv = torch.empty(tuple(recv_shape), dtype=wire, device=x.device)
+            message = pieces[dst].view(wire).view(shape)
+            if isinstance(x, torch.Tensor):
+                message.copy_(x)
+            else:
+                for i, part in enumerate(parts):  # (len(parts), *part.shape): each part into its slice
+                    message[i].copy_(part)
             work = shm.publish(
                 op, [dst], [src], lambda _j, piece: copy_piece(recv, piece, "ring_exchange"), "ring_exchange"
             )
-            event = self.stats.record(kind, x.numel() * wire.itemsize)
-            finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
+            event = self.stats.record(kind, nbytes)
             return self._complete(CommHandle([work], finish, self.stats, kind, event=event), True)
-        send = x.to(wire).contiguous()
-        recv = torch.empty(tuple(recv_shape), dtype=wire, device=x.device)
+        send = (x if isinstance(x, torch.Tensor) else torch.stack(parts)).to(wire).contiguous()
         ops = [
-            dist.P2POp(dist.isend, send, self._global((me + shift) % p), self.group),
-            dist.P2POp(dist.irecv, recv, self._global((me - shift) % p), self.group),
+            dist.P2POp(dist.isend, send, self._global(dst), self.group),
+            dist.P2POp(dist.irecv, recv, self._global(src), self.group),
         ]
         works = dist.batch_isend_irecv(ops)
-        event = self.stats.record(kind, send.numel() * wire.itemsize)
-        finish = (lambda: recv) if wire == dtype else (lambda: recv.to(dtype))
+        event = self.stats.record(kind, nbytes)
         return self._complete(CommHandle(works, finish, self.stats, kind, keep=(send,), event=event), True)
 
     def send(self, x: torch.Tensor, dst: int) -> CommHandle:

@@ -438,5 +438,6 @@ DIT_SPEC = register_spec(
         derived={"pos_embed": lambda model: model.sincos_positions()},
         tensor_split=DIT_TENSOR_SPLIT,
         pipeline=DiTPipeline,
+        bf16_drift="digits model samples 55.2 dB PSNR vs fp32, class accuracy unchanged (tests/test_precision.py)",
     )
 )

@@ -117,6 +117,8 @@ class ModelSpec:
     tensor_split: TensorSplit | None = None
     # PipeFusion's view of the forward (parallel/pipefusion.py: embed, condition, blocks, final); None: not declared
     pipeline: object | None = None
+    # the family's measured bf16 drift vs fp32, documented (tests/test_precision.py); None: --dtype auto keeps fp32
+    bf16_drift: str | None = None
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module of `model` that spans the token split, in model order."""

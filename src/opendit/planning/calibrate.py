@@ -72,6 +72,22 @@ def fit_link(samples: list[tuple[float, float]]) -> Link:
 
 
 @torch.no_grad()
+def half_precision_gain(hidden: int, heads: int, reps: int, tokens: int = 256) -> dict[str, float]:
+    """Seconds of one DiT block (fp32 islands included) on `tokens` tokens in fp32 and in bf16: --dtype auto and the
+    planner's bf16 rates come from their ratio (Speeds.half_speedup)."""
+    from opendit.models.dit import DiTBlock
+
+    torch.manual_seed(0)
+    block = DiTBlock(hidden, heads, 4.0).eval()
+    x, c = torch.randn(1, tokens, hidden), torch.randn(1, hidden)
+    out = {"fp32": _timeit(lambda: block(x, c), reps)}
+    block = block.to(torch.bfloat16)
+    xb, cb = x.bfloat16(), c.bfloat16()
+    out["bf16"] = _timeit(lambda: block(xb, cb), reps)
+    return out
+
+
+@torch.no_grad()
 def measure_compute(threads: int = 1, hidden: int = 1152, heads: int = 16, quick: bool = False) -> dict:
     """Matmul and SDPA rates (fitted), elementwise bandwidth and per-block overhead, with `threads` threads."""
     from opendit.models.dit import DiTBlock
@@ -99,6 +115,7 @@ def measure_compute(threads: int = 1, hidden: int = 1152, heads: int = 16, quick
         block = DiTBlock(64, 4, 4.0).eval()
         xs, cs = torch.randn(1, 4, 64), torch.randn(1, 64)
         overhead = _timeit(lambda: block(xs, cs), 20 if quick else 50, warmup=5)
+        block_s = half_precision_gain(hidden, heads, reps)
     finally:
         torch.set_num_threads(previous)
     mm_peak, mm_half = fit_saturating(rows, mm)
@@ -110,19 +127,13 @@ def measure_compute(threads: int = 1, hidden: int = 1152, heads: int = 16, quick
         "attn_half_tokens": at_half,
         "mem_bw": mem_bw,
         "block_overhead_s": overhead,
-        "raw": {"matmul": dict(zip(rows, mm)), "attention": dict(zip(lengths, at))},
+        "half_speedup": block_s["fp32"] / block_s["bf16"],
+        "raw": {"matmul": dict(zip(rows, mm)), "attention": dict(zip(lengths, at)), "block_s": block_s},
     }
 
 
 # ------------------------------------------------------------------------------------------------ links
 LINK_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 22)  # bytes sent per rank
-
-
-def _gather_single(out, shard):
-    import torch.distributed as dist
-
-    # torch >= 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; same semantics
-    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, shard)
 
 
 def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
@@ -132,36 +143,35 @@ def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
 
     torch.set_num_threads(threads)  # even under OMP_NUM_THREADS: the calibration is for exactly `threads`
     dist.init_process_group(backend)  # env://
+    from opendit.distributed.comm import Comm
+
     rank, nproc = dist.get_rank(), dist.get_world_size()
+    comm = Comm(dist.group.WORLD)
     results: dict[str, list] = {"all_to_all": [], "all_gather": [], "p2p": []}
     try:
         for nbytes in sizes:
             # all_to_all_single: a tensor of P chunks, P-1 of which leave -> per-rank sent = nbytes
             n = max(nproc, nbytes // 4 * nproc // (nproc - 1)) // nproc * nproc
-            send, recv = torch.randn(n), torch.empty(n)
+            send = torch.randn(n)
             sent = n // nproc * (nproc - 1) * 4
 
-            def a2a(send=send, recv=recv):
-                dist.all_to_all_single(recv, send)
+            # through Comm, as the kernels send: the same-host transport (shared memory) where it applies
+            def a2a(send=send, split=[n // nproc] * nproc):
+                comm.all_to_all(send, 0, 0, split, split)
 
             # all_gather of a shard of m elements: the shard goes to P-1 peers -> sent = m * 4 * (P - 1)
             m = max(1, nbytes // 4 // (nproc - 1))
-            shard, full = torch.randn(m), torch.empty(m * nproc)
+            shard = torch.randn(m)
 
-            def gather(shard=shard, full=full):
-                _gather_single(full, shard)
+            def gather(shard=shard, sizes=[m] * nproc):
+                comm.all_gather(shard, 0, sizes)
 
             # ring P2P as RingAttention does it: send to r+1 while receiving from r-1 -> sent = k * 4
             k = max(1, nbytes // 4)
-            psend, precv = torch.randn(k), torch.empty(k)
+            psend = torch.randn(k)
 
-            def p2p(psend=psend, precv=precv):
-                ops = [
-                    dist.P2POp(dist.isend, psend, (rank + 1) % nproc),
-                    dist.P2POp(dist.irecv, precv, (rank - 1) % nproc),
-                ]
-                for work in dist.batch_isend_irecv(ops):
-                    work.wait()
+            def p2p(psend=psend, k=k):
+                comm.ring_exchange(psend, (k,)).wait()
 
             cases = (("all_to_all", a2a, sent), ("all_gather", gather, m * 4 * (nproc - 1)), ("p2p", p2p, k * 4))
             for kind, fn, nb in cases:

@@ -55,6 +55,9 @@ class Speeds:
     rank_speeds: tuple[float, ...] | None = None  # relative speed of each rank of a group (1.0 = as measured)
     fused_attention: bool = True  # False: the math path materialises (Sq, Sk) fp32 scores
     async_dispatch: bool = False  # True on GPUs: kernel launches overlap device work
+    # a DiT block's time in a 4-byte dtype (fp32) / in bf16 on this device; 1.0 = not measured, or no gain.
+    # speeds_in_dtype turns the rates (measured in dtype_bytes) into the other dtype's; --dtype auto reads it.
+    half_speedup: float = 1.0
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -94,6 +97,18 @@ _PCIE4 = {"all_to_all": Link(20e-6, 12e9), "all_gather": Link(20e-6, 15e9), "p2p
 _IB_NDR = {"all_to_all": Link(25e-6, 40e9), "all_gather": Link(25e-6, 45e9), "p2p": Link(20e-6, 45e9)}
 
 
+def speeds_in_dtype(speeds: Speeds, itemsize: int) -> Speeds:
+    """The same device computing in a dtype of `itemsize` bytes: matmul and attention rates scaled by half_speedup
+    between 4-byte and 2-byte dtypes (the rates are measured in speeds.dtype_bytes), element sizes switched (bytes
+    moved, memory held). The planner ranks plans for the dtype the request runs in, fp32 or bf16 alike."""
+    if itemsize == speeds.dtype_bytes:
+        return speeds
+    factor = speeds.half_speedup if itemsize < speeds.dtype_bytes else 1.0 / speeds.half_speedup
+    return replace(
+        speeds, matmul_flops=speeds.matmul_flops * factor, attn_flops=speeds.attn_flops * factor, dtype_bytes=itemsize
+    )
+
+
 def _gpu(name, matmul, attn, bw, mem_gib, links, source, **kw) -> Speeds:
     return Speeds(
         name=name,
@@ -110,6 +125,8 @@ def _gpu(name, matmul, attn, bw, mem_gib, links, source, **kw) -> Speeds:
         overlap={"ring": 0.9, "weights": 0.9},
         async_dispatch=True,
         source=source,
+        # dense bf16 tensor-core rate / plain fp32 rate of the datasheets (H100 SXM 989 / 67, A100 312 / 19.5)
+        half_speedup=kw.pop("half_speedup", 14.8 if "H100" in name else 16.0),
         **kw,
     )
 
