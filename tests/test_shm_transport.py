@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from opendit.distributed.comm import Comm
+from opendit.errors import OpenDiTError
 from opendit.parallel.sequence import offsets, split_sizes
 
 
@@ -92,3 +93,26 @@ def test_shm_transport_refuses_disagreeing_sizes():
 
     with pytest.raises(DistributedError, match="disagree on the split sizes"):
         run_distributed(_disagreeing_sizes, 2, timeout=120)
+
+
+def _unmappable_peer(rank: int, world: int) -> dict:
+    from opendit.distributed import shm
+
+    if rank == 1:  # this rank may not map its peer's memory (e.g. another user): every rank must fall back to gloo
+
+        def refuse(*_args, **_kwargs):
+            raise OpenDiTError("mapping refused (test)")
+
+        shm._Segment.open_peer = classmethod(lambda cls, *a, **k: refuse())
+    comm = Comm(dist.new_group(list(range(world))))
+    x = torch.full((2, 3), float(rank))
+    got = comm.all_gather(x, 0, [2] * world)
+    return {
+        "fell_back": comm._shm is False,
+        "ok": bool((got == torch.arange(world).repeat_interleave(2)[:, None]).all()),
+    }
+
+
+def test_shm_transport_falls_back_to_gloo_on_every_rank_when_one_cannot_map():
+    for rank, res in enumerate(run_distributed(_unmappable_peer, 2)):
+        assert res == {"fell_back": True, "ok": True}, f"rank {rank}: {res}"

@@ -45,6 +45,9 @@ _ALIGN = 64  # byte alignment of each receiver's piece inside a slot
 
 
 def transport_wanted() -> bool:
+    """Shared memory unless OPENDIT_CPU_TRANSPORT=gloo, or the OS has no memfd / per-process fd directory."""
+    if not hasattr(os, "memfd_create") or not Path("/proc/self/fd").is_dir():
+        return False
     return os.environ.get("OPENDIT_CPU_TRANSPORT", "shm").lower() != "gloo"
 
 
@@ -126,12 +129,22 @@ class ShmTransport:
         ids = [None] * size
         dist.all_gather_object(ids, (os.getpid(), self.ctrl.fd), group=group)
         self.pids = [pid for pid, _ in ids]
-        self.peer_ctrl = [
-            self.ctrl_i64
-            if j == rank
-            else self._track(_Segment.open_peer(pid, fd, self.ctrl_len * 8)).bytes.view(torch.int64)
-            for j, (pid, fd) in enumerate(ids)
-        ]
+        try:  # a host that forbids mapping a peer's memory (another user, a locked-down /proc): gloo, on every rank
+            self.peer_ctrl = [
+                self.ctrl_i64
+                if j == rank
+                else self._track(_Segment.open_peer(pid, fd, self.ctrl_len * 8)).bytes.view(torch.int64)
+                for j, (pid, fd) in enumerate(ids)
+            ]
+            mapped = True
+        except OpenDiTError:
+            self.peer_ctrl, mapped = [], False
+        every = [None] * size
+        dist.all_gather_object(every, mapped, group=group)
+        if not all(every):
+            _drain_and_close(self._segments, [], [], rank)
+            self.enabled = False
+            return
         # at garbage collection or interpreter exit: let the readers of the last ops finish, then unmap everything
         # (a rank's op is done for it when its pieces arrived; a peer may not have copied this rank's piece yet)
         self._finalizer = weakref.finalize(
