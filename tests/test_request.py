@@ -106,7 +106,7 @@ BAD_ENGINES = [
     ({"parallel": ParallelConfig(dp=64, ring=32)}, "need 2048 processes, more than 1024; use smaller degrees"),
     ({"nproc": "2"}, "got '2' (a str)"),
     ({"dtype": "fp8"}, "unknown dtype 'fp8'; choose one of fp32, bf16, fp16"),
-    ({"dtype": torch.float16}, "dtype must be one of fp32, bf16, fp16, got torch.float16 (a dtype)"),
+    ({"dtype": torch.float16}, "dtype must be one of fp32, bf16, fp16, auto, got torch.float16 (a dtype)"),
     ({"device": "tpu"}, "device must be cpu, cuda or cuda:N, got 'tpu'; e.g. --device cpu"),
     ({"device": "cuda:7"}, "device cuda:7 asks for GPU 7, but this machine has"),
     ({"model": "DiT-Q/2"}, "unknown model 'DiT-Q/2'; choose one of"),

@@ -74,7 +74,8 @@ def _equal_worker(rank, world, config, load_config, ckpt, dtype):
     t, y = torch.tensor([10.0, 500.0]), torch.tensor([1, 3])
     with torch.no_grad():
         out, ref = pmodel(x, t, y), reference(x, t, y)
-    return mismatched, (out.float() - ref.float()).abs().max().item(), stats.to_dict()
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()  # max relative error
+    return mismatched, err, stats.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,10 @@ def test_sharded_load_equals_unsharded(tmp_path, world, fmt, dtype, resize):
         run_distributed(_equal_worker, world, config, load_config, ckpt, dtype, timeout=240)
     ):
         assert not mismatched, f"rank {rank}: shards differ from the unsharded load: {mismatched}"
-        assert error == 0.0, f"rank {rank}: sharded forward differs by {error}"
+        # the weights are bit-equal (above); the forward is the project's exactness rule, 1e-5 relative: on AVX-512 /
+        # AMX CPUs uneven Ulysses shards take other SDPA / GEMM blockings than one process (measured 4e-7 at world 3
+        # with gloo and shm alike, and already at this session's start), on AVX2 they happened to be bit-equal
+        assert error <= 1e-5, f"rank {rank}: sharded forward differs by {error} (relative)"
         assert stats["mode"] == "sharded" and stats["tensors"] > 0
         assert ("pos_embed" in stats["derived"]) == resize
         print(f"P={world} {fmt} {dtype} resize={resize}: rank {rank} read {stats['read_bytes']} bytes, "
