@@ -188,16 +188,19 @@ def resolve_engine(
     The automatic plan (no degrees given) depends on the batch and on guidance: a one-shot request passes its own
     (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
     automatic plan ever needs more images than a call has (dp is used only when asked for)."""
+    from opendit.models.spec import spec_for
+
     settings = engine_request(settings)
-    settings, dtype_note = resolve_dtype(settings)
     if settings.diffusers is not None:
         from opendit.pipelines import resolve_pipeline_engine
 
+        settings, dtype_note = resolve_dtype(settings, DIFFUSERS_BF16_DRIFT)
         spec = resolve_pipeline_engine(settings)
         spec.plan_notes[:0] = dtype_note
         return spec
     world = settings.world_size()
     config, ckpt, defaults, note = resolve_model(settings.model_copy())  # a copy: it may fill in the image size
+    settings, dtype_note = resolve_dtype(settings, spec_for(config).bf16_drift)  # before planning: plans use it
     guided = (cfg_scale if cfg_scale is not None else defaults["cfg_scale"]) != 1.0
     plan, plan_notes = choose_plan(settings, config, world, images or 1, guided)
     # Our checkpoints carry their own size: load at it, then move to the requested one (the sin-cos positions are
@@ -215,20 +218,14 @@ DIFFUSERS_BF16_DRIFT = (
 )
 
 
-def resolve_dtype(settings: EngineRequest) -> tuple[EngineRequest, list[str]]:
+def resolve_dtype(settings: EngineRequest, drift: str | None) -> tuple[EngineRequest, list[str]]:
     """--dtype auto -> the concrete dtype (precision.choose_dtype: this device's calibrated bf16 gain and the model's
-    documented drift) and a note saying why; any other dtype is kept as asked."""
-    from opendit.models.spec import spec_for
+    documented drift, `drift`) and a note saying why; any other dtype is kept as asked."""
     from opendit.planning.speeds import resolve_speeds
     from opendit.precision import AUTO, choose_dtype
 
     if settings.dtype != AUTO:
         return settings, []
-    if settings.diffusers is not None:
-        drift = DIFFUSERS_BF16_DRIFT
-    else:
-        config = resolve_model(settings.model_copy(update={"dtype": "fp32"}))[0]
-        drift = spec_for(config).bf16_drift
     speeds = resolve_speeds()
     name, why = choose_dtype(speeds.half_speedup, drift, speeds.source or speeds.name)
     return settings.model_copy(update={"dtype": name}), [f"--dtype auto -> {name}: {why}"]
