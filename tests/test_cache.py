@@ -50,6 +50,11 @@ def decisions(cache) -> list[list[list[bool]]]:
     return out
 
 
+def metrics(cache) -> list[list[list[float]]]:
+    """[step][call] -> the per-sample first-block metric the cache recorded (empty where none was computed)."""
+    return [[call.get("metric", []) for call in step["calls"]] for step in cache.records]
+
+
 # ------------------------------------------------------------------------------------------------ settings
 @pytest.mark.parametrize(
     "kwargs, fragment",
@@ -144,7 +149,7 @@ def test_caches_reuse_and_stay_close_on_the_trained_digits_model():
 
 
 def test_an_image_does_not_depend_on_its_batch():
-    """Decisions are per sample: 4 images in one batch equal the same images sampled 2 + 2 (first_index)."""
+    """Decisions are per image: 4 images in one batch equal the same images sampled 2 + 2 (first_index)."""
     from opendit.evaluate import load_for_eval
 
     model, _meta = load_for_eval()
@@ -168,6 +173,8 @@ def test_an_image_does_not_depend_on_its_batch():
     for step, a, b, w in zip(range(16), flags_a, flags_b, flags_whole):
         cond_u = a[0][:2] + b[0][:2] + a[0][2:] + b[0][2:]
         assert cond_u == w[0], step
+        assert w[0][:4] == w[0][4:], step  # an image's two branches decide together (their metrics are summed)
+    assert any(any(w[0]) and not all(w[0]) for w in flags_whole), "no step mixed reusing and computing images"
 
 
 def test_cache_refuses_shard_weights_and_unknown_models():
@@ -233,15 +240,16 @@ def _two_rank_world() -> list[dict]:
         config = config or median_metric_threshold(reference, labels)
         cache = install_cache(reference, config)
         ref = run_sampler(reference, cache, labels)
-        flags = decisions(cache)
+        flags, ref_metrics = decisions(cache), metrics(cache)
         cache.remove()
         for plan in PLANS:
             runtime = build_runtime(ParallelConfig(**plan), "cpu")
             pmodel = parallelize(copy.deepcopy(reference), runtime)
-            mine = flags  # the decisions of this rank's samples: under cfg-parallel, its half of [cond; uncond]
+            mine, mine_metrics = flags, ref_metrics  # this rank's samples: under cfg-parallel, its half of the batch
             if plan.get("cfg", 1) > 1:
                 half, c_rank = len(labels), runtime.coords["cfg"]
                 mine = [[call[c_rank * half : (c_rank + 1) * half] for call in step] for step in flags]
+                mine_metrics = [[c[c_rank * half : (c_rank + 1) * half] for c in step] for step in ref_metrics]
             out = {}
             for mode in ("uncached", "cached", "replayed"):
                 c = None if mode == "uncached" else install_cache(pmodel.model, config, runtime)
@@ -253,12 +261,14 @@ def _two_rank_world() -> list[dict]:
                 out[mode] = {
                     "err": float((got - ref).abs().max()),
                     "flags": decisions(c) if c is not None else None,
+                    "metrics": metrics(c) if c is not None else None,
                     "bytes": bytes_per_step,
                     "saved": c.summary()["saved"] if c is not None else None,
                 }
                 if c is not None:
                     c.remove()
-            rows.append({"cache": name, "plan": str(plan), "rank": dist.get_rank(), "ref_flags": mine, **out})
+            rows.append({"cache": name, "plan": str(plan), "rank": dist.get_rank(), "ref_flags": mine,
+                         "ref_metrics": mine_metrics, **out})  # fmt: skip
     return every_ranks_rows(rows)
 
 
@@ -280,6 +290,13 @@ def test_two_ranks_with_a_cache_equal_one_process_with_it(two_rank_rows):
             assert row["cached"]["flags"] == row["ref_flags"]
         saved = row["cached"]["saved"]
         assert saved["blocks_skipped"] + saved["attention_reused"] > 0, row
+        # the metric each rank decides on is the one process's: summed over the sequence group and, under guidance,
+        # over the image's two branches (across the cfg group under cfg-parallel)
+        got, want = row["replayed"]["metrics"], row["ref_metrics"]
+        pairs = [(g, w) for gs, ws in zip(got, want) for gc, wc in zip(gs, ws) for g, w in zip(gc, wc)]
+        assert len(got) == len(want) and (pairs or row["cache"] == "pab"), row["cache"]
+        close = all(abs(g - w) <= 1e-4 * abs(w) + 2e-6 for g, w in pairs)  # metrics are recorded to 6 decimals
+        assert close, (row["cache"], row["plan"], pairs)
 
 
 @pytest.mark.slow

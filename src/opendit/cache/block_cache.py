@@ -1,6 +1,7 @@
 """The adaptive first-block cache (`--cache fbcache`), per sample and shard-aware.
 
-Per model call (slot) and per sample b (a row of the model's batch: an image or video, cond and uncond apart):
+Per model call (slot) and per sample b (a row of the model's batch: an image or video; under our sampler's guidance
+its cond and uncond rows get the same summed metric, StepCache._pair_branches, so they decide together):
 - the head block (block 0) always runs; its residual r_b = out - in (the image stream) is compared with r_b at b's
   last full step: d_b = |r_b - r_prev_b|_1 / |r_prev_b|_1, both sums over b's tokens on this rank, all-reduced over
   the sequence group (fp64) so every rank of the group decides the same;
