@@ -2,6 +2,7 @@
 vs per row (each branch alone), next to diffusers' own first-block cache, on the same diffusers module.
 
     .venv/bin/python benchmarks/cache_pairing.py [CLASS_REPEATS]     # -> benchmarks/results/cache_pairing.{json,md}
+    .venv/bin/python benchmarks/cache_pairing.py --head-to-head --passes 7 --out cache_vs_diffusers_per_image
 
 The bundled digits model converted to diffusers' DiTTransformer2DModel, our sampler (flow-euler, 30 steps, CFG 3),
 one process x 1 thread, fp32. Time: 50 images per setting, 3 passes interleaved setting by setting, per-pass minimum;
@@ -38,7 +39,7 @@ def _switchable_pairing(self, values):
 StepCache._pair_branches = _switchable_pairing
 
 
-def settings():
+def settings(head_to_head: bool):
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     out = [("uncached", None, True)]
@@ -46,23 +47,51 @@ def settings():
         fbc = FirstBlockCacheConfig(threshold=t)
         out.append((f"diffusers FBC {t:g}", lambda m, c=fbc: apply_first_block_cache(m, c), True))
         uncapped = make_cache_config("fbcache", threshold=t, max_reuse=1000, guard_steps=0)
-        out.append((f"ours {t:g} uncapped, per row", uncapped, False))
+        if not head_to_head:
+            out.append((f"ours {t:g} uncapped, per row", uncapped, False))
         out.append((f"ours {t:g} uncapped, per image", uncapped, True))
-        out.append((f"ours {t:g} (cap 4, 2 guard steps), per image", make_cache_config("fbcache", threshold=t), True))
+        if not head_to_head:
+            default_rule = make_cache_config("fbcache", threshold=t)
+            out.append((f"ours {t:g} (cap 4, 2 guard steps), per image", default_rule, True))
     return out
 
 
+def count_diffusers_decisions() -> dict:
+    """Patch diffusers' head-block decision to count how often it reuses (its record has no such counter)."""
+    import diffusers.hooks.first_block_cache as fbc
+
+    counts = {"compute": 0, "reuse": 0}
+    decide = fbc.FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def counted(self, residual):
+        compute = decide(self, residual)
+        counts["compute" if compute else "reuse"] += 1
+        return compute
+
+    fbc.FBCHeadBlockHook._should_compute_remaining_blocks = counted
+    return counts
+
+
 def main() -> None:
+    import argparse
+    import statistics
+
     from opendit.evaluate import load_for_eval
     from opendit.integrations.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
-    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("repeats", nargs="?", type=int, default=20, help="PSNR images per class")
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--head-to-head", action="store_true", help="only uncached, diffusers FBC, ours per image")
+    parser.add_argument("--out", default="cache_pairing")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    counts = count_diffusers_decisions()
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)
     shape = (model.config.in_channels, *model.config.input_size)
-    table = settings()
+    table = settings(args.head_to_head)
     modules = {}
     for label, config, _paired in table:  # diffusers' cache is installed for good: one module copy per setting
         modules[label] = copy.deepcopy(base)
@@ -73,28 +102,40 @@ def main() -> None:
         PAIRED["on"] = paired
         return bench.cached_run(DiffusersDiTFn(modules[label]), modules[label], config, labels, 100, shape)
 
-    timing_labels, labels = torch.arange(10).repeat(5), torch.arange(10).repeat(repeats)
+    timing_labels, labels = torch.arange(10).repeat(5), torch.arange(10).repeat(args.repeats)
     times = {label: [] for label, *_ in table}
-    for _ in range(3):
+    for _ in range(args.passes):
         for label, config, paired in table:
             times[label].append(run(label, config, paired, timing_labels)[1])
     rows, reference = [], None
     for label, config, paired in table:
+        counts.update(compute=0, reuse=0)
         images, _seconds, saved = run(label, config, paired, labels)
         reference = images if reference is None else reference
-        saved_calls = (saved or {}).get("model_calls_saved")
-        rows.append({"setting": label, "min_s": min(times[label]), "times": times[label],
-                     "psnr": bench.psnr(images, reference), "calls_saved": saved_calls})  # fmt: skip
+        if saved is not None:  # ours: image-rows that reused / all image-row steps
+            share = saved["samples_reused"] / max(1, saved["sample_steps"])
+        else:  # diffusers decides for the whole batch: reusing calls / calls
+            share = counts["reuse"] / max(1, counts["reuse"] + counts["compute"])
+        rows.append({"setting": label, "min_s": min(times[label]), "median_s": statistics.median(times[label]),
+                     "times": times[label], "psnr": bench.psnr(images, reference), "reuse_share": share})  # fmt: skip
     for row in rows:
         row["ratio"] = row["min_s"] / rows[0]["min_s"]
-    write(rows, {"psnr_images": len(labels), "timing_images": len(timing_labels), "torch": torch.__version__})
+        row["median_ratio"] = row["median_s"] / rows[0]["median_s"]
+    meta = {"psnr_images": len(labels), "timing_images": len(timing_labels), "passes": args.passes}
+    write(rows, {**meta, "torch": torch.__version__}, args.out)
 
 
-def write(rows: list[dict], meta: dict) -> None:
-    out = ROOT / "benchmarks" / "results" / "cache_pairing"
+def write(rows: list[dict], meta: dict, name: str = "cache_pairing") -> None:
+    out = ROOT / "benchmarks" / "results" / name
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| setting | time ratio (per-pass min) | PSNR vs uncached (dB) |", "|---|---|---|"]
-    lines += [f"| {r['setting']} | {r['ratio']:.3f} | {float(r['psnr']):.2f} |" for r in rows]
+    lines = [
+        "| setting | time ratio, per-pass min (median) | PSNR vs uncached (dB) | reuse share |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        median = f" ({r['median_ratio']:.3f})" if "median_ratio" in r else ""
+        share = f"{r['reuse_share']:.3f}" if r.get("reuse_share") is not None else "-"
+        lines.append(f"| {r['setting']} | {r['ratio']:.3f}{median} | {float(r['psnr']):.2f} | {share} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
