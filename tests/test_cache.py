@@ -177,6 +177,20 @@ def test_an_image_does_not_depend_on_its_batch():
     assert any(any(w[0]) and not all(w[0]) for w in flags_whole), "no step mixed reusing and computing images"
 
 
+def test_fbcache_refuses_a_guided_batch_split_inside_the_model_call():
+    """Pairing an image's two branches needs both in the call (or over the cfg group): a dp split of the call's
+    batch would make N ranks differ from one process, so it is refused with the fix named."""
+    from opendit.diffusion.hooks import LoopInfo
+
+    cache = install_cache(small_model(), CacheConfig(kind="fbcache"))
+    cache.on_loop_start(LoopInfo(num_steps=STEPS, batch=3, guided=True))
+    sums = torch.ones(6, 2, dtype=torch.float64)
+    assert torch.equal(cache.reduce_sum(sums.clone()), torch.full((6, 2), 2.0, dtype=torch.float64))
+    with pytest.raises(OpenDiTError, match="split the images before sampling"):
+        cache.reduce_sum(torch.ones(4, 2, dtype=torch.float64))  # 4 rows of a 3-image guided loop
+    cache.remove()
+
+
 def test_cache_refuses_shard_weights_and_unknown_models():
     from opendit.cache.layout import cache_layout
 

@@ -144,7 +144,13 @@ class StepCache(StepHook):
         cfg = self.runtime.comms.get("cfg") if self.runtime is not None else None
         if cfg is not None and values.shape[0] == images:  # --cfg-parallel: this rank holds one branch of each image
             return cfg.all_reduce(values, kind="cache_metric", inplace=True)  # (n, k) fp64: a + b over the 2 ranks
-        return values
+        # e.g. opendit.parallelize(..., dp=N) splitting each model call's batch: an image's branches sit on other
+        # ranks, so pairing would differ from one process (every rank of the call sees the same sizes: no hang)
+        raise OpenDiTError(
+            f"fbcache decides per image, but this model call holds {values.shape[0]} rows of a {images}-image guided "
+            "loop (the batch is split inside the model call): split the images before sampling (the Engine / "
+            "opendit.worker.sample_images do) or drop --dp"
+        )
 
     def summary(self) -> dict:
         """What record.json says: the settings, per step what was computed and reused, and the totals saved."""
