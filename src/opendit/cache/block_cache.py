@@ -29,6 +29,7 @@ _TINY = 1e-30
 @dataclass
 class _SlotState:
     prev_residual: torch.Tensor | None = None  # (rows_0, ...) head residual at each sample's last full step
+    prev_norm: torch.Tensor | None = None  # (B,) fp64 |prev_residual|_1 per sample over this rank's tokens
     span_residual: tuple | None = None  # (image (rows_K, ...), text or None): out_K - out_0 at the last full step
     streak: torch.Tensor | None = None  # (B,) consecutive reuses
     head_out: tuple | None = None  # (image, text) out of block 0, this call
@@ -66,14 +67,14 @@ class BlockCache:
         def span(*args, **kwargs):
             state = self._state()
             reuse = state.reuse
-            if reuse is None or not bool(reuse.any()):
+            if reuse is None:  # every sample computes this call
                 out = forward(*args, **kwargs)
                 if role == "tail":
                     state.span_residual = _minus(io.outputs(out), state.head_out)
                 return out
             hidden, text = io.inputs(args, kwargs)
-            like = None
-            if bool(reuse.all()):
+            like, every = None, bool(reuse.all())
+            if every:
                 streams = (hidden, text)
             else:
                 rows = _rows(reuse, hidden.shape[0])  # (rows,) True where the sample reuses
@@ -85,7 +86,7 @@ class BlockCache:
                     for full, part in zip((hidden, text), computed)
                 )
             if role == "tail":
-                streams = self._finish_span(state, streams, reuse)
+                streams = self._finish_span(state, streams, reuse, every)
             return io.pack(*streams, like)
 
         return head if role == "head" else span
@@ -102,10 +103,10 @@ class BlockCache:
         metric = None
         comparable = state.prev_residual is not None and state.prev_residual.shape == residual.shape
         if comparable:
-            # per-sample L1 sums over this rank's tokens: (B, 2) fp64, then summed over the sequence group
-            diff = (residual - state.prev_residual).abs().reshape(batch, -1).sum(1, dtype=torch.float64)
-            base = state.prev_residual.abs().reshape(batch, -1).sum(1, dtype=torch.float64)
-            sums = owner.reduce_sum(torch.stack([diff, base], 1))
+            # per-sample L1 sums over this rank's tokens, (B,) each: accumulated in fp32 over the sample's local
+            # elements, then fp64 for the sums over ranks and branches; |r_prev|_1 was kept from r_prev's step
+            diff = _l1_per_sample(residual - state.prev_residual, batch)
+            sums = owner.reduce_sum(torch.stack([diff, state.prev_norm], 1))  # (B, 2) fp64
             metric = sums[:, 0] / sums[:, 1].clamp_min(_TINY)
             if not guarded and state.span_residual is not None:
                 reuse = (metric < config.threshold) & (state.streak < config.max_reuse)
@@ -117,21 +118,37 @@ class BlockCache:
 
                 raise OpenDiTError(f"replayed decisions reuse at step {step}, where nothing can be reused")
             reuse = forced
-        compute_rows = ~_rows(reuse, residual.shape[0])
-        if state.prev_residual is None or not comparable:
-            state.prev_residual = residual
-        else:
-            state.prev_residual = torch.where(_bcast(compute_rows, residual), residual, state.prev_residual)
+        reused = torch.nonzero(reuse).flatten().tolist()
+        self._keep_residual(state, residual, reuse, comparable and bool(reused))
         state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
-        state.head_out, state.reuse = head_out, reuse
-        reused = [int(i) for i in torch.nonzero(reuse).flatten()]
+        state.head_out, state.reuse = head_out, (reuse if reused else None)
         record["reused_samples"] = reused
         record["blocks_skipped"] += len(reused) * self.skippable
         if metric is not None:
-            record["metric"] = [round(float(v), 6) for v in metric]
+            record["metric"] = [round(v, 6) for v in metric.tolist()]
 
-    def _finish_span(self, state: _SlotState, streams: tuple, reuse: torch.Tensor) -> tuple:
+    @staticmethod
+    def _keep_residual(state: _SlotState, residual: torch.Tensor, reuse: torch.Tensor, mixed: bool) -> None:
+        """Computing samples refresh r_prev (and its norm); reusing samples keep the one of their last full step."""
+        if not mixed:  # every sample computes: take the new residual whole
+            state.prev_residual, state.prev_norm = residual, _l1_per_sample(residual, reuse.shape[0])
+            return
+        if bool(reuse.all()):
+            return
+        compute = ~reuse
+        rows = _rows(compute, residual.shape[0])
+        state.prev_residual = torch.where(_bcast(rows, residual), residual, state.prev_residual)
+        norm = _l1_per_sample(residual[rows], int(compute.sum()))  # (computing samples,)
+        state.prev_norm = state.prev_norm.clone()
+        state.prev_norm[compute] = norm
+
+    def _finish_span(self, state: _SlotState, streams: tuple, reuse: torch.Tensor, every: bool) -> tuple:
         """At block K: reusing rows get out_0 + R; computing rows refresh R = out_K - out_0."""
+        if every:  # the whole call reuses: out_0 + R, and R stays as it was
+            return tuple(
+                None if s is None or h is None or c is None else h + c
+                for s, h, c in zip(streams, state.head_out, state.span_residual)
+            )
         out = []
         for stream, head, cached in zip(streams, state.head_out, state.span_residual):
             if stream is None or head is None or cached is None:  # e.g. SD3's last block returns no text tokens
@@ -145,6 +162,12 @@ class BlockCache:
             for f, c in zip(fresh, state.span_residual)
         )
         return tuple(out)
+
+
+def _l1_per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """(rows, ...) -> (batch,) fp64: |values|_1 per sample over its local elements (rows are sample-major)."""
+    accumulate = torch.float64 if values.dtype == torch.float64 else torch.float32
+    return values.abs().reshape(batch, -1).sum(1, dtype=accumulate).double()
 
 
 def _block_kind(layout, block_path: str) -> str:
