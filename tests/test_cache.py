@@ -205,6 +205,9 @@ def test_cache_refuses_shard_weights_and_unknown_models():
 
     with pytest.raises(OpenDiTError, match="--shard-weights"):
         install_cache(small_model(), CacheConfig(kind="fbcache"), Runtime())
+    Plan.shard_weights, Plan.pipefusion = False, 2
+    with pytest.raises(OpenDiTError, match="--cache with --pipefusion is not supported.*drop --cache"):
+        install_cache(small_model(), CacheConfig(kind="pab"), Runtime())
 
 
 def every_ranks_rows(rows: list[dict]) -> list[dict]:
@@ -218,7 +221,7 @@ def every_ranks_rows(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks
-PLANS = [{"ulysses": 2}, {"ring": 2}, {"cfg": 2}]
+PLANS = [{"ulysses": 2}, {"ring": 2}, {"cfg": 2}, {"tp": 2}]
 CACHES = {
     "pab": CacheConfig(kind="pab", pab_range=2, pab_window=(0.1, 0.95), pab_mlp_range=3),
     # a threshold above every metric: the decisions follow the cap alone, so no metric sits near the threshold

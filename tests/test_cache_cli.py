@@ -68,6 +68,7 @@ def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
         (["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold belongs to --cache fbcache"),
         (["--cache", "fbcache", "--cache-max-reuse", "0"], "--cache-max-reuse must be"),
         (["--cache", "fbcache", "--nproc", "2", "--ulysses", "2", "--shard-weights"], "--shard-weights"),
+        (["--cache", "fbcache", "--nproc", "2", "--pipefusion", "2", "--patches", "2"], "--cache with --pipefusion"),
     ]:
         code = main(["sample", "--classes", "1", "--out", str(tmp_path / "x"), "--no-progress", *extra])
         err = capsys.readouterr().err

@@ -205,4 +205,8 @@ def install_cache(model: nn.Module, config: CacheConfig, runtime=None) -> StepCa
     if plan is not None and plan.balance_tokens:
         raise OpenDiTError("--cache with --balance-tokens is not supported: a re-split would invalidate every cached "
                            "shard; drop one of them")  # fmt: skip
+    if plan is not None and getattr(plan, "pipefusion", 1) > 1:
+        from opendit.cache.config import PIPEFUSION_REFUSAL
+
+        raise OpenDiTError(PIPEFUSION_REFUSAL)
     return StepCache(model, config, runtime)
