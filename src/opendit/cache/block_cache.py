@@ -33,7 +33,9 @@ class _SlotState:
     span_residual: tuple | None = None  # (image (rows_K, ...), text or None): out_K - out_0 at the last full step
     streak: torch.Tensor | None = None  # (B,) consecutive reuses
     head_out: tuple | None = None  # (image, text) out of block 0, this call
-    reuse: torch.Tensor | None = None  # (B,) bool, this call
+    reuse: torch.Tensor | None = None  # (B,) bool, this call; None when every sample computes
+    every: bool = False  # every sample reuses, this call
+    compute_rows: torch.Tensor | None = None  # (rows_0,) bool: the rows of the samples that compute, this call
 
 
 class BlockCache:
@@ -47,6 +49,9 @@ class BlockCache:
 
             raise OpenDiTError(f"{layout.family}: the first-block cache needs two blocks of the first block's kind")
         self.skippable = self.span_end  # blocks 1..K
+        # blocks of one kind see the tokens in one layout: a mixed call may carry only the computing samples' rows
+        # from block 1 to block K (the video DiT's span alternates layouts: there each block merges its rows back)
+        self.compact = len(set(kinds[: self.span_end + 1])) == 1
         self.slots: dict[int, _SlotState] = {}
         for index, (_path, module, io) in enumerate(layout.blocks[: self.span_end + 1]):
             role = "head" if index == 0 else ("tail" if index == self.span_end else "middle")
@@ -72,24 +77,51 @@ class BlockCache:
                 if role == "tail":
                     state.span_residual = _minus(io.outputs(out), state.head_out)
                 return out
-            hidden, text = io.inputs(args, kwargs)
-            like, every = None, bool(reuse.all())
-            if every:
-                streams = (hidden, text)
-            else:
-                rows = _rows(reuse, hidden.shape[0])  # (rows,) True where the sample reuses
-                keep = ~rows
-                out = forward(*_take(args, keep), **_take(kwargs, keep))
-                like, computed = out, io.outputs(out)
-                streams = tuple(
-                    _merge(full, part, _rows(reuse, full.shape[0])) if full is not None and part is not None else None
-                    for full, part in zip((hidden, text), computed)
-                )
-            if role == "tail":
-                streams = self._finish_span(state, streams, reuse, every)
-            return io.pack(*streams, like)
+            if state.every:  # every sample reuses: the middle blocks pass the tokens through, block K adds R
+                streams = io.inputs(args, kwargs)
+                if role == "tail":
+                    streams = self._finish_span(state, streams, reuse, True)
+                return io.pack(*streams, None)
+            if self.compact and self.owner.compact_call:
+                return self._compact_forward(forward, io, role, state, args, kwargs)
+            return self._merged_forward(forward, io, role, state, args, kwargs)
 
         return head if role == "head" else span
+
+    def _compact_forward(self, forward, io, role, state, args, kwargs):
+        """A mixed call on a chain of like blocks: the first skipped block takes the computing samples' rows, the
+        blocks after it get them as they come (k of B samples' rows, (k*m, ...)), and block K scatters them back
+        into the full batch once; the per-row extras (conditioning, text) are taken at every block."""
+        keep = state.compute_rows
+        out = forward(*_take(args, keep), **_take(kwargs, keep))  # streams (k*m, ...) in and out
+        if role != "tail":
+            return out
+        streams = []
+        for part, head, cached in zip(io.outputs(out), state.head_out, state.span_residual):
+            if part is None or head is None or cached is None:  # e.g. SD3's last block returns no text tokens
+                streams.append(None)
+                continue
+            rows = _rows(~state.reuse, head.shape[0])  # (rows,) True where the sample computes
+            full = head + cached  # (rows, ...): the reusing samples' out_0 + R
+            full[rows] = part.to(full.dtype)
+            cached[rows] = (part - head[rows]).to(cached.dtype)  # R refreshed in place for the computing samples
+            streams.append(full)
+        return io.pack(*streams, out)
+
+    def _merged_forward(self, forward, io, role, state, args, kwargs):
+        """A mixed call where the blocks between may change the tokens' layout (the video DiT): every skipped
+        block runs on the computing samples' rows and merges them back into the full batch."""
+        reuse = state.reuse
+        hidden, text = io.inputs(args, kwargs)
+        keep = ~_rows(reuse, hidden.shape[0])  # (rows,) True where the sample computes
+        out = forward(*_take(args, keep), **_take(kwargs, keep))
+        streams = tuple(
+            _merge(full, part, _rows(reuse, full.shape[0])) if full is not None and part is not None else None
+            for full, part in zip((hidden, text), io.outputs(out))
+        )
+        if role == "tail":
+            streams = self._finish_span(state, streams, reuse, False)
+        return io.pack(*streams, out)
 
     def _decide(self, hidden_in: torch.Tensor, head_out: tuple) -> None:
         owner, config, state = self.owner, self.config, self._state()
@@ -122,6 +154,8 @@ class BlockCache:
         self._keep_residual(state, residual, reuse, comparable and bool(reused))
         state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
         state.head_out, state.reuse = head_out, (reuse if reused else None)
+        state.every = len(reused) == batch
+        state.compute_rows = _rows(~reuse, residual.shape[0]) if reused and not state.every else None
         record["reused_samples"] = reused
         record["blocks_skipped"] += len(reused) * self.skippable
         if metric is not None:

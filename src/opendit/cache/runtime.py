@@ -43,6 +43,7 @@ class StepCache(StepHook):
         self.model, self.config, self.runtime = model, config, runtime
         self.layout = cache_layout(model)
         self.step, self.num_steps, self.slot, self.batch = 0, 0, -1, 0
+        self.compact_call = True  # this call's mixed batches may carry compact rows (BlockCache._compact_forward)
         self.guided_images = 0  # images of a guided loop (our sampler): their two branches decide together
         self.records: list[dict] = []
         self.replay: list | None = None  # [step][slot] -> per-sample reuse flags, to rerun recorded decisions
@@ -87,6 +88,11 @@ class StepCache(StepHook):
             raise OpenDiTError("the cache was not started: pass it to the sampler's hooks (or call reset(num_steps))")
         self.slot += 1
         self.batch = self.layout.batch_size(args, kwargs)
+        # a ControlNet's residuals are added to the tokens between blocks at full batch: no compact rows then
+        self.compact_call = not any(
+            "controlnet" in name and isinstance(value, (torch.Tensor, list, tuple)) and len(value) > 0
+            for name, value in kwargs.items()
+        )
         self.records[self.step]["calls"].append(
             {"samples": self.batch, "reused_samples": [], "blocks_skipped": 0, "attention_reused": 0, "mlp_reused": 0}
         )
