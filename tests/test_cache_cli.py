@@ -1,5 +1,6 @@
-"""`--cache` through the CLI: our digits DiT on 1 and 2 processes (Ulysses, cfg-parallel) gives the same PNGs with
-the same cache, record.json lists what was reused; a diffusers pipeline takes both caches."""
+"""`--cache` through the CLI: our digits DiT on 1 process and on 2-4 (Ulysses, cfg-parallel, dp, FastSeq on 3,
+USP on 4) gives the same PNGs with the same cache, record.json lists what was reused; a diffusers pipeline takes both
+caches."""
 
 from __future__ import annotations
 
@@ -53,14 +54,28 @@ def test_one_process_cache_is_recorded(cache, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", sorted(CACHES))
-@pytest.mark.parametrize("plan", [["--ulysses", "2"], ["--cfg-parallel"]])
-def test_two_processes_with_a_cache_equal_one(cache, plan, tmp_path):
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ["--nproc", "2", "--ulysses", "2"],
+        ["--nproc", "2", "--cfg-parallel"],
+        ["--nproc", "2", "--dp", "2"],  # 3 images: 2 + 1
+        ["--nproc", "3", "--sp-impl", "fastseq"],  # uneven token split
+        ["--nproc", "4", "--ulysses", "2", "--ring", "2"],  # USP
+    ],
+    ids=["ulysses", "cfg", "dp", "fastseq-3", "usp-4"],
+)
+def test_n_processes_with_a_cache_equal_one(cache, plan, tmp_path):
     one, one_record = digits(tmp_path / "one", CACHES[cache])
-    two, two_record = digits(tmp_path / "two", [*CACHES[cache], "--nproc", "2", *plan])
-    assert np.abs(one - two).max() <= 1
-    assert two_record["parallel"]["world_size"] == 2
-    if "--cfg-parallel" not in plan:  # cfg ranks hold half the rows each: the per-row record differs in shape
-        assert two_record["cache"]["saved"] == one_record["cache"]["saved"]
+    many, many_record = digits(tmp_path / "many", [*CACHES[cache], *plan])
+    assert np.abs(one - many).max() <= 1
+    assert many_record["parallel"]["world_size"] == int(plan[1])
+    # rank 0's record: under cfg-parallel it holds half of each call's rows, under dp only its images; under
+    # sequence parallelism every rank holds every sample, so its totals are the one process's
+    if "--cfg-parallel" not in plan and "--dp" not in plan:
+        assert many_record["cache"]["saved"] == one_record["cache"]["saved"]
+    else:
+        assert many_record["cache"]["saved"]["samples_reused"] > 0 or cache == "pab"
 
 
 def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
