@@ -50,6 +50,9 @@ def digits_settings() -> list[tuple[str, CacheConfig | None]]:
                      make_cache_config("fbcache", "DiT", threshold=1.0, max_reuse=30, guard_steps=0)))  # fmt: skip
     settings.append(("pab range 6 + mlp 6", make_cache_config("pab", "DiT", pab_range=6, pab_mlp_range=6,
                                                                pab_window=(0.05, 1.0))))  # fmt: skip
+    # the far end: every attention and MLP output of step 0 reused on all later steps
+    frozen = make_cache_config("pab", "DiT", pab_range=30, pab_mlp_range=30, pab_window=(0.0, 1.0))
+    settings.append(("pab range 30 + mlp 30 (frozen after step 0)", frozen))
     return settings
 
 
