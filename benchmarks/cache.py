@@ -228,8 +228,9 @@ def report(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, part in zip(axes, ("digits", "diffusers")):
+    parts = [p for p in ("digits", "diffusers") if any(r["part"] == p for r in rows)] or ["digits"]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
         for family, marker in (("uncached", "s"), ("pab", "o"), ("fbcache", "^"), ("uncapped", "D"),
                                ("diffusers FBC", "v")):  # fmt: skip
             pts = [r for r in rows if r["part"] == part and family in r["setting"] and not (
