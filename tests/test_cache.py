@@ -341,11 +341,11 @@ DIFFUSERS_CACHES = {
 }
 
 
-def _pseudo_trajectory(module, kind, cache, steps=6):
+def _pseudo_trajectory(module, kind, cache, steps=6, batch=2):
     """A denoising-like loop on a diffusers transformer: the image tokens move by the output each step."""
     from tests.diffusers_models import inputs
 
-    kwargs = inputs(kind)
+    kwargs = inputs(kind, batch=batch)
     hidden = kwargs.pop("hidden_states")
     if cache is not None:
         cache.reset(steps)

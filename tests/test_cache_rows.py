@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.diffusers_models import KINDS, build, inputs
-from tests.test_cache import STEPS, run_sampler, small_model
+from tests.diffusers_models import KINDS, build
+from tests.test_cache import STEPS, _pseudo_trajectory, run_sampler, small_model
 
 from opendit.cache import CacheConfig, install_cache
 from opendit.cache.block_cache import BlockCache
@@ -60,17 +60,7 @@ def test_compact_rows_equal_the_merged_path_on_our_dit(path_counts):
 
 
 def _trajectory(module, kind, cache):
-    """A denoising-like loop (3 samples) on a diffusers transformer: the image tokens move by the output."""
-    kwargs, steps = inputs(kind, batch=3), len(PATTERN_3)
-    hidden = kwargs.pop("hidden_states")
-    if cache is not None:
-        cache.reset(steps)
-    for step in range(steps):
-        if cache is not None:
-            cache.start_step(step)
-        out = module(hidden_states=hidden, **kwargs, return_dict=False)[0]
-        hidden = hidden + 0.1 * out[:, : hidden.shape[1]]
-    return hidden
+    return _pseudo_trajectory(module, kind, cache, steps=len(PATTERN_3), batch=3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
