@@ -35,7 +35,7 @@ class _SlotState:
     head_out: tuple | None = None  # (image, text) out of block 0, this call
     reuse: torch.Tensor | None = None  # (B,) bool, this call; None when every sample computes
     every: bool = False  # every sample reuses, this call
-    compute_rows: torch.Tensor | None = None  # (rows_0,) bool: the rows of the samples that compute, this call
+    compute_index: torch.Tensor | None = None  # (k*m,) long: the rows of the samples that compute, this call
 
 
 class BlockCache:
@@ -92,8 +92,8 @@ class BlockCache:
         """A mixed call on a chain of like blocks: the first skipped block takes the computing samples' rows, the
         blocks after it get them as they come (k of B samples' rows, (k*m, ...)), and block K scatters them back
         into the full batch once; the per-row extras (conditioning, text) are taken at every block."""
-        keep = state.compute_rows
-        out = forward(*_take(args, keep), **_take(kwargs, keep))  # streams (k*m, ...) in and out
+        index, rows_0 = state.compute_index, state.head_out[0].shape[0]
+        out = forward(*_take_index(args, index, rows_0), **_take_index(kwargs, index, rows_0))  # streams (k*m, ...)
         if role != "tail":
             return out
         streams = []
@@ -101,10 +101,11 @@ class BlockCache:
             if part is None or head is None or cached is None:  # e.g. SD3's last block returns no text tokens
                 streams.append(None)
                 continue
-            rows = _rows(~state.reuse, head.shape[0])  # (rows,) True where the sample computes
+            rows = index if head.shape[0] == rows_0 else torch.nonzero(_rows(~state.reuse, head.shape[0])).flatten()
             full = head + cached  # (rows, ...): the reusing samples' out_0 + R
-            full[rows] = part.to(full.dtype)
-            cached[rows] = (part - head[rows]).to(cached.dtype)  # R refreshed in place for the computing samples
+            full.index_copy_(0, rows, part.to(full.dtype))
+            # R refreshed in place for the computing samples (R is ours: made by _minus / _finish_span)
+            cached.index_copy_(0, rows, (part - head.index_select(0, rows)).to(cached.dtype))
             streams.append(full)
         return io.pack(*streams, out)
 
@@ -155,7 +156,8 @@ class BlockCache:
         state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
         state.head_out, state.reuse = head_out, (reuse if reused else None)
         state.every = len(reused) == batch
-        state.compute_rows = _rows(~reuse, residual.shape[0]) if reused and not state.every else None
+        mixed = bool(reused) and not state.every
+        state.compute_index = torch.nonzero(_rows(~reuse, residual.shape[0])).flatten() if mixed else None
         record["reused_samples"] = reused
         record["blocks_skipped"] += len(reused) * self.skippable
         if metric is not None:
@@ -170,11 +172,11 @@ class BlockCache:
         if bool(reuse.all()):
             return
         compute = ~reuse
-        rows = _rows(compute, residual.shape[0])
-        state.prev_residual = torch.where(_bcast(rows, residual), residual, state.prev_residual)
-        norm = _l1_per_sample(residual[rows], int(compute.sum()))  # (computing samples,)
-        state.prev_norm = state.prev_norm.clone()
-        state.prev_norm[compute] = norm
+        index = torch.nonzero(_rows(compute, residual.shape[0])).flatten()  # (k*m,)
+        fresh = residual.index_select(0, index)  # (k*m, ...)
+        state.prev_residual.index_copy_(0, index, fresh)  # in place: r_prev is ours (a residual made in _decide)
+        samples = torch.nonzero(compute).flatten()  # (k,)
+        state.prev_norm = state.prev_norm.index_copy(0, samples, _l1_per_sample(fresh, samples.shape[0]))
 
     def _finish_span(self, state: _SlotState, streams: tuple, reuse: torch.Tensor, every: bool) -> tuple:
         """At block K: reusing rows get out_0 + R; computing rows refresh R = out_K - out_0."""
@@ -232,6 +234,17 @@ def _merge(full: torch.Tensor, part: torch.Tensor, reuse_rows: torch.Tensor) -> 
     out = full.clone()
     out[~reuse_rows] = part.to(full.dtype)
     return out
+
+
+def _take_index(values, index: torch.Tensor, rows: int):
+    """The rows `index` of every tensor argument whose dim 0 is the block's `rows` (others pass unchanged)."""
+
+    def pick(v):
+        return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+
+    if isinstance(values, dict):
+        return {k: pick(v) for k, v in values.items()}
+    return tuple(pick(v) for v in values)
 
 
 def _take(values, keep: torch.Tensor):
