@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.diffusers_models import KINDS, build
+from tests.diffusers_models import KINDS, build, inputs
 from tests.test_cache import STEPS, _pseudo_trajectory, run_sampler, small_model
 
 from opendit.cache import CacheConfig, install_cache
@@ -50,7 +50,7 @@ def test_compact_rows_equal_the_merged_path_on_our_dit(path_counts):
     pattern = [p + p for p in (PATTERN_3 + PATTERN_3)[:STEPS]]
     with torch.no_grad():
         merged, reused_m = _replayed(model, lambda c: run_sampler(model, c, labels), pattern, compact=False)
-        assert path_counts == {"compact": 0, "merged": 3 * 3 * 2}, path_counts  # 6 mixed steps x 3 span blocks
+        assert path_counts == {"compact": 0, "merged": 6 * 3}, path_counts  # 6 mixed steps x 3 span blocks
         compact, reused_c = _replayed(model, lambda c: run_sampler(model, c, labels), pattern, compact=True)
         uncached = run_sampler(model, None, labels)
     assert path_counts["compact"] == path_counts["merged"], path_counts
@@ -74,3 +74,35 @@ def test_compact_rows_equal_the_merged_path_on_diffusers_transformers(kind, path
     assert reused_c == reused_m == [[i for i, f in enumerate(p) if f] for p in PATTERN_3]
     assert torch.equal(compact, merged), float((compact - merged).abs().max())
     assert float((compact - uncached).abs().max()) > 1e-5
+
+
+def test_controlnet_residuals_between_blocks_keep_images_independent_of_their_batch(path_counts):
+    """A ControlNet adds full-batch residuals between blocks, so a mixed call must merge at each block: each of 3
+    images in one batch (decisions forced per image) equals that image sampled alone with its own decisions."""
+    model = build("flux")
+    kwargs = inputs("flux", batch=3)
+    inner = model.config.num_attention_heads * model.config.attention_head_dim
+    g = torch.Generator().manual_seed(5)
+    control = [torch.randn(3, kwargs["hidden_states"].shape[1], inner, generator=g)]
+
+    def run(cache, rows):
+        kw = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == 3 else v) for k, v in kwargs.items()}
+        hidden = kw.pop("hidden_states")
+        cache.reset(len(PATTERN_3))
+        for step in range(len(PATTERN_3)):
+            cache.start_step(step)
+            out = model(hidden_states=hidden, **kw, controlnet_block_samples=[c[rows] for c in control],
+                        return_dict=False)[0]  # fmt: skip
+            hidden = hidden + 0.1 * out
+        return hidden
+
+    with torch.no_grad():
+        cache = install_cache(model, ANY_DECISION)
+        cache.replay = [[[bool(f) for f in flags]] for flags in PATTERN_3]
+        together = run(cache, slice(0, 3))
+        assert cache.compact_call is False and path_counts["merged"] > 0 and path_counts["compact"] == 0
+        for i in range(3):
+            cache.replay = [[[bool(flags[i])]] for flags in PATTERN_3]
+            alone = run(cache, slice(i, i + 1))
+            assert float((together[i : i + 1] - alone).abs().max()) <= 1e-5 * float(alone.abs().max()), i
+        cache.remove()

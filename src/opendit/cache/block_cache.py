@@ -93,7 +93,7 @@ class BlockCache:
         blocks after it get them as they come (k of B samples' rows, (k*m, ...)), and block K scatters them back
         into the full batch once; the per-row extras (conditioning, text) are taken at every block."""
         index, rows_0 = state.compute_index, state.head_out[0].shape[0]
-        out = forward(*_take_index(args, index, rows_0), **_take_index(kwargs, index, rows_0))  # streams (k*m, ...)
+        out = forward(*_take(args, index, rows_0), **_take(kwargs, index, rows_0))  # streams (k*m, ...)
         if role != "tail":
             return out
         streams = []
@@ -114,8 +114,9 @@ class BlockCache:
         block runs on the computing samples' rows and merges them back into the full batch."""
         reuse = state.reuse
         hidden, text = io.inputs(args, kwargs)
-        keep = ~_rows(reuse, hidden.shape[0])  # (rows,) True where the sample computes
-        out = forward(*_take(args, keep), **_take(kwargs, keep))
+        rows = hidden.shape[0]  # this block's layout: (B*F, ...) or (B*T, ...) for the video DiT
+        index = torch.nonzero(~_rows(reuse, rows)).flatten()  # (computing rows,)
+        out = forward(*_take(args, index, rows), **_take(kwargs, index, rows))
         streams = tuple(
             _merge(full, part, _rows(reuse, full.shape[0])) if full is not None and part is not None else None
             for full, part in zip((hidden, text), io.outputs(out))
@@ -152,30 +153,30 @@ class BlockCache:
                 raise OpenDiTError(f"replayed decisions reuse at step {step}, where nothing can be reused")
             reuse = forced
         reused = torch.nonzero(reuse).flatten().tolist()
-        self._keep_residual(state, residual, reuse, comparable and bool(reused))
-        state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
-        state.head_out, state.reuse = head_out, (reuse if reused else None)
         state.every = len(reused) == batch
         mixed = bool(reused) and not state.every
         state.compute_index = torch.nonzero(_rows(~reuse, residual.shape[0])).flatten() if mixed else None
+        self._keep_residual(state, residual, reuse, comparable and bool(reused))
+        state.streak = torch.where(reuse, state.streak + 1, torch.zeros_like(state.streak))
+        state.head_out, state.reuse = head_out, (reuse if reused else None)
         record["reused_samples"] = reused
         record["blocks_skipped"] += len(reused) * self.skippable
         if metric is not None:
             record["metric"] = [round(v, 6) for v in metric.tolist()]
 
     @staticmethod
-    def _keep_residual(state: _SlotState, residual: torch.Tensor, reuse: torch.Tensor, mixed: bool) -> None:
-        """Computing samples refresh r_prev (and its norm); reusing samples keep the one of their last full step."""
-        if not mixed:  # every sample computes: take the new residual whole
+    def _keep_residual(state: _SlotState, residual: torch.Tensor, reuse: torch.Tensor, keep_old: bool) -> None:
+        """Computing samples refresh r_prev (and its norm); reusing samples keep the one of their last full step
+        (`keep_old`: some sample reuses and the old r_prev fits this call)."""
+        if not keep_old:  # every sample takes the new residual
             state.prev_residual, state.prev_norm = residual, _l1_per_sample(residual, reuse.shape[0])
             return
-        if bool(reuse.all()):
+        if state.every:
             return
-        compute = ~reuse
-        index = torch.nonzero(_rows(compute, residual.shape[0])).flatten()  # (k*m,)
+        index = state.compute_index  # (k*m,) the computing samples' rows
         fresh = residual.index_select(0, index)  # (k*m, ...)
         state.prev_residual.index_copy_(0, index, fresh)  # in place: r_prev is ours (a residual made in _decide)
-        samples = torch.nonzero(compute).flatten()  # (k,)
+        samples = torch.nonzero(~reuse).flatten()  # (k,)
         state.prev_norm = state.prev_norm.index_copy(0, samples, _l1_per_sample(fresh, samples.shape[0]))
 
     def _finish_span(self, state: _SlotState, streams: tuple, reuse: torch.Tensor, every: bool) -> tuple:
@@ -236,23 +237,11 @@ def _merge(full: torch.Tensor, part: torch.Tensor, reuse_rows: torch.Tensor) -> 
     return out
 
 
-def _take_index(values, index: torch.Tensor, rows: int):
+def _take(values, index: torch.Tensor, rows: int):
     """The rows `index` of every tensor argument whose dim 0 is the block's `rows` (others pass unchanged)."""
 
     def pick(v):
         return v.index_select(0, index) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
-
-    if isinstance(values, dict):
-        return {k: pick(v) for k, v in values.items()}
-    return tuple(pick(v) for v in values)
-
-
-def _take(values, keep: torch.Tensor):
-    """The computing rows of every tensor argument whose dim 0 is the block's rows (others pass unchanged)."""
-    rows = keep.shape[0]
-
-    def pick(v):
-        return v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows else v
 
     if isinstance(values, dict):
         return {k: pick(v) for k, v in values.items()}

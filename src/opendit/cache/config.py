@@ -178,21 +178,30 @@ def request_cache(request, family: str | None, plan=None) -> CacheConfig | None:
     config = make_cache_config(request.cache or "none", family, **options)
     if not config.enabled:
         return None
-    if plan is not None and plan.shard_weights:
-        raise OpenDiTError("--cache with --shard-weights is not supported yet; drop one of them")
-    if plan is not None and plan.balance_tokens:
-        raise OpenDiTError("--cache with --balance-tokens is not supported (a re-split drops every cached shard)")
-    if plan is not None and getattr(plan, "pipefusion", 1) > 1:
-        raise OpenDiTError(PIPEFUSION_REFUSAL)
+    check_cache_plan(plan)
     return config
 
 
-# PipeFusion runs the blocks on different ranks (the head block's decision would not reach the later stages) and
-# already reuses last step's activations for the other patches: a second cross-step cache on top is not supported
-PIPEFUSION_REFUSAL = (
-    "--cache with --pipefusion is not supported: PipeFusion already reuses the previous step's activations (its "
-    "stale K/V) and splits the blocks over ranks; drop --cache or use --ulysses / --ring / --cfg-parallel / --tp"
-)
+def check_cache_plan(plan) -> None:
+    """The parallel plans a cache cannot run under yet, refused with the fix (CLI / Engine and install_cache)."""
+    if plan is None:
+        return
+    if plan.shard_weights:
+        raise OpenDiTError(
+            "--cache with --shard-weights is not supported yet: a skipped block would leave FSDP2's prefetched "
+            "all-gather unconsumed; drop one of them"
+        )
+    if plan.balance_tokens:
+        raise OpenDiTError("--cache with --balance-tokens is not supported: a re-split would invalidate every cached "
+                           "shard; drop one of them")  # fmt: skip
+    if getattr(plan, "pipefusion", 1) > 1:
+        # PipeFusion runs the blocks on different ranks (the head block's decision would not reach the later
+        # stages) and already reuses last step's activations for the other patches
+        raise OpenDiTError(
+            "--cache with --pipefusion is not supported: PipeFusion already reuses the previous step's activations "
+            "(its stale K/V) and splits the blocks over ranks; drop --cache or use --ulysses / --ring / "
+            "--cfg-parallel / --tp"
+        )
 
 
 def spec_family(config) -> str | None:

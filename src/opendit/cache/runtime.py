@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from opendit.cache.block_cache import BlockCache
-from opendit.cache.config import CacheConfig, validate_cache
+from opendit.cache.config import CacheConfig, check_cache_plan, validate_cache
 from opendit.cache.layout import cache_layout
 from opendit.cache.pab import pab_schedule
 from opendit.diffusion.hooks import LoopInfo, StepContext, StepHook
@@ -202,17 +202,5 @@ def install_cache(model: nn.Module, config: CacheConfig, runtime=None) -> StepCa
     None for kind "none". Pass the returned hook to the sampler (before the runtime's hooks)."""
     if not config.enabled:
         return None
-    plan = getattr(runtime, "plan", None)
-    if plan is not None and plan.shard_weights:
-        raise OpenDiTError(
-            "--cache with --shard-weights is not supported yet: a skipped block would leave FSDP2's prefetched "
-            "all-gather unconsumed; drop one of them"
-        )
-    if plan is not None and plan.balance_tokens:
-        raise OpenDiTError("--cache with --balance-tokens is not supported: a re-split would invalidate every cached "
-                           "shard; drop one of them")  # fmt: skip
-    if plan is not None and getattr(plan, "pipefusion", 1) > 1:
-        from opendit.cache.config import PIPEFUSION_REFUSAL
-
-        raise OpenDiTError(PIPEFUSION_REFUSAL)
+    check_cache_plan(getattr(runtime, "plan", None))
     return StepCache(model, config, runtime)
