@@ -64,7 +64,8 @@ def _one_ours(plan_kwargs):
 
 
 def plans_for(world: int, kind: str) -> list[dict]:
-    plans = {2: [{"ulysses": 2}, {"ring": 2}], 3: [{"ulysses": 3}, {"ring": 3}]}.get(world)
+    plans = {2: [{"ulysses": 2}, {"ring": 2}, {"ulysses": 2, "sp_impl": "fastseq"}],
+             3: [{"ulysses": 3}, {"ring": 3}, {"ulysses": 3, "sp_impl": "fastseq"}]}.get(world)  # fmt: skip
     if world == 4:  # USP 2x2, and cfg x Ulysses where the pipeline batches cond and uncond (else dp x Ulysses)
         plans = [{"ulysses": 2, "ring": 2}, {"cfg": 2, "ulysses": 2} if kind not in ("flux", "wan") else {"dp": 2,
                  "ulysses": 2}]  # fmt: skip
@@ -85,7 +86,7 @@ def test_diffusers_modules_equal_one_process(world):
         if refusals is not None:
             check_refusals(refusals)
         assert all(error <= 1e-5 for error in ours.values()), ours  # our DiT through opendit.parallelize
-        assert len(results) == 2 * len(KINDS)
+        assert len(results) == len(plans_for(world, "dit")) * len(KINDS)
         for (kind, plan), (error, repeatable, shaped, calls) in results.items():
             assert shaped and repeatable, (kind, plan, rank)
             assert error <= 1e-5, f"{kind} {plan} rank {rank}: relative error {error:.2e}"
@@ -99,7 +100,7 @@ def _refusals() -> list[str]:
     from opendit.errors import OpenDiTError
 
     messages = []
-    for kind, plan in (("flux", {"cfg": 2}), ("dit", {"ulysses": 2, "sp_impl": "fastseq"})):
+    for kind, plan in (("flux", {"ulysses": 2, "sp_impl": "dsp"}), ("sd3", {"tp": 2})):
         try:
             opendit.parallelize(build(kind), ParallelConfig(**plan))
         except OpenDiTError as exc:
@@ -114,9 +115,9 @@ def _refusals() -> list[str]:
 def check_refusals(messages: list[str]) -> None:
     """Plans a module cannot take are refused with the fix (run inside the world-2 launch)."""
     assert len(messages) == 3, messages
-    assert "call the transformer once per branch" in messages[0] and "--ulysses" in messages[0]
-    assert "choose one of ulysses, ring, usp" in messages[1]
-    assert "Linear has no OpenDiT plan; supported:" in messages[2] and "FluxTransformer2DModel" in messages[2]
+    assert "attends over one token sequence" in messages[0] and "--sp-impl ulysses" in messages[0]
+    assert "declares no tensor split yet" in messages[1] and "--ulysses" in messages[1]
+    assert "Linear has no OpenDiT plan; supported:" in messages[2] and "_cp_plan" in messages[2]
 
 
 TP_PLANS = {2: [{"tp": 2}], 4: [{"tp": 2, "ulysses": 2}, {"tp": 2, "ring": 2}, {"tp": 2, "dp": 2}]}

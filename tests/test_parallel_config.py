@@ -152,10 +152,10 @@ def test_parallel_auto_takes_the_planners_choice():
 def test_tensor_parallel_refusals_on_diffusers_classes_name_the_fix():
     from tests.diffusers_models import build
 
-    from opendit.integrations.diffusers_apply import check_diffusers
+    from opendit.families.apply import check_family
 
-    with pytest.raises(OpenDiTError, match="--tp is not declared for FluxTransformer2DModel yet"):
-        check_diffusers(build("flux"), ParallelConfig(tp=2))
+    with pytest.raises(OpenDiTError, match="declares no tensor split yet"):
+        check_family(build("sd3"), ParallelConfig(tp=2))
     with pytest.raises(OpenDiTError, match="tp degree 4 exceeds PixArtTransformer2DModel's 3 attention heads"):
-        check_diffusers(build("pixart"), ParallelConfig(tp=4))
-    check_diffusers(build("pixart"), ParallelConfig(tp=2))  # 3 heads split 2, 1: exact
+        check_family(build("pixart"), ParallelConfig(tp=4))
+    check_family(build("pixart"), ParallelConfig(tp=2))  # 3 heads split 2, 1: exact

@@ -50,7 +50,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
     """What a pipeline folder holds, from its JSON files alone (no weights read): pipeline and transformer class,
     the transformer's config and heads, the pipeline's `__call__` parameters and defaults, the weights' bytes.
     Raises OpenDiTError naming the fix for what OpenDiT cannot run."""
-    from opendit.integrations.diffusers_specs import SPECS
+    from opendit.families import declared_families
 
     path = Path(folder)
     if not path.exists():
@@ -64,7 +64,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
     index = _read_json(path / "model_index.json", folder)
     pipeline = str(index.get("_class_name"))
     entry = index.get("transformer")
-    supported = ", ".join(SPECS)
+    supported = "every diffusers class with a _cp_plan and " + ", ".join(declared_families())
     if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
         parts = ", ".join(k for k, v in index.items() if isinstance(v, list)) or "none"
         raise OpenDiTError(
@@ -76,11 +76,11 @@ def inspect_pipeline(folder: str | Path) -> dict:
         raise OpenDiTError(f"--diffusers {folder}: no transformer/config.json; pass {LAYOUT}")
     config = _read_json(config_file, folder)
     for name in dict.fromkeys((str(entry[1]), str(config.get("_class_name", entry[1])))):
-        if name not in SPECS:
+        if transformer_family(name) is None:
             raise OpenDiTError(
                 f"--diffusers {folder}: its transformer {name} is not supported; OpenDiT parallelises {supported}"
             )
-    spec = SPECS[str(entry[1])]
+    family = transformer_family(str(entry[1]))
     weights = sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
     return {
         "folder": str(path.resolve()),
@@ -88,12 +88,23 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "transformer_class": str(entry[1]),
         "transformer_config": config,
         "scheduler_class": (index.get("scheduler") or [None, None])[1],
-        "num_heads": int(config.get(spec.heads_attr, 1)),
-        "cfg_batched": spec.cfg_batched,
+        "num_heads": int(config.get(family.heads_attr, 1)),
+        "cfg_batched": family.cfg_batched,
+        "family": family.name,
         "call": _call_parameters(pipeline, folder),
         "id2label": index.get("id2label"),
         "weight_bytes": weights,
     }
+
+
+def transformer_family(class_name: str):
+    """The family of a diffusers transformer class named in a folder's JSON (None: unknown class or no family)."""
+    import diffusers
+
+    from opendit.families import family_for
+
+    cls = getattr(diffusers, class_name, None)
+    return family_for(cls) if isinstance(cls, type) else None
 
 
 def _read_json(file: Path, folder) -> dict:
@@ -165,11 +176,8 @@ class PipelineSpec:
 
     @property
     def family(self) -> str | None:
-        """The transformer's diffusers spec name (cache defaults are per family)."""
-        from opendit.integrations.diffusers_specs import SPECS
-
-        spec = SPECS.get(self.info["transformer_class"])
-        return spec.name if spec is not None else None
+        """The transformer's family name (cache defaults are per family)."""
+        return self.info.get("family")
 
     @property
     def ckpt(self) -> str:
@@ -242,8 +250,7 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> tuple[Pa
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:
     """Raise the OpenDiTError `opendit.parallelize` would raise on the ranks, here; return the plan's notes."""
-    from opendit.integrations.diffusers_apply import check_diffusers, diffusers_plan
-    from opendit.integrations.diffusers_specs import SPECS
+    from opendit.families.apply import check_family, family_plan
 
     if plan.balance_tokens or plan.token_shares is not None or plan.shard_weights:
         flag = "--shard-weights" if plan.shard_weights else "--balance-tokens"
@@ -251,8 +258,8 @@ def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[st
     if world == 1 and plan.world_size == 1:
         return []
     module = meta_transformer(info)
-    check_diffusers(module, plan)
-    plan, notes = diffusers_plan(plan, SPECS[info["transformer_class"]], module)
+    family = check_family(module, plan)
+    plan, notes = family_plan(plan, family)
     heads = info["num_heads"]
     return notes + plan.validate(world, heads, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
 

@@ -1,6 +1,6 @@
 """Where a cache plugs into a model: its chain of blocks and its attention / MLP modules, found from the model's
-declared spec (our DiT and video DiT: models/spec.py) or, for diffusers transformers, from the spec of
-integrations/diffusers_specs.py and diffusers' own registry of its block classes (which output is the image stream,
+declared spec (our DiT and video DiT: models/spec.py) or, for diffusers transformers, from their family
+(families/) and diffusers' own registry of its block classes (which output is the image stream,
 which the text stream). Nothing here names one model's modules.
 
 Block I/O: a block takes the image tokens (`hidden_states`, or its first argument) and possibly the text tokens
@@ -82,17 +82,17 @@ class CacheLayout:
 
 def cache_layout(model: nn.Module) -> CacheLayout:
     """The layout of `model`: one of ours (declared ModelSpec) or a diffusers transformer with a declared spec."""
-    from opendit.integrations.diffusers_specs import spec_for_module
+    from opendit.families import family_for
     from opendit.models.spec import has_spec, spec_for
 
     if has_spec(model):
         return _own_layout(model, spec_for(model))
-    dspec = spec_for_module(model)
-    if dspec is not None:
-        return _diffusers_layout(model, dspec)
+    family = family_for(model)
+    if family is not None:
+        return _diffusers_layout(model, family)
     raise OpenDiTError(
         f"no cache layout for {type(model).__name__}: caches work on models with a declared spec (DiT, the video "
-        "DiT, and the diffusers transformers of integrations/diffusers_specs.py)"
+        "DiT, and the module classes with a family: families/)"
     )
 
 
@@ -112,10 +112,10 @@ def _own_layout(model: nn.Module, spec) -> CacheLayout:
     return _checked(CacheLayout(spec.name, blocks, attention, mlps, "x"))
 
 
-def _diffusers_layout(model: nn.Module, dspec) -> CacheLayout:
+def _diffusers_layout(model: nn.Module, family) -> CacheLayout:
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
-    from opendit.integrations.diffusers_parallel import attention_modules
+    from opendit.families.splits import matching_modules
 
     blocks = []
     for name, child in model.named_children():
@@ -130,7 +130,10 @@ def _diffusers_layout(model: nn.Module, dspec) -> CacheLayout:
                 io = BlockIO()  # not registered: tensor in, tensor out
             io.params = tuple(inspect.signature(type(block).forward).parameters)[1:]
             blocks.append((f"{name}.{index}", block, io))
-    sequence = {path for path, _m, _entry in attention_modules(model, dspec)}
+    if family.attention:  # declared: the modules whose attention spans the token split
+        sequence = {path for pattern in family.attention for path, _m in matching_modules(model, pattern)}
+    else:  # read from a _cp_plan: every attention module but cross-attention to the text
+        sequence = {path for path, m in model.named_modules() if not getattr(m, "is_cross_attention", False)}
     attention = []
     for path, module in model.named_modules():
         owner = path.rsplit(".", 1)[0] if "." in path else ""
@@ -144,7 +147,7 @@ def _diffusers_layout(model: nn.Module, dspec) -> CacheLayout:
         for n in _DIFFUSERS_MLPS
         if isinstance(getattr(b, n, None), nn.Module)
     ]
-    return _checked(CacheLayout(dspec.name, blocks, attention, mlps, "hidden_states"))
+    return _checked(CacheLayout(family.name, blocks, attention, mlps, "hidden_states"))
 
 
 def _is_attention(module: nn.Module) -> bool:

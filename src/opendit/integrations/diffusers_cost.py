@@ -42,15 +42,15 @@ class DiffusersCostConfig:
 
 def cost_config(module, image_tokens: int, text_tokens: int = 0) -> DiffusersCostConfig:
     """The cost view of a diffusers transformer (any device, meta included) at this many image / text tokens."""
-    from opendit.integrations.diffusers_specs import spec_for_module
+    from opendit.families import require_family
 
-    spec = spec_for_module(module)
+    family = require_family(module)
     config = module.config
-    heads = spec.num_heads(module)
+    heads = family.num_heads(module)
     hidden = heads * int(config["attention_head_dim"])
     blocks = [child for name in BLOCK_CONTAINERS for child in getattr(module, name, [])]
     block_params = sum(p.numel() for block in blocks for p in block.parameters()) // max(len(blocks), 1)
-    joint = any(kind in ("joint", "flux") for kind, _streams in spec.attention.values())
+    joint = family.splits_text
     patch = config.get("patch_size", 1)
     patch = patch[-1] if isinstance(patch, (tuple, list)) else patch
     proj_out = getattr(module, "proj_out", None) or getattr(module, "proj_out_2", None)
@@ -114,13 +114,13 @@ def diffusers_auto_plan(module, world: int, images: int, guided: bool, image_tok
                         speeds=None):  # fmt: skip
     """The planner's fastest plan for a diffusers transformer (kernels that run on diffusers attention only; cfg
     only where its pipelines batch cond and uncond), and its explanation."""
-    from opendit.integrations.diffusers_parallel import CORE_STRATEGIES
-    from opendit.integrations.diffusers_specs import spec_for_module
+    from opendit.families import require_family
+    from opendit.families.apply import PLANNED_STRATEGIES
     from opendit.planning.planner import plan
     from opendit.planning.speeds import resolve_speeds
 
     config = cost_config(module, image_tokens, text_tokens)
-    spec = spec_for_module(module)
-    result = plan(config, world, speeds or resolve_speeds(), images=images, guided=guided and spec.cfg_batched,
-                  impls=CORE_STRATEGIES, shard_options=(False,))  # fmt: skip
+    cfg_batched = require_family(module).cfg_batched is not False
+    result = plan(config, world, speeds or resolve_speeds(), images=images, guided=guided and cfg_batched,
+                  impls=PLANNED_STRATEGIES, shard_options=(False,))  # fmt: skip
     return result.best.config, result.explain(others=2)

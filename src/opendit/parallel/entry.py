@@ -1,10 +1,10 @@
 """`opendit.parallelize(module, plan)`: the public way to parallelise a module inside a process group.
 
-For OpenDiT's DiT and every diffusers transformer class with a plan (integrations/diffusers_specs.py). Call it on
+For OpenDiT's DiT and every module class with a family (families/: diffusers' own `_cp_plan`, or declared). Call it on
 every rank of an initialised process group (torchrun, or an engine worker) with the same plan; the module is changed
 in place and returned, with the same signature, outputs, `.config` and `.dtype` on every rank, so a diffusers
 pipeline keeps working around it. What it installs: the sequence split/gather points and the strategy's attention
-kernels (parallel/apply.py for our DiT, integrations/diffusers_apply.py for diffusers classes), and cfg/dp splits of
+kernels (parallel/apply.py for our DiT, families/apply.py for the others), and cfg/dp splits of
 each call's batch (parallel/batch.py).
 """
 
@@ -42,16 +42,15 @@ def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
         _apply_ours(module, runtime)
         install_batch_split(module, runtime)
     else:
-        from opendit.integrations.diffusers_apply import apply_diffusers, check_diffusers, diffusers_plan
-        from opendit.integrations.diffusers_specs import spec_for_module
+        from opendit.families.apply import apply_family, check_family, family_plan
 
-        check_diffusers(module, plan)
-        spec = spec_for_module(module)
-        plan, notes = diffusers_plan(plan, spec, module)
-        plan.validate(dist.get_world_size(), spec.num_heads(module), max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
+        family = check_family(module, plan)
+        plan, _notes = family_plan(plan, family)
+        heads = family.num_heads(module) or plan.ulysses
+        plan.validate(dist.get_world_size(), heads, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
         runtime = build_runtime(plan, device)
-        apply_diffusers(module, runtime)
-        install_batch_split(module, runtime, spec.not_batched, spec.cfg_batched)
+        apply_family(module, family, runtime)
+        install_batch_split(module, runtime, family.not_batched, family.cfg_batched is not False)
     module._opendit_plan = plan
     module._opendit_runtime = runtime
     return module

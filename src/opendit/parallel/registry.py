@@ -6,6 +6,9 @@ A strategy declares
   `auto` (whether `--sp-impl auto` picks it when exactly those dimensions are > 1);
 - `check(plan, dims)`: raise OpenDiTError for a plan it cannot run (naming a fix), return notes on exact fallbacks;
 - `install(modules, runtime, sizes)`: put its kernel into the model's attention modules (from the model's spec);
+- `core(runtime, sizes)`: its kernel as an attention core on projected (B, S_r, H, D) q, k, v, for models whose
+  attention modules project q, k, v themselves (every diffusers family: families/attention.py routes their attention
+  call to it); None where the method cannot run on an attention call (DSP: it needs frames);
 - `block_work(dims, plan, batch, sizes, rank)`: the attention work one sequence rank does per block (AttentionWork);
 - `block_comm(dims, plan, batch, sizes, rank, itemsize, attn_s)`: its collectives per block (CommItem list), bytes
   and calls taken from the kernel's own formulas (the same functions the kernel tests check against CommStats);
@@ -82,7 +85,12 @@ class SequenceStrategy:
         return []
 
     def install(self, modules: list, runtime, sizes: list[int]) -> None:
-        raise NotImplementedError
+        core = self.core(runtime, sizes)  # stateless: one kernel serves every block
+        for module in modules:
+            module.core = core
+
+    def core(self, runtime, sizes: list[int]):
+        raise NotImplementedError(f"{self.name} has no attention-core kernel")
 
     def block_work(self, dims: ModelDims, plan, batch: float, sizes: list[int], rank: int) -> AttentionWork:
         raise NotImplementedError

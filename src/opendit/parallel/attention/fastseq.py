@@ -170,6 +170,9 @@ class FastSeqStrategy(SequenceStrategy):
         for module in modules:
             FastSeqAttention.install(module, runtime.comms["sp"], sizes)
 
+    def core(self, runtime, sizes: list[int]):
+        return FastSeqCore(runtime.comms["sp"], sizes)
+
     def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
         tokens, c = sum(sizes), dims.hidden_size
         heads = head_sizes(dims.num_heads, plan.ulysses)[rank]
@@ -199,3 +202,41 @@ class FastSeqStrategy(SequenceStrategy):
 
 
 register(FastSeqStrategy())
+
+
+class FastSeqCore:
+    """AttentionCore: FastSeq's two collectives on q, k, v that a module has already projected (diffusers' attention
+    processors project, normalise and rotate q, k, v themselves, so the block input x cannot be gathered instead).
+
+    (B, S_r, H, D) x3 -> (B, S_r, H, D): one all-gather of q, k, v packed as (B, S_r, 3, H, D) -> (B, S, 3, H, D);
+    this rank keeps its heads (B, S, H_r, D) and attends locally over the full sequence; ONE all-to-all back (scatter
+    seq by seq sizes, gather heads by head sizes). Bytes: the all-gather carries 3C values per token where FastSeq on
+    a fused-qkv module carries C, so here it sends more than Ulysses (see `fastseq_core_bytes`); it exists so that
+    every strategy runs on every family, and the planner does not pick it for them.
+    """
+
+    def __init__(self, comm: Comm, seq_sizes: Sequence[int]):
+        self.comm, self.seq_sizes = comm, list(seq_sizes)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from opendit.models.attention import local_attention
+        from opendit.parallel.sequence import check_qkv
+
+        comm, me = self.comm, self.comm.rank
+        check_qkv("FastSeqCore", q, k, v, self.seq_sizes, me)
+        heads = head_sizes(q.shape[2], comm.size)
+        start = offsets(heads)[me]
+        packed = torch.stack([q, k, v], dim=2)  # (B, S_r, 3, H, D)
+        full = comm.all_gather(packed, 1, self.seq_sizes)  # (B, S, 3, H, D), tokens in rank order
+        q, k, v = full.narrow(3, start, heads[me]).unbind(dim=2)  # (B, S, H_r, D) each
+        out = local_attention(q, k, v)  # (B, S, H_r, D)
+        return comm.all_to_all(out.contiguous(), 1, 2, self.seq_sizes, heads)  # (B, S_r, H, D)
+
+
+def fastseq_core_bytes(seq_sizes: Sequence[int], batch: int, heads: int, head_dim: int, rank: int, itemsize: int = 4):
+    """Bytes FastSeqCore sends per call on `rank`: the packed q, k, v all-gather (P - 1) * 3 * B * S_r * C plus the
+    all-to-all back B * (S - S_r) * H_r * D."""
+    p, c = len(seq_sizes), heads * head_dim
+    h_r = head_sizes(heads, p)[rank]
+    gather = (p - 1) * 3 * batch * seq_sizes[rank] * c
+    return itemsize * (gather + batch * (sum(seq_sizes) - seq_sizes[rank]) * h_r * head_dim)

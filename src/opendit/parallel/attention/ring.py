@@ -158,10 +158,8 @@ class RingStrategy(SequenceStrategy):
     uses = ("ring",)
     auto = True
 
-    def install(self, modules: list, runtime, sizes: list[int]) -> None:
-        core = RingAttention(runtime.comms["ring"], sizes)
-        for module in modules:
-            module.core = core
+    def core(self, runtime, sizes: list[int]):
+        return RingAttention(runtime.comms["ring"], sizes)
 
     def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
         p = plan.ring

@@ -90,10 +90,8 @@ class UlyssesStrategy(SequenceStrategy):
     summary = "all-to-all seq->heads (q, k, v packed), local attention, all-to-all back; 2 calls per block"
     uses = ("ulysses",)
 
-    def install(self, modules: list, runtime, sizes: list[int]) -> None:
-        core = UlyssesAttention(runtime.comms["ulysses"], sizes)  # stateless: one kernel serves every block
-        for module in modules:
-            module.core = core
+    def core(self, runtime, sizes: list[int]):
+        return UlyssesAttention(runtime.comms["ulysses"], sizes)
 
     def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
         heads = head_sizes(dims.num_heads, plan.ulysses)[rank % plan.ulysses]

@@ -146,6 +146,13 @@ class UlyssesOverlapStrategy(SequenceStrategy):
         for module in modules:
             UlyssesOverlapAttention.install(module, runtime.comms["ulysses"], sizes)
 
+    def core(self, runtime, sizes: list[int]):
+        # on q, k, v projected by the module itself there is no projection to hide the messages under: the three
+        # seq -> heads all-to-alls are all in flight at once, then one back (Ulysses' bytes, 4 calls)
+        from opendit.parallel.attention.ulysses import UlyssesAttention
+
+        return UlyssesAttention(runtime.comms["ulysses"], sizes, pack_qkv=False)
+
     def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
         heads = head_sizes(dims.num_heads, plan.ulysses)[rank]
         return AttentionWork(q_tokens=sum(sizes), heads=heads, qkv_rows=sizes[rank], dispatch_ops=0.3)

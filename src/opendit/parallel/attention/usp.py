@@ -81,10 +81,8 @@ class USPStrategy(SequenceStrategy):
             raise OpenDiTError("sp-impl usp needs both --ulysses > 1 and --ring > 1")
         return []
 
-    def install(self, modules: list, runtime, sizes: list[int]) -> None:
-        core = HybridAttention(runtime.comms["ulysses"], runtime.comms["ring"], sizes)
-        for module in modules:
-            module.core = core
+    def core(self, runtime, sizes: list[int]):
+        return HybridAttention(runtime.comms["ulysses"], runtime.comms["ring"], sizes)
 
     def block_work(self, dims, plan, batch, sizes, rank) -> AttentionWork:
         g, u = divmod(rank, plan.ulysses)

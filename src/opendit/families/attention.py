@@ -1,0 +1,161 @@
+"""Where a strategy's kernel meets a diffusers attention module: only the attention call itself is replaced.
+
+The module's processor keeps doing what diffusers wrote — projections, q/k norms, RoPE, output projections — and its
+one attention call runs on an `AttentionSite` instead of on one device:
+- processors that call `dispatch_attention_fn(..., parallel_config=self._parallel_config)` (every class with a
+  `_cp_plan`, and any processor written that way): the site is set as that processor instance's `_parallel_config`,
+  exactly where diffusers' own `enable_parallelism` puts its config, so a processor that passes `None` for a call
+  (cross-attention to text that is not split, as Wan's does) keeps running it locally. The name
+  `dispatch_attention_fn` in the processor's module is wrapped once: a call whose `parallel_config` is a site goes
+  to the site, every other call to diffusers' function unchanged (tests/test_families_routing.py pins the name);
+- processors that call `F.scaled_dot_product_attention` themselves (AttnProcessor2_0 of DiT / PixArt,
+  JointAttnProcessor2_0 of SD3): a subclass of the processor's own class whose `__call__` runs the inherited one
+  under a TorchFunctionMode that sends that one torch function to the site (nothing is patched).
+
+The site (layout (B, S, H, D), flash-attn naming) asks the sequence state for every rank's (q, k) token counts, then
+- q and k split alike on every rank (self- and joint attention): the strategy's kernel for those sizes;
+- otherwise (cross-attention whose keys are split differently from its queries): K, V (and a key mask) are
+  all-gathered and the local queries attend to every key — exact, and cheap for text;
+- tokens not split at this point of the call (`SequenceState.active` false): one-device attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from opendit.errors import OpenDiTError
+from opendit.models.attention import local_attention
+
+
+class AttentionSite:
+    """One attention module's call over the sequence group; `kernels(sizes)` gives the strategy's core."""
+
+    def __init__(self, path: str, state, kernels, owner: str):
+        self.path, self.state, self.kernels, self.owner = path, state, kernels, owner
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, **_ignored) -> torch.Tensor:  # fmt: skip
+        """(B, S_q,r, H, D), (B, S_k,r, H_k, D) x2 -> (B, S_q,r, H, D)."""
+        if dropout_p or is_causal:
+            raise OpenDiTError(
+                f"{self.owner} {self.path}: attention with dropout or a causal mask is not split over ranks "
+                "(inference runs without dropout; a causal mask needs its own ring schedule); call model.eval()"
+            )
+        if scale is not None and not math.isclose(scale, query.shape[-1] ** -0.5, rel_tol=1e-6):
+            query = query * (scale * query.shape[-1] ** 0.5)  # the kernels scale by D^-1/2: fold the rest into q
+        if key.shape[2] != query.shape[2]:  # grouped-query attention: repeat K/V heads (exact)
+            repeat = query.shape[2] // key.shape[2]
+            key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
+        if not self.state.active:
+            return _local(query, key, value, attn_mask)
+        sizes = self.state.sizes(self.path, (query.shape[1], key.shape[1]))
+        q_sizes, k_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
+        mask = _key_mask(attn_mask, query, key, self)
+        if q_sizes == k_sizes:
+            if mask is not None and not bool(mask.all()):
+                raise OpenDiTError(
+                    f"{self.owner} {self.path}: a key padding mask inside attention over split tokens is not "
+                    "supported by the sequence kernels yet; give prompts of one length without padding (or use --dp)"
+                )
+            return self.kernels(q_sizes)(query, key, value)
+        comm = self.state.comm  # cross-attention: gather K, V and the key mask (B, S_k,r) over the group
+        key = comm.all_gather(key.contiguous(), 1, k_sizes)  # (B, S_k, H, D)
+        value = comm.all_gather(value.contiguous(), 1, k_sizes)
+        if mask is not None:
+            mask = comm.all_gather(mask.contiguous(), 1, k_sizes)
+        return _local(query, key, value, None if mask is None else mask[:, None, None, :])
+
+
+def _key_mask(attn_mask, query, key, site):
+    """A mask over keys only, as (B, S_k,r) bool (True: attend), or None without one; refuses other masks. Whether
+    there is a mask is the same on every rank (the same code path), so the collectives that follow match."""
+    if attn_mask is None:
+        return None
+    mask = attn_mask
+    if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or a large negative) masks
+        mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
+    while mask.dim() > 2 and mask.shape[1] == 1:  # (B, 1, 1, S_k) / (B, 1, S_k) -> (B, S_k)
+        mask = mask.squeeze(1)
+    if mask.dim() != 2 or mask.shape[-1] != key.shape[1]:
+        raise OpenDiTError(
+            f"{site.owner} {site.path}: an attention mask of shape {tuple(attn_mask.shape)} is not a key padding "
+            "mask; only those are split over ranks"
+        )
+    return mask.expand(query.shape[0], -1)
+
+
+def _local(query, key, value, attn_mask):
+    if attn_mask is None:
+        return local_attention(query, key, value)
+    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                         attn_mask=attn_mask)  # fmt: skip
+    return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------- dispatch route
+_ROUTED = "_opendit_routed"
+
+
+def routes_dispatch(processor) -> bool:
+    """Whether this processor hands its attention to diffusers' dispatch_attention_fn with a parallel config."""
+    module = sys.modules.get(type(processor).__module__)
+    return hasattr(processor, "_parallel_config") and callable(getattr(module, "dispatch_attention_fn", None))
+
+
+def route_dispatch(processor, site: AttentionSite) -> None:
+    """Give this processor instance the site as its parallel config (see the module docstring)."""
+    module = sys.modules[type(processor).__module__]
+    original = module.dispatch_attention_fn
+    if not getattr(original, _ROUTED, False):
+
+        def dispatch_attention_fn(*args, parallel_config=None, **kwargs):
+            if isinstance(parallel_config, AttentionSite):
+                return parallel_config(*args, **kwargs)
+            return original(*args, parallel_config=parallel_config, **kwargs)
+
+        setattr(dispatch_attention_fn, _ROUTED, True)
+        dispatch_attention_fn.__wrapped__ = original
+        module.dispatch_attention_fn = dispatch_attention_fn
+    processor._parallel_config = site
+
+
+# ------------------------------------------------------------------------------------------- SDPA route
+class _SdpaToSite(TorchFunctionMode):
+    """Sends F.scaled_dot_product_attention ((B, H, S, D) layout) to the site; every other torch call runs as is."""
+
+    def __init__(self, site: AttentionSite):
+        super().__init__()
+        self.site = site
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        call = {**dict(zip(names, args)), **kwargs}
+        q, k, v = (call.pop(n).transpose(1, 2) for n in ("query", "key", "value"))  # (B, S, H, D)
+        return self.site(q, k, v, **call).transpose(1, 2)  # (B, H, S_q, D)
+
+
+def route_sdpa(attention_module, site: AttentionSite) -> None:
+    """Replace the module's processor with a subclass of its class that runs under the site's SDPA route."""
+    processor = attention_module.processor
+    base = type(processor)
+    inherited = base.__call__
+
+    def __call__(self, *args, **kwargs):
+        with _SdpaToSite(self._opendit_site):
+            return inherited(self, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(inherited)  # diffusers filters call kwargs by this signature
+    routed = type(f"SequenceParallel{base.__name__}", (base,), {"__call__": __call__})
+    clone = routed.__new__(routed)
+    clone.__dict__.update(processor.__dict__)
+    clone._opendit_site = site
+    attention_module.set_processor(clone)

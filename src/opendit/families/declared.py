@@ -1,0 +1,56 @@
+"""Families for diffusers classes that declare no `_cp_plan`: their split/gather points written in diffusers'
+vocabulary, their attention modules (processors that call F.scaled_dot_product_attention themselves), and the
+tensor-parallel split where declared. Cross-attention to the text (PixArt's attn2) is not listed: local queries
+against every text token is exact and needs no exchange."""
+
+from __future__ import annotations
+
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+from opendit.families.registry import Family, register_family
+from opendit.models.spec import TensorSplit
+
+TOKENS_OUT = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)  # (B, L, C) output, split on L
+GATHER = ContextParallelOutput(gather_dim=1, expected_dims=3)
+
+register_family(
+    "DiTTransformer2DModel",
+    Family(
+        name="diffusers DiT",
+        cp_plan={"pos_embed": {0: TOKENS_OUT}, "proj_out_2": GATHER},  # gather before unpatchify (grid from count)
+        attention=("transformer_blocks.*.attn1",),
+        cfg_batched=True,
+        tensor=TensorSplit(  # each block's own adaLN-Zero (norm1.linear: 6 x C) split per chunk and gathered
+            attention=("transformer_blocks.*.attn1",),
+            attention_kind="separate_qkv",
+            column=("transformer_blocks.*.ff.net.0.proj",),
+            row=("transformer_blocks.*.ff.net.2",),
+            gathered=(("transformer_blocks.*.norm1.linear", 6),),
+        ),
+    ),
+)
+register_family(
+    "PixArtTransformer2DModel",
+    Family(
+        name="diffusers PixArt",
+        cp_plan={"pos_embed": {0: TOKENS_OUT}, "proj_out": GATHER},
+        attention=("transformer_blocks.*.attn1",),  # attn2: cross-attention to the text, local
+        cfg_batched=True,
+        tensor=TensorSplit(  # adaLN-single: the per-block scale_shift_table (6, C) is tiny and stays whole
+            attention=("transformer_blocks.*.attn1", "transformer_blocks.*.attn2"),
+            attention_kind="separate_qkv",
+            column=("transformer_blocks.*.ff.net.0.proj",),
+            row=("transformer_blocks.*.ff.net.2",),
+        ),
+    ),
+)
+register_family(
+    "SD3Transformer2DModel",
+    Family(
+        name="diffusers SD3 (MMDiT)",
+        # image patches (positions inside pos_embed) and the projected text tokens are both split
+        cp_plan={"pos_embed": {0: TOKENS_OUT}, "context_embedder": {0: TOKENS_OUT}, "proj_out": GATHER},
+        attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2"),  # joint; SD3.5's image-only attn2
+        cfg_batched=True,
+    ),
+)
