@@ -8,7 +8,7 @@ Parts (one process, 1 thread, fp32, flow-euler, 30 steps, CFG 3, the same seeds 
              `--timing-samples` images (interleaved passes; per-pass minimum and median), and on `--samples` images
              (100 per class at 1000; the non-default curve points on the first `--curve-samples`) the project
              judge's class accuracy and the PSNR against the uncached images.
-  diffusers  the same digits model converted to diffusers' DiTTransformer2DModel (integrations/dit_to_diffusers.py,
+  diffusers  the same digits model converted to diffusers' DiTTransformer2DModel (testing/dit_to_diffusers.py,
              outputs equal to ours): diffusers' own `apply_first_block_cache` vs our fbcache on that same module,
              same thresholds, same sampler; speedup and PSNR vs that module's uncached images.
   video      the bundled digits video model: uncached, PAB and fbcache defaults; per-frame digit and direction
@@ -140,7 +140,7 @@ def run_diffusers(args) -> list[dict]:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     from opendit.evaluate import load_for_eval
-    from opendit.integrations.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
+    from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)

@@ -53,7 +53,7 @@ def main() -> None:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     from opendit.evaluate import load_for_eval
-    from opendit.integrations.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
+    from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=5)

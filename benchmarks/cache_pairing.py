@@ -78,7 +78,7 @@ def main() -> None:
     import statistics
 
     from opendit.evaluate import load_for_eval
-    from opendit.integrations.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
+    from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repeats", nargs="?", type=int, default=20, help="PSNR images per class")

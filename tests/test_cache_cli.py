@@ -93,7 +93,7 @@ def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
 
 def test_a_diffusers_pipeline_takes_both_caches(tmp_path):
     pytest.importorskip("transformers")
-    from opendit.integrations.tiny_pipelines import save_tiny_pipeline
+    from opendit.testing.tiny_pipelines import save_tiny_pipeline
 
     folder = save_tiny_pipeline("pixart", tmp_path / "pixart", seed=0)
     base = ["sample", "--diffusers", str(folder), "--prompt", "a cat", "--steps", "6", "--cfg-scale", "4.5",

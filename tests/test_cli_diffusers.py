@@ -1,6 +1,6 @@
 """`opendit sample --diffusers DIR`: a local diffusers pipeline folder on OpenDiT's engine.
 
-On tiny random pipelines saved to disk (opendit.integrations.tiny_pipelines): the one-process run equals diffusers'
+On tiny random pipelines saved to disk (opendit.testing.tiny_pipelines): the one-process run equals diffusers'
 own call of the same pipeline (same prompt, steps, guidance, generator), the parallel runs (Ulysses, cfg parallel on
 2 processes) equal the one-process run of the same command (uint8 images, <= 1 of 255), record.json names the
 pipeline, scheduler and plan, and bad input is one "error: ..." line with exit status 2, before any process starts.
@@ -22,9 +22,9 @@ import opendit  # noqa: E402
 import opendit.distributed.launch  # noqa: E402
 from opendit.cli import main  # noqa: E402
 from opendit.generation import GenerationRequest, resolve_engine  # noqa: E402
-from opendit.integrations.tiny_pipelines import save_tiny_pipeline  # noqa: E402
 from opendit.outputs import file_stem  # noqa: E402
 from opendit.pipelines import inspect_pipeline, label_ids  # noqa: E402
+from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
 # per kind: the flags of every run (Flux at 32 px: its default, 256 px, takes ~30 s on a CPU) and the guidance
@@ -160,7 +160,7 @@ def test_bad_input_is_one_error_line_before_any_process_starts(folders, tmp_path
         (edited_copy(pixart, tmp_path / "unet", unet), [], "UNet2DConditionModel is not supported"),
         (edited_copy(pixart, tmp_path / "cls", config_class="MyModel"), [], "MyModel is not supported"),
         (edited_copy(pixart, tmp_path / "none", {"transformer": None}), [], "has no transformer"),
-        (flux, ["--nproc", "2", "--cfg-parallel"], "pipelines call the transformer once per branch"),
+        (flux, ["--nproc", "2", "--cfg-parallel"], "calls the transformer once per guidance branch"),
         (pixart, ["--nproc", "2", "--dp", "2"], "dp degree 2 exceeds the 1 prompt(s)"),
         (pixart, ["--classes", "1"], "pass --classes (OpenDiT's class-conditional DiT) or --prompt"),
         (pixart, ["--scheduler", "ddim"], "runs its own (DPMSolverMultistepScheduler): drop --scheduler"),

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 from diffusers import DiffusionPipeline, WanTransformer3DModel  # noqa: E402
 from diffusers.utils import is_accelerate_available  # noqa: E402
 
-from opendit.integrations.tiny_pipelines import (  # noqa: E402
+from opendit.testing.tiny_pipelines import (  # noqa: E402
     TINY_KINDS,
     build_tiny_pipeline,
     save_tiny_pipeline,

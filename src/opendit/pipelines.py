@@ -89,7 +89,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "transformer_config": config,
         "scheduler_class": (index.get("scheduler") or [None, None])[1],
         "num_heads": int(config.get(family.heads_attr, 1)),
-        "cfg_batched": family.cfg_batched,
+        "cfg_batched": family.cfg_batched if family.cfg_batched is not None else pipeline_batches_guidance(pipeline),
         "family": family.name,
         "call": _call_parameters(pipeline, folder),
         "id2label": index.get("id2label"),
@@ -115,6 +115,23 @@ def _read_json(file: Path, folder) -> dict:
     if not isinstance(data, dict):
         raise OpenDiTError(f"--diffusers {folder}: {file.name} is not a JSON object; pass {LAYOUT}")
     return data
+
+
+def pipeline_batches_guidance(pipeline: str) -> bool:
+    """Whether a pipeline class runs its transformer once per step on the [uncond; cond] batch (so --cfg-parallel
+    has a batch to split) rather than once per guidance branch. Read from its `__call__` source, for families whose
+    class does not declare it: one call site of the denoiser = batched, two or more = one call per branch."""
+    import re
+
+    import diffusers
+
+    cls = getattr(diffusers, pipeline, None)
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (TypeError, OSError):
+        return False
+    calls = re.findall(r"\b(?:self\.transformer(?:_2)?|current_model|transformer)\(", source)
+    return len(calls) == 1
 
 
 def _call_parameters(pipeline: str, folder) -> dict:
@@ -259,6 +276,11 @@ def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[st
         return []
     module = meta_transformer(info)
     family = check_family(module, plan)
+    if plan.cfg > 1 and not info["cfg_batched"]:
+        raise OpenDiTError(
+            f"--cfg-parallel splits one guided call's batch, but {info['pipeline_class']} calls the transformer once "
+            "per guidance branch (true CFG), so there is no batch to split; use --ulysses/--ring or --dp instead"
+        )
     plan, notes = family_plan(plan, family)
     heads = info["num_heads"]
     return notes + plan.validate(world, heads, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)

@@ -71,8 +71,8 @@ def check_family(module: nn.Module, plan) -> Family:
             f"--cfg-parallel splits one guided call's batch, but {owner}'s pipelines call the transformer once per "
             "branch (true CFG); use --ulysses/--ring or --dp instead"
         )
-    if plan.shard_weights:
-        raise OpenDiTError(f"--shard-weights is not declared for {family.name} yet (no shard units); drop it")
+    if plan.shard_weights and plan.sp_degree == 1:
+        raise OpenDiTError("--shard-weights shards over the sequence-parallel group; add --ulysses or --ring")
     return family
 
 
@@ -103,7 +103,25 @@ def apply_family(module: nn.Module, family: Family, runtime) -> dict:
     state = SequenceState(runtime.exact("sp"))
     install_plan(module, family.cp_plan, state)
     sites = install_sites(module, family, state, KernelCache(runtime))
-    return {"family": family.name, "attention_sites": len(sites), "impl": runtime.plan.impl, "tensor": tensor}
+    units = None
+    if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block, the rest in the root
+        from opendit.parallel.sharding import apply_weight_sharding
+
+        units = shard_units(module, family)
+        apply_weight_sharding(module, runtime.sp_mesh, units=units, stats=runtime.stats, root_used_after_units=True)
+    return {"family": family.name, "attention_sites": len(sites), "impl": runtime.plan.impl, "tensor": tensor,
+            "shard_units": None if units is None else len(units)}  # fmt: skip
+
+
+def shard_units(module: nn.Module, family: Family) -> list[nn.Module]:
+    """The blocks of every ModuleList directly under the root, in registration order (the forward order of the
+    transformer classes: Flux's double- then single-stream blocks), but those the family reads outside their own
+    forward (`Family.shard_in_root`); parameters outside the units stay in the root unit, gathered all forward."""
+    kept = {m for pattern in family.shard_in_root for _p, m in matching_modules(module, pattern)}
+    units = [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child if b not in kept]
+    if not units:
+        raise OpenDiTError(f"{type(module).__name__} has no list of blocks to shard; drop --shard-weights")
+    return units
 
 
 def install_sites(module: nn.Module, family: Family, state: SequenceState, kernels) -> list[str]:

@@ -68,26 +68,29 @@ class AttentionSite:
         key = comm.all_gather(key.contiguous(), 1, k_sizes)  # (B, S_k, H, D)
         value = comm.all_gather(value.contiguous(), 1, k_sizes)
         if mask is not None:
-            mask = comm.all_gather(mask.contiguous(), 1, k_sizes)
-        return _local(query, key, value, None if mask is None else mask[:, None, None, :])
+            mask = comm.all_gather(mask.contiguous(), 3, k_sizes)  # (B|1, H|1, 1, S_k)
+        return _local(query, key, value, mask)
 
 
 def _key_mask(attn_mask, query, key, site):
-    """A mask over keys only, as (B, S_k,r) bool (True: attend), or None without one; refuses other masks. Whether
-    there is a mask is the same on every rank (the same code path), so the collectives that follow match."""
+    """A mask over keys only, as a bool (B|1, H|1, 1, S_k,r) tensor (True: attend), or None without one; refuses
+    masks that depend on the query. Whether there is a mask is the same on every rank (the same code path), so the
+    collectives that follow match."""
     if attn_mask is None:
         return None
     mask = attn_mask
     if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or a large negative) masks
         mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
-    while mask.dim() > 2 and mask.shape[1] == 1:  # (B, 1, 1, S_k) / (B, 1, S_k) -> (B, S_k)
-        mask = mask.squeeze(1)
-    if mask.dim() != 2 or mask.shape[-1] != key.shape[1]:
+    if mask.dim() == 2:  # (B, S_k)
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:  # (B, 1, S_k)
+        mask = mask[:, None, :, :]
+    if mask.dim() != 4 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[1]:
         raise OpenDiTError(
             f"{site.owner} {site.path}: an attention mask of shape {tuple(attn_mask.shape)} is not a key padding "
-            "mask; only those are split over ranks"
+            "mask (one row over the keys); only those are split over ranks"
         )
-    return mask.expand(query.shape[0], -1)
+    return mask
 
 
 def _local(query, key, value, attn_mask):

@@ -20,6 +20,7 @@ register_family(
         cp_plan={"pos_embed": {0: TOKENS_OUT}, "proj_out_2": GATHER},  # gather before unpatchify (grid from count)
         attention=("transformer_blocks.*.attn1",),
         cfg_batched=True,
+        shard_in_root=("transformer_blocks.0",),  # its norm1.emb also conditions the final layer
         tensor=TensorSplit(  # each block's own adaLN-Zero (norm1.linear: 6 x C) split per chunk and gathered
             attention=("transformer_blocks.*.attn1",),
             attention_kind="separate_qkv",

@@ -32,6 +32,9 @@ class Family:
     heads_attr: str = "num_attention_heads"
     tensor: object | None = None  # parallel.tensor's TensorSplit
     source: str = "declared"  # or "_cp_plan": read from the class
+    # --shard-weights: blocks the model reads outside their own forward (diffusers' DiT embeds the final layer's
+    # condition with block 0's embedder after every block ran): they stay in the root unit, gathered all forward
+    shard_in_root: tuple[str, ...] = ()
     notes: dict = field(default_factory=dict)
 
     def num_heads(self, module) -> int | None:

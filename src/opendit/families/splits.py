@@ -207,12 +207,12 @@ def _output_splitter(outputs: dict, state: SequenceState, path: str):
 def _gatherer(outputs: list, state: SequenceState, path: str):
     def hook(_module, _args, output):
         if isinstance(output, torch.Tensor):
-            result = gather(output, outputs[0], state, path)
+            result = gather(output, outputs[0], state, f"{path}:out")
         else:
             items = list(output)
             if len(items) != len(outputs):
                 raise OpenDiTError(f"{path}: the plan gathers {len(outputs)} outputs, the module returned {len(items)}")
-            items = [o if spec is None else gather(o, spec, state, f"{path}:{i}") for i, (o, spec) in
+            items = [o if spec is None else gather(o, spec, state, f"{path}:out{i}") for i, (o, spec) in
                      enumerate(zip(items, outputs))]  # fmt: skip
             result = type(output)(items) if isinstance(output, tuple) else items
         state.active = False

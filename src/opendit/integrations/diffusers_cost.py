@@ -120,7 +120,8 @@ def diffusers_auto_plan(module, world: int, images: int, guided: bool, image_tok
     from opendit.planning.speeds import resolve_speeds
 
     config = cost_config(module, image_tokens, text_tokens)
-    cfg_batched = require_family(module).cfg_batched is not False
+    # cfg is planned only where the family's pipelines batch [uncond; cond] in one call (unknown: not planned)
+    cfg_batched = require_family(module).cfg_batched is True
     result = plan(config, world, speeds or resolve_speeds(), images=images, guided=guided and cfg_batched,
                   impls=PLANNED_STRATEGIES, shard_options=(False,))  # fmt: skip
     return result.best.config, result.explain(others=2)

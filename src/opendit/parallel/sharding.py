@@ -87,9 +87,12 @@ def apply_weight_sharding(
     prefetch: bool = True,
     units: list[nn.Module] | None = None,
     stats: Any = None,
+    root_used_after_units: bool = False,
 ) -> None:
     """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks).
     The weight all-gathers are counted in `stats` (a CommStats; default: an opendit Comm's own).
+    `root_used_after_units`: the root's own parameters are read after the units ran (a diffusers transformer's
+    norm_out / proj_out), so they stay gathered for the whole forward.
 
     Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
@@ -129,7 +132,8 @@ def apply_weight_sharding(
     if prefetch:
         for current, following in zip(chain, chain[1:]):
             current.set_modules_to_forward_prefetch([following])
-    if units and not (spec is not None and spec.root_used_after_embedding):
+    keep_root = root_used_after_units or (spec is not None and spec.root_used_after_embedding)
+    if units and not keep_root:
         # The root's own parameters (pos_embed (1, T, C) and the patch embedder) serve only the embedding, which runs
         # before the first child unit; FSDP2 would keep them gathered until the root's forward ends (72 MiB at
         # 16384 tokens, XL width, fp32). Free them when the first unit starts.
