@@ -18,19 +18,23 @@ HEADS, HEAD_DIM, TEXT, CHANNELS = 3, 12, 7, 16
 KINDS = ("flux", "flux2", "qwenimage", "wan", "ltx", "ltx2", "chronoedit", "helios", "minimax_h3")
 
 
+def _wan_like(heads: int) -> dict:
+    """The config the Wan-derived classes (ChronoEdit, Helios) share with the tiny Wan."""
+    return dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4,
+                out_channels=4, text_dim=CHANNELS, freq_dim=16, ffn_dim=32, num_layers=2)  # fmt: skip
+
+
 def build(kind: str, seed: int = 0, heads: int = HEADS):
     """The tiny `kind` model in eval mode, its weights fixed by `seed`."""
     import diffusers
 
     inner = heads * HEAD_DIM
     torch.manual_seed(seed)
-    if kind == "flux":
-        model = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=2, attention_head_dim=HEAD_DIM,
-            num_attention_heads=heads, joint_attention_dim=CHANNELS, pooled_projection_dim=CHANNELS,
-            axes_dims_rope=(4, 4, 4),
-        )  # fmt: skip
-    elif kind == "flux2":
+    if kind in ("flux", "wan"):  # the same tiny configs as the five-class equivalence tests
+        from tests.diffusers_models import build as build_known
+
+        return build_known(kind, seed, heads)
+    if kind == "flux2":
         model = diffusers.Flux2Transformer2DModel(
             patch_size=1, in_channels=CHANNELS, num_layers=1, num_single_layers=2, attention_head_dim=HEAD_DIM,
             num_attention_heads=heads, joint_attention_dim=CHANNELS, timestep_guidance_channels=32,
@@ -40,11 +44,6 @@ def build(kind: str, seed: int = 0, heads: int = HEADS):
         model = diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=CHANNELS, out_channels=4, num_layers=2, attention_head_dim=HEAD_DIM,
             num_attention_heads=heads, joint_attention_dim=CHANNELS, axes_dims_rope=(4, 4, 4),
-        )  # fmt: skip
-    elif kind == "wan":
-        model = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4,
-            out_channels=4, text_dim=CHANNELS, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
         )  # fmt: skip
     elif kind == "ltx":
         # cross_attention_dim must equal the inner dim (the caption projection maps the text to it)
@@ -61,15 +60,9 @@ def build(kind: str, seed: int = 0, heads: int = HEADS):
             caption_channels=CHANNELS,
         )  # fmt: skip
     elif kind == "chronoedit":
-        model = diffusers.ChronoEditTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4,
-            out_channels=4, text_dim=CHANNELS, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
-        )  # fmt: skip
+        model = diffusers.ChronoEditTransformer3DModel(**_wan_like(heads), rope_max_seq_len=32)
     elif kind == "helios":
-        model = diffusers.HeliosTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=4,
-            out_channels=4, text_dim=CHANNELS, freq_dim=16, ffn_dim=32, num_layers=2, rope_dim=(4, 4, 4),
-        )  # fmt: skip
+        model = diffusers.HeliosTransformer3DModel(**_wan_like(heads), rope_dim=(4, 4, 4))
     elif kind == "minimax_h3":
         # rope_freq_dim=2 rotates 2 * 3 * 2 = 12 channels, i.e. the whole head
         model = diffusers.MiniMaxH3Transformer3DModel(
@@ -79,10 +72,9 @@ def build(kind: str, seed: int = 0, heads: int = HEADS):
         )  # fmt: skip
     else:
         raise ValueError(kind)
-    with torch.no_grad():  # zero-initialised gates (adaLN-Zero) would make every block the identity
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model.eval()
+    from tests.diffusers_models import perturbed
+
+    return perturbed(model)
 
 
 def _grid(*sizes: int) -> torch.Tensor:
@@ -93,6 +85,10 @@ def _grid(*sizes: int) -> torch.Tensor:
 
 def inputs(kind: str, batch: int = 2, seed: int = 1) -> dict:
     """Keyword arguments for `model(**inputs, return_dict=False)`; random tensors drawn from `seed`."""
+    if kind in ("flux", "wan"):
+        from tests.diffusers_models import inputs as inputs_known
+
+        return inputs_known(kind, batch, seed)
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -100,11 +96,6 @@ def inputs(kind: str, batch: int = 2, seed: int = 1) -> dict:
 
     t = torch.rand(batch, generator=g) * 0.9 + 0.05  # in (0.05, 0.95); scaled to 0..1000 where a model wants that
     ones = torch.ones(batch, TEXT)
-    if kind == "flux":  # 25 packed image tokens (5x5), 7 text tokens
-        ids = torch.cat([torch.zeros(25, 1), _grid(5, 5)], -1)
-        return {"hidden_states": randn(batch, 25, CHANNELS), "encoder_hidden_states": randn(batch, TEXT, CHANNELS),
-                "pooled_projections": randn(batch, CHANNELS), "timestep": t, "img_ids": ids,
-                "txt_ids": torch.zeros(TEXT, 3)}  # fmt: skip
     if kind == "flux2":  # 25 packed image tokens (5x5), 7 text tokens; ids are (batch, tokens, 4) (t, h, w, l)
         img_ids = torch.cat([torch.zeros(25, 1), _grid(5, 5), torch.zeros(25, 1)], -1).repeat(batch, 1, 1)
         txt_ids = torch.cat([torch.zeros(TEXT, 3), torch.arange(TEXT).float()[:, None]], -1).repeat(batch, 1, 1)
@@ -114,9 +105,6 @@ def inputs(kind: str, batch: int = 2, seed: int = 1) -> dict:
     if kind == "qwenimage":  # 25 packed image tokens (5x5 after 2x2 patches), 7 text tokens
         return {"hidden_states": randn(batch, 25, CHANNELS), "encoder_hidden_states": randn(batch, TEXT, CHANNELS),
                 "encoder_hidden_states_mask": ones, "timestep": t, "img_shapes": [[(1, 5, 5)]] * batch}  # fmt: skip
-    if kind == "wan":  # (3, 6, 6) latents -> 27 tokens after (1, 2, 2) patches
-        return {"hidden_states": randn(batch, 4, 3, 6, 6), "timestep": t * 1000,
-                "encoder_hidden_states": randn(batch, TEXT, CHANNELS)}  # fmt: skip
     if kind == "chronoedit":
         # 2 latent frames (input + edited image) take ChronoEdit's own temporal RoPE path; any other count matches
         # Wan exactly. (2, 10, 10) latents -> 50 tokens, which 3 and 4 do not divide (2 always does).

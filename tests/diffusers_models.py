@@ -45,7 +45,13 @@ def build(kind: str, seed: int = 0, heads: int = HEADS):
         )  # fmt: skip
     else:
         raise ValueError(kind)
-    with torch.no_grad():  # zero-initialised gates (adaLN-Zero) would make every block the identity
+    return perturbed(model)
+
+
+def perturbed(model):
+    """The model with every weight moved by N(0, 0.02) noise (zero-initialised gates, adaLN-Zero, would make every
+    block the identity), in eval mode."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
