@@ -1,7 +1,8 @@
 """Every diffusers 0.42 transformer class that declares its own `_cp_plan` (and can be built from a small config:
 tests/cp_plan_models.py) runs exact under OpenDiT's Ulysses, ring and USP at worlds 2-4 (fp32, max relative error
 <= 1e-5 against the same module in one process), from the class's plan alone: OpenDiT holds no code for them.
-Token counts are chosen so that no world divides them (3 heads, 25/27/35/41/50 tokens, 7 text tokens)."""
+Token counts are chosen so that no world divides them (3 heads, 25/27/35/41/50 tokens, 7 text tokens). LTX-2 also
+checks a stream the plan leaves whole inside the split region (its audio): attention over it stays local."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from tests.dist_utils import run_distributed
 
 pytestmark = pytest.mark.slow
 
-# LTX-2's class plan splits the video tokens and their rotary embedding (`rope`) but not the rotary embedding of
-# its audio<->video cross-attention (`cross_attn_rope`), so its own plan cannot run split (13 vs 27 tokens at the
-# a2v attention on 2 ranks); it needs a declared plan that adds that split
-EXACT = tuple(kind for kind in KINDS if kind != "ltx2")
+# LTX-2's own plan lacks one split (its audio<->video cross-attention's video rotary embedding): families/declared.py
+# adds that entry to the class's plan; every other class runs from its plan alone
+EXACT = KINDS
+DECLARED_EXTENSION = ("ltx2",)
 
 PLANS = {
     2: [{"ulysses": 2}, {"ring": 2}, {"ulysses": 2, "sp_impl": "fastseq"}],
@@ -59,9 +60,12 @@ def test_the_families_are_read_from_the_classes():
     from opendit.families import family_for
 
     for kind in KINDS:
-        family = family_for(build(kind))
+        family, plan = family_for(build(kind)), type(build(kind))._cp_plan
+        if kind in DECLARED_EXTENSION:
+            assert family.source == "_cp_plan + declared" and all(family.cp_plan[k] is v for k, v in plan.items())
+            continue
         assert family is not None and family.source == "_cp_plan", kind
-        assert family.cp_plan is type(build(kind))._cp_plan  # the class's own plan, not a copy
+        assert family.cp_plan is plan  # the class's own plan, not a copy
 
 
 def test_no_line_of_opendit_names_a_cp_plan_class():
@@ -69,7 +73,7 @@ def test_no_line_of_opendit_names_a_cp_plan_class():
 
     import opendit
 
-    names = {type(build(kind)).__name__ for kind in KINDS if kind not in ("flux", "wan")}
+    names = {type(build(kind)).__name__ for kind in KINDS if kind not in ("flux", "wan", *DECLARED_EXTENSION)}
     names |= {"FluxTransformer2DModel", "WanTransformer3DModel"}
     for path in Path(opendit.__file__).parent.rglob("*.py"):
         if "testing" in path.parts:

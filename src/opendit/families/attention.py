@@ -12,10 +12,12 @@ one attention call runs on an `AttentionSite` instead of on one device:
   JointAttnProcessor2_0 of SD3): a subclass of the processor's own class whose `__call__` runs the inherited one
   under a TorchFunctionMode that sends that one torch function to the site (nothing is patched).
 
-The site (layout (B, S, H, D), flash-attn naming) asks the sequence state for every rank's (q, k) token counts, then
-- q and k split alike on every rank (self- and joint attention): the strategy's kernel for those sizes;
-- otherwise (cross-attention whose keys are split differently from its queries): K, V (and a key mask) are
+The site (layout (B, S, H, D), flash-attn naming) asks the sequence state how the call's streams lie over the ranks
+(every rank's token counts and a fingerprint of q and k, exchanged once per site and set of lengths), then
+- q and k split alike (self- and joint attention): the strategy's kernel for those sizes;
+- keys split, queries split otherwise or whole (cross-attention to a split text): K, V (and a key mask) are
   all-gathered and the local queries attend to every key — exact, and cheap for text;
+- keys whole on every rank (a stream the plan does not split): local attention, exact;
 - tokens not split at this point of the call (`SequenceState.active` false): one-device attention.
 """
 
@@ -54,17 +56,18 @@ class AttentionSite:
             key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
         if not self.state.active:
             return _local(query, key, value, attn_mask)
-        sizes = self.state.sizes(self.path, (query.shape[1], key.shape[1]))
-        q_sizes, k_sizes = [s[0] for s in sizes], [s[1] for s in sizes]
+        mode, q_sizes, k_sizes = self.state.attention_layout(self.path, query, key)
         mask = _key_mask(attn_mask, query, key, self)
-        if q_sizes == k_sizes:
+        if mode == "local":  # every key on every rank already
+            return _local(query, key, value, mask)
+        if mode == "split":
             if mask is not None and not bool(mask.all()):
                 raise OpenDiTError(
                     f"{self.owner} {self.path}: a key padding mask inside attention over split tokens is not "
                     "supported by the sequence kernels yet; give prompts of one length without padding (or use --dp)"
                 )
             return self.kernels(q_sizes)(query, key, value)
-        comm = self.state.comm  # cross-attention: gather K, V and the key mask (B, S_k,r) over the group
+        comm = self.state.comm  # keys split, queries not alike: gather K, V and the key mask over the group
         key = comm.all_gather(key.contiguous(), 1, k_sizes)  # (B, S_k, H, D)
         value = comm.all_gather(value.contiguous(), 1, k_sizes)
         if mask is not None:

@@ -12,6 +12,7 @@ from opendit.models.spec import TensorSplit
 
 TOKENS_OUT = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)  # (B, L, C) output, split on L
 GATHER = ContextParallelOutput(gather_dim=1, expected_dims=3)
+ROPE_OUT = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)  # (B, L, D) cos or sin
 
 register_family(
     "DiTTransformer2DModel",
@@ -53,5 +54,25 @@ register_family(
         cp_plan={"pos_embed": {0: TOKENS_OUT}, "context_embedder": {0: TOKENS_OUT}, "proj_out": GATHER},
         attention=("transformer_blocks.*.attn", "transformer_blocks.*.attn2"),  # joint; SD3.5's image-only attn2
         cfg_batched=True,
+    ),
+)
+
+
+def _class_plan_with(class_name: str, extra: dict) -> dict:
+    """A diffusers class's own `_cp_plan` with entries it lacks (the class's plan stays the source of the rest)."""
+    import diffusers
+
+    return {**getattr(diffusers, class_name)._cp_plan, **extra}
+
+
+# LTX-2's own plan splits the video tokens and `rope`, but not `cross_attn_rope`, the rotary embedding of the video
+# side of its audio<->video cross-attention, computed from the same video coordinates: without this entry the split
+# video queries meet a whole rotary embedding (13 vs 27 tokens on 2 ranks). The audio stream stays whole.
+register_family(
+    "LTX2VideoTransformer3DModel",
+    Family(
+        name="diffusers LTX2VideoTransformer3DModel",
+        cp_plan=_class_plan_with("LTX2VideoTransformer3DModel", {"cross_attn_rope": {0: ROPE_OUT, 1: ROPE_OUT}}),
+        source="_cp_plan + declared",
     ),
 )

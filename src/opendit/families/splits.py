@@ -52,6 +52,36 @@ class SequenceState:
         self.lengths.clear()
         self.active = False
 
+    def attention_layout(self, site: str, query: torch.Tensor, key: torch.Tensor) -> tuple[str, list, list]:
+        """How one attention call's streams lie over the ranks: ("split" | "gather_keys" | "local", q sizes,
+        k sizes). Decided once per (site, global lengths) from every rank's token counts and fingerprints:
+        - q and k each split (not the same on every rank) with equal per-rank counts: "split" (the kernel);
+        - keys split, queries split differently or whole: "gather_keys" (all-gather K, V, attend locally);
+        - keys whole on every rank (a stream the plan does not split, e.g. LTX-2's audio under its video split):
+          "local" (local queries against every key)."""
+        cache_key = ("layout", site, tuple(sorted(self.lengths.items())))
+        if cache_key not in self._sizes:
+            mine = torch.tensor([[query.shape[1], key.shape[1], fingerprint(query), fingerprint(key)]],
+                                dtype=torch.float64)  # fmt: skip
+            every = self.comm.all_gather(mine, 0, [1] * self.comm.size).tolist()  # (P, 4)
+            q_sizes, k_sizes = [int(r[0]) for r in every], [int(r[1]) for r in every]
+            q_whole = len({(r[0], r[2]) for r in every}) == 1
+            k_whole = len({(r[1], r[3]) for r in every}) == 1
+            if k_whole:
+                mode = "local"
+            elif not q_whole and q_sizes == k_sizes:
+                mode = "split"
+            else:
+                mode = "gather_keys"
+            self._sizes[cache_key] = [(mode, q_sizes, k_sizes)]
+        mode, q_sizes, k_sizes = self._sizes[cache_key][0]
+        if (query.shape[1], key.shape[1]) != (q_sizes[self.rank], k_sizes[self.rank]):
+            raise OpenDiTError(
+                f"{site}: this call holds {query.shape[1]} query / {key.shape[1]} key tokens where an earlier call "
+                f"with the same split lengths held {q_sizes[self.rank]} / {k_sizes[self.rank]}"
+            )
+        return mode, q_sizes, k_sizes
+
     def sizes(self, site: str, local: tuple[int, ...]) -> list[tuple[int, ...]]:
         """Every rank's `local` numbers at `site` (e.g. (q tokens, k tokens) of one attention call), in sp order.
 
@@ -70,6 +100,18 @@ class SequenceState:
                 f"held {found[self.rank]}; the model's token flow changed between calls with equal inputs"
             )
         return found
+
+
+def fingerprint(x: torch.Tensor) -> float:
+    """A number that differs between two tensors of one shape unless they hold the same values (in practice): sums
+    of x in fp64 weighted by token and by channel index. Ranks compare it to tell a stream every rank holds whole
+    (replicated) from one split over them."""
+    x = x.detach().double()
+    tokens = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+    channels = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device) ** 0.5
+    by_token = x.sum(dim=[d for d in range(x.dim()) if d != 1])  # (S,)
+    by_channel = x.sum(dim=list(range(x.dim() - 1)))  # (D,)
+    return float((by_token * tokens).sum() + (by_channel * channels).sum())
 
 
 def narrow(tensor, split, state: SequenceState, key: str):
