@@ -80,3 +80,34 @@ def test_no_line_of_opendit_names_a_cp_plan_class():
             continue
         text = path.read_text()
         assert not [n for n in names if n in text], (path, [n for n in names if n in text])
+
+
+TP_KINDS = ("flux", "flux2", "qwenimage")  # the classes with a _tp_plan (and a _cp_plan)
+TP_PLANS = {2: [{"tp": 2}], 4: [{"tp": 2, "ulysses": 2}, {"tp": 2, "ring": 2}]}
+
+
+def _tp_worker(rank, world):
+    import opendit
+    from opendit.distributed.config import ParallelConfig
+
+    results = {}
+    for kind in TP_KINDS:
+        reference = build(kind, heads=4)  # 4 heads: tp 2 x ulysses 2 leaves each rank one
+        expected = run(reference, inputs(kind))
+        for plan in TP_PLANS[world]:
+            model = copy.deepcopy(reference)
+            opendit.parallelize(model, ParallelConfig(**plan))
+            got = run(model, inputs(kind))
+            calls = {k: v["calls"] for k, v in model._opendit_runtime.stats.snapshot().items() if v["calls"]}
+            results[(kind, str(plan))] = (((got - expected).abs().max() / expected.abs().max()).item(), calls)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_classes_with_a_tp_plan_run_tensor_parallel_from_it(world):
+    """`--tp 2` read from the class's `_tp_plan` (families/tp_plan.py), alone and under Ulysses / ring."""
+    for rank, results in enumerate(run_distributed(_tp_worker, world, timeout=400)):
+        assert len(results) == len(TP_KINDS) * len(TP_PLANS[world])
+        for (kind, plan), (error, calls) in results.items():
+            assert error <= 1e-5, f"{kind} {plan} rank {rank}: relative error {error:.2e}"
+            assert calls.get("tp_all_reduce", 0) > 0, (kind, plan, calls)

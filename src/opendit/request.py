@@ -332,7 +332,9 @@ class CallRequest(Schema):
         Annotated[list[str], BeforeValidator(_as_motion_list), Field(min_length=1, max_length=MAX_CLASSES)] | None
     ) = None  # --video, a model trained with motion: one direction per class, or one for all
     frames: Annotated[Int, Field(ge=1, le=1024)] | None = None  # --video: must be the model's own frame count
-    cache: str | None = None  # caching across steps: cache/config.py checks these and names the fix
+    # caching across steps: a method name ("pab", "fbcache", a registered one) with the flags below, or
+    # {"method": name, **options}; cache/config.py checks these and names the fix
+    cache: str | dict | None = None
     pab_range: Int | None = None
     pab_window: list[float] | None = None
     pab_mlp_range: Int | None = None

@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from opendit.cache.registry import CacheMethod, register_cache_method
 
 _TINY = 1e-30
 
@@ -55,7 +58,7 @@ class BlockCache:
         self.slots: dict[int, _SlotState] = {}
         for index, (_path, module, io) in enumerate(layout.blocks[: self.span_end + 1]):
             role = "head" if index == 0 else ("tail" if index == self.span_end else "middle")
-            owner._wrap(module, self._forward(module.forward, io, role))
+            owner.wrap(module, self._forward(module.forward, io, role))
 
     def reset(self) -> None:
         self.slots.clear()
@@ -246,3 +249,30 @@ def _take(values, index: torch.Tensor, rows: int):
     if isinstance(values, dict):
         return {k: pick(v) for k, v in values.items()}
     return tuple(pick(v) for v in values)
+
+
+class FBCacheOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    threshold: float = Field(0.15, ge=0)  # relative L1 change of the head's residual under which the span is reused
+    max_reuse: int = Field(4, ge=1)  # consecutive reuses per sample before a full step is forced
+    guard_steps: int = Field(2, ge=0)  # the first and last steps that always compute
+
+
+class FirstBlockCacheMethod(CacheMethod):
+    """`fbcache`: the adaptive first-block cache (this module's BlockCache); its options live in CacheConfig."""
+
+    name = "fbcache"
+    summary = "per sample, skip the blocks after the first when its residual barely moved"
+    Options = FBCacheOptions
+
+    def install(self, cache) -> None:
+        cache.blocks = BlockCache(cache)
+
+    def reset(self, cache) -> None:
+        cache.blocks.reset()
+
+    def calls_saved(self, cache, totals: dict) -> float:
+        return totals["blocks_skipped"] / len(cache.layout.blocks)  # a skipped block = 1/blocks of a model call
+
+
+register_cache_method(FirstBlockCacheMethod())

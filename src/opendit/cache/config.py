@@ -1,6 +1,6 @@
 """What a cache across denoising steps is asked to do, validated once at the boundary.
 
-Two methods (cache/pab.py, cache/block_cache.py), one at a time:
+Methods are registered (cache/registry.py); the two built in (cache/pab.py, cache/block_cache.py), one at a time:
 
 - `pab` (Pyramid Attention Broadcast): inside the window [A, B) of the trajectory (fractions of the step count, so it
   holds for any number of steps) an attention module is computed every `range` steps and its output broadcast
@@ -36,6 +36,10 @@ class CacheConfig:
     threshold: float = 0.15  # relative L1 change of the first block's residual under which the rest is reused
     max_reuse: int = 4  # consecutive reuses per sample before a full step is forced
     guard_steps: int = 2  # the first and the last `guard_steps` steps always compute every block
+    # a registered method's own options (sorted (name, value) pairs, validated by its Options model) and the module
+    # that registers it (imported by the workers before installing)
+    options: tuple = ()
+    source: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +48,7 @@ class CacheConfig:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["pab_window"] = list(self.pab_window)
+        out["options"] = dict(self.options)
         return out
 
     def describe(self) -> str:
@@ -60,6 +65,11 @@ class CacheConfig:
                 f"{self.threshold:g} (relative L1); at most {self.max_reuse} reuses in a row; "
                 f"first/last {self.guard_steps} steps full"
             )
+        if self.enabled:
+            from opendit.cache.registry import cache_method
+
+            method = cache_method(self.kind, self.source)
+            return method.describe(method.options(dict(self.options)))
         return "no cache"
 
 
@@ -76,9 +86,28 @@ def default_cache(kind: str, family: str | None = None) -> CacheConfig:
     return CacheConfig(kind=kind, **DEFAULTS.get(family or "", {}).get(kind, {}))
 
 
-def check_kind(kind: str) -> None:
+def check_kind(kind: str, source: str = "") -> None:
     if kind not in CACHE_KINDS:
-        raise OpenDiTError(f"unknown cache {kind!r}; choose one of: {', '.join(CACHE_KINDS)}")
+        from opendit.cache.registry import cache_method
+
+        cache_method(kind, source)  # OpenDiTError naming the registered methods
+
+
+def method_cache_config(spec: dict, family: str | None = None) -> CacheConfig:
+    """A cache given as {"method": name, **options} (Engine.generate(cache=...)): the built-in methods take their
+    flags' names (pab_range, threshold, ...); a registered method its Options' fields, validated here."""
+    from opendit.cache.registry import cache_method
+
+    spec = dict(spec)
+    name = spec.pop("method", None)
+    if not isinstance(name, str):
+        raise OpenDiTError('a cache given as a dict names its method: {"method": "fbcache", ...}')
+    if name in CACHE_KINDS:
+        return make_cache_config(name, family, **spec)
+    method = cache_method(name)
+    options = method.options(spec)
+    return CacheConfig(kind=name, options=tuple(sorted(options.model_dump().items())),
+                       source=type(method).__module__)  # fmt: skip
 
 
 def make_cache_config(
@@ -116,7 +145,12 @@ def make_cache_config(
 
 
 def validate_cache(config: CacheConfig) -> None:
-    check_kind(config.kind)
+    check_kind(config.kind, config.source)
+    if config.kind not in CACHE_KINDS:  # a registered method: its own Options say what is valid
+        from opendit.cache.registry import cache_method
+
+        cache_method(config.kind, config.source).options(dict(config.options))
+        return
     if not isinstance(config.pab_range, int) or config.pab_range < 1:
         raise OpenDiTError(f"--pab-range must be an integer >= 1 (1: never reuse), got {config.pab_range!r}")
     if not isinstance(config.pab_mlp_range, int) or config.pab_mlp_range < 0:
@@ -150,6 +184,8 @@ def cache_from_dict(data: dict | None) -> CacheConfig:
     values = dict(data)
     if "pab_window" in values:
         values["pab_window"] = tuple(values["pab_window"])
+    if "options" in values:
+        values["options"] = tuple(sorted(dict(values["options"]).items()))
     config = CacheConfig(**values)
     validate_cache(config)
     return config
@@ -175,10 +211,20 @@ def request_cache(request, family: str | None, plan=None) -> CacheConfig | None:
         "threshold": request.cache_threshold, "max_reuse": request.cache_max_reuse,
         "guard_steps": request.cache_guard_steps,
     }  # fmt: skip
-    config = make_cache_config(request.cache or "none", family, **options)
+    if isinstance(request.cache, dict):
+        given = {k: v for k, v in options.items() if v is not None}
+        if given:
+            raise OpenDiTError(f"give the cache's options inside its dict, not as {sorted(given)}")
+        config = method_cache_config(request.cache, family)
+    else:
+        config = make_cache_config(request.cache or "none", family, **options)
     if not config.enabled:
         return None
     check_cache_plan(plan)
+    from opendit.cache.registry import cache_method
+
+    if plan is not None:
+        cache_method(config.kind, config.source).check(plan)
     return config
 
 

@@ -27,10 +27,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from opendit.cache.block_cache import BlockCache
 from opendit.cache.config import CacheConfig, check_cache_plan, validate_cache
 from opendit.cache.layout import cache_layout
-from opendit.cache.pab import pab_schedule
+from opendit.cache.registry import cache_method
 from opendit.diffusion.hooks import LoopInfo, StepContext, StepHook
 from opendit.errors import OpenDiTError
 
@@ -47,13 +46,12 @@ class StepCache(StepHook):
         self.guided_images = 0  # images of a guided loop (our sampler): their two branches decide together
         self.records: list[dict] = []
         self.replay: list | None = None  # [step][slot] -> per-sample reuse flags, to rerun recorded decisions
-        self._schedule: dict[str, list[bool]] = {}
-        self._outputs: dict = {}  # PAB: (slot, path) -> the module's last computed output
+        self.state: dict = {}  # the method's own per-cache state (cache/registry.py)
+        self.blocks = None  # fbcache's BlockCache (the compact-rows path reads it)
         self._restore: list[tuple[nn.Module, object]] = []
         self._handles = [model.register_forward_pre_hook(self._begin_call, with_kwargs=True)]
-        self.blocks = BlockCache(self) if config.kind == "fbcache" else None
-        if config.kind == "pab":
-            self._install_pab()
+        self.method = cache_method(config.kind, config.source)
+        self.method.install(self)
 
     # ---------------------------------------------------------------------------------------------- step hooks
     def on_loop_start(self, loop: LoopInfo) -> None:
@@ -66,16 +64,7 @@ class StepCache(StepHook):
     def reset(self, num_steps: int) -> None:
         """A new trajectory of `num_steps` steps: every cached tensor is dropped."""
         self.num_steps, self.records = int(num_steps), []
-        self._outputs.clear()
-        if self.blocks is not None:
-            self.blocks.reset()
-        if self.config.kind == "pab":
-            self._schedule = {
-                kind: pab_schedule(self.num_steps, self.config.pab_range * factor, self.config.pab_window)
-                for kind, factor in (("spatial", 1), ("temporal", 2), ("cross", 3))
-            }
-            if self.config.pab_mlp_range > 1:
-                self._schedule["mlp"] = pab_schedule(self.num_steps, self.config.pab_mlp_range, self.config.pab_window)
+        self.method.reset(self)
         self.start_step(0)
 
     def start_step(self, index: int) -> None:
@@ -101,35 +90,9 @@ class StepCache(StepHook):
     def call_record(self) -> dict:
         return self.records[self.step]["calls"][self.slot]
 
-    # ---------------------------------------------------------------------------------------------------- PAB
-    def _install_pab(self) -> None:
-        targets = [(path, module, kind) for path, module, kind in self.layout.attention]
-        if self.config.pab_mlp_range > 1:
-            targets += [(path, module, "mlp") for path, module in self.layout.mlps]
-        for path, module, kind in targets:
-            self._wrap(module, self._pab_forward(module.forward, path, kind))
-
-    def _pab_forward(self, forward, path: str, kind: str):
-        counter = "mlp_reused" if kind == "mlp" else "attention_reused"
-
-        def cached_forward(*args, **kwargs):
-            key = (self.slot, path)
-            schedule = self._schedule[kind]
-            if not schedule[self.step] and key in self._outputs:
-                self.call_record[counter] += 1
-                return self._outputs[key]
-            out = forward(*args, **kwargs)
-            # keep it only if a later step of the window may reuse it
-            if any(not s for s in schedule[self.step + 1 :]):
-                self._outputs[key] = out
-            else:
-                self._outputs.pop(key, None)
-            return out
-
-        return cached_forward
-
     # ---------------------------------------------------------------------------------------------- plumbing
-    def _wrap(self, module: nn.Module, forward) -> None:
+    def wrap(self, module: nn.Module, forward) -> None:
+        """Make `module` run `forward` (an instance attribute, restored by remove())."""
         self._restore.append((module, module.__dict__.get("forward")))
         module.forward = forward
 
@@ -175,7 +138,7 @@ class StepCache(StepHook):
             "blocks_per_call": blocks,
             "attention_per_call": attention,
             # a skipped block of one sample = 1/blocks of that sample's model call
-            "model_calls_saved": (totals["blocks_skipped"] / blocks) if self.config.kind == "fbcache" else 0.0,
+            "model_calls_saved": self.method.calls_saved(self, totals),
             "attention_calls_saved_share": totals["attention_reused"] / max(1, calls * attention),
         }
         return {"config": self.config.to_dict(), "describe": self.config.describe(), "family": self.layout.family,
@@ -192,7 +155,7 @@ class StepCache(StepHook):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._outputs.clear()
+        self.state.clear()
         if self.blocks is not None:
             self.blocks.reset()
 
@@ -202,5 +165,8 @@ def install_cache(model: nn.Module, config: CacheConfig, runtime=None) -> StepCa
     None for kind "none". Pass the returned hook to the sampler (before the runtime's hooks)."""
     if not config.enabled:
         return None
-    check_cache_plan(getattr(runtime, "plan", None))
+    plan = getattr(runtime, "plan", None)
+    check_cache_plan(plan)
+    if plan is not None:
+        cache_method(config.kind, config.source).check(plan)
     return StepCache(model, config, runtime)

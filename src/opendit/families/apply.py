@@ -43,9 +43,10 @@ def check_family(module: nn.Module, plan) -> Family:
         )
     if plan.tp > 1:
         if family.tensor is None:
+            why = family.notes.get("tp", "declares no tensor split yet")
             raise OpenDiTError(
                 f"tensor parallelism splits heads and MLP columns where a family declares them; {family.name} "
-                "declares no tensor split yet: use --ulysses / --ring"
+                f"{why}: use --ulysses / --ring"
             )
         if heads is not None and plan.tp > heads:
             raise OpenDiTError(

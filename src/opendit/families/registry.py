@@ -11,9 +11,9 @@ A family says, as data, how parallelism is applied to its modules from outside:
   False where they call the transformer once per guidance branch; None where nobody declared it (the split then
   refuses an odd batch at the call, with the reason).
 
-A diffusers class that declares `_cp_plan` is a family with no code here: `family_for` reads the plan from the class
-(with `_tp_plan`-free defaults). Classes without one are declared in families/declared.py, and a user can declare
-more with `register_family`.
+A diffusers class that declares `_cp_plan` is a family with no code here: `family_for` reads the plan from the class,
+and its tensor split from the class's `_tp_plan` where it has one (families/tp_plan.py). Classes without one are
+declared in families/declared.py, and a user can declare more with `register_family`.
 """
 
 from __future__ import annotations
@@ -80,8 +80,19 @@ def family_for(module_or_class) -> Family | None:
             return _DECLARED[base.__name__]
     plan = getattr(cls, "_cp_plan", None)
     if isinstance(plan, dict) and plan:
-        return Family(name=f"diffusers {cls.__name__}", cp_plan=plan, source="_cp_plan")
+        return Family(name=f"diffusers {cls.__name__}", cp_plan=plan, source="_cp_plan", **_tensor_of(cls))
     return None
+
+
+def _tensor_of(cls) -> dict:
+    """The tensor split read from the class's `_tp_plan` (none without one); a plan OpenDiT cannot run exactly leaves
+    tp undeclared, with the reason kept for the refusal, and every other capability working."""
+    from opendit.families.tp_plan import tensor_split_from_tp_plan
+
+    try:
+        return {"tensor": tensor_split_from_tp_plan(cls)}
+    except OpenDiTError as exc:
+        return {"notes": {"tp": str(exc)}}
 
 
 def require_family(module) -> Family:

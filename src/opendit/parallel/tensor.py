@@ -19,6 +19,21 @@ module keeps `tp_layouts` (parameter name -> SliceLayout: the global shape and t
 local one is made of), which sharded loading reads, so a rank reads only its slices from the file
 (parallel/sharded_loading.py). Installed on a model built on `meta`, nothing real is sliced.
 
+Families read from a diffusers class's `_tp_plan` (families/tp_plan.py) run through the same functions, with one more
+attention kind and packed Linears (`PlannedTensorSplit`):
+- "diffusers_heads": an attention module with whichever of diffusers' projections it has (to_q / to_k / to_v and the
+  joint stream's add_q_proj / add_k_proj / add_v_proj, column-parallel on this rank's heads; to_out.0 and to_add_out,
+  row-parallel on the same head columns; none of them when it is pre-only, Flux's single-stream attention). Its `heads`
+  becomes the local count and `inner_dim` (where it equals heads x head_dim) the local width, so processors that
+  unflatten by `heads` or by `inner_dim // heads` see this rank's heads.
+- packed Linears (`PackedLinear`): a Linear whose output (dim 0) or input (dim 1) features are a concatenation of
+  blocks, each split on its own. Blocks of attention heads are split like the attention (head_sizes x head_dim): the
+  q, k and v blocks that lead a packed output projection inside an attention module (Flux2's to_qkv_mlp_proj), the
+  attention-output block that leads a packed input projection inside an attention module or beside one (Flux2's
+  to_out, Flux's single-stream proj_out). The other blocks (MLP) are split like the layer that produces or consumes
+  them: in proportion to the heads inside an attention module (its processor separates the fused output by the global
+  q, k, v : MLP ratio), by split_sizes elsewhere (as a plain column-parallel Linear, Flux's proj_mlp, is split).
+
 Inference only: the collectives are not differentiable (training uses DDP / FSDP).
 """
 
@@ -155,7 +170,147 @@ def _split_separate_attention(attn: nn.Module, comm: Comm) -> list[int]:
     return sizes
 
 
-ATTENTION_SPLITS = {"fused_qkv": _split_fused_attention, "separate_qkv": _split_separate_attention}
+# diffusers' attention projections split by heads: the column-parallel ones (rows of this rank's heads) and the
+# row-parallel ones (input columns of this rank's heads); a module has whichever of them it was built with
+HEAD_COLUMNS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+HEAD_ROWS = ("to_out.0", "to_add_out")
+
+
+def _head_dim(attn: nn.Module, heads: int, width: int | None = None) -> int:
+    """An attention module's head width: its `head_dim`, else (its q projection's or `inner_dim`) / heads."""
+    dh = getattr(attn, "head_dim", None)
+    if not isinstance(dh, int):
+        q = getattr(attn, "to_q", None)
+        width = q.out_features if isinstance(q, nn.Linear) else width or getattr(attn, "inner_dim", None)
+        if not isinstance(width, int) or width % heads:
+            raise OpenDiTError(f"{type(attn).__name__}: cannot tell its head width ({heads} heads, width {width})")
+        dh = width // heads
+    return dh
+
+
+def _localize_heads(attn: nn.Module, heads: int, dh: int, count: int) -> None:
+    """`heads` becomes this rank's count; `inner_dim` / `inner_kv_dim`, where they are heads x head_dim, its width."""
+    for name in ("inner_dim", "inner_kv_dim"):
+        if getattr(attn, name, None) == heads * dh:
+            setattr(attn, name, count * dh)
+    attn.heads = count
+
+
+def _split_diffusers_heads(attn: nn.Module, comm: Comm) -> list[int]:
+    """diffusers' attention with any of to_q/to_k/to_v, add_q_proj/add_k_proj/add_v_proj (each (H*Dh, C_in)),
+    to_out.0 and to_add_out (each (C_out, H*Dh)), `heads` -> this rank's heads (uneven: head_sizes)."""
+    heads = attn.heads
+    dh = _head_dim(attn, heads)
+    sizes = head_sizes(heads, comm.size)
+    start, count = sum(sizes[: comm.rank]), sizes[comm.rank]
+    rows = [(start * dh, count * dh)]
+    children = dict(attn.named_modules())
+    for name in (*HEAD_COLUMNS, *HEAD_ROWS):
+        linear = children.get(name)
+        if linear is None:
+            continue
+        width = linear.out_features if name in HEAD_COLUMNS else linear.in_features
+        if not isinstance(linear, nn.Linear) or width != heads * dh:
+            raise OpenDiTError(
+                f"{type(attn).__name__}.{name} is not a Linear with {heads} x {dh} = {heads * dh} "
+                f"{'outputs' if name in HEAD_COLUMNS else 'inputs'}, so it cannot be split by heads exactly"
+            )
+        if name in HEAD_COLUMNS:
+            local = ColumnParallelLinear(linear, *_rows(linear, rows), comm)
+        else:
+            local = RowParallelLinear(linear, _columns(linear, rows), None, comm)
+        _replace(attn, name, local)
+    _localize_heads(attn, heads, dh, count)
+    return sizes
+
+
+ATTENTION_SPLITS = {
+    "fused_qkv": _split_fused_attention,
+    "separate_qkv": _split_separate_attention,
+    "diffusers_heads": _split_diffusers_heads,
+}
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A Linear (path pattern) whose output features (dim 0, column-parallel) or input features (dim 1, row-parallel)
+    are a concatenation of blocks, each split over the ranks on its own (diffusers' PackedColwiseParallel /
+    PackedRowwiseParallel). `blocks`: proportional widths; None: the Linear's `_tp_packed_col_blocks` /
+    `_tp_packed_row_blocks` (set by the model's __init__)."""
+
+    pattern: str
+    dim: int
+    blocks: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PlannedTensorSplit(TensorSplit):
+    """A TensorSplit with packed Linears (`PackedLinear`), split after the attention, column and row Linears."""
+
+    packed: tuple[PackedLinear, ...] = ()
+
+
+def _block_sizes(linear: nn.Linear, packed: PackedLinear, path: str) -> list[int]:
+    """The absolute widths of a packed Linear's blocks along its packed dim."""
+    attr = "_tp_packed_col_blocks" if packed.dim == 0 else "_tp_packed_row_blocks"
+    blocks = packed.blocks if packed.blocks is not None else getattr(linear, attr, None)
+    width = linear.out_features if packed.dim == 0 else linear.in_features
+    if not blocks or any(not isinstance(b, int) or b < 1 for b in blocks) or width % sum(blocks):
+        raise OpenDiTError(
+            f"{path}: packed {'column' if packed.dim == 0 else 'row'}-parallel Linear without usable blocks "
+            f"({blocks!r} for width {width}; set {attr} on it or give the blocks)"
+        )
+    unit = width // sum(blocks)
+    return [b * unit for b in blocks]
+
+
+def _packed_owner(modules: dict, path: str, packed: PackedLinear, heads_of: dict) -> str | None:
+    """The attention module whose heads a packed Linear carries: its parent when the parent is an attention module
+    (the Linear is one of its fused projections), else, for a packed input, the attention module beside it whose
+    output it consumes (the only child of its parent split by heads); None: a packed Linear outside attention."""
+    parent = path.rpartition(".")[0]
+    module = modules.get(parent)
+    if parent in heads_of or isinstance(getattr(module, "heads", None), int):
+        return parent
+    if packed.dim == 1:
+        prefix = f"{parent}." if parent else ""
+        beside = [p for p in heads_of if p.startswith(prefix) and "." not in p[len(prefix) :]]
+        if len(beside) > 1:
+            raise OpenDiTError(f"{path}: its input could come from any of the attention modules {beside}")
+        if beside:
+            return beside[0]
+    return None
+
+
+def _packed_ranges(linear, packed: PackedLinear, path: str, owner, info, n: int, r: int) -> list[tuple[int, int]]:
+    """This rank's ranges of a packed Linear's packed dim (see the module docstring for which block splits how).
+    info: None without an owning attention, else (its global heads, head width, whether the Linear is inside it)."""
+    blocks = _block_sizes(linear, packed, path)
+    heads, dh, inside = info if owner is not None else (0, 0, False)
+    lead = 0 if owner is None else 3 if packed.dim == 0 else 1  # q, k, v lead a packed output; attention output input
+    if any(b != heads * dh for b in blocks[:lead]) or len(blocks) < lead:
+        raise OpenDiTError(
+            f"{path}: packed blocks {blocks} do not start with {lead} block(s) of the attention's {heads} heads x "
+            f"{dh}, so which of its features are heads is unknown and it cannot be split exactly"
+        )
+    hs = head_sizes(heads, n) if owner is not None else None
+    ranges, offset = [], 0
+    for index, block in enumerate(blocks):
+        if index < lead:  # this rank's heads
+            start, count = sum(hs[:r]) * dh, hs[r] * dh
+        elif inside:  # an MLP block fused into the attention module: in proportion to its heads
+            if block * sum(hs[:r]) % heads or block * hs[r] % heads:
+                raise OpenDiTError(
+                    f"{path}: its block of {block} features cannot be split in proportion to {hs} of {heads} heads, "
+                    "as its processor (which separates the fused features by the global ratio) needs; use a tp "
+                    f"degree that divides both {heads} and {block}"
+                )
+            start, count = block * sum(hs[:r]) // heads, block * hs[r] // heads
+        else:  # as a plain column-parallel Linear producing it is split
+            start, count = _share(block, n, r)
+        ranges.append((offset + start, count))
+        offset += block
+    return ranges
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -175,6 +330,9 @@ def apply_tensor_parallel(model: nn.Module, split: TensorSplit, comm: Comm) -> d
     attention = matching(split.attention)
     if not attention:
         raise OpenDiTError(f"tensor parallelism: no module of {type(model).__name__} matches {split.attention}")
+    heads_of = {}  # attention path -> (global heads, head width), for the packed Linears that carry its heads
+    if split.attention_kind == "diffusers_heads":
+        heads_of = {path: (modules[path].heads, _head_dim(modules[path], modules[path].heads)) for path in attention}
     head_split = [ATTENTION_SPLITS[split.attention_kind](modules[path], comm) for path in attention]
     n, r = comm.size, comm.rank
     for path in matching(split.column):
@@ -184,6 +342,7 @@ def apply_tensor_parallel(model: nn.Module, split: TensorSplit, comm: Comm) -> d
         linear = modules[path]
         columns = _columns(linear, [_share(linear.in_features, n, r)])
         _replace(model, path, RowParallelLinear(linear, columns, None, comm))
+    packed = _apply_packed(model, modules, getattr(split, "packed", ()), heads_of, comm)
     gathered = 0
     for pattern, chunks in split.gathered:
         for path in matching([pattern]):
@@ -194,12 +353,48 @@ def apply_tensor_parallel(model: nn.Module, split: TensorSplit, comm: Comm) -> d
             rows = [(j * width + start, sizes[r]) for j in range(chunks)]
             _replace(model, path, GatheredLinear(linear, *_rows(linear, rows), comm, chunks, sizes))
             gathered += 1
-    return {
+    record = {
         "tp": n,
         "attention_modules": len(attention),
         "head_split": head_split[0],
         "gathered_modules": gathered,
     }
+    if packed:
+        record["packed_modules"] = packed
+    return record
+
+
+def _apply_packed(model: nn.Module, modules: dict, specs, heads_of: dict, comm: Comm) -> int:
+    """Split the packed Linears of `specs`, after the attention modules of `heads_of` (path -> (global heads, head
+    width)) were split; returns how many. An attention module whose only head projections are packed (Flux2's
+    single-stream one) gets its local `heads` here; its `inner_dim` stays global (its processor separates the fused
+    features by the global ratio, which the proportional split keeps)."""
+    fused: dict[str, tuple[int, int]] = {}
+    done = 0
+    for packed in specs:
+        if packed.dim not in (0, 1):
+            raise OpenDiTError(f"{packed.pattern}: packed dim must be 0 (outputs) or 1 (inputs), not {packed.dim}")
+        for path in [p for p in modules if match_path(p, packed.pattern)]:
+            linear = modules[path]
+            if not isinstance(linear, nn.Linear):
+                raise OpenDiTError(f"{path} is a {type(linear).__name__}, not a Linear; it cannot be split packed")
+            owner = _packed_owner(modules, path, packed, heads_of)
+            if owner is not None and owner not in heads_of and owner not in fused:
+                attn = modules[owner]
+                fused[owner] = (attn.heads, _head_dim(attn, attn.heads, getattr(attn, "inner_dim", None)))
+            info = None
+            if owner is not None:  # (heads, head width, whether the Linear is inside the attention module)
+                info = (*(heads_of.get(owner) or fused[owner]), owner == path.rpartition(".")[0])
+            ranges = _packed_ranges(linear, packed, path, owner, info, comm.size, comm.rank)
+            if packed.dim == 0:
+                local = ColumnParallelLinear(linear, *_rows(linear, ranges), comm)
+            else:
+                local = RowParallelLinear(linear, _columns(linear, ranges), None, comm)
+            _replace(model, path, local)
+            done += 1
+    for owner, (heads, _dh) in fused.items():
+        modules[owner].heads = head_sizes(heads, comm.size)[comm.rank]
+    return done
 
 
 def tensor_layouts(model: nn.Module) -> dict[str, SliceLayout]:
