@@ -198,14 +198,14 @@ def test_cache_refuses_shard_weights_and_unknown_models():
         cache_layout(torch.nn.Linear(2, 2))
 
     class Plan:
-        shard_weights, balance_tokens = True, False
+        shard_weights, balance_tokens = False, True
 
     class Runtime:
         plan = Plan()
 
-    with pytest.raises(OpenDiTError, match="--shard-weights"):
+    with pytest.raises(OpenDiTError, match="--cache with --balance-tokens"):
         install_cache(small_model(), CacheConfig(kind="fbcache"), Runtime())
-    Plan.shard_weights, Plan.pipefusion = False, 2
+    Plan.balance_tokens, Plan.pipefusion = False, 2
     with pytest.raises(OpenDiTError, match="--cache with --pipefusion is not supported.*drop --cache"):
         install_cache(small_model(), CacheConfig(kind="pab"), Runtime())
 

@@ -83,7 +83,7 @@ def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
     for extra, fragment in [
         (["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold belongs to --cache fbcache"),
         (["--cache", "fbcache", "--cache-max-reuse", "0"], "--cache-max-reuse must be"),
-        (["--cache", "fbcache", "--nproc", "2", "--ulysses", "2", "--shard-weights"], "--shard-weights"),
+        (["--cache", "fbcache", "--nproc", "2", "--ring", "2", "--balance-tokens"], "--cache with --balance-tokens"),
         (["--cache", "fbcache", "--nproc", "2", "--pipefusion", "2", "--patches", "2"], "--cache with --pipefusion"),
     ]:
         code = main(["sample", "--classes", "1", "--out", str(tmp_path / "x"), "--no-progress", *extra])
@@ -124,3 +124,19 @@ def test_engine_generate_takes_the_cache_per_call(tmp_path):
     assert cached.record["cache"]["saved"]["blocks_skipped"] > 0 and plain.record["cache"] is None
     assert np.array_equal(plain.images, again.images)  # the cache was removed after its call
     assert np.abs(plain.images.astype(int) - cached.images.astype(int)).max() > 0
+
+
+@pytest.mark.slow
+def test_cache_with_sharded_weights_equals_one_process(tmp_path, capsys):
+    """--cache fbcache with --shard-weights: the blocks a sample skips still gather their shards (every rank the
+    same), and the images equal one process with the same cache; reuse really happens (10 steps, loose threshold)."""
+    common = ["sample", "--classes", "3", "7", "--steps", "10", "--seed", "0", "--no-progress", "--cache", "fbcache",
+              "--cache-guard-steps", "1", "--cache-threshold", "0.5"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "--nproc", "2", "--ulysses", "2", "--shard-weights", "--out", str(tmp_path / "two")]) == 0
+    capsys.readouterr()
+    record = json.loads((tmp_path / "two" / "record.json").read_text())
+    assert record["cache"]["saved"]["samples_reused"] > 0, record["cache"]["saved"]
+    for name in sorted(p.name for p in (tmp_path / "one").glob("0*.png")):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, name

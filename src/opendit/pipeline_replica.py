@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.distributed.comm import CommStats
 from opendit.distributed.control import ControlMember
 from opendit.distributed.env import init_from_env, pick_device
 from opendit.errors import OpenDiTError
 from opendit.memory import PhasePeaks, max_rss_bytes
 from opendit.outputs import GenerationResult
+from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
 from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.precision import parse_dtype
 
@@ -95,44 +97,50 @@ class PipelineReplica(ControlMember):
         stats = self.runtime.stats if self.runtime is not None else None
         if stats is not None:
             stats.reset()
-        step_times: list[float] = []
         kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
-        cache = self._install_cache(call, kwargs)
         total = int(kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps") or 0))
         progress = None if on_step is None else (lambda done: on_step(done, total))
-        kwargs.update(_step_clock(self.spec.info["call"], self.device, step_times, cache, progress))
-        begin = time.perf_counter()
+        cache = self._install_cache(call)
+        align = None if self.runtime is None else (lambda: dist.barrier(group=self.control))
+        trace = TraceHook(stats if stats is not None else CommStats(), dist.get_rank() if self.spec.world > 1 else 0,
+                          align=align, device=self.device)  # fmt: skip
+        hooks = [*([cache] if cache is not None else []), trace]  # the cache first: it starts each step's slots
         self.cache_summary = None
+        begin = time.perf_counter()
         try:
-            output = self.pipe(**kwargs)
+            with PipelineLoop(self.pipe.transformer, hooks, self.spec.info["call"], total, self.device,
+                              progress) as loop:  # fmt: skip
+                kwargs.update(loop.callback_kwargs())
+                output = self.pipe(**kwargs)
         except ValueError as exc:  # the pipeline's check_inputs (e.g. a size its VAE and patches cannot take)
             raise OpenDiTError(f"{type(self.pipe).__name__} refused the call: {exc}") from exc
         finally:
             if cache is not None:
                 self.cache_summary = cache.summary()
                 cache.remove()
+        step_times = loop.times
         sampling_s = time.perf_counter() - begin
         self.memory.end("sampling")  # the whole call: prompt encoding, the denoising loop, the VAE decode
         images, frames = to_uint8(output)
-        ranks = self._rank_records(sampling_s, step_times, stats)
+        ranks = self._rank_records(call, sampling_s, step_times, stats, trace)
         self.calls += 1
         if not self.is_output:
             return None
+        if call.trace is not None:
+            events = [rank.pop("trace_events") for rank in ranks]
+            write_chrome_trace(call.trace, events, {"request": call.request, "plan": self.plan.describe()})
         record = self._record(call, images, frames, ranks, start)
         return GenerationResult(images=images, labels=list(call.prompts), record=record, frames=frames)
 
-    def _install_cache(self, call: PipelineCall, kwargs: dict):
-        """The call's cache on the transformer (after its parallel plan), stepped by the pipeline's callback."""
+    def _install_cache(self, call: PipelineCall):
+        """The call's cache on the transformer (after its parallel plan), stepped by the pipeline's loop."""
         if call.cache is None:
             return None
         from opendit.cache.runtime import install_cache
 
-        steps = kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps"))
-        cache = install_cache(self.pipe.transformer, call.cache, self.runtime)
-        cache.reset(int(steps))
-        return cache
+        return install_cache(self.pipe.transformer, call.cache, self.runtime)
 
-    def _rank_records(self, sampling_s: float, step_times: list[float], stats) -> list[dict]:
+    def _rank_records(self, call, sampling_s: float, step_times: list[float], stats, trace) -> list[dict]:
         mine = {
             "rank": dist.get_rank() if self.spec.world > 1 else 0,
             "load_s": self.load_s,
@@ -141,7 +149,10 @@ class PipelineReplica(ControlMember):
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "memory": self.memory.record(),
             "comm": stats.snapshot() if stats is not None else None,  # {kind: {calls, bytes, wait_s}}, this call
+            "utilisation": trace.summary(),
         }
+        if call.trace is not None:
+            mine["trace_events"] = trace.events()
         if self.spec.world == 1:
             return [mine]
         everyone: list = [None] * self.spec.world
@@ -186,6 +197,7 @@ class PipelineReplica(ControlMember):
             "peak_memory_bytes": ranks[0]["peak_memory_bytes"],
             "memory": ranks[0]["memory"],
             "comm": _comm_record(ranks) if spec.world > 1 else None,
+            "utilisation": utilisation_summary([rank.pop("utilisation") for rank in ranks]),
             "ranks": ranks if spec.world > 1 else None,
             "cache": self.cache_summary,
         }
@@ -198,27 +210,63 @@ def _comm_record(ranks: list[dict]) -> dict:
     }
 
 
-def _step_clock(params: dict, device: torch.device, times: list[float], cache=None, on_step=None) -> dict:
-    """Callback arguments that append each denoising step's seconds to `times` (when the pipeline takes one), move
-    the cache (if any) on to the next step and report progress to on_step(done)."""
-    last = [time.perf_counter()]
+class PipelineLoop:
+    """Feeds step hooks (diffusion/hooks.py: the cache, the trace) from a diffusers pipeline's own loop, as our
+    sampler does: the transformer's forward hooks time each model call, the pipeline's step callback ends a step.
+    `callback_kwargs()` gives the callback arguments the pipeline takes (none: the step times stay empty)."""
 
-    def tick() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-        if cache is not None and len(times) < cache.num_steps:
-            cache.start_step(len(times))
-        if on_step is not None:
-            on_step(len(times))
+    def __init__(self, transformer, hooks: list, params: dict, num_steps: int, device: torch.device, on_step=None):
+        from opendit.diffusion.hooks import HookList, LoopInfo
 
-    if "callback_on_step_end" in params:
-        return {"callback_on_step_end": lambda _pipe, _i, _t, tensors: (tick(), tensors)[1]}
-    if "callback" in params and "callback_steps" in params:  # PixArt's older callback
-        return {"callback": lambda _i, _t, _latents: tick(), "callback_steps": 1}
-    return {}
+        self.hooks, self.params, self.device, self.on_step = HookList(hooks), params, device, on_step
+        self.loop = LoopInfo(num_steps=num_steps, batch=0, guided=False)  # each row decides alone (no pairing)
+        self.times: list[float] = []
+        self.ctx = None
+        self._handles = [transformer.register_forward_pre_hook(self._call_start),
+                         transformer.register_forward_hook(self._call_end)]  # fmt: skip
+
+    def __enter__(self) -> PipelineLoop:
+        self.hooks.on_loop_start(self.loop)
+        self._start_step(0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.hooks.on_loop_end(self.loop)
+
+    def _start_step(self, index: int) -> None:
+        from opendit.diffusion.hooks import StepContext
+
+        self.ctx = StepContext(index=index, num_steps=self.loop.num_steps, timestep=float("nan"),
+                               start_s=time.perf_counter())  # fmt: skip
+        self.hooks.on_step_start(self.ctx)
+
+    def _call_start(self, _module, _args) -> None:
+        self._call_began = time.perf_counter()
+
+    def _call_end(self, _module, _args, _output) -> None:
+        from opendit.diffusion.hooks import ModelCall
+
+        self.ctx.model_calls.append(ModelCall(self._call_began, time.perf_counter()))
+
+    def tick(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ctx.end_s = time.perf_counter()
+        self.times.append(self.ctx.seconds)
+        self.hooks.on_step_end(self.ctx)
+        if self.on_step is not None:
+            self.on_step(len(self.times))
+        if len(self.times) < self.loop.num_steps:
+            self._start_step(len(self.times))
+
+    def callback_kwargs(self) -> dict:
+        if "callback_on_step_end" in self.params:
+            return {"callback_on_step_end": lambda _pipe, _i, _t, tensors: (self.tick(), tensors)[1]}
+        if "callback" in self.params and "callback_steps" in self.params:  # PixArt's older callback
+            return {"callback": lambda _i, _t, _latents: self.tick(), "callback_steps": 1}
+        return {}
 
 
 @contextlib.contextmanager

@@ -214,6 +214,7 @@ class PipelineCall:
     scheduler: None = None  # the pipeline runs its own scheduler
     notes: list[str] = field(default_factory=list)
     cache: Any = None  # a cache.CacheConfig, or None
+    trace: str | None = None  # a Chrome trace of every rank's steps, model calls and collectives
 
 
 def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
@@ -269,9 +270,11 @@ def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[st
     """Raise the OpenDiTError `opendit.parallelize` would raise on the ranks, here; return the plan's notes."""
     from opendit.families.apply import check_family, family_plan
 
-    if plan.balance_tokens or plan.token_shares is not None or plan.shard_weights:
-        flag = "--shard-weights" if plan.shard_weights else "--balance-tokens"
-        raise OpenDiTError(f"{flag} is not supported with --diffusers yet; drop it")
+    if plan.balance_tokens or plan.token_shares is not None:
+        raise OpenDiTError(
+            "--balance-tokens re-splits the tokens by each rank's measured speed, which OpenDiT's families split "
+            "evenly from the class plan (no shares yet): drop it, or run OpenDiT's own DiT"
+        )
     if world == 1 and plan.world_size == 1:
         return []
     module = meta_transformer(info)
@@ -301,8 +304,6 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
             f"--scheduler chooses a scheduler of OpenDiT's DiT; a --diffusers pipeline runs its own "
             f"({spec.info['scheduler_class']}): drop --scheduler"
         )
-    if request.trace is not None:
-        raise OpenDiTError("--trace is not supported with --diffusers yet; drop it")
     size = request.image_size if request.image_size is not None else spec.settings.image_size
     kwargs = call_kwargs(spec.info, request, size)
     guidance = kwargs.get("guidance_scale", spec.info["call"].get("guidance_scale"))
@@ -321,8 +322,9 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
     if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
         raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
+    trace = str(request.trace) if request.trace is not None else None
     return PipelineCall(list(request.prompt), request.seed, kwargs, asked, request.steps, request.cfg_scale,
-                        cache=cache)  # fmt: skip
+                        cache=cache, trace=trace)  # fmt: skip
 
 
 def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:

@@ -232,11 +232,6 @@ def check_cache_plan(plan) -> None:
     """The parallel plans a cache cannot run under yet, refused with the fix (CLI / Engine and install_cache)."""
     if plan is None:
         return
-    if plan.shard_weights:
-        raise OpenDiTError(
-            "--cache with --shard-weights is not supported yet: a skipped block would leave FSDP2's prefetched "
-            "all-gather unconsumed; drop one of them"
-        )
     if plan.balance_tokens:
         raise OpenDiTError("--cache with --balance-tokens is not supported: a re-split would invalidate every cached "
                            "shard; drop one of them")  # fmt: skip
