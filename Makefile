@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: demo test test-fast test-xl lint format bench clean browser
+.PHONY: demo test test-fast test-matrix test-xl lint format bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-fast: $(STAMP) browser
 # headless Chromium + its driver for tests/test_serve_page.py (Debian packages; installed only when missing)
 browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
+
+# every family x every capability through `opendit sample` vs one process (~25-40 min); writes docs/capabilities.md
+test-matrix: $(STAMP)
+	OPENDIT_MATRIX=1 $(BIN)/python -m pytest -q -s tests/matrix
 
 # full-size acceptances: issue 13's memory (DiT-XL/2, 2.7 GB checkpoint; ~4 min) and issue 15's Latte-XL/2
 # checkpoint through sample --video (~4 min): not part of `make test`

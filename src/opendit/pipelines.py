@@ -81,7 +81,9 @@ def inspect_pipeline(folder: str | Path) -> dict:
                 f"--diffusers {folder}: its transformer {name} is not supported; OpenDiT parallelises {supported}"
             )
     family = transformer_family(str(entry[1]))
-    weights = sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+    files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
+    weights = sum(f.stat().st_size for f in files)
+    transformer_bytes = sum(f.stat().st_size for f in files if f.relative_to(path).parts[0] == "transformer")
     return {
         "folder": str(path.resolve()),
         "pipeline_class": pipeline,
@@ -94,6 +96,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "call": _call_parameters(pipeline, folder),
         "id2label": index.get("id2label"),
         "weight_bytes": weights,
+        "transformer_bytes": transformer_bytes,
     }
 
 
@@ -226,8 +229,6 @@ def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
             "--diffusers loads the whole pipeline (transformer, VAE, text encoders) from its folder; drop "
             + " ".join(given)
         )
-    if settings.memory_gib is not None:
-        raise OpenDiTError("--memory-gib plans OpenDiT's own DiT models; it is not supported with --diffusers: drop it")
     world = settings.world_size()
     info = inspect_pipeline(settings.diffusers)
     plan, notes = choose_pipeline_plan(settings, info, world)
@@ -241,8 +242,8 @@ def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tup
     plan = settings.plan() or ParallelConfig()
     if world == 1 or plan.world_size != 1:
         return plan, []
-    if settings.parallel_auto:
-        return auto_pipeline_plan(plan, info, world)
+    if settings.parallel_auto or settings.memory_gib is not None:
+        return auto_pipeline_plan(plan, info, world, settings.memory_gib)
     heads = info["num_heads"]
     ring = plan.sp_impl == "ring" or (plan.sp_impl == "auto" and heads % world != 0)
     chosen = replace(plan, ring=world) if ring else replace(plan, ulysses=world)
@@ -250,20 +251,33 @@ def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tup
     return chosen, [f"plan chosen automatically: {chosen.describe()} ({why})"]
 
 
-def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> tuple[ParallelConfig, list[str]]:
-    """--parallel auto: the planner's fastest plan from the transformer's cost view (integrations/diffusers_cost.py)
-    at its configured sample size (one image; 256 text tokens where text joins the attention)."""
+def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib: float | None = None):
+    """--parallel auto / --memory-gib G: the planner's fastest plan from the transformer's cost view
+    (integrations/diffusers_cost.py) at its configured sample size (one image; 256 text tokens where text joins the
+    attention). Under G, every rank also holds the pipeline's other components whole (text encoders, VAE: their
+    weight files' bytes), so the transformer's plan must fit what they leave."""
     from opendit.integrations.diffusers_cost import diffusers_auto_plan
 
     config = info["transformer_config"]
     patch = config.get("patch_size", 1)
     patch = (patch[-1] if isinstance(patch, (list, tuple)) else patch) or 1
     side = max(int(config.get("sample_size") or 64) // int(patch), 1)
-    best, why = diffusers_auto_plan(meta_transformer(info), world, 1, True, side * side, 256)
+    budget, notes = None, []
+    if memory_gib is not None:
+        others = info["weight_bytes"] - info["transformer_bytes"]
+        budget = memory_gib * 2**30 - others
+        if budget <= 0:
+            raise OpenDiTError(
+                f"--memory-gib {memory_gib:g}: the pipeline's text encoders and VAE alone take {others / 2**30:.2f} "
+                "GiB on every rank (they are not split over ranks); give more memory"
+            )
+        notes.append(f"memory: the transformer's plan fits {budget / 2**30:.2f} GiB per rank, after "
+                     f"{others / 2**30:.2f} GiB of encoders and VAE held whole")  # fmt: skip
+    best, why = diffusers_auto_plan(meta_transformer(info), world, 1, True, side * side, 256, memory_bytes=budget)
     chosen = replace(
         plan, dp=best.dp, cfg=best.cfg, ulysses=best.ulysses, ring=best.ring, tp=best.tp, sp_impl=best.sp_impl
     )
-    return chosen, [f"plan chosen by the planner at {side * side} image tokens: {why.splitlines()[0]}"]
+    return chosen, [f"plan chosen by the planner at {side * side} image tokens: {why.splitlines()[0]}", *notes]
 
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:

@@ -111,9 +111,10 @@ register_spec(
 
 
 def diffusers_auto_plan(module, world: int, images: int, guided: bool, image_tokens: int, text_tokens: int = 0,
-                        speeds=None):  # fmt: skip
+                        speeds=None, memory_bytes: float | None = None):  # fmt: skip
     """The planner's fastest plan for a diffusers transformer (kernels that run on diffusers attention only; cfg
-    only where its pipelines batch cond and uncond), and its explanation."""
+    only where its pipelines batch cond and uncond), and its explanation; with `memory_bytes`, the fastest whose
+    predicted per-rank peak of the transformer fits it."""
     from opendit.families import require_family
     from opendit.families.apply import PLANNED_STRATEGIES
     from opendit.planning.planner import plan
@@ -123,5 +124,5 @@ def diffusers_auto_plan(module, world: int, images: int, guided: bool, image_tok
     # cfg is planned only where the family's pipelines batch [uncond; cond] in one call (unknown: not planned)
     cfg_batched = require_family(module).cfg_batched is True
     result = plan(config, world, speeds or resolve_speeds(), images=images, guided=guided and cfg_batched,
-                  impls=PLANNED_STRATEGIES, shard_options=(False,))  # fmt: skip
+                  impls=PLANNED_STRATEGIES, shard_options=(False,), memory_bytes=memory_bytes)  # fmt: skip
     return result.best.config, result.explain(others=2)
