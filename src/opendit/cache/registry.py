@@ -22,6 +22,7 @@ import importlib
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from opendit.errors import OpenDiTError
+from opendit.plugins import Registry
 
 BUILTIN_MODULES = ("opendit.cache.pab", "opendit.cache.block_cache")
 
@@ -62,40 +63,30 @@ class CacheMethod:
             raise OpenDiTError(f"cache {self.name}: {field}: {error['msg']} (its options: {known})") from None
 
 
-_METHODS: dict[str, CacheMethod] = {}
-_LOADED = False
+_METHODS = Registry(BUILTIN_MODULES)
 
 
 def register_cache_method(method: CacheMethod) -> CacheMethod:
     """Add a method (or replace one of the same name)."""
     if not method.name or method.name == "none":
         raise OpenDiTError("a cache method needs a name other than 'none'")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.add(method.name, method)
 
 
 def unregister_cache_method(name: str) -> None:
-    _METHODS.pop(name, None)
-
-
-def _load_builtins() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+    _METHODS.remove(name)
 
 
 def cache_methods() -> dict[str, CacheMethod]:
-    _load_builtins()
-    return dict(_METHODS)
+    return _METHODS.items()
 
 
 def cache_method(name: str, source: str = "") -> CacheMethod:
     """The registered method `name`; `source` (the module that registers it) is imported first when needed."""
-    _load_builtins()
-    if name not in _METHODS and source:
+    methods = _METHODS.items()
+    if name not in methods and source:
         importlib.import_module(source)
-    if name not in _METHODS:
-        raise OpenDiTError(f"unknown cache {name!r}; choose one of: none, {', '.join(_METHODS)}")
-    return _METHODS[name]
+        methods = _METHODS.items()
+    if name not in methods:
+        raise OpenDiTError(f"unknown cache {name!r}; choose one of: none, {', '.join(methods)}")
+    return methods[name]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from opendit.errors import OpenDiTError
+from opendit.plugins import Registry
 
 
 @dataclass(frozen=True)
@@ -56,28 +57,26 @@ class Family:
         return False
 
 
-_DECLARED: dict[str, Family] = {}
+_DECLARED = Registry(("opendit.families.declared",))  # class name -> Family (DiT, PixArt, SD3, LTX-2's addition)
 
 
 def register_family(class_name: str, family: Family) -> Family:
     """Declare (or replace) the family of a module class, by class name."""
-    _DECLARED[class_name] = family
-    return family
+    return _DECLARED.add(class_name, family)
 
 
 def declared_families() -> dict[str, Family]:
-    _load_declared()
-    return dict(_DECLARED)
+    return _DECLARED.items()
 
 
 def family_for(module_or_class) -> Family | None:
     """The family of a module (or module class): declared for its class or a base class, else read from the class's
     `_cp_plan`; None when neither exists."""
-    _load_declared()
+    declared = _DECLARED.items()
     cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
     for base in cls.__mro__:
-        if base.__name__ in _DECLARED:
-            return _DECLARED[base.__name__]
+        if base.__name__ in declared:
+            return declared[base.__name__]
     plan = getattr(cls, "_cp_plan", None)
     if isinstance(plan, dict) and plan:
         return Family(name=f"diffusers {cls.__name__}", cp_plan=plan, source="_cp_plan", **_tensor_of(cls))
@@ -104,13 +103,3 @@ def require_family(module) -> Family:
             "opendit.families.register_family"
         )
     return family
-
-
-_LOADED = False
-
-
-def _load_declared() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        import opendit.families.declared  # noqa: F401  (registers DiT, PixArt, SD3)

@@ -24,11 +24,11 @@ ones live in parallel/attention/ and are imported on first use of the registry.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from opendit.errors import OpenDiTError
 from opendit.models.spec import ModelDims
+from opendit.plugins import Registry
 
 BUILTIN_MODULES = (
     "opendit.parallel.attention.ulysses",
@@ -108,36 +108,25 @@ class SequenceStrategy:
         return {"ulysses": ulysses > 1, "ring": ring > 1} == {d: d in self.uses for d in ("ulysses", "ring")}
 
 
-_REGISTRY: dict[str, SequenceStrategy] = {}
-_LOADED = False
+_REGISTRY = Registry(BUILTIN_MODULES)
 
 
 def register(strategy: SequenceStrategy) -> SequenceStrategy:
     """Add a strategy (or replace one of the same name, e.g. a test re-registering)."""
     if not strategy.name or not strategy.uses:
         raise OpenDiTError("a sequence-parallel strategy needs a name and the mesh dimensions it uses")
-    _REGISTRY[strategy.name] = strategy
-    return strategy
+    return _REGISTRY.add(strategy.name, strategy)
 
 
 def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-
-
-def _load_builtins() -> None:
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
+    _REGISTRY.remove(name)
 
 
 def strategies() -> dict[str, SequenceStrategy]:
     """Every registered strategy by name: the built-ins in BUILTIN_MODULES order (whatever imported them first),
     then the others in registration order."""
-    _load_builtins()
     rank = {module: i for i, module in enumerate(BUILTIN_MODULES)}
-    order = sorted(_REGISTRY.values(), key=lambda s: rank.get(type(s).__module__, len(rank)))
+    order = sorted(_REGISTRY.items().values(), key=lambda s: rank.get(type(s).__module__, len(rank)))
     return {s.name: s for s in order}
 
 
