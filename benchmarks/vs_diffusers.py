@@ -21,8 +21,7 @@ Configurations (every one under torch.no_grad(), `return_dict=False`, one forwar
   diffusers-ring      2 gloo ranks x 1 thread: diffusers' own ring (`ContextParallelConfig(ring_degree=2)`)
   ours-ulysses        2 gloo ranks x 1 thread: `opendit.parallelize(model, ParallelConfig(ulysses=2))`
   ours-ring           2 gloo ranks x 1 thread: `opendit.parallelize(model, ParallelConfig(ring=2))`
-  ours-fastseq        n/a: FastSeq replaces a fused-qkv attention forward of OpenDiT's own DiT; for diffusers modules
-                      `parallelize` refuses it (its message is recorded in the JSON)
+  (FastSeq has no diffusers counterpart, so it is not in this head-to-head; docs/families.md)
 
 Stock diffusers 0.42.1 cannot run context parallelism on CPU-only torch. Both stock calls are run once per model
 and their raw failures are recorded in the JSON ("stock_failures"). The workarounds below live ONLY in this file and
@@ -79,7 +78,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pools import ask_pools, shared_copy  # noqa: E402
-from diffusers_cp_cpu import CollectiveBytes, _failure, apply_diffusers_cp, stock_failures  # noqa: E402
+from diffusers_cp_cpu import CollectiveBytes, apply_diffusers_cp, stock_failures  # noqa: E402
 from vs_diffusers_report import write_markdown, write_plot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,11 +210,6 @@ def parallel_worker(channel, job: dict) -> None:
                 models[(kind, dname, config)] = model
         first = group[job["dtypes"][0]]
         report["stock_failures"][kind] = stock_failures(kind, first, inputs[(kind, job["dtypes"][0])])
-        try:
-            opendit.parallelize(shared_copy(first), ParallelConfig(ulysses=2, sp_impl="fastseq"))
-            report["fastseq"][kind] = {"error": None}
-        except Exception as exc:  # noqa: BLE001
-            report["fastseq"][kind] = _failure(exc)
     channel.send(report)
     while True:
         command = channel.recv()
@@ -397,7 +391,6 @@ def run(job: dict, log) -> dict:
         "loadavg_after_each_pass": loads,
         "wall_s": wall,
         "stock_failures": reports[0]["stock_failures"],
-        "fastseq": {k: {"status": "n/a", **v} for k, v in reports[0]["fastseq"].items()},
         "checksums": single_report["checksums"],
     }
 

@@ -50,10 +50,6 @@ def write_markdown(result: dict, path: Path) -> None:
                     f"{o['max_rel_err']:.2e} | {fmt_bytes(d['bytes_per_forward_rank0'])} | "
                     f"{fmt_bytes(o['bytes_per_forward_rank0'])} | {'yes' if o['speedup'] >= d['speedup'] else 'NO'} |"
                 )
-            lines.append(
-                f"| {kind} | {dname} | fastseq | n/a (diffusers has none) | n/a (refused for diffusers modules) "
-                "| | | | | |"
-            )
     lines += [
         "",
         "Times (seconds; min / median over passes of the per-pass minima):",
@@ -79,8 +75,6 @@ def write_markdown(result: dict, path: Path) -> None:
             error = error if len(error) <= 200 else error[:200] + " ..."
             where = info.get("library_frame") or info.get("raised_at", "")
             lines.append(f"- {kind}, `{call}`: `{error}` (innermost diffusers frame: `{where}`)")
-    for kind, info in result["fastseq"].items():
-        lines.append(f"- {kind}, ours fastseq: n/a: `{info.get('error')}`")
     path.write_text("\n".join(lines) + "\n")
 
 
