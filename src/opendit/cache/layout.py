@@ -83,17 +83,16 @@ class CacheLayout:
 def cache_layout(model: nn.Module) -> CacheLayout:
     """The layout of `model`: one of ours (declared ModelSpec) or a diffusers transformer with a declared spec."""
     from opendit.families import family_for
-    from opendit.models.spec import has_spec, spec_for
 
-    if has_spec(model):
-        return _own_layout(model, spec_for(model))
     family = family_for(model)
-    if family is not None:
-        return _diffusers_layout(model, family)
-    raise OpenDiTError(
-        f"no cache layout for {type(model).__name__}: caches work on models with a declared spec (DiT, the video "
-        "DiT, and the module classes with a family: families/)"
-    )
+    if family is None:
+        raise OpenDiTError(
+            f"no cache layout for {type(model).__name__}: caches work on models with a family (OpenDiT's DiT and "
+            "video DiT, and the module classes of families/)"
+        )
+    if family.model_spec is not None:  # our blocks: block(x, c) -> x, attention and MLPs by the spec's paths
+        return _own_layout(model, family.model_spec)
+    return _diffusers_layout(model, family)
 
 
 def _own_layout(model: nn.Module, spec) -> CacheLayout:

@@ -36,6 +36,9 @@ class Family:
     # --shard-weights: blocks the model reads outside their own forward (diffusers' DiT embeds the final layer's
     # condition with block 0's embedder after every block ran): they stay in the root unit, gathered all forward
     shard_in_root: tuple[str, ...] = ()
+    # OpenDiT's own models (DiT, video DiT): their ModelSpec (models/spec.py), applied by parallel/apply.py, whose
+    # fused-qkv kernels, DSP, PipeFusion, token re-balancing and sharded loading need the model's own split points
+    model_spec: object | None = None
     notes: dict = field(default_factory=dict)
 
     def num_heads(self, module) -> int | None:
@@ -72,6 +75,11 @@ def declared_families() -> dict[str, Family]:
 def family_for(module_or_class) -> Family | None:
     """The family of a module (or module class): declared for its class or a base class, else read from the class's
     `_cp_plan`; None when neither exists."""
+    from opendit.models.spec import has_spec, spec_for
+
+    if not isinstance(module_or_class, type) and has_spec(module_or_class):
+        spec = spec_for(module_or_class)
+        return Family(name=spec.name, cp_plan={}, cfg_batched=True, source="OpenDiT ModelSpec", model_spec=spec)
     declared = _DECLARED.items()
     cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
     for base in cls.__mro__:

@@ -4,7 +4,7 @@ For OpenDiT's DiT and every module class with a family (families/: diffusers' ow
 every rank of an initialised process group (torchrun, or an engine worker) with the same plan; the module is changed
 in place and returned, with the same signature, outputs, `.config` and `.dtype` on every rank, so a diffusers
 pipeline keeps working around it. What it installs: the sequence split/gather points and the strategy's attention
-kernels (parallel/apply.py for our DiT, families/apply.py for the others), and cfg/dp splits of
+kernels as the module's family declares (families/apply.py), and cfg/dp splits of
 each call's batch (parallel/batch.py).
 """
 
@@ -19,8 +19,7 @@ from opendit.errors import OpenDiTError
 
 def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
     """Parallelise `module` in place over the world's ranks under `plan`; returns the module."""
-    from opendit.distributed.mesh import build_runtime
-    from opendit.parallel.batch import install_batch_split
+    from opendit.families.apply import parallelize_family
 
     if not isinstance(plan, ParallelConfig):
         raise OpenDiTError(f"plan must be an opendit ParallelConfig, got {type(plan).__name__}")
@@ -37,35 +36,7 @@ def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
         return module  # one rank: nothing to split
     params = list(module.parameters())
     device = params[0].device if params else "cpu"
-    if _is_ours(module):
-        runtime = build_runtime(plan, device)
-        _apply_ours(module, runtime)
-        install_batch_split(module, runtime)
-    else:
-        from opendit.families.apply import apply_family, check_family, family_plan
-
-        family = check_family(module, plan)
-        plan, _notes = family_plan(plan, family)
-        heads = family.num_heads(module) or plan.ulysses
-        plan.validate(dist.get_world_size(), heads, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
-        runtime = build_runtime(plan, device)
-        apply_family(module, family, runtime)
-        install_batch_split(module, runtime, family.not_batched, family.cfg_batched is not False)
+    plan, runtime = parallelize_family(module, plan, dist.get_world_size(), device)
     module._opendit_plan = plan
     module._opendit_runtime = runtime
     return module
-
-
-def _is_ours(module: nn.Module) -> bool:
-    from opendit.models.spec import _SPECS
-
-    return type(getattr(module, "config", None)) in _SPECS
-
-
-def _apply_ours(module: nn.Module, runtime) -> None:
-    """Our DiT: the sequence parallelism of parallel/apply.py in place (cfg/dp go through the batch hooks)."""
-    from opendit.parallel.apply import parallelize as install
-
-    if runtime is None or (runtime.plan.sp_degree == 1 and runtime.plan.tp == 1):
-        return
-    install(module, runtime)  # token split/gather hooks and kernels on the module itself; its wrapper is not used
