@@ -42,7 +42,7 @@ from opendit.checkpoint_files import (  # noqa: F401 - re-exported: the API of c
     resave_trusted,
 )
 from opendit.errors import OpenDiTError
-from opendit.models.dit import _ARCHS, DiT, DiTConfig, build_dit
+from opendit.models.dit import ARCHS, DiT, DiTConfig, build_dit
 
 
 def config_from_dict(data: dict):
@@ -392,9 +392,9 @@ def describe_mismatch(config: DiTConfig, state: Mapping[str, torch.Tensor]) -> s
     wrong = {k: (v, found[k]) for k, v in expected.items() if found[k] != v}
     if not wrong:
         return None
-    from opendit.models.video_dit import _ARCHS as VIDEO_ARCHS
+    from opendit.models.video_dit import LATTE_ARCHS
 
-    family, archs = ("Latte", VIDEO_ARCHS) if found["frames"] is not None else ("DiT", _ARCHS)
+    family, archs = ("Latte", LATTE_ARCHS) if found["frames"] is not None else ("DiT", ARCHS)
     names = [
         f"{family}-{s}/{found['patch_size']}"
         for s, (d, h, _) in archs.items()

@@ -40,7 +40,7 @@ from opendit.checkpoint import (
     tensor_shape,
 )
 from opendit.errors import OpenDiTError
-from opendit.models.dit import _ARCHS, DiTConfig, build_dit, preset
+from opendit.models.dit import ARCHS, DiTConfig, build_dit, preset
 from opendit.precision import parse_dtype
 
 _CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}  # torch dtype -> safetensors code ("F32", ...)
@@ -120,7 +120,7 @@ def write_safetensors_streaming(
 
 def _preset_name(config: DiTConfig) -> str | None:
     """The preset of this architecture (depth, width, heads, patch), or None."""
-    for size, arch in _ARCHS.items():
+    for size, arch in ARCHS.items():
         if arch == (config.depth, config.hidden_size, config.num_heads) and config.patch_size in (2, 4, 8):
             return f"DiT-{size}/{config.patch_size}"
     return None
@@ -128,7 +128,7 @@ def _preset_name(config: DiTConfig) -> str | None:
 
 def _infer_preset(found: dict, path: Path) -> str:
     """The preset whose depth and width the tensors have (heads are not readable from shapes; presets fix them)."""
-    for size, (depth, hidden, _) in _ARCHS.items():
+    for size, (depth, hidden, _) in ARCHS.items():
         if (depth, hidden) == (found["depth"], found["hidden_size"]) and found["patch_size"] in (2, 4, 8):
             return f"DiT-{size}/{found['patch_size']}"
     raise OpenDiTError(

@@ -6,7 +6,7 @@ Plain single-device PyTorch. Parameter names and shapes match facebookresearch/D
 (before un-patchify); both of the latter are identities here.
 """
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
+from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset
 from opendit.models.layers import (
     LabelEmbedder,
     Mlp,
@@ -26,12 +27,14 @@ from opendit.models.layers import (
 from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, register_spec
 from opendit.precision import check_finite, residual_dtype
 
-LATENT_DOWNSCALE = 8  # stabilityai/sd-vae-ft-* maps H x W pixels to 4 x H/8 x W/8 latents
+__all__ = ["LATENT_DOWNSCALE", "DiT", "DiTConfig", "build_dit", "preset"]  # LATENT_DOWNSCALE: re-exported
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(PatchGridConfig):
     """Everything needed to build a DiT. `input_size` is the model's spatial input (latent or pixel) as (H, W)."""
+
+    label = "DiT"
 
     depth: int
     hidden_size: int
@@ -47,34 +50,8 @@ class DiTConfig:
     prediction: str = "epsilon"  # what the network predicts: "epsilon" (DDPM family) or "flow" (velocity)
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
-
-    @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        factor = LATENT_DOWNSCALE if self.latent else 1
-        return self.input_size[0] * factor, self.input_size[1] * factor
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise OpenDiTError(f"unknown DiT config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        data = dict(data)
-        data["input_size"] = tuple(data.get("input_size", (32, 32)))
-        return cls(**data)
 
     def with_image_size(self, height: int, width: int | None = None) -> "DiTConfig":
         """The same architecture for another output image size (pixels), validated with an actionable message."""
@@ -92,7 +69,7 @@ class DiTConfig:
 
 
 # Architectures (depth, hidden, heads) of the paper; DiT-T is a tiny model for tests, DiT-D is the digits model's.
-_ARCHS = {
+ARCHS = {
     "T": (2, 64, 4),
     "D": (6, 128, 4),
     "S": (12, 384, 6),
@@ -100,17 +77,11 @@ _ARCHS = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
-PRESETS: dict[str, DiTConfig] = {
-    f"DiT-{size}/{patch}": DiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
-    for size, (d, h, n) in _ARCHS.items()
-    for patch in (2, 4, 8)
-}
+PRESETS: dict[str, DiTConfig] = build_presets(DiTConfig, "DiT", ARCHS)
 
 
 def preset(name: str) -> DiTConfig:
-    if name not in PRESETS:
-        raise OpenDiTError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)} (see `opendit models`)")
-    return PRESETS[name]
+    return pick_preset(PRESETS, name, hint=" (see `opendit models`)")
 
 
 def pixel_config(name: str, size: int, channels: int = 1, num_classes: int = 10, prediction: str = "flow") -> DiTConfig:

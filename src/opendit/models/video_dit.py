@@ -27,16 +27,19 @@ import torch
 from torch import nn
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DIT_TENSOR_SPLIT, LATENT_DOWNSCALE, DiTBlock, FinalLayer, adaln_zero_init
+from opendit.models.dit import ARCHS, DIT_TENSOR_SPLIT, DiTBlock, FinalLayer, adaln_zero_init
+from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset
 from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
 from opendit.precision import check_finite, residual_dtype
 
 
 @dataclass(frozen=True)
-class VideoDiTConfig:
+class VideoDiTConfig(PatchGridConfig):
     """Everything needed to build a video DiT. `depth` counts both kinds of block (even); `input_size` is one frame's
     model-space (H, W) (latent or pixel)."""
+
+    label = "video DiT"
 
     depth: int
     hidden_size: int
@@ -60,14 +63,6 @@ class VideoDiTConfig:
             raise OpenDiTError(f"frames must be >= 1, got {self.frames}")
 
     @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
-
-    @property
     def positions(self) -> int:
         """Tokens per frame."""
         return self.grid[0] * self.grid[1]
@@ -76,11 +71,6 @@ class VideoDiTConfig:
     def num_tokens(self) -> int:
         """Tokens of one video (frames x positions)."""
         return self.frames * self.positions
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        factor = LATENT_DOWNSCALE if self.latent else 1
-        return self.input_size[0] * factor, self.input_size[1] * factor
 
     @property
     def sample_shape(self) -> tuple[int, int, int, int]:
@@ -103,40 +93,15 @@ class VideoDiTConfig:
             )
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> VideoDiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise OpenDiTError(f"unknown video DiT config keys {sorted(unknown)}; known keys are {sorted(known)}")
-        data = dict(data)
-        data["input_size"] = tuple(data.get("input_size", (32, 32)))
-        return cls(**data)
-
-
-# Latte's architectures (depth counts both kinds, hidden, heads); T is a tiny test model, D the moving-digits one.
-_ARCHS = {
-    "T": (4, 64, 4),
-    "D": (6, 128, 4),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-}
-PRESETS: dict[str, VideoDiTConfig] = {
-    f"Latte-{size}/{patch}": VideoDiTConfig(depth=d, hidden_size=h, num_heads=n, patch_size=patch)
-    for size, (d, h, n) in _ARCHS.items()
-    for patch in (2, 4, 8)
-}
+# Latte's architectures are DiT's (depth counts both kinds of block); T, the tiny test model, has 2 pairs, D is the
+# moving-digits model's
+LATTE_ARCHS = {**ARCHS, "T": (4, 64, 4)}
+PRESETS: dict[str, VideoDiTConfig] = build_presets(VideoDiTConfig, "Latte", LATTE_ARCHS)
 
 
 def preset(name: str) -> VideoDiTConfig:
-    if name not in PRESETS:
-        raise OpenDiTError(f"unknown video model {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return pick_preset(PRESETS, name, "video model")
 
 
 class VideoDiT(nn.Module):
