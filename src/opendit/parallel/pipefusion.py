@@ -64,7 +64,11 @@ class PipeFusionModel:
         self.model, self.runtime, self.notes = model, runtime, notes
         plan, spec = runtime.plan, spec_for(model)
         if spec.pipeline is None:
-            raise OpenDiTError(f"{spec.name} declares no PipeFusion split (ModelSpec.pipeline); drop --pipefusion")
+            raise OpenDiTError(
+                f"PipeFusion pipelines row patches of one token sequence through stages of blocks, reusing the "
+                f"other patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.pipeline: its blocks "
+                "change the token layout between them): drop --pipefusion, or use --ulysses / --ring (exact)"
+            )
         self.split = spec.pipeline
         self.comm = runtime.comms["pipefusion"]
         self.stages, self.stage = self.comm.size, self.comm.rank

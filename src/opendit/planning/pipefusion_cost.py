@@ -42,7 +42,11 @@ def _check(model, plan: ParallelConfig, guided: bool, batch: int) -> float:
     """The batch every stage runs (PipeFusion splits no batch: cost.local_batch of its dp = cfg = 1 plan)."""
     spec = spec_for(model)
     if spec.pipeline is None:
-        raise OpenDiTError(f"{spec.name} declares no PipeFusion split (ModelSpec.pipeline); drop --pipefusion")
+        raise OpenDiTError(
+            f"PipeFusion pipelines row patches of one token sequence through stages of blocks, reusing the other "
+            f"patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.pipeline: its blocks change the "
+            "token layout between them): drop --pipefusion, or use --ulysses / --ring (exact)"
+        )
     return local_batch(batch, plan, guided)
 
 
