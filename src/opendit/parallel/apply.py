@@ -26,6 +26,7 @@ from opendit.distributed.mesh import Runtime
 from opendit.errors import OpenDiTError
 from opendit.models.spec import spec_for
 from opendit.parallel.balance import TokenBalancer
+from opendit.parallel.batch import BatchSplit
 from opendit.parallel.registry import get_strategy
 from opendit.parallel.sequence import TokenGather, TokenShard, check_sizes, head_sizes, split_sizes
 
@@ -42,21 +43,16 @@ class ParallelModel:
     balancer: TokenBalancer | None = None  # --balance-tokens: re-splits token_sizes from measured busy times
     token_hooks: list = field(default_factory=list, repr=False)  # the installed split/gather hooks
     tensor: dict | None = None  # --tp: what tensor parallelism split (parallel/tensor.py), None without it
+    batch: BatchSplit | None = field(default=None, repr=False)  # the cfg split of each call (parallel/batch.py)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        cfg_comm = self.runtime.comms["cfg"]
-        if cfg_comm is None:
-            return self._model_call(x, t, y)
-        b = x.shape[0]
-        if b % 2:
-            raise OpenDiTError(f"cfg parallel needs the guided batch [cond; uncond] (even size), got batch {b}")
-        half, c = b // 2, self.runtime.coords["cfg"]
-        part = slice(c * half, (c + 1) * half)  # cfg rank 0: conditional half, rank 1: unconditional half
-        out = self._model_call(x[part], t[part], y[part])  # (B, C_out, H, W)
-        return cfg_comm.all_gather(out.contiguous(), 0, [half, half])  # (2B, C_out, H, W) = [cond; uncond]
-
-    def _model_call(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model(x, t, y)
+        # cfg rank 0 runs the conditional half of [cond; uncond], rank 1 the other; the halves are gathered back:
+        # (2B, C, H, W) -> (B, C, H, W) per rank -> (2B, C_out, H, W). The sampler splits images over dp itself.
+        if self.batch is None:
+            self.batch = BatchSplit(self.runtime, levels=("cfg",))
+        if not self.batch.active:
+            return self.model(x, t, y)
+        return self.batch.call(self.model, x, t, y)
 
     def step_hooks(self) -> list:
         """The runtime's per-step hooks for the sampler, in the order they must run (see parallel/hooks.py)."""

@@ -17,9 +17,14 @@ from opendit.parallel.sequence import offsets, split_sizes
 
 
 class BatchSplit:
-    def __init__(self, runtime, not_batched: tuple[str, ...] = (), batched_cfg: bool = True):
+    """The one cfg/dp split of a call's batch: as hooks on a module (`install_batch_split`), or around any callable
+    (`call`). `levels`: which mesh dimensions split it (OpenDiT's sampler splits the images over dp for the whole
+    loop, so its model calls split over cfg only)."""
+
+    def __init__(self, runtime, not_batched: tuple[str, ...] = (), batched_cfg: bool = True, levels=("cfg", "dp")):
         self.runtime, self.not_batched = runtime, set(not_batched)
-        self.cfg, self.dp = runtime.comms["cfg"], runtime.comms["dp"]
+        self.cfg = runtime.comms["cfg"] if "cfg" in levels else None
+        self.dp = runtime.comms["dp"] if "dp" in levels else None
         self.batched_cfg = batched_cfg
         self.sizes: list[tuple[list[int], int]] = []  # per split level (cfg, dp): (sizes, this rank's index)
 
@@ -28,7 +33,7 @@ class BatchSplit:
         if self.cfg is not None:
             if batch % 2:
                 raise OpenDiTError(
-                    f"--cfg-parallel splits a guided batch [uncond; cond] in halves, but this call's batch is {batch}"
+                    f"--cfg-parallel splits a guided batch (its two branches) in halves, but this call's batch is {batch}"
                     + (
                         ""
                         if self.batched_cfg
@@ -64,6 +69,15 @@ class BatchSplit:
             }
             batch = sizes[index]
         return args, kwargs
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on this rank's part of the batch; the output's first tensor gathered back whole."""
+        args, kwargs = self.pre_hook(None, args, kwargs)
+        return self.post_hook(None, args, kwargs, fn(*args, **kwargs))
+
+    @property
+    def active(self) -> bool:
+        return self.cfg is not None or self.dp is not None
 
     def post_hook(self, module, args, kwargs, output):
         comms = [comm for comm in (self.cfg, self.dp) if comm is not None]
