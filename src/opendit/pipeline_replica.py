@@ -16,15 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from opendit.distributed.comm import CommStats
-from opendit.distributed.control import ControlMember
-from opendit.distributed.env import init_from_env, pick_device
 from opendit.errors import OpenDiTError
-from opendit.memory import PhasePeaks, max_rss_bytes
+from opendit.memory import max_rss_bytes
 from opendit.outputs import GenerationResult
-from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
 from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.precision import parse_dtype
+from opendit.replica import ReplicaBase
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
@@ -56,24 +53,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else max_rss_bytes()
 
 
-class PipelineReplica(ControlMember):
+class PipelineReplica(ReplicaBase):
     """One rank's pipeline (or the only process's): loaded once, its transformer parallelised, then `run(call)` per
     call. The interface of worker.Replica (is_output, spec, load_s, broadcast, barrier, run, close), so the engine
     and worker.serve drive it the same way, over the same kind of control group."""
 
     def __init__(self, spec: PipelineSpec):
         start = time.perf_counter()
-        self.runtime = self.control = None
-        self.owns_group = False
-        if spec.world > 1:
-            device, backend = pick_device(spec.settings.device)
-            self.owns_group = init_from_env(device, backend)
-            self.join_control()
-            spec = self.broadcast(spec)
-        else:
-            device = torch.device(spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.spec, self.device = spec, device
-        self.memory = PhasePeaks(device, reset=spec.world > 1)
+        spec = self.join(spec)
+        device = self.device
         self.is_output = spec.world == 1 or dist.get_rank() == 0
         bars = spec.settings.progress and self.is_output
         with contextlib.nullcontext() if bars else _no_loading_bars():
@@ -101,9 +89,7 @@ class PipelineReplica(ControlMember):
         total = int(kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps") or 0))
         progress = None if on_step is None else (lambda done: on_step(done, total))
         cache = self._install_cache(call)
-        align = None if self.runtime is None else (lambda: dist.barrier(group=self.control))
-        trace = TraceHook(stats if stats is not None else CommStats(), dist.get_rank() if self.spec.world > 1 else 0,
-                          align=align, device=self.device)  # fmt: skip
+        trace = self.trace_hook(stats)
         hooks = [*([cache] if cache is not None else []), trace]  # the cache first: it starts each step's slots
         self.cache_summary = None
         begin = time.perf_counter()
@@ -126,10 +112,8 @@ class PipelineReplica(ControlMember):
         self.calls += 1
         if not self.is_output:
             return None
-        if call.trace is not None:
-            events = [rank.pop("trace_events") for rank in ranks]
-            write_chrome_trace(call.trace, events, {"request": call.request, "plan": self.plan.describe()})
-        record = self._record(call, images, frames, ranks, start)
+        utilisation = self.finish_ranks(call, ranks, {"request": call.request, "plan": self.plan.describe()})
+        record = self._record(call, images, frames, ranks, start, utilisation)
         return GenerationResult(images=images, labels=list(call.prompts), record=record, frames=frames)
 
     def _install_cache(self, call: PipelineCall):
@@ -149,17 +133,10 @@ class PipelineReplica(ControlMember):
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "memory": self.memory.record(),
             "comm": stats.snapshot() if stats is not None else None,  # {kind: {calls, bytes, wait_s}}, this call
-            "utilisation": trace.summary(),
         }
-        if call.trace is not None:
-            mine["trace_events"] = trace.events()
-        if self.spec.world == 1:
-            return [mine]
-        everyone: list = [None] * self.spec.world
-        dist.all_gather_object(everyone, mine, group=self.control)
-        return everyone
+        return self.gather_ranks(mine, call, trace)
 
-    def _record(self, call: PipelineCall, images: np.ndarray, frames, ranks: list[dict], start: float) -> dict:
+    def _record(self, call: PipelineCall, images: np.ndarray, frames, ranks: list[dict], start: float, utilisation):
         """record.json of one call (on the output rank)."""
         spec, pipe, defaults = self.spec, self.pipe, self.spec.info["call"]
         parallel = {"world_size": spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
@@ -197,7 +174,7 @@ class PipelineReplica(ControlMember):
             "peak_memory_bytes": ranks[0]["peak_memory_bytes"],
             "memory": ranks[0]["memory"],
             "comm": _comm_record(ranks) if spec.world > 1 else None,
-            "utilisation": utilisation_summary([rank.pop("utilisation") for rank in ranks]),
+            "utilisation": utilisation,
             "ranks": ranks if spec.world > 1 else None,
             "cache": self.cache_summary,
         }

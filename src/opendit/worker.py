@@ -31,18 +31,18 @@ from opendit.checkpoint import file_sha256, load_model, open_for_model
 from opendit.diffusion.hooks import StepHook
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.comm import CommStats
-from opendit.distributed.control import ControlMember
-from opendit.distributed.env import global_rank, init_from_env, pick_device
+from opendit.distributed.env import global_rank
 from opendit.distributed.mesh import Runtime, build_runtime
 from opendit.errors import OpenDiTError
 from opendit.generation import Call, EngineSpec, GenerationResult
-from opendit.memory import PhasePeaks, exact_malloc
+from opendit.memory import exact_malloc
 from opendit.outputs import VAE_MISSING, decode, load_vae
 from opendit.parallel.apply import ParallelModel, parallelize, plan_record
 from opendit.parallel.sequence import offsets, split_sizes
 from opendit.parallel.sharded_loading import fill_sharded
-from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
+from opendit.parallel.trace import TraceHook
 from opendit.precision import parse_dtype
+from opendit.replica import ReplicaBase
 
 SHARDED_MMAP_THRESHOLD = 1 << 20  # bytes; see Replica.__init__
 
@@ -108,7 +108,7 @@ def load_replica_model(spec: EngineSpec, device: torch.device, runtime: Runtime 
     return model, pmodel, {"mode": "whole", "seconds": time.perf_counter() - start}
 
 
-class Replica(ControlMember):
+class Replica(ReplicaBase):
     """One rank's model (or the only process's): loaded and parallelised once, then `run(call)` per call.
 
     With spec.world > 1 this is one rank of the job: it joins the process group from the environment (torchrun's or
@@ -117,27 +117,16 @@ class Replica(ControlMember):
 
     def __init__(self, spec: EngineSpec):
         start = time.perf_counter()
-        settings = spec.settings
-        self.runtime: Runtime | None = None
-        self.control = None
-        self.owns_group = False
+        spec = self.join(spec)
+        settings, device = spec.settings, self.device
         if spec.world > 1:
-            device, backend = pick_device(settings.device)
-            self.owns_group = init_from_env(device, backend)
-            self.join_control()
-            spec = self.broadcast(spec)
             self.runtime = build_runtime(spec.plan, device)
-        else:
-            device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.spec, self.device = spec, device
         if spec.plan.shard_weights and spec.world > 1 and device.type == "cpu":
             # glibc raises its mmap threshold to the largest block freed so far, after which every gathered weight
             # unit comes from the heap and is kept there when freed: measured, DiT-XL/2 over 2 ranks then sampled
             # at 3.36 GiB per rank, more than one process. A fixed threshold returns every buffer >= 1 MiB to the
             # OS when freed (a page fault per page on the next allocation: ~0.1 s per GB gathered).
             exact_malloc(SHARDED_MMAP_THRESHOLD)
-        # phase peaks reset the high-water mark: only in worker processes, never in a caller's own (in-process engine)
-        self.memory = PhasePeaks(device, reset=spec.world > 1)
         self.is_output = self.runtime is None or self.runtime.index == 0
         self.model, self.pmodel, self.load_record = load_replica_model(spec, device, self.runtime)
         self.parameter_bytes = _parameter_bytes(self.model)
@@ -162,8 +151,7 @@ class Replica(ControlMember):
         stats = self.runtime.stats if self.runtime is not None else CommStats()
         stats.reset()
         stats.history.clear()  # per-call counters: the record's comm_per_step covers this call's steps only
-        align = None if self.runtime is None else lambda: dist.barrier(group=self.runtime.group("all"))
-        trace = TraceHook(stats, global_rank(), align=align, device=self.device)
+        trace = self.trace_hook(stats)
         result = self._sample(call, [trace] if on_step is None else [trace, ProgressHook(on_step)])
         self.memory.end("sampling")
         ranks = self._rank_records(call, trace, result.step_times, stats)
@@ -180,10 +168,8 @@ class Replica(ControlMember):
             images = decode(result.samples, call.config, self.vae, self.device)
         self.memory.end("decode")
         ranks[0]["memory"] = self.memory.record()  # this rank's, now with its decode
-        if call.trace is not None:
-            events = [rank.pop("trace_events") for rank in ranks]
-            write_chrome_trace(call.trace, events, {"request": call.request, "plan": self.spec.plan.describe()})
-        record = self._record(call, result.step_times, ranks, start)
+        utilisation = self.finish_ranks(call, ranks, {"request": call.request, "plan": self.spec.plan.describe()})
+        record = self._record(call, result.step_times, ranks, start, utilisation)
         return GenerationResult(images=images, labels=list(call.classes), record=record, frames=frames)
 
     def _sample(self, call: Call, hooks: list) -> SampleResult:
@@ -232,20 +218,12 @@ class Replica(ControlMember):
             "parameter_bytes": self.parameter_bytes,  # this rank's shards under --shard-weights
             "comm_per_step": stats.history,  # per denoising step: {kind: {calls, bytes, wait_s}} on this rank
             "comm_after_sampling": stats.snapshot(),  # after the last step: the dp gather of the samples
-            "utilisation": trace.summary(),
         }
-        if call.trace is not None:
-            mine["trace_events"] = trace.events()
-        if self.runtime is None:
-            return [mine]
-        everyone: list = [None] * self.runtime.world_size
-        dist.all_gather_object(everyone, mine, group=self.runtime.group("all"))
-        return everyone
+        return self.gather_ranks(mine, call, trace)
 
-    def _record(self, call: Call, step_times: list[float], ranks: list[dict], start: float) -> dict:
+    def _record(self, call: Call, step_times: list[float], ranks: list[dict], start: float, utilisation) -> dict:
         """record.json of one call (on the output rank)."""
         spec = self.spec
-        utilisation = utilisation_summary([rank.pop("utilisation") for rank in ranks])
         return {
             "request": call.request,
             "resolved": {

@@ -33,7 +33,8 @@ class BatchSplit:
         if self.cfg is not None:
             if batch % 2:
                 raise OpenDiTError(
-                    f"--cfg-parallel splits a guided batch (its two branches) in halves, but this call's batch is {batch}"
+                    f"--cfg-parallel splits a guided batch (its two branches) in halves, but this call's batch is "
+                    f"{batch}"
                     + (
                         ""
                         if self.batched_cfg
