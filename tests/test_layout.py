@@ -115,3 +115,17 @@ def test_functions_and_files_stay_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                 long_functions.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
     assert not long_files and not long_functions, (long_files, long_functions)
+
+
+def test_only_the_family_registry_asks_whose_model_it_is():
+    """Whether a module is OpenDiT's own or a diffusers class is the family registry's question (families/, and the
+    model specs in models/): nowhere else checks a module's class or spec registry to pick a code path."""
+    checks = re.compile(r"\b(has_spec|spec_for_module|_is_ours)\(|isinstance\([^)]*(ModelMixin|Transformer2DModel)")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if {"families", "models", "testing"} & set(path.relative_to(PACKAGE).parts[:-1]):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if checks.search(line):
+                offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
+    assert not offenders, offenders

@@ -247,6 +247,6 @@ def check_cache_plan(plan) -> None:
 
 def spec_family(config) -> str | None:
     """The spec name of a model config (the cache defaults are per family)."""
-    from opendit.models.spec import has_spec, spec_for
+    from opendit.models.spec import spec_name
 
-    return spec_for(config).name if has_spec(config) else None
+    return spec_name(config)

@@ -183,6 +183,12 @@ def has_spec(model_or_config) -> bool:
     return type(getattr(model_or_config, "config", model_or_config)) in _SPECS
 
 
+def spec_name(model_or_config) -> str | None:
+    """The name of a model's (or config's) declared spec; None for a model without one."""
+    spec = _SPECS.get(type(getattr(model_or_config, "config", model_or_config)))
+    return spec.name if spec is not None else None
+
+
 def spec_for(model_or_config) -> ModelSpec:
     """The spec of a model (by its `config`) or of a config object."""
     config = getattr(model_or_config, "config", model_or_config)

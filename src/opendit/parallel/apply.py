@@ -179,8 +179,9 @@ def shard_weights(model: nn.Module, runtime: Runtime) -> None:
     from opendit.parallel.sharding import apply_weight_sharding
 
     # the runtime's own 1-D mesh over the sequence group: the kernels and FSDP2 share one set of groups
-    units = spec_for(model).shard_unit_modules(model)
-    apply_weight_sharding(model, runtime.sp_mesh, units=units, stats=runtime.stats)
+    spec = spec_for(model)
+    apply_weight_sharding(model, runtime.sp_mesh, units=spec.shard_unit_modules(model), stats=runtime.stats,
+                          root_used_after_units=spec.root_used_after_embedding)  # fmt: skip
 
 
 def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dict:

@@ -113,11 +113,12 @@ def apply_weight_sharding(
     mesh = _as_mesh(group_or_mesh, _device_type(params, group_or_mesh))
     if mesh.size() == 1:
         return
-    from opendit.models.spec import has_spec, spec_for
-
-    spec = spec_for(model) if units is None or has_spec(model) else None  # explicit units need no spec
     if units is None:  # the model's declared shard units, in forward order (models/spec.py)
+        from opendit.models.spec import spec_for
+
+        spec = spec_for(model)
         units = spec.shard_unit_modules(model)
+        root_used_after_units = root_used_after_units or spec.root_used_after_embedding
     placement = _placement_for(mesh.size())
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, shard_placement_fn=placement)
@@ -132,8 +133,7 @@ def apply_weight_sharding(
     if prefetch:
         for current, following in zip(chain, chain[1:]):
             current.set_modules_to_forward_prefetch([following])
-    keep_root = root_used_after_units or (spec is not None and spec.root_used_after_embedding)
-    if units and not keep_root:
+    if units and not root_used_after_units:
         # The root's own parameters (pos_embed (1, T, C) and the patch embedder) serve only the embedding, which runs
         # before the first child unit; FSDP2 would keep them gathered until the root's forward ends (72 MiB at
         # 16384 tokens, XL width, fp32). Free them when the first unit starts.
