@@ -114,7 +114,26 @@ PARALLEL = [
     ("pixart", ["--ulysses", "2"], "all_to_all"),
     ("pixart", ["--cfg-parallel"], "all_gather"),
     ("flux", ["--ulysses", "2"], "all_to_all"),
+    ("flux", ["--ring", "2", "--shard-weights"], "weight_gather"),  # FSDP2 over the ring group: blocks as units
+    ("pixart", ["--ulysses", "2", "--sp-impl", "fastseq"], "all_gather"),  # FastSeq on projected q, k, v
 ]
+
+
+@pytest.mark.slow
+def test_a_pipeline_writes_every_ranks_trace(folders, tmp_path, capsys):
+    """--trace on a pipeline's own loop: every rank's steps (ended by the pipeline's callback), model calls (timed
+    by the transformer's hooks) and collectives on one time axis; the record has both ranks' utilisation."""
+    trace_file = tmp_path / "trace.json"
+    code, _, err = sample(capsys, folders["pixart"], tmp_path / "out", PROMPTS, "--nproc", "2", "--ulysses", "2",
+                          "--trace", str(trace_file))  # fmt: skip
+    assert code == 0, err
+    events = [e for e in json.loads(trace_file.read_text())["traceEvents"] if e.get("ph") == "X"]
+    for rank in (0, 1):
+        mine = [e for e in events if e["pid"] == rank]
+        assert sum(e["name"].startswith("step") for e in mine) == 2, rank  # --steps 2
+        assert sum(e["name"] == "model" for e in mine) >= 2 and any(e["cat"] == "comm" for e in mine), rank
+    record = json.loads((tmp_path / "out" / "record.json").read_text())
+    assert len(record["utilisation"]["per_rank"]) == 2
 
 
 @pytest.mark.slow
@@ -128,7 +147,8 @@ def test_two_processes_equal_one(kind, plan, collective, folders, tmp_path_facto
     assert max_diff(images(out), expected) <= 1
     record = json.loads((out / "record.json").read_text())
     assert record["parallel"]["world_size"] == 2
-    assert record["parallel"]["config"]["ulysses" if "--ulysses" in plan else "cfg"] == 2
+    degree = "ulysses" if "--ulysses" in plan else "ring" if "--ring" in plan else "cfg"
+    assert record["parallel"]["config"][degree] == 2
     assert all(rank[collective]["calls"] > 0 for rank in record["comm"]["per_rank"])  # the plan really ran
 
 

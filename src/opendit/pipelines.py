@@ -34,7 +34,7 @@ import torch
 
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.outputs import prepare_output_dir
+from opendit.outputs import prepare_output_dir, prepare_trace_file
 from opendit.request import CallRequest, EngineRequest
 
 LAYOUT = "a local diffusers pipeline folder (save_pretrained layout)"
@@ -336,7 +336,8 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
     if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
         raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
-    trace = str(request.trace) if request.trace is not None else None
+    # absolute: workers may not share the caller's working directory (torchrun on other nodes)
+    trace = str(Path(prepare_trace_file(request.trace)).resolve()) if request.trace is not None else None
     return PipelineCall(list(request.prompt), request.seed, kwargs, asked, request.steps, request.cfg_scale,
                         cache=cache, trace=trace)  # fmt: skip
 
