@@ -282,3 +282,13 @@ def test_a_valid_out_exists_before_the_model_loads(tmp_path, capsys, monkeypatch
 )
 def test_cli_flag_errors_are_one_line(tmp_path, capsys, args, message):
     refused(capsys, ["--out", str(tmp_path), *args], message, time.perf_counter())
+
+
+def test_patches_zero_is_refused_and_public_names_import():
+    """--patches 0 was silently the default; now one line naming the field. The names a user needs import from
+    opendit itself (Engine(parallel=ParallelConfig(...)) and opendit.parallelize need ParallelConfig)."""
+    from opendit import Engine, ParallelConfig, generate, parallelize  # noqa: F401
+    from opendit.cli import main
+
+    assert main(["sample", "--nproc", "2", "--pipefusion", "2", "--patches", "0", "--out", "/tmp/never"]) == 2
+    assert ParallelConfig(pipefusion=2).patch_count == 2  # the default: one patch per stage

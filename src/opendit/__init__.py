@@ -15,8 +15,10 @@ _EXPORTS = {
     "GenerationResult": "opendit.outputs",
     "save_outputs": "opendit.outputs",
     "parallelize": "opendit.parallel.entry",
+    "ParallelConfig": "opendit.distributed.config",
 }
-__all__ = ["Engine", "OpenDiTError", "GenerationRequest", "GenerationResult", "generate", "parallelize", "save_outputs"]
+__all__ = ["Engine", "OpenDiTError", "GenerationRequest", "GenerationResult", "ParallelConfig", "generate",
+           "parallelize", "save_outputs"]  # fmt: skip
 __version__ = "0.1.0"
 
 
