@@ -186,12 +186,8 @@ def _as_prompt_list(value: Any) -> Any:
 
 
 def _as_plan_fields(value: Any) -> Any:
-    """A ParallelConfig -> its fields (validated like every other field; its patches 0, "one per stage", is the
-    field's None); dicts (JSON) and None pass as they are."""
-    if isinstance(value, ParallelConfig):
-        fields = value.to_dict()
-        return {**fields, "patches": fields["patches"] or None}
-    return value
+    """A ParallelConfig -> its fields (validated like every other field); dicts (JSON) and None pass as they are."""
+    return value.to_dict() if isinstance(value, ParallelConfig) else value
 
 
 def _as_shares(value: Any) -> Any:
@@ -237,7 +233,7 @@ class ParallelRequest(Schema):
     ring: Degree = 1
     tp: Degree = 1
     pipefusion: Degree = 1
-    patches: Annotated[Int, Field(ge=1, le=65536)] | None = None  # None: one per stage (0 is not a count)
+    patches: Annotated[Int, Field(ge=0, le=65536)] = 0  # 0: one per stage (ParallelConfig's default)
     warmup_steps: Annotated[Int, Field(ge=0, le=10000)] = 1
     sp_impl: Annotated[str, AfterValidator(_check_sp_impl)] = "auto"
     shard_weights: Switch = False
@@ -257,7 +253,7 @@ class ParallelRequest(Schema):
         return self
 
     def config(self) -> ParallelConfig:
-        return ParallelConfig(**{**dict(self), "patches": self.patches or 0})
+        return ParallelConfig(**dict(self))
 
 
 class EngineRequest(Schema):

@@ -47,7 +47,7 @@ FIELD_HELP = {
     "ulysses": FieldHelp("--ulysses", _DEGREE, "e.g. --ulysses 2"),
     "tp": FieldHelp("--tp", _DEGREE, "e.g. --tp 2"),
     "pipefusion": FieldHelp("--pipefusion", _DEGREE, "e.g. --pipefusion 2"),
-    "patches": FieldHelp("--patches", "an integer from 1 to 65536 (leave it out: one per stage)", "e.g. --patches 4"),
+    "patches": FieldHelp("--patches", "an integer from 0 to 65536 (0: one per stage)", "e.g. --patches 4"),
     "warmup_steps": FieldHelp("--warmup-steps", "an integer from 0 to 10000", "e.g. --warmup-steps 2"),
     "ring": FieldHelp("--ring", _DEGREE, "e.g. --ring 2"),
     "sp_impl": FieldHelp("--sp-impl", "auto or a registered strategy", "see `opendit plan --list-strategies`"),

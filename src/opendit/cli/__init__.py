@@ -145,6 +145,9 @@ def parallel_config(args: argparse.Namespace):
     from opendit.distributed.config import ParallelConfig
 
     degrees = {"dp": args.dp, "ulysses": args.ulysses, "ring": args.ring, "tp": args.tp, "pipefusion": args.pipefusion}
+    if args.patches is not None and args.patches < 1:  # 0 is ParallelConfig's "one per stage", not a count to ask
+        raise OpenDiTError(f"--patches takes a count of patches >= 1 (leave it out for one per stage), got "
+                           f"{args.patches}; e.g. --patches 4")  # fmt: skip
     degrees |= {"patches": args.patches, "warmup_steps": args.warmup_steps}
     given = {k: v for k, v in degrees.items() if v is not None}
     if (
