@@ -63,6 +63,7 @@ BOUNDS = {"exact": (2, None), "bf16": (8, None), "stale": (255, 8.0)}  # (max, m
 
 
 def _families(root: Path) -> dict[str, list[str]]:
+    """The `opendit sample` flags of every family (the tiny pipelines saved under root)."""
     from opendit.testing.tiny_pipelines import save_tiny_pipeline
 
     common = ["--steps", "4", "--seed", "0", "--no-progress"]
@@ -166,23 +167,33 @@ def _write(results: dict) -> None:
     DOC.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 
-def test_capability_matrix(tmp_path):
-    families = _families(tmp_path)
-    results: dict = {}
-    problems = []
-    for family, args in families.items():
-        references: dict = {}
-        results[family] = {}
-        for capability in CAPABILITIES:
-            cell_dir = tmp_path / "cells" / f"{len(results)}-{capability.replace(' ', '_')}"
-            cell_dir.mkdir(parents=True)
-            cell = _cell(args, capability, cell_dir, references)
-            results[family][capability] = cell
-            if cell["status"] in ("failed", "differs"):
-                problems.append((family, capability, cell))
-            if cell["status"] == "refused" and (cell["generic"] or not cell["one_line"]):
-                problems.append((family, capability, cell))
-            if capability == "trace" and cell["status"] == "equal" and not cell["trace"]:
-                problems.append((family, capability, "no trace file"))
-        _write(results)  # after each family: a partial table survives an interrupted run
+FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return _families(tmp_path_factory.mktemp("pipelines"))
+
+
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capability_matrix(family, families, tmp_path):
+    """One family's row: every capability; the table is rewritten with every row measured so far (JSON beside it)."""
+    results = json.loads(DOC.with_suffix(".json").read_text()) if DOC.with_suffix(".json").is_file() else {}
+    results = {name: row for name, row in results.items() if name in FAMILIES}
+    references: dict = {}
+    row, problems = {}, []
+    for capability in CAPABILITIES:
+        cell_dir = tmp_path / capability.replace(" ", "_")
+        cell_dir.mkdir(parents=True)
+        cell = _cell(families[family], capability, cell_dir, references)
+        row[capability] = cell
+        if cell["status"] in ("failed", "differs"):
+            problems.append((capability, cell))
+        if cell["status"] == "refused" and (cell["generic"] or not cell["one_line"]):
+            problems.append((capability, cell))
+        if capability == "trace" and cell["status"] == "equal" and not cell["trace"]:
+            problems.append((capability, "no trace file"))
+    results[family] = row
+    _write({name: results[name] for name in FAMILIES if name in results})
     assert not problems, problems
