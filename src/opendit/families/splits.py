@@ -102,11 +102,12 @@ class SequenceState:
         return found
 
 
-def fingerprint(x: torch.Tensor) -> float:
-    """A number that differs between two tensors of one shape unless they hold the same values (in practice): sums
-    of x in fp64 weighted by token and by channel index. Ranks compare it to tell a stream every rank holds whole
-    (replicated) from one split over them."""
-    x = x.detach().double()
+def fingerprint(x: torch.Tensor, tokens: int = 64) -> float:
+    """A number that differs between two (B, S, ...) tensors unless they hold the same values (in practice): fp64
+    sums of their first `tokens` tokens weighted by token and by channel index. Ranks compare it to tell a stream
+    every rank holds whole (the same tokens everywhere) from one split over them (other tokens on each rank); the
+    first tokens suffice for that, and keep the fp64 copy small at any sequence length."""
+    x = x.detach()[:, :tokens].double()
     tokens = torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)
     channels = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device) ** 0.5
     by_token = x.sum(dim=[d for d in range(x.dim()) if d != 1])  # (S,)
