@@ -64,7 +64,7 @@ BOUNDS = {"exact": (2, None), "bf16": (8, None), "stale": (255, 8.0)}  # (max, m
 
 def _families(root: Path) -> dict[str, list[str]]:
     """The `opendit sample` flags of every family (the tiny pipelines saved under root)."""
-    from opendit.testing.tiny_pipelines import save_tiny_pipeline
+    from opendit.testing.tiny_pipelines import _DIT_LABELS, save_tiny_pipeline
 
     common = ["--steps", "4", "--seed", "0", "--no-progress"]
     families = {
@@ -74,7 +74,9 @@ def _families(root: Path) -> dict[str, list[str]]:
     for kind, name in (("dit", "diffusers DiT"), ("pixart", "PixArt"), ("sd3", "SD3"), ("flux", "Flux"),
                        ("wan", "Wan 2.1")):  # fmt: skip
         folder = save_tiny_pipeline(kind, root / "pipelines" / kind, seed=0)
-        what = ["--classes", "1", "2"] if kind == "dit" else ["--prompt", "a red fox", "a blue car"]
+        # DiTPipeline is class-conditional: its prompts are label names (model_index.json's id2label)
+        names = list(_DIT_LABELS.values())[1:3] if kind == "dit" else ["a red fox", "a blue car"]
+        what = ["--prompt", *names]
         families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *common]
     return families
 
