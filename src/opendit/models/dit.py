@@ -379,6 +379,19 @@ DIT_TENSOR_SPLIT = TensorSplit(
     gathered=(("blocks.*.adaLN_modulation.1", 6),),
 )
 
+# a block is four units, not one: FSDP2 briefly holds a gathered unit twice while copying it out, so small units keep
+# that transient small (parallel/sharding.py); attn stays whole because FastSeq reads qkv's weight directly (a hook on
+# qkv alone would not fire). The video DiT's blocks are the same DiTBlock.
+DIT_SHARD_UNITS = (
+    "t_embedder",
+    "y_embedder",
+    "blocks.*.adaLN_modulation",
+    "blocks.*.attn",
+    "blocks.*.mlp.fc1",
+    "blocks.*.mlp.fc2",
+    "final_layer",
+)
+
 DIT_SPEC = register_spec(
     ModelSpec(
         name="DiT",
@@ -388,18 +401,7 @@ DIT_SPEC = register_spec(
         token_gather={"token_gather": 1},
         attention=("blocks.*.attn",),
         attention_kind="fused_qkv",
-        # a block is four units, not one: FSDP2 briefly holds a gathered unit twice while copying it out, so small
-        # units keep that transient small (parallel/sharding.py); attn stays whole because FastSeq reads qkv's weight
-        # directly (a hook on qkv alone would not fire)
-        shard_units=(
-            "t_embedder",
-            "y_embedder",
-            "blocks.*.adaLN_modulation",
-            "blocks.*.attn",
-            "blocks.*.mlp.fc1",
-            "blocks.*.mlp.fc2",
-            "final_layer",
-        ),
+        shard_units=DIT_SHARD_UNITS,
         dims=dit_dims,
         count_params=count_params,
         block_flops=block_flops,

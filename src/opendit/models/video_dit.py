@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import ARCHS, DIT_TENSOR_SPLIT, DiTBlock, FinalLayer, adaln_zero_init
+from opendit.models.dit import ARCHS, DIT_SHARD_UNITS, DIT_TENSOR_SPLIT, DiTBlock, FinalLayer, adaln_zero_init
 from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset
 from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
@@ -319,15 +319,7 @@ VIDEO_DIT_SPEC = register_spec(
         attention_filter=_spatial_block,
         tensor_split=DIT_TENSOR_SPLIT,  # the same DiTBlock in every spatial and temporal slot
         root_used_after_embedding=True,  # temp_embed, added after the first spatial block
-        shard_units=(
-            "t_embedder",
-            "y_embedder",
-            "blocks.*.adaLN_modulation",
-            "blocks.*.attn",
-            "blocks.*.mlp.fc1",
-            "blocks.*.mlp.fc2",
-            "final_layer",
-        ),
+        shard_units=DIT_SHARD_UNITS,
         dims=video_dims,
         count_params=count_params,
         block_flops=block_flops,
