@@ -229,3 +229,19 @@ def test_default_plans_for_nproc(folders):
     spec = resolve_engine(GenerationRequest(diffusers=str(folders["flux"]), nproc=2, parallel_auto=True))
     assert spec.plan.world_size == 2 and spec.plan.cfg == 1 and spec.plan.impl in ("ulysses", "ring", "usp")
     assert "plan chosen by the planner" in spec.plan_notes[0], spec.plan_notes
+
+
+@pytest.mark.slow
+def test_a_cache_on_sharded_joint_blocks_equals_one_process(tmp_path, capsys):
+    """fbcache on SD3 with --shard-weights: FSDP2 makes each block a subclass of its own class, whose joint
+    (text, image) outputs the cache must still find in diffusers' block registry; reuse really happens."""
+    cache = ["--steps", "10", "--cache", "fbcache", "--cache-guard-steps", "1", "--cache-threshold", "0.5"]
+    sd3 = save_tiny_pipeline("sd3", tmp_path / "sd3", seed=0)
+    code, _, err = sample(capsys, sd3, tmp_path / "one", PROMPTS, *cache)
+    assert code == 0, err
+    code, _, err = sample(capsys, sd3, tmp_path / "two", PROMPTS, "--nproc", "2", "--ulysses", "2",
+                          "--shard-weights", *cache)  # fmt: skip
+    assert code == 0, err
+    assert max_diff(images(tmp_path / "two"), images(tmp_path / "one")) <= 1
+    record = json.loads((tmp_path / "two" / "record.json").read_text())
+    assert record["cache"]["saved"]["samples_reused"] > 0, record["cache"]["saved"]

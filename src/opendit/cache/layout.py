@@ -121,12 +121,12 @@ def _diffusers_layout(model: nn.Module, family) -> CacheLayout:
         if name not in _DIFFUSERS_BLOCK_LISTS or not isinstance(child, nn.ModuleList):
             continue
         for index, block in enumerate(child):
-            try:
-                meta = TransformerBlockRegistry.get(type(block))
+            meta = _registered_block(TransformerBlockRegistry, type(block))
+            if meta is None:
+                io = BlockIO()  # not registered: tensor in, tensor out
+            else:
                 io = BlockIO(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index,
                              meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)  # fmt: skip
-            except ValueError:
-                io = BlockIO()  # not registered: tensor in, tensor out
             io.params = tuple(inspect.signature(type(block).forward).parameters)[1:]
             blocks.append((f"{name}.{index}", block, io))
     if family.attention:  # declared: the modules whose attention spans the token split
@@ -147,6 +147,17 @@ def _diffusers_layout(model: nn.Module, family) -> CacheLayout:
         if isinstance(getattr(b, n, None), nn.Module)
     ]
     return _checked(CacheLayout(family.name, blocks, attention, mlps, "hidden_states"))
+
+
+def _registered_block(registry, cls):
+    """diffusers' block metadata for `cls` or its nearest registered base (under --shard-weights FSDP2 turns each
+    block into a subclass of its own class, which the registry does not know by name)."""
+    for base in cls.__mro__:
+        try:
+            return registry.get(base)
+        except ValueError:
+            continue
+    return None
 
 
 def _is_attention(module: nn.Module) -> bool:
