@@ -133,25 +133,10 @@ class Engine:
         from opendit.worker import pool_worker
 
         try:
-            self._pool = WorkerPool(pool_worker, self.spec.world, (self.spec,), model_bytes=self._model_bytes())
+            self._pool = WorkerPool(pool_worker, self.spec.world, (self.spec,), model_bytes=self.spec.worker_bytes())
             self._pool.recv()  # ("ready", load_s) from rank 0, after every rank loaded
         except WorkerFailed as exc:
             self._fail(exc)
-
-    def _model_bytes(self) -> int:
-        """Parameter bytes each worker will hold (for the launcher's memory warning): the whole model in its dtype,
-        1/P of it (+ one block in flight) with sharded weights."""
-        from opendit.models.spec import spec_for
-        from opendit.precision import parse_dtype
-
-        spec, plan = self.spec, self.spec.plan
-        if spec.settings.diffusers is not None:  # the pipeline's weight files (every component, stored dtype)
-            return spec.info["weight_bytes"]
-        counts = spec_for(spec.config).count_params(spec.config)
-        itemsize = parse_dtype(spec.settings.dtype).itemsize
-        if plan.shard_weights and plan.sp_degree > 1:
-            return int((counts["total"] / plan.sp_degree + counts["block"]) * itemsize)
-        return counts["total"] * itemsize
 
     def _fail(self, exc) -> None:
         """A worker failed: end the engine (every worker) and raise its message."""

@@ -92,6 +92,36 @@ class EngineSpec:
     plan: ParallelConfig
     plan_notes: list[str]
     load_config: DiTConfig | None = None  # the checkpoint's own size, when `config` is another (set after loading)
+    # what runs it on every rank ("module:Class", imported by name in the worker: worker.make_replica)
+    replica = "opendit.worker:Replica"
+
+    @property
+    def client_kind(self) -> str:
+        """What a client names per image: a class (image models) or a class and a motion (video models)."""
+        return "video" if self.settings.video else "class"
+
+    def class_labels(self) -> list[str]:
+        """Names of the class ids a client may ask for (a motion model's: its digits)."""
+        count = getattr(self.config, "num_classes", 0)
+        if getattr(self.config, "motion", False):
+            count = 10  # digit + 10 * direction: clients name the digit and the motion
+        return [str(label) for label in range(count)]
+
+    def worker_bytes(self) -> int:
+        """Parameter bytes each worker will hold (for the launcher's memory warning): the whole model in its dtype,
+        1/P of it (+ one block in flight) with sharded weights."""
+        from opendit.models.spec import spec_for
+        from opendit.precision import parse_dtype
+
+        counts = spec_for(self.config).count_params(self.config)
+        itemsize = parse_dtype(self.settings.dtype).itemsize
+        if self.plan.shard_weights and self.plan.sp_degree > 1:
+            return int((counts["total"] / self.plan.sp_degree + counts["block"]) * itemsize)
+        return counts["total"] * itemsize
+
+    def resolve_call(self, request: CallRequest) -> Call:
+        """One call validated against this engine: see `resolve_call`."""
+        return _resolve_dit_call(self, request)
 
 
 @dataclass
@@ -298,11 +328,10 @@ def fit_memory(
 def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> Call:
     """Validate one call against the engine (model, plan), resolve its defaults and create (or refuse) its output
     folders: nothing is sent, and nothing computed, before this."""
-    request = call_request(request)
-    if spec.settings.diffusers is not None:
-        from opendit.pipelines import resolve_pipeline_call
+    return spec.resolve_call(call_request(request))  # the engine's own kind: a DiT's, or a pipeline's
 
-        return resolve_pipeline_call(spec, request)
+
+def _resolve_dit_call(spec: EngineSpec, request: CallRequest) -> Call:
     resolved = request.resolve(spec)
     if request.out is not None:
         prepare_output_dir(request.out, "--out")

@@ -203,6 +203,18 @@ class PipelineSpec:
     def ckpt(self) -> str:
         return self.folder
 
+    replica = "opendit.pipeline_replica:PipelineReplica"  # what runs it on every rank (worker.make_replica)
+    client_kind = "prompt"  # clients send prompts (a class-conditional pipeline's: its label names)
+
+    def class_labels(self) -> list[str]:
+        return []
+
+    def worker_bytes(self) -> int:
+        return self.info["weight_bytes"]  # the pipeline's weight files (every component, stored dtype)
+
+    def resolve_call(self, request: CallRequest) -> PipelineCall:
+        return resolve_pipeline_call(self, request)
+
 
 @dataclass
 class PipelineCall:

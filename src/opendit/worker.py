@@ -321,12 +321,13 @@ class ProgressHook(StepHook):
 
 
 def make_replica(spec) -> Replica:
-    """This rank's replica for an engine spec: a diffusers pipeline's (pipelines.py) or OpenDiT's DiT."""
-    if spec.settings.diffusers is not None:
-        from opendit.pipeline_replica import PipelineReplica
+    """This rank's replica for an engine spec: the one the spec names (OpenDiT's sampler over a DiT: Replica; a
+    diffusers pipeline's own loop: pipeline_replica.PipelineReplica), imported by name so that the worker need not
+    import every runner."""
+    import importlib
 
-        return PipelineReplica(spec)
-    return Replica(spec)
+    module, name = spec.replica.split(":")
+    return getattr(importlib.import_module(module), name)(spec)
 
 
 def pool_worker(channel, spec: EngineSpec) -> None:

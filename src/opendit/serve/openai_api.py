@@ -10,7 +10,7 @@ import time
 from pydantic import BaseModel, ConfigDict
 
 from opendit.serve.encode import encode_result
-from opendit.serve.state import RequestError, ServeState, class_labels
+from opendit.serve.state import RequestError, ServeState
 
 DIRECTIONS = ("right", "left", "down", "up")
 
@@ -40,7 +40,7 @@ def to_fields(body: ImagesBody, state: ServeState) -> dict:
     if state.kind == "prompt":
         return {**fields, "prompt": [body.prompt] * body.n}
     words = body.prompt.strip().lower().split()
-    labels = class_labels(state.spec)
+    labels = state.spec.class_labels()
     if state.kind == "video" and len(words) == 2 and words[1] in DIRECTIONS:
         fields["motion"] = [words[1]]
         words = words[:1]

@@ -42,9 +42,7 @@ class ServeState:
 
     @property
     def kind(self) -> str:
-        if self.spec.settings.diffusers is not None:
-            return "prompt"
-        return "video" if self.spec.settings.video else "class"
+        return self.spec.client_kind
 
     def check(self, fields: dict) -> Job:
         """A client's fields -> a queued-to-be Job, or RequestError naming what to change."""
@@ -87,7 +85,7 @@ class ServeState:
 
     def info(self) -> dict:
         config, defaults = self.spec.config, self.spec.defaults
-        labels = class_labels(self.spec)
+        labels = self.spec.class_labels()
         return {
             "model": self.spec.settings.model
             or self.spec.settings.diffusers
@@ -105,16 +103,6 @@ class ServeState:
             "nproc": self.nproc,
             "auth": self.api_key is not None,
         }
-
-
-def class_labels(spec) -> list[str]:
-    """Names of the class ids a client may ask for (a video model's: its digits; pipelines: none)."""
-    if spec.settings.diffusers is not None:
-        return []
-    count = getattr(spec.config, "num_classes", 0)
-    if getattr(spec.config, "motion", False):
-        count = 10  # digit + 10 * direction: clients name the digit and the motion
-    return [str(label) for label in range(count)]
 
 
 def _image_size(config) -> int | None:
