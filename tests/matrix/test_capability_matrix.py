@@ -77,7 +77,8 @@ def _families(root: Path) -> dict[str, list[str]]:
         # DiTPipeline is class-conditional: its prompts are label names (model_index.json's id2label)
         names = list(_DIT_LABELS.values())[1:3] if kind == "dit" else ["a red fox", "a blue car"]
         what = ["--prompt", *names]
-        families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *common]
+        size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []  # its defaults: 81 frames at 480p
+        families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *size, *common]
     return families
 
 
