@@ -370,6 +370,7 @@ def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
         "guidance_scale": ("--cfg-scale", request.cfg_scale),
         "height": ("--image-size", size),
         "width": ("--image-size", size),
+        "num_frames": ("--frames", request.frames),  # video pipelines (Wan)
     }
     for parameter, (flag, value) in asked.items():
         if value is None:
