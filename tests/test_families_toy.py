@@ -174,3 +174,20 @@ def test_no_line_of_opendit_names_the_toy():
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "Toy" not in text and "toy_" not in text.lower(), path
+
+
+def test_a_declared_family_with_a_wrong_path_is_refused_before_anything_is_installed():
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    from opendit.distributed.config import ParallelConfig
+    from opendit.errors import OpenDiTError
+    from opendit.families import Family, register_family
+    from opendit.families.apply import check_family
+
+    class Misdeclared(ToyTransformer):
+        pass
+
+    register_family("Misdeclared", Family(name="misdeclared", cp_plan={"proj_outt": ContextParallelOutput(1, 3)}))
+    with pytest.raises(OpenDiTError, match=r"plan names modules \['proj_outt'\] that this Misdeclared does not have"):
+        check_family(Misdeclared(), ParallelConfig(ulysses=2))
+    check_family(ToyTransformer(), ParallelConfig(ulysses=2))  # the class's own plan: every path exists

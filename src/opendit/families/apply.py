@@ -11,7 +11,7 @@ from torch import nn
 from opendit.errors import OpenDiTError
 from opendit.families.attention import AttentionSite, route_dispatch, route_sdpa, routes_dispatch
 from opendit.families.registry import Family, require_family
-from opendit.families.splits import SequenceState, install_plan, matching_modules
+from opendit.families.splits import SequenceState, install_plan, matching_modules, plan_modules_missing
 from opendit.parallel.registry import get_strategy
 
 # what `--sp-impl auto` runs on a family's attention calls, by (ulysses > 1, ring > 1)
@@ -60,6 +60,10 @@ def check_family(module: nn.Module, plan) -> Family:
     """Refuse what this module cannot take under `plan`, with the method's reason, before anything is installed."""
     family = require_family(module)
     owner = type(module).__name__
+    missing = plan_modules_missing(module, family.cp_plan)
+    if missing:
+        raise OpenDiTError(f"{family.name}'s plan names modules {missing} that this {owner} does not have; fix the "
+                           "family declaration (module paths as in named_modules())")  # fmt: skip
     heads = family.num_heads(module)
     if plan.pipefusion > 1:
         raise OpenDiTError(
