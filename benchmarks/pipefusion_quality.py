@@ -42,9 +42,9 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
+    from opendit.engine.sampler_runner import sample_images
     from opendit.evaluate import load_for_eval, score_samples
     from opendit.parallel.apply import parallelize
-    from opendit.worker import sample_images
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")

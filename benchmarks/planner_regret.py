@@ -62,9 +62,9 @@ def _measure_worker(config: DiTConfig, plans: list[ParallelConfig], images: int,
 
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
+    from opendit.engine.sampler_runner import image_split
     from opendit.models.dit import build_dit
     from opendit.parallel.apply import parallelize
-    from opendit.worker import image_split
 
     init_from_env(torch.device("cpu"), "gloo")
     results = []

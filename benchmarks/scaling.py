@@ -212,9 +212,9 @@ def run_digits(rank: int, world: int, job: dict) -> dict:
     from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.mesh import build_runtime
+    from opendit.engine.sampler_runner import sample_images
     from opendit.generation import GenerationRequest, resolve_model
     from opendit.parallel.apply import parallelize
-    from opendit.worker import sample_images
 
     config, ckpt, defaults, _ = resolve_model(GenerationRequest(classes=[0], ckpt=str(job["ckpt"])))
     labels = torch.arange(10) % config.num_classes

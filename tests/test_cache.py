@@ -413,8 +413,8 @@ def _video_world() -> list[dict]:
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
+    from opendit.engine.sampler_runner import sample_images
     from opendit.parallel.apply import parallelize
-    from opendit.worker import sample_images
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")

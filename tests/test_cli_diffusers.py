@@ -149,7 +149,10 @@ def test_two_processes_equal_one(kind, plan, collective, folders, tmp_path_facto
     assert record["parallel"]["world_size"] == 2
     degree = "ulysses" if "--ulysses" in plan else "ring" if "--ring" in plan else "cfg"
     assert record["parallel"]["config"][degree] == 2
-    assert all(rank[collective]["calls"] > 0 for rank in record["comm"]["per_rank"])  # the plan really ran
+    steps = record["pipeline"]["call"]["num_inference_steps"]
+    for rank in record["ranks"]:  # the plan really ran, in every step (the pipeline's callback closes each step)
+        assert len(rank["comm_per_step"]) == steps
+        assert all(step[collective]["calls"] > 0 for step in rank["comm_per_step"]), rank["comm_per_step"]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

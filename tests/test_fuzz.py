@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import opendit
 import opendit.cli
 import opendit.distributed.launch
-import opendit.worker
+import opendit.engine.executors
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.generation import DEFAULT_CKPT
@@ -286,7 +286,7 @@ def no_compute():
         raise Stopped(args[0])
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(opendit.worker, "Replica", FakeReplica)  # Engine imports it from opendit.worker when built
+        patch.setattr(opendit.engine.executors, "Replica", FakeReplica)  # the in-process executor builds it
         patch.setattr(opendit.distributed.launch.WorkerPool, "__init__", pool)
         yield
 
@@ -362,7 +362,7 @@ def placed(values: dict, root: Path) -> dict:
 def test_engine_generate_builds_the_call_asked_for_or_one_error(root, stub_engine, focus, data):
     values = placed(data.draw(perturbed(focus, CALL_VALID, CALL_FUZZ)), root)
     classes = values.pop("classes")
-    replica = stub_engine._replica
+    replica = stub_engine._executor.replica
     before = len(replica.calls)
     try:
         timed(lambda: stub_engine.generate(classes, **values))
@@ -380,7 +380,7 @@ def test_engine_generate_builds_the_call_asked_for_or_one_error(root, stub_engin
     size = values.get("image_size")
     assert call.config.image_size == ((size, size) if size is not None else spec.config.image_size)
     assert call.trace == (os.path.abspath(values["trace"]) if values.get("trace") is not None else None)
-    assert not stub_engine._closed  # the engine stays usable
+    assert not stub_engine.closed  # the engine stays usable
 
 
 ENGINE_VALID = {

@@ -107,10 +107,10 @@ def equivalence_world() -> list[dict]:
     from opendit.diffusion.sampler import sample
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
+    from opendit.engine.sampler_runner import image_split, sample_images
     from opendit.generation import decode
     from opendit.parallel.apply import parallelize
     from opendit.planning.cost import predict_step_comm
-    from opendit.worker import image_split, sample_images
 
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")

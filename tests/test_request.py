@@ -184,10 +184,11 @@ def nothing_loads(monkeypatch):
         raise AssertionError("a model was loaded or a process started")
 
     import opendit.distributed.launch
-    import opendit.worker
+    import opendit.engine.replica
+    import opendit.engine.sampler_runner
 
-    monkeypatch.setattr(opendit.worker.Replica, "__init__", refuse)
-    monkeypatch.setattr(opendit.worker, "load_model", refuse)
+    monkeypatch.setattr(opendit.engine.replica.Replica, "__init__", refuse)
+    monkeypatch.setattr(opendit.engine.sampler_runner, "load_model", refuse)
     monkeypatch.setattr(opendit.distributed.launch.WorkerPool, "__init__", refuse)
     return time.perf_counter()
 

@@ -92,8 +92,8 @@ class EngineSpec:
     plan: ParallelConfig
     plan_notes: list[str]
     load_config: DiTConfig | None = None  # the checkpoint's own size, when `config` is another (set after loading)
-    # what runs it on every rank ("module:Class", imported by name in the worker: worker.make_replica)
-    replica = "opendit.worker:Replica"
+    # what runs it on every rank ("module:Class", imported by name on each rank: engine/replica.py)
+    runner = "opendit.engine.sampler_runner:SamplerRunner"
 
     @property
     def client_kind(self) -> str:
@@ -213,21 +213,20 @@ def resolve_engine(
     settings: EngineRequest | GenerationRequest, images: int | None = None, cfg_scale: float | None = None
 ) -> EngineSpec:
     """Validate the engine-level fields, resolve the model and the processes, and choose and check the plan once
-    (cheap: no weights are read).
+    (cheap: no weights are read), through the source the request names (families/sources.py).
 
     The automatic plan (no degrees given) depends on the batch and on guidance: a one-shot request passes its own
     (`images`, `cfg_scale`); a long-lived engine plans for the model's default guidance and one image, so that no
     automatic plan ever needs more images than a call has (dp is used only when asked for)."""
+    from opendit.families.sources import resolve_source
+
+    return resolve_source(engine_request(settings), images, cfg_scale)
+
+
+def resolve_checkpoint_engine(settings: EngineRequest, images: int | None, cfg_scale: float | None) -> EngineSpec:
+    """The engine spec of an OpenDiT checkpoint or preset (see resolve_engine)."""
     from opendit.models.spec import spec_for
 
-    settings = engine_request(settings)
-    if settings.diffusers is not None:
-        from opendit.pipelines import resolve_pipeline_engine
-
-        settings, dtype_note = resolve_dtype(settings, DIFFUSERS_BF16_DRIFT)
-        spec = resolve_pipeline_engine(settings)
-        spec.plan_notes[:0] = dtype_note
-        return spec
     world = settings.world_size()
     config, ckpt, defaults, note = resolve_model(settings.model_copy())  # a copy: it may fill in the image size
     settings, dtype_note = resolve_dtype(settings, spec_for(config).bf16_drift)  # before planning: plans use it

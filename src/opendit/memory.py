@@ -68,6 +68,11 @@ def max_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """The device allocator's peak on CUDA, else the process's maximum resident set."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else max_rss_bytes()
+
+
 class PhasePeaks:
     """Peak memory of each phase of a process's life, and of the whole process.
 

@@ -10,7 +10,7 @@ exactly as `pipe(prompts, generator=torch.Generator().manual_seed(seed))` draws 
 that batch's noise, not an image seeded seed + i (OpenDiT's DiT path). Every rank builds the same generator, so every
 rank draws the same noise.
 
-Per rank (pipeline_replica.py): `PipelineReplica` loads, parallelises and calls the pipeline. Checked in the caller
+Per rank (engine/pipeline_runner.py): `PipelineRunner` loads, parallelises and calls the pipeline. Checked in the caller
 before any process starts (`resolve_pipeline_engine`, `resolve_pipeline_call`): the folder
 (`inspect_pipeline`: model_index.json, a transformer class with an OpenDiT plan; no weights read), the plan against a
 meta-device instance of the transformer (the checks of `opendit.parallelize`), and each call's fields against the
@@ -203,7 +203,7 @@ class PipelineSpec:
     def ckpt(self) -> str:
         return self.folder
 
-    replica = "opendit.pipeline_replica:PipelineReplica"  # what runs it on every rank (worker.make_replica)
+    runner = "opendit.engine.pipeline_runner:PipelineRunner"  # what runs it on every rank (engine/replica.py)
     client_kind = "prompt"  # clients send prompts (a class-conditional pipeline's: its label names)
 
     def class_labels(self) -> list[str]:
@@ -232,8 +232,11 @@ class PipelineCall:
     trace: str | None = None  # a Chrome trace of every rank's steps, model calls and collectives
 
 
-def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
-    """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read)."""
+def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, cfg_scale: float | None = None):
+    """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read). The
+    plan is the pipeline's, whatever the batch (`images`, `cfg_scale`: the resolver interface, unused here)."""
+    from opendit.generation import DIFFUSERS_BF16_DRIFT, resolve_dtype
+
     flags = {"--model": settings.model, "--ckpt": settings.ckpt, "--vae": settings.vae}
     given = [flag for flag, value in flags.items() if value is not None]
     if given:
@@ -241,11 +244,12 @@ def resolve_pipeline_engine(settings: EngineRequest) -> PipelineSpec:
             "--diffusers loads the whole pipeline (transformer, VAE, text encoders) from its folder; drop "
             + " ".join(given)
         )
+    settings, dtype_note = resolve_dtype(settings, DIFFUSERS_BF16_DRIFT)
     world = settings.world_size()
     info = inspect_pipeline(settings.diffusers)
     plan, notes = choose_pipeline_plan(settings, info, world)
     notes += check_pipeline_plan(plan, info, world)
-    return PipelineSpec(settings, info["folder"], info, world, plan, notes)
+    return PipelineSpec(settings, info["folder"], info, world, plan, dtype_note + notes)
 
 
 def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tuple[ParallelConfig, list[str]]:

@@ -118,7 +118,7 @@ class StepCache(StepHook):
         raise OpenDiTError(
             f"fbcache decides per image, but this model call holds {values.shape[0]} rows of a {images}-image guided "
             "loop (the batch is split inside the model call): split the images before sampling (the Engine / "
-            "opendit.worker.sample_images do) or drop --dp"
+            "opendit.engine.sampler_runner.sample_images do) or drop --dp"
         )
 
     def summary(self) -> dict:

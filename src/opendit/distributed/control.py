@@ -2,8 +2,7 @@
 
 Between calls the serving ranks wait for as long as the caller takes, which must not trip the process-group timeout
 (that timeout, OPENDIT_PG_TIMEOUT_S, is what ends a call whose peer died); a dead peer while idle is still noticed by
-the WorkerPool (or torchrun's agent), which sees the process exit. Shared by the DiT replica (worker.py) and the
-diffusers pipeline replica (pipeline_replica.py).
+the WorkerPool (or torchrun's agent), which sees the process exit. The engine's replica (engine/replica.py) is one.
 """
 
 from __future__ import annotations

@@ -11,23 +11,15 @@ the planner with parallel_auto=True), device and default image size. Each `gener
 (and so the batch size), seed, steps, guidance, scheduler and image size, and returns a GenerationResult (images
 (B, H, W, C) uint8, labels, record); `trace=FILE` also writes a Chrome trace of that call with every rank's events.
 
-Modes, chosen from the world size:
-(a) one process (nproc 1, or torchrun with one process): in-process; the model is loaded once, each call samples.
-(b) nproc > 1 outside torchrun: a WorkerPool of nproc processes is started ONCE. Every worker joins the process
-    group from its environment, builds the runtime, loads and parallelises the model once and serves (worker.py):
-    the engine sends ("call", Call) to rank 0's channel, rank 0 broadcasts it to every rank, all ranks sample in
-    lockstep, rank 0 decodes and sends the GenerationResult back; close() sends ("close",) and every worker leaves
-    the process group and exits. Scripts using this mode must create the engine under `if __name__ == "__main__":`
-    (the workers are spawned).
-(c) inside torchrun with WORLD_SIZE > 1: EVERY rank constructs the Engine with the same arguments. On rank 0 the
-    constructor returns the handle: that process is the serving rank 0 itself (no channel; generate() broadcasts the
-    call directly). On the other ranks the constructor serves rank 0's calls until rank 0 closes its engine, then
-    returns an engine whose `is_main` is False and whose generate() returns None. So one script runs both ways:
+How the calls run — in this process, on a local pool of workers, or across torchrun's ranks — is one executor chosen
+once from the world size (engine/executors.py: the modes and the message flow). Under torchrun EVERY rank constructs
+the Engine with the same arguments; ranks > 0 serve rank 0's calls inside the constructor until rank 0 closes its
+engine, then get an engine whose `is_main` is False and whose generate() returns None. So one script runs both ways:
 
-        with Engine() as engine:                 # ranks > 0 serve in here, until rank 0 leaves its `with`
-            result = engine.generate(classes=[1, 2, 3])
-            if engine.is_main:                   # rank 0 (and the only process in modes a and b)
-                save_outputs(result, "out")
+    with Engine() as engine:                 # ranks > 0 serve in here, until rank 0 leaves its `with`
+        result = engine.generate(classes=[1, 2, 3])
+        if engine.is_main:                   # rank 0 (and the only process otherwise)
+            save_outputs(result, "out")
 
 Errors: the constructor's arguments and every call are validated in the caller by the request schema (request.py:
 strict types, bounded ranges, finite guidance; classes out of range, steps outside 1..1000, cfg < 1, a scheduler that
@@ -41,7 +33,7 @@ raises as soon as any worker exits.
 diffusers pipelines: `Engine(diffusers=DIR)` runs a local diffusers pipeline folder instead (opendit/pipelines.py:
 its own loop and scheduler, its transformer parallelised by `opendit.parallelize`); each call takes
 `generate(prompt=[...], negative_prompt=..., seed=, steps=, cfg_scale=, image_size=)`, one image per prompt, all in
-one pipeline call with one generator seeded `seed`. Same modes, same message flow (a PipelineReplica per rank).
+one pipeline call with one generator seeded `seed`. Same executors, same replica (its runner: engine/pipeline_runner.py).
 """
 
 from __future__ import annotations
@@ -53,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-from opendit.distributed.env import in_distributed_env
 from opendit.errors import OpenDiTError
 from opendit.generation import ENGINE_FIELDS, GenerationRequest, GenerationResult, prepare, resolve_call, resolve_engine
 from opendit.request import CallRequest, EngineRequest
@@ -83,26 +74,26 @@ class Engine:
         *,
         _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
     ):
-        start = time.perf_counter()
-        self.is_main = True
-        self._pool = self._replica = None
-        self._closed: str | None = None  # why generate() refuses: set by close() or a worker failure
-        self._failed = self._busy = False
-        self._calls = 0
-        given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
-        self.spec = resolve_engine(EngineRequest.build(given), *(_plan_for or (None, None)))  # checked, no weights
-        if self.spec.world == 1:
-            from opendit.worker import make_replica
+        from opendit.engine.executors import start_executor
 
-            self.mode = "in-process"
-            self._replica = make_replica(self.spec)
-        elif in_distributed_env():
-            self.mode = "torchrun"
-            self._start_torchrun()
-        else:
-            self.mode = "pool"
-            self._start_pool()
+        start = time.perf_counter()
+        self._calls = 0
+        self._executor = None
+        given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
+        spec = resolve_engine(EngineRequest.build(given), *(_plan_for or (None, None)))  # checked, no weights
+        self._executor = start_executor(spec)  # in-process, local pool or torchrun: chosen once
+        self.spec = self._executor.spec
         self._launch_s = time.perf_counter() - start
+
+    @property
+    def mode(self) -> str:
+        """How the calls run: "in-process", "pool" or "torchrun" (engine/executors.py)."""
+        return self._executor.name
+
+    @property
+    def is_main(self) -> bool:
+        """False on torchrun's serving ranks (their generate() returns None)."""
+        return self._executor.is_main
 
     @property
     def plan(self):
@@ -112,40 +103,6 @@ class Engine:
     @property
     def world_size(self) -> int:
         return self.spec.world
-
-    def _start_torchrun(self) -> None:
-        """Mode (c): every rank builds its replica; rank 0 keeps it, the others serve until rank 0 closes."""
-        from opendit.worker import make_replica, serve
-
-        replica = make_replica(self.spec)
-        self.spec = replica.spec  # rank 0's (they agree)
-        if replica.is_output:
-            self._replica = replica
-            return
-        serve(replica)
-        replica.close()
-        self.is_main = False
-        self._closed = "this rank served rank 0's calls until rank 0 closed its engine"
-
-    def _start_pool(self) -> None:
-        """Mode (b): start the workers once and wait until every rank has loaded (or one failed)."""
-        from opendit.distributed.launch import WorkerFailed, WorkerPool
-        from opendit.worker import pool_worker
-
-        try:
-            self._pool = WorkerPool(pool_worker, self.spec.world, (self.spec,), model_bytes=self.spec.worker_bytes())
-            self._pool.recv()  # ("ready", load_s) from rank 0, after every rank loaded
-        except WorkerFailed as exc:
-            self._fail(exc)
-
-    def _fail(self, exc) -> None:
-        """A worker failed: end the engine (every worker) and raise its message."""
-        self._closed, self._failed = str(exc), True
-        if self._pool is not None:
-            self._pool.close()
-        if exc.input_error is not None:  # bad input found on a worker (e.g. a corrupt checkpoint): not a crash
-            raise OpenDiTError(exc.input_error) from None
-        raise exc
 
     def generate(
         self,
@@ -182,8 +139,8 @@ class Engine:
     def check(self, **fields):
         """One call's fields (generate()'s arguments) validated against this engine and resolved: the Call that
         run_calls takes. Raises OpenDiTError (nothing is sent) for bad input, or when the engine is closed."""
-        if self._closed is not None:
-            raise OpenDiTError(f"engine is closed: {self._closed}")
+        if self.closed:
+            raise OpenDiTError(f"engine is closed: {self._executor.closed_reason}")
         return resolve_call(self.spec, CallRequest.build(fields))
 
     def run_calls(self, calls: list, on_step=None) -> list[GenerationResult]:
@@ -191,15 +148,15 @@ class Engine:
         scheduler and size; each image keeps its own request's seed, so each result equals that call alone), and
         return one GenerationResult per call. on_step(done, total) is called on this process after every step.
         Calls that do not merge raise ValueError: the caller groups them (opendit/serve does)."""
-        from opendit.batching import merge_calls, split_result
+        from opendit.engine.batching import merge_calls, split_result
 
         if not self.is_main:
             return [None] * len(calls)
-        if self._closed is not None:
-            raise OpenDiTError(f"engine is closed: {self._closed}")
+        if self.closed:
+            raise OpenDiTError(f"engine is closed: {self._executor.closed_reason}")
         merged = merge_calls(calls)
         start = time.perf_counter()
-        result = self._dispatch(merged, on_step)
+        result = self._executor.run(merged, on_step)
         if self._calls == 0:  # + process start, rendezvous and loading
             result.record["timing"]["with_launch_s"] = self._launch_s + time.perf_counter() - start
         self._calls += 1
@@ -208,61 +165,17 @@ class Engine:
     @property
     def closed(self) -> bool:
         """True once close() was called or a worker failed: later calls raise OpenDiTError."""
-        return self._closed is not None
+        return self._executor is None or self._executor.closed_reason is not None
 
     @property
     def worker_pids(self) -> list[int]:
         """The worker processes' ids (pool mode; [] otherwise)."""
-        return [process.pid for process in self._pool.processes] if self._pool is not None else []
-
-    def _dispatch(self, call, on_step=None) -> GenerationResult:
-        if self.mode == "in-process":
-            return self._replica.run(call, on_step=on_step)
-        if self.mode == "torchrun":
-            try:
-                self._replica.broadcast(("call", call))
-                return self._replica.run(call, on_step=on_step)
-            except BaseException as exc:  # the other ranks may be stuck in a collective: no further calls
-                self._closed, self._failed = f"rank 0 failed: {type(exc).__name__}: {exc}", True
-                raise
-        from opendit.distributed.launch import WorkerFailed
-
-        self._busy = True  # until the result is back: an interrupted call leaves rank 0 busy with it
-        try:
-            self._pool.send(("call", call))
-            result = self._pool.recv()
-            while isinstance(result, tuple) and result[0] == "step":  # rank 0's ("step", done, total)
-                if on_step is not None:
-                    on_step(result[1], result[2])
-                result = self._pool.recv()
-        except WorkerFailed as exc:
-            self._fail(exc)
-        except BaseException:  # e.g. KeyboardInterrupt: a later result would answer the wrong call
-            self._closed = "a call was interrupted before its result came back; create a new opendit.Engine"
-            self._pool.close(timeout=2.0)  # the workers are mid-call: no clean exit to wait for
-            raise
-        self._busy = False
-        return result
+        return self._executor.worker_pids if self._executor is not None else []
 
     def close(self) -> None:
         """End the engine: the workers (or torchrun's serving ranks) leave the process group and exit. Idempotent."""
-        if self._closed is None:
-            self._closed = "close() was called; create a new opendit.Engine"
-        if self._pool is not None:
-            from opendit.distributed.launch import WorkerFailed
-
-            pool, self._pool = self._pool, None
-            try:
-                if pool.alive and not self._failed and not self._busy:
-                    pool.send(("close",))  # every rank leaves its loop and the process group, and exits
-            except WorkerFailed as exc:  # a worker died while idle: nothing left to close cleanly
-                self._closed = str(exc)
-            pool.close()
-        if self._replica is not None:
-            replica, self._replica = self._replica, None
-            if self.mode == "torchrun" and not self._failed:
-                replica.broadcast(("close",))
-                replica.close()
+        if self._executor is not None:
+            self._executor.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -271,7 +184,7 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed is not None else "open"
+        state = "closed" if self.closed else "open"
         return f"Engine({self.mode}, {self.spec.world} process(es), {self.spec.plan.describe()}, {state})"
 
 

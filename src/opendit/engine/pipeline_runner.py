@@ -1,9 +1,10 @@
-"""Per rank: a diffusers pipeline loaded once, its transformer parallelised, then called once per engine call
-(`PipelineReplica`, the diffusers counterpart of worker.Replica; pipelines.py resolves and checks what it runs).
+"""The runner of a diffusers pipeline folder: the pipeline loaded once on every rank, its denoisers parallelised, then
+called once per engine call with its own loop, scheduler and VAE (pipelines.py resolves and checks what it runs;
+engine/replica.py drives this runner, its interface described there).
 
 Every rank runs the whole pipeline call: the text encoders, the scheduler's loop and the VAE are repeated on each
-rank, and only the transformer's work is split (its outputs are all-gathered, so every rank's loop sees the same
-tensors). Rank 0 converts the output and writes the record.
+rank, and only the transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same
+tensors). The output rank converts the output.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
-from opendit.memory import max_rss_bytes
-from opendit.outputs import GenerationResult
+from opendit.parallel.hooks import runtime_step_hooks
 from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.precision import parse_dtype
-from opendit.replica import ReplicaBase
+
+DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
@@ -48,108 +50,64 @@ def to_uint8(output) -> tuple[np.ndarray, np.ndarray | None]:
     return pixels, None
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """As worker.peak_memory_bytes: the device allocator's peak on CUDA, else the process's maximum resident set."""
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else max_rss_bytes()
+class PipelineRunner:
+    """One rank's pipeline, loaded once, every denoiser (transformer, and transformer_2 where the pipeline has one:
+    Wan 2.2's low-noise expert) parallelised the same way (see the module docstring)."""
 
-
-class PipelineReplica(ReplicaBase):
-    """One rank's pipeline (or the only process's): loaded once, its transformer parallelised, then `run(call)` per
-    call. The interface of worker.Replica (is_output, spec, load_s, broadcast, barrier, run, close), so the engine
-    and worker.serve drive it the same way, over the same kind of control group."""
-
-    def __init__(self, spec: PipelineSpec):
+    def __init__(self, spec: PipelineSpec, device: torch.device):
         start = time.perf_counter()
-        spec = self.join(spec)
-        device = self.device
-        self.is_output = spec.world == 1 or dist.get_rank() == 0
-        bars = spec.settings.progress and self.is_output
+        self.spec, self.device, self.plan, self.runtime = spec, device, spec.plan, None
+        is_output = spec.world == 1 or dist.get_rank() == 0
+        bars = spec.settings.progress and is_output
         with contextlib.nullcontext() if bars else _no_loading_bars():
             self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device)
         self.pipe.set_progress_bar_config(disable=not bars)
-        self.plan = spec.plan
         if spec.world > 1:
             from opendit.parallel.entry import parallelize
 
-            parallelize(self.pipe.transformer, spec.plan)
-            self.runtime = self.pipe.transformer._opendit_runtime
-            self.plan = self.pipe.transformer._opendit_plan  # with the kernel chosen for the degrees
-        self.load_s = time.perf_counter() - start
-        self.memory.end("load")
-        self.calls = 0
+            for _name, module in self.denoisers():  # one runtime: the experts take turns on the same ranks
+                parallelize(module, spec.plan, runtime=self.runtime)
+                self.runtime = module._opendit_runtime
+                self.plan = module._opendit_plan  # with the kernel chosen for the degrees
+        self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
+        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start}
 
-    def run(self, call: PipelineCall, on_step=None) -> GenerationResult | None:
-        """One pipeline call on this rank (every rank of the job at once); the output rank returns the result."""
-        start = time.perf_counter()
-        self.memory.end("between_calls")
-        stats = self.runtime.stats if self.runtime is not None else None
-        if stats is not None:
-            stats.reset()
+    def denoisers(self) -> list[tuple[str, torch.nn.Module]]:
+        """The pipeline's transformers, in the order its loop first calls them."""
+        found = [(name, getattr(self.pipe, name, None)) for name in DENOISERS]
+        return [(name, module) for name, module in found if module is not None]
+
+    def labels(self, call: PipelineCall) -> list:
+        return list(call.prompts)
+
+    def run(self, call: PipelineCall, hooks: list) -> Ran:
+        """The pipeline's own call, with one generator seeded call.seed; its step callback ends each step."""
         kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
         total = int(kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps") or 0))
-        progress = None if on_step is None else (lambda done: on_step(done, total))
-        cache = self._install_cache(call)
-        trace = self.trace_hook(stats)
-        hooks = [*([cache] if cache is not None else []), trace]  # the cache first: it starts each step's slots
-        self.cache_summary = None
+        hooks = [*hooks, *runtime_step_hooks(self.runtime)]
         begin = time.perf_counter()
         try:
-            with PipelineLoop(self.pipe.transformer, hooks, self.spec.info["call"], total, self.device,
-                              progress) as loop:  # fmt: skip
+            with PipelineLoop([module for _name, module in self.denoisers()], hooks, self.spec.info["call"], total,
+                              self.device) as loop:  # fmt: skip
                 kwargs.update(loop.callback_kwargs())
                 output = self.pipe(**kwargs)
         except ValueError as exc:  # the pipeline's check_inputs (e.g. a size its VAE and patches cannot take)
             raise OpenDiTError(f"{type(self.pipe).__name__} refused the call: {exc}") from exc
-        finally:
-            if cache is not None:
-                self.cache_summary = cache.summary()
-                cache.remove()
-        step_times = loop.times
-        sampling_s = time.perf_counter() - begin
-        self.memory.end("sampling")  # the whole call: prompt encoding, the denoising loop, the VAE decode
-        images, frames = to_uint8(output)
-        ranks = self._rank_records(call, sampling_s, step_times, stats, trace)
-        self.calls += 1
-        if not self.is_output:
-            return None
-        utilisation = self.finish_ranks(call, ranks, {"request": call.request, "plan": self.plan.describe()})
-        record = self._record(call, images, frames, ranks, start, utilisation)
-        return GenerationResult(images=images, labels=list(call.prompts), record=record, frames=frames)
+        # the whole call: prompt encoding, the denoising loop, the VAE decode
+        return Ran(step_times=loop.times, sampling_s=time.perf_counter() - begin, result=output)
 
-    def _install_cache(self, call: PipelineCall):
-        """The call's cache on the transformer (after its parallel plan), stepped by the pipeline's loop."""
-        if call.cache is None:
-            return None
-        from opendit.cache.runtime import install_cache
+    def outputs(self, call: PipelineCall, ran: Ran):
+        return to_uint8(ran.result)
 
-        return install_cache(self.pipe.transformer, call.cache, self.runtime)
-
-    def _rank_records(self, call, sampling_s: float, step_times: list[float], stats, trace) -> list[dict]:
-        mine = {
-            "rank": dist.get_rank() if self.spec.world > 1 else 0,
-            "load_s": self.load_s,
-            "sampling_s": sampling_s,
-            "per_step_s": step_times,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
-            "memory": self.memory.record(),
-            "comm": stats.snapshot() if stats is not None else None,  # {kind: {calls, bytes, wait_s}}, this call
-        }
-        return self.gather_ranks(mine, call, trace)
-
-    def _record(self, call: PipelineCall, images: np.ndarray, frames, ranks: list[dict], start: float, utilisation):
-        """record.json of one call (on the output rank)."""
+    def record_fields(self, call: PipelineCall, images: np.ndarray, frames) -> dict:
         spec, pipe, defaults = self.spec, self.pipe, self.spec.info["call"]
-        parallel = {"world_size": spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
-        parallel["notes"] = list(dict.fromkeys(spec.plan_notes + call.notes))
-        if spec.world > 1:
-            parallel["backend"] = dist.get_backend()
         return {
-            "request": call.request,
             "pipeline": {
                 "folder": spec.folder,
                 "class": type(pipe).__name__,
                 "loop": f"{type(pipe).__name__}.__call__ (diffusers' own denoising loop and scheduler)",
                 "transformer": type(pipe.transformer).__name__,
+                "denoisers": [name for name, _module in self.denoisers()],
                 "scheduler": {"class": type(pipe.scheduler).__name__, "config": dict(pipe.scheduler.config)},
                 "call": call.kwargs,  # what the pipeline was called with, besides the generator
                 "seeding": SEEDING,
@@ -162,29 +120,16 @@ class PipelineReplica(ReplicaBase):
                 "frames": int(frames.shape[1]) if frames is not None else None,
                 "dtype": str(parse_dtype(spec.settings.dtype)),
             },
-            "note": spec.note,
-            "device": str(self.device),
-            "parallel": parallel,
-            "timing": {
-                "load_s": self.load_s,
-                "sampling_s": ranks[0]["sampling_s"],
-                "per_step_s": ranks[0]["per_step_s"],  # between step ends; the first includes prompt encoding
-                "total_s": time.perf_counter() - start,
-            },
-            "peak_memory_bytes": ranks[0]["peak_memory_bytes"],
-            "memory": ranks[0]["memory"],
-            "comm": _comm_record(ranks) if spec.world > 1 else None,
-            "utilisation": utilisation,
-            "ranks": ranks if spec.world > 1 else None,
-            "cache": self.cache_summary,
         }
 
+    def parallel_record(self, call: PipelineCall) -> dict:
+        return {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
 
-def _comm_record(ranks: list[dict]) -> dict:
-    return {
-        "convention": "bytes = payload a rank sends to other ranks (wire dtype); calls per op kind; the whole call",
-        "per_rank": [rank["comm"] for rank in ranks],
-    }
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    from opendit.parallel.sharding import sharded_parameter_bytes
+
+    return sharded_parameter_bytes(module)
 
 
 class PipelineLoop:
@@ -192,15 +137,21 @@ class PipelineLoop:
     sampler does: the transformer's forward hooks time each model call, the pipeline's step callback ends a step.
     `callback_kwargs()` gives the callback arguments the pipeline takes (none: the step times stay empty)."""
 
-    def __init__(self, transformer, hooks: list, params: dict, num_steps: int, device: torch.device, on_step=None):
+    def __init__(self, denoisers: list, hooks: list, params: dict, num_steps: int, device: torch.device):
         from opendit.diffusion.hooks import HookList, LoopInfo
 
-        self.hooks, self.params, self.device, self.on_step = HookList(hooks), params, device, on_step
+        self.hooks, self.params, self.device = HookList(hooks), params, device
         self.loop = LoopInfo(num_steps=num_steps, batch=0, guided=False)  # each row decides alone (no pairing)
         self.times: list[float] = []
         self.ctx = None
-        self._handles = [transformer.register_forward_pre_hook(self._call_start),
-                         transformer.register_forward_hook(self._call_end)]  # fmt: skip
+        self._handles = [
+            handle
+            for module in denoisers
+            for handle in (
+                module.register_forward_pre_hook(self._call_start),
+                module.register_forward_hook(self._call_end),
+            )
+        ]
 
     def __enter__(self) -> PipelineLoop:
         self.hooks.on_loop_start(self.loop)
@@ -233,8 +184,6 @@ class PipelineLoop:
         self.ctx.end_s = time.perf_counter()
         self.times.append(self.ctx.seconds)
         self.hooks.on_step_end(self.ctx)
-        if self.on_step is not None:
-            self.on_step(len(self.times))
         if len(self.times) < self.loop.num_steps:
             self._start_step(len(self.times))
 

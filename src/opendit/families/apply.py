@@ -21,10 +21,11 @@ AUTO_IMPL = {(True, False): "ulysses", (False, True): "ring", (True, True): "usp
 PLANNED_STRATEGIES = ("ulysses", "ring", "usp")
 
 
-def parallelize_family(module: nn.Module, plan, world: int, device):
+def parallelize_family(module: nn.Module, plan, world: int, device, runtime=None):
     """Check and install `plan` on `module` as its family declares (in place); returns (plan with its kernel
     resolved, runtime). OpenDiT's own models go through their ModelSpec (parallel/apply.py), every other family
-    through its split/gather plan and attention sites; cfg/dp split each call's batch the same way for both."""
+    through its split/gather plan and attention sites; cfg/dp split each call's batch the same way for both. A given
+    `runtime` (built for the same plan) is shared instead of building another."""
     from opendit.distributed.mesh import build_runtime
     from opendit.parallel.batch import install_batch_split
 
@@ -32,7 +33,7 @@ def parallelize_family(module: nn.Module, plan, world: int, device):
     if family.model_spec is not None:
         from opendit.parallel.apply import parallelize
 
-        runtime = build_runtime(plan, device)
+        runtime = runtime or build_runtime(plan, device)
         if plan.sp_degree > 1 or plan.tp > 1:
             parallelize(module, runtime)  # split/gather hooks and kernels on the module itself
         install_batch_split(module, runtime)
@@ -40,7 +41,7 @@ def parallelize_family(module: nn.Module, plan, world: int, device):
     check_family(module, plan)
     plan, _notes = family_plan(plan, family)
     plan.validate(world, family.num_heads(module) or plan.ulysses, max(plan.sp_degree, 1), plan.dp, plan.cfg > 1)
-    runtime = build_runtime(plan, device)
+    runtime = runtime or build_runtime(plan, device)
     apply_family(module, family, runtime)
     install_batch_split(module, runtime, family.not_batched, family.cfg_batched is not False)
     return plan, runtime

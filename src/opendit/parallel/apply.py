@@ -56,11 +56,10 @@ class ParallelModel:
 
     def step_hooks(self) -> list:
         """The runtime's per-step hooks for the sampler, in the order they must run (see parallel/hooks.py)."""
-        from opendit.distributed.env import global_rank
-        from opendit.parallel.hooks import CommAccounting, FaultInjection, TokenBalancing
+        from opendit.parallel.hooks import TokenBalancing, runtime_step_hooks
 
-        hooks = [TokenBalancing(self, self.runtime.stats)] if self.balancer is not None else []
-        return [*hooks, FaultInjection(global_rank(), self.runtime.fault), CommAccounting(self.runtime.stats)]
+        balancing = (TokenBalancing(self, self.runtime.stats),) if self.balancer is not None else ()
+        return runtime_step_hooks(self.runtime, first=balancing)
 
     def set_token_sizes(self, sizes: list[int]) -> None:
         """Re-split the sequence (exact: only which rank holds which tokens changes). Collective-free, but every rank
@@ -198,6 +197,8 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,
-        "images_per_dp_group": split_sizes(num_images, plan.dp),  # contiguous blocks (opendit.worker.image_split)
+        "images_per_dp_group": split_sizes(
+            num_images, plan.dp
+        ),  # contiguous blocks (engine/sampler_runner.image_split)
         "notes": pmodel.notes,
     }

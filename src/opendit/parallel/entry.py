@@ -17,8 +17,10 @@ from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 
 
-def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
-    """Parallelise `module` in place over the world's ranks under `plan`; returns the module."""
+def parallelize(module: nn.Module, plan: ParallelConfig, runtime=None) -> nn.Module:
+    """Parallelise `module` in place over the world's ranks under `plan`; returns the module. `runtime`: the
+    runtime of a module parallelised before under the same plan, to share its process groups and counters (the
+    denoisers of one pipeline, e.g. Wan 2.2's two experts, take turns on the same ranks)."""
     from opendit.families.apply import parallelize_family
 
     if not isinstance(plan, ParallelConfig):
@@ -36,7 +38,7 @@ def parallelize(module: nn.Module, plan: ParallelConfig) -> nn.Module:
         return module  # one rank: nothing to split
     params = list(module.parameters())
     device = params[0].device if params else "cpu"
-    plan, runtime = parallelize_family(module, plan, dist.get_world_size(), device)
+    plan, runtime = parallelize_family(module, plan, dist.get_world_size(), device, runtime)
     module._opendit_plan = plan
     module._opendit_runtime = runtime
     return module

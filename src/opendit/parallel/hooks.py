@@ -60,3 +60,13 @@ class TokenBalancing(StepHook):
             self.pmodel.notes.append(
                 f"tokens re-split by measured speed: {old} -> {new_sizes} (predicted {gain:.0%} faster)"
             )
+
+
+def runtime_step_hooks(runtime, first: tuple = ()) -> list[StepHook]:
+    """A runtime's step hooks in the order they must run (none in one process): `first` (e.g. the token balancer,
+    which reads the step's blocked time before the accounting closes it), fault injection, then the accounting."""
+    if runtime is None:
+        return []
+    from opendit.distributed.env import global_rank
+
+    return [*first, FaultInjection(global_rank(), runtime.fault), CommAccounting(runtime.stats)]

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from opendit.batching import merge_key
+from opendit.engine.batching import merge_key
 
 
 class QueueFull(Exception):
