@@ -33,7 +33,7 @@ raises as soon as any worker exits.
 diffusers pipelines: `Engine(diffusers=DIR)` runs a local diffusers pipeline folder instead (opendit/pipelines.py:
 its own loop and scheduler, its transformer parallelised by `opendit.parallelize`); each call takes
 `generate(prompt=[...], negative_prompt=..., seed=, steps=, cfg_scale=, image_size=)`, one image per prompt, all in
-one pipeline call with one generator seeded `seed`. Same executors, same replica (its runner: engine/pipeline_runner.py).
+one pipeline call with one generator seeded `seed`. Same executors, same replica (runner: engine/pipeline_runner.py).
 """
 
 from __future__ import annotations
