@@ -82,7 +82,7 @@ def test_n_processes_with_a_cache_equal_one(cache, plan, tmp_path):
 def test_bad_cache_input_is_one_error_line(tmp_path, capsys):
     for extra, fragment in [
         (["--cache", "pab", "--cache-threshold", "0.1"], "--cache-threshold belongs to --cache fbcache"),
-        (["--cache", "fbcache", "--cache-max-reuse", "0"], "--cache-max-reuse must be"),
+        (["--cache", "fbcache", "--cache-max-reuse", "0"], "(--cache-max-reuse) must be an integer >= 1"),
         (["--cache", "fbcache", "--nproc", "2", "--ring", "2", "--balance-tokens"], "--cache with --balance-tokens"),
         (["--cache", "fbcache", "--nproc", "2", "--pipefusion", "2", "--patches", "2"], "--cache with --pipefusion"),
     ]:

@@ -1,5 +1,6 @@
 """The source layout's rules, checked on the code itself: no import cycles, the library never imports the CLI,
-parallelism and planning name no model's modules, model files hold no torch.distributed, and sizes stay readable."""
+parallelism and planning name no model's modules, model files hold no torch.distributed, imports go down the
+layers only."""
 
 from __future__ import annotations
 
@@ -105,16 +106,48 @@ def test_model_files_hold_no_torch_distributed():
         assert "torch.distributed" not in path.read_text(), path
 
 
-def test_functions_and_files_stay_short():
-    long_functions, long_files = [], []
-    for path in PACKAGE.rglob("*.py"):
-        text = path.read_text()
-        if len(text.splitlines()) > 500:
-            long_files.append(str(path.relative_to(SRC)))
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
-                long_functions.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
-    assert not long_files and not long_functions, (long_files, long_functions)
+# The layers of the library, lowest first: a module may import its own layer and the ones below, never above (lazy
+# imports count). A call walks down them: cli/serve -> engine (executors, replica, runners) -> the request (fields,
+# resolution, surfaces) -> parallel / families / cache / planning / io -> models / diffusion -> errors.
+LAYERS = (
+    {"errors", "plugins", "memory", "precision"},
+    {"models", "diffusion", "weights"},
+    {
+        "distributed",
+        "parallel",
+        "families",
+        "cache",
+        "planning",
+        "checkpoint",
+        "checkpoint_files",
+        "outputs",
+        "video_outputs",
+        "convert",
+        "video",
+        "integrations",
+        "testing",
+    },  # fmt: skip
+    {"request", "request_fields", "generation", "pipelines", "surfaces"},
+    {"engine"},
+    {"serve", "train", "evaluate", "evaluate_video"},
+    {"cli", "__main__"},
+)
+
+
+def test_imports_go_down_the_layers_only():
+    rank = {name: index for index, layer in enumerate(LAYERS) for name in layer}
+    upward, unplaced = [], set()
+    for module, deps in graph().items():
+        top = module.split(".")[1] if "." in module else None
+        if top is None:
+            continue  # opendit/__init__: the public names, loaded lazily
+        unplaced |= {top} - set(rank)
+        for dep in deps:
+            above = dep.split(".")[1] if "." in dep else None
+            if above is not None and above != top and rank.get(top, -1) < rank.get(above, -1):
+                upward.append(f"{module} -> {dep}")
+    assert not unplaced, f"place these packages/modules in LAYERS: {sorted(unplaced)}"
+    assert not upward, "imports up the layers: " + "; ".join(sorted(upward))
 
 
 def test_only_the_family_registry_asks_whose_model_it_is():

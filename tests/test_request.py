@@ -8,7 +8,6 @@ import errno
 import os
 import pathlib
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,17 @@ import opendit
 from opendit.cli import main
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.generation import CALL_FIELDS, ENGINE_FIELDS, GenerationRequest, prepare
+from opendit.generation import ENGINE_FIELDS, GenerationRequest, call_fields, prepare, request_field_names
 from opendit.request import SEED_MAX, CallRequest, EngineRequest
 
 T2 = {"model": "DiT-T/2", "image_size": 64}  # a latent preset: 1000 classes, epsilon prediction; no weights read
 
 
 def test_the_schema_covers_generation_request_exactly():
-    assert {f.name for f in fields(GenerationRequest)} == {*ENGINE_FIELDS, *CALL_FIELDS}
+    assert set(request_field_names()) == {*ENGINE_FIELDS, *call_fields()}
+    assert set(GenerationRequest(classes=[1]).to_dict()) == set(request_field_names())
+    with pytest.raises(OpenDiTError, match="unknown field 'stpes' for opendit.generate"):
+        GenerationRequest(classes=[1], stpes=3)
 
 
 def test_valid_fields_are_kept_exactly_as_passed():

@@ -35,48 +35,50 @@ from opendit.outputs import (  # noqa: F401 - re-exported
     save_outputs,
 )
 from opendit.parallel.registry import get_strategy
-from opendit.request import CallRequest, EngineRequest, check_engine, check_plan  # noqa: F401 - check_plan re-exported
+from opendit.request import (  # noqa: F401 - check_plan re-exported
+    CallRequest,
+    EngineRequest,
+    call_model,
+    check_engine,
+    check_plan,
+)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CKPT = WEIGHTS_DIR / "digits.safetensors"
 
 
-@dataclass
 class GenerationRequest:
-    """A one-shot request as users write it; converted to the schema (EngineRequest + CallRequest) at the boundary,
-    where every field is checked (types strict, ranges bounded: request.py)."""
+    """A one-shot request as users write it: the engine's fields and the call's, as keyword arguments (request.py
+    declares each one: EngineRequest, the call model with every cache method's options). Unset fields keep the
+    schema's defaults; every value is checked when the request is prepared (types strict, ranges bounded)."""
 
-    classes: list[int] | None = None  # one image per class id (OpenDiT's DiT; required unless `diffusers`)
-    model: str | None = None  # preset name; None with no ckpt -> the shipped digits model
-    ckpt: str | None = None
-    image_size: int | None = None  # pixels; None -> the model's own size
-    steps: int | None = None
-    scheduler: str | None = None
-    cfg_scale: float | None = None
-    seed: int = 0
-    dtype: str = "fp32"
-    vae: str | None = None
-    device: str | None = None
-    progress: bool = True
-    nproc: int | None = None  # processes; None: 1, or torchrun's world, or the plan's product of degrees
-    parallel: ParallelConfig | None = None  # degrees and options; None (or all degrees 1): chosen for nproc
-    parallel_auto: bool = False  # with nproc > 1 and no degrees: the planner chooses (cost model), not default_plan
-    memory_gib: float | None = None  # per rank (whole-run peak): the plan must fit; with no degrees the planner
-    # chooses the fastest plan that fits (sharded weights included); nothing fits -> OpenDiTError with the advice
-    trace: str | None = None  # write a Chrome trace JSON of the call (every rank's steps) to this file
-    diffusers: str | None = None  # a local diffusers pipeline folder (save_pretrained layout): its own loop runs
-    prompt: list[str] | None = None  # with diffusers: one image per prompt, all in one pipeline call
-    negative_prompt: str | None = None  # with diffusers, when the pipeline takes one
-    video: bool = False  # a video DiT (video.py): the bundled digits video model unless model/ckpt say otherwise
-    motion: list[str] | None = None  # video, a motion model: one direction per class or one for all
-    frames: int | None = None  # video: must equal the model's own frame count
-    cache: str | None = None  # "pab" | "fbcache" | "none" (cache/config.py); None: no cache
-    pab_range: int | None = None  # pab: self/spatial attention every N steps (temporal 2N, cross 3N)
-    pab_window: list[float] | None = None  # pab: [A, B] fractions of the steps where outputs may be reused
-    pab_mlp_range: int | None = None  # pab: MLPs every N steps too (0: always computed)
-    cache_threshold: float | None = None  # fbcache: relative L1 change under which blocks 2..N are reused
-    cache_max_reuse: int | None = None  # fbcache: consecutive reuses before a full step
-    cache_guard_steps: int | None = None  # fbcache: first/last steps that always compute
+    def __init__(self, **fields):
+        known = request_field_names()
+        unknown = [name for name in fields if name not in known]
+        if unknown:
+            raise OpenDiTError(f"unknown field {unknown[0]!r} for opendit.generate; the fields are: "
+                               f"{', '.join(known)}")  # fmt: skip
+        self.__dict__.update({**known, **fields})
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GenerationRequest) and other.__dict__ == self.__dict__
+
+    def __repr__(self) -> str:
+        given = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if v != request_field_names()[k])
+        return f"GenerationRequest({given})"
+
+
+def request_field_names() -> dict:
+    """Every field of a one-shot request with its default: the engine's, then the call's (`out` is the CLI's)."""
+    from opendit.request import call_model
+
+    engine = {name: info.get_default(call_default_factory=True) for name, info in EngineRequest.model_fields.items()}
+    call = {name: info.get_default(call_default_factory=True) for name, info in call_model().model_fields.items()}
+    call.pop("out")
+    return {**engine, **call}
 
 
 @dataclass
@@ -157,6 +159,8 @@ class Job:
     plan_notes: list[str]
     engine: EngineRequest | None = None  # the validated schema objects the job was built from
     call: CallRequest | None = None
+    spec: Any = None  # the engine spec and the call, resolved: what engine.run_job runs without checking again
+    resolved: Any = None
 
 
 def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, dict, str | None]:
@@ -369,7 +373,7 @@ def prepare(request: GenerationRequest, out: str | os.PathLike | None = None) ->
     notes = list(dict.fromkeys(spec.plan_notes + resolved.notes))
     return Job(
         request, spec.config, spec.ckpt, resolved.steps, resolved.scheduler, resolved.cfg_scale, spec.note,
-        spec.world, spec.plan, notes, settings, call,
+        spec.world, spec.plan, notes, settings, call, spec, resolved,
     )  # fmt: skip
 
 
@@ -384,12 +388,15 @@ def call_request(request: CallRequest | GenerationRequest, out: str | os.PathLik
     """The call-level fields of a request, validated (a CallRequest passes as it is)."""
     if isinstance(request, CallRequest):
         return request
-    values = {name: getattr(request, name) for name in CALL_FIELDS}
-    return CallRequest.build({**values, "out": out} if out is not None else values)
+    values = {name: getattr(request, name) for name in call_fields()}
+    return call_model().build({**values, "out": out} if out is not None else values)
 
 
 # GenerationRequest fields that configure an Engine, and those of one call (image_size is both: the engine's default
-# and the call's size; `out` is the CLI's, not a GenerationRequest field). tests/test_request.py checks they cover
-# GenerationRequest exactly.
+# and the call's size; `out` is the CLI's, not a GenerationRequest field).
 ENGINE_FIELDS = tuple(EngineRequest.model_fields)
-CALL_FIELDS = tuple(name for name in CallRequest.model_fields if name != "out")
+
+
+def call_fields() -> tuple[str, ...]:
+    """The call's fields (with every registered cache method's options) but `out`."""
+    return tuple(name for name in call_model().model_fields if name != "out")

@@ -18,7 +18,9 @@ The rules, in the order they run:
    and the plan vs the world size, batch, guidance and model (delegated to `check_plan`, i.e. the planner's
    check_request and ParallelConfig.validate, whose messages name the nearest valid plans).
 Every failure is ONE OpenDiTError naming the field and the fix (`build` converts pydantic's ValidationError). A new
-field is a typed, bounded attribute of one of these models plus its entry in FIELD_HELP.
+field is one typed, bounded attribute of one of these models with its text (`described`): the CLI flags, the Engine
+keywords and the server's body are derived from it (surfaces.py); a cache method's options join the call's fields
+from its own Options model (`call_model`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from opendit.cache.config import request_cache, spec_family
-from opendit.diffusion.sampler import check_scheduler
+from opendit.diffusion.sampler import SCHEDULERS, check_scheduler
 from opendit.distributed.config import MESH_DIMS, ParallelConfig
 from opendit.distributed.env import env_world_size, in_distributed_env
 from opendit.errors import OpenDiTError
@@ -44,7 +46,6 @@ from opendit.precision import AUTO, parse_dtype
 from opendit.request_fields import (  # noqa: F401 - the bounds are part of the schema module's interface
     _DEGREE,
     _SWITCH,
-    FIELD_HELP,
     MAX_CFG_SCALE,
     MAX_CLASS_ID,
     MAX_CLASSES,
@@ -57,7 +58,6 @@ from opendit.request_fields import (  # noqa: F401 - the bounds are part of the 
     MAX_STEPS,
     MAX_WORLD,
     SEED_MAX,
-    FieldHelp,
 )
 
 
@@ -75,6 +75,15 @@ def _plain_int(value: Any) -> Any:
     """numpy (or any other Integral) integer scalars -> int, exactly; bool and all else go to the strict check."""
     if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
         return int(value)
+    return value
+
+
+def _plain_float(value: Any) -> Any:
+    """A numpy bool -> bool (refused by the strict check, as True is); numpy numbers -> float, exactly."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
     return value
 
 
@@ -195,17 +204,42 @@ def _as_shares(value: Any) -> Any:
 
 
 Int = Annotated[int, BeforeValidator(_plain_int)]
+Float = Annotated[float, BeforeValidator(_plain_float)]
 Degree = Annotated[Int, Field(ge=1, le=MAX_WORLD)]
 Switch = bool  # strict: True or False only (no 0/1, no "yes")
 PathText = Annotated[str, BeforeValidator(_fspath), AfterValidator(_check_path)]
 FilePath = Annotated[PathText, AfterValidator(_names_a_file)]
 ImageSize = Annotated[Int, Field(ge=1, le=MAX_IMAGE_SIZE)]
 ClassId = Annotated[Int, Field(ge=0, le=MAX_CLASS_ID)]
-Share = Annotated[float, Field(gt=0.0)]  # relative speed of one sequence rank
+Share = Annotated[Float, Field(gt=0.0)]  # relative speed of one sequence rank
 Shares = Annotated[tuple[Share, ...], Field(min_length=1, max_length=MAX_WORLD)]
 Classes = Annotated[list[ClassId], BeforeValidator(_as_class_list), Field(min_length=1, max_length=MAX_CLASSES)]
 Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 Prompts = Annotated[list[Prompt], BeforeValidator(_as_prompt_list), Field(min_length=1, max_length=MAX_CLASSES)]
+
+
+def described(default: Any = None, *, help: str, what: str, example: str, flag: str | None = None,
+              item: tuple[str, str] | None = None, cli: dict | None = None) -> Any:  # fmt: skip
+    """A request field's one declaration of its text: `help` (the CLI's --help and the server's schema), `what` a
+    valid value is and an `example` of one (every error message names them), the CLI `flag` where it is not
+    --name-with-dashes, the (what, example) of a list's `item`s, and `cli` specifics for argparse (group, nargs,
+    metavar, action, const, choices, default; skip: no flag). surfaces.py derives the CLI flags, the Engine
+    keywords and the server's body from these."""
+    meta = {"what": what, "example": example, "flag": flag, "item": item, "cli": cli or {}}
+    return Field(default, description=help, json_schema_extra={OPENDIT_META: meta})
+
+
+OPENDIT_META = "x-opendit"
+
+
+def field_meta(info) -> dict:
+    """The `described` metadata of a model field ({} for a field declared without it)."""
+    extra = info.json_schema_extra
+    return dict(extra.get(OPENDIT_META, {})) if isinstance(extra, dict) else {}
+
+
+def field_flag(name: str, info) -> str:
+    return field_meta(info).get("flag") or "--" + name.replace("_", "-")
 
 
 class Schema(BaseModel):
@@ -224,22 +258,62 @@ class Schema(BaseModel):
             raise OpenDiTError(error_message(exc.errors(include_url=False)[0], cls)) from None
 
 
+_PAR = {"group": "parallel"}
+# the one image_size field: the engine's default size and a call's own (one flag, one schema entry)
+IMAGE_SIZE = described(
+    None,
+    help="output size in pixels (default: the model's own)",
+    what=f"an integer from 1 to {MAX_IMAGE_SIZE} (pixels)",
+    example="e.g. --image-size 256",
+)
+
+
 class ParallelRequest(Schema):
     """The fields of a ParallelConfig (distributed/config.py), typed and bounded; `config()` builds it."""
 
-    dp: Degree = 1
-    cfg: Annotated[Int, Field(ge=1, le=2)] = 1  # the two halves of guidance, or not split
-    ulysses: Degree = 1
-    ring: Degree = 1
-    tp: Degree = 1
-    pipefusion: Degree = 1
-    patches: Annotated[Int, Field(ge=0, le=65536)] = 0  # 0: one per stage (ParallelConfig's default)
-    warmup_steps: Annotated[Int, Field(ge=0, le=10000)] = 1
-    sp_impl: Annotated[str, AfterValidator(_check_sp_impl)] = "auto"
-    shard_weights: Switch = False
-    comm_dtype: Literal["bf16", "fp16"] | None = None
-    token_shares: Annotated[Shares | None, BeforeValidator(_as_shares)] = None  # None: an even split
-    balance_tokens: Switch = False
+    dp: Degree = described(1, help="data parallel: groups that each generate a share of the images",
+                           what=_DEGREE, example="e.g. --dp 2", cli=_PAR)  # fmt: skip
+    cfg: Annotated[Int, Field(ge=1, le=2)] = described(
+        1, help="conditional / unconditional halves on 2 groups", what="1 or 2", example="pass --cfg-parallel for 2",
+        flag="--cfg-parallel", cli={**_PAR, "action": "store_const", "const": 2},
+    )  # fmt: skip
+    ulysses: Degree = described(1, help="Ulysses (all-to-all, head-parallel) sequence degree", what=_DEGREE,
+                                example="e.g. --ulysses 2", cli=_PAR)  # fmt: skip
+    ring: Degree = described(1, help="ring-attention sequence degree", what=_DEGREE, example="e.g. --ring 2", cli=_PAR)
+    tp: Degree = described(
+        1, help="tensor parallel: attention heads, MLP and adaLN weights split over N ranks (innermost)", what=_DEGREE,
+        example="e.g. --tp 2", cli=_PAR,
+    )  # fmt: skip
+    pipefusion: Degree = described(1, help="PipeFusion: the blocks in N stages, image patches pipelined",
+                                   what=_DEGREE, example="e.g. --pipefusion 2", cli=_PAR)  # fmt: skip
+    patches: Annotated[Int, Field(ge=0, le=65536)] = described(  # 0: one per stage (ParallelConfig's default)
+        0, help="PipeFusion: patches M >= N (default: N)", what="an integer from 0 to 65536 (0: one per stage)",
+        example="e.g. --patches 4", cli=_PAR,
+    )  # fmt: skip
+    warmup_steps: Annotated[Int, Field(ge=0, le=10000)] = described(
+        1, help="PipeFusion: synchronous (exact) first steps (default 1)", what="an integer from 0 to 10000",
+        example="e.g. --warmup-steps 2", cli=_PAR,
+    )  # fmt: skip
+    sp_impl: Annotated[str, AfterValidator(_check_sp_impl)] = described(
+        "auto", help="sequence-parallel strategy (default: the registry's for the degrees, ulysses-overlap on "
+        "--ulysses; fastseq and ulysses use the --ulysses degree)", what="auto or a registered strategy",
+        example="see `opendit plan --list-strategies`", cli={**_PAR, "choices": "strategies"},
+    )  # fmt: skip
+    shard_weights: Switch = described(False, help="shard weights over the sequence-parallel group", what=_SWITCH,
+                                      example="pass --shard-weights or leave it out", cli=_PAR)  # fmt: skip
+    comm_dtype: Literal["bf16", "fp16"] | None = described(
+        None, help="send activations in this dtype", what="bf16, fp16 or None", example="e.g. --comm-dtype bf16",
+        cli={**_PAR, "choices": ("bf16", "fp16")},
+    )  # fmt: skip
+    token_shares: Annotated[Shares | None, BeforeValidator(_as_shares)] = described(  # None: an even split
+        None, help="relative speed of each sequence rank (uneven devices)", what="None or a tuple of relative speeds",
+        example="e.g. token_shares=(1.0, 2.0)", item=("a finite speed > 0", "e.g. token_shares=(1.0, 2.0)"),
+        cli={"skip": True},
+    )  # fmt: skip
+    balance_tokens: Switch = described(
+        False, help="re-split the sequence by each rank's measured speed after the first steps (uneven devices; exact)",
+        what=_SWITCH, example="pass --balance-tokens or leave it out", cli=_PAR,
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _world_in_range(self) -> ParallelRequest:
@@ -259,19 +333,62 @@ class ParallelRequest(Schema):
 class EngineRequest(Schema):
     """What is fixed for an engine's life (opendit.Engine's arguments). Treat as immutable."""
 
-    model: Annotated[str, AfterValidator(_check_model)] | None = None  # None with no ckpt: the shipped digits model
-    ckpt: FilePath | None = None
-    vae: PathText | None = None
-    dtype: Annotated[str, AfterValidator(_check_dtype)] = "fp32"
-    device: Annotated[str, AfterValidator(_check_device)] | None = None  # None: cuda if available
-    nproc: Annotated[Int, Field(ge=1, le=MAX_NPROC)] | None = None  # None: 1, torchrun's world, or the plan's
-    parallel: Annotated[ParallelRequest | None, BeforeValidator(_as_plan_fields)] = None  # None: chosen for nproc
-    parallel_auto: Switch = False  # with no degrees: the planner chooses (cost model), not default_plan
-    memory_gib: Annotated[float, Field(gt=0, le=MAX_MEMORY_GIB)] | None = None  # per rank: plans must fit in it
-    image_size: ImageSize | None = None  # the engine's default size; None: the model's own
-    progress: Switch = True
-    diffusers: PathText | None = None  # a local diffusers pipeline folder: its own loop runs (opendit/pipelines.py)
-    video: Switch = False  # a video DiT (the bundled digits video model, our checkpoints, Latte files): video.py
+    model: Annotated[str, AfterValidator(_check_model)] | None = described(  # None, no ckpt: the shipped digits
+        None, help="preset name (see `opendit models`); default: the shipped digits model",
+        what="a preset name (`opendit models` lists them)", example="e.g. --model DiT-XL/2",
+    )  # fmt: skip
+    ckpt: FilePath | None = described(
+        None, help="checkpoint: official DiT .pt, training .pt, or our .safetensors (+ .json)",
+        what="a path to a .pt or .safetensors file", example="e.g. --ckpt DiT-XL-2-256x256.pt",
+    )  # fmt: skip
+    vae: PathText | None = described(None, help="local diffusers AutoencoderKL folder (latent models only)",
+                                     what="a path to a local diffusers AutoencoderKL folder",
+                                     example="e.g. --vae ./sd-vae-ft-ema")  # fmt: skip
+    dtype: Annotated[str, AfterValidator(_check_dtype)] = described(
+        "fp32", help="fp32 | bf16 | fp16 | auto (bf16 where calibrated fast and the model's drift is documented)",
+        what="one of fp32, bf16, fp16, auto", example="e.g. --dtype bf16",
+    )  # fmt: skip
+    device: Annotated[str, AfterValidator(_check_device)] | None = described(
+        None, help="cpu | cuda | cuda:N (default: cuda if available)", what="cpu, cuda or cuda:N",
+        example="e.g. --device cpu",
+    )  # fmt: skip
+    nproc: Annotated[Int, Field(ge=1, le=MAX_NPROC)] | None = described(  # None: 1, torchrun's world, the plan's
+        None, help="local worker processes to start (default 1; under torchrun: its world)",
+        what=f"an integer from 1 to {MAX_NPROC} (local processes)", example="e.g. --nproc 2", cli=_PAR,
+    )  # fmt: skip
+    parallel: Annotated[ParallelRequest | None, BeforeValidator(_as_plan_fields)] = described(  # None: for nproc
+        None, help="the parallel plan (one mesh)", what="an opendit ParallelConfig",
+        example="e.g. ParallelConfig(ulysses=2)", flag="--dp/--ulysses/--ring/--tp",
+    )  # fmt: skip
+    parallel_auto: Switch = described(  # with no degrees: the planner chooses (cost model), not default_plan
+        False, help="with --nproc and no degrees: auto = the planner's fastest plan from the cost model (see "
+        "`opendit plan`)", what=_SWITCH, example="pass --parallel auto or leave it out", flag="--parallel",
+        cli={**_PAR, "choices": ("default", "auto"), "true": "auto"},
+    )  # fmt: skip
+    memory_gib: Annotated[Float, Field(gt=0, le=MAX_MEMORY_GIB)] | None = described(  # per rank: plans must fit
+        None, help="memory per rank (GiB): the plan's predicted whole-run peak must fit; without degrees the planner "
+        "picks the fastest plan that fits (e.g. --shard-weights); if none fits, says how many ranks or which dtype "
+        "would", what=f"a number of GiB from 0 to {MAX_MEMORY_GIB} (memory per rank)", example="e.g. --memory-gib 2",
+        cli=_PAR,
+    )  # fmt: skip
+    image_size: ImageSize | None = IMAGE_SIZE  # the engine's default size (a call may ask another); None: model's
+    progress: Switch = described(
+        True,
+        help="no progress bar",
+        what=_SWITCH,
+        flag="--no-progress",
+        example="pass --no-progress or leave it out",
+        cli={"action": "store_false"},
+    )
+    diffusers: PathText | None = described(  # a local diffusers pipeline folder: its own loop runs (pipelines.py)
+        None, help="a local diffusers pipeline folder (save_pretrained layout)",
+        what="a local diffusers pipeline folder", example="e.g. --diffusers ./PixArt-XL-2-512",
+        cli={"group": "diffusers", "metavar": "DIR"},
+    )  # fmt: skip
+    video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)
+        False, help="sample videos: GIF + lossless PNG frames per video", what=_SWITCH,
+        example="pass --video or leave it out", cli={"group": "video"},
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _auto_or_degrees(self) -> EngineRequest:
@@ -318,29 +435,65 @@ class CallRequest(Schema):
     """What one generate() call asks for (None: the model's default, or the engine's image size)."""
 
     # classes (OpenDiT's DiT) or prompt (a --diffusers pipeline): which one the engine needs is checked in resolve
-    classes: Classes | None = None
-    seed: Annotated[Int, Field(ge=0, le=SEED_MAX)] = 0
-    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = None
-    scheduler: Annotated[str, AfterValidator(_check_scheduler)] | None = None
-    cfg_scale: Annotated[float, Field(ge=1.0, le=MAX_CFG_SCALE)] | None = None
-    image_size: ImageSize | None = None
-    out: PathText | None = None  # the folder `opendit sample` writes (the library itself writes no images)
-    trace: FilePath | None = None  # a Chrome trace JSON of the call
-    prompt: Prompts | None = None  # one image each, all in one pipeline call
-    negative_prompt: Prompt | None = None
+    classes: Classes | None = described(
+        None, help="one image per class id (default: 0 to 9)",
+        what=f"a list of 1 to {MAX_CLASSES} integer class ids", example="e.g. --classes 0 1 2",
+        item=("an integer class id (0 or more)", "e.g. --classes 0 1 2"), cli={"nargs": "+"},
+    )  # fmt: skip
+    seed: Annotated[Int, Field(ge=0, le=SEED_MAX)] = described(
+        0, help="image i uses seed + i (--diffusers: one generator seeded SEED for all)",
+        what="an integer from 0 to 2**64 - 1 (image i uses seed + i)", example="e.g. --seed 0",
+    )  # fmt: skip
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)] | None = described(
+        None, help="denoising steps (default: the model's recommendation)", what=f"an integer from 1 to {MAX_STEPS}",
+        example="try --steps 30",
+    )  # fmt: skip
+    scheduler: Annotated[str, AfterValidator(_check_scheduler)] | None = described(
+        None, help="ddpm | ddim | dpm-solver | flow-euler (default: the model's)",
+        what=f"one of {', '.join(SCHEDULERS)}", example="e.g. --scheduler ddim",
+    )  # fmt: skip
+    cfg_scale: Annotated[Float, Field(ge=1.0, le=MAX_CFG_SCALE)] | None = described(
+        None, help="classifier-free guidance scale; 1 disables guidance",
+        what=f"a finite number from 1 to {MAX_CFG_SCALE:g} (1 disables guidance)", example="e.g. --cfg-scale 4",
+    )  # fmt: skip
+    image_size: ImageSize | None = IMAGE_SIZE  # None: the engine's image size
+    out: PathText | None = described(  # the folder `opendit sample` writes (the library itself writes no images)
+        None, help="output folder", what="a folder path", example="e.g. --out outputs",
+        cli={"default": "outputs", "server": False},
+    )  # fmt: skip
+    trace: FilePath | None = described(  # a Chrome trace JSON of the call
+        None, help="write a Chrome trace JSON of the sampling loop, every rank (ui.perfetto.dev)",
+        what="a file path", example="e.g. --trace trace.json", cli={"metavar": "FILE", "server": False},
+    )  # fmt: skip
+    prompt: Prompts | None = described(  # one image each, all in one pipeline call
+        None, help="one image per prompt (repeatable); all prompts go into one pipeline call with one generator",
+        what=f"a list of 1 to {MAX_CLASSES} prompts (text)", example='e.g. --prompt "a photo of a cat"',
+        item=(f"a text of at most {MAX_PROMPT_CHARS} characters", 'e.g. --prompt "a cat"'),
+        cli={"group": "diffusers", "nargs": "+", "action": "extend", "metavar": "TEXT"},
+    )  # fmt: skip
+    negative_prompt: Prompt | None = described(
+        None, help="for pipelines that take one (guided ones)",
+        what=f"a text of at most {MAX_PROMPT_CHARS} characters", example='e.g. --negative-prompt "blurry"',
+        cli={"group": "diffusers", "metavar": "TEXT"},
+    )  # fmt: skip
     motion: (
         Annotated[list[str], BeforeValidator(_as_motion_list), Field(min_length=1, max_length=MAX_CLASSES)] | None
-    ) = None  # --video, a model trained with motion: one direction per class, or one for all
-    frames: Annotated[Int, Field(ge=1, le=1024)] | None = None  # --video: must be the model's own frame count
-    # caching across steps: a method name ("pab", "fbcache", a registered one) with the flags below, or
-    # {"method": name, **options}; cache/config.py checks these and names the fix
-    cache: str | dict | None = None
-    pab_range: Int | None = None
-    pab_window: list[float] | None = None
-    pab_mlp_range: Int | None = None
-    cache_threshold: float | None = None
-    cache_max_reuse: Int | None = None
-    cache_guard_steps: Int | None = None
+    ) = described(  # --video, a model trained with motion: one direction per class, or one for all
+        None, help="digits video model: right | left | down | up, one per class or one for all",
+        what="a list of directions (right, left, down, up)", example="e.g. --motion right up",
+        item=("a direction: right, left, down or up", "e.g. --motion right"), cli={"group": "video", "nargs": "+"},
+    )  # fmt: skip
+    frames: Annotated[Int, Field(ge=1, le=1024)] | None = described(  # --video: the model's own frame count
+        None, help="frames per video (a video DiT: must be the model's own; a video pipeline: its num_frames)",
+        what="an integer from 1 to 1024", example="e.g. --frames 8", cli={"group": "video"},
+    )  # fmt: skip
+    # caching across steps: a method name ("pab", "fbcache", a registered one) with its options (each method's
+    # Options fields, added by `call_model`), or {"method": name, **options}; cache/config.py checks these
+    cache: str | dict | None = described(
+        None, help="reuse work across denoising steps: none | pab | fbcache | a registered method",
+        what="none or a cache method (pab, fbcache, a registered one)", example="e.g. --cache fbcache",
+        cli={"group": "cache"},
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> CallRequest:
@@ -399,6 +552,57 @@ class CallRequest(Schema):
         return ResolvedCall(int(steps), scheduler, cfg_scale, config, notes, labels, cache)
 
 
+_CALL_MODELS: dict[tuple, type[CallRequest]] = {}
+
+
+def call_model() -> type[CallRequest]:
+    """CallRequest with every registered cache method's options as fields of their own (`--pab-range`,
+    `--cache-threshold`, a registered method's `--<method>-<option>`), built again whenever the set of methods
+    changes: a method registered from user code gets its options on every surface (CLI, Engine.generate, the
+    server's schema) with no other edit."""
+    from pydantic import create_model
+
+    from opendit.cache.registry import cache_methods, option_fields
+
+    methods = sorted(cache_methods().items())
+    key = tuple((name, id(method)) for name, method in methods)
+    if key not in _CALL_MODELS:
+        fields = {}
+        for name, method in methods:
+            for option, field in option_fields(method):
+                fields[field] = _option_field(name, field, method.Options.model_fields[option])
+        _CALL_MODELS.clear()  # one current model: the registry changed
+        _CALL_MODELS[key] = create_model("CallRequest", __base__=CallRequest, **fields)
+    return _CALL_MODELS[key]
+
+
+def _option_field(method: str, field: str, info) -> tuple:
+    """A cache option as an optional request field (None: the method's default), its text derived from the option."""
+    import typing
+
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    bounds = {type(m).__name__: m for m in info.metadata}
+    annotation, cli = info.annotation, {"group": "cache", **extra.get("cli", {})}
+    words = {int: "an integer", float: "a finite number"}
+    if typing.get_origin(annotation) is tuple:  # fixed-length tuple: a list given (JSON, CLI) is taken as one
+        count, item = len(typing.get_args(annotation)), typing.get_args(annotation)[0]
+        annotation = Annotated[annotation, BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
+        what = extra.get("what", f"{count} values ({words.get(item, item.__name__)})")
+        example = " ".join(str(v) for v in info.default)
+        cli = {"nargs": count, **cli}
+    else:
+        low = [f">= {m.ge}" for m in bounds.values() if getattr(m, "ge", None) is not None]
+        low += [f"> {m.gt}" for m in bounds.values() if getattr(m, "gt", None) is not None]
+        what = extra.get("what", " ".join([words.get(annotation, f"a {getattr(annotation, '__name__', 'value')}"),
+                                           *low]))  # fmt: skip
+        example = str(info.default)
+        annotation = {int: Int, float: Float}.get(annotation, annotation)
+        annotation = Annotated[(annotation, *info.metadata)] if info.metadata else annotation
+    flag = "--" + field.replace("_", "-")
+    help_text = f"{method}: {info.description or field} (default {info.default})"
+    return annotation | None, described(None, help=help_text, what=what, example=f"e.g. {flag} {example}", cli=cli)
+
+
 def check_plan(plan: ParallelConfig, world: int, config, images: int, guided: bool) -> list[str]:
     """Raise OpenDiTError if the plan cannot run this batch at this size (cfg parallel without guidance, more dp
     groups than images, more sequence ranks than tokens, degrees vs world and heads, ...); return the notes on exact
@@ -426,17 +630,32 @@ def error_message(error: dict, model: type[BaseModel]) -> str:
         return str(cause)  # a delegated check's own message (unknown model, plan rules, ...): it names its fix
     if kind == "extra_forbidden":
         return f"unknown field {loc[-1]!r}; the fields are: {', '.join(model.model_fields)}"
-    key = f"{loc[-2]}[]" if len(loc) > 1 and isinstance(loc[-1], int) else str(loc[-1]) if loc else ""
-    help = FIELD_HELP.get(key, FieldHelp("", "valid", "see `opendit sample --help`"))
+    names = [part for part in loc if isinstance(part, str)]
+    flag, what, fix = field_help(names[-1] if names else "", isinstance(loc[-1], int) if loc else False)
     label = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    if help.flag and help.flag != f"--{label}":
-        label += f" ({help.flag})"
+    if flag and flag != f"--{label}":
+        label += f" ({flag})"
     if kind == "missing":
-        return f"{label} is required; {help.fix}"
+        return f"{label} is required; {fix}"
     if isinstance(cause, _FieldError) and cause.fragment:
-        return f"{label} {cause.fragment}; {cause.fix or help.fix}"
+        return f"{label} {cause.fragment}; {cause.fix or fix}"
     typed = kind.endswith("_type") or kind in ("is_instance_of", "model_attributes_type")
-    return f"{label} must be {help.what}, got {shown(value, typed)}; {help.fix}"
+    return f"{label} must be {what}, got {shown(value, typed)}; {fix}"
+
+
+def field_help(name: str, item: bool = False) -> tuple[str, str, str]:
+    """(CLI flag, what a valid value is, an example) of a request field (or of one entry of a list field), from its
+    one declaration (`described`)."""
+    for model in (call_model(), EngineRequest, ParallelRequest):
+        info = model.model_fields.get(name)
+        if info is not None:
+            meta = field_meta(info)
+            if not meta:
+                break
+            what, example = meta["item"] if item and meta.get("item") else (meta["what"], meta["example"])
+            flag = "" if meta["cli"].get("skip") else meta.get("flag") or f"--{name.replace('_', '-')}"
+            return flag, what, example
+    return "", "valid", "see `opendit sample --help`"
 
 
 def shown(value: Any, typed: bool = False) -> str:

@@ -253,9 +253,12 @@ def _take(values, index: torch.Tensor, rows: int):
 
 class FBCacheOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    threshold: float = Field(0.15, ge=0)  # relative L1 change of the head's residual under which the span is reused
-    max_reuse: int = Field(4, ge=1)  # consecutive reuses per sample before a full step is forced
-    guard_steps: int = Field(2, ge=0)  # the first and last steps that always compute
+    threshold: float = Field(0.15, ge=0, description="relative L1 change under which blocks are reused",
+                             json_schema_extra={"request_field": "cache_threshold"})  # fmt: skip
+    max_reuse: int = Field(4, ge=1, description="consecutive reuses before a full step",
+                           json_schema_extra={"request_field": "cache_max_reuse"})  # fmt: skip
+    guard_steps: int = Field(2, ge=0, description="first/last N steps always compute",
+                             json_schema_extra={"request_field": "cache_guard_steps"})  # fmt: skip
 
 
 class FirstBlockCacheMethod(CacheMethod):

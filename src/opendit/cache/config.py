@@ -191,38 +191,36 @@ def cache_from_dict(data: dict | None) -> CacheConfig:
     return config
 
 
-# the request fields of a cache (request.CallRequest), with their flag, what they take and an example
-CACHE_FIELD_HELP = {
-    "cache": ("--cache", "none, pab or fbcache", "e.g. --cache fbcache"),
-    "pab_range": ("--pab-range", "an integer >= 1", "e.g. --pab-range 2"),
-    "pab_window": ("--pab-window", "two fractions A < B in [0, 1]", "e.g. --pab-window 0.2 0.9"),
-    "pab_window[]": ("--pab-window", "a fraction in [0, 1]", "e.g. --pab-window 0.2 0.9"),
-    "pab_mlp_range": ("--pab-mlp-range", "an integer >= 0", "e.g. --pab-mlp-range 2"),
-    "cache_threshold": ("--cache-threshold", "a finite number >= 0", "e.g. --cache-threshold 0.15"),
-    "cache_max_reuse": ("--cache-max-reuse", "an integer >= 1", "e.g. --cache-max-reuse 4"),
-    "cache_guard_steps": ("--cache-guard-steps", "an integer >= 0", "e.g. --cache-guard-steps 2"),
-}
-
-
 def request_cache(request, family: str | None, plan=None) -> CacheConfig | None:
-    """A call request's cache settings (its cache_* / pab_* fields), validated against the plan; None: no cache."""
-    options = {
-        "pab_range": request.pab_range, "pab_window": request.pab_window, "pab_mlp_range": request.pab_mlp_range,
-        "threshold": request.cache_threshold, "max_reuse": request.cache_max_reuse,
-        "guard_steps": request.cache_guard_steps,
-    }  # fmt: skip
+    """A call request's cache (its `cache` field and the chosen method's option fields), validated against the plan;
+    None: no cache. An option of another method is an error (it would silently do nothing)."""
+    from opendit.cache.registry import cache_method, cache_methods, option_fields
+
+    given = {}  # request field -> (its method, the option, the value)
+    for method in cache_methods().values():
+        for option, field in option_fields(method):
+            value = getattr(request, field, None)
+            if value is not None:
+                given[field] = (method.name, option, value)
     if isinstance(request.cache, dict):
-        given = {k: v for k, v in options.items() if v is not None}
         if given:
             raise OpenDiTError(f"give the cache's options inside its dict, not as {sorted(given)}")
         config = method_cache_config(request.cache, family)
     else:
-        config = make_cache_config(request.cache or "none", family, **options)
+        kind = request.cache or "none"
+        check_kind(kind)
+        for field, (owner, _option, _value) in given.items():
+            if owner != kind:
+                flag = "--" + field.replace("_", "-")
+                raise OpenDiTError(f"{flag} belongs to --cache {owner}, but the cache is {kind!r}; add --cache {owner}")
+        options = {option: value for owner, option, value in given.values()}
+        if kind in CACHE_KINDS:
+            config = make_cache_config(kind, family, **options)
+        else:
+            config = method_cache_config({"method": kind, **options}, family)
     if not config.enabled:
         return None
     check_cache_plan(plan)
-    from opendit.cache.registry import cache_method
-
     if plan is not None:
         cache_method(config.kind, config.source).check(plan)
     return config

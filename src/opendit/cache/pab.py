@@ -24,9 +24,12 @@ def pab_schedule(num_steps: int, every: int, window: tuple[float, float]) -> lis
 
 class PABOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    pab_range: int = Field(2, ge=1)  # self / spatial attention every N steps in the window; temporal 2N, cross 3N
-    pab_window: tuple[float, float] = (0.2, 0.9)  # fractions of the steps [A, B) in which outputs may be reused
-    pab_mlp_range: int = Field(0, ge=0)  # 0: MLPs always computed
+    pab_range: int = Field(2, ge=1, description="self/spatial attention every N steps; temporal 2N, cross 3N")
+    pab_window: tuple[float, float] = Field(
+        (0.2, 0.9), description="reuse inside steps [A, B) (fractions of the steps)",
+        json_schema_extra={"what": "two fractions A < B in [0, 1]", "cli": {"metavar": ["A", "B"]}},
+    )  # fmt: skip
+    pab_mlp_range: int = Field(0, ge=0, description="reuse the MLPs too, every N steps (0: never)")
 
 
 class PyramidAttentionBroadcast(CacheMethod):

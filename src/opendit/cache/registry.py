@@ -66,6 +66,20 @@ class CacheMethod:
 _METHODS = Registry(BUILTIN_MODULES)
 
 
+def option_fields(method: CacheMethod) -> list[tuple[str, str]]:
+    """(option, request field) of each of a method's options: the request field (and so the CLI flag, the Engine
+    keyword and the server's field) is the option's `request_field` where its Options declare one (fbcache's
+    `threshold` is `cache_threshold`), else the option's own name when it starts with the method's, else
+    "<method>_<option>"."""
+    pairs = []
+    for option, info in method.Options.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        prefix = method.name.replace("-", "_")
+        default = option if option.startswith(prefix + "_") else f"{prefix}_{option}"
+        pairs.append((option, extra.get("request_field", default)))
+    return pairs
+
+
 def register_cache_method(method: CacheMethod) -> CacheMethod:
     """Add a method (or replace one of the same name)."""
     if not method.name or method.name == "none":

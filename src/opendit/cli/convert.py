@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from opendit.request import EngineRequest
+from opendit.surfaces import add_field_flags
+
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -14,12 +17,13 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("ckpt", help="official DiT .pt, training .pt of opendit train (or its run directory), or ours")
     parser.add_argument("out", help="output weights file, ending in .safetensors (its config goes beside it as .json)")
-    parser.add_argument(
-        "--model", help="preset name (see `opendit models`) for a file without a config; default: inferred from shapes"
-    )
-    parser.add_argument("--image-size", type=int, help="image size in pixels (default: from pos_embed, or the config)")
+    add_field_flags(parser, EngineRequest, {
+        "model": {"help": "preset name (see `opendit models`) for a file without a config; default: from shapes"},
+        "image_size": {"help": "image size in pixels (default: from pos_embed, or the config)"},
+    })  # fmt: skip
     parser.add_argument("--use", choices=("ema", "model"), help="weights of a training checkpoint (default: ema)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="store in this dtype (default: the file's)")
+    stored = {"choices": ("fp32", "bf16", "fp16"), "default": None, "help": "store in this dtype (default: the file's)"}
+    add_field_flags(parser, EngineRequest, {"dtype": stored})
     parser.add_argument("--force", action="store_true", help="overwrite OUT and its .json if they exist")
     parser.set_defaults(func=run_convert)
     return parser

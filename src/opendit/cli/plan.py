@@ -9,6 +9,8 @@ import argparse
 import json
 
 from opendit.errors import OpenDiTError
+from opendit.request import EngineRequest, call_model
+from opendit.surfaces import add_field_flags
 
 GIB = 1 << 30
 
@@ -21,22 +23,27 @@ def _add_speed_args(parser: argparse.ArgumentParser) -> None:
         "machine's cached calibration, else the documented default)",
     )
     parser.add_argument("--nodes", type=int, default=1, help="nodes (h100-ib only)")
-    parser.add_argument("--memory-gib", type=float, help="memory per device (default: the hardware's)")
+    add_field_flags(parser, EngineRequest, {"memory_gib": {"help": "memory per device (default: the hardware's)"}})
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("plan", help="rank the parallel plans for a request (predicted, no devices used)")
-    parser.add_argument("--model", default="DiT-XL/2", help="preset name (see `opendit models`; Latte-*: video)")
-    parser.add_argument("--image-size", type=int, help="output size in pixels (default: the preset's 256)")
+    # the request's own fields (request.py) with the planner's defaults: a full-size preset, guided, 50 steps
+    add_field_flags(parser, EngineRequest, {
+        "model": {"default": "DiT-XL/2", "help": "preset name (see `opendit models`; Latte-*: video)"},
+        "image_size": {},
+        "nproc": {"help": "devices / processes (required unless --list-strategies)"},
+    })  # fmt: skip
+    add_field_flags(
+        parser,
+        call_model(),
+        {"cfg_scale": {"default": 4.0}, "steps": {"default": 50, "help": "denoising steps (default 50)"}},
+    )
     parser.add_argument("--tokens", type=int, help="sequence length instead of an image size (e.g. video latents)")
     parser.add_argument("--images", type=int, default=1, help="images in the request")
-    parser.add_argument("--cfg-scale", type=float, default=4.0, help="1 disables guidance (no CFG pair)")
-    parser.add_argument("--nproc", type=int, help="devices / processes (required unless --list-strategies)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument(
-        "--dtype", help="fp32 | bf16 | fp16 | auto: rank the plans for this compute dtype (auto: as `opendit sample "
-        "--dtype auto` would choose; default: the speeds' own, bf16 for the GPU kinds, fp32 for a CPU calibration)"
-    )  # fmt: skip
+    add_field_flags(parser, EngineRequest, {"dtype": {"default": None, "help": (
+        "fp32 | bf16 | fp16 | auto: rank the plans for this compute dtype (auto: as `opendit sample --dtype auto` "
+        "would choose; default: the speeds' own, bf16 for the GPU kinds, fp32 for a CPU calibration)")}})  # fmt: skip
     parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
     parser.add_argument("--top", type=int, default=5, help="plans to print")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -54,11 +61,15 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 def add_calibrate_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("calibrate", help="measure compute and link speeds of this machine (cached)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--nproc", type=int, default=2, help="local processes for the link measurement")
+    add_field_flags(
+        parser, EngineRequest, {"nproc": {"default": 2, "help": "local processes for the link measurement"}}
+    )
     parser.add_argument("--backend", default="gloo", help="gloo | nccl")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (~15 s)")
     parser.add_argument("--force", action="store_true", help="measure again even if a cached file exists")
-    parser.add_argument("--memory-gib", type=float, help="memory per rank to record (default: host RAM / nproc)")
+    add_field_flags(
+        parser, EngineRequest, {"memory_gib": {"help": "memory per rank to record (default: host RAM / nproc)"}}
+    )
     parser.set_defaults(func=run_calibrate)
     return parser
 

@@ -7,22 +7,12 @@ import sys
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from opendit.cli import add_parallel_flags
+    from opendit.request import EngineRequest, ParallelRequest
+    from opendit.surfaces import add_request_flags
 
     parser = subparsers.add_parser("serve", help="serve a model over HTTP (REST + OpenAI images API + web page)")
-    model = parser.add_argument_group("model (as for `opendit sample`)")
-    model.add_argument("--model", help="preset name (see `opendit models`); default: the shipped digits model")
-    model.add_argument("--ckpt", help="checkpoint: official DiT .pt, training .pt, or our .safetensors (+ .json)")
-    model.add_argument("--diffusers", metavar="DIR", help="a local diffusers pipeline folder (prompts)")
-    model.add_argument("--video", action="store_true", help="a video DiT (GIFs)")
-    model.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent models only)")
-    model.add_argument(
-        "--dtype",
-        default="fp32",
-        help="fp32 | bf16 | fp16 | auto (bf16 where calibrated fast and the model's drift is documented)",
-    )
-    model.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
-    model.add_argument("--image-size", type=int, help="default output size in pixels (default: the model's own)")
+    # the engine's fields, as for `opendit sample` (request.py declares each one); the calls come over HTTP
+    fields = add_request_flags(parser, [(EngineRequest, ("parallel", "progress")), (ParallelRequest, ())])
     http = parser.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     http.add_argument("--port", type=int, default=8000)
@@ -33,15 +23,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     http.add_argument("--max-prompt-chars", type=int, default=1000, help="longest prompt (default 1000)")
     http.add_argument("--queue-size", type=int, default=64, help="jobs waiting before 429 (default 64)")
     http.add_argument("--max-restarts", type=int, default=3, help="worker restarts before the server exits (3)")
-    add_parallel_flags(parser)
-    parser.set_defaults(func=run_serve)
+    parser.set_defaults(func=run_serve, fields=fields)
     return parser
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from opendit.cli import parallel_config
+    from opendit.cli import request_values
     from opendit.engine import Engine
     from opendit.errors import OpenDiTError
     from opendit.serve.app import create_app
@@ -55,9 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise OpenDiTError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 < args.port < 65536:
         raise OpenDiTError(f"--port must be 1..65535, got {args.port}")
-    settings = {name: getattr(args, name) for name in ("model", "ckpt", "vae", "dtype", "device", "image_size")}
-    settings |= {"diffusers": args.diffusers, "video": args.video, "nproc": args.nproc, "memory_gib": args.memory_gib}
-    settings |= {"parallel": parallel_config(args), "parallel_auto": args.parallel == "auto"}
+    settings = request_values(args)
     limits = Limits(args.max_steps, args.max_batch, args.max_image_size, args.max_prompt_chars, args.queue_size)
     queue, metrics = JobQueue(limits.queue_size, limits.max_batch), ServeMetrics()
     server: list[uvicorn.Server] = []

@@ -8,6 +8,8 @@ import sys
 from dataclasses import fields
 
 from opendit.errors import OpenDiTError
+from opendit.request import EngineRequest, call_model
+from opendit.surfaces import add_field_flags
 
 _HELP = {
     "out": "run directory: checkpoints/, log.jsonl, config.json",
@@ -64,7 +66,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "--export", default=None, help="after training, write the EMA weights to PATH.safetensors+.json"
     )
     # the same defaults a run directory or training checkpoint samples with (checkpoint.sampling_defaults)
-    parser.add_argument("--cfg-scale", type=float, default=TRAINED_CFG_SCALE, help="CFG scale recorded in the export")
+    add_field_flags(parser, call_model(), {
+        "cfg_scale": {"default": TRAINED_CFG_SCALE, "help": "CFG scale recorded in the export"}})  # fmt: skip
     parser.add_argument("--sample-steps", type=int, default=TRAINED_STEPS, help="sampling steps recorded in the export")
     parser.set_defaults(func=run_train)
     return parser
@@ -101,16 +104,19 @@ def command_line() -> str:
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register `eval`: class accuracy, Fréchet distances and sampling time of a model's samples, as JSON."""
     parser = subparsers.add_parser("eval", help="measure a digits model: SVC accuracy, Fréchet distance, timing")
-    parser.add_argument("--ckpt", default=None, help="weights: a run directory of opendit train, a training .pt, or "
-                        ".safetensors with its .json; default: the shipped digits model")  # fmt: skip
+    add_field_flags(parser, EngineRequest, {"ckpt": {"help": (
+        "weights: a run directory of opendit train, a training .pt, or .safetensors with its .json; default: the "
+        "shipped digits model")}})  # fmt: skip
     parser.add_argument("--per-class", type=int, default=100, help="samples per class (default: 100)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model JSON's, else 30)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="CFG scale (default: the model JSON's, else 3)")
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    add_field_flags(parser, call_model(), {
+        "steps": {"help": "sampling steps (default: the model JSON's, else 30)"},
+        "cfg_scale": {"help": "CFG scale (default: the model JSON's, else 3)"},
+        "seed": {"default": 0, "help": "noise seed (default: 0)"},
+    })  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampler call (default: 50)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--use-model", choices=["ema", "model"], default="ema", help="for .pt: which weights")
-    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
+    add_field_flags(parser, call_model(), {"out": {"help": "also write the JSON report to this file"}})
     parser.add_argument(
         "--video", action="store_true", help="judge the digits VIDEO model (default: the bundled one): per-frame digit "
         "and direction accuracy over the 40 digit x direction conditions",

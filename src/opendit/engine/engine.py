@@ -40,17 +40,12 @@ from __future__ import annotations
 
 import numbers
 import time
-from dataclasses import asdict, fields
-from pathlib import Path
 
 import numpy as np
 
 from opendit.errors import OpenDiTError
 from opendit.generation import ENGINE_FIELDS, GenerationRequest, GenerationResult, prepare, resolve_call, resolve_engine
-from opendit.request import CallRequest, EngineRequest
-
-CACHE_FIELDS = ("cache", "pab_range", "pab_window", "pab_mlp_range", "cache_threshold", "cache_max_reuse",
-                "cache_guard_steps")  # fmt: skip
+from opendit.request import EngineRequest, call_model
 
 
 class Engine:
@@ -71,16 +66,22 @@ class Engine:
         memory_gib: float | None = None,
         diffusers: str | None = None,
         video: bool = False,
-        *,
-        _plan_for: tuple[int, float | None] | None = None,  # opendit.generate: plan for this (batch, cfg_scale)
     ):
+        start = time.perf_counter()
+        given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
+        self._start(resolve_engine(EngineRequest.build(given)), start)  # checked once, no weights read
+
+    @classmethod
+    def from_spec(cls, spec) -> Engine:
+        """An engine on a spec resolved already (generation.resolve_engine): nothing is checked again."""
+        engine = cls.__new__(cls)
+        engine._start(spec, time.perf_counter())
+        return engine
+
+    def _start(self, spec, start: float) -> None:
         from opendit.engine.executors import start_executor
 
-        start = time.perf_counter()
-        self._calls = 0
-        self._executor = None
-        given = {name: value for name, value in locals().items() if name in ENGINE_FIELDS}  # the signature above
-        spec = resolve_engine(EngineRequest.build(given), *(_plan_for or (None, None)))  # checked, no weights
+        self._calls, self._executor = 0, None
         self._executor = start_executor(spec)  # in-process, local pool or torchrun: chosen once
         self.spec = self._executor.spec
         self._launch_s = time.perf_counter() - start
@@ -104,36 +105,19 @@ class Engine:
     def world_size(self) -> int:
         return self.spec.world
 
-    def generate(
-        self,
-        classes=None,
-        seed: int = 0,
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        scheduler: str | None = None,
-        image_size: int | None = None,
-        trace: str | Path | None = None,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | None = None,
-        motion: str | list[str] | None = None,
-        frames: int | None = None,
-        cache: str | None = None,
-        **cache_options,
-    ) -> GenerationResult | None:
+    def generate(self, classes=None, **fields) -> GenerationResult | None:
         """One image per entry of `classes` (image i seeded seed + i), or on a diffusers engine one per `prompt` (one
-        pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun. `cache` ("pab" or
-        "fbcache") with `cache_options` (pab_range, pab_window, pab_mlp_range, cache_threshold, cache_max_reuse,
-        cache_guard_steps) reuses work across this call's steps (opendit/cache)."""
+        pipeline call, one generator seeded `seed`); None on the serving ranks of torchrun. The keywords are the
+        call's fields (request.py: seed, steps, cfg_scale, scheduler, image_size, trace, prompt, negative_prompt,
+        motion, frames, cache and every cache method's options, e.g. cache="fbcache", cache_threshold=0.1);
+        an unknown one is refused with the list of fields."""
         if not self.is_main:
             return None
         if isinstance(classes, numbers.Integral) and not isinstance(classes, bool):
             classes = [classes]  # one image (documented shorthand)
-        values = {"classes": classes, "seed": seed, "steps": steps, "cfg_scale": cfg_scale, "scheduler": scheduler}
-        texts = {"prompt": prompt, "negative_prompt": negative_prompt}
-        video = {"motion": motion, "frames": frames}  # video engines (video=True): result.frames holds the videos
-        # None: the engine's image size; unknown cache option names: the schema names the known fields
-        caching = {"cache": cache, **cache_options}
-        call = self.check(**values, **texts, **video, **caching, image_size=image_size, trace=trace)
+        if "out" in fields:
+            raise OpenDiTError("Engine.generate writes no files: drop out= and save with opendit.save_outputs")
+        call = self.check(classes=classes, **fields)
         return self.run_calls([call])[0]
 
     def check(self, **fields):
@@ -141,7 +125,7 @@ class Engine:
         run_calls takes. Raises OpenDiTError (nothing is sent) for bad input, or when the engine is closed."""
         if self.closed:
             raise OpenDiTError(f"engine is closed: {self._executor.closed_reason}")
-        return resolve_call(self.spec, CallRequest.build(fields))
+        return resolve_call(self.spec, call_model().build(fields))
 
     def run_calls(self, calls: list, on_step=None) -> list[GenerationResult]:
         """Run checked calls (`check`) as ONE denoising loop when they merge (batching.py: same steps, guidance,
@@ -189,27 +173,26 @@ class Engine:
 
 
 def generate(request: GenerationRequest | None = None, **kwargs) -> GenerationResult:
-    """Generate one image per entry of `classes` (with `diffusers=DIR`: of `prompt`) on a one-shot `opendit.Engine`.
-    Keyword arguments are GenerationRequest fields.
+    """Generate one image per entry of `classes` (with `diffusers=DIR`: of `prompt`) on a one-shot `opendit.Engine`:
+    keyword arguments (or a GenerationRequest) hold the engine's fields and the call's.
 
     With nproc > 1 (and not already inside torchrun) this starts nproc local workers and returns rank 0's result;
     inside torchrun every rank calls it and rank 0's result holds the images (other ranks get an empty array).
     Scripts that pass nproc > 1 must call it under `if __name__ == "__main__":` (workers are spawned). To make many
     calls, keep an Engine instead: it starts the workers and loads the model once.
     """
-    request = _one_shot_request(request, kwargs)
-    job = prepare(request)  # the whole request checked first: the errors (and their order) of a one-shot request
-    settings = {k: getattr(request, k) for k in ENGINE_FIELDS}
-    labels = list(request.classes if request.classes is not None else request.prompt or [])
-    with Engine(**settings, _plan_for=(len(labels), request.cfg_scale)) as engine:
-        resolved = {"steps": job.steps, "cfg_scale": job.cfg_scale, "scheduler": job.scheduler}
-        texts = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
-        texts.update(motion=request.motion, frames=request.frames)
-        texts.update({name: getattr(request, name) for name in CACHE_FIELDS})
-        result = engine.generate(classes=request.classes, seed=request.seed, trace=request.trace, **resolved, **texts)
+    return run_job(prepare(_one_shot_request(request, kwargs)))
+
+
+def run_job(job) -> GenerationResult:
+    """A prepared one-shot job (generation.prepare: the request checked and resolved once, its plan chosen for its
+    batch and guidance) on a one-shot engine; nothing is checked again."""
+    with Engine.from_spec(job.spec) as engine:
+        result = engine.run_calls([job.resolved])[0]
     if result is None:  # ranks > 0 under torchrun: rank 0 holds the images
+        labels = list(job.request.classes if job.request.classes is not None else job.request.prompt or [])
         return GenerationResult(images=np.zeros((0, 0, 0, 0), np.uint8), labels=labels)
-    result.record["request"] = asdict(request)  # as asked (None = the model's default), not as resolved
+    result.record["request"] = job.request.to_dict()  # as asked (None = the model's default), not as resolved
     return result
 
 
@@ -219,10 +202,6 @@ def _one_shot_request(request: GenerationRequest | None, kwargs: dict) -> Genera
         if kwargs:
             raise OpenDiTError(f"pass a GenerationRequest or keyword fields, not both (got {', '.join(kwargs)})")
         return request  # prepare() checks its type
-    names = [f.name for f in fields(GenerationRequest)]
-    unknown = [name for name in kwargs if name not in names]
-    if unknown:
-        raise OpenDiTError(f"unknown field {unknown[0]!r} for opendit.generate; the fields are: {', '.join(names)}")
     if "classes" not in kwargs and "prompt" not in kwargs:
         raise OpenDiTError("classes is required; e.g. opendit.generate(classes=[0, 1, 2])")
-    return GenerationRequest(**kwargs)
+    return GenerationRequest(**kwargs)  # unknown fields: OpenDiTError with the list

@@ -18,32 +18,17 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
 from opendit.serve.encode import encode_result, timeline
 from opendit.serve.jobs import Job, NotAccepting, QueueFull
-from opendit.serve.openai_api import ImagesBody, images_response, to_fields
+from opendit.serve.openai_api import images_body_model, images_response, to_fields
 from opendit.serve.state import RequestError, ServeState
+from opendit.surfaces import json_body_model
 
 PAGE = Path(__file__).with_name("page.html")
 WAIT_POLL_S = 0.02  # how often a waiting request looks at its job (no thread is held while waiting)
 SHUTDOWN_DRAIN_S = 25.0
-
-
-class JobBody(BaseModel):
-    """POST /v1/jobs and /v1/generate: the request schema's call fields (request.py checks the values)."""
-
-    model_config = ConfigDict(extra="forbid")
-    classes: list[int] | int | None = None
-    prompt: list[str] | str | None = None
-    negative_prompt: str | None = None
-    seed: int = 0
-    steps: int | None = None
-    cfg_scale: float | None = None
-    image_size: int | None = None
-    scheduler: str | None = None
-    motion: list[str] | str | None = None
 
 
 def error_body(message: str, status: int, param: str | None = None) -> JSONResponse:
@@ -158,11 +143,17 @@ async def event_stream(job: Job, request: Request):
 
 def _add_job_routes(app: FastAPI, state: ServeState, authorised) -> None:
     guarded = [Depends(authorised)]
+    # POST /v1/jobs and /v1/generate: every call field a client may send, derived when the app is made (surfaces.py:
+    # the request model's fields, every registered cache method's options included; request.py checks the values,
+    # so errors read as on the CLI)
+    job_body = json_body_model()
 
-    @app.post("/v1/jobs", status_code=202, dependencies=guarded)
-    def post_job(body: JobBody):
+    def post_job(body):
         job = submit(state, body.model_dump())
         return {"id": job.id, "status": job.status}
+
+    post_job.__annotations__["body"] = job_body  # a class made at runtime: no name for a string annotation
+    app.post("/v1/jobs", status_code=202, dependencies=guarded)(post_job)
 
     @app.get("/v1/jobs/{job_id}", dependencies=guarded)
     def get_job(job_id: str):
@@ -173,20 +164,24 @@ def _add_job_routes(app: FastAPI, state: ServeState, authorised) -> None:
         stream = event_stream(known(state, job_id), request)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/generate", dependencies=guarded)
-    async def generate(body: JobBody):
+    async def generate(body):
         job = await finished(submit(state, body.model_dump()))
         if not job.finished_ok:
             return error_body(job.error, job.http_status)
         view = job_view(state, job)
         return {key: view[key] for key in ("id", "format", "images", "labels", "record", "timing")}
 
-    @app.post("/v1/images/generations", dependencies=guarded)
-    async def images_generations(body: ImagesBody):
+    generate.__annotations__["body"] = job_body
+    app.post("/v1/generate", dependencies=guarded)(generate)
+
+    async def images_generations(body):
         job = await finished(submit(state, to_fields(body, state)))
         if not job.finished_ok:
             return error_body(job.error, job.http_status)
         return images_response(job, body)
+
+    images_generations.__annotations__["body"] = images_body_model()  # OpenAI's fields + the call's other fields
+    app.post("/v1/images/generations", dependencies=guarded)(images_generations)
 
 
 def _add_info_routes(app: FastAPI, state: ServeState, authorised) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from opendit.errors import OpenDiTError
 from opendit.generation import resolve_call
-from opendit.request import CallRequest
+from opendit.request import call_model
 from opendit.serve.jobs import Job, JobQueue
 from opendit.serve.metrics import ServeMetrics
 
@@ -68,7 +68,7 @@ class ServeState:
             raise RequestError(f"{images} images in one request exceed this server's limit of {limits.max_batch} "
                                "(--max-batch); split the request", param="classes")  # fmt: skip
         try:
-            call = resolve_call(self.spec, CallRequest.build(fields))
+            call = resolve_call(self.spec, call_model().build(fields))
         except OpenDiTError as exc:
             raise RequestError(str(exc)) from None
         count = len(call.classes) if hasattr(call, "classes") else len(call.prompts)
