@@ -30,8 +30,8 @@ from opendit.errors import OpenDiTError
 from opendit.models.dit import ARCHS, DIT_SHARD_UNITS, DIT_TENSOR_SPLIT, DiTBlock, FinalLayer, adaln_zero_init
 from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset
 from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
+from opendit.models.precision import check_finite, residual_dtype
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
-from opendit.precision import check_finite, residual_dtype
 
 
 @dataclass(frozen=True)
