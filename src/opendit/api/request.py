@@ -389,6 +389,11 @@ class EngineRequest(Schema):
         what="a local diffusers pipeline folder", example="e.g. --diffusers ./PixArt-XL-2-512",
         cli={"group": "diffusers", "metavar": "DIR"},
     )  # fmt: skip
+    encode_every_rank: Switch = described(  # the default: each text encoder on one rank (parallel/encoders.py)
+        False, help="every rank loads and runs every text encoder (default: each encoder on one rank, its output "
+        "broadcast, so N ranks hold one copy)", what=_SWITCH, example="pass --encode-every-rank or leave it out",
+        cli={"group": "diffusers"},
+    )  # fmt: skip
     video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)
         False, help="sample videos: GIF + lossless PNG frames per video", what=_SWITCH,
         example="pass --video or leave it out", cli={"group": "video"},
@@ -404,6 +409,8 @@ class EngineRequest(Schema):
             raise OpenDiTError(
                 f"--parallel auto chooses the degrees itself, but {flags} was given; drop one of the two"
             )
+        if self.encode_every_rank and self.diffusers is None:
+            raise OpenDiTError("--encode-every-rank places a pipeline's text encoders: it needs --diffusers DIR")
         return self
 
     def plan(self) -> ParallelConfig | None:
