@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -393,6 +394,12 @@ def plot(rows: list[dict], path: Path) -> None:
     bar_plot(path, labels, series, "speedup vs 1 process (x)", "2-rank speedup against this machine's limit")
 
 
+def render(record: dict, out) -> dict[str, Path]:
+    md = table(record["rows"]) + "\n\nBreakdown (ms per forward, median over passes):\n\n"
+    md += breakdown_table(record["rows"])
+    return write_report(out, record, md, plot=lambda path: plot(record["rows"], path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024])
@@ -404,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration and pass")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 passes x 2 repeats: a smoke test")
     parser.add_argument("--out", default=str(RESULTS / "scaling_speedup"))
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        render(json.loads(Path(args.render).read_text()), args.render)
+        return 0
     if args.quick:
         args.tokens, args.passes, args.repeats = [256], 2, 2
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -423,10 +434,8 @@ def main(argv: list[str] | None = None) -> int:
 
     record = measure(job, log)
     record["loadavg_end"] = os.getloadavg()
-    md = table(record["rows"]) + "\n\nBreakdown (ms per forward, median over passes):\n\n"
-    md += breakdown_table(record["rows"])
-    paths = write_report(args.out, record, md, plot=lambda path: plot(record["rows"], path))
-    print(md)
+    paths = render(record, args.out)
+    print(paths["md"].read_text())
     print(f"wrote {', '.join(map(str, paths.values()))} in {record['wall_s']:.0f} s")
     return 0
 
