@@ -200,8 +200,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str) -> None:
-    """A grouped bar chart: one group per label, one bar per series (values None are left out)."""
+def bar_plot(
+    path: Path, labels: list[str], series: dict[str, list[float]], ylabel: str, title: str, log: bool = False
+) -> None:
+    """A grouped bar chart: one group per label, one bar per series (values None are left out); `log`: log y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -216,6 +218,8 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], ylab
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=8)
