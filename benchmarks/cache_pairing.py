@@ -32,9 +32,6 @@ def _switchable_pairing(self, values):
     return _pair_branches(self, values) if PAIRED["on"] else values
 
 
-StepCache._pair_branches = _switchable_pairing
-
-
 def settings(head_to_head: bool):
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
@@ -88,6 +85,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    StepCache._pair_branches = _switchable_pairing  # "per row" runs switch the branch pairing off (PAIRED)
     counts = count_diffusers_decisions()
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)

@@ -137,9 +137,12 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def psnr(images, reference, data_range: float = 2.0) -> float:
-    """PSNR (dB) of images against a reference, both in [-1, 1] (data_range 2), clamped first; inf when equal."""
-    a, b = images.double().clamp(-1, 1), reference.double().clamp(-1, 1)
+def psnr(images, reference, data_range: float = 2.0, clamp: bool = True) -> float:
+    """PSNR (dB) of images against a reference in [-1, 1] (data_range 2), clamped to it first unless `clamp` is
+    False (raw samples); inf when equal."""
+    a, b = images.double(), reference.double()
+    if clamp:
+        a, b = a.clamp(-1, 1), b.clamp(-1, 1)
     mse = float(((a - b) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
