@@ -132,8 +132,10 @@ def ask_all(pool, command: tuple) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ errors
 def rel_err(a, b) -> float:
-    """Max absolute difference over the reference's max magnitude (fp64)."""
-    a, b = a.double(), b.double()
+    """Max absolute difference over the reference's max magnitude (fp64); tensors or arrays."""
+    import torch
+
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
