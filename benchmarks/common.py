@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-DIGITS_CKPT = ROOT / "src" / "opendit" / "weights" / "digits.safetensors"
+DIGITS_CKPT = ROOT / "src" / "opendit" / "digits" / "weights" / "digits.safetensors"
 if str(ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 

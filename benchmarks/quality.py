@@ -10,8 +10,8 @@ import sys
 import torch
 
 from common import RESULTS, markdown_table, write_report
+from opendit.digits.judges import evaluate, load_for_eval
 from opendit.errors import OpenDiTError
-from opendit.evaluate import evaluate, load_for_eval
 
 
 def main(argv: list[str] | None = None) -> int:
