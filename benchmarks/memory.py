@@ -1,6 +1,6 @@
 """Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON + PNG.
 
-    .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see the README)
+    .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see docs/memory.md)
     .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
 
 Model: DiT-XL/2 width (hidden 1152, 16 heads, patch 2, 4 latent channels, learn_sigma) with `--depth` blocks (default
@@ -209,7 +209,7 @@ def projected_peak(r: dict, depth: int = 28) -> float:
     """The measured peak plus the resident bytes of the blocks the benchmark left out (1/P of each when sharded).
 
     Everything else in the peak (activations, gathered units, communication buffers) is per block, not per depth:
-    checked by measuring 4 and 8 blocks (see the README)."""
+    checked by measuring 4 and 8 blocks (docs/memory.md)."""
     from opendit.models.dit import build_dit
     from opendit.models.precision import parse_dtype
 
