@@ -1,7 +1,7 @@
 """Where the time goes: our fbcache vs diffusers' first-block cache, split into time inside the transformer blocks
 and time outside them (embedding, final layer, sampler, and each cache's own bookkeeping).
 
-    .venv/bin/python benchmarks/cache_block_time.py [--passes 5]   # -> benchmarks/results/cache_block_time.{json,md}
+    .venv/bin/python benchmarks/cache_block_time.py [--passes 5]   # -> results/cache_block_time.{json,md,png}
 
 Same setup as benchmarks/cache_pairing.py --head-to-head (the digits model as diffusers' DiTTransformer2DModel, our
 sampler, 30 steps, CFG 3, 50 images, 1 thread, fp32, uncapped: no reuse cap, no guard steps). Every block's own

@@ -1,7 +1,7 @@
 """Ablation: first-block-cache decisions per image (an image's cond and uncond rows decide together, the default)
 vs per row (each branch alone), next to diffusers' own first-block cache, on the same diffusers module.
 
-    .venv/bin/python benchmarks/cache_pairing.py [CLASS_REPEATS]     # -> benchmarks/results/cache_pairing.{json,md}
+    .venv/bin/python benchmarks/cache_pairing.py [CLASS_REPEATS]     # -> benchmarks/results/cache_pairing.{json,md,png}
     .venv/bin/python benchmarks/cache_pairing.py --head-to-head --passes 7 --out cache_vs_diffusers_per_image
 
 The bundled digits model converted to diffusers' DiTTransformer2DModel, our sampler (flow-euler, 30 steps, CFG 3),

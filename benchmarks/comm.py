@@ -1,6 +1,6 @@
-"""Measure the link between local processes: latency and bandwidth per collective kind -> JSON (planner input).
+"""Measure the link between local processes: latency and bandwidth per collective kind -> JSON+MD+PNG (planner input).
 
-    .venv/bin/python benchmarks/comm.py --nproc 2 --threads 1 --out benchmarks/results/comm.json
+    .venv/bin/python benchmarks/comm.py --nproc 2 --threads 1 --out benchmarks/results/comm   # -> comm.{json,md,png}
 
 Bytes follow the CommStats convention (payload one rank sends to the others). Each kind is fitted to
 time = latency + bytes / bandwidth over sizes 4 KiB .. 4 MiB (the slowest rank's median time per size). `--full`

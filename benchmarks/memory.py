@@ -1,4 +1,4 @@
-"""Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON + PNG.
+"""Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON+MD+PNG.
 
     .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see docs/memory.md)
     .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
@@ -24,7 +24,7 @@ whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone
 `--whole` measures something else: whole-command peaks of `opendit sample` (imports, loading, sampling, decoding): it
 runs benchmarks/whole_command.py -> benchmarks/results/whole_command.{json,md,png}. The figures below are forward-only.
 
-Results (benchmarks/results/memory.{json,png,md}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
+Results (benchmarks/results/memory.{json,md,png}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
 sharded weights and the real 28 blocks, 4 ranks peak at 0.26x of 1 rank (fp32 1113 vs 4237 MiB; measured with
 `--tokens 16384 --worlds 4 1 --dtypes fp32 --no-unsharded --depth 28`, 21 min of forward time for the one rank);
 0.27x with 4 blocks (559 vs 2048 MiB). `projected_peak` (the measured peak plus the left-out blocks' parameters)

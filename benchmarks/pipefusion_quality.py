@@ -1,6 +1,6 @@
 """PipeFusion's drift on the bundled digits model at its own sampling settings, on many samples.
 
-    .venv/bin/python benchmarks/pipefusion_quality.py --out benchmarks/results/pipefusion_quality.json
+    .venv/bin/python benchmarks/pipefusion_quality.py    # -> benchmarks/results/pipefusion_quality.{json,md,png}
 
 One process samples `--images` digits (classes 0-9 in turn) with the model's own scheduler, steps and CFG scale (the
 exact reference); then, in 4 gloo processes, PipeFusion with 2 and 4 stages and several patch / warm-up settings

@@ -1,6 +1,6 @@
 """The planner's choices on hardware this machine cannot touch, next to what other systems published.
 
-    .venv/bin/python benchmarks/planner.py --out benchmarks/results/planner.json
+    .venv/bin/python benchmarks/planner.py    # -> benchmarks/results/planner.{json,md,png}
 
 DiT-XL/2 (28 blocks, hidden 1152, 16 heads) at 256 / 512 / 1024 px (256 / 1024 / 4096 tokens) and a video-length
 sequence (32,760 tokens, e.g. 13 latent frames x 2,520 spatial tokens), one image with CFG, 50 steps, on documented

@@ -1,7 +1,7 @@
 """Regret of the planner on this machine: its choice, measured, vs the best plan found by measuring every plan.
 
     .venv/bin/opendit calibrate --threads 1 --nproc 2 --force      # once, when the machine is quiet
-    .venv/bin/python benchmarks/planner_regret.py --out benchmarks/results/planner_regret.json
+    .venv/bin/python benchmarks/planner_regret.py    # -> benchmarks/results/planner_regret.{json,md,png}
 
 Per scenario (tokens, images, CFG on/off, world size, optional memory limit), every valid plan is run with the real
 runtime (build_runtime + parallelize, one thread per rank) for `--reps` timed forwards after a warm-up; a forward of

@@ -1,7 +1,7 @@
-"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON.
+"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON+MD+PNG.
 
 python benchmarks/quality.py                       # 100 samples per class, the model's own steps / CFG scale
-python benchmarks/quality.py --cfg-scale 2 --out benchmarks/results/quality_cfg2.json
+python benchmarks/quality.py --cfg-scale 2 --out /tmp/quality_cfg2   # not the current result
 """
 
 import argparse

@@ -1,5 +1,5 @@
 """Sequence-parallel scaling on this machine: per-step latency, speedup, bytes, hidden communication, memory,
-predicted vs measured, and the error of half-precision messages -> JSON + PNG.
+predicted vs measured, and the error of half-precision messages -> JSON + Markdown + PNG.
 
     .venv/bin/python benchmarks/scaling.py                   # full run (~15 min on 2 quiet cores)
     .venv/bin/python benchmarks/scaling.py --quick           # 256 tokens, 2 repeats (~1 min): a smoke test
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import DIGITS_CKPT, PLANS, machine, random_model, rel_err, rss_mib, write_report
+from common import DIGITS_CKPT, PLANS, RESULTS, machine, random_model, rel_err, rss_mib, write_report
 from common import xl_width_config as model_config
 
 IMPLS = ("ulysses", "ulysses-overlap", "ring", "fastseq")
@@ -360,7 +360,7 @@ def main() -> int:
     parser.add_argument("--calibrate", action="store_true", help="run `opendit calibrate` first (~1 min)")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 repeats: a smoke test, not a measurement")
     parser.add_argument("--no-digits", action="store_true", help="skip the digits model's comm-dtype errors")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/scaling[_speedup].json")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/scaling[_speedup]")
     parser.add_argument("--speedup", action="store_true", help="issue 19's interleaved speedup vs the measured limit")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="--speedup")
     parser.add_argument("--passes", type=int, default=5, help="--speedup: interleaved passes (median)")
@@ -376,7 +376,7 @@ def main() -> int:
         cmd += ["--passes", str(args.passes), "--repeats", str(args.repeats)] + ["--quick"] * args.quick
         cmd += ["--out", args.out] if args.out else []
         return subprocess.call(cmd)
-    args.out = args.out or "benchmarks/results/scaling.json"
+    args.out = args.out or str(RESULTS / "scaling")
     if args.quick:
         args.tokens, args.repeats, args.sync_repeats = [256], 2, 1
     os.environ["OMP_NUM_THREADS"] = "1"
