@@ -96,3 +96,32 @@ def test_public_names_import_from_opendit():
     code = "from opendit import Engine, ParallelConfig, parallelize, generate; print('ok')"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def _table(text: str, first_header: str) -> tuple[list[str], list[list[str]]]:
+    """The Markdown table whose header row starts with `first_header`: (header, rows of cells)."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return [c.strip() for c in lines[start].strip().strip("|").split("|")], rows
+
+
+def test_readme_capability_table_matches_the_generated_matrix():
+    """The README's compact table is docs/capabilities.md (make test-matrix) with shorter headers and no footnotes."""
+    short = {"Uly.": "Ulysses", "USP": "USP 2x2", "cfg": "cfg-parallel", "shard": "shard-weights",
+             "balance": "balance-tokens"}  # fmt: skip
+    head, rows = _table((ROOT / "README.md").read_text(), "family")
+    full_head, full_rows = _table((ROOT / "docs" / "capabilities.md").read_text(), "family")
+    full = {r[0]: dict(zip(full_head, r)) for r in full_rows}
+    assert [r[0] for r in rows] == [r[0] for r in full_rows], "README's families differ from docs/capabilities.md"
+    differ = []
+    for row in rows:
+        for name, cell in zip(head[1:], row[1:]):
+            want = re.sub(r"\s*\[\d+\]", "", full[row[0]][short.get(name, name)])
+            if cell != want:
+                differ.append(f"{row[0]} x {name}: README {cell!r}, matrix {want!r}")
+    assert not differ, "README's capability table is stale (copy from docs/capabilities.md): " + "; ".join(differ)
