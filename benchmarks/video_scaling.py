@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,10 +44,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pools import ask_pools, shared_copy  # noqa: E402
+from common import RESULTS, ask_pools, machine, rel_err, shared_copy, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 PERTURB_STD = 0.02
 T_VALUE = 500.0
@@ -191,11 +188,6 @@ def single_worker(channel, job: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def formula(spec: dict, cname: str, sp_rank: int) -> dict:
     """The cost model's bytes and calls per forward of one rank (batch 1 video, fp32), rounded as CommStats counts."""
     from opendit.models.video_dit import VideoDiTConfig
@@ -307,31 +299,13 @@ def run(job: dict, log) -> dict:
     }
 
 
-def machine() -> dict:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown"
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "loadavg_at_start": os.getloadavg(),
-        "threads_per_process": 1,
-        "backend": "gloo over loopback",
-    }
-
-
 # ------------------------------------------------------------------------------------------------ report
 def fmt_comm(recorded: dict, predicted: dict, field: str) -> str:
     rec, pred = sum(v[field] for v in recorded.values()), sum(v[field] for v in predicted.values())
     return f"{rec} / {pred}" + ("" if recorded == predicted else " **MISMATCH**")
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def markdown(result: dict) -> str:
     job, mach = result["job"], result["machine"]
     loads = ", ".join(f"{x[0]:.1f}" for x in result["loadavg_after_each_pass"])
     lines = [
@@ -377,7 +351,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{d['patch_size']}, {d['frames']} frames x {d['positions']} positions; weights: {d['weights']}"
         )
     lines += ["", "Checks:", ""] + [f"- {'ok' if c['ok'] else 'FAILED'}: {c['what']}" for c in result["checks"]]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -409,9 +383,9 @@ def write_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render(result: dict, out: Path) -> None:
-    write_markdown(result, out.with_suffix(".md"))
-    write_plot(result, out.with_suffix(".png"))
+def render(result: dict, out: Path) -> dict[str, Path]:
+    """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
+    return write_report(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -420,7 +394,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards per config and pass (3; --quick 1)")
     parser.add_argument("--models", nargs="+", default=None, choices=["latte-xl-width", "digits-video", "tiny"])
     parser.add_argument("--quick", action="store_true", help="tiny model + digits config: a smoke test only")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "video_scaling.json"))
+    parser.add_argument("--out", default=str(RESULTS / "video_scaling"))
     parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
     args = parser.parse_args()
     if args.from_json:
@@ -443,14 +417,11 @@ def main() -> int:
         print(f"[video_scaling] {msg}", flush=True)
 
     log(f"models {models}, passes {job['passes']}, repeats {job['repeats']}")
-    mach = machine()
+    mach = machine(threads_per_process=1, backend="gloo over loopback")
     result = {"job": job, "machine": mach, **run(job, log), "loadavg_at_end": os.getloadavg()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    render(result, out)
-    log(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}; wall {result['wall_s']:.0f} s")
-    print(out.with_suffix(".md").read_text())
+    paths = render(result, Path(args.out))
+    log(f"wrote {', '.join(map(str, paths.values()))}; wall {result['wall_s']:.0f} s")
+    print(paths["md"].read_text())
     # asserted after writing, so a failed check still leaves its evidence on disk
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed, f"checks failed: {failed}"

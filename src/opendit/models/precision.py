@@ -24,7 +24,7 @@ added in fp32. Cost: one (B, S, C) fp32 tensor per rank instead of fp16, i.e. +S
 (a checkpoint whose weights push a normalised input past 65504), `check_finite` on the model output raises an
 OpenDiTError that names bf16 (fp32's exponent range) as the fix instead of returning NaN images. bf16 has the
 exponent range of fp32, so its residual stream stays in bf16 (halving activation memory); measured drift on the
-digits model is reported in tests/test_precision.py and the README.
+digits model is reported in tests/test_precision.py and docs/precision.md.
 
 **Communication dtype.** Collectives carry tensors in the dtype they have, i.e. the compute dtype: sequence-parallel
 kernels exchange q/k/v/attention outputs that come out of compute-dtype linears, and `token_gather` moves the final

@@ -12,7 +12,7 @@ the others, so its block weights are ~1/N):
 - the last stage runs the final layer per patch; the prediction (B, C_out, H, W) is broadcast from it to every rank,
   so the sampler steps the whole latent once per step, identically everywhere (multistep schedulers keep their state).
 The first K steps run synchronously: one patch = the whole sequence, so every block attends over fresh K/V, exactly
-as one device (and the caches are filled); later steps drift, and that drift is measured (tests, README), not hidden.
+as one device (and the caches are filled); later steps drift, measured (tests, docs/parallelism.md), not hidden.
 
 What a model declares for it (its spec's `stage_view`, e.g. models/dit.py `DiTStageView`): how to embed tokens, the
 conditioning vector, the block list, a block call and the head (final layer + unpatchify). Only the DiT declares one.
