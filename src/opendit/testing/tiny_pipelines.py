@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ TINY_KINDS: dict[str, str] = {
     "flux": "FluxPipeline: double- and single-stream blocks, CLIP + T5, 16-channel AutoencoderKL, flow matching",
     "wan": "WanPipeline: 3D video transformer, UMT5 encoder, AutoencoderKLWan, UniPC with flow sigmas",
     "dit": "DiTPipeline: class-conditional DiT, 4-channel AutoencoderKL, DDIM",
-}
+}  # and the video families of tiny_video_families.py (registered at the end of this file)
 
 # Shared defaults; `_KIND_DEFAULTS` overrides them where a model family needs other sizes.
 _DEFAULT_SIZES: dict[str, int] = {
@@ -118,12 +119,19 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **sizes:
     """Build a tiny pipeline and save it so that `DiffusionPipeline.from_pretrained(directory)` loads it offline."""
     directory = Path(directory)
     build_tiny_pipeline(kind, seed, **sizes).save_pretrained(directory)
+    defaults = _CALL_DEFAULTS.get(kind)
+    if defaults:  # a few frames at a small size when a call gives none (opendit.pipelines reads them)
+        index_file = directory / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index_file.write_text(json.dumps({**index, "_opendit_call_defaults": defaults}, indent=2, sort_keys=True))
     return directory
 
 
 def tiny_call_kwargs(kind: str, **sizes: int) -> dict[str, Any]:
     """Pipeline call arguments for a fast CPU run of `build_tiny_pipeline(kind, **sizes)`; add a `generator`."""
     s = _resolve_sizes(kind, sizes)
+    if kind in _VIDEO_CALLS:
+        return _VIDEO_CALLS[kind](kind, s)
     if kind == "dit":
         return {"class_labels": [1], "guidance_scale": 4.0, "num_inference_steps": 2, "output_type": "np"}
     kwargs: dict[str, Any] = {
@@ -156,12 +164,15 @@ def _resolve_sizes(kind: str, sizes: dict[str, int]) -> dict[str, int]:
         raise ValueError(
             f"need num_heads >= 2 and attention_head_dim >= 8, got {s['num_heads']}, {s['attention_head_dim']}"
         )
-    if kind in ("flux", "wan") and s["attention_head_dim"] % 2:
+    if kind in ("flux", "wan", "wan22", "ltx", "cogvideox") and s["attention_head_dim"] % 2:
         raise ValueError(f"{kind} uses rotary embeddings, which need an even attention_head_dim")
+    if kind == "cogvideox" and s["attention_head_dim"] % 16:
+        raise ValueError("cogvideox's 3D rotary embedding splits the head dim into 1/4 + 3/8 + 3/8, each even: "
+                         f"attention_head_dim a multiple of 16, got {s['attention_head_dim']}")  # fmt: skip
     step = _PIXELS_PER_TOKEN[kind]
     if s["image_size"] < step or s["image_size"] % step:
         raise ValueError(f"{kind} needs image_size a positive multiple of {step}, got {s['image_size']}")
-    if kind == "wan" and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
+    if kind in ("wan", "wan22", "ltx", "cogvideox") and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
         raise ValueError(f"wan needs num_frames = 4k + 1 (the VAE compresses time by 4), got {s['num_frames']}")
     if s["num_layers"] < 1 or s["num_single_layers"] < 1 or s["text_len"] < 4:
         raise ValueError(f"need num_layers, num_single_layers >= 1 and text_len >= 4, got {s}")
@@ -434,3 +445,20 @@ def _build_dit(s: dict[str, int], seed: int) -> DiTPipeline:
 
 
 _BUILDERS = {"pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux, "wan": _build_wan, "dit": _build_dit}
+
+
+def _register_video_families() -> None:
+    """The video families' builders (tiny_video_families.py) as kinds of this module."""
+    from opendit.testing import tiny_video_families as video
+
+    TINY_KINDS.update(video.VIDEO_KINDS)
+    _BUILDERS.update(video.BUILDERS)
+    _PIXELS_PER_TOKEN.update(video.PIXELS_PER_TOKEN)
+    _CALL_DEFAULTS.update(video.CALL_DEFAULTS)
+    _VIDEO_CALLS.update(dict.fromkeys(video.VIDEO_KINDS, video.call_kwargs))
+
+
+# folder call defaults: the wan folder samples 5 frames at 64 px, not the pipeline's 81 frames at 480x832
+_CALL_DEFAULTS: dict[str, dict[str, int]] = {"wan": {"height": 64, "width": 64, "num_frames": 5}}
+_VIDEO_CALLS: dict[str, Any] = {}
+_register_video_families()
