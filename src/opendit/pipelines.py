@@ -259,6 +259,25 @@ def check_video_call(info: dict, kwargs: dict) -> None:
                 f"--image-size {size}: {name}'s VAE and patches make one token of {step}x{step} pixels, so the "
                 f"{parameter} must be a multiple of {step}: use --image-size {max(size // step, 1) * step}"
             )
+    own_checks(info, kwargs)
+
+
+def own_checks(info: dict, kwargs: dict) -> None:
+    """The pipeline's own `check_inputs` on a meta-device instance (no weights), given the call's arguments it names
+    (None for the rest): its ValueError (e.g. LTX's height divisible by 32) as one error line before any process."""
+    path = Path(info["folder"])
+    index = _read_json(path / "model_index.json", path)
+    pipe = meta_pipeline(path, index, info["pipeline_class"], info["transformer_class"], info["transformer_config"])
+    check = getattr(pipe, "check_inputs", None)
+    if check is None:
+        return
+    given = {**{k: v for k, v in info["call"].items() if k in CALL_PARAMETERS}, **kwargs}
+    params = inspect.signature(check).parameters
+    arguments = {n: given.get(n) for n, p in params.items() if n in given or p.default is inspect.Parameter.empty}
+    try:
+        check(**arguments)
+    except ValueError as exc:
+        raise OpenDiTError(f"{info['pipeline_class']} refuses the call: {exc}") from None
 
 
 def meta_transformer(info: dict) -> torch.nn.Module:

@@ -131,7 +131,7 @@ def tiny_call_kwargs(kind: str, **sizes: int) -> dict[str, Any]:
     """Pipeline call arguments for a fast CPU run of `build_tiny_pipeline(kind, **sizes)`; add a `generator`."""
     s = _resolve_sizes(kind, sizes)
     if kind in _VIDEO_CALLS:
-        return _VIDEO_CALLS[kind](kind, s)
+        return _VIDEO_CALLS[kind](kind, s, sizes)
     if kind == "dit":
         return {"class_labels": [1], "guidance_scale": 4.0, "num_inference_steps": 2, "output_type": "np"}
     kwargs: dict[str, Any] = {

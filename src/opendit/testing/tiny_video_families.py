@@ -50,21 +50,19 @@ FRAMES_PARAMETER = {"latte": "video_length"}  # the others: num_frames
 BOUNDARY_RATIO = 0.875  # with flow_shift 3: the first step(s) on the high-noise expert, the rest on the low-noise one
 
 
-def call_kwargs(kind: str, s: dict[str, int]) -> dict[str, Any]:
-    """Arguments of a fast CPU call of the tiny `kind` pipeline (the folder defaults, 2 steps, guidance)."""
-    defaults = dict(CALL_DEFAULTS[kind])
-    defaults["num_inference_steps"] = 2
-    if "image_size" in s and s["image_size"] != tiny._DEFAULT_SIZES["image_size"]:
-        defaults.update(height=s["image_size"], width=s["image_size"])
-    frames = FRAMES_PARAMETER.get(kind, "num_frames")
-    if s.get("num_frames", tiny._DEFAULT_SIZES["num_frames"]) != tiny._DEFAULT_SIZES["num_frames"]:
-        defaults[frames] = s["num_frames"]
-    kwargs = {"prompt": tiny._PROMPT, "guidance_scale": 4.0, "output_type": "np", **defaults}
-    kwargs["negative_prompt"] = tiny._NEGATIVE_PROMPT
-    kwargs["max_sequence_length"] = s["text_len"]
-    if kind == "latte":
-        kwargs.pop("max_sequence_length")  # Latte's T5 length is fixed at 120 in its encode_prompt
-        kwargs.update(clean_caption=False, mask_feature=True)
+def call_kwargs(kind: str, s: dict[str, int], given: dict[str, int]) -> dict[str, Any]:
+    """Arguments of a fast CPU call of the tiny `kind` pipeline: its folder defaults (but 2 steps), the sizes
+    `given` (image_size, num_frames) where given, guidance with a negative prompt."""
+    kwargs = {"prompt": tiny._PROMPT, "negative_prompt": tiny._NEGATIVE_PROMPT, "guidance_scale": 4.0,
+              "output_type": "np", **CALL_DEFAULTS[kind], "num_inference_steps": 2}  # fmt: skip
+    if "image_size" in given:
+        kwargs.update(height=s["image_size"], width=s["image_size"])
+    if "num_frames" in given:
+        kwargs[FRAMES_PARAMETER.get(kind, "num_frames")] = s["num_frames"]
+    if kind == "latte":  # Latte's T5 length is fixed at 120 in its encode_prompt; captions cleaned only with bs4
+        kwargs.update(clean_caption=False)
+    else:
+        kwargs["max_sequence_length"] = s["text_len"]
     return kwargs
 
 
