@@ -43,9 +43,9 @@ SEEDING = (
     "pipe(prompts, generator=...); every rank draws the same noise"
 )
 CALL_PARAMETERS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "video_length")  # whose
-# defaults the record shows; a folder may set its own (model_index.json's `_opendit_call_defaults`: the tiny folders'
-# few frames at a small size) for the calls that give none
-FOLDER_DEFAULTS = "_opendit_call_defaults"
+# defaults the record shows; a folder may set its own (FOLDER_DEFAULTS beside model_index.json: the tiny folders' few
+# frames at a small size) for the calls that give none
+FOLDER_DEFAULTS = "opendit_call_defaults.json"
 FRAMES_PARAMETERS = ("num_frames", "video_length")  # --frames: a video pipeline's frame count (Latte: video_length)
 
 
@@ -86,13 +86,12 @@ def inspect_pipeline(folder: str | Path) -> dict:
             )
     family = transformer_family(str(entry[1]))
     call = _call_parameters(pipeline, folder)
-    call_defaults = index.get(FOLDER_DEFAULTS) or {}
-    unknown = (
-        [name for name in call_defaults if name not in call] if isinstance(call_defaults, dict) else [FOLDER_DEFAULTS]
-    )
+    defaults_file = path / FOLDER_DEFAULTS
+    call_defaults = _read_json(defaults_file, folder) if defaults_file.is_file() else {}
+    unknown = [name for name in call_defaults if name not in call]
     if unknown:
-        raise OpenDiTError(f"--diffusers {folder}: model_index.json's {FOLDER_DEFAULTS} names {unknown}, which "
-                           f"{pipeline}.__call__ does not take; give a dict of its arguments")  # fmt: skip
+        raise OpenDiTError(f"--diffusers {folder}: {FOLDER_DEFAULTS} names {unknown}, which {pipeline}.__call__ does "
+                           "not take; give a JSON object of its arguments")  # fmt: skip
     call.update({name: value for name, value in call_defaults.items() if name in CALL_PARAMETERS})
     files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
     weights = sum(f.stat().st_size for f in files)

@@ -78,7 +78,7 @@ def _families(root: Path) -> dict[str, list[str]]:
         # DiTPipeline is class-conditional: its prompts are label names (model_index.json's id2label)
         names = list(_DIT_LABELS.values())[1:3] if kind == "dit" else ["a red fox", "a blue car"]
         what = ["--prompt", *names]
-        # the video folders' own defaults (model_index.json): a few frames at 32-64 px
+        # the video folders' own defaults (opendit_call_defaults.json): a few frames at 32-64 px
         size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []
         families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *size, *common]
     return families

@@ -121,9 +121,7 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **sizes:
     build_tiny_pipeline(kind, seed, **sizes).save_pretrained(directory)
     defaults = _CALL_DEFAULTS.get(kind)
     if defaults:  # a few frames at a small size when a call gives none (opendit.pipelines reads them)
-        index_file = directory / "model_index.json"
-        index = json.loads(index_file.read_text())
-        index_file.write_text(json.dumps({**index, "_opendit_call_defaults": defaults}, indent=2, sort_keys=True))
+        (directory / "opendit_call_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True))
     return directory
 
 

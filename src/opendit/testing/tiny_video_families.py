@@ -2,7 +2,7 @@
 
 Built from configs alone (no downloads), each with its own VAE class, text encoder (T5 / UMT5 at 2 layers) and a
 tokenizer made locally (tiny_pipelines.py's). Each folder saved by `save_tiny_pipeline` carries small call
-defaults (`model_index.json`'s `_opendit_call_defaults`, read by opendit.pipelines), so
+defaults (`opendit_call_defaults.json` beside model_index.json, read by opendit.pipelines), so
 `opendit sample --diffusers DIR --prompt "a cat"` runs a few frames at a small size in seconds instead of the
 pipeline's own defaults (81-161 frames at 480-512 px).
 
