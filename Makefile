@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
+# test processes (pytest-xdist): one per core; each test still runs its own 1-4 gloo ranks
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast test-matrix test-xl lint format bench clean browser
 
@@ -21,10 +23,10 @@ demo: $(STAMP)
 	$(BIN)/opendit sample --video --nproc $(NPROC) --sp-impl dsp --classes 3 7 0 5 --motion right up left down --seed 0 --out outputs/video
 
 test: $(STAMP) browser lint
-	OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q
+	OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP) browser
-	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
+	OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # headless Chromium + its driver for tests/test_serve_page.py (Debian packages; installed only when missing)
 browser:

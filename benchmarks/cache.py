@@ -102,7 +102,7 @@ def cached_run(fn, module, config, labels, batch, shape):
 
 def quality_row(part, label, images, labels, reference, seconds, times, **extra) -> dict:
     """One result row: the judge's class accuracy and the PSNR against the uncached images (same seeds)."""
-    from opendit.evaluate import score_samples
+    from opendit.digits.judges import score_samples
 
     score = score_samples(images.clamp(-1, 1), labels)
     row = {"part": part, "setting": label, "times_s": times[label], "quality_run_s": seconds,
@@ -113,7 +113,7 @@ def quality_row(part, label, images, labels, reference, seconds, times, **extra)
 
 
 def run_digits(args) -> list[dict]:
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
 
     model, _meta = load_for_eval()
     settings = digits_settings()
@@ -139,7 +139,7 @@ def run_diffusers(args) -> list[dict]:
 
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     model, _meta = load_for_eval()
@@ -182,9 +182,9 @@ def run_diffusers(args) -> list[dict]:
 
 
 def run_video(args) -> list[dict]:
-    from opendit.checkpoint import inspect_checkpoint, load_model
-    from opendit.evaluate_video import generate_videos, score_videos
-    from opendit.video import DEFAULT_VIDEO_CKPT
+    from opendit.api.video import DEFAULT_VIDEO_CKPT
+    from opendit.digits.judges import generate_videos, score_videos
+    from opendit.io.checkpoint import inspect_checkpoint, load_model
 
     info = inspect_checkpoint(DEFAULT_VIDEO_CKPT)
     model = load_model(info.config, info.path)

@@ -52,7 +52,7 @@ def time_blocks(module) -> None:
 def main() -> None:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

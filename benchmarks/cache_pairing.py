@@ -77,7 +77,7 @@ def main() -> None:
     import argparse
     import statistics
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,7 +12,7 @@ what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, 
 `opendit.distributed.launch` (gloo, one thread each).
 
 How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
-threshold at 64 KiB (`opendit.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the
+threshold at 64 KiB (`observe.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the
 OS; warms up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch,
 gloo, kernels); builds and parallelizes (and shards) the model; resets the high-water mark (clear_refs) and runs
 the forward. Reported per rank: `params` = resident set after setup - baseline (the parameters this rank holds), and
@@ -100,10 +100,10 @@ def measure_rank(case: dict) -> dict:
 
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.models.dit import build_dit
+    from opendit.models.precision import parse_dtype
+    from opendit.observe.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.parallel.apply import parallelize
-    from opendit.precision import parse_dtype
 
     exact_malloc()
     init_from_env(torch.device("cpu"), "gloo")
@@ -208,7 +208,7 @@ def projected_peak(r: dict, depth: int = 28) -> float:
     Everything else in the peak (activations, gathered units, communication buffers) is per block, not per depth:
     checked by measuring 4 and 8 blocks (see the README)."""
     from opendit.models.dit import build_dit
-    from opendit.precision import parse_dtype
+    from opendit.models.precision import parse_dtype
 
     block = build_dit(dit_config(r["tokens"], 1), device="meta").blocks[0]
     per_block = sum(p.numel() for p in block.parameters()) * parse_dtype(r["dtype"]).itemsize

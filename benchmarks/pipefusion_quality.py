@@ -39,11 +39,11 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
 
     import torch.distributed as dist
 
+    from opendit.digits.judges import load_for_eval, score_samples
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.evaluate import load_for_eval, score_samples
     from opendit.parallel.apply import parallelize
 
     torch.set_num_threads(1)
@@ -78,8 +78,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from opendit.diffusion.sampler import sample
+    from opendit.digits.judges import load_for_eval, score_samples
     from opendit.distributed.launch import launch
-    from opendit.evaluate import load_for_eval, score_samples
 
     torch.set_num_threads(1)
     model, meta = load_for_eval()

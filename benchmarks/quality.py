@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from opendit.digits.judges import evaluate, load_for_eval
 from opendit.errors import OpenDiTError
-from opendit.evaluate import evaluate, load_for_eval
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,8 @@ peer's remaining compute, so each op counts the wait of the rank that arrived la
 Half precision on the wire (`comm_dtype` bf16 / fp16) is
 measured on one extra forward each (attention messages only; the gathered prediction stays fp32, as with
 --comm-dtype): max relative error vs the 1-rank fp32 output and the byte ratio. If the digits
-model (src/opendit/weights/digits.safetensors) exists, the same errors are measured on its samples (whole sampling
-loop, 2-rank Ulysses vs 1 process).
+model (src/opendit/digits/weights/digits.safetensors) exists, the same errors are measured on its samples (whole
+sampling loop, 2-rank Ulysses vs 1 process).
 """
 
 from __future__ import annotations
@@ -208,12 +208,12 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
 @torch.no_grad()
 def run_digits(rank: int, world: int, job: dict) -> dict:
     """Whole sampling loop of the digits model: 2-rank Ulysses with fp32 / bf16 / fp16 messages vs 1 process."""
-    from opendit.checkpoint import load_model
+    from opendit.api.generation import GenerationRequest, resolve_model
     from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.generation import GenerationRequest, resolve_model
+    from opendit.io.checkpoint import load_model
     from opendit.parallel.apply import parallelize
 
     config, ckpt, defaults, _ = resolve_model(GenerationRequest(classes=[0], ckpt=str(job["ckpt"])))

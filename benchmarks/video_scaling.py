@@ -13,7 +13,7 @@ CFG pair), t = 500, as
   ulysses   2 gloo ranks x 1 thread, sp_impl="ulysses": positions split, head all-to-alls in every spatial block.
 Models: latte-xl-width = VideoDiTConfig(depth 4 (2 spatial + temporal pairs; Latte-XL's 28 cut for CPU time), hidden
 1152, 16 heads, patch 2, 16 frames x 32 x 32 latent = 16 x 256 = 4096 tokens, 4 channels, 101 classes, learned
-sigma); digits-video = the bundled moving-digits model if src/opendit/weights/digits_video.json exists (trained
+sigma); digits-video = the bundled moving-digits model if src/opendit/digits/weights/digits_video.json exists (trained
 weights), else pixel_video_config("Latte-D/4", 16, 8, motion=True) with random weights (the output says which);
 tiny (--quick) = depth 2, hidden 64, 4 heads, 4 frames, 8 x 8, patch 2. Random weights: torch.manual_seed(0), then
 perturb_weights(model, 0.02), since adaLN-Zero makes a fresh model's blocks identities and its output zero. Weights
@@ -62,8 +62,8 @@ QUICK_MODELS = ("tiny", "digits-video")
 # ------------------------------------------------------------------------------------------------ models, inputs
 def model_specs(names: list[str]) -> dict:
     """{name: {"config": VideoDiTConfig dict, "ckpt": path or None, "weights": text}}; JSON-able for the workers."""
+    from opendit.api.video import DEFAULT_VIDEO_CKPT
     from opendit.models.video_dit import VideoDiTConfig, pixel_video_config
-    from opendit.video import DEFAULT_VIDEO_CKPT
 
     out = {}
     for name in names:
@@ -76,7 +76,7 @@ def model_specs(names: list[str]) -> dict:
         elif name == "tiny":
             config = VideoDiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, frames=4, input_size=(8, 8))
         elif DEFAULT_VIDEO_CKPT.with_suffix(".json").is_file():
-            from opendit.checkpoint import config_from_dict
+            from opendit.io.checkpoint import config_from_dict
 
             config = config_from_dict(json.loads(DEFAULT_VIDEO_CKPT.with_suffix(".json").read_text())["model"])
             ckpt, weights = str(DEFAULT_VIDEO_CKPT), f"bundled trained weights ({DEFAULT_VIDEO_CKPT.name})"
@@ -97,7 +97,7 @@ def dims(spec: dict) -> dict:
 
 def build(spec: dict):
     """The model of one spec, identical in every process (the parent compares checksums)."""
-    from opendit.checkpoint import load_model
+    from opendit.io.checkpoint import load_model
     from opendit.models.dit import perturb_weights
     from opendit.models.video_dit import VideoDiTConfig, build_video_dit
 

@@ -1,6 +1,6 @@
 """Whole-command memory: what decides whether a job fits. Runs `opendit sample` as a user would (a fresh command per
 configuration, interleaved passes) and reports each process's peak resident set for loading, sampling, decoding and
-the whole process, from the record.json every rank writes into (opendit/memory.py's PhasePeaks).
+the whole process, from the record.json every rank writes into (opendit/observe/memory.py's PhasePeaks).
 
     .venv/bin/python benchmarks/memory.py --whole                 # DiT-XL/2, 512 px, official-format fp32 .pt
     .venv/bin/python benchmarks/memory.py --whole --whole-model DiT-B/2 --whole-passes 1   # quicker

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
+from opendit.models.precision import parse_dtype
 from opendit.parallel.hooks import runtime_step_hooks
-from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
-from opendit.precision import parse_dtype
 
 DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 

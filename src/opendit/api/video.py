@@ -8,16 +8,14 @@ the output is frames (VAE-decoded frame by frame for latent models).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from opendit.digits import WEIGHTS_DIR  # noqa: E402
 from opendit.errors import OpenDiTError
 from opendit.models.video_dit import VideoDiTConfig
 from opendit.models.video_dit import preset as video_preset
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_VIDEO_CKPT = WEIGHTS_DIR / "digits_video.safetensors"
 DIRECTIONS = ("right", "left", "down", "up")  # moving digits: label = digit + 10 * index (train/video_data.py)
 
@@ -27,7 +25,7 @@ def resolve_video_model(request) -> tuple[VideoDiTConfig, str | None, dict, str 
     model, ckpt, image_size): the bundled digits video model by default, a checkpoint with its own config (our
     .json / a training checkpoint), or an official Latte file with --model Latte-*/p (its sizes read from its tensor
     shapes: frames from temp_embed, the latent grid from pos_embed, classes from the label table)."""
-    from opendit.checkpoint import check_fits, infer_config, inspect_checkpoint
+    from opendit.io.checkpoint import check_fits, infer_config, inspect_checkpoint
 
     defaults = {"steps": 50, "scheduler": None, "cfg_scale": 4.0}
     ckpt, note = request.ckpt, None
@@ -35,7 +33,7 @@ def resolve_video_model(request) -> tuple[VideoDiTConfig, str | None, dict, str 
         if not DEFAULT_VIDEO_CKPT.is_file():
             raise OpenDiTError(
                 f"the bundled digits video model {DEFAULT_VIDEO_CKPT} is not installed; train one with "
-                "`opendit train --video --export src/opendit/weights/digits_video` or pass --model/--ckpt"
+                "`opendit train --video --export src/opendit/digits/digits/weights/digits_video` or pass --model/--ckpt"
             )
         ckpt = str(DEFAULT_VIDEO_CKPT)
     if request.model is not None and not request.model.startswith("Latte-"):
@@ -117,7 +115,7 @@ def label_names(config) -> list[str] | None:
 
 def decode_video(samples: torch.Tensor, config: VideoDiTConfig, vae, device: torch.device) -> np.ndarray:
     """Model-space videos (B, C, F, h, w) -> uint8 frames (B, F, H, W, C), latent models decoded frame by frame."""
-    from opendit.outputs import decode
+    from opendit.io.outputs import decode
 
     b, _, f = samples.shape[:3]
     frames = samples.transpose(1, 2).flatten(0, 1)  # (B*F, C, h, w)

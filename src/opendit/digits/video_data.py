@@ -13,8 +13,8 @@ and a batch is a pure function of its indices (BatchSampler's stateless resume c
 
 import torch
 
+from opendit.digits.data import digits_to_unit
 from opendit.errors import OpenDiTError
-from opendit.train.data import digits_to_unit
 
 DIRECTIONS = ("right", "left", "down", "up")  # index 0..3; label = digit + 10 * index
 FRAMES = 8

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from opendit.request import EngineRequest, ParallelRequest, call_model, field_flag, field_meta
+from opendit.api.request import EngineRequest, ParallelRequest, call_model, field_flag, field_meta
 
 GROUPS = {
     "parallel": "parallel (one mesh: pipefusion x dp x cfg x ring x ulysses x tp = processes)",

@@ -11,21 +11,27 @@ refused) last, still before any process is started or any model is loaded, so a 
 the caller and never reaches (or hangs) a worker. `GenerationRequest` is the user-facing dataclass of a one-shot
 request (`opendit.generate`, the CLI): `prepare(request)` converts and checks it (-> `Job`), and `generate(request)`
 runs it on a one-shot engine (engine.py); per-rank execution is in worker.py. A request with `diffusers` (a local
-diffusers pipeline folder) resolves through opendit/pipelines.py instead: prompts, the pipeline's own loop.
+diffusers pipeline folder) resolves through opendit/api/pipelines.py instead: prompts, the pipeline's own loop.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from opendit.checkpoint import config_from_dict, read_sidecar_config
+from opendit.api.request import (  # noqa: F401 - check_plan re-exported
+    CallRequest,
+    EngineRequest,
+    call_model,
+    check_engine,
+    check_plan,
+)
+from opendit.digits import WEIGHTS_DIR  # noqa: E402
 from opendit.distributed.config import ParallelConfig, default_plan
 from opendit.errors import OpenDiTError
-from opendit.models.dit import DiTConfig, pixel_config, preset
-from opendit.outputs import (  # noqa: F401 - re-exported
+from opendit.io.checkpoint import config_from_dict, read_sidecar_config
+from opendit.io.outputs import (  # noqa: F401 - re-exported
     VAE_SCALE,
     GenerationResult,
     decode,
@@ -34,16 +40,9 @@ from opendit.outputs import (  # noqa: F401 - re-exported
     prepare_trace_file,
     save_outputs,
 )
+from opendit.models.dit import DiTConfig, pixel_config, preset
 from opendit.parallel.registry import get_strategy
-from opendit.request import (  # noqa: F401 - check_plan re-exported
-    CallRequest,
-    EngineRequest,
-    call_model,
-    check_engine,
-    check_plan,
-)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CKPT = WEIGHTS_DIR / "digits.safetensors"
 
 
@@ -73,7 +72,7 @@ class GenerationRequest:
 
 def request_field_names() -> dict:
     """Every field of a one-shot request with its default: the engine's, then the call's (`out` is the CLI's)."""
-    from opendit.request import call_model
+    from opendit.api.request import call_model
 
     engine = {name: info.get_default(call_default_factory=True) for name, info in EngineRequest.model_fields.items()}
     call = {name: info.get_default(call_default_factory=True) for name, info in call_model().model_fields.items()}
@@ -112,8 +111,8 @@ class EngineSpec:
     def worker_bytes(self) -> int:
         """Parameter bytes each worker will hold (for the launcher's memory warning): the whole model in its dtype,
         1/P of it (+ one block in flight) with sharded weights."""
+        from opendit.models.precision import parse_dtype
         from opendit.models.spec import spec_for
-        from opendit.precision import parse_dtype
 
         counts = spec_for(self.config).count_params(self.config)
         itemsize = parse_dtype(self.settings.dtype).itemsize
@@ -168,10 +167,10 @@ def resolve_model(request: GenerationRequest) -> tuple[DiTConfig, str | None, di
     .json beside our safetensors, or a training checkpoint's; a run directory means its checkpoints/latest.pt) or
     the shipped model. The checkpoint is checked here, in the caller (headers and shapes, no weights): a bad file is
     named before any process starts."""
-    from opendit.checkpoint import check_fits, inspect_checkpoint
+    from opendit.io.checkpoint import check_fits, inspect_checkpoint
 
     if request.video:
-        from opendit.video import resolve_video_model
+        from opendit.api.video import resolve_video_model
 
         return resolve_video_model(request)
     defaults = {"steps": 50, "scheduler": None, "cfg_scale": 4.0}
@@ -254,8 +253,8 @@ DIFFUSERS_BF16_DRIFT = (
 def resolve_dtype(settings: EngineRequest, drift: str | None) -> tuple[EngineRequest, list[str]]:
     """--dtype auto -> the concrete dtype (precision.choose_dtype: this device's calibrated bf16 gain and the model's
     documented drift, `drift`) and a note saying why; any other dtype is kept as asked."""
+    from opendit.models.precision import AUTO, choose_dtype
     from opendit.planning.speeds import resolve_speeds
-    from opendit.precision import AUTO, choose_dtype
 
     if settings.dtype != AUTO:
         return settings, []
@@ -279,9 +278,9 @@ def choose_plan(
         plan, why = replace(plan, **{strategy.uses[0]: world}), f"--sp-impl {plan.sp_impl} over all {world} processes"
     else:
         if request.parallel_auto:  # the planner: every valid plan ranked by the cost model
+            from opendit.models.precision import parse_dtype
             from opendit.planning.planner import auto_plan
             from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
-            from opendit.precision import parse_dtype
 
             speeds = speeds_in_dtype(resolve_speeds(), parse_dtype(request.dtype).itemsize)  # ranked in the run's dtype
             auto, why = auto_plan(config, world, images, guided, speeds=speeds)
@@ -310,10 +309,10 @@ def fit_memory(
     """--memory-gib G: the requested plan (degrees given, or one process) if its predicted whole-run peak per rank
     fits G, else OpenDiTError with the advice; with no degrees, the planner's fastest plan that fits (sharded weights
     are a candidate unless the request asks for them, then only they are)."""
-    from opendit.outputs import vae_memory_bytes
+    from opendit.io.outputs import vae_memory_bytes
+    from opendit.models.precision import parse_dtype
     from opendit.planning.planner import fit_plan
     from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
-    from opendit.precision import parse_dtype
 
     speeds = speeds_in_dtype(resolve_speeds(memory_gib=request.memory_gib), parse_dtype(request.dtype).itemsize)
     vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0

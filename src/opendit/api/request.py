@@ -3,7 +3,7 @@
 Two models, split as the engine splits a request (engine.py):
 - `EngineRequest`: fixed for an engine's life: model source (model, ckpt, vae), dtype, device, processes (nproc), the
   parallel plan (`ParallelRequest`, the fields of a ParallelConfig), parallel_auto, default image size, progress bar,
-  or a diffusers pipeline folder (`diffusers`, run by opendit/pipelines.py instead of a DiT model);
+  or a diffusers pipeline folder (`diffusers`, run by opendit/api/pipelines.py instead of a DiT model);
 - `CallRequest`: what each `generate()` call may change: classes (or prompts), seed, steps, scheduler, cfg_scale,
   image size, video motion / frames, the cache across steps, the output folder (`--out`) and the trace file.
 
@@ -41,24 +41,8 @@ from opendit.distributed.config import MESH_DIMS, ParallelConfig
 from opendit.distributed.env import env_world_size, in_distributed_env
 from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
+from opendit.models.precision import AUTO, parse_dtype
 from opendit.parallel.registry import get_strategy
-from opendit.precision import AUTO, parse_dtype
-from opendit.request_fields import (  # noqa: F401 - the bounds are part of the schema module's interface
-    _DEGREE,
-    _SWITCH,
-    MAX_CFG_SCALE,
-    MAX_CLASS_ID,
-    MAX_CLASSES,
-    MAX_IMAGE_SIZE,
-    MAX_MEMORY_GIB,
-    MAX_NAME_BYTES,
-    MAX_NPROC,
-    MAX_PATH_BYTES,
-    MAX_PROMPT_CHARS,
-    MAX_STEPS,
-    MAX_WORLD,
-    SEED_MAX,
-)
 
 
 class _FieldError(ValueError):
@@ -68,6 +52,26 @@ class _FieldError(ValueError):
     def __init__(self, fragment: str | None = None, fix: str | None = None):
         super().__init__(fragment or "invalid")
         self.fragment, self.fix = fragment, fix
+
+
+# Bounds (inclusive). Each is a limit of the code or of the hardware, not a taste:
+MAX_STEPS = 1000  # every scheduler here runs on DiT's 1000-step training schedule; diffusers' DDPM/DDIM refuse more
+MAX_CLASSES = 1024  # images per call: one batch (x2 with guidance) is held at once on every rank; >= ImageNet's 1000
+MAX_CLASS_ID = 2**31 - 1  # labels are int64 tensors; no model has more classes (the model's own range is checked too)
+MAX_IMAGE_SIZE = 8192  # pixels per side: DiT-XL/2 at 8192 px is 262,144 tokens, past what one generation can hold
+MAX_CFG_SCALE = 100.0  # guidance saturates images long before (DiT uses 1.5-4); keeps s * (cond - uncond) far from inf
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes -2**63 .. 2**64 - 1 and wraps negatives (-1 == 2**64 - 1),
+# so seeds are 0 .. 2**64 - 1 and image i's seed + i must stay in range (image i draws its noise from seed + i)
+MAX_WORLD = 1024  # each mesh degree and their product: one process per device; past any job this code targets
+MAX_NPROC = 256  # --nproc starts local processes, each holding a model replica: 16x the largest node (16 GPUs)
+MAX_PATH_BYTES = 4096  # Linux PATH_MAX: longer paths fail in every os call (ENAMETOOLONG)
+MAX_MEMORY_GIB = 1 << 20  # per rank: a PiB, far beyond any device, still a finite number
+MAX_NAME_BYTES = 255  # Linux NAME_MAX, per path component
+MAX_PROMPT_CHARS = 1 << 16  # per prompt: text encoders read at most a few hundred tokens (CLIP 77, T5 512) of it
+
+
+_DEGREE = f"an integer from 1 to {MAX_WORLD}"
+_SWITCH = "True or False"
 
 
 # ------------------------------------------------------------------------------------------------ field types
@@ -528,7 +532,7 @@ class CallRequest(Schema):
             raise OpenDiTError(f"{'--motion' if self.motion is not None else '--frames'} applies to --video only")
         labels = self.classes
         if video:
-            from opendit.video import motion_labels
+            from opendit.api.video import motion_labels
 
             config = config.with_frames(self.frames)
             labels = motion_labels(self.classes, self.motion, config)

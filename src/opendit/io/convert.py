@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from opendit.checkpoint import (
+from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import (
     _ST_DTYPES,
     SafetensorsStateDict,
     _PageReleaser,
@@ -39,9 +40,8 @@ from opendit.checkpoint import (
     sampling_defaults,
     tensor_shape,
 )
-from opendit.errors import OpenDiTError
 from opendit.models.dit import ARCHS, DiTConfig, build_dit, preset
-from opendit.precision import parse_dtype
+from opendit.models.precision import parse_dtype
 
 _CODES = {dtype: code for code, dtype in _ST_DTYPES.items()}  # torch dtype -> safetensors code ("F32", ...)
 CHUNK_BYTES = 1 << 22  # 4 MiB per write: bounds the cast buffer and the mapped pages held at once
@@ -244,7 +244,11 @@ def convert_checkpoint(
     meta = {k: v for k, v in (info.meta or {}).items() if k != "model"}  # a source's own sampling settings win
     sidecar = {"model": config.to_dict(), **sampling_defaults(config.to_dict()), **meta}
     release = None if isinstance(state, SafetensorsStateDict) else _PageReleaser(source)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # a missing output folder is made, as `opendit sample --out` does
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+        raise OpenDiTError(f"cannot create the output folder {out.parent} ({why}); pass another output path") from None
     json_tmp = out.with_name(out.stem + ".json.tmp")
     json_tmp.write_text(json.dumps(sidecar, indent=2))
     try:

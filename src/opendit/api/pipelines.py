@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
+from opendit.api.request import CallRequest, EngineRequest
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.outputs import prepare_output_dir, prepare_trace_file
-from opendit.request import CallRequest, EngineRequest
+from opendit.io.outputs import prepare_output_dir, prepare_trace_file
 
 LAYOUT = "a local diffusers pipeline folder (save_pretrained layout)"
 SEEDING = (
@@ -347,7 +347,7 @@ class PipelineCall:
 def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, cfg_scale: float | None = None):
     """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read). The
     plan is the pipeline's, whatever the batch (`images`, `cfg_scale`: the resolver interface, unused here)."""
-    from opendit.generation import DIFFUSERS_BF16_DRIFT, resolve_dtype
+    from opendit.api.generation import DIFFUSERS_BF16_DRIFT, resolve_dtype
 
     flags = {"--model": settings.model, "--ckpt": settings.ckpt, "--vae": settings.vae}
     given = [flag for flag, value in flags.items() if value is not None]
@@ -384,7 +384,7 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib:
     (integrations/diffusers_cost.py) at its configured sample size (one image; 256 text tokens where text joins the
     attention). Under G, every rank also holds the pipeline's other components whole (text encoders, VAE: their
     weight files' bytes), so the transformer's plan must fit what they leave."""
-    from opendit.integrations.diffusers_cost import diffusers_auto_plan
+    from opendit.planning.diffusers_cost import diffusers_auto_plan
 
     config = info["transformer_config"]
     patch = config.get("patch_size", 1)
