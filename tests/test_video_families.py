@@ -54,8 +54,8 @@ def test_one_process_equals_diffusers_own_call(kind, folders):
     diffusers documents it with the same arguments and generator."""
     from diffusers import DiffusionPipeline
 
+    from opendit.api.generation import GenerationRequest, call_request, resolve_engine
     from opendit.engine.pipeline_runner import PipelineRunner
-    from opendit.generation import GenerationRequest, call_request, resolve_engine
 
     request = GenerationRequest(diffusers=str(folders[kind]), prompt=[PROMPT], steps=2, seed=3, cfg_scale=4.0,
                                 progress=False)  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,7 +121,7 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **sizes:
     directory = Path(directory)
     build_tiny_pipeline(kind, seed, **sizes).save_pretrained(directory)
     defaults = _CALL_DEFAULTS.get(kind)
-    if defaults:  # a few frames at a small size when a call gives none (opendit.pipelines reads them)
+    if defaults:  # a few frames at a small size when a call gives none (opendit.api.pipelines reads them)
         (directory / "opendit_call_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True))
     return directory
 
@@ -445,18 +446,24 @@ def _build_dit(s: dict[str, int], seed: int) -> DiTPipeline:
 _BUILDERS = {"pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux, "wan": _build_wan, "dit": _build_dit}
 
 
-def _register_video_families() -> None:
-    """The video families' builders (tiny_video_families.py) as kinds of this module."""
-    from opendit.testing import tiny_video_families as video
-
-    TINY_KINDS.update(video.VIDEO_KINDS)
-    _BUILDERS.update(video.BUILDERS)
-    _PIXELS_PER_TOKEN.update(video.PIXELS_PER_TOKEN)
-    _CALL_DEFAULTS.update(video.CALL_DEFAULTS)
-    _VIDEO_CALLS.update(dict.fromkeys(video.VIDEO_KINDS, video.call_kwargs))
+def register_kinds(
+    kinds: dict[str, str], builders: dict, pixels_per_token: dict[str, int], call_defaults: dict[str, dict], call_kwargs
+) -> None:
+    """Add kinds built elsewhere (a module of FAMILY_MODULES calls this when imported): their descriptions,
+    builders ((sizes, seed) -> pipeline), pixels per token side, folder call defaults and call arguments
+    ((kind, resolved sizes, given sizes) -> kwargs)."""
+    TINY_KINDS.update(kinds)
+    _BUILDERS.update(builders)
+    _PIXELS_PER_TOKEN.update(pixels_per_token)
+    _CALL_DEFAULTS.update(call_defaults)
+    _VIDEO_CALLS.update(dict.fromkeys(kinds, call_kwargs))
 
 
 # folder call defaults: the wan folder samples 5 frames at 64 px, not the pipeline's 81 frames at 480x832
 _CALL_DEFAULTS: dict[str, dict[str, int]] = {"wan": {"height": 64, "width": 64, "num_frames": 5}}
 _VIDEO_CALLS: dict[str, Any] = {}
-_register_video_families()
+# the modules of more kinds (each imports this one for its parts and calls register_kinds): named, not imported
+# statically, so that this module does not import them back
+FAMILY_MODULES = ("opendit.testing.tiny_video_families",)
+for _module in FAMILY_MODULES:
+    importlib.import_module(_module)

@@ -2,7 +2,7 @@
 
 Built from configs alone (no downloads), each with its own VAE class, text encoder (T5 / UMT5 at 2 layers) and a
 tokenizer made locally (tiny_pipelines.py's). Each folder saved by `save_tiny_pipeline` carries small call
-defaults (`opendit_call_defaults.json` beside model_index.json, read by opendit.pipelines), so
+defaults (`opendit_call_defaults.json` beside model_index.json, read by opendit.api.pipelines), so
 `opendit sample --diffusers DIR --prompt "a cat"` runs a few frames at a small size in seconds instead of the
 pipeline's own defaults (81-161 frames at 480-512 px).
 
@@ -157,3 +157,5 @@ def _build_latte(s: dict[str, int], seed: int) -> LattePipeline:
 
 
 BUILDERS = {"wan22": _build_wan22, "ltx": _build_ltx, "cogvideox": _build_cogvideox, "latte": _build_latte}
+
+tiny.register_kinds(VIDEO_KINDS, BUILDERS, PIXELS_PER_TOKEN, CALL_DEFAULTS, call_kwargs)
