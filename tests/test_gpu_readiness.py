@@ -244,6 +244,18 @@ def test_fewer_gpus_is_refused_before_the_workers_start(monkeypatch, four_gpus):
     check_visible_gpus(8)  # a CPU machine: gloo, as before
 
 
+def test_one_gpu_pinned_per_process_is_not_a_shortfall(monkeypatch, four_gpus):
+    """A launcher that pins one GPU per process (CUDA_VISIBLE_DEVICES naming one device) shows each rank 1 GPU:
+    that rank's GPU is its cuda:0, not a shortfall."""
+    from opendit.distributed.env import pick_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert pick_device(None) == (torch.device("cuda", 0), "nccl")
+
+
 # ------------------------------------------------------------------------------------------------ item 8
 def test_one_process_on_cuda_n_makes_it_current(four_gpus):
     """Item 8: `--device cuda:2` in one process calls set_device (CUDA events and streams then live on GPU 2)."""

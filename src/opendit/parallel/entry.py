@@ -52,8 +52,10 @@ def check_device_pairing(device: torch.device, backend: str) -> None:
     """OpenDiTError (one line, naming the fix) when the module's device and the process group's backend cannot work
     together: NCCL moves CUDA tensors only, each rank on its own GPU; gloo is the CPU backend. Checked before anything
     is installed, so a wrong setup fails here instead of at the first collective (or as two ranks on one GPU)."""
+    from opendit.distributed.env import rank_gpu_index
+
     backend = str(backend).lower()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = rank_gpu_index()  # cuda:LOCAL_RANK (cuda:0 where the launcher pinned one GPU per process)
     setup = f"torch.cuda.set_device({local}) then module.to('cuda:{local}') (or pipe.to('cuda:{local}'))"
     if device.type == "meta":
         return  # built on meta and filled later (sharded loading): the filling puts it on the rank's device

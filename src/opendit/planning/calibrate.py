@@ -60,7 +60,9 @@ def rank_device(backend: str) -> torch.device:
     CUDA work, so no rank creates a context on GPU 0); CPU on gloo."""
     if backend != "nccl":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    from opendit.distributed.env import rank_gpu_index
+
+    local = rank_gpu_index()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if local >= gpus:
         raise OpenDiTError(

@@ -185,7 +185,9 @@ def device_name() -> str:
     under torchrun this runs before torch.cuda.set_device, and a query of GPU 0 from every rank can put a context
     there from each of them."""
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        from opendit.distributed.env import rank_gpu_index
+
+        local = rank_gpu_index()
         return torch.cuda.get_device_name(local if local < torch.cuda.device_count() else 0)
     return platform.processor() or "cpu"
 
