@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
+from opendit.diffusion.sampler import device_clock
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
 from opendit.models.precision import parse_dtype
@@ -149,6 +150,7 @@ class PipelineLoop:
         from opendit.diffusion.hooks import HookList, LoopInfo
 
         self.hooks, self.params, self.device = HookList(hooks), params, device
+        self.now = device_clock(device)  # device time on CUDA (synchronises before each reading), as the sampler
         self.loop = LoopInfo(num_steps=num_steps, batch=0, guided=False)  # each row decides alone (no pairing)
         self.times: list[float] = []
         self.ctx = None
@@ -175,21 +177,19 @@ class PipelineLoop:
         from opendit.diffusion.hooks import StepContext
 
         self.ctx = StepContext(index=index, num_steps=self.loop.num_steps, timestep=float("nan"),
-                               start_s=time.perf_counter())  # fmt: skip
+                               start_s=self.now())  # fmt: skip
         self.hooks.on_step_start(self.ctx)
 
     def _call_start(self, _module, _args) -> None:
-        self._call_began = time.perf_counter()
+        self._call_began = self.now()
 
     def _call_end(self, _module, _args, _output) -> None:
         from opendit.diffusion.hooks import ModelCall
 
-        self.ctx.model_calls.append(ModelCall(self._call_began, time.perf_counter()))
+        self.ctx.model_calls.append(ModelCall(self._call_began, self.now()))
 
     def tick(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ctx.end_s = time.perf_counter()
+        self.ctx.end_s = self.now()
         self.times.append(self.ctx.seconds)
         self.hooks.on_step_end(self.ctx)
         if len(self.times) < self.loop.num_steps:

@@ -16,20 +16,19 @@ runs a diffusers pipeline's own `__call__`.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from opendit.diffusion.hooks import StepHook
 from opendit.distributed.comm import CommStats
 from opendit.distributed.control import ControlMember
-from opendit.distributed.env import global_rank, init_from_env, pick_device
+from opendit.distributed.env import global_rank, init_from_env, pick_device, single_device
 from opendit.io.outputs import GenerationResult
 from opendit.observe.memory import PhasePeaks, peak_memory_bytes
 from opendit.observe.trace import TraceHook, utilisation_summary, write_chrome_trace
+from opendit.parallel.attention.ring import attention_kernels
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Replica(ControlMember):
             self.join_control()
             spec = self.broadcast(spec)
         else:
-            device = torch.device(spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = single_device(spec.settings.device)
         self.spec, self.device = spec, device
         # phase peaks reset the high-water mark: only in worker processes, never in a caller's own (in-process engine)
         self.memory = PhasePeaks(device, reset=spec.world > 1)
@@ -79,6 +78,7 @@ class Replica(ControlMember):
         start = time.perf_counter()
         self.memory.end("between_calls")  # what ran since the last phase (idle, the previous call's record)
         stats = self.runtime.stats if self.runtime is not None else CommStats()
+        stats.device_timing = self.device.type == "cuda"  # waits timed on the GPU (CUDA events), comm.py
         stats.reset()
         stats.history.clear()  # per-call counters: the record's comm_per_step covers this call's steps only
         trace = self._trace_hook(stats)
@@ -177,11 +177,9 @@ class Replica(ControlMember):
         parallel = self.runner.parallel_record(call)
         parallel["notes"] = list(dict.fromkeys(self.spec.plan_notes + call.notes + parallel.get("notes", [])))
         parallel["backend"] = dist.get_backend()
-        if self.device.type == "cpu" and self.spec.settings.device is None and torch.cuda.is_available():
-            parallel["notes"].append(
-                f"{torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes on this "
-                "node: every rank needs its own GPU, so this job ran on CPU with gloo"
-            )
+        kernels = attention_kernels()  # ring / USP on CUDA: the fused kernel chosen per dtype and head dim, and why
+        if kernels:
+            parallel["attention_kernels"] = kernels
         return parallel
 
 
