@@ -9,7 +9,7 @@ per block + 1; 32 groups; mid-block attention; 16 latent channels as Flux's), ra
 (1, 16, size/8, size/8) latent -> (1, 3, size, size) image. `--channels` / `--layers` shrink the decoder when the
 machine is too slow for the real one (the JSON records what ran).
 
-One job of 3 gloo processes, one torch thread each, glibc's mmap threshold fixed (opendit.observe.memory.exact_malloc, so
+One job of 3 gloo processes, one torch thread each, glibc's mmap threshold fixed (observe.memory.exact_malloc, so
 freed tensors leave the resident set): rank 0 decodes whole (today's path: the VAE's own decode), ranks 1 and 2
 decode split (`install_vae_split` over their own group). The two configurations alternate, pass by pass (whole, split,
 whole, split, ...), never at the same time: the idle side waits in a gloo barrier (blocked, not spinning). Per pass
