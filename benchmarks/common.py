@@ -233,6 +233,32 @@ def bar_plot(
     plt.close(fig)
 
 
+def report_args(parser, name: str) -> None:
+    """The two output options every benchmark takes: --out (OUT.json, OUT.md, OUT.png; default results/NAME) and
+    --render JSON (--from-json): rewrite the .md and .png of an existing result, no measurement."""
+    parser.add_argument("--out", default=str(RESULTS / name), help=f"OUT.{{json,md,png}} (default results/{name})")
+    parser.add_argument(
+        "--render", "--from-json", dest="render", metavar="JSON", help="only rewrite the .md and .png of a result JSON"
+    )
+
+
+def render_only(args, render: Callable[[dict, Path], object]) -> bool:
+    """With --render JSON: `render(result, path)` from that file and True (the caller returns); else False."""
+    if not getattr(args, "render", None):
+        return False
+    path = Path(args.render)
+    render(json.loads(path.read_text()), path)
+    return True
+
+
+def finish(out: Path | str, result: dict, markdown: str, plot: Callable[[Path], None] | None = None) -> dict:
+    """write_report, then print the table and where it went."""
+    paths = write_report(out, result, markdown, plot)
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
 def write_report(
     out: Path | str, result: dict, markdown: str, plot: Callable[[Path], None] | None = None
 ) -> dict[str, Path]:
@@ -242,7 +268,9 @@ def write_report(
     out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {kind: out.parent / f"{out.name}.{kind}" for kind in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    text = json.dumps(result, indent=1, default=str) + "\n"
+    if not (paths["json"].is_file() and json.loads(paths["json"].read_text()) == json.loads(text)):
+        paths["json"].write_text(text)  # a re-render (--render) leaves the measured file as it was
     paths["md"].write_text(markdown.rstrip("\n") + "\n")
     (plot or (lambda p: table_figure(p, markdown, out.name)))(paths["png"])
     return paths

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import RESULTS, ask_pools, machine, rel_err, shared_copy, write_report
+from common import ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy
 
 SEED = 0
 PERTURB_STD = 0.02
@@ -385,7 +385,7 @@ def write_plot(result: dict, path: Path) -> None:
 
 def render(result: dict, out: Path) -> dict[str, Path]:
     """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
-    return write_report(out, result, markdown(result), plot=lambda path: write_plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -394,12 +394,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards per config and pass (3; --quick 1)")
     parser.add_argument("--models", nargs="+", default=None, choices=["latte-xl-width", "digits-video", "tiny"])
     parser.add_argument("--quick", action="store_true", help="tiny model + digits config: a smoke test only")
-    parser.add_argument("--out", default=str(RESULTS / "video_scaling"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "video_scaling")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        render(json.loads(path.read_text()), path)
+    if render_only(args, render):
         return 0
     models = args.models or list(QUICK_MODELS if args.quick else FULL_MODELS)
     specs = model_specs(models)
@@ -419,9 +416,8 @@ def main() -> int:
     log(f"models {models}, passes {job['passes']}, repeats {job['repeats']}")
     mach = machine(threads_per_process=1, backend="gloo over loopback")
     result = {"job": job, "machine": mach, **run(job, log), "loadavg_at_end": os.getloadavg()}
-    paths = render(result, Path(args.out))
-    log(f"wrote {', '.join(map(str, paths.values()))}; wall {result['wall_s']:.0f} s")
-    print(paths["md"].read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     # asserted after writing, so a failed check still leaves its evidence on disk
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed, f"checks failed: {failed}"

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -76,7 +75,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import RESULTS, ROOT, ask_pools, machine, shared_copy, write_report
+from common import ROOT, ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy
 
 SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
@@ -275,11 +274,6 @@ def single_worker(channel, job: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def total_bytes(comm: dict | None) -> int | None:
     return None if comm is None else int(sum(v["bytes"] for v in comm.values()))
 
@@ -778,7 +772,7 @@ def write_plot(result: dict, path: Path) -> None:
 
 def render(result: dict, out: Path) -> dict[str, Path]:
     """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
-    return write_report(out, result, markdown(result), plot=lambda path: write_plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -791,12 +785,9 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true", help="fewer tokens and blocks: a smoke test, not a measurement")
     parser.add_argument("--warmup-each-pass", action="store_true", help="a warm-up forward before every timed one")
-    parser.add_argument("--out", default=str(RESULTS / "vs_diffusers"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "vs_diffusers")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        render(json.loads(path.read_text()), path)
+    if render_only(args, render):
         return 0
     passes = args.passes or (2 if args.quick else 5)
     job = {
@@ -821,9 +812,8 @@ def main() -> int:
         **result,
         "loadavg_at_end": os.getloadavg(),
     }
-    paths = render(result, Path(args.out))
-    log(f"wrote {', '.join(map(str, paths.values()))}; wall {result['wall_s']:.0f} s")
-    print(paths["md"].read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     return 0
 
 
