@@ -259,6 +259,33 @@ def finish(out: Path | str, result: dict, markdown: str, plot: Callable[[Path], 
     return paths
 
 
+def speedup_bars(path: Path, labels: list[str], series: dict[str, tuple[list[float], str]], title: str) -> None:
+    """2-rank speedups as labelled bars, one group per label and one bar per series ({name: (values, color)}), with
+    the 1.0 (no gain) and 2.0 (ideal for 2 ranks) lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, (1.0 + 0.3 * len(series)) * len(labels)), 4))
+    width = 0.76 / max(1, len(series))
+    for j, (name, (values, color)) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar_label(ax.bar(xs, values, width, label=name, color=color), fmt="%.2f", fontsize=7)
+    top = max(v for values, _ in series.values() for v in values)
+    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.axhline(2.0, color="gray", lw=0.8, ls=":", label="2.0 (ideal for 2 ranks)")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(series) + 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(
     out: Path | str, result: dict, markdown: str, plot: Callable[[Path], None] | None = None
 ) -> dict[str, Path]:

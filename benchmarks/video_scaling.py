@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy
+from common import ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy, speedup_bars
 
 SEED = 0
 PERTURB_STD = 0.02
@@ -355,32 +355,12 @@ def markdown(result: dict) -> str:
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = result["job"]["models"]
     rows = {(r["model"], r["config"]): r for r in result["rows"]}
-    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(models)), 4))
-    width = 0.38
-    for j, (cname, color) in enumerate((("dsp", "tab:blue"), ("ulysses", "tab:orange"))):
-        xs = [i + (j - 0.5) * width for i in range(len(models))]
-        bars = ax.bar(xs, [rows[(m, cname)]["speedup"] for m in models], width, label=cname, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    top = max(r["speedup"] for r in result["rows"])
-    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(2.0, color="gray", lw=0.8, ls=":", label="2.0 (ideal for 2 ranks)")
-    ax.set_xticks(range(len(models)))
-    ax.set_xticklabels(models)
-    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
+    colors = {"dsp": "tab:blue", "ulysses": "tab:orange"}
+    series = {c: ([rows[(m, c)]["speedup"] for m in models], color) for c, color in colors.items()}
     quick = " [--quick]" if result["job"]["quick"] else ""
-    ax.set_title(f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    speedup_bars(path, models, series, f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}")
 
 
 def render(result: dict, out: Path) -> dict[str, Path]:

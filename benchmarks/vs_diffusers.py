@@ -75,7 +75,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import ROOT, ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy
+from common import ROOT, ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy, speedup_bars
 
 SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
@@ -740,34 +740,17 @@ def markdown(result: dict) -> str:
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     job = result["job"]
     rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
     groups = [(m, d, mode) for m in job["models"] for d in job["dtypes"] for mode in ("ulysses", "ring")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
-    width = 0.38
-    for j, (impl, color) in enumerate((("diffusers", "tab:orange"), ("ours", "tab:blue"))):
-        xs = [i + (j - 0.5) * width for i in range(len(groups))]
-        ys = [rows[(m, d, f"{impl}-{mode}")]["speedup"] for m, d, mode in groups]
-        label = "diffusers (own CP; ring with CPU-LSE workaround)" if impl == "diffusers" else "OpenDiT parallelize"
-        bars = ax.bar(xs, ys, width, label=label, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    top = max(r["speedup"] for r in result["rows"])
-    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(2.0, color="gray", lw=0.5, ls=":")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{m}\n{d}\n{mode}" for m, d, mode in groups], fontsize=8)
-    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
-    ax.set_title("2 gloo ranks x 1 thread vs 1 process x 1 thread" + (" [--quick]" if job["size"] == "quick" else ""))
-    ax.legend(fontsize=8, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {
+        "diffusers (own CP; ring with CPU-LSE workaround)": (
+            [rows[(m, d, f"diffusers-{mode}")]["speedup"] for m, d, mode in groups], "tab:orange"),
+        "OpenDiT parallelize": ([rows[(m, d, f"ours-{mode}")]["speedup"] for m, d, mode in groups], "tab:blue"),
+    }  # fmt: skip
+    quick = " [--quick]" if job["size"] == "quick" else ""
+    labels = [f"{m}\n{d}\n{mode}" for m, d, mode in groups]
+    speedup_bars(path, labels, series, "2 gloo ranks x 1 thread vs 1 process x 1 thread" + quick)
 
 
 def render(result: dict, out: Path) -> dict[str, Path]:
