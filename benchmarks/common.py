@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,47 @@ def ask_pools(pool1, pool2, command: tuple, single: bool) -> tuple[dict, list[di
     answer["rank_seconds"] = [a["seconds"] for a in answers]
     answer["seconds"] = [max(pair) for pair in zip(*answer["rank_seconds"])]
     return answer, answers
+
+
+@contextmanager
+def side_by_side_pools(parallel_worker, single_worker, job: dict):
+    """A 2-rank pool and a 1-process pool running the same job, one thread per process: yields (pool1, pool2, the
+    2 ranks' setup reports, the single process's report) once every process holds the same weights (the reports'
+    "checksums" agree); sends "stop" to every worker when the body ends normally, closes both pools always."""
+    from opendit.distributed.launch import WorkerPool
+
+    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
+    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
+    try:
+        reports = [pool2.recv(r) for r in range(2)]
+        single = pool1.recv(0)
+        for key, value in single["checksums"].items():
+            if any(rep["checksums"][key] != value for rep in reports):
+                raise RuntimeError(f"weights of {key} differ between processes")
+        yield pool1, pool2, reports, single
+        for r in range(2):
+            pool2.send("stop", r)
+        pool1.send("stop")
+    finally:
+        pool2.close()
+        pool1.close()
+
+
+def interleaved_passes(keys: list[tuple], passes: int, run_one, log, started: float) -> tuple[list, list]:
+    """`run_one(pass_index, key)` for every key in every pass, the order rotated from pass to pass so slow drift of
+    the machine hits every configuration alike. Returns (the order of each pass, the load average after each)."""
+    import time
+
+    order_log, loads, n = [], [], len(keys)
+    for i in range(passes):
+        shift = (i * n) // passes
+        order = keys[shift:] + keys[:shift]
+        order_log.append(["/".join(k) for k in order])
+        for key in order:
+            run_one(i, key)
+        loads.append(os.getloadavg())
+        log(f"pass {i + 1}/{passes} done ({time.perf_counter() - started:.0f} s), load {loads[-1][0]:.1f}")
+    return order_log, loads
 
 
 def ask_all(pool, command: tuple) -> list[dict]:

@@ -44,7 +44,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy, speedup_bars
+from common import (
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
 SEED = 0
 PERTURB_STD = 0.02
@@ -199,19 +210,10 @@ def formula(spec: dict, cname: str, sp_rank: int) -> dict:
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # an XL-width forward on a busy 2-core box is slow
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for name, value in single_report["checksums"].items():
-            if any(rep["checksums"][name] != value for rep in reports):
-                raise RuntimeError(f"weights of {name} differ between processes")
 
         def ask(name, cname, what, repeats=1):
             answer, answers = ask_pools(pool1, pool2, (name, cname, what, repeats), cname == "single")
@@ -225,28 +227,19 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {answer['seconds'][0]:.2f} s")
         times, all_times = {k: [] for k in keys}, {k: [] for k in keys}
         comms = {k: [warm[k]["comm_ranks"]] for k in keys if k[1] != "single"}  # every answer's, for the check
-        outputs, waits, order_log, loads, n = {}, {}, [], [], len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[1] != "single":
-                    comms[key].append(answer["comm_ranks"])
-                    waits.setdefault(key, []).append(answer["wait_s_ranks"])
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s), load {loads[-1][0]:.1f}")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, waits = {}, {}
+
+        def timed_pass(i, key):
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[1] != "single":
+                comms[key].append(answer["comm_ranks"])
+                waits.setdefault(key, []).append(answer["wait_s_ranks"])
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
 
     rows, checks = [], []
     for name in job["models"]:

@@ -75,7 +75,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import ROOT, ask_pools, finish, machine, rel_err, render_only, report_args, shared_copy, speedup_bars
+from common import (
+    ROOT,
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
 SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
@@ -279,20 +291,10 @@ def total_bytes(comm: dict | None) -> int | None:
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # a bf16 forward on a busy 2-core box can take minutes
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for key, value in single_report["checksums"].items():
-            for rep in reports:
-                if rep["checksums"][key] != value:
-                    raise RuntimeError(f"weights differ between processes for {key}")
 
         def ask(kind, dname, config, what, repeats=1):
             """-> answer with "seconds": one time per forward (2 ranks: the slower rank's, forward by forward)."""
@@ -307,32 +309,22 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {warm[key]['seconds'][0]:.2f} s")
         times = {key: [] for key in keys}  # per pass: the minimum over its `repeats` forwards
         all_times = {key: [] for key in keys}  # per pass: every forward
-        outputs, comms, order_log, loads = {}, {}, [], []
-        n = len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                if job["warmup_each_pass"]:
-                    ask(*key, "warmup")
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[2].startswith("ours"):
-                    comms[key] = answer.get("comm")
-                elif key[2].startswith("diffusers"):
-                    comms[key] = warm[key].get("comm")
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s)")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, comms = {}, {}
+
+        def timed_pass(i, key):
+            if job["warmup_each_pass"]:
+                ask(*key, "warmup")
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[2].startswith("ours"):
+                comms[key] = answer.get("comm")
+            elif key[2].startswith("diffusers"):
+                comms[key] = warm[key].get("comm")
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
     wall = time.perf_counter() - started
 
     rows = []
