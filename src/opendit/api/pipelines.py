@@ -42,7 +42,11 @@ SEEDING = (
     "all prompts in one pipeline call with one torch.Generator(device='cpu').manual_seed(seed), as diffusers' own "
     "pipe(prompts, generator=...); every rank draws the same noise"
 )
-CALL_PARAMETERS = ("num_inference_steps", "guidance_scale", "height", "width")  # whose defaults the record shows
+CALL_PARAMETERS = ("num_inference_steps", "guidance_scale", "height", "width", "num_frames", "video_length")  # whose
+# defaults the record shows; a folder may set its own (FOLDER_DEFAULTS beside model_index.json: the tiny folders' few
+# frames at a small size) for the calls that give none
+FOLDER_DEFAULTS = "opendit_call_defaults.json"
+FRAMES_PARAMETERS = ("num_frames", "video_length")  # --frames: a video pipeline's frame count (Latte: video_length)
 
 
 # ------------------------------------------------------------------------------------------------ the folder
@@ -81,6 +85,14 @@ def inspect_pipeline(folder: str | Path) -> dict:
                 f"--diffusers {folder}: its transformer {name} is not supported; OpenDiT parallelises {supported}"
             )
     family = transformer_family(str(entry[1]))
+    call = _call_parameters(pipeline, folder)
+    defaults_file = path / FOLDER_DEFAULTS
+    call_defaults = _read_json(defaults_file, folder) if defaults_file.is_file() else {}
+    unknown = [name for name in call_defaults if name not in call]
+    if unknown:
+        raise OpenDiTError(f"--diffusers {folder}: {FOLDER_DEFAULTS} names {unknown}, which {pipeline}.__call__ does "
+                           "not take; give a JSON object of its arguments")  # fmt: skip
+    call.update({name: value for name, value in call_defaults.items() if name in CALL_PARAMETERS})
     files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
     weights = sum(f.stat().st_size for f in files)
     transformer_bytes = sum(f.stat().st_size for f in files if f.relative_to(path).parts[0] == "transformer")
@@ -93,7 +105,9 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "num_heads": int(config.get(family.heads_attr, 1)),
         "cfg_batched": family.cfg_batched if family.cfg_batched is not None else pipeline_batches_guidance(pipeline),
         "family": family.name,
-        "call": _call_parameters(pipeline, folder),
+        "call": call,
+        "call_defaults": call_defaults,
+        "video": _video_geometry(path, index, pipeline, entry[1], config, call),
         "id2label": index.get("id2label"),
         "weight_bytes": weights,
         "transformer_bytes": transformer_bytes,
@@ -167,6 +181,104 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
+def _video_geometry(path: Path, index: dict, pipeline: str, transformer: str, config: dict, call: dict) -> dict | None:
+    """A video pipeline's frame and pixel steps, read the way the pipeline reads them: its class built on the meta
+    device around its VAE and transformer (configs only), its own `vae_scale_factor*` / `*_compression_ratio`
+    attributes, times the transformer's spatial patch. None for pipelines without a frame count."""
+    frames = next((name for name in FRAMES_PARAMETERS if name in call), None)
+    if frames is None:
+        return None
+    pipe = meta_pipeline(path, index, pipeline, transformer, config)
+    found = vars(pipe) if pipe is not None else {}
+    temporal = found.get("vae_scale_factor_temporal", found.get("vae_temporal_compression_ratio"))
+    spatial = found.get("vae_scale_factor_spatial", found.get("vae_spatial_compression_ratio",
+                                                               found.get("vae_scale_factor")))  # fmt: skip
+    patch = config.get("patch_size") or 1
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch) * int(
+        found.get("transformer_spatial_patch_size", 1)
+    )
+    return {
+        "frames_parameter": frames,
+        "temporal_ratio": int(temporal) if temporal else None,  # latent frames = (F - 1) / ratio + 1
+        "pixel_step": int(spatial) * patch if spatial else None,  # pixels per token side: VAE ratio x patch
+        "model_frames": config.get("video_length"),  # a transformer with a fixed temporal position table (Latte)
+    }
+
+
+def meta_pipeline(path: Path, index: dict, pipeline: str, transformer: str, config: dict):
+    """The pipeline class around its VAE and transformer built on the meta device from their configs (no weights),
+    every other component None; None where the class cannot be built that way."""
+    import diffusers
+
+    cls, vae_entry = getattr(diffusers, pipeline, None), index.get("vae")
+    vae_cls = (
+        getattr(diffusers, str(vae_entry[1]), None) if isinstance(vae_entry, list) and len(vae_entry) == 2 else None
+    )
+    if cls is None or vae_cls is None or not (path / "vae" / "config.json").is_file():
+        return None
+    vae_config = _read_json(path / "vae" / "config.json", path)
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {name: None for name, p in params.items() if name != "self" and p.default is inspect.Parameter.empty}
+    try:
+        with torch.device("meta"), warnings.catch_warnings(), quiet_transformers():
+            warnings.simplefilter("ignore")
+            kwargs.update(vae=vae_cls.from_config(vae_config),
+                          transformer=getattr(diffusers, transformer).from_config(config))  # fmt: skip
+            return cls(**kwargs)
+    except Exception:  # noqa: BLE001 - a pipeline whose __init__ needs more than its VAE: no geometry, no checks
+        return None
+
+
+def check_video_call(info: dict, kwargs: dict) -> None:
+    """Refuse, before any process starts, a frame count the VAE's temporal compression cannot produce, a frame count
+    the transformer's temporal positions cannot take, and an image size its VAE and patches cannot take; then the
+    pipeline's own `check_inputs` on a meta-device instance (its ValueError as one error line)."""
+    video, name = info.get("video"), info["pipeline_class"]
+    if not video:
+        return
+    frames = kwargs.get(video["frames_parameter"], info["call"].get(video["frames_parameter"]))
+    ratio = video["temporal_ratio"]
+    if isinstance(frames, int) and ratio and (frames - 1) % ratio:
+        below = (frames - 1) // ratio * ratio + 1
+        raise OpenDiTError(
+            f"--frames {frames}: {name}'s VAE compresses time by {ratio} (the first frame alone, then {ratio} frames "
+            f"per latent frame), so it takes {ratio}k + 1 frames: use --frames {below} or {below + ratio}"
+        )
+    model_frames = video["model_frames"]
+    if isinstance(frames, int) and model_frames and frames not in (1, model_frames):
+        raise OpenDiTError(
+            f"--frames {frames}: {name}'s transformer adds a temporal position table of {model_frames} frames to every "
+            f"video, so it takes --frames {model_frames} (or 1)"
+        )
+    step = video["pixel_step"]
+    for parameter in ("height", "width"):
+        size = kwargs.get(parameter, info["call"].get(parameter))
+        if isinstance(size, int) and step and size % step:
+            raise OpenDiTError(
+                f"--image-size {size}: {name}'s VAE and patches make one token of {step}x{step} pixels, so the "
+                f"{parameter} must be a multiple of {step}: use --image-size {max(size // step, 1) * step}"
+            )
+    own_checks(info, kwargs)
+
+
+def own_checks(info: dict, kwargs: dict) -> None:
+    """The pipeline's own `check_inputs` on a meta-device instance (no weights), given the call's arguments it names
+    (None for the rest): its ValueError (e.g. LTX's height divisible by 32) as one error line before any process."""
+    path = Path(info["folder"])
+    index = _read_json(path / "model_index.json", path)
+    pipe = meta_pipeline(path, index, info["pipeline_class"], info["transformer_class"], info["transformer_config"])
+    check = getattr(pipe, "check_inputs", None)
+    if check is None:
+        return
+    given = {**{k: v for k, v in info["call"].items() if k in CALL_PARAMETERS}, **kwargs}
+    params = inspect.signature(check).parameters
+    arguments = {n: given.get(n) for n, p in params.items() if n in given or p.default is inspect.Parameter.empty}
+    try:
+        check(**arguments)
+    except ValueError as exc:
+        raise OpenDiTError(f"{info['pipeline_class']} refuses the call: {exc}") from None
+
+
 def meta_transformer(info: dict) -> torch.nn.Module:
     """The folder's transformer built on the meta device from its config (no memory, no weights)."""
     import diffusers
@@ -236,6 +348,7 @@ def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, 
     """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read). The
     plan is the pipeline's, whatever the batch (`images`, `cfg_scale`: the resolver interface, unused here)."""
     from opendit.api.generation import DIFFUSERS_BF16_DRIFT, resolve_dtype
+    from opendit.parallel.vae import check_vae_parallel
 
     flags = {"--model": settings.model, "--ckpt": settings.ckpt, "--vae": settings.vae}
     given = [flag for flag, value in flags.items() if value is not None]
@@ -249,6 +362,7 @@ def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, 
     info = inspect_pipeline(settings.diffusers)
     plan, notes = choose_pipeline_plan(settings, info, world)
     notes += check_pipeline_plan(plan, info, world)
+    notes += check_vae_parallel(settings.vae_parallel, info["folder"], world)  # unsplittable VAE: refused here
     return PipelineSpec(settings, info["folder"], info, world, plan, dtype_note + notes)
 
 
@@ -374,7 +488,8 @@ def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
         "guidance_scale": ("--cfg-scale", request.cfg_scale),
         "height": ("--image-size", size),
         "width": ("--image-size", size),
-        "num_frames": ("--frames", request.frames),  # video pipelines (Wan)
+        # video pipelines: their frame count (num_frames; Latte's video_length)
+        next((p for p in FRAMES_PARAMETERS if p in params), "num_frames"): ("--frames", request.frames),
     }
     for parameter, (flag, value) in asked.items():
         if value is None:
@@ -382,8 +497,11 @@ def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
         if parameter not in params:
             raise OpenDiTError(f"{flag}: {name} takes no {parameter} argument; drop {flag}")
         kwargs[parameter] = value
+    for parameter, value in (info.get("call_defaults") or {}).items():  # the folder's own defaults
+        kwargs.setdefault(parameter, value)
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False  # the size asked is the size computed
+    check_video_call(info, kwargs)
     return kwargs
 
 

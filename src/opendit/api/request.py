@@ -376,6 +376,12 @@ class EngineRequest(Schema):
         cli=_PAR,
     )  # fmt: skip
     image_size: ImageSize | None = IMAGE_SIZE  # the engine's default size (a call may ask another); None: model's
+    vae_parallel: Switch | None = described(  # None: auto (split when every rank gets >= 16 latent rows)
+        None, help="split the VAE decode over the ranks in row bands (exact; AutoencoderKL, AutoencoderKLWan): "
+        "--vae-parallel (or on) always, off never; default: auto, on when nproc > 1 and every rank gets >= 16 latent "
+        "rows", what="on, off or None (auto)", example="pass --vae-parallel, --vae-parallel off, or leave it out",
+        cli={**_PAR, "choices": ("on", "off"), "true": "on", "nargs": "?", "const": "on"},
+    )  # fmt: skip
     progress: Switch = described(
         True,
         help="no progress bar",
@@ -388,6 +394,11 @@ class EngineRequest(Schema):
         None, help="a local diffusers pipeline folder (save_pretrained layout)",
         what="a local diffusers pipeline folder", example="e.g. --diffusers ./PixArt-XL-2-512",
         cli={"group": "diffusers", "metavar": "DIR"},
+    )  # fmt: skip
+    encode_every_rank: Switch = described(  # the default: each text encoder on one rank (parallel/encoders.py)
+        False, help="every rank loads and runs every text encoder (default: each encoder on one rank, its output "
+        "broadcast, so N ranks hold one copy)", what=_SWITCH, example="pass --encode-every-rank or leave it out",
+        cli={"group": "diffusers"},
     )  # fmt: skip
     video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)
         False, help="sample videos: GIF + lossless PNG frames per video", what=_SWITCH,
@@ -404,6 +415,8 @@ class EngineRequest(Schema):
             raise OpenDiTError(
                 f"--parallel auto chooses the degrees itself, but {flags} was given; drop one of the two"
             )
+        if self.encode_every_rank and self.diffusers is None:
+            raise OpenDiTError("--encode-every-rank places a pipeline's text encoders: it needs --diffusers DIR")
         return self
 
     def plan(self) -> ParallelConfig | None:

@@ -27,9 +27,10 @@ sampling loop. Without `align` each rank's timeline still starts at its own loop
 
 Utilisation: waiting = time blocked in the wait() of collectives (what CommStats measures), clipped to the loop;
 busy = the loop's wall time minus waiting (compute, scheduler, Python, and issuing collectives). An async op waited
-later counts only its blocked part. On NCCL, wait() only orders the GPU stream and returns at once, so there waiting
-is near zero and busy is CPU-side time; device time comes from the CUDA events the hook records per step (the sampler
-makes one model call per step, so a step's device span is its model call's plus the scheduler update).
+later counts only its blocked part. On NCCL, wait() only orders the GPU stream and returns at once on the host, so
+there a wait's blocked time is the GPU's stall between two CUDA events around it (CommStats.device_timing, which the
+engine turns on for CUDA), placed to end where the host's wait returned; the sampler synchronises each step, so the
+loop's wall time is device time too. The CUDA events the hook records per step give each step's device span.
 
 The hook reads its collectives from the CommStats event log (`enable_events()`), never from the per-step counters,
 which CommAccounting closes and resets at every step's end.
@@ -54,8 +55,8 @@ _US = 1e6
 UTILISATION_NOTE = (
     "waiting = time blocked in wait() of collectives (CommStats), clipped to the sampling loop; busy = loop wall time "
     "- waiting (compute, scheduler, Python and issuing collectives); busy_fraction + waiting_fraction = 1. "
-    "slowest_rank = the rank with the most busy time (the others wait for it). On NCCL, wait() does not block the "
-    "CPU, so waiting is near zero and busy is CPU-side time."
+    "slowest_rank = the rank with the most busy time (the others wait for it). On CUDA, waiting is the GPU's stall "
+    "in each wait (CUDA events) and the steps are synchronised, so both are device time."
 )
 
 

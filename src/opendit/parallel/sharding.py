@@ -47,7 +47,6 @@ Memory readers (resident set, high-water mark, exact_malloc) are in opendit/obse
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -221,12 +220,11 @@ class _AllWorks(dist.Work):
         self._works, self._stats, self._kind, self._event = works, stats, kind, event
 
     def wait(self, timeout=None) -> bool:
-        start = time.perf_counter()
+        begun = self._stats.wait_begin() if self._stats is not None else None
         for work in self._works:
             work.wait()
-        end = time.perf_counter()
         if self._stats is not None:
-            self._stats.record_wait(self._kind, end - start, event=self._event, end_s=end)
+            self._stats.wait_end(self._kind, begun, event=self._event)  # device time on CUDA (comm.py)
         return True
 
 
