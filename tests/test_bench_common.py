@@ -68,10 +68,12 @@ def test_every_opendit_import_exists(script):
 
 
 def test_every_script_imports():
-    """All scripts imported in one fresh interpreter (the way they run: their folder on sys.path), none executed."""
+    """All scripts imported in one fresh interpreter (the way they run: their folder on sys.path), none executed;
+    first the public names of the README's tour (from opendit import Engine, ParallelConfig, parallelize, generate)."""
     code = (
         "import importlib, sys\n"
         f"sys.path[:0] = [{str(BENCH)!r}, {str(ROOT / 'src')!r}]\n"
+        "from opendit import Engine, ParallelConfig, parallelize, generate  # the README's tour, fresh\n"
         f"for name in {sorted(NAMES)!r}:\n"
         "    importlib.import_module(name)\n"
         "print('ok')\n"
