@@ -23,9 +23,7 @@ decoding ranks. The split is checked against the whole decode (max |difference| 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from common import ROOT, finish, machine, render_only, report_args
 
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # dist_utils.run_distributed: the tests' launcher of a gloo job
 MIB = 2**20
 
 
@@ -122,9 +119,7 @@ def summarise(results: list[dict]) -> dict:
     return table
 
 
-def write(record: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vae_split.json").write_text(json.dumps(record, indent=2))
+def render(record: dict, out) -> dict:
     s, w, p = record["summary"]["split"], record["summary"]["whole"], record["summary"]
     lines = [
         f"VAE decode of a {record['size']}x{record['size']} image (AutoencoderKL, channels {record['channels']}, "
@@ -144,14 +139,16 @@ def write(record: dict) -> None:
         f"Speedup {p['speedup_min']:.2f}x (minima), {p['speedup_median']:.2f}x (medians); decode peak "
         f"{p['decode_peak_ratio']:.2f}x, decode working memory {p['decode_working_ratio']:.2f}x of one process.",
     ]
-    (RESULTS / "vae_split.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    return finish(out, record, "\n".join(lines), plot=lambda path: plot(record, path))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, w = record["summary"]["split"], record["summary"]["whole"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     names = ["1 process", "2 ranks split"]
     for axis, key, label in ((left, "seconds", "decode wall time (s)"), (right, "decode_working", "decode MiB")):
@@ -164,16 +161,20 @@ def write(record: dict) -> None:
         axis.set_ylabel(label + (" (working: peak - before)" if key != "seconds" else ""))
     fig.suptitle(f"VAE decode {record['size']}x{record['size']}: bars = median, dots = passes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "vae_split.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--passes", type=int, default=2, help="interleaved passes of each configuration")
     parser.add_argument("--channels", type=int, nargs="+", default=[128, 256, 512, 512])
     parser.add_argument("--layers", type=int, default=2, help="layers per block (the decoder runs this + 1)")
+    report_args(parser, "vae_split")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     from dist_utils import run_distributed
 
     job = {"size": args.size, "passes": args.passes, "channels": args.channels, "layers": args.layers}
@@ -193,10 +194,9 @@ def main() -> None:
         "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "benchmark_s": time.perf_counter() - start,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
     }
-    write(record)
-    print((RESULTS / "vae_split.md").read_text())
+    render(record, args.out)
 
 
 if __name__ == "__main__":
