@@ -391,6 +391,12 @@ class EngineRequest(Schema):
         what="a local diffusers pipeline folder", example="e.g. --diffusers ./PixArt-XL-2-512",
         cli={"group": "diffusers", "metavar": "DIR"},
     )  # fmt: skip
+    encoders_once: Switch = described(  # --diffusers on N processes: encoders on rank 0 only (exact: its embeddings)
+        True, help="--diffusers on N processes: the text encoders load and run on rank 0 only and their embeddings "
+        "reach every rank by broadcast (exact); --no-encoders-once: every rank loads and runs them",
+        what=_SWITCH, flag="--no-encoders-once", example="pass --no-encoders-once or leave it out",
+        cli={"group": "diffusers", "action": "store_false"},
+    )  # fmt: skip
     video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)
         False, help="sample videos: GIF + lossless PNG frames per video", what=_SWITCH,
         example="pass --video or leave it out", cli={"group": "video"},

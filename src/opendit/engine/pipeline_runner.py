@@ -2,11 +2,12 @@
 called once per engine call with its own loop, scheduler and VAE (pipelines.py resolves and checks what it runs;
 engine/replica.py drives this runner, its interface described there).
 
-Every rank runs the whole pipeline call: the text encoders and the scheduler's loop are repeated on each rank, the
-transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same tensors), and the
-VAE's decode is split in row bands when --vae-parallel asks it or (auto) the latent is large enough
-(parallel/vae.py: the pipeline's own `vae.decode` call runs split, every rank gets the whole image). The output rank
-converts the output.
+Every rank runs the whole pipeline call. The scheduler's loop is repeated on each rank. The text encoders are
+loaded and run on rank 0 only, their `encode_prompt` output broadcast to every rank (exact; --no-encoders-once:
+every rank loads and runs them). The transformers' work is split (their outputs are all-gathered, so every rank's
+loop sees the same tensors). The VAE's decode is split in row bands when --vae-parallel asks it or (auto) the latent
+is large enough (parallel/vae.py: the pipeline's own `vae.decode` call runs split, every rank gets the whole image).
+The output rank converts the output.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
 
-def load_pipeline(folder: str, dtype: str, device: torch.device):
+def load_pipeline(folder: str, dtype: str, device: torch.device, skip: tuple[str, ...] = ()):
+    """The folder's pipeline on `device`; the components named in `skip` are not loaded (None)."""
     from diffusers import DiffusionPipeline
 
     with warnings.catch_warnings(), quiet_transformers():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:
-            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype), **dict.fromkeys(skip))
         except (OSError, ValueError, KeyError) as exc:
             raise OpenDiTError(f"cannot load the pipeline from --diffusers {folder}: {exc}") from exc
     return pipe.to(device)
@@ -61,8 +63,13 @@ class PipelineRunner:
         self.spec, self.device, self.plan, self.runtime = spec, device, spec.plan, None
         is_output = spec.world == 1 or dist.get_rank() == 0
         bars = spec.settings.progress and is_output
+        # encoders once: only the output rank loads the text encoders (the others get its embeddings)
+        self.encoders = encoders_once(spec)
+        skip = tuple(self.encoders) if not is_output else ()
         with contextlib.nullcontext() if bars else _no_loading_bars():
-            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device)
+            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, skip)
+        if self.encoders:
+            self._encode_once(is_output)
         self.pipe.set_progress_bar_config(disable=not bars)
         if spec.world > 1:
             from opendit.parallel.entry import parallelize
@@ -74,6 +81,25 @@ class PipelineRunner:
         self.vae_split = self._split_vae()
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
         self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start}
+
+    def _encode_once(self, is_output: bool) -> None:
+        """The pipeline's own `encode_prompt` runs on the output rank (global rank 0) only; what it returns
+        (embeddings, pooled embeddings, masks, text ids: tensors, None) reaches every rank by one broadcast, in
+        the pipeline's call order (Flux calls it twice under true CFG: every rank calls it as often)."""
+        own = self.pipe.encode_prompt
+
+        def encode_prompt(*args, **kwargs):
+            box = [None]
+            if is_output:
+                out = own(*args, **kwargs)
+                box = [_map_tensors(out, lambda t: t.cpu())]  # CPU for the pickle: every rank's device is its own
+                sent = [0]
+                _map_tensors(out, lambda t: sent.__setitem__(0, sent[0] + t.numel() * t.element_size()))
+                self.runtime.stats.record("encoder_broadcast", sent[0] * (self.spec.world - 1))
+            dist.broadcast_object_list(box, src=0, group=self.runtime.group("all"))
+            return out if is_output else _map_tensors(box[0], lambda t: t.to(self.device))
+
+        self.pipe.encode_prompt = encode_prompt  # an instance attribute: the pipeline's __call__ finds it
 
     def _split_vae(self):
         """The pipeline's VAE decode split over every rank (parallel/vae.py), unless --vae-parallel off, one process
@@ -141,7 +167,40 @@ class PipelineRunner:
         record = {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
         if self.vae_split is not None:  # the last decode: split over the ranks or not, and why
             record["vae_decode"] = dict(self.vae_split.band.last)
+        if self.encoders:  # loaded and run on rank 0 only, the embeddings broadcast
+            record["text_encoders"] = {"once_on_rank": 0, "encoders": list(self.encoders)}
         return record
+
+
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's text encoders, by component name
+
+
+def encoders_once(spec: PipelineSpec) -> list[str]:
+    """The text encoders that run once (on the output rank) for this engine: those the folder's model_index.json
+    names, when there are several processes, --no-encoders-once is not given and the pipeline class encodes
+    through `encode_prompt` (every pipeline with text encoders OpenDiT runs); else none."""
+    import diffusers
+
+    if spec.world == 1 or not spec.settings.encoders_once:
+        return []
+    if not callable(getattr(getattr(diffusers, spec.info["pipeline_class"], None), "encode_prompt", None)):
+        return []
+    import json
+    from pathlib import Path
+
+    index = json.loads((Path(spec.folder) / "model_index.json").read_text())
+    return [name for name in ENCODERS if isinstance(index.get(name), list) and index[name][1]]
+
+
+def _map_tensors(value, fn):
+    """`value` (a tensor, None, or nested tuples / lists / dicts of them) with fn applied to every tensor."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
