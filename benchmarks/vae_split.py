@@ -64,8 +64,9 @@ def worker(rank: int, world: int, args: dict) -> dict:
     del vae.encoder  # decode only: what a pipeline's decoding rank needs of the encoder is nothing (not measured)
     latent_side = args["size"] // 2 ** (len(args["channels"]) - 1)
     z = torch.randn(1, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(1))
-    if rank in split_ranks:
-        install_vae_split(vae, Comm(split_group), mode=True)
+    comm = Comm(split_group) if rank in split_ranks else None
+    if comm is not None:
+        install_vae_split(vae, comm, mode=True)
     passes, image = [], None
     for index in range(args["passes"]):
         for config in ("whole", "split"):
@@ -74,6 +75,7 @@ def worker(rank: int, world: int, args: dict) -> dict:
             if decoding:
                 if config == "split":
                     dist.barrier(group=split_group)
+                    comm.stats.reset()
                 before = rss_bytes()
                 reset_peak_rss()
                 start = time.perf_counter()
@@ -82,7 +84,8 @@ def worker(rank: int, world: int, args: dict) -> dict:
                 seconds = time.perf_counter() - start
                 peak = peak_rss_bytes()
                 passes.append({"pass": index, "config": config, "seconds": seconds, "rss_before": before,
-                               "decode_peak": peak, "decode_working": peak - before})  # fmt: skip
+                               "decode_peak": peak, "decode_working": peak - before,  # fmt: skip
+                               "comm": comm.stats.snapshot() if config == "split" else None})  # fmt: skip
                 image = out
             dist.barrier()
     return {"rank": rank, "passes": passes, "image": image}
@@ -102,6 +105,9 @@ def summarise(results: list[dict]) -> dict:
         for index in sorted(by_pass):
             entries = by_pass[index]
             rows.append({key: max(e[key] for e in entries) for key in ("seconds", "decode_peak", "decode_working")})
+            if config == "split":  # seconds blocked in the split's collectives (halos, norms, ...), per rank
+                rows[-1]["comm_wait_s"] = [sum(v["wait_s"] for v in e["comm"].values()) for e in entries]
+                rows[-1]["comm_calls"] = {k: v["calls"] for k, v in entries[0]["comm"].items()}
         table[config] = {
             "ranks": ranks,
             "per_pass": rows,
@@ -134,7 +140,12 @@ def render(record: dict, out) -> dict:
     for name, row in (("1 process x 1 thread", w), ("2 ranks x 1 thread (--vae-parallel)", s)):
         lines.append(f"| {name} | {row['seconds_min']:.1f} | {row['seconds_median']:.1f} | "
                      f"{row['decode_peak_median'] / MIB:.0f} | {row['decode_working_median'] / MIB:.0f} |")  # fmt: skip
+    waits = [max(r["comm_wait_s"]) for r in s["per_pass"]]
     lines += [
+        "",
+        f"The split's ranks were blocked in its collectives (halo exchanges, group-norm statistics, attention keys and "
+        f"values, the final gather) {statistics.median(waits):.1f} s per pass (median of the slower rank), calls "
+        f"per decode: {s['per_pass'][0]['comm_calls']}.",
         "",
         f"Speedup {p['speedup_min']:.2f}x (minima), {p['speedup_median']:.2f}x (medians); decode peak "
         f"{p['decode_peak_ratio']:.2f}x, decode working memory {p['decode_working_ratio']:.2f}x of one process.",
