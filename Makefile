@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
+# test processes (pytest-xdist): one per core; each test still runs its own 1-4 gloo ranks
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast test-gpu gpu-smoke test-matrix test-xl lint format bench clean browser
 
@@ -23,10 +25,10 @@ demo: $(STAMP)
 
 # the CPU suite, with CUDA hidden (also on a GPU machine: its tolerances are CPU's; the GPU lane is test-gpu)
 test: $(STAMP) browser lint
-	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q
+	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP) browser
-	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -m "not slow"
+	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # every plan on 2-4 GPUs over NCCL vs one GPU, GPU tolerances (fp32 1e-5 with TF32 off, bf16 1e-2); skipped with one
 # line when fewer than 2 GPUs are visible (docs/gpu.md)

@@ -1,18 +1,17 @@
-"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON.
+"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON+MD+PNG.
 
 python benchmarks/quality.py                       # 100 samples per class, the model's own steps / CFG scale
-python benchmarks/quality.py --cfg-scale 2 --out benchmarks/results/quality_cfg2.json
+python benchmarks/quality.py --cfg-scale 2 --out /tmp/quality_cfg2   # not the current result
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from common import RESULTS, markdown_table, write_report
+from opendit.digits.judges import evaluate, load_for_eval
 from opendit.errors import OpenDiTError
-from opendit.evaluate import evaluate, load_for_eval
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=None, help="one or more; default: the JSON's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--out", default=str(RESULTS / "quality"), help="OUT.{json,md,png}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -41,10 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     except OpenDiTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n")
-    print(out)
+    header = ["CFG", "class accuracy", "Frechet (SVC features)", "sampling s"]
+    cells = [[r.get("cfg_scale", "-"), f"{r['accuracy']:.2%}", f"{r['frechet']['svc_features']:.3f}",
+              f"{r['timing']['sampling_s']:.1f}"] for r in reports]  # fmt: skip
+    md = f"{args.per_class} samples per class, {steps} steps, seed {args.seed}.\n\n" + markdown_table(header, cells)
+    result = reports[0] if len(reports) == 1 else reports
+    paths = write_report(args.out, result, md)
+    print(", ".join(map(str, paths.values())))
     return 0
 
 

@@ -20,10 +20,10 @@ pytest.importorskip("transformers")
 
 import opendit  # noqa: E402
 import opendit.distributed.launch  # noqa: E402
+from opendit.api.generation import GenerationRequest, resolve_engine  # noqa: E402
+from opendit.api.pipelines import inspect_pipeline, label_ids  # noqa: E402
 from opendit.cli import main  # noqa: E402
-from opendit.generation import GenerationRequest, resolve_engine  # noqa: E402
-from opendit.outputs import file_stem  # noqa: E402
-from opendit.pipelines import inspect_pipeline, label_ids  # noqa: E402
+from opendit.io.outputs import file_stem  # noqa: E402
 from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]

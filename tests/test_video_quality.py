@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from opendit.video import DEFAULT_VIDEO_CKPT
+from opendit.api.video import DEFAULT_VIDEO_CKPT
 
 pytestmark = [
     pytest.mark.slow,
@@ -14,8 +14,7 @@ pytestmark = [
 
 
 def test_bundled_video_model_draws_the_digit_and_its_motion():
-    from opendit.evaluate import load_for_eval
-    from opendit.evaluate_video import evaluate_video_model
+    from opendit.digits.judges import evaluate_video_model, load_for_eval
 
     model, meta = load_for_eval(DEFAULT_VIDEO_CKPT)
     report = evaluate_video_model(model, per_condition=1, steps=meta.get("steps", 30), cfg_scale=meta["cfg_scale"])

@@ -35,12 +35,12 @@ def nccl_world(dtype_name: str) -> list[dict]:
     """One rank of the GPU world: every plan at every world size 2..W on ranks 0..n-1; every rank's rows."""
     import torch.distributed as dist
 
+    from opendit.api.generation import decode
     from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env, pick_device
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.generation import decode
     from opendit.parallel.apply import parallelize
     from test_parallel_equivalence import MODELS, PLANS, SCHEDULER, model_config, random_model, rel_err
 

@@ -80,17 +80,6 @@ class CommEvent:
     def waited(self) -> bool:
         return self.wait_end_s is not None
 
-    def as_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "bytes": self.bytes,
-            "issued_s": self.issued_s,
-            "wait_start_s": self.wait_start_s,
-            "wait_end_s": self.wait_end_s,
-            "blocked_s": self.blocked_s,
-            "linked": self.linked,
-        }
-
 
 class CommStats:
     """Calls, bytes (see the module docstring for the convention) and blocked wait time per op kind.

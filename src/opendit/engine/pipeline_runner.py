@@ -2,9 +2,10 @@
 called once per engine call with its own loop, scheduler and VAE (pipelines.py resolves and checks what it runs;
 engine/replica.py drives this runner, its interface described there).
 
-Every rank runs the whole pipeline call: the text encoders, the scheduler's loop and the VAE are repeated on each
-rank, and only the transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same
-tensors). The output rank converts the output.
+Every rank runs the whole pipeline call: the scheduler's loop and the VAE are repeated on each rank, each text
+encoder runs on one rank and its output is broadcast (parallel/encoders.py; `--encode-every-rank`: on every rank),
+and the transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same tensors).
+The output rank converts the output.
 """
 
 from __future__ import annotations
@@ -17,25 +18,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
 from opendit.diffusion.sampler import device_clock
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
+from opendit.models.precision import parse_dtype
+from opendit.parallel.encoders import encoder_owners, place_encoders, skipped_components, text_encoder_names
 from opendit.parallel.hooks import runtime_step_hooks
-from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
-from opendit.precision import parse_dtype
 
 DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
 
-def load_pipeline(folder: str, dtype: str, device: torch.device):
+def load_pipeline(folder: str, dtype: str, device: torch.device, **components):
+    """The pipeline on `device`; `components` given (None: left out, e.g. the text encoders another rank holds) are
+    not read from the folder."""
     from diffusers import DiffusionPipeline
 
     with warnings.catch_warnings(), quiet_transformers():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:
-            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype), **components)
         except (OSError, ValueError, KeyError) as exc:
             raise OpenDiTError(f"cannot load the pipeline from --diffusers {folder}: {exc}") from exc
     return pipe.to(device)
@@ -60,9 +64,13 @@ class PipelineRunner:
         self.spec, self.device, self.plan, self.runtime = spec, device, spec.plan, None
         is_output = spec.world == 1 or dist.get_rank() == 0
         bars = spec.settings.progress and is_output
+        owners, rank = {}, (dist.get_rank() if spec.world > 1 else 0)
+        if spec.world > 1 and not spec.settings.encode_every_rank:  # each text encoder on one rank
+            owners = encoder_owners(text_encoder_names(spec.folder), spec.world)
         with contextlib.nullcontext() if bars else _no_loading_bars():
-            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device)
+            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, **skipped_components(owners, rank))
         self.pipe.set_progress_bar_config(disable=not bars)
+        encoders = place_encoders(self.pipe, spec.folder, owners, rank, parse_dtype(spec.settings.dtype), device)
         if spec.world > 1:
             from opendit.parallel.entry import parallelize
 
@@ -71,7 +79,7 @@ class PipelineRunner:
                 self.runtime = module._opendit_runtime
                 self.plan = module._opendit_plan  # with the kernel chosen for the degrees
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
-        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start}
+        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start, **encoders}
 
     def denoisers(self) -> list[tuple[str, torch.nn.Module]]:
         """The pipeline's transformers, in the order its loop first calls them."""

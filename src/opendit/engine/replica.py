@@ -25,10 +25,10 @@ from opendit.diffusion.hooks import StepHook
 from opendit.distributed.comm import CommStats
 from opendit.distributed.control import ControlMember
 from opendit.distributed.env import global_rank, init_from_env, pick_device, single_device
-from opendit.memory import PhasePeaks, peak_memory_bytes
-from opendit.outputs import GenerationResult
+from opendit.io.outputs import GenerationResult
+from opendit.observe.memory import PhasePeaks, peak_memory_bytes
+from opendit.observe.trace import TraceHook, utilisation_summary, write_chrome_trace
 from opendit.parallel.attention.ring import attention_kernels
-from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
 
 
 @dataclass

@@ -8,18 +8,18 @@ import time
 
 import torch
 
-from opendit.checkpoint import file_sha256, load_model, open_for_model
+from opendit.api.generation import Call, EngineSpec
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.mesh import Runtime, build_runtime
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
-from opendit.generation import Call, EngineSpec
-from opendit.memory import exact_malloc
-from opendit.outputs import VAE_MISSING, decode, load_vae
+from opendit.io.checkpoint import file_sha256, load_model, open_for_model
+from opendit.io.outputs import VAE_MISSING, decode, load_vae
+from opendit.models.precision import parse_dtype
+from opendit.observe.memory import exact_malloc
 from opendit.parallel.apply import ParallelModel, parallelize, plan_record
 from opendit.parallel.sequence import offsets, split_sizes
 from opendit.parallel.sharded_loading import fill_sharded
-from opendit.precision import parse_dtype
 
 SHARDED_MMAP_THRESHOLD = 1 << 20  # bytes; see SamplerRunner.__init__
 
@@ -135,7 +135,7 @@ class SamplerRunner:
     def outputs(self, call: Call, ran: Ran):
         """(images (B, H, W, C), frames (B, F, H, W, C) or None), uint8: the samples decoded on this (output) rank."""
         if self.spec.settings.video:  # (B, C, F, h, w) -> frames; the first frame stands for each video
-            from opendit.video import decode_video
+            from opendit.api.video import decode_video
 
             frames = decode_video(ran.result, call.config, self.vae, self.device)
             return frames[:, 0], frames

@@ -61,7 +61,7 @@ class AttentionSite:
         if mode == "local":  # every key on every rank already
             return _local(query, key, value, mask)
         if mode == "split":
-            if mask is not None and not bool(mask.all()):
+            if mask is not None and not bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()):
                 raise OpenDiTError(
                     f"{self.owner} {self.path}: a key padding mask inside attention over split tokens is not "
                     "supported by the sequence kernels yet; give prompts of one length without padding (or use --dp)"
@@ -76,14 +76,15 @@ class AttentionSite:
 
 
 def _key_mask(attn_mask, query, key, site):
-    """A mask over keys only, as a bool (B|1, H|1, 1, S_k,r) tensor (True: attend), or None without one; refuses
-    masks that depend on the query. Whether there is a mask is the same on every rank (the same code path), so the
-    collectives that follow match."""
+    """A mask over keys only, as a (B|1, H|1, 1, S_k,r) tensor, or None without one: bool (True: attend), or
+    floating kept additive as SDPA adds it (0 keeps; LTX's (1 - mask) * -10000 bias stays exactly what one device
+    adds, where a bool threshold would let its masked keys in); refuses masks that depend on the query. Whether there
+    is a mask is the same on every rank (the same code path), so the collectives that follow match."""
     if attn_mask is None:
         return None
     mask = attn_mask
-    if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or a large negative) masks
-        mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        mask = mask.bool()
     if mask.dim() == 2:  # (B, S_k)
         mask = mask[:, None, None, :]
     elif mask.dim() == 3:  # (B, 1, S_k)

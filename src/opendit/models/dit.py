@@ -6,6 +6,7 @@ Plain single-device PyTorch. Parameter names and shapes match facebookresearch/D
 (before un-patchify); both of the latter are identities here.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,8 +25,8 @@ from opendit.models.layers import (
     sincos_2d,
     unpatchify,
 )
+from opendit.models.precision import check_finite, residual_dtype
 from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, register_spec
-from opendit.precision import check_finite, residual_dtype
 
 __all__ = ["LATENT_DOWNSCALE", "DiT", "DiTConfig", "build_dit", "preset"]  # LATENT_DOWNSCALE: re-exported
 
@@ -167,35 +168,24 @@ class FinalLayer(nn.Module):
         return self.linear(norm_modulate(x, shift, scale, c.dtype))  # (B, S, p*p*out), compute dtype
 
 
-class DiT(nn.Module):
-    """f(x, t, y) -> prediction. x (B, C_in, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+class DiTParts:
+    """What DiT and the video DiT share: the patch, timestep and label embedders, the blocks, the final layer and the
+    fixed 2-D sin-cos table `pos_embed` (1, T, C) over the patch grid of `self.config` (stored in checkpoints but never
+    trained, so another input size recomputes it exactly as a model built at that size has it)."""
 
-    def __init__(self, config: DiTConfig):
-        super().__init__()
+    def build_parts(self, config) -> None:
         self.config = config
         h, w = config.input_size
         if h % config.patch_size or w % config.patch_size:
             raise OpenDiTError(f"input size {config.input_size} must be divisible by patch size {config.patch_size}")
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
-        self.t_embedder = TimestepEmbedder(config.hidden_size)
-        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
-        # Fixed sin-cos positions, stored in checkpoints (as the official DiT does) but never trained.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
-        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
-        self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
-        self.gradient_checkpointing = False
-        if not any(p.is_meta for p in self.parameters()):
-            self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        adaln_zero_init(self)
-        self.reset_pos_embed()
+        c = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, c)
+        self.t_embedder = TimestepEmbedder(c)
+        self.y_embedder = LabelEmbedder(config.num_classes, c, config.class_dropout_prob)
+        # Fixed sin-cos positions, stored in checkpoints (as the official DiT and Latte do) but never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(config.grid), c), requires_grad=False)  # (1, T, C)
+        self.blocks = nn.ModuleList(DiTBlock(c, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(c, config.patch_size, config.out_channels)
 
     def sincos_positions(self) -> torch.Tensor:
         """The fixed positions of this size, (1, T, C) float64 on the CPU."""
@@ -207,16 +197,34 @@ class DiT(nn.Module):
             self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
 
     @torch.no_grad()
-    def set_input_size(self, config: DiTConfig) -> None:
-        """Run at another input size (same architecture): the fixed sin-cos positions are a function of the patch grid
-        (never trained), so they are recomputed for the new grid, exactly as a model built at that size has them."""
+    def set_input_size(self, config) -> None:
+        """Run at another input size, same architecture (and frames): only the positions change."""
         if replace(config, input_size=self.config.input_size) != self.config:
             raise OpenDiTError(f"set_input_size changes only the input size; got another architecture: {config}")
         if config.input_size == self.config.input_size:
             return
-        old = self.pos_embed
         self.config = config
-        self.pos_embed = nn.Parameter(old.new_zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
+        tokens = math.prod(config.grid)  # T: patches per image (per frame for the video DiT)
+        self.pos_embed = nn.Parameter(self.pos_embed.new_zeros(1, tokens, config.hidden_size), requires_grad=False)
+        self.reset_pos_embed()
+
+
+class DiT(DiTParts, nn.Module):
+    """f(x, t, y) -> prediction. x (B, C_in, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.build_parts(config)
+        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
+        self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
+        self.gradient_checkpointing = False
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
+        adaln_zero_init(self)
         self.reset_pos_embed()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -317,7 +325,7 @@ def dit_dims(config: DiTConfig, tokens: int | None = None) -> ModelDims:
     )
 
 
-class DiTPipeline:
+class DiTStageView:
     """DiT's forward in the pieces PipeFusion (parallel/pipefusion.py) runs on different stages; the same operations
     and dtypes as DiT.forward, so the synchronous steps equal it."""
 
@@ -410,7 +418,7 @@ DIT_SPEC = register_spec(
         token_values=token_values,
         derived={"pos_embed": lambda model: model.sincos_positions()},
         tensor_split=DIT_TENSOR_SPLIT,
-        pipeline=DiTPipeline,
+        stage_view=DiTStageView,
         bf16_drift="digits model samples 55.2 dB PSNR vs fp32, class accuracy unchanged (tests/test_precision.py)",
     )
 )

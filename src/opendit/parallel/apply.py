@@ -193,7 +193,7 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "world_size": runtime.world_size,
         "mesh_order": "pipefusion, dp, cfg, ring, ulysses, tp (outer -> inner)",
         "tensor": pmodel.tensor,
-        "pipefusion": getattr(pmodel, "pipeline", None),
+        "pipefusion": getattr(pmodel, "stage_layout", None),
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,

@@ -42,7 +42,7 @@ Then call `model(x, t, y)` as before, under torch.no_grad() (not inference_mode)
 group (every forward all-gathers over it). Anything that caches weight tensors at install time (e.g. per-head slices
 of qkv) must be built before sharding is applied, or read the weights inside forward, where they are gathered.
 `sharded_parameter_bytes(model)` gives this rank's resident parameter bytes, for the record.
-Memory readers (resident set, high-water mark, exact_malloc) are in opendit/memory.py.
+Memory readers (resident set, high-water mark, exact_malloc) are in opendit/observe/memory.py.
 """
 
 from __future__ import annotations
