@@ -242,6 +242,10 @@ def resolve_checkpoint_engine(settings: EngineRequest, images: int | None, cfg_s
     load_config = native if native is not None and native.input_size != config.input_size else None
     spec = EngineSpec(settings, config, ckpt, defaults, note, world, plan, dtype_note + plan_notes, load_config)
     spec.plan_notes += check_engine(spec)  # the plan vs the world and the model; each call is checked again
+    if settings.vae_parallel and not config.latent:
+        raise OpenDiTError("--vae-parallel splits a VAE decode, but this model is pixel-space (no VAE); drop it")
+    if settings.vae_parallel and world == 1:
+        spec.plan_notes.append("--vae-parallel with one process: the VAE decodes whole")
     return spec
 
 

@@ -348,6 +348,7 @@ def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, 
     """Validate an engine on `settings.diffusers`: the folder, the processes and the plan (no weights read). The
     plan is the pipeline's, whatever the batch (`images`, `cfg_scale`: the resolver interface, unused here)."""
     from opendit.api.generation import DIFFUSERS_BF16_DRIFT, resolve_dtype
+    from opendit.parallel.vae import check_vae_parallel
 
     flags = {"--model": settings.model, "--ckpt": settings.ckpt, "--vae": settings.vae}
     given = [flag for flag, value in flags.items() if value is not None]
@@ -361,6 +362,7 @@ def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, 
     info = inspect_pipeline(settings.diffusers)
     plan, notes = choose_pipeline_plan(settings, info, world)
     notes += check_pipeline_plan(plan, info, world)
+    notes += check_vae_parallel(settings.vae_parallel, info["folder"], world)  # unsplittable VAE: refused here
     return PipelineSpec(settings, info["folder"], info, world, plan, dtype_note + notes)
 
 

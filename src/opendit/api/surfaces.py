@@ -94,6 +94,8 @@ def _argparse(info) -> dict:
         kwargs["type"] = base
         if count is not None or "nargs" in cli:
             kwargs["nargs"] = cli.get("nargs", count)
+        if "const" in cli:  # an optional value: the flag alone stands for it (--vae-parallel = on)
+            kwargs["const"] = cli["const"]
     choices = cli.get("choices")
     if choices == "strategies":
         from opendit.parallel.registry import strategies

@@ -500,6 +500,23 @@ class Comm:
         self.stats.wait_end("p2p", begun)
         return out
 
+    def exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, tuple[Sequence[int], torch.dtype]], kind: str = "p2p"
+    ) -> CommHandle:
+        """Point-to-point with a few peers at once (async, one batch_isend_irecv): sends[j] goes to group rank j, a
+        tensor of recvs[j] = (shape, dtype) comes from group rank j; `wait()` gives {j: received}. Used for halos
+        (the VAE's row bands, parallel/vae.py). Counted under `kind` (the bytes this rank sends)."""
+        if not sends and not recvs:
+            return _done_handle({}, self.stats, kind)
+        device = next(iter(sends.values())).device if sends else None
+        out = {j: torch.empty(tuple(shape), dtype=dtype, device=device) for j, (shape, dtype) in recvs.items()}
+        keep = tuple(x.contiguous() for x in sends.values())
+        ops = [dist.P2POp(dist.isend, x, self._global(j), self.group) for j, x in zip(sends, keep)]
+        ops += [dist.P2POp(dist.irecv, x, self._global(j), self.group) for j, x in out.items()]
+        works = dist.batch_isend_irecv(ops)
+        event = self.stats.record(kind, sum(x.numel() * x.element_size() for x in keep))
+        return self._complete(CommHandle(works, lambda: out, self.stats, kind, keep=keep, event=event), True)
+
     # ------------------------------------------------------------------------------------------------ broadcast
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
         """Rank `src`'s x (group rank) to every rank, in place on a contiguous x; returns x (or a handle).

@@ -2,10 +2,12 @@
 called once per engine call with its own loop, scheduler and VAE (pipelines.py resolves and checks what it runs;
 engine/replica.py drives this runner, its interface described there).
 
-Every rank runs the whole pipeline call: the scheduler's loop and the VAE are repeated on each rank, each text
-encoder runs on one rank and its output is broadcast (parallel/encoders.py; `--encode-every-rank`: on every rank),
-and the transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same tensors).
-The output rank converts the output.
+Every rank runs the whole pipeline call: the scheduler's loop is repeated on each rank, each text encoder runs on
+one rank and its output is broadcast (parallel/encoders.py; `--encode-every-rank`: on every rank), the
+transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same tensors), and the
+VAE's decode is split in row bands when --vae-parallel asks it or (auto) the latent is large enough
+(parallel/vae.py: the pipeline's own `vae.decode` call runs split, every rank gets the whole image). The output rank
+converts the output.
 """
 
 from __future__ import annotations
@@ -78,8 +80,21 @@ class PipelineRunner:
                 parallelize(module, spec.plan, runtime=self.runtime)
                 self.runtime = module._opendit_runtime
                 self.plan = module._opendit_plan  # with the kernel chosen for the degrees
+        self.vae_split = self._split_vae()
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
         self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start, **encoders}
+
+    def _split_vae(self):
+        """The pipeline's VAE decode split over every rank (parallel/vae.py), unless --vae-parallel off, one process
+        or (auto) a VAE without a split plan (the caller refused it under --vae-parallel)."""
+        from opendit.parallel.vae import install_vae_split, vae_refusal
+
+        mode, vae = self.spec.settings.vae_parallel, getattr(self.pipe, "vae", None)
+        if self.runtime is None or mode is False or vae is None:
+            return None
+        if vae_refusal(type(vae).__name__, dict(vae.config)) is not None:
+            return None  # auto on a VAE with no split plan: decoded whole (noted by check_vae_parallel)
+        return install_vae_split(vae, self.runtime.exact("all"), mode)
 
     def denoisers(self) -> list[tuple[str, torch.nn.Module]]:
         """The pipeline's transformers, in the order its loop first calls them."""
@@ -132,7 +147,10 @@ class PipelineRunner:
         }
 
     def parallel_record(self, call: PipelineCall) -> dict:
-        return {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
+        record = {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
+        if self.vae_split is not None:  # the last decode: split over the ranks or not, and why
+            record["vae_decode"] = dict(self.vae_split.band.last)
+        return record
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:

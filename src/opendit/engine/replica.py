@@ -7,7 +7,8 @@ A runner (the source's own way of generating) has this interface:
     Runner(spec, device)                         load and parallelise on this rank; sets `runtime` (None: one process)
     runner.denoisers() -> [(name, module)]       what a cache is installed on (Wan 2.2: both experts)
     runner.run(call, hooks) -> Ran               the denoising loop, feeding `hooks` (diffusion/hooks.py) each step
-    runner.outputs(call, ran) -> (images, frames)   uint8, on the output rank (a decode, or the pipeline's own output)
+    runner.outputs(call, ran) -> (images, frames)   uint8, on the output rank (a decode, or the pipeline's own output);
+                                                 on every rank when runner.decodes_on_every_rank (--vae-parallel)
     runner.rank_fields() / runner.record_fields(call, images, frames) / runner.parallel_record(call)
 `sampler_runner.SamplerRunner` runs OpenDiT's sampler over its DiT / video DiT; `pipeline_runner.PipelineRunner`
 runs a diffusers pipeline's own `__call__`.
@@ -95,6 +96,8 @@ class Replica(ControlMember):
         ranks = self._gather_ranks(call, trace, ran, stats)
         self.calls += 1
         if not self.is_output:
+            if getattr(self.runner, "decodes_on_every_rank", False):  # --vae-parallel: this rank decodes a band
+                self.runner.outputs(call, ran)
             return None
         images, frames = self.runner.outputs(call, ran)
         self.memory.end("decode")

@@ -95,8 +95,16 @@ class SamplerRunner:
         self.parameter_bytes = _parameter_bytes(self.model)
         if spec.config.latent and spec.settings.vae is None:
             raise OpenDiTError(VAE_MISSING)
-        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash
-        self.vae = load_vae(spec.settings.vae, device) if spec.config.latent and is_output else None
+        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash; under --vae-parallel
+        # on every rank, each decoding a band of the latent's rows (parallel/vae.py; auto stays on the output rank)
+        split = spec.config.latent and self.runtime is not None and spec.settings.vae_parallel is True
+        self.vae = load_vae(spec.settings.vae, device) if spec.config.latent and (is_output or split) else None
+        self.vae_split = None
+        if split:
+            from opendit.parallel.vae import install_vae_split
+
+            self.vae_split = install_vae_split(self.vae, self.runtime.exact("all"), True)
+        self.decodes_on_every_rank = self.vae_split is not None  # replica.py: every rank calls outputs()
         self.ckpt_sha256 = file_sha256(spec.ckpt) if spec.ckpt and is_output else None
         self.progress = spec.settings.progress and is_output
 
@@ -156,4 +164,7 @@ class SamplerRunner:
         }
 
     def parallel_record(self, call: Call) -> dict:
-        return plan_record(self.runtime, self.pmodel, len(call.classes))
+        record = plan_record(self.runtime, self.pmodel, len(call.classes))
+        if self.vae_split is not None:  # the last decode, split over the ranks
+            record["vae_decode"] = dict(self.vae_split.band.last)
+        return record
