@@ -244,6 +244,23 @@ def test_fewer_gpus_is_refused_before_the_workers_start(monkeypatch, four_gpus):
     check_visible_gpus(8)  # a CPU machine: gloo, as before
 
 
+def test_local_pool_refuses_a_shortfall_before_spawning(monkeypatch, four_gpus):
+    """Item 6 through the engine: `--nproc 8` on 4 GPUs is refused by the local pool in the parent, before any worker
+    process starts (no WorkerPool is created)."""
+    from types import SimpleNamespace
+
+    from opendit.distributed import launch
+    from opendit.engine.executors import LocalPool
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started")
+
+    monkeypatch.setattr(launch, "WorkerPool", no_pool)
+    spec = SimpleNamespace(world=8, settings=SimpleNamespace(device=None), worker_bytes=lambda: 0)
+    with pytest.raises(OpenDiTError, match="8 processes on this node need 8 GPUs.*--device cpu"):
+        LocalPool(spec)
+
+
 def test_one_gpu_pinned_per_process_is_not_a_shortfall(monkeypatch, four_gpus):
     """A launcher that pins one GPU per process (CUDA_VISIBLE_DEVICES naming one device) shows each rank 1 GPU:
     that rank's GPU is its cuda:0, not a shortfall."""

@@ -219,9 +219,9 @@ def find_calibration(backend: str, threads: int = 1, nproc: int = 2) -> Path:
     path = cache_path(backend, threads, nproc)
     if path.is_file():
         return path
-    host, _, digest = machine_key(backend, threads, nproc).partition(f"-{backend}-")
-    others = sorted(CACHE_DIR.glob(f"calibration-{host}-{backend}-t*-p*-{digest.rsplit('-', 1)[-1]}.json"),
-                    key=lambda p: p.stat().st_mtime)  # fmt: skip
+    digest = machine_key(backend, threads, nproc).rsplit("-", 1)[-1]  # host, device, CPU, torch: not the counts
+    pattern = f"calibration-{socket.gethostname()}-{backend}-t*-p*-{digest}.json"
+    others = sorted(CACHE_DIR.glob(pattern), key=lambda p: p.stat().st_mtime)
     return others[-1] if others else path
 
 
