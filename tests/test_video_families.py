@@ -204,26 +204,46 @@ def test_bf16_processes_equal_one_bf16_process():
         _check(results, 2, rank, 3e-2)
 
 
+def frames_of(out) -> np.ndarray:
+    from PIL import Image
+
+    files = sorted(f for f in out.rglob("*.png") if f.name != "samples.png")
+    return np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=int) for f in files])
+
+
+def cache_saved(out) -> dict:
+    """{denoiser: the record's cache savings} (one cache per expert where a pipeline has two)."""
+    cache = json.loads((out / "record.json").read_text())["cache"]
+    if "per_denoiser" not in cache:
+        return {"transformer": cache["saved"]}
+    return {name: entry["saved"] for name, entry in cache["per_denoiser"].items()}
+
+
 @pytest.mark.slow
 def test_a_cache_on_sharded_experts_equals_one_process(folders, tmp_path, capsys):
     """fbcache through `opendit sample` on Wan 2.2 with --shard-weights: both experts cached and sharded."""
-    from PIL import Image
-
     cache = ["--steps", "8", "--cache", "fbcache", "--cache-guard-steps", "1", "--cache-threshold", "0.5"]
     code, _, err = sample(capsys, folders["wan22"], tmp_path / "one", *cache)
     assert code == 0, err
     code, _, err = sample(capsys, folders["wan22"], tmp_path / "two", "--nproc", "2", "--ulysses", "2",
                           "--shard-weights", *cache)  # fmt: skip
     assert code == 0, err
-    frames = {}
-    for run in ("one", "two"):
-        files = sorted(f for f in (tmp_path / run).rglob("*.png") if f.name != "samples.png")
-        frames[run] = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=int) for f in files])
-    assert np.abs(frames["one"] - frames["two"]).max() <= 1
-    record = json.loads((tmp_path / "two" / "record.json").read_text())
-    cached = record["cache"]["per_denoiser"]  # one cache per expert, each reusing within its own steps
-    assert set(cached) == {"transformer", "transformer_2"}
-    assert all(cached[name]["saved"]["samples_reused"] > 0 for name in cached), cached
+    assert np.abs(frames_of(tmp_path / "one") - frames_of(tmp_path / "two")).max() <= 1
+    saved = cache_saved(tmp_path / "two")  # one cache per expert, each reusing within its own steps
+    assert set(saved) == {"transformer", "transformer_2"}
+    assert all(entry["samples_reused"] > 0 for entry in saved.values()), saved
+
+
+@pytest.mark.slow
+def test_pab_on_spatial_and_temporal_attention_equals_one_process(folders, tmp_path, capsys):
+    """PAB on Latte (spatial blocks split, temporal blocks local) on 2 processes = 1 process with PAB; it reuses."""
+    pab = ["--steps", "6", "--cache", "pab"]
+    code, _, err = sample(capsys, folders["latte"], tmp_path / "one", *pab)
+    assert code == 0, err
+    code, _, err = sample(capsys, folders["latte"], tmp_path / "two", "--nproc", "2", "--ulysses", "2", *pab)
+    assert code == 0, err
+    assert np.abs(frames_of(tmp_path / "one") - frames_of(tmp_path / "two")).max() <= 1
+    assert cache_saved(tmp_path / "two")["transformer"]["attention_reused"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ bad input
