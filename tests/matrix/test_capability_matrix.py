@@ -9,7 +9,7 @@ a reason that is not "not supported". The run writes docs/capabilities.md, the t
 
 Families: OpenDiT's digits DiT and digits video DiT (the bundled models) and tiny random diffusers pipelines saved
 to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan; tiny_video_families: Wan 2.2, LTX-Video,
-CogVideoX, Latte). 4 denoising steps, 2 images.
+CogVideoX, Latte, HunyuanVideo-1.5). 4 denoising steps, 2 images.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def _families(root: Path) -> dict[str, list[str]]:
         what = ["--prompt", *names]
         # the video folders' own defaults (opendit_call_defaults.json): a few frames at 32-64 px
         size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []
-        families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *size, *common]
+        guidance = [] if kind == "hunyuan15" else ["--cfg-scale", "3"]  # HunyuanVideo-1.5: its guider's scale
+        families[name] = ["--diffusers", str(folder), *what, *guidance, *size, *common]
     return families
 
 
@@ -173,7 +174,8 @@ def _write(results: dict) -> None:
 
 
 # the video families of issue 34 (opendit.testing.tiny_video_families): kind -> row name
-VIDEO_FAMILIES = {"wan22": "Wan 2.2 (two experts)", "ltx": "LTX-Video", "cogvideox": "CogVideoX", "latte": "Latte"}
+VIDEO_FAMILIES = {"wan22": "Wan 2.2 (two experts)", "ltx": "LTX-Video", "cogvideox": "CogVideoX", "latte": "Latte",
+                  "hunyuan15": "HunyuanVideo-1.5"}  # fmt: skip
 FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1",
             *VIDEO_FAMILIES.values())  # fmt: skip
 

@@ -501,7 +501,8 @@ class CallRequest(Schema):
         item=("a direction: right, left, down or up", "e.g. --motion right"), cli={"group": "video", "nargs": "+"},
     )  # fmt: skip
     frames: Annotated[Int, Field(ge=1, le=1024)] | None = described(  # --video: the model's own frame count
-        None, help="frames per video (a video DiT: must be the model's own; a video pipeline: its num_frames)",
+        None, help="frames per video (a video DiT: must be the model's own; a video pipeline: its num_frames or "
+        "video_length)",
         what="an integer from 1 to 1024", example="e.g. --frames 8", cli={"group": "video"},
     )  # fmt: skip
     # caching across steps: a method name ("pab", "fbcache", a registered one) with its options (each method's

@@ -61,7 +61,7 @@ class AttentionSite:
         if mode == "local":  # every key on every rank already
             return _local(query, key, value, mask)
         if mode == "split":
-            if mask is not None and not bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()):
+            if mask is not None and not bool(mask.all()):
                 raise OpenDiTError(
                     f"{self.owner} {self.path}: a key padding mask inside attention over split tokens is not "
                     "supported by the sequence kernels yet; give prompts of one length without padding (or use --dp)"
@@ -76,25 +76,43 @@ class AttentionSite:
 
 
 def _key_mask(attn_mask, query, key, site):
-    """A mask over keys only, as a (B|1, H|1, 1, S_k,r) tensor, or None without one: bool (True: attend), or
-    floating kept additive as SDPA adds it (0 keeps; LTX's (1 - mask) * -10000 bias stays exactly what one device
-    adds, where a bool threshold would let its masked keys in); refuses masks that depend on the query. Whether there
-    is a mask is the same on every rank (the same code path), so the collectives that follow match."""
+    """A mask over keys only, as a bool (B|1, H|1, 1, S_k,r) tensor (True: attend), or None without one; refuses
+    masks that depend on the query. Whether there is a mask is the same on every rank (the same code path), so the
+    collectives that follow match."""
     if attn_mask is None:
         return None
     mask = attn_mask
-    if mask.dtype != torch.bool and not mask.is_floating_point():
+    if mask.is_floating_point():  # additive: 0 keeps; -inf, or a bias whose exp is 0 (LTX's -10000), masks
+        if not bool(((mask == 0) | (mask <= -1e4)).all()):
+            raise OpenDiTError(
+                f"{site.owner} {site.path}: an additive attention mask with values other than 0 and <= -1e4 is a "
+                "bias over the scores, not a key padding mask; only those are split over ranks"
+            )
+        mask = mask == 0
+    elif mask.dtype != torch.bool:
         mask = mask.bool()
     if mask.dim() == 2:  # (B, S_k)
         mask = mask[:, None, None, :]
     elif mask.dim() == 3:  # (B, 1, S_k)
         mask = mask[:, None, :, :]
+    elif mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[-2] == query.shape[1] > 1:
+        mask = _padding_square(mask)
     if mask.dim() != 4 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[1]:
         raise OpenDiTError(
             f"{site.owner} {site.path}: an attention mask of shape {tuple(attn_mask.shape)} is not a key padding "
             "mask (one row over the keys); only those are split over ranks"
         )
     return mask
+
+
+def _padding_square(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, H|1, S, S) bool mask that is a key padding mask times itself over the queries (HunyuanVideo-1.5's
+    `m_q & m_k`) -> the key mask (B, H|1, 1, S); any other square mask is returned as is (and refused). A padded query
+    then attends to the kept keys instead of to none: its output changes, but a padded token is masked as a key
+    wherever it would be read, so no kept token's output does."""
+    keys = mask.any(dim=-2, keepdim=True)  # (B, H|1, 1, S)
+    queries = mask.any(dim=-1, keepdim=True)  # (B, H|1, S, 1)
+    return keys if torch.equal(mask, keys & queries) else mask
 
 
 def _local(query, key, value, attn_mask):

@@ -133,3 +133,24 @@ register_family(
         install=_latte_temporal_rows,
     ),
 )
+
+
+# HunyuanVideo-1.5: one joint attention over [video; text] per block (the text: its Qwen tokens, ByT5 tokens and the
+# image-condition tokens, reordered valid-first and padded, with a padding mask). Both streams are split at the first
+# block's inputs (after the text refiner and the reordering); the text mask and the video rotary cos / sin rows
+# ((N, D) each) are given whole to every block, so every block splits them; the video tokens are gathered after the
+# final projection. The block's processor builds a (B, 1, S, S) mask = key mask x query mask from its split text
+# mask; the attention site reads the key mask from it.
+MASK_IN = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)  # (B, T) text padding mask
+register_family(
+    "HunyuanVideo15Transformer3DModel",
+    Family(
+        name="diffusers HunyuanVideo-1.5",
+        cp_plan={
+            "transformer_blocks.0": {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN},
+            "transformer_blocks.*": {"attention_mask": MASK_IN, "freqs_cis": ROWS_2D},
+            "proj_out": GATHER,
+        },
+        cfg_batched=False,  # its guider calls the transformer once per branch
+    ),
+)

@@ -163,15 +163,15 @@ def _resolve_sizes(kind: str, sizes: dict[str, int]) -> dict[str, int]:
         raise ValueError(
             f"need num_heads >= 2 and attention_head_dim >= 8, got {s['num_heads']}, {s['attention_head_dim']}"
         )
-    if kind in ("flux", "wan", "wan22", "ltx", "cogvideox") and s["attention_head_dim"] % 2:
+    if kind in ("flux", "wan", "wan22", "ltx", "cogvideox", "hunyuan15") and s["attention_head_dim"] % 2:
         raise ValueError(f"{kind} uses rotary embeddings, which need an even attention_head_dim")
-    if kind == "cogvideox" and s["attention_head_dim"] % 16:
-        raise ValueError("cogvideox's 3D rotary embedding splits the head dim into 1/4 + 3/8 + 3/8, each even: "
+    if kind in ("cogvideox", "hunyuan15") and s["attention_head_dim"] % 16:
+        raise ValueError(f"{kind}'s 3D rotary embedding splits the head dim into 1/4 + 3/8 + 3/8, each even: "
                          f"attention_head_dim a multiple of 16, got {s['attention_head_dim']}")  # fmt: skip
     step = _PIXELS_PER_TOKEN[kind]
     if s["image_size"] < step or s["image_size"] % step:
         raise ValueError(f"{kind} needs image_size a positive multiple of {step}, got {s['image_size']}")
-    if kind in ("wan", "wan22", "ltx", "cogvideox") and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
+    if kind in ("wan", "wan22", "ltx", "cogvideox", "hunyuan15") and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
         raise ValueError(f"wan needs num_frames = 4k + 1 (the VAE compresses time by 4), got {s['num_frames']}")
     if s["num_layers"] < 1 or s["num_single_layers"] < 1 or s["text_len"] < 4:
         raise ValueError(f"need num_layers, num_single_layers >= 1 and text_len >= 4, got {s}")

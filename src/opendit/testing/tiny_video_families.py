@@ -15,18 +15,30 @@ from typing import Any
 
 from diffusers import (
     AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo15,
     AutoencoderKLLTXVideo,
+    ClassifierFreeGuidance,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Pipeline,
+    HunyuanVideo15Transformer3DModel,
     LattePipeline,
     LatteTransformer3DModel,
     LTXPipeline,
     LTXVideoTransformer3DModel,
     WanPipeline,
     WanTransformer3DModel,
+)
+from transformers import (
+    ByT5Tokenizer,
+    Qwen2_5_VLTextConfig,
+    Qwen2_5_VLTextModel,
+    Qwen2Tokenizer,
+    T5Config,
+    T5EncoderModel,
 )
 
 from opendit.testing import tiny_pipelines as tiny
@@ -36,6 +48,8 @@ VIDEO_KINDS: dict[str, str] = {
     "ltx": "LTXPipeline: LTXVideoTransformer3DModel (its own _cp_plan), T5 encoder, AutoencoderKLLTXVideo",
     "cogvideox": "CogVideoXPipeline: joint text+video blocks with 3D RoPE, T5 encoder, AutoencoderKLCogVideoX",
     "latte": "LattePipeline: spatial and temporal blocks, T5 encoder, 2D AutoencoderKL per frame",
+    "hunyuan15": "HunyuanVideo15Pipeline: joint text+video blocks over a padded text, Qwen2.5-VL text model with its "
+    "chat template + ByT5, AutoencoderKLHunyuanVideo15, a CFG guider",
 }
 # what a folder's call runs without flags: a few frames at a small size (pixels), 4 steps
 CALL_DEFAULTS: dict[str, dict[str, int]] = {
@@ -43,9 +57,10 @@ CALL_DEFAULTS: dict[str, dict[str, int]] = {
     "ltx": {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 4},
     "cogvideox": {"height": 32, "width": 32, "num_frames": 9, "num_inference_steps": 4},
     "latte": {"height": 32, "width": 32, "video_length": 4, "num_inference_steps": 4},
+    "hunyuan15": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 4},
 }
 # (pixels per token side, frames rule) per kind: the sizes a call can take
-PIXELS_PER_TOKEN = {"wan22": 16, "ltx": 32, "cogvideox": 8, "latte": 4}
+PIXELS_PER_TOKEN = {"wan22": 16, "ltx": 32, "cogvideox": 8, "latte": 4, "hunyuan15": 8}
 FRAMES_PARAMETER = {"latte": "video_length"}  # the others: num_frames
 BOUNDARY_RATIO = 0.875  # with flow_shift 3: the first step(s) on the high-noise expert, the rest on the low-noise one
 
@@ -61,6 +76,8 @@ def call_kwargs(kind: str, s: dict[str, int], given: dict[str, int]) -> dict[str
         kwargs[FRAMES_PARAMETER.get(kind, "num_frames")] = s["num_frames"]
     if kind == "latte":  # Latte's T5 length is fixed at 120 in its encode_prompt; captions cleaned only with bs4
         kwargs.update(clean_caption=False)
+    elif kind == "hunyuan15":  # its text lengths are fixed (1000 + 256 tokens); guidance is its guider's
+        del kwargs["guidance_scale"]
     else:
         kwargs["max_sequence_length"] = s["text_len"]
     return kwargs
@@ -156,6 +173,64 @@ def _build_latte(s: dict[str, int], seed: int) -> LattePipeline:
     )  # fmt: skip
 
 
-BUILDERS = {"wan22": _build_wan22, "ltx": _build_ltx, "cogvideox": _build_cogvideox, "latte": _build_latte}
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE Qwen2 tokenizer with no merges (every byte one token) and the chat markers as special tokens,
+    with a ChatML template: what HunyuanVideo-1.5's prompt encoding (apply_chat_template) needs."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: index for index, char in enumerate(bytes_to_unicode().values())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tokenizer
+
+
+def _build_hunyuan15(s: dict[str, int], seed: int) -> HunyuanVideo15Pipeline:
+    heads, head_dim, latent = s["num_heads"], s["attention_head_dim"], 8
+    with tiny._seeded(seed, 0):
+        # t2v input: the latents, the (zero) image-condition latents and a mask channel; rotary axes (t, h, w) sum
+        # to the head dim
+        rope = (head_dim // 4, 3 * head_dim // 8, head_dim - head_dim // 4 - 3 * head_dim // 8)
+        transformer = HunyuanVideo15Transformer3DModel(
+            in_channels=2 * latent + 1, out_channels=latent, num_attention_heads=heads, attention_head_dim=head_dim,
+            num_layers=s["num_layers"], num_refiner_layers=1, patch_size=2, patch_size_t=1,
+            text_embed_dim=tiny._TEXT_HIDDEN, text_embed_2_dim=tiny._TEXT_HIDDEN, image_embed_dim=16,
+            rope_axes_dim=rope, target_size=32, task_type="t2v",
+        ).eval()  # fmt: skip
+    with tiny._seeded(seed, 1):
+        vae = AutoencoderKLHunyuanVideo15(latent_channels=latent, block_out_channels=(8, 16, 16), layers_per_block=1,
+                                          spatial_compression_ratio=4, temporal_compression_ratio=4).eval()  # fmt: skip
+    tokenizer = _qwen_tokenizer()
+    with tiny._seeded(seed, 2):  # 3 layers: the pipeline reads the third hidden state from the end
+        text_encoder = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+            vocab_size=len(tokenizer), hidden_size=tiny._TEXT_HIDDEN, intermediate_size=2 * tiny._TEXT_HIDDEN,
+            num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        )).eval()  # fmt: skip
+    with tiny._seeded(seed, 3):  # ByT5: bytes + 3 specials (+ 125 extra ids)
+        byt5 = T5EncoderModel(T5Config(
+            vocab_size=384, d_model=tiny._TEXT_HIDDEN, d_kv=16, d_ff=2 * tiny._TEXT_HIDDEN, num_layers=2, num_heads=2,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+        )).eval()  # fmt: skip
+    return HunyuanVideo15Pipeline(
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=byt5, tokenizer_2=ByT5Tokenizer(),
+        guider=ClassifierFreeGuidance(guidance_scale=6.0),
+    )  # fmt: skip
+
+
+BUILDERS = {
+    "hunyuan15": _build_hunyuan15,
+    "wan22": _build_wan22,
+    "ltx": _build_ltx,
+    "cogvideox": _build_cogvideox,
+    "latte": _build_latte,
+}
 
 tiny.register_kinds(VIDEO_KINDS, BUILDERS, PIXELS_PER_TOKEN, CALL_DEFAULTS, call_kwargs)
