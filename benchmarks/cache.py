@@ -28,7 +28,7 @@ import torch
 
 from common import CACHE_CFG as CFG
 from common import CACHE_STEPS as STEPS
-from common import RESULTS, cached_run, psnr, timed, write_report
+from common import cached_run, finish, psnr, render_only, report_args, timed
 from opendit.cache import CacheConfig, install_cache, make_cache_config
 
 
@@ -203,6 +203,10 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def render(result: dict, out) -> dict:
+    return finish(out, result, markdown(result["rows"]), plot=lambda path: plot(result["rows"], path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000)
@@ -216,8 +220,10 @@ def main() -> None:
     parser.add_argument(
         "--merge", nargs="+", metavar="PART=JSON", help="re-render: take each part's rows from an earlier run's JSON"
     )
-    parser.add_argument("--out", default=str(RESULTS / "cache"))
+    report_args(parser, "cache")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     if args.quick:
         args.samples, args.curve_samples, args.timing_samples, args.passes = 100, 50, 20, 1
         args.video_per_condition = 1
@@ -235,9 +241,7 @@ def main() -> None:
     meta = {"steps": STEPS, "cfg_scale": CFG, "threads": 1, "samples": args.samples, "passes": args.passes,
             "curve_samples": args.curve_samples, "batch": args.batch,
             "timing_samples": args.timing_samples, "torch": torch.__version__, "merged": meta_runs}  # fmt: skip
-    md = markdown(rows)
-    write_report(args.out, {"meta": meta, "rows": rows}, md, plot=lambda path: plot(rows, path))
-    print(md)
+    render({"meta": meta, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from common import RESULTS, bar_plot, cached_run, write_report
+from common import bar_plot, cached_run, finish, render_only, report_args
 from opendit.cache import make_cache_config
 
 CLOCK = {"in_blocks": 0.0, "calls": 0, "rows": 0}
@@ -53,11 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.25])
-    parser.add_argument("--out", default=str(RESULTS / "cache_block_time"))
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "cache_block_time")
     args = parser.parse_args()
-    if args.render:
-        write(json.loads(Path(args.render).read_text()), args.render)
+    if render_only(args, write):
         return
     torch.set_num_threads(1)
     model, _meta = load_for_eval()
@@ -103,9 +99,8 @@ def write(result: dict, out) -> None:
                      f"{r['block_calls']} | {r['block_rows']} |")  # fmt: skip
     series = {"in blocks": [r["in_blocks_s"] for r in rows], "outside": [r["outside_s"] for r in rows]}
     title = "where the time goes: ours vs diffusers' first-block cache (median s per 50-image run)"
-    write_report(out, result, "\n".join(lines), plot=lambda path: bar_plot(
+    finish(out, result, "\n".join(lines), plot=lambda path: bar_plot(
         path, [r["setting"] for r in rows], series, "seconds", title))  # fmt: skip
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

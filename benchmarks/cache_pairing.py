@@ -15,12 +15,11 @@ patched to the identity); "uncapped" = no reuse cap and no guard steps, diffuser
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, cached_run, psnr, write_report
+from common import RESULTS, cached_run, finish, psnr, render_only, report_args
 from opendit.cache import make_cache_config
 from opendit.cache.runtime import StepCache
 
@@ -76,12 +75,9 @@ def main() -> None:
     parser.add_argument("repeats", nargs="?", type=int, default=20, help="PSNR images per class")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--head-to-head", action="store_true", help="only uncached, diffusers FBC, ours per image")
-    parser.add_argument("--out", default=str(RESULTS / "cache_pairing"))
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "cache_pairing")
     args = parser.parse_args()
-    if args.render:
-        result = json.loads(Path(args.render).read_text())
-        write(result["rows"], result["meta"], args.render)
+    if render_only(args, lambda result, path: write(result["rows"], result["meta"], path)):
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -165,9 +161,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def write(rows: list[dict], meta: dict, out: str | Path = RESULTS / "cache_pairing") -> None:
     out = Path(out)
     out = out if out.is_absolute() or out.parent != Path(".") else RESULTS / out  # a bare name: under results/
-    md = markdown(rows)
-    write_report(out, {"meta": meta, "rows": rows}, md, plot=lambda path: plot(rows, path))
-    print(md)
+    finish(out, {"meta": meta, "rows": rows}, markdown(rows), plot=lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

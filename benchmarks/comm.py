@@ -10,8 +10,17 @@ also measures compute rates and writes the calibration cache that `opendit plan 
 import argparse
 import time
 
-from common import RESULTS, bar_plot, machine, markdown_table, write_report
+from common import bar_plot, finish, machine, markdown_table, render_only, report_args
 from opendit.planning.calibrate import LINK_SIZES, calibrate, measure_links
+
+
+def render(record: dict, out) -> dict:
+    links = record["links"]
+    cells = [[k, f"{v['latency_s'] * 1e6:.1f}", f"{v['bandwidth_Bps'] / 1e9:.2f}"] for k, v in links.items()]
+    md = markdown_table(["collective", "latency (us)", "bandwidth (GB/s)"], cells)
+    series = {"bandwidth": [v["bandwidth_Bps"] / 1e9 for v in links.values()]}
+    title = f"links between {record['nproc']} local processes ({record['backend']})"
+    return finish(out, record, md, plot=lambda path: bar_plot(path, list(links), series, "GB/s", title))
 
 
 def main() -> None:
@@ -21,8 +30,10 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="full calibration (compute too), cached for the planner")
-    parser.add_argument("--out", default=str(RESULTS / "comm"), help="OUT.{json,md,png}")
+    report_args(parser, "comm")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     start = time.perf_counter()
     record = {"machine": machine(), "backend": args.backend, "nproc": args.nproc, "threads": args.threads}
     if args.full:
@@ -37,13 +48,7 @@ def main() -> None:
         }
     record["links"] = links
     record["seconds"] = time.perf_counter() - start
-    cells = [[k, f"{v['latency_s'] * 1e6:.1f}", f"{v['bandwidth_Bps'] / 1e9:.2f}"] for k, v in links.items()]
-    md = markdown_table(["collective", "latency (us)", "bandwidth (GB/s)"], cells)
-    series = {"bandwidth": [v["bandwidth_Bps"] / 1e9 for v in links.values()]}
-    title = f"links between {args.nproc} local processes ({args.backend})"
-    paths = write_report(args.out, record, md, plot=lambda path: bar_plot(path, list(links), series, "GB/s", title))
-    print(md)
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    render(record, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,47 @@ def ask_pools(pool1, pool2, command: tuple, single: bool) -> tuple[dict, list[di
     answer["rank_seconds"] = [a["seconds"] for a in answers]
     answer["seconds"] = [max(pair) for pair in zip(*answer["rank_seconds"])]
     return answer, answers
+
+
+@contextmanager
+def side_by_side_pools(parallel_worker, single_worker, job: dict):
+    """A 2-rank pool and a 1-process pool running the same job, one thread per process: yields (pool1, pool2, the
+    2 ranks' setup reports, the single process's report) once every process holds the same weights (the reports'
+    "checksums" agree); sends "stop" to every worker when the body ends normally, closes both pools always."""
+    from opendit.distributed.launch import WorkerPool
+
+    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
+    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
+    try:
+        reports = [pool2.recv(r) for r in range(2)]
+        single = pool1.recv(0)
+        for key, value in single["checksums"].items():
+            if any(rep["checksums"][key] != value for rep in reports):
+                raise RuntimeError(f"weights of {key} differ between processes")
+        yield pool1, pool2, reports, single
+        for r in range(2):
+            pool2.send("stop", r)
+        pool1.send("stop")
+    finally:
+        pool2.close()
+        pool1.close()
+
+
+def interleaved_passes(keys: list[tuple], passes: int, run_one, log, started: float) -> tuple[list, list]:
+    """`run_one(pass_index, key)` for every key in every pass, the order rotated from pass to pass so slow drift of
+    the machine hits every configuration alike. Returns (the order of each pass, the load average after each)."""
+    import time
+
+    order_log, loads, n = [], [], len(keys)
+    for i in range(passes):
+        shift = (i * n) // passes
+        order = keys[shift:] + keys[:shift]
+        order_log.append(["/".join(k) for k in order])
+        for key in order:
+            run_one(i, key)
+        loads.append(os.getloadavg())
+        log(f"pass {i + 1}/{passes} done ({time.perf_counter() - started:.0f} s), load {loads[-1][0]:.1f}")
+    return order_log, loads
 
 
 def ask_all(pool, command: tuple) -> list[dict]:
@@ -233,6 +275,59 @@ def bar_plot(
     plt.close(fig)
 
 
+def report_args(parser, name: str) -> None:
+    """The two output options every benchmark takes: --out (OUT.json, OUT.md, OUT.png; default results/NAME) and
+    --render JSON (--from-json): rewrite the .md and .png of an existing result, no measurement."""
+    parser.add_argument("--out", default=str(RESULTS / name), help=f"OUT.{{json,md,png}} (default results/{name})")
+    parser.add_argument(
+        "--render", "--from-json", dest="render", metavar="JSON", help="only rewrite the .md and .png of a result JSON"
+    )
+
+
+def render_only(args, render: Callable[[dict, Path], object]) -> bool:
+    """With --render JSON: `render(result, path)` from that file and True (the caller returns); else False."""
+    if not getattr(args, "render", None):
+        return False
+    path = Path(args.render)
+    render(json.loads(path.read_text()), path)
+    return True
+
+
+def finish(out: Path | str, result: dict, markdown: str, plot: Callable[[Path], None] | None = None) -> dict:
+    """write_report, then print the table and where it went."""
+    paths = write_report(out, result, markdown, plot)
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def speedup_bars(path: Path, labels: list[str], series: dict[str, tuple[list[float], str]], title: str) -> None:
+    """2-rank speedups as labelled bars, one group per label and one bar per series ({name: (values, color)}), with
+    the 1.0 (no gain) and 2.0 (ideal for 2 ranks) lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, (1.0 + 0.3 * len(series)) * len(labels)), 4))
+    width = 0.76 / max(1, len(series))
+    for j, (name, (values, color)) in enumerate(series.items()):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar_label(ax.bar(xs, values, width, label=name, color=color), fmt="%.2f", fontsize=7)
+    top = max(v for values, _ in series.values() for v in values)
+    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.axhline(2.0, color="gray", lw=0.8, ls=":", label="2.0 (ideal for 2 ranks)")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(series) + 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(
     out: Path | str, result: dict, markdown: str, plot: Callable[[Path], None] | None = None
 ) -> dict[str, Path]:
@@ -242,7 +337,9 @@ def write_report(
     out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {kind: out.parent / f"{out.name}.{kind}" for kind in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    text = json.dumps(result, indent=1, default=str) + "\n"
+    if not (paths["json"].is_file() and json.loads(paths["json"].read_text()) == json.loads(text)):
+        paths["json"].write_text(text)  # a re-render (--render) leaves the measured file as it was
     paths["md"].write_text(markdown.rstrip("\n") + "\n")
     (plot or (lambda p: table_figure(p, markdown, out.name)))(paths["png"])
     return paths

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, machine, write_report
+from common import finish, machine, render_only, report_args
 
 
 def dit_config(tokens: int, depth: int):
@@ -248,6 +248,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(record: dict, out) -> dict:
+    results = record["results"]
+    return finish(out, record, table(results), plot=lambda path: plot(results, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -258,12 +263,14 @@ def main() -> None:
     parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
     parser.add_argument("--layouts", nargs="+", default=["ulysses"], choices=LAYOUTS, help="plans at P > 1")
     parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
-    parser.add_argument("--out", default=str(RESULTS / "memory"))
+    report_args(parser, "memory")
     parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command)")
     parser.add_argument("--whole-model", default="DiT-XL/2")
     parser.add_argument("--whole-image-size", type=int, default=512)
     parser.add_argument("--whole-passes", type=int, default=2)
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.whole:  # its own benchmark script (no import between benchmark scripts)
@@ -302,10 +309,8 @@ def main() -> None:
         )
         record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))  # partial results survive interruption
-    text = table(results)
-    write_report(out, record | {"results": results}, text, plot=lambda path: plot(results, path))
-    print(text)
-    print(f"wall time {time.perf_counter() - start:.0f} s -> {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    render(record | {"results": results}, out)
+    print(f"wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from common import RESULTS, bar_plot, markdown_table, psnr, write_report
+from common import bar_plot, finish, markdown_table, psnr, render_only, report_args
 
 SETTINGS = [(2, 2, 1), (2, 4, 1), (2, 8, 1), (2, 8, 3), (4, 4, 1), (4, 8, 1), (4, 8, 3)]  # (stages, patches, warm-up)
 
@@ -64,12 +64,27 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
     return [r for part in everyone for r in part]
 
 
+def render(result: dict, out) -> dict:
+    rows, exact = result["pipefusion"], result["one_process"]
+    header = ["stages", "patches", "warm-up steps", "class accuracy", "PSNR vs 1 process (dB)", "max rel err",
+              "sampling s"]  # fmt: skip
+    cells = [[r["stages"], r["patches"], r["warmup_steps"], f"{r['accuracy']:.1%}", f"{r['psnr_db']:.1f}",
+              f"{r['max_rel_err']:.3f}", f"{r['sampling_s']:.1f}"] for r in rows]  # fmt: skip
+    md = f"One process: accuracy {exact['accuracy']:.1%}, {exact['sampling_s']:.1f} s.\n\n"
+    labels = [f"{r['stages']} stages x {r['patches']} patches, {r['warmup_steps']} warm-up" for r in rows]
+    series, title = {"PSNR": [r["psnr_db"] for r in rows]}, "PipeFusion drift on the digits model"
+    return finish(out, result, md + markdown_table(header, cells), plot=lambda path: bar_plot(
+        path, labels, series, "PSNR vs 1 process (dB)", title))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--out", default=str(RESULTS / "pipefusion_quality"), help="OUT.{json,md,png}")
+    report_args(parser, "pipefusion_quality")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
 
     from opendit.diffusion.sampler import sample
     from opendit.digits.judges import load_for_eval, score_samples
@@ -95,19 +110,7 @@ def main() -> None:
         print(f"pipefusion {r['stages']} stages, {r['patches']} patches, {r['warmup_steps']} warm-up: accuracy "
               f"{r['accuracy']:.1%}, PSNR {r['psnr_db']:.1f} dB, max rel err {r['max_rel_err']:.3f}, "
               f"{r['sampling_s']:.1f} s")  # fmt: skip
-    header = ["stages", "patches", "warm-up steps", "class accuracy", "PSNR vs 1 process (dB)", "max rel err",
-              "sampling s"]  # fmt: skip
-    cells = [[r["stages"], r["patches"], r["warmup_steps"], f"{r['accuracy']:.1%}", f"{r['psnr_db']:.1f}",
-              f"{r['max_rel_err']:.3f}", f"{r['sampling_s']:.1f}"] for r in rows]  # fmt: skip
-    md = f"One process: accuracy {exact['accuracy']:.1%}, {exact['sampling_s']:.1f} s.\n\n" + markdown_table(
-        header, cells
-    )
-    labels = [f"{r['stages']} stages x {r['patches']} patches, {r['warmup_steps']} warm-up" for r in rows]
-    series, title = {"PSNR": [r["psnr_db"] for r in rows]}, "PipeFusion drift on the digits model"
-    paths = write_report(
-        args.out, out, md, plot=lambda path: bar_plot(path, labels, series, "PSNR vs 1 process (dB)", title)
-    )
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    render(out, args.out)
 
 
 if __name__ == "__main__":

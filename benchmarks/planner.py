@@ -14,10 +14,9 @@ READMEs, quoted next to each row.
 """
 
 import argparse
-import json
 from pathlib import Path
 
-from common import RESULTS, bar_plot, markdown_table, write_report
+from common import bar_plot, finish, markdown_table, render_only, report_args
 from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
 from opendit.planning.planner import plan
@@ -71,18 +70,16 @@ def plot(result, path: Path) -> None:
 
 
 def render(result, out) -> dict[str, Path]:
-    return write_report(out, result, markdown(result), plot=lambda path: plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS / "planner"), help="OUT.{json,md,png}")
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "planner")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
     args = parser.parse_args()
-    if args.render:
-        render(json.loads(Path(args.render).read_text()), args.render)
+    if render_only(args, render):
         return
     rows = []
     for label, name, nodes, world in MACHINES:
@@ -120,8 +117,7 @@ def main() -> None:
                 f"{exact.config.describe()} {exact.request_s / 50 * 1e3:.2f} ms"
             )
         print(f"{'':<22} published: {PUBLISHED[name]}")
-    paths = render({"images": args.images, "objective": args.objective, "rows": rows}, args.out)
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    render({"images": args.images, "objective": args.objective, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

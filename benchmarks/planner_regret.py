@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, bar_plot, markdown_table, write_report
+from common import bar_plot, finish, markdown_table, render_only, report_args
 from opendit.distributed.config import ParallelConfig
 from opendit.models.dit import DiTConfig
 from opendit.planning.planner import enumerate_plans, estimate, plan
@@ -225,20 +225,18 @@ def plot(result: dict, path: Path) -> None:
 
 
 def render(result: dict, out) -> dict[str, Path]:
-    return write_report(out, result, markdown(result), plot=lambda path: plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS / "planner_regret"), help="OUT.{json,md,png}")
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "planner_regret")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--speeds", default="auto", help="calibration JSON or hardware name (default: cached)")
     parser.add_argument("--quick", action="store_true", help="two tiny scenarios (development)")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     args = parser.parse_args()
-    if args.render:
-        render(json.loads(Path(args.render).read_text()), args.render)
+    if render_only(args, render):
         return
     speeds = load_speeds(args.speeds, threads=1, nproc=2)
     scenarios = QUICK if args.quick else [s for s in SCENARIOS if not args.only or s[0] in args.only]
@@ -264,8 +262,7 @@ def main() -> None:
         "median_abs_prediction_error": statistics.median(errors),
     }
     print(json.dumps(out["summary"]))
-    paths = render(out, args.out)
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    render(out, args.out)
 
 
 if __name__ == "__main__":

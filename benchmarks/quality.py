@@ -9,9 +9,18 @@ import sys
 
 import torch
 
-from common import RESULTS, markdown_table, write_report
+from common import finish, markdown_table, render_only, report_args
 from opendit.digits.judges import evaluate, load_for_eval
 from opendit.errors import OpenDiTError
+
+
+def render(result: dict, out) -> dict:
+    header = ["CFG", "class accuracy", "Frechet (SVC features)", "Frechet (pixels)", "sampling s"]
+    cells = [[r.get("cfg_scale", "-"), f"{r['accuracy']:.2%}", f"{r['frechet']['svc_features']:.3f}",
+              f"{r['frechet'].get('pixels', float('nan')):.1f}", f"{r['timing']['sampling_s']:.1f}"]
+             for r in result["reports"]]  # fmt: skip
+    note = f"{result['per_class']} samples per class, {result['steps']} steps, seed {result['seed']}."
+    return finish(out, result, note + "\n\n" + markdown_table(header, cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=None, help="one or more; default: the JSON's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "quality"), help="OUT.{json,md,png}")
+    report_args(parser, "quality")
     args = parser.parse_args(argv)
+    if render_only(args, render):
+        return 0
     torch.set_num_threads(args.threads)
     try:
         model, meta = load_for_eval(args.ckpt)
@@ -40,13 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except OpenDiTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    header = ["CFG", "class accuracy", "Frechet (SVC features)", "sampling s"]
-    cells = [[r.get("cfg_scale", "-"), f"{r['accuracy']:.2%}", f"{r['frechet']['svc_features']:.3f}",
-              f"{r['timing']['sampling_s']:.1f}"] for r in reports]  # fmt: skip
-    md = f"{args.per_class} samples per class, {steps} steps, seed {args.seed}.\n\n" + markdown_table(header, cells)
-    result = reports[0] if len(reports) == 1 else reports
-    paths = write_report(args.out, result, md)
-    print(", ".join(map(str, paths.values())))
+    render({"per_class": args.per_class, "steps": steps, "seed": args.seed, "reports": reports}, args.out)
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import PLANS, RESULTS, bar_plot, random_model, rel_err, write_report, xl_width_config
+from common import (
+    PLANS,
+    bar_plot,
+    finish,
+    random_model,
+    rel_err,
+    render_only,
+    report_args,
+    xl_width_config,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -397,7 +405,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def render(record: dict, out) -> dict[str, Path]:
     md = table(record["rows"]) + "\n\nBreakdown (ms per forward, median over passes):\n\n"
     md += breakdown_table(record["rows"])
-    return write_report(out, record, md, plot=lambda path: plot(record["rows"], path))
+    return finish(out, record, md, plot=lambda path: plot(record["rows"], path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,11 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=5, help="interleaved passes (median)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration and pass")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 passes x 2 repeats: a smoke test")
-    parser.add_argument("--out", default=str(RESULTS / "scaling_speedup"))
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "scaling_speedup")
     args = parser.parse_args(argv)
-    if args.render:
-        render(json.loads(Path(args.render).read_text()), args.render)
+    if render_only(args, render):
         return 0
     if args.quick:
         args.tokens, args.passes, args.repeats = [256], 2, 2
@@ -434,9 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     record = measure(job, log)
     record["loadavg_end"] = os.getloadavg()
-    paths = render(record, args.out)
-    print(paths["md"].read_text())
-    print(f"wrote {', '.join(map(str, paths.values()))} in {record['wall_s']:.0f} s")
+    render(record, args.out)
+    print(f"wall {record['wall_s']:.0f} s")
     return 0
 
 

@@ -23,7 +23,6 @@ skipped), and each server is ended with SIGTERM, then SIGKILL, in a finally.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -37,7 +36,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from common import RESULTS, ROOT, bar_plot, machine, write_report
+from common import ROOT, bar_plot, finish, machine, render_only, report_args
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
@@ -283,6 +282,10 @@ def plot(result: dict, path: Path) -> None:
     bar_plot(path, labels, series, "images/s (median of passes)", "opendit serve: batching vs one request at a time")
 
 
+def render(result: dict, out) -> dict:
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[8], help="concurrent clients (a list: 1 8)")
@@ -293,13 +296,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (300)")
     parser.add_argument("--deadline", type=float, default=3600.0, help="whole-run deadline, s (3600)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "serve_load", help="OUT.{json,md,png}")
-    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the .md and .png of a result JSON")
+    report_args(parser, "serve_load")
     args = parser.parse_args()
-    if args.render:
-        result = json.loads(args.render.read_text())
-        write_report(args.render, result, markdown(result), plot=lambda path: plot(result, path))
-        print(markdown(result))
+    if render_only(args, render):
         return
 
     t0 = time.monotonic()
@@ -382,11 +381,8 @@ def main() -> None:
     if "8" in speedup:
         result["target"] = {"clients": 8, "ratio": 1.5, "median": speedup["8"]["median"], "best": speedup["8"]["best"],
                             "met": speedup["8"]["median"] >= 1.5}  # fmt: skip
-    table = markdown(result)
-    paths = write_report(args.out, result, table, plot=lambda path: plot(result, path))
     print()
-    print(table)
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    render(result, args.out)
 
 
 if __name__ == "__main__":

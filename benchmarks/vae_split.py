@@ -23,9 +23,7 @@ decoding ranks. The split is checked against the whole decode (max |difference| 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from common import ROOT, finish, machine, render_only, report_args
 
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "tests"))  # dist_utils.run_distributed: the tests' launcher of a gloo job
 MIB = 2**20
 
 
@@ -67,8 +64,9 @@ def worker(rank: int, world: int, args: dict) -> dict:
     del vae.encoder  # decode only: what a pipeline's decoding rank needs of the encoder is nothing (not measured)
     latent_side = args["size"] // 2 ** (len(args["channels"]) - 1)
     z = torch.randn(1, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(1))
-    if rank in split_ranks:
-        install_vae_split(vae, Comm(split_group), mode=True)
+    comm = Comm(split_group) if rank in split_ranks else None
+    if comm is not None:
+        install_vae_split(vae, comm, mode=True)
     passes, image = [], None
     for index in range(args["passes"]):
         for config in ("whole", "split"):
@@ -77,6 +75,7 @@ def worker(rank: int, world: int, args: dict) -> dict:
             if decoding:
                 if config == "split":
                     dist.barrier(group=split_group)
+                    comm.stats.reset()
                 before = rss_bytes()
                 reset_peak_rss()
                 start = time.perf_counter()
@@ -85,7 +84,8 @@ def worker(rank: int, world: int, args: dict) -> dict:
                 seconds = time.perf_counter() - start
                 peak = peak_rss_bytes()
                 passes.append({"pass": index, "config": config, "seconds": seconds, "rss_before": before,
-                               "decode_peak": peak, "decode_working": peak - before})  # fmt: skip
+                               "decode_peak": peak, "decode_working": peak - before,  # fmt: skip
+                               "comm": comm.stats.snapshot() if config == "split" else None})  # fmt: skip
                 image = out
             dist.barrier()
     return {"rank": rank, "passes": passes, "image": image}
@@ -105,6 +105,9 @@ def summarise(results: list[dict]) -> dict:
         for index in sorted(by_pass):
             entries = by_pass[index]
             rows.append({key: max(e[key] for e in entries) for key in ("seconds", "decode_peak", "decode_working")})
+            if config == "split":  # seconds blocked in the split's collectives (halos, norms, ...), per rank
+                rows[-1]["comm_wait_s"] = [sum(v["wait_s"] for v in e["comm"].values()) for e in entries]
+                rows[-1]["comm_calls"] = {k: v["calls"] for k, v in entries[0]["comm"].items()}
         table[config] = {
             "ranks": ranks,
             "per_pass": rows,
@@ -122,9 +125,7 @@ def summarise(results: list[dict]) -> dict:
     return table
 
 
-def write(record: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vae_split.json").write_text(json.dumps(record, indent=2))
+def render(record: dict, out) -> dict:
     s, w, p = record["summary"]["split"], record["summary"]["whole"], record["summary"]
     lines = [
         f"VAE decode of a {record['size']}x{record['size']} image (AutoencoderKL, channels {record['channels']}, "
@@ -139,19 +140,26 @@ def write(record: dict) -> None:
     for name, row in (("1 process x 1 thread", w), ("2 ranks x 1 thread (--vae-parallel)", s)):
         lines.append(f"| {name} | {row['seconds_min']:.1f} | {row['seconds_median']:.1f} | "
                      f"{row['decode_peak_median'] / MIB:.0f} | {row['decode_working_median'] / MIB:.0f} |")  # fmt: skip
+    waits = [max(r["comm_wait_s"]) for r in s["per_pass"]]
     lines += [
+        "",
+        f"The split's ranks were blocked in its collectives (halo exchanges, group-norm statistics, attention keys and "
+        f"values, the final gather) {statistics.median(waits):.1f} s per pass (median of the slower rank), calls "
+        f"per decode: {s['per_pass'][0]['comm_calls']}.",
         "",
         f"Speedup {p['speedup_min']:.2f}x (minima), {p['speedup_median']:.2f}x (medians); decode peak "
         f"{p['decode_peak_ratio']:.2f}x, decode working memory {p['decode_working_ratio']:.2f}x of one process.",
     ]
-    (RESULTS / "vae_split.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    return finish(out, record, "\n".join(lines), plot=lambda path: plot(record, path))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, w = record["summary"]["split"], record["summary"]["whole"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
     names = ["1 process", "2 ranks split"]
     for axis, key, label in ((left, "seconds", "decode wall time (s)"), (right, "decode_working", "decode MiB")):
@@ -164,16 +172,20 @@ def write(record: dict) -> None:
         axis.set_ylabel(label + (" (working: peak - before)" if key != "seconds" else ""))
     fig.suptitle(f"VAE decode {record['size']}x{record['size']}: bars = median, dots = passes", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "vae_split.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     parser.add_argument("--passes", type=int, default=2, help="interleaved passes of each configuration")
     parser.add_argument("--channels", type=int, nargs="+", default=[128, 256, 512, 512])
     parser.add_argument("--layers", type=int, default=2, help="layers per block (the decoder runs this + 1)")
+    report_args(parser, "vae_split")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     from dist_utils import run_distributed
 
     job = {"size": args.size, "passes": args.passes, "channels": args.channels, "layers": args.layers}
@@ -193,10 +205,9 @@ def main() -> None:
         "loadavg_start": [round(x, 2) for x in load0],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "benchmark_s": time.perf_counter() - start,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
     }
-    write(record)
-    print((RESULTS / "vae_split.md").read_text())
+    render(record, args.out)
 
 
 if __name__ == "__main__":

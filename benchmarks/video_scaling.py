@@ -44,7 +44,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import RESULTS, ask_pools, machine, rel_err, shared_copy, write_report
+from common import (
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
 SEED = 0
 PERTURB_STD = 0.02
@@ -199,19 +210,10 @@ def formula(spec: dict, cname: str, sp_rank: int) -> dict:
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # an XL-width forward on a busy 2-core box is slow
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for name, value in single_report["checksums"].items():
-            if any(rep["checksums"][name] != value for rep in reports):
-                raise RuntimeError(f"weights of {name} differ between processes")
 
         def ask(name, cname, what, repeats=1):
             answer, answers = ask_pools(pool1, pool2, (name, cname, what, repeats), cname == "single")
@@ -225,28 +227,19 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {answer['seconds'][0]:.2f} s")
         times, all_times = {k: [] for k in keys}, {k: [] for k in keys}
         comms = {k: [warm[k]["comm_ranks"]] for k in keys if k[1] != "single"}  # every answer's, for the check
-        outputs, waits, order_log, loads, n = {}, {}, [], [], len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[1] != "single":
-                    comms[key].append(answer["comm_ranks"])
-                    waits.setdefault(key, []).append(answer["wait_s_ranks"])
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s), load {loads[-1][0]:.1f}")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, waits = {}, {}
+
+        def timed_pass(i, key):
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[1] != "single":
+                comms[key].append(answer["comm_ranks"])
+                waits.setdefault(key, []).append(answer["wait_s_ranks"])
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
 
     rows, checks = [], []
     for name in job["models"]:
@@ -355,37 +348,17 @@ def markdown(result: dict) -> str:
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = result["job"]["models"]
     rows = {(r["model"], r["config"]): r for r in result["rows"]}
-    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(models)), 4))
-    width = 0.38
-    for j, (cname, color) in enumerate((("dsp", "tab:blue"), ("ulysses", "tab:orange"))):
-        xs = [i + (j - 0.5) * width for i in range(len(models))]
-        bars = ax.bar(xs, [rows[(m, cname)]["speedup"] for m in models], width, label=cname, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    top = max(r["speedup"] for r in result["rows"])
-    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(2.0, color="gray", lw=0.8, ls=":", label="2.0 (ideal for 2 ranks)")
-    ax.set_xticks(range(len(models)))
-    ax.set_xticklabels(models)
-    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
+    colors = {"dsp": "tab:blue", "ulysses": "tab:orange"}
+    series = {c: ([rows[(m, c)]["speedup"] for m in models], color) for c, color in colors.items()}
     quick = " [--quick]" if result["job"]["quick"] else ""
-    ax.set_title(f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    speedup_bars(path, models, series, f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}")
 
 
 def render(result: dict, out: Path) -> dict[str, Path]:
     """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
-    return write_report(out, result, markdown(result), plot=lambda path: write_plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -394,12 +367,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards per config and pass (3; --quick 1)")
     parser.add_argument("--models", nargs="+", default=None, choices=["latte-xl-width", "digits-video", "tiny"])
     parser.add_argument("--quick", action="store_true", help="tiny model + digits config: a smoke test only")
-    parser.add_argument("--out", default=str(RESULTS / "video_scaling"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "video_scaling")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        render(json.loads(path.read_text()), path)
+    if render_only(args, render):
         return 0
     models = args.models or list(QUICK_MODELS if args.quick else FULL_MODELS)
     specs = model_specs(models)
@@ -419,9 +389,8 @@ def main() -> int:
     log(f"models {models}, passes {job['passes']}, repeats {job['repeats']}")
     mach = machine(threads_per_process=1, backend="gloo over loopback")
     result = {"job": job, "machine": mach, **run(job, log), "loadavg_at_end": os.getloadavg()}
-    paths = render(result, Path(args.out))
-    log(f"wrote {', '.join(map(str, paths.values()))}; wall {result['wall_s']:.0f} s")
-    print(paths["md"].read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     # asserted after writing, so a failed check still leaves its evidence on disk
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed, f"checks failed: {failed}"

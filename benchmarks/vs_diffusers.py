@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -76,7 +75,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import RESULTS, ROOT, ask_pools, machine, shared_copy, write_report
+from common import (
+    ROOT,
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
 SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
@@ -275,30 +286,15 @@ def single_worker(channel, job: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def total_bytes(comm: dict | None) -> int | None:
     return None if comm is None else int(sum(v["bytes"] for v in comm.values()))
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # a bf16 forward on a busy 2-core box can take minutes
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for key, value in single_report["checksums"].items():
-            for rep in reports:
-                if rep["checksums"][key] != value:
-                    raise RuntimeError(f"weights differ between processes for {key}")
 
         def ask(kind, dname, config, what, repeats=1):
             """-> answer with "seconds": one time per forward (2 ranks: the slower rank's, forward by forward)."""
@@ -313,32 +309,22 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {warm[key]['seconds'][0]:.2f} s")
         times = {key: [] for key in keys}  # per pass: the minimum over its `repeats` forwards
         all_times = {key: [] for key in keys}  # per pass: every forward
-        outputs, comms, order_log, loads = {}, {}, [], []
-        n = len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                if job["warmup_each_pass"]:
-                    ask(*key, "warmup")
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[2].startswith("ours"):
-                    comms[key] = answer.get("comm")
-                elif key[2].startswith("diffusers"):
-                    comms[key] = warm[key].get("comm")
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s)")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, comms = {}, {}
+
+        def timed_pass(i, key):
+            if job["warmup_each_pass"]:
+                ask(*key, "warmup")
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[2].startswith("ours"):
+                comms[key] = answer.get("comm")
+            elif key[2].startswith("diffusers"):
+                comms[key] = warm[key].get("comm")
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
     wall = time.perf_counter() - started
 
     rows = []
@@ -746,39 +732,22 @@ def markdown(result: dict) -> str:
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     job = result["job"]
     rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
     groups = [(m, d, mode) for m in job["models"] for d in job["dtypes"] for mode in ("ulysses", "ring")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
-    width = 0.38
-    for j, (impl, color) in enumerate((("diffusers", "tab:orange"), ("ours", "tab:blue"))):
-        xs = [i + (j - 0.5) * width for i in range(len(groups))]
-        ys = [rows[(m, d, f"{impl}-{mode}")]["speedup"] for m, d, mode in groups]
-        label = "diffusers (own CP; ring with CPU-LSE workaround)" if impl == "diffusers" else "OpenDiT parallelize"
-        bars = ax.bar(xs, ys, width, label=label, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    top = max(r["speedup"] for r in result["rows"])
-    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(2.0, color="gray", lw=0.5, ls=":")
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{m}\n{d}\n{mode}" for m, d, mode in groups], fontsize=8)
-    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
-    ax.set_title("2 gloo ranks x 1 thread vs 1 process x 1 thread" + (" [--quick]" if job["size"] == "quick" else ""))
-    ax.legend(fontsize=8, loc="upper center", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {
+        "diffusers (own CP; ring with CPU-LSE workaround)": (
+            [rows[(m, d, f"diffusers-{mode}")]["speedup"] for m, d, mode in groups], "tab:orange"),
+        "OpenDiT parallelize": ([rows[(m, d, f"ours-{mode}")]["speedup"] for m, d, mode in groups], "tab:blue"),
+    }  # fmt: skip
+    quick = " [--quick]" if job["size"] == "quick" else ""
+    labels = [f"{m}\n{d}\n{mode}" for m, d, mode in groups]
+    speedup_bars(path, labels, series, "2 gloo ranks x 1 thread vs 1 process x 1 thread" + quick)
 
 
 def render(result: dict, out: Path) -> dict[str, Path]:
     """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
-    return write_report(out, result, markdown(result), plot=lambda path: write_plot(result, path))
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -791,12 +760,9 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true", help="fewer tokens and blocks: a smoke test, not a measurement")
     parser.add_argument("--warmup-each-pass", action="store_true", help="a warm-up forward before every timed one")
-    parser.add_argument("--out", default=str(RESULTS / "vs_diffusers"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "vs_diffusers")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        render(json.loads(path.read_text()), path)
+    if render_only(args, render):
         return 0
     passes = args.passes or (2 if args.quick else 5)
     job = {
@@ -821,9 +787,8 @@ def main() -> int:
         **result,
         "loadavg_at_end": os.getloadavg(),
     }
-    paths = render(result, Path(args.out))
-    log(f"wrote {', '.join(map(str, paths.values()))}; wall {result['wall_s']:.0f} s")
-    print(paths["md"].read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, bar_plot, machine, write_report
+from common import RESULTS, ROOT, bar_plot, finish, machine, render_only, report_args
 
 CACHE = RESULTS / "whole_cache"
 MIB = 2**20
@@ -184,25 +184,23 @@ def plot(result: dict, path: Path) -> None:
     bar_plot(path, names, series, "MiB", title)
 
 
+def render(result: dict, out) -> dict:
+    return finish(out, result, table(result), plot=lambda path: plot(result, path))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="DiT-XL/2")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "whole_command"))
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the .md and .png of an existing result JSON")
+    report_args(parser, "whole_command")
     args = parser.parse_args(argv)
-    if args.render:
-        result = json.loads(Path(args.render).read_text())
-        write_report(args.render, result, table(result), plot=lambda path: plot(result, path))
+    if render_only(args, render):
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         result = whole_command(args.model, args.image_size, args.passes, Path(scratch))
     result |= {"machine": machine()}
-    text = table(result)
-    paths = write_report(args.out, result, text, plot=lambda path: plot(result, path))
-    print(text)
-    print(f"-> {', '.join(map(str, paths.values()))}")
+    render(result, args.out)
     return 0
 
 

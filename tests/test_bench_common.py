@@ -68,10 +68,12 @@ def test_every_opendit_import_exists(script):
 
 
 def test_every_script_imports():
-    """All scripts imported in one fresh interpreter (the way they run: their folder on sys.path), none executed."""
+    """All scripts imported in one fresh interpreter (the way they run: their folder on sys.path), none executed;
+    first the public names of the README's tour (from opendit import Engine, ParallelConfig, parallelize, generate)."""
     code = (
         "import importlib, sys\n"
         f"sys.path[:0] = [{str(BENCH)!r}, {str(ROOT / 'src')!r}]\n"
+        "from opendit import Engine, ParallelConfig, parallelize, generate  # the README's tour, fresh\n"
         f"for name in {sorted(NAMES)!r}:\n"
         "    importlib.import_module(name)\n"
         "print('ok')\n"
@@ -128,3 +130,32 @@ def test_shared_helpers(common):
     assert common.rel_err(a + 0.01, a) == pytest.approx(0.01)
     assert common.PLANS["ring"] == {"ring": 2}
     assert common.xl_width_config(1024, 2).depth == 2
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.stem != "common"], ids=lambda p: p.name)
+def test_every_script_writes_through_the_report_writer_and_rerenders(script):
+    text = script.read_text()
+    assert "render_only(" in text, f"{script.name}: no --render (re-render its result from the JSON, no measurement)"
+    assert "finish(" in text or "write_report(" in text, f"{script.name}: write through common.finish/write_report"
+
+
+def test_render_option_rewrites_from_the_json(common, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.report_args(parser, "toy")
+    assert parser.parse_args([]).out.endswith("toy") and parser.parse_args([]).render is None
+    result = {"rows": [{"setting": "a", "s": 1.0}]}
+    paths = common.write_report(tmp_path / "toy", result, "| setting | s |\n|---|---|\n| a | 1.0 |")
+    before = paths["json"].stat().st_mtime_ns
+    seen = []
+
+    def render(got, path):
+        seen.append((got, path))
+        return common.finish(path, got, "| setting | s |\n|---|---|\n| a | 1.00 |")
+
+    assert common.render_only(parser.parse_args(["--from-json", str(paths["json"])]), render)
+    assert seen == [(result, paths["json"])]
+    assert paths["md"].read_text().endswith("| a | 1.00 |\n")
+    assert paths["json"].stat().st_mtime_ns == before  # the measured JSON is left as it was
+    assert not common.render_only(parser.parse_args([]), render)

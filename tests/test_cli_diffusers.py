@@ -185,7 +185,7 @@ def test_bad_input_is_one_error_line_before_any_process_starts(folders, tmp_path
         (edited_copy(pixart, tmp_path / "none", {"transformer": None}), [], "has no transformer"),
         (flux, ["--nproc", "2", "--cfg-parallel"], "calls the transformer once per guidance branch"),
         (pixart, ["--nproc", "2", "--dp", "2"], "dp degree 2 exceeds the 1 prompt(s)"),
-        (pixart, ["--nproc", "2", "--memory-gib", "0.0001"], "text encoders and VAE alone take"),
+        (pixart, ["--nproc", "2", "--memory-gib", "0.0001"], "besides the transformer, a rank holds"),
         (pixart, ["--frames", "5"], "PixArtAlphaPipeline takes no num_frames argument; drop --frames"),
         (pixart, ["--nproc", "2", "--ring", "2", "--balance-tokens"], "--balance-tokens re-splits the tokens"),
         (pixart, ["--classes", "1"], "pass --classes (OpenDiT's class-conditional DiT) or --prompt"),

@@ -88,3 +88,30 @@ def test_each_encoder_on_one_rank_equals_every_rank_encoding(flux, tmp_path):
     # each rank holds only its own encoder: CLIP on rank 0, T5 on rank 1, together what every rank held before
     assert 0 < ranks[0]["text_encoder_bytes"] < both and 0 < ranks[1]["text_encoder_bytes"] < both
     assert ranks[0]["text_encoder_bytes"] + ranks[1]["text_encoder_bytes"] == both
+
+
+# every tiny family with text encoders: PixArt's T5, SD3's CLIP-L + CLIP-G + T5 (over 2 ranks: 0, 1, 0), Wan's UMT5
+FAMILIES = {"pixart": ([], 1), "sd3": ([], 3), "wan": (["--frames", "5"], 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_encoders_once_equal_every_rank_encoding_on_each_family(kind, tmp_path):
+    folder = save_tiny_pipeline(kind, tmp_path / kind, seed=0)
+    flags, count = FAMILIES[kind]
+    assert len(text_encoder_names(folder)) == count
+
+    def run(out, *extra):
+        argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", "--out", str(tmp_path / out),
+                "--no-progress", "--nproc", "2", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], *flags,
+                *extra]  # fmt: skip
+        assert main(argv) == 0
+        files = sorted((tmp_path / out).glob("[0-9][0-9][0-9]_prompt-*.png"))
+        record = json.loads((tmp_path / out / "record.json").read_text())
+        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), record
+
+    once, record = run("once")
+    every, _ = run("every", "--encode-every-rank")
+    assert np.array_equal(once, every)  # bit for bit
+    owners = encoder_owners(text_encoder_names(folder), 2)
+    assert record["ranks"][0]["loading"]["text_encoders"] == {n: f"rank {r}" for n, r in owners.items()}

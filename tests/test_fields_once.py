@@ -175,3 +175,17 @@ def test_each_request_field_is_declared_in_exactly_one_place():
 def test_the_server_body_is_strict_about_unknown_fields():
     model = json_body_model()
     assert issubclass(model, BaseModel) and model.model_config.get("extra") == "forbid"
+
+
+def test_commands_that_borrow_a_field_keep_their_own_defaults():
+    """plan, convert, calibrate, eval and train take some request fields' flags with defaults of their own."""
+    from opendit.cli import build_parser
+
+    parser = build_parser()
+    ev = parser.parse_args(["eval"])
+    assert (ev.out, ev.seed, ev.steps, ev.cfg_scale, ev.ckpt) == (None, 0, None, None, None)  # no report file
+    plan = parser.parse_args(["plan", "--nproc", "2"])
+    assert (plan.model, plan.cfg_scale, plan.steps, plan.dtype) == ("DiT-XL/2", 4.0, 50, None)
+    convert = parser.parse_args(["convert", "a.pt", "b.safetensors"])
+    assert (convert.model, convert.image_size, convert.dtype) == (None, None, None)
+    assert parser.parse_args(["calibrate"]).nproc == 2

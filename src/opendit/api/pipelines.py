@@ -96,6 +96,10 @@ def inspect_pipeline(folder: str | Path) -> dict:
     files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin") and f.is_file()]
     weights = sum(f.stat().st_size for f in files)
     transformer_bytes = sum(f.stat().st_size for f in files if f.relative_to(path).parts[0] == "transformer")
+    component_bytes: dict[str, int] = {}  # weight files per component folder (text_encoder, vae, ...)
+    for f in files:
+        component = f.relative_to(path).parts[0]
+        component_bytes[component] = component_bytes.get(component, 0) + f.stat().st_size
     return {
         "folder": str(path.resolve()),
         "pipeline_class": pipeline,
@@ -111,6 +115,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "id2label": index.get("id2label"),
         "weight_bytes": weights,
         "transformer_bytes": transformer_bytes,
+        "component_bytes": component_bytes,
     }
 
 
@@ -373,7 +378,7 @@ def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tup
     if world == 1 or plan.world_size != 1:
         return plan, []
     if settings.parallel_auto or settings.memory_gib is not None:
-        return auto_pipeline_plan(plan, info, world, settings.memory_gib)
+        return auto_pipeline_plan(plan, info, world, settings.memory_gib, settings)
     heads = info["num_heads"]
     ring = plan.sp_impl == "ring" or (plan.sp_impl == "auto" and heads % world != 0)
     chosen = replace(plan, ring=world) if ring else replace(plan, ulysses=world)
@@ -381,12 +386,16 @@ def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tup
     return chosen, [f"plan chosen automatically: {chosen.describe()} ({why})"]
 
 
-def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib: float | None = None):
+def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib: float | None = None,
+                       settings: EngineRequest | None = None):  # fmt: skip
     """--parallel auto / --memory-gib G: the planner's fastest plan from the transformer's cost view
-    (integrations/diffusers_cost.py) at its configured sample size (one image; 256 text tokens where text joins the
-    attention). Under G, every rank also holds the pipeline's other components whole (text encoders, VAE: their
-    weight files' bytes), so the transformer's plan must fit what they leave."""
+    (planning/diffusers_cost.py) at its configured sample size (one image; 256 text tokens where text joins the
+    attention). Under G, each rank also holds what planning/pipeline_memory.py counts: the text encoders it owns
+    (all of them with --encode-every-rank), the VAE and other weights, and the decode phase's activation (a band
+    when the decode is split), so the transformer's plan must fit what they leave."""
+    from opendit.models.precision import parse_dtype
     from opendit.planning.diffusers_cost import diffusers_auto_plan
+    from opendit.planning.pipeline_memory import pipeline_memory
 
     config = info["transformer_config"]
     patch = config.get("patch_size", 1)
@@ -394,20 +403,49 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib:
     side = max(int(config.get("sample_size") or 64) // int(patch), 1)
     budget, notes = None, []
     if memory_gib is not None:
-        others = info["weight_bytes"] - info["transformer_bytes"]
-        budget = memory_gib * 2**30 - others
+        every_rank = bool(settings is not None and settings.encode_every_rank)
+        height, width, frames = _output_geometry(info)
+        dtype_bytes = parse_dtype(settings.dtype if settings is not None else "fp32").itemsize
+        split = _vae_split_planned(settings.vae_parallel if settings is not None else None, info, world, height)
+        held = pipeline_memory(info, world, every_rank, split, height, width, frames, dtype_bytes)
+        budget = memory_gib * 2**30 - held.total
         if budget <= 0:
+            fix = "drop --encode-every-rank, " if every_rank else ""
             raise OpenDiTError(
-                f"--memory-gib {memory_gib:g}: the pipeline's text encoders and VAE alone take {others / 2**30:.2f} "
-                "GiB on every rank (they are not split over ranks); give more memory"
+                f"--memory-gib {memory_gib:g}: besides the transformer, a rank holds {held.describe()} "
+                f"({held.total / 2**30:.3g} GiB); {fix}give more memory or more processes"
             )
-        notes.append(f"memory: the transformer's plan fits {budget / 2**30:.2f} GiB per rank, after "
-                     f"{others / 2**30:.2f} GiB of encoders and VAE held whole")  # fmt: skip
+        notes.append(f"memory: the transformer's plan fits {budget / 2**30:.3g} GiB per rank, after "
+                     f"{held.describe()}{' (decode split over the ranks)' if split else ''}")  # fmt: skip
     best, why = diffusers_auto_plan(meta_transformer(info), world, 1, True, side * side, 256, memory_bytes=budget)
     chosen = replace(
         plan, dp=best.dp, cfg=best.cfg, ulysses=best.ulysses, ring=best.ring, tp=best.tp, sp_impl=best.sp_impl
     )
     return chosen, [f"plan chosen by the planner at {side * side} image tokens: {why.splitlines()[0]}", *notes]
+
+
+def _output_geometry(info: dict) -> tuple[int, int, int]:
+    """(height, width, frames decoded at once) of the folder's default output, in pixels."""
+    call, config = info["call"], info["transformer_config"]
+    side = int(config.get("sample_size") or 64) * 8  # latent side x the usual VAE factor, where the call has no size
+    height, width = int(call.get("height") or side), int(call.get("width") or side)
+    return height, width, 4 if info.get("video") else 1  # video VAEs decode a latent frame (4 frames) at a time
+
+
+def _vae_split_planned(mode: bool | None, info: dict, world: int, height: int) -> bool:
+    """Whether the decode will run split (parallel/vae.py's rule: --vae-parallel, or auto when every rank gets at
+    least AUTO_MIN_ROWS latent rows of a VAE that has a split plan)."""
+    from opendit.parallel.vae import AUTO_MIN_ROWS, vae_refusal
+
+    if mode is False or world == 1:
+        return False
+    vae_file = Path(info["folder"]) / "vae" / "config.json"
+    vae_config = _read_json(vae_file, info["folder"]) if vae_file.is_file() else {}
+    index = _read_json(Path(info["folder"]) / "model_index.json", info["folder"])
+    vae_class = (index.get("vae") or [None, None])[1]
+    if vae_refusal(vae_class, vae_config) is not None:
+        return False
+    return bool(mode) or height // 8 >= AUTO_MIN_ROWS * world
 
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:

@@ -116,7 +116,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampler call (default: 50)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--use-model", choices=["ema", "model"], default="ema", help="for .pt: which weights")
-    add_field_flags(parser, call_model(), {"out": {"help": "also write the JSON report to this file"}})
+    add_field_flags(parser, call_model(), {"out": {"default": None, "help": "also write the JSON report to this file"}})
     parser.add_argument(
         "--video", action="store_true", help="judge the digits VIDEO model (default: the bundled one): per-frame digit "
         "and direction accuracy over the 40 digit x direction conditions",
