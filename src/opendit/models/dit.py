@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
-from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset
+from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset, pixel_space
 from opendit.models.layers import (
     LabelEmbedder,
     Mlp,
@@ -87,15 +87,7 @@ def preset(name: str) -> DiTConfig:
 
 def pixel_config(name: str, size: int, channels: int = 1, num_classes: int = 10, prediction: str = "flow") -> DiTConfig:
     """A preset's architecture as a pixel-space model (no VAE, no learned sigma) on size x size x channels images."""
-    return replace(
-        preset(name),
-        input_size=(size, size),
-        in_channels=channels,
-        num_classes=num_classes,
-        learn_sigma=False,
-        latent=False,
-        prediction=prediction,
-    )
+    return pixel_space(preset(name), size, channels, num_classes, prediction)
 
 
 class DiTBlock(nn.Module):
@@ -191,6 +183,21 @@ class DiTParts:
         """The fixed positions of this size, (1, T, C) float64 on the CPU."""
         return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
 
+    def initialize_unless_meta(self) -> None:
+        """Initialise, unless built on meta (sharded loading: the weights come from the file)."""
+        if not any(p.is_meta for p in self.parameters()):
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The official DiT initialisation (Latte's is the same): xavier linears, zeroed adaLN and output layers
+        (adaLN-Zero), and the fixed sin-cos tables."""
+        adaln_zero_init(self)
+        self.reset_fixed_embeddings()
+
+    def reset_fixed_embeddings(self) -> None:
+        self.reset_pos_embed()
+
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
         if not self.pos_embed.is_meta:  # on meta (sharded loading) the positions are filled after materialising
@@ -218,14 +225,7 @@ class DiT(DiTParts, nn.Module):
         self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
         self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
         self.gradient_checkpointing = False
-        if not any(p.is_meta for p in self.parameters()):
-            self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        adaln_zero_init(self)
-        self.reset_pos_embed()
+        self.initialize_unless_meta()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -263,8 +263,12 @@ def perturb_weights(model: DiT, std: float, seed: int = 0) -> DiT:
 
 def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
     """Build on `device` in `dtype`; on "meta" no memory is allocated and no init runs (weights come from a load)."""
+    return build_on(DiT, config, device, dtype)
+
+
+def build_on(model_class: type, config, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     with torch.device(device):
-        model = DiT(config)
+        model = model_class(config)
     return model.to(dtype)
 
 

@@ -33,9 +33,9 @@ from opendit.models.dit import (
     DIT_TENSOR_SPLIT,
     DiTBlock,
     DiTParts,
-    adaln_zero_init,
+    build_on,
 )
-from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset
+from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset, pixel_space
 from opendit.models.layers import sincos_1d, unpatchify
 from opendit.models.precision import check_finite, residual_dtype
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
@@ -126,14 +126,7 @@ class VideoDiT(DiTParts, nn.Module):
         self.to_spatial: nn.Module = nn.Identity()  # DSP: (B, F, T_r, C) -> (B, F_r, T, C)
         self.frame_gather: nn.Module = nn.Identity()  # (B, F_r, T, *) -> (B, F, T, *)
         self.position_gather: nn.Module = nn.Identity()  # (B, F, T_r, *) -> (B, F, T, *)
-        if not any(p.is_meta for p in self.parameters()):
-            self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Latte's (= DiT's) initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        adaln_zero_init(self)
-        self.reset_fixed_embeddings()
+        self.initialize_unless_meta()
 
     def sincos_frames(self) -> torch.Tensor:
         """(1, F, C) float64: the temporal table (1-D sin-cos over frame indices, sin half first, as Latte)."""
@@ -200,24 +193,12 @@ class VideoDiT(DiTParts, nn.Module):
 def build_video_dit(
     config: VideoDiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> VideoDiT:
-    with torch.device(device):
-        model = VideoDiT(config)
-    return model.to(dtype)
+    return build_on(VideoDiT, config, device, dtype)
 
 
 def pixel_video_config(name: str, size: int, frames: int, channels: int = 1, num_classes: int = 40, **kw):
     """A preset's architecture as a pixel-space flow model on size x size x channels videos of `frames` frames."""
-    return replace(
-        preset(name),
-        input_size=(size, size),
-        frames=frames,
-        in_channels=channels,
-        num_classes=num_classes,
-        learn_sigma=False,
-        latent=False,
-        prediction="flow",
-        **kw,
-    )
+    return pixel_space(preset(name), size, channels, num_classes, "flow", frames=frames, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ the parallel spec
