@@ -84,6 +84,7 @@ def test_split_decode_equals_one_process(kind, world, rows):
         assert out.shape == expected.shape, (rank, out.shape, expected.shape)
         error = (out - expected).abs().max().item()
         assert error <= TOLERANCE, (rank, error)
+        print(f"{kind} world {world} rank {rank}: max |split - whole| = {error:.2e}")
         assert np.abs(uint8(out) - uint8(expected)).max() <= 1
         assert torch.equal(tupled, out)  # return_dict=False: the same decode, as a tuple
         assert last["split"] and sum(last["latent_rows"]) == rows and len(last["latent_rows"]) == world
