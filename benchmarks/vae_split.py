@@ -78,13 +78,13 @@ def worker(rank: int, world: int, args: dict) -> dict:
                     comm.stats.reset()
                 before = rss_bytes()
                 reset_peak_rss()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 with torch.no_grad():
                     out = vae.decode(z).sample  # (1, 3, size, size)
-                seconds = time.perf_counter() - start
+                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
                 peak = peak_rss_bytes()
                 passes.append({"pass": index, "config": config, "seconds": seconds, "rss_before": before,
-                               "decode_peak": peak, "decode_working": peak - before,  # fmt: skip
+                               "decode_peak": peak, "decode_working": peak - before, "cpu_s": cpu,  # fmt: skip
                                "comm": comm.stats.snapshot() if config == "split" else None})  # fmt: skip
                 image = out
             dist.barrier()
@@ -105,6 +105,7 @@ def summarise(results: list[dict]) -> dict:
         for index in sorted(by_pass):
             entries = by_pass[index]
             rows.append({key: max(e[key] for e in entries) for key in ("seconds", "decode_peak", "decode_working")})
+            rows[-1]["cpu_s"] = [e["cpu_s"] for e in entries]  # CPU seconds of each decoding rank (all threads)
             if config == "split":  # seconds blocked in the split's collectives (halos, norms, ...), per rank
                 rows[-1]["comm_wait_s"] = [sum(v["wait_s"] for v in e["comm"].values()) for e in entries]
                 rows[-1]["comm_calls"] = {k: v["calls"] for k, v in entries[0]["comm"].items()}
@@ -122,6 +123,10 @@ def summarise(results: list[dict]) -> dict:
     table["speedup_median"] = whole["seconds_median"] / split["seconds_median"]
     table["decode_peak_ratio"] = split["decode_peak_median"] / whole["decode_peak_median"]
     table["decode_working_ratio"] = split["decode_working_median"] / whole["decode_working_median"]
+    table["cpu_s_median"] = {
+        "whole": statistics.median(r["cpu_s"][0] for r in whole["per_pass"]),
+        "split_max_rank": statistics.median(max(r["cpu_s"]) for r in split["per_pass"]),
+    }
     return table
 
 
@@ -141,7 +146,12 @@ def render(record: dict, out) -> dict:
         lines.append(f"| {name} | {row['seconds_min']:.1f} | {row['seconds_median']:.1f} | "
                      f"{row['decode_peak_median'] / MIB:.0f} | {row['decode_working_median'] / MIB:.0f} |")  # fmt: skip
     waits = [max(r["comm_wait_s"]) for r in s["per_pass"]]
+    cpu_whole = statistics.median(r["cpu_s"][0] for r in w["per_pass"])
+    cpu_split = statistics.median(max(r["cpu_s"]) for r in s["per_pass"])
     lines += [
+        "",
+        f"CPU time of a decoding rank (median): {cpu_whole:.1f} s whole, {cpu_split:.1f} s per split rank (the larger; "
+        f"{cpu_split / cpu_whole:.2f}x): what each rank computes, whatever the machine's load.",
         "",
         f"The split's ranks were blocked in its collectives (halo exchanges, group-norm statistics, attention keys and "
         f"values, the final gather) {statistics.median(waits):.1f} s per pass (median of the slower rank), calls "

@@ -84,6 +84,7 @@ def test_split_decode_equals_one_process(kind, world, rows):
         assert out.shape == expected.shape, (rank, out.shape, expected.shape)
         error = (out - expected).abs().max().item()
         assert error <= TOLERANCE, (rank, error)
+        print(f"{kind} world {world} rank {rank}: max |split - whole| = {error:.2e}")
         assert np.abs(uint8(out) - uint8(expected)).max() <= 1
         assert torch.equal(tupled, out)  # return_dict=False: the same decode, as a tuple
         assert last["split"] and sum(last["latent_rows"]) == rows and len(last["latent_rows"]) == world
@@ -212,3 +213,11 @@ def test_cli_dit_vae_parallel_two_processes_equal_one(tiny_vae, tmp_path, capsys
     assert pixels["one"].shape == pixels["two"].shape and np.abs(pixels["one"] - pixels["two"]).max() <= 1
     record = json.loads((tmp_path / "two" / "record.json").read_text())
     assert record["parallel"]["vae_decode"]["split"] and record["parallel"]["vae_decode"]["latent_rows"] == [4, 4]
+
+
+def test_a_pixel_space_model_refuses_vae_parallel():
+    from opendit.generation import GenerationRequest, resolve_engine
+
+    with pytest.raises(OpenDiTError, match="this model is pixel-space \\(no VAE\\); drop it"):
+        resolve_engine(GenerationRequest(vae_parallel=True, nproc=2))  # the shipped digits model: pixels
+    assert resolve_engine(GenerationRequest(vae_parallel=False, nproc=2)).world == 2
