@@ -3,19 +3,25 @@ everything) vs lean sharded loading (`--shard-weights --encoder-shard`, parallel
 -> benchmarks/results/pipeline_memory.{json,md,png}; the method and the numbers are in docs/memory.md.
 
     .venv/bin/python benchmarks/pipeline_memory.py                  # 2 passes, the sizes below
-    .venv/bin/python benchmarks/pipeline_memory.py --passes 1 --t5-layers 8 --layers 4   # quick
+    .venv/bin/python benchmarks/pipeline_memory.py --passes 1 --t5-layers 4 --layers 2   # quick (not a result)
 
 Pipeline: the tiny PixArt-alpha folder (opendit.testing.tiny_pipelines: its tokenizer, scheduler and tiny VAE) with
 its transformer and text encoder replaced by big ones with random weights (seed 0, normal std 0.02, norms 1), built
 from configs with diffusers / transformers classes and saved with save_pretrained (T5 in 500 MB safetensors shards
-with an index): PixArtTransformer2DModel, 16 heads x 64 (width 1024), `--layers` blocks (12: 0.83 GB fp32), and
-T5EncoderModel, d_model 1024, gated-GELU d_ff 2816, `--t5-layers` blocks (32: 1.64 GB fp32, 2x the transformer),
-vocabulary 1000 (the tiny tokenizer's). fp32 storage.
+with an index): PixArtTransformer2DModel, 12 heads x 64 (width 768), `--layers` blocks (24: 0.91 GB fp32), and
+T5EncoderModel, d_model 768, 12 heads x 64, gated-GELU d_ff 2048, `--t5-layers` blocks (60: 1.7 GB fp32, 1.9x the
+transformer), vocabulary 1000 (the tiny tokenizer's). fp32 storage. Many thin blocks rather than a few wide ones:
+a block is 1/24 of the transformer and 1/60 of the encoder, near the real models' shares (PixArt-alpha 28 blocks,
+FLUX.1 57; T5-XXL 24 blocks of 0.4 GB in bf16, a larger share than here), since the sharded path holds one or two
+gathered units on top of its shards. The
+machine this ran on has 24 GiB shared with others: the sizes keep 4 ranks of today's path under 16 GiB, and a
+"today" run that would not fit in the memory available when it starts is skipped (recorded, not estimated).
 
-Each configuration is the whole command, `opendit sample --diffusers DIR` (32x32 image, 1 step, 1 prompt), a fresh
-job; configurations alternate within a pass (today 1, today 2, lean 2, today 4, lean 4, then again). "today N":
-`--nproc N --ulysses N --encode-every-rank` (every rank loads the whole pipeline); "lean N": `--nproc N --ulysses N
---shard-weights --encoder-shard` (no rank ever holds the transformer or the encoder whole). The figure per run is the
+Each configuration is the whole command, `opendit sample --diffusers DIR` (32x32 image, 2 steps, as PixArt-alpha
+takes 1 step as its DMD one-step path; 1 prompt), a fresh job; configurations alternate within a pass (today 1,
+today 2, lean 2, today 4, lean 4, then again). "today N": `--nproc N --ulysses N --encode-every-rank` (every rank loads
+the whole pipeline); "lean N": `--nproc N --ulysses N --shard-weights --encoder-shard` (no rank ever holds the
+transformer or the encoder whole). The figure per run is the
 MAXIMUM over ranks of record.json's `process_peak_bytes` (each rank's whole-process resident-set high-water mark, from
 its start: interpreter, torch, diffusers, transformers, weights, loading transients, the call); the launcher process
 (`--nproc` parent, no weights) is not counted. Ratios divide by today's 1-process peak (the per-process baseline).
@@ -71,14 +77,14 @@ def build_folder(folder: Path, layers: int, t5_layers: int) -> dict:
     from opendit.testing.tiny_pipelines import save_tiny_pipeline
 
     save_tiny_pipeline("pixart", folder, seed=0)
-    t5_config = T5Config(vocab_size=1000, d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=t5_layers,
+    t5_config = T5Config(vocab_size=1000, d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=t5_layers,
                          feed_forward_proj="gated-gelu", dropout_rate=0.0, relative_attention_num_buckets=32,
                          relative_attention_max_distance=128, pad_token_id=0, eos_token_id=1, use_cache=False,
                          is_encoder_decoder=False)  # fmt: skip
     tiny = json.loads((folder / "transformer" / "config.json").read_text())
     keep = {k: v for k, v in tiny.items() if not k.startswith("_")}
-    keep.update(num_layers=layers, num_attention_heads=16, attention_head_dim=64, caption_channels=1024,
-                cross_attention_dim=1024, norm_num_groups=32)  # fmt: skip
+    keep.update(num_layers=layers, num_attention_heads=12, attention_head_dim=64, caption_channels=768,
+                cross_attention_dim=768, norm_num_groups=32)  # fmt: skip
     sizes = {}
     with init_empty_weights():
         t5 = T5EncoderModel(t5_config)
@@ -99,7 +105,7 @@ def build_folder(folder: Path, layers: int, t5_layers: int) -> dict:
 def run_one(folder: Path, label: str, out: Path, env: dict) -> dict:
     """One whole command; the per-rank peaks from its record.json."""
     ranks, extra = CONFIGS[label]
-    cmd = [sys.executable, "-m", "opendit", "sample", "--diffusers", str(folder), "--steps", "1", "--seed", "0",
+    cmd = [sys.executable, "-m", "opendit", "sample", "--diffusers", str(folder), "--steps", "2", "--seed", "0",
            "--image-size", "32", "--prompt", "a red cat", "--no-progress", "--out", str(out),
            "--dtype", "fp32"]  # fmt: skip
     cmd += ["--nproc", str(ranks), *extra] if ranks > 1 else []
@@ -119,7 +125,20 @@ def run_one(folder: Path, label: str, out: Path, env: dict) -> dict:
             "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}  # fmt: skip
 
 
+def fits(label: str, runs: list[dict]) -> bool:
+    """Whether a run of `label` fits now: N ranks x today's 1-process peak (+ the launcher) under MemAvailable less
+    2 GiB (lean runs hold less than today's; a first run is allowed)."""
+    ranks = CONFIGS[label][0]
+    base = [r["peak_max_mib"] for r in runs if r["label"] == "today 1" and "peak_max_mib" in r]
+    if ranks == 1 or not base:
+        return True
+    need = (ranks * max(base) if label.startswith("today") else ranks * 0.7 * max(base)) + 600
+    available = next(int(ln.split()[1]) // 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable"))
+    return need <= available - 2048
+
+
 def summarise(runs: list[dict]) -> list[dict]:
+    runs = [r for r in runs if "peak_max_mib" in r]
     base = statistics.median(r["peak_max_mib"] for r in runs if r["label"] == "today 1")
     rows = []
     for label in CONFIGS:
@@ -165,8 +184,8 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--t5-layers", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--t5-layers", type=int, default=60)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--out", default=str(RESULTS / "pipeline_memory"))
     args = parser.parse_args()
@@ -178,6 +197,10 @@ def main() -> None:
         runs = []
         for index in range(args.passes):
             for label in args.configs:
+                if not fits(label, runs):
+                    runs.append({"label": label, "skipped": "memory: would not fit in MemAvailable - 2 GiB"})
+                    print(json.dumps(runs[-1]), flush=True)
+                    continue
                 run = run_one(folder, label, Path(tmp) / f"{label.replace(' ', '_')}_{index}", env)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
