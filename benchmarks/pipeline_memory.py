@@ -132,21 +132,24 @@ def fits(label: str, runs: list[dict]) -> bool:
     base = [r["peak_max_mib"] for r in runs if r["label"] == "today 1" and "peak_max_mib" in r]
     if ranks == 1 or not base:
         return True
-    need = (ranks * max(base) if label.startswith("today") else ranks * 0.7 * max(base)) + 600
+    # today: every rank holds it all; lean: the weights once over the ranks, plus ~600 MiB per process
+    need = (ranks * max(base) if label.startswith("today") else max(base) + ranks * 600) + 600
     available = next(int(ln.split()[1]) // 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable"))
     return need <= available - 2048
 
 
 def summarise(runs: list[dict]) -> list[dict]:
     runs = [r for r in runs if "peak_max_mib" in r]
-    base = statistics.median(r["peak_max_mib"] for r in runs if r["label"] == "today 1")
+    ones = [r["peak_max_mib"] for r in runs if r["label"] == "today 1"]
+    base = statistics.median(ones) if ones else None  # a run without today 1 has no ratios
     rows = []
     for label in CONFIGS:
         mine = [r["peak_max_mib"] for r in runs if r["label"] == label]
         if not mine:
             continue
         rows.append({"label": label, "runs": len(mine), "min_mib": min(mine), "median_mib": statistics.median(mine),
-                     "ratio_median": statistics.median(mine) / base, "ratio_min": min(mine) / base,
+                     "ratio_median": statistics.median(mine) / base if base else None,
+                     "ratio_min": min(mine) / base if base else None,
                      "target": TARGETS.get(label)})  # fmt: skip
     return rows
 
@@ -155,9 +158,10 @@ def table(result: dict) -> str:
     rows = []
     for row in result["rows"]:
         target = row["target"]
-        verdict = "" if target is None else ("met" if row["ratio_median"] <= target else "missed")
+        ratio = row["ratio_median"]
+        verdict = "" if target is None or ratio is None else ("met" if ratio <= target else "missed")
         rows.append([row["label"], row["runs"], f"{row['min_mib']:.0f}", f"{row['median_mib']:.0f}",
-                     f"{row['ratio_median']:.2f}", f"<= {target}" if target else "", verdict])  # fmt: skip
+                     "–" if ratio is None else f"{ratio:.2f}", f"<= {target}" if target else "", verdict])  # fmt: skip
     sizes = result["meta"]["sizes_bytes"]
     head = (f"Pipeline weights: transformer {sizes['transformer'] / MIB:.0f} MiB, T5 "
             f"{sizes['text_encoder'] / MIB:.0f} MiB (fp32). Max over ranks of the whole-process peak RSS; "
