@@ -30,6 +30,10 @@ from opendit.models.precision import parse_dtype
 from opendit.parallel.encoders import encoder_owners, place_encoders, skipped_components, text_encoder_names
 from opendit.parallel.hooks import runtime_step_hooks
 
+# glibc's mmap threshold in sharded CPU pipeline workers: 64 KiB, not the DiT path's 1 MiB. A T5 of 12 28-MiB units
+# over 2 ranks kept 44 MiB resident after its first forward at 1 MiB (small gathered tensors left in the heap), 14 MiB
+# at 64 KiB; a pipeline has one or two hundred units.
+PIPELINE_MMAP_THRESHOLD = 1 << 16
 DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
@@ -85,12 +89,10 @@ class PipelineRunner:
         if spec.world > 1 and not spec.settings.encode_every_rank:  # each other text encoder on one rank
             owners = encoder_owners([name for name in names if name not in shard], spec.world)
         lean = lean_denoisers(spec) if spec.world > 1 else []
-        if lean or shard:  # gathered weights freed to the OS at once, else glibc keeps them (sampler_runner.py)
-            from opendit.engine.sampler_runner import SHARDED_MMAP_THRESHOLD
+        if (lean or shard) and device.type == "cpu":  # gathered weights freed to the OS at once (sampler_runner.py)
             from opendit.observe.memory import exact_malloc
 
-            if device.type == "cpu":
-                exact_malloc(SHARDED_MMAP_THRESHOLD)
+            exact_malloc(PIPELINE_MMAP_THRESHOLD)
         left_out = {**skipped_components(owners, rank), **dict.fromkeys([*lean, *shard])}
         with contextlib.nullcontext() if bars else _no_loading_bars():
             self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, **left_out)
