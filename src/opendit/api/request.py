@@ -401,6 +401,11 @@ class EngineRequest(Schema):
         "broadcast, so N ranks hold one copy)", what=_SWITCH, example="pass --encode-every-rank or leave it out",
         cli={"group": "diffusers"},
     )  # fmt: skip
+    encoder_shard: Switch = described(  # FSDP2 over all ranks, loaded lean (parallel/lean_pipeline.py)
+        False, help="shard each text encoder's weights over all ranks (FSDP2, its blocks as units; every rank runs it "
+        "with gathered weights, each loads 1/N from the folder's safetensors): for an encoder one rank cannot hold",
+        what=_SWITCH, example="pass --encoder-shard or leave it out", cli={"group": "diffusers"},
+    )  # fmt: skip
     video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)
         False, help="sample videos: GIF + lossless PNG frames per video", what=_SWITCH,
         example="pass --video or leave it out", cli={"group": "video"},
@@ -418,6 +423,10 @@ class EngineRequest(Schema):
             )
         if self.encode_every_rank and self.diffusers is None:
             raise OpenDiTError("--encode-every-rank places a pipeline's text encoders: it needs --diffusers DIR")
+        if self.encoder_shard and self.diffusers is None:
+            raise OpenDiTError("--encoder-shard shards a pipeline's text encoders: it needs --diffusers DIR")
+        if self.encoder_shard and self.encode_every_rank:
+            raise OpenDiTError("--encoder-shard and --encode-every-rank place the text encoders two ways; drop one")
         return self
 
     def plan(self) -> ParallelConfig | None:

@@ -13,8 +13,10 @@ converts the output.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,10 @@ from opendit.models.precision import parse_dtype
 from opendit.parallel.encoders import encoder_owners, place_encoders, skipped_components, text_encoder_names
 from opendit.parallel.hooks import runtime_step_hooks
 
+# glibc's mmap threshold in sharded CPU pipeline workers: 64 KiB, not the DiT path's 1 MiB. A T5 of 12 28-MiB units
+# over 2 ranks kept 44 MiB resident after its first forward at 1 MiB (small gathered tensors left in the heap), 14 MiB
+# at 64 KiB; a pipeline has one or two hundred units.
+PIPELINE_MMAP_THRESHOLD = 1 << 16
 DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
@@ -47,6 +53,16 @@ def load_pipeline(folder: str, dtype: str, device: torch.device, **components):
     return pipe.to(device)
 
 
+def lean_denoisers(spec: PipelineSpec) -> list[str]:
+    """The denoisers loaded lean (built on meta, sharded, filled from the folder): under --shard-weights over a
+    sequence-parallel group without tensor parallelism (whose split is applied to loaded weights)."""
+    plan = spec.plan
+    if not (plan.shard_weights and plan.sp_degree > 1 and plan.tp == 1):
+        return []
+    index = json.loads((Path(spec.folder) / "model_index.json").read_text())
+    return [name for name in DENOISERS if isinstance(index.get(name), list) and index[name][0] is not None]
+
+
 def to_uint8(output) -> tuple[np.ndarray, np.ndarray | None]:
     """A pipeline's output_type="np" output -> (images (N, H, W, C), frames (N, F, H, W, C) or None), uint8."""
     frames = getattr(output, "frames", None)
@@ -64,25 +80,74 @@ class PipelineRunner:
     def __init__(self, spec: PipelineSpec, device: torch.device):
         start = time.perf_counter()
         self.spec, self.device, self.plan, self.runtime = spec, device, spec.plan, None
+        self._lean_records: dict = {}  # denoiser -> its sharded loading's record
         is_output = spec.world == 1 or dist.get_rank() == 0
         bars = spec.settings.progress and is_output
         owners, rank = {}, (dist.get_rank() if spec.world > 1 else 0)
-        if spec.world > 1 and not spec.settings.encode_every_rank:  # each text encoder on one rank
-            owners = encoder_owners(text_encoder_names(spec.folder), spec.world)
+        names = text_encoder_names(spec.folder)
+        shard = names if spec.world > 1 and getattr(spec.settings, "encoder_shard", False) else []
+        if spec.world > 1 and not spec.settings.encode_every_rank:  # each other text encoder on one rank
+            owners = encoder_owners([name for name in names if name not in shard], spec.world)
+        lean = lean_denoisers(spec) if spec.world > 1 else []
+        if (lean or shard) and device.type == "cpu":  # gathered weights freed to the OS at once (sampler_runner.py)
+            from opendit.observe.memory import exact_malloc
+
+            exact_malloc(PIPELINE_MMAP_THRESHOLD)
+        left_out = {**skipped_components(owners, rank), **dict.fromkeys([*lean, *shard])}
         with contextlib.nullcontext() if bars else _no_loading_bars():
-            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, **skipped_components(owners, rank))
+            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, **left_out)
         self.pipe.set_progress_bar_config(disable=not bars)
-        encoders = place_encoders(self.pipe, spec.folder, owners, rank, parse_dtype(spec.settings.dtype), device)
+        dtype = parse_dtype(spec.settings.dtype)
+        encoders = place_encoders(self.pipe, spec.folder, owners, rank, dtype, device)
+        record = {"mode": "lean" if lean else "whole"}
+        if shard:
+            record["sharded_encoders"] = self._shard_encoders(shard, dtype)
+            encoders["text_encoder_bytes"] += sum(r["bytes"] for r in record["sharded_encoders"].values())
+            encoders["text_encoders"] = {**(encoders["text_encoders"] if owners else {}),
+                                         **dict.fromkeys(shard, "sharded over every rank")}  # fmt: skip
         if spec.world > 1:
             from opendit.parallel.entry import parallelize
 
-            for _name, module in self.denoisers():  # one runtime: the experts take turns on the same ranks
-                parallelize(module, spec.plan, runtime=self.runtime)
-                self.runtime = module._opendit_runtime
-                self.plan = module._opendit_plan  # with the kernel chosen for the degrees
+            for name in DENOISERS:
+                if name in lean:  # built and sharded on meta, then its local shards read from the folder
+                    self._load_lean(name, dtype)
+                elif getattr(self.pipe, name, None) is not None:  # one runtime: the experts take turns on the ranks
+                    module = getattr(self.pipe, name)
+                    parallelize(module, spec.plan, runtime=self.runtime)
+                    self.runtime, self.plan = module._opendit_runtime, module._opendit_plan  # kernel for the degrees
+            if lean:
+                record["denoisers"] = self._lean_records
         self.vae_split = self._split_vae()
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
-        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start, **encoders}
+        self.load_record = {**record, "seconds": time.perf_counter() - start, **encoders}
+
+    def _shard_encoders(self, names: list[str], dtype: torch.dtype) -> dict:
+        """--encoder-shard: each text encoder built on meta, FSDP2-sharded over every rank, filled from the folder."""
+        from opendit.parallel.lean_pipeline import shard_encoder
+
+        records = {}
+        for name in names:
+            module, records[name] = shard_encoder(self.spec.folder, name, dtype, self.device)
+            setattr(self.pipe, name, module)
+        return records
+
+    def _load_lean(self, name: str, dtype: torch.dtype) -> None:
+        """Denoiser `name` built on meta, parallelised and FSDP2-sharded there, then its local shards read from the
+        folder's safetensors (parallel/lean_pipeline.py): no rank ever holds it whole."""
+        from opendit.distributed.mesh import build_runtime
+        from opendit.families.apply import family_plan
+        from opendit.families.registry import require_family
+        from opendit.parallel.entry import parallelize
+        from opendit.parallel.lean_pipeline import build_on_meta, fill_component
+
+        module = build_on_meta(self.spec.folder, name, dtype)
+        if self.runtime is None:  # built for the real device (the module's own, meta, would give a meta mesh)
+            self.runtime = build_runtime(family_plan(self.spec.plan, require_family(module))[0], self.device)
+        parallelize(module, self.spec.plan, runtime=self.runtime)
+        self.runtime, self.plan = module._opendit_runtime, module._opendit_plan
+        stats = fill_component(module, self.spec.folder, name, self.device)
+        self._lean_records[name] = stats.to_dict()
+        setattr(self.pipe, name, module)
 
     def _split_vae(self):
         """The pipeline's VAE decode split over every rank (parallel/vae.py), unless --vae-parallel off, one process

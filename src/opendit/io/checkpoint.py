@@ -298,6 +298,9 @@ class SafetensorsStateDict(Mapping):
             return torch.empty(out_shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).reshape(out_shape)  # owns `buffer`; freed with the tensor
 
+    def __contains__(self, key: object) -> bool:  # from the header (Mapping's default would read the tensor)
+        return key in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -20,8 +20,11 @@ SliceLayout each (ranges of the global tensor along one dim: a fused qkv's three
 dim-0 layout are read range by range, a layout along another dim reads the whole rows once and narrows them.
 
 Parameters the model computes rather than learns (the spec's `derived`, DiT's sin-cos positions) are filled from the
-model when the file has them for another size. Everything else must come from the file: a missing tensor or a
-buffer the spec does not derive is an error, never uninitialised memory.
+model when the file has them for another size. Buffers the model was built with (not on meta: a diffusers or
+transformers module built under `empty_weights()`, parallel/lean_pipeline.py, computes its non-persistent buffers in
+__init__, e.g. PixArt's sin-cos positions, CLIP's position ids) keep those values when the file lacks them.
+Everything else must come from the file: a missing tensor or a buffer on meta the spec does not derive is an error,
+never uninitialised memory.
 """
 
 from __future__ import annotations
@@ -117,24 +120,32 @@ def fill_sharded(
     device: torch.device,
     release: Callable[[torch.Tensor], None] = lambda tensor: None,
     path=None,
+    derived: Mapping[str, Callable[[nn.Module], torch.Tensor]] | None = None,
 ) -> LoadStats:
     """Materialise `model` (parallelised on meta: its parameters DTensors with meta local shards) on `device` and fill
     every local shard from `state` (a lazy state dict: SafetensorsStateDict or memory-mapped tensors), one tensor at a
-    time. `release(source)` hands a memory-mapped source's pages back after its copy. Returns this rank's LoadStats."""
+    time. `release(source)` hands a memory-mapped source's pages back after its copy. `derived`: name -> the value
+    computed from the model where the file lacks it or has it for another size (default: the model spec's). Returns
+    this rank's LoadStats."""
     start_s = time.perf_counter()
     from opendit.parallel.tensor import tensor_layouts
 
-    spec = spec_for(model)
+    derivable = spec_for(model).derived if derived is None else derived
     stats = LoadStats()
     layouts = tensor_layouts(model)  # the parameters --tp split: name -> SliceLayout of the global tensor
+    built = {key: buf.detach().clone() for key, buf in model.named_buffers() if not buf.is_meta and key not in state}
     model.to_empty(device=device)  # local shards only (1/P of each parameter), uninitialised until filled below
     derived = []
     with torch.no_grad():
         for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             region = local_region(tensor)
-            if key in spec.derived and (key not in state or _shape(state, key) != tuple(tensor.shape)):
-                source = spec.derived[key](model)  # computed for the model's own size, (global shape)
+            if key in built:  # a buffer computed when the model was built, not in the file: its own value
+                local.copy_(built.pop(key))
+                derived.append(key)
+                continue
+            if key in derivable and (key not in state or _shape(state, key) != tuple(tensor.shape)):
+                source = derivable[key](model)  # computed for the model's own size, (global shape)
                 _check_shape(key, tuple(tensor.shape), tuple(source.shape), path)
                 for dim, (start, length) in enumerate(region):
                     source = source.narrow(dim, start, length)

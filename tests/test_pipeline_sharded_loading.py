@@ -1,0 +1,96 @@
+"""Lean loading of a diffusers pipeline (parallel/lean_pipeline.py): under --shard-weights the transformer is built and
+FSDP2-sharded on meta and each rank reads only its shards from the folder's safetensors; under --encoder-shard each
+text encoder is too, every rank running it with gathered weights. The images equal the one-process run's, and each
+rank holds about 1/N of the parameters."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from opendit.cli import main  # noqa: E402
+from opendit.errors import OpenDiTError  # noqa: E402
+from opendit.parallel.lean_pipeline import FolderState, build_on_meta, encoder_units  # noqa: E402
+from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
+
+PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lean")
+    return {kind: save_tiny_pipeline(kind, root / kind, seed=0) for kind in ("flux", "pixart")}
+
+
+def _sample(folder, out, *extra) -> np.ndarray:
+    argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", "--cfg-scale", "3.5",
+            "--image-size", "32", "--out", str(out), "--no-progress", *extra]  # fmt: skip
+    for prompt in PROMPTS:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    files = sorted(out.glob("[0-9][0-9][0-9]_prompt-*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(int)
+
+
+def _ranks(out) -> dict:
+    return {r["rank"]: r for r in json.loads((out / "record.json").read_text())["ranks"]}
+
+
+def test_folder_state_reads_an_index_of_files_row_by_row(tmp_path):
+    a, b = torch.arange(12.0).view(4, 3), torch.ones(2, 2)
+    save_file({"a": a}, tmp_path / "m-00001.safetensors")
+    save_file({"b": b}, tmp_path / "m-00002.safetensors")
+    index = {"weight_map": {"a": "m-00001.safetensors", "b": "m-00002.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    state = FolderState(tmp_path)
+    assert sorted(state) == ["a", "b"] and "a" in state and "c" not in state and state.shape("a") == (4, 3)
+    assert torch.equal(state.read_rows("a", 1, 2), a[1:3]) and torch.equal(state["b"], b)
+    with pytest.raises(OpenDiTError, match="safetensors"):
+        FolderState(tmp_path / "missing")
+
+
+def test_meta_build_has_no_weights_and_finds_encoder_blocks(folders):
+    flux = folders["flux"]
+    t5 = build_on_meta(flux, "text_encoder_2", torch.float32)
+    assert all(p.is_meta for p in t5.parameters())
+    units = encoder_units(t5)
+    blocks = list(t5.encoder.block)
+    assert units == blocks  # the tied embedding table (shared, encoder.embed_tokens) stays in the root unit
+    clip = build_on_meta(flux, "text_encoder", torch.float32)
+    layers = [u for u in encoder_units(clip) if not isinstance(u, torch.nn.Embedding)]
+    assert layers == list(clip.encoder.layers) and len(layers) < len(encoder_units(clip))  # + token, position tables
+    assert not clip.embeddings.position_ids.is_meta  # buffers are built real
+    names = set(load_file(flux / "transformer" / "diffusion_pytorch_model.safetensors"))
+    meta = build_on_meta(flux, "transformer", torch.float32)
+    assert {n for n, _p in meta.named_parameters()} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["flux", "pixart"])
+def test_lean_sharded_pipeline_equals_one_process(folders, kind, tmp_path):
+    folder = folders[kind]
+    one = _sample(folder, tmp_path / "one")
+    lean = _sample(folder, tmp_path / "lean", "--nproc", "2", "--ulysses", "2", "--shard-weights", "--encoder-shard")
+    assert np.abs(lean - one).max() <= 1
+    whole = json.loads((tmp_path / "one" / "record.json").read_text())["loading"]
+    state = FolderState(folder / "transformer")
+    transformer_bytes = sum(math.prod(state.shape(key)) * 4 for key in state)  # fp32: the whole transformer
+    ranks = _ranks(tmp_path / "lean")
+    assert len(ranks) == 2
+    for record in ranks.values():
+        loading = record["loading"]
+        assert loading["mode"] == "lean" and set(loading["sharded_encoders"]) >= {"text_encoder"}
+        # each rank holds about half of the transformer and of the text encoders (FSDP2 pads dim 0 to 2 rows)
+        assert 0.4 * transformer_bytes <= record["parameter_bytes"] <= 0.55 * transformer_bytes
+        assert loading["denoisers"]["transformer"]["local_bytes"] == record["parameter_bytes"]
+        assert 0.4 * whole["text_encoder_bytes"] <= loading["text_encoder_bytes"] <= 0.55 * whole["text_encoder_bytes"]
