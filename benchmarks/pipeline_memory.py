@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import common
-from common import RESULTS, ROOT, bar_plot, machine, markdown_table, write_report
+from common import ROOT, bar_plot, finish, machine, markdown_table, render_only, report_args
 
 MIB = 2**20
 CONFIGS = {  # label -> (ranks, extra flags)
@@ -191,8 +191,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--t5-layers", type=int, default=60)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--out", default=str(RESULTS / "pipeline_memory"))
+    report_args(parser, "pipeline_memory")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     meta = machine(uptime_before=subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory(prefix="pipeline_memory_") as tmp:
@@ -211,9 +213,14 @@ def main() -> None:
     meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     meta.update(passes=args.passes, layers=args.layers, t5_layers=args.t5_layers)
     result = {"meta": meta, "runs": runs, "rows": summarise(runs)}
+    render(result, args.out)
+
+
+def render(result: dict, out) -> dict:
+    """The table and the plot of a result (a fresh one, or a saved JSON with --render)."""
     text = f"# Pipeline memory: today's path vs lean sharded loading\n\n{table(result)}\n"
-    paths = write_report(args.out, result, text, plot=lambda path: plot(result, path))
-    print(text, "\n", paths)
+    return finish(Path(out).with_suffix("") if str(out).endswith(".json") else out, result, text,
+                  plot=lambda path: plot(result, path))  # fmt: skip
 
 
 if __name__ == "__main__":
