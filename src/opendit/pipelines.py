@@ -51,6 +51,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
     the transformer's config and heads, the pipeline's `__call__` parameters and defaults, the weights' bytes.
     Raises OpenDiTError naming the fix for what OpenDiT cannot run."""
     from opendit.families import declared_families
+    from opendit.pipeline_calls import folder_call_defaults, image_size_multiple
 
     path = Path(folder)
     if not path.exists():
@@ -97,6 +98,8 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "id2label": index.get("id2label"),
         "weight_bytes": weights,
         "transformer_bytes": transformer_bytes,
+        "call_defaults": folder_call_defaults(path),  # pipeline_calls.py
+        "size_multiple": image_size_multiple(path, pipeline),
     }
 
 
@@ -299,7 +302,9 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib:
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:
     """Raise the OpenDiTError `opendit.parallelize` would raise on the ranks, here; return the plan's notes."""
     from opendit.families.apply import check_family, family_plan
+    from opendit.pipeline_calls import check_guidance_batch
 
+    check_guidance_batch(plan, info)
     if plan.balance_tokens or plan.token_shares is not None:
         raise OpenDiTError(
             "--balance-tokens re-splits the tokens by each rank's measured speed, which OpenDiT's families split "
@@ -384,6 +389,9 @@ def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
         kwargs[parameter] = value
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False  # the size asked is the size computed
+    from opendit.pipeline_calls import apply_call_defaults, check_image_size
+
+    check_image_size(info, apply_call_defaults(info, kwargs))
     return kwargs
 
 

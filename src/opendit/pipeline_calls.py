@@ -1,0 +1,94 @@
+"""Call-level facts of a diffusers pipeline folder, read from its JSON files and its pipeline class (no weights):
+- the call defaults a folder records in `opendit_call_defaults.json` beside model_index.json (e.g. the tiny
+  pipelines' small size, few steps and short text, so that running one without flags takes seconds; a file of its
+  own, since diffusers warns about keys of model_index.json its pipeline does not take), applied where the call
+  does not set that argument;
+- the multiple an image side must be: the VAE's downsampling times the latent packing the pipeline's image
+  processor is built with (`VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)`: Flux, FLUX.2,
+  Qwen-Image, Z-Image), refused before any process starts instead of resized or raised on the ranks;
+- whether the pipeline runs classifier-free guidance at all (a pipeline that takes no negative prompt is
+  guidance-distilled: FLUX.2, FLUX.1: no guidance branch, so no batch for --cfg-parallel to split).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+from opendit.errors import OpenDiTError
+
+DEFAULTS_FILE = "opendit_call_defaults.json"
+
+
+def folder_call_defaults(folder: str | Path) -> dict:
+    """{__call__ argument: value} recorded in the folder's DEFAULTS_FILE ({} without one)."""
+    file = Path(folder) / DEFAULTS_FILE
+    if not file.is_file():
+        return {}
+    try:
+        defaults = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise OpenDiTError(f"--diffusers {folder}: cannot read {DEFAULTS_FILE} ({exc}); fix or delete it") from None
+    if not isinstance(defaults, dict):
+        raise OpenDiTError(f"--diffusers {folder}: {DEFAULTS_FILE} is not a JSON object of call arguments")
+    return defaults
+
+
+def apply_call_defaults(info: dict, kwargs: dict) -> dict:
+    """The folder's recorded defaults for every argument the call leaves unset (and the pipeline takes)."""
+    for name, value in (info.get("call_defaults") or {}).items():
+        if name in info["call"] and name not in kwargs:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+def image_size_multiple(folder: str | Path, pipeline: str) -> int | None:
+    """What height and width must be a multiple of for this folder's pipeline; None where it is not read here."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline, None)
+    try:
+        source = inspect.getsource(cls.__init__)
+    except (TypeError, OSError):
+        return None
+    packed = re.search(r"vae_scale_factor=self\.vae_scale_factor \* (\d+)", source)
+    config_file = Path(folder) / "vae" / "config.json"
+    if packed is None or not config_file.is_file():
+        return None
+    try:
+        vae = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if "temperal_downsample" in vae:  # Qwen-Image's and Wan's VAEs: 2 ** len(temperal_downsample)
+        scale = 2 ** len(vae["temperal_downsample"])
+    elif "block_out_channels" in vae:
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    else:
+        return None
+    return scale * int(packed.group(1))
+
+
+def check_image_size(info: dict, kwargs: dict) -> None:
+    multiple = info.get("size_multiple")
+    if not multiple:
+        return
+    for side in ("height", "width"):
+        value = kwargs.get(side)
+        if isinstance(value, int) and (value < multiple or value % multiple):
+            fit = max(multiple, value // multiple * multiple)
+            raise OpenDiTError(
+                f"--image-size {value}: {info['pipeline_class']} needs sides that are multiples of {multiple} (its "
+                f"VAE's downsampling times its latent packing); use --image-size {fit}"
+            )
+
+
+def check_guidance_batch(plan, info: dict) -> None:
+    """--cfg-parallel on a pipeline with no guidance branch (no negative prompt: guidance-distilled)."""
+    if plan.cfg > 1 and "negative_prompt" not in info["call"]:
+        raise OpenDiTError(
+            f"--cfg-parallel splits the [unconditional; conditional] batch of classifier-free guidance, but "
+            f"{info['pipeline_class']} takes no negative prompt: it is guidance-distilled (guidance is an input of "
+            "the transformer), so there is no second branch to split; use --ulysses/--ring or --dp instead"
+        )
