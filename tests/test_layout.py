@@ -126,6 +126,7 @@ LAYERS = (
         "video",
         "integrations",
         "testing",
+        "pipeline_calls",
     },  # fmt: skip
     {"request", "request_fields", "generation", "pipelines", "surfaces"},
     {"engine"},
