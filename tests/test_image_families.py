@@ -225,15 +225,18 @@ def _pngs(out) -> np.ndarray:
     return np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files])
 
 
+CACHED = ["--cache", "fbcache", "--steps", "6", "--cache-guard-steps", "1", "--cache-threshold", "0.5"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "flags"),
     [
-        ("zimage", ["--ulysses", "2", "--shard-weights"]),
-        ("qwenimage", ["--ring", "2", "--shard-weights", "--cache", "fbcache", "--steps", "6",
-                       "--cache-guard-steps", "1", "--cache-threshold", "0.5"]),
+        ("zimage", ["--ulysses", "2", "--shard-weights", *CACHED]),  # the cache on the sharded unified chain
+        ("qwenimage", ["--ring", "2", "--shard-weights", *CACHED]),
+        ("flux2", ["--ulysses", "2", *CACHED]),  # the span: its joint blocks (the single-stream ones always run)
     ],
-)  # fmt: skip
+)
 def test_the_cli_on_two_processes_equals_one(kind, flags, folders, tmp_path, capsys):
     """`opendit sample --diffusers DIR` with the folder's own small defaults, on 2 processes vs 1."""
     cache = flags[flags.index("--cache") :] if "--cache" in flags else []

@@ -92,3 +92,16 @@ def check_guidance_batch(plan, info: dict) -> None:
             f"{info['pipeline_class']} takes no negative prompt: it is guidance-distilled (guidance is an input of "
             "the transformer), so there is no second branch to split; use --ulysses/--ring or --dp instead"
         )
+
+
+def check_cache_layout(module, cache) -> None:
+    """The cache's layout on the (meta) transformer, found before any process starts: its block chain and attention
+    modules, and for fbcache a span of blocks like the first one (cache/layout.py, cache/block_cache.py)."""
+    if cache is None:
+        return
+    from opendit.cache.block_cache import span_end
+    from opendit.cache.layout import cache_layout
+
+    layout = cache_layout(module)
+    if cache.kind == "fbcache":
+        span_end(layout)

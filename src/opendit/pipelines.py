@@ -356,6 +356,10 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
     cache = request_cache(request, spec.family, spec.plan)
     if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
         raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
+    if cache is not None:
+        from opendit.pipeline_calls import check_cache_layout
+
+        check_cache_layout(meta_transformer(spec.info), cache)
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
     # absolute: workers may not share the caller's working directory (torchrun on other nodes)
     trace = str(Path(prepare_trace_file(request.trace)).resolve()) if request.trace is not None else None

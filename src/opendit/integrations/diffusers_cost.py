@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from opendit.models.spec import ModelDims, ModelSpec, register_spec
 
-BLOCK_CONTAINERS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+BLOCK_CONTAINERS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ IMAGE_KINDS: dict[str, str] = {
 # per kind: transformer sizes and the image size (pixels) of a fast default call
 _DEFAULTS: dict[str, dict[str, int]] = {
     "qwenimage": {"num_heads": 2, "attention_head_dim": 16, "num_layers": 2, "image_size": 32},
-    "flux2": {"num_heads": 2, "attention_head_dim": 16, "num_layers": 1, "image_size": 32},
+    "flux2": {"num_heads": 2, "attention_head_dim": 16, "num_layers": 2, "image_size": 32},  # 2 joint blocks: fbcache
     "zimage": {"num_heads": 2, "attention_head_dim": 16, "num_layers": 2, "image_size": 32},
 }
 # pixels per transformer token side (VAE downsampling x the 2x2 packing or patch)
