@@ -8,7 +8,8 @@ a reason that is not "not supported". The run writes docs/capabilities.md, the t
     make test-matrix          # OPENDIT_MATRIX=1 pytest tests/matrix (~25 min on 2 cores); not part of `make test`
 
 Families: OpenDiT's digits DiT and digits video DiT (the bundled models) and tiny random diffusers pipelines saved
-to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan). 4 denoising steps, 2 images.
+to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan; opendit.testing.tiny_image_families:
+Qwen-Image, FLUX.2, Z-Image). 4 denoising steps, 2 images.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def _families(root: Path) -> dict[str, list[str]]:
         what = ["--prompt", *names]
         size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []  # its defaults: 81 frames at 480p
         families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *size, *common]
+    families.update(_image_families(root, common))
+    return families
+
+
+def _image_families(root: Path, common: list[str]) -> dict[str, list[str]]:
+    """Qwen-Image, FLUX.2 and Z-Image (opendit.testing.tiny_image_families): their folders' own small sizes; a long
+    and a short prompt, so that Z-Image's and Qwen-Image's batches carry a key padding mask."""
+    from opendit.testing.tiny_image_families import save_tiny_image_pipeline
+
+    prompts = ["--prompt", " ".join(["a red fox in a garden at sunset"] * 5), "--prompt", "a blue car"]
+    families = {}
+    for kind, name in (("qwenimage", "Qwen-Image"), ("flux2", "FLUX.2"), ("zimage", "Z-Image")):
+        folder = save_tiny_image_pipeline(kind, root / "pipelines" / kind, seed=0)
+        guidance = ["--negative-prompt", "blurry"] if kind == "qwenimage" else ["--cfg-scale", "3"]
+        families[name] = ["--diffusers", str(folder), *prompts, *guidance, *common]
     return families
 
 
@@ -170,7 +186,8 @@ def _write(results: dict) -> None:
     DOC.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 
-FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1")
+FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1",
+            "Qwen-Image", "FLUX.2", "Z-Image")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
