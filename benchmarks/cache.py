@@ -21,20 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from opendit.cache import CacheConfig, install_cache, make_cache_config  # noqa: E402
-
-STEPS, CFG = 30, 3.0
+from common import CACHE_CFG as CFG
+from common import CACHE_STEPS as STEPS
+from common import cached_run, finish, psnr, render_only, report_args, timed
+from opendit.cache import CacheConfig, install_cache, make_cache_config
 
 
 def digits_settings() -> list[tuple[str, CacheConfig | None]]:
@@ -56,53 +51,9 @@ def digits_settings() -> list[tuple[str, CacheConfig | None]]:
     return settings
 
 
-def sample_digits(model_fn, labels: torch.Tensor, cache, batch: int, channels_hw) -> tuple[torch.Tensor, float]:
-    from opendit.diffusion.sampler import sample
-
-    chunks, start = [], time.perf_counter()
-    for first in range(0, len(labels), batch):
-        if hasattr(model_fn, "reset"):  # diffusers' cache state: a new trajectory
-            model_fn.reset()
-        result = sample(
-            model_fn, labels[first : first + batch], channels_hw, num_classes=10, scheduler_name="flow-euler",
-            prediction="flow", learn_sigma=False, steps=STEPS, cfg_scale=CFG, seed=0, first_index=first,
-            hooks=[cache] if cache is not None else [],
-        )  # fmt: skip
-        chunks.append(result.samples)
-    return torch.cat(chunks), time.perf_counter() - start
-
-
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR (dB) of images in [-1, 1] against the uncached ones, on [0, 1] pixels."""
-    a, b = (images.clamp(-1, 1) + 1) / 2, (reference.clamp(-1, 1) + 1) / 2
-    mse = float(((a - b) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
-
-
-def timed(settings, make_fn, labels, batch, shape, passes) -> dict[str, list[float]]:
-    """Per setting, `passes` wall times of sampling `labels`, interleaved setting by setting within each pass."""
-    times: dict[str, list[float]] = {label: [] for label, _c in settings}
-    for _ in range(passes):
-        for label, config in settings:
-            fn, module = make_fn(label)
-            times[label].append(cached_run(fn, module, config, labels, batch, shape)[1])
-    return times
-
-
-def cached_run(fn, module, config, labels, batch, shape):
-    """(images, seconds, what the cache saved) of sampling `labels` with our cache `config` installed on `module`
-    for the run (None, or diffusers' own cache, which make_fn applied to its module copy for good: nothing here)."""
-    cache = install_cache(module, config) if isinstance(config, CacheConfig) else None
-    images, seconds = sample_digits(fn, labels, cache, batch, shape)
-    saved = cache.summary()["saved"] if cache is not None else None
-    if cache is not None:
-        cache.remove()
-    return images, seconds, saved
-
-
 def quality_row(part, label, images, labels, reference, seconds, times, **extra) -> dict:
     """One result row: the judge's class accuracy and the PSNR against the uncached images (same seeds)."""
-    from opendit.evaluate import score_samples
+    from opendit.digits.judges import score_samples
 
     score = score_samples(images.clamp(-1, 1), labels)
     row = {"part": part, "setting": label, "times_s": times[label], "quality_run_s": seconds,
@@ -113,7 +64,7 @@ def quality_row(part, label, images, labels, reference, seconds, times, **extra)
 
 
 def run_digits(args) -> list[dict]:
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
 
     model, _meta = load_for_eval()
     settings = digits_settings()
@@ -139,7 +90,7 @@ def run_diffusers(args) -> list[dict]:
 
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     model, _meta = load_for_eval()
@@ -182,9 +133,9 @@ def run_diffusers(args) -> list[dict]:
 
 
 def run_video(args) -> list[dict]:
-    from opendit.checkpoint import inspect_checkpoint, load_model
-    from opendit.evaluate_video import generate_videos, score_videos
-    from opendit.video import DEFAULT_VIDEO_CKPT
+    from opendit.api.video import DEFAULT_VIDEO_CKPT
+    from opendit.digits.judges import generate_videos, score_videos
+    from opendit.io.checkpoint import inspect_checkpoint, load_model
 
     info = inspect_checkpoint(DEFAULT_VIDEO_CKPT)
     model = load_model(info.config, info.path)
@@ -214,7 +165,7 @@ def with_speedups(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], out: Path) -> None:
+def markdown(rows: list[dict]) -> str:
     lines = ["| part | setting | time (min / median, s) | time ratio | accuracy | PSNR vs uncached (dB) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -222,7 +173,10 @@ def report(rows: list[dict], out: Path) -> None:
         extra = f" (direction {r['direction_accuracy']:.3f})" if "direction_accuracy" in r else ""
         lines.append(f"| {r['part']} | {r['setting']} | {r['time_min_s']:.2f} / {r['time_median_s']:.2f} | "
                      f"{r['time_ratio']:.2f} | {acc:.3f}{extra} | {r.get('psnr_db', float('nan')):.1f} |")  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +199,12 @@ def report(rows: list[dict], out: Path) -> None:
         ax.set_title(f"{part}: speed vs drift (labels: class accuracy)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(result: dict, out) -> dict:
+    return finish(out, result, markdown(result["rows"]), plot=lambda path: plot(result["rows"], path))
 
 
 def main() -> None:
@@ -261,8 +220,10 @@ def main() -> None:
     parser.add_argument(
         "--merge", nargs="+", metavar="PART=JSON", help="re-render: take each part's rows from an earlier run's JSON"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache"))
+    report_args(parser, "cache")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     if args.quick:
         args.samples, args.curve_samples, args.timing_samples, args.passes = 100, 50, 20, 1
         args.video_per_condition = 1
@@ -277,14 +238,10 @@ def main() -> None:
         meta_runs[part] = {"from": path, **earlier["meta"]}
     for part in [] if args.merge else args.parts:
         rows += runners[part](args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"steps": STEPS, "cfg_scale": CFG, "threads": 1, "samples": args.samples, "passes": args.passes,
             "curve_samples": args.curve_samples, "batch": args.batch,
             "timing_samples": args.timing_samples, "torch": torch.__version__, "merged": meta_runs}  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    report(rows, out)
-    print(out.with_suffix(".md").read_text())
+    render({"meta": meta, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where the time goes: our fbcache vs diffusers' first-block cache, split into time inside the transformer blocks
 and time outside them (embedding, final layer, sampler, and each cache's own bookkeeping).
 
-    .venv/bin/python benchmarks/cache_block_time.py [--passes 5]   # -> benchmarks/results/cache_block_time.{json,md}
+    .venv/bin/python benchmarks/cache_block_time.py [--passes 5]   # -> results/cache_block_time.{json,md,png}
 
 Same setup as benchmarks/cache_pairing.py --head-to-head (the digits model as diffusers' DiTTransformer2DModel, our
 sampler, 30 steps, CFG 3, 50 images, 1 thread, fp32, uncapped: no reuse cap, no guard steps). Every block's own
@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import cache as bench  # noqa: E402
-from opendit.cache import make_cache_config  # noqa: E402
+from common import bar_plot, cached_run, finish, render_only, report_args
+from opendit.cache import make_cache_config
 
 CLOCK = {"in_blocks": 0.0, "calls": 0, "rows": 0}
 
@@ -52,13 +45,16 @@ def time_blocks(module) -> None:
 def main() -> None:
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.25])
+    report_args(parser, "cache_block_time")
     args = parser.parse_args()
+    if render_only(args, write):
+        return
     torch.set_num_threads(1)
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)
@@ -78,7 +74,7 @@ def main() -> None:
     for _ in range(args.passes):
         for label, _fbc, ours in settings:
             CLOCK.update(in_blocks=0.0, calls=0, rows=0)
-            _images, seconds, _saved = bench.cached_run(DiffusersDiTFn(modules[label]), modules[label], ours, labels,
+            _images, seconds, _saved = cached_run(DiffusersDiTFn(modules[label]), modules[label], ours, labels,
                                                         100, shape)  # fmt: skip
             runs[label].append({"total_s": seconds, **CLOCK})
     rows = []
@@ -89,9 +85,11 @@ def main() -> None:
         rows.append({"setting": label, "total_s": med["total_s"], "in_blocks_s": med["in_blocks"],
                      "outside_s": outside, "block_calls": r[0]["calls"], "block_rows": r[0]["rows"],
                      "runs": r})  # fmt: skip
-    out = ROOT / "benchmarks" / "results" / "cache_block_time"
-    out.with_suffix(".json").write_text(json.dumps({"passes": args.passes, "torch": torch.__version__, "rows": rows},
-                                                   indent=1))  # fmt: skip
+    write({"passes": args.passes, "torch": torch.__version__, "rows": rows}, args.out)
+
+
+def write(result: dict, out) -> None:
+    rows = result["rows"]
     lines = [
         "| setting | total (median s) | in blocks | outside | block calls | block rows |",
         "|---|---|---|---|---|---|",
@@ -99,8 +97,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['setting']} | {r['total_s']:.3f} | {r['in_blocks_s']:.3f} | {r['outside_s']:.3f} | "
                      f"{r['block_calls']} | {r['block_rows']} |")  # fmt: skip
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    series = {"in blocks": [r["in_blocks_s"] for r in rows], "outside": [r["outside_s"] for r in rows]}
+    title = "where the time goes: ours vs diffusers' first-block cache (median s per 50-image run)"
+    finish(out, result, "\n".join(lines), plot=lambda path: bar_plot(
+        path, [r["setting"] for r in rows], series, "seconds", title))  # fmt: skip
 
 
 if __name__ == "__main__":

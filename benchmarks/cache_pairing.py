@@ -1,7 +1,7 @@
 """Ablation: first-block-cache decisions per image (an image's cond and uncond rows decide together, the default)
 vs per row (each branch alone), next to diffusers' own first-block cache, on the same diffusers module.
 
-    .venv/bin/python benchmarks/cache_pairing.py [CLASS_REPEATS]     # -> benchmarks/results/cache_pairing.{json,md}
+    .venv/bin/python benchmarks/cache_pairing.py [CLASS_REPEATS]     # -> benchmarks/results/cache_pairing.{json,md,png}
     .venv/bin/python benchmarks/cache_pairing.py --head-to-head --passes 7 --out cache_vs_diffusers_per_image
 
 The bundled digits model converted to diffusers' DiTTransformer2DModel, our sampler (flow-euler, 30 steps, CFG 3),
@@ -15,19 +15,13 @@ patched to the identity); "uncapped" = no reuse cap and no guard steps, diffuser
 from __future__ import annotations
 
 import copy
-import json
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import cache as bench  # noqa: E402  (benchmarks/cache.py: the sampler loop, timing and PSNR)
-from opendit.cache import make_cache_config  # noqa: E402
-from opendit.cache.runtime import StepCache  # noqa: E402
+from common import RESULTS, cached_run, finish, psnr, render_only, report_args
+from opendit.cache import make_cache_config
+from opendit.cache.runtime import StepCache
 
 PAIRED = {"on": True}
 _pair_branches = StepCache._pair_branches
@@ -35,9 +29,6 @@ _pair_branches = StepCache._pair_branches
 
 def _switchable_pairing(self, values):
     return _pair_branches(self, values) if PAIRED["on"] else values
-
-
-StepCache._pair_branches = _switchable_pairing
 
 
 def settings(head_to_head: bool):
@@ -77,17 +68,20 @@ def main() -> None:
     import argparse
     import statistics
 
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
     from opendit.testing.dit_to_diffusers import DiffusersDiTFn, to_diffusers_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("repeats", nargs="?", type=int, default=20, help="PSNR images per class")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--head-to-head", action="store_true", help="only uncached, diffusers FBC, ours per image")
-    parser.add_argument("--out", default="cache_pairing")
+    report_args(parser, "cache_pairing")
     args = parser.parse_args()
+    if render_only(args, lambda result, path: write(result["rows"], result["meta"], path)):
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    StepCache._pair_branches = _switchable_pairing  # "per row" runs switch the branch pairing off (PAIRED)
     counts = count_diffusers_decisions()
     model, _meta = load_for_eval()
     base = to_diffusers_dit(model)
@@ -101,7 +95,7 @@ def main() -> None:
 
     def run(label, config, paired, labels):
         PAIRED["on"] = paired
-        return bench.cached_run(DiffusersDiTFn(modules[label]), modules[label], config, labels, 100, shape)
+        return cached_run(DiffusersDiTFn(modules[label]), modules[label], config, labels, 100, shape)
 
     timing_labels, labels = torch.arange(10).repeat(5), torch.arange(10).repeat(args.repeats)
     times = {label: [] for label, *_ in table}
@@ -118,7 +112,7 @@ def main() -> None:
         else:  # diffusers decides for the whole batch: reusing calls / calls
             share = counts["reuse"] / max(1, counts["reuse"] + counts["compute"])
         rows.append({"setting": label, "min_s": min(times[label]), "median_s": statistics.median(times[label]),
-                     "times": times[label], "psnr": bench.psnr(images, reference), "reuse_share": share})  # fmt: skip
+                     "times": times[label], "psnr": psnr(images, reference), "reuse_share": share})  # fmt: skip
     for row in rows:
         row["ratio"] = row["min_s"] / rows[0]["min_s"]
         row["median_ratio"] = row["median_s"] / rows[0]["median_s"]
@@ -128,9 +122,7 @@ def main() -> None:
     write(rows, {**meta, "torch": torch.__version__}, args.out)
 
 
-def write(rows: list[dict], meta: dict, name: str = "cache_pairing") -> None:
-    out = ROOT / "benchmarks" / "results" / name
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def markdown(rows: list[dict]) -> str:
     lines = [
         "| setting | time ratio, per-pass min (median) | median of per-pass ratios | PSNR vs uncached (dB) "
         "| reuse share |",
@@ -141,8 +133,35 @@ def write(rows: list[dict], meta: dict, name: str = "cache_pairing") -> None:
         paired = f"{r['pass_ratio_median']:.3f}" if "pass_ratio_median" in r else "-"
         share = f"{r['reuse_share']:.3f}" if r.get("reuse_share") is not None else "-"
         lines.append(f"| {r['setting']} | {r['ratio']:.3f}{median} | {paired} | {float(r['psnr']):.2f} | {share} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time ratio and PSNR per setting (PSNR capped at 60 dB: the uncached reference is identical to itself)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = ("diffusers FBC", "per row", "uncapped, per image", "(cap 4")
+    for kind, marker in zip(kinds, ("v", "o", "D", "^")):
+        pts = [r for r in rows if kind in r["setting"]]
+        if pts:
+            ax.plot([r["ratio"] for r in pts], [min(float(r["psnr"]), 60) for r in pts], marker, ls="-", label=kind)
+    ax.set_xlabel("time ratio vs uncached (per-pass minimum)")
+    ax.set_ylabel("PSNR vs uncached (dB)")
+    ax.set_title("first-block cache: per image vs per row vs diffusers FBC (thresholds 0.1-0.25)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], meta: dict, out: str | Path = RESULTS / "cache_pairing") -> None:
+    out = Path(out)
+    out = out if out.is_absolute() or out.parent != Path(".") else RESULTS / out  # a bare name: under results/
+    finish(out, {"meta": meta, "rows": rows}, markdown(rows), plot=lambda path: plot(rows, path))
 
 
 if __name__ == "__main__":

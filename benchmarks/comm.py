@@ -1,6 +1,6 @@
-"""Measure the link between local processes: latency and bandwidth per collective kind -> JSON (planner input).
+"""Measure the link between local processes: latency and bandwidth per collective kind -> JSON+MD+PNG (planner input).
 
-    .venv/bin/python benchmarks/comm.py --nproc 2 --threads 1 --out benchmarks/results/comm.json
+    .venv/bin/python benchmarks/comm.py --nproc 2 --threads 1 --out benchmarks/results/comm   # -> comm.{json,md,png}
 
 Bytes follow the CommStats convention (payload one rank sends to the others). Each kind is fitted to
 time = latency + bytes / bandwidth over sizes 4 KiB .. 4 MiB (the slowest rank's median time per size). `--full`
@@ -8,12 +8,19 @@ also measures compute rates and writes the calibration cache that `opendit plan 
 """
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
+from common import bar_plot, finish, machine, markdown_table, render_only, report_args
 from opendit.planning.calibrate import LINK_SIZES, calibrate, measure_links
+
+
+def render(record: dict, out) -> dict:
+    links = record["links"]
+    cells = [[k, f"{v['latency_s'] * 1e6:.1f}", f"{v['bandwidth_Bps'] / 1e9:.2f}"] for k, v in links.items()]
+    md = markdown_table(["collective", "latency (us)", "bandwidth (GB/s)"], cells)
+    series = {"bandwidth": [v["bandwidth_Bps"] / 1e9 for v in links.values()]}
+    title = f"links between {record['nproc']} local processes ({record['backend']})"
+    return finish(out, record, md, plot=lambda path: bar_plot(path, list(links), series, "GB/s", title))
 
 
 def main() -> None:
@@ -23,10 +30,12 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="full calibration (compute too), cached for the planner")
-    parser.add_argument("--out", default="benchmarks/results/comm.json")
+    report_args(parser, "comm")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     start = time.perf_counter()
-    record = {"machine": platform.node(), "backend": args.backend, "nproc": args.nproc, "threads": args.threads}
+    record = {"machine": machine(), "backend": args.backend, "nproc": args.nproc, "threads": args.threads}
     if args.full:
         speeds, path = calibrate(args.threads, args.backend, args.nproc, force=True)
         record["calibration"] = {"speeds": speeds.to_dict(), "cache": str(path)}
@@ -39,11 +48,7 @@ def main() -> None:
         }
     record["links"] = links
     record["seconds"] = time.perf_counter() - start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    for kind, v in links.items():
-        print(f"{kind:<11} latency {v['latency_s'] * 1e6:8.1f} us  bandwidth {v['bandwidth_Bps'] / 1e9:6.2f} GB/s")
-    print(f"wrote {args.out}")
+    render(record, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON + PNG.
+"""Per-rank peak memory vs world size and token count, with and without --shard-weights, fp32 and bf16 -> JSON+MD+PNG.
 
-    .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see the README)
+    .venv/bin/python benchmarks/memory.py                      # the full grid (long on 2 CPU cores: see docs/memory.md)
     .venv/bin/python benchmarks/memory.py --tokens 1024 --depth 2 --worlds 1 2   # a quick look
 
 Model: DiT-XL/2 width (hidden 1152, 16 heads, patch 2, 4 latent channels, learn_sigma) with `--depth` blocks (default
@@ -12,7 +12,7 @@ what `opendit --nproc P --ulysses P [--shard-weights]` runs per denoising step, 
 `opendit.distributed.launch` (gloo, one thread each).
 
 How memory is measured (CPU; torch keeps no allocator statistics for CPU tensors): each rank fixes glibc's mmap
-threshold at 64 KiB (`opendit.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the
+threshold at 64 KiB (`observe.memory.exact_malloc`), so every tensor is its own mapping and freeing returns it to the
 OS; warms up the kernels with a one-block model; records its resident set (VmRSS) as the baseline (interpreter, torch,
 gloo, kernels); builds and parallelizes (and shards) the model; resets the high-water mark (clear_refs) and runs
 the forward. Reported per rank: `params` = resident set after setup - baseline (the parameters this rank holds), and
@@ -21,10 +21,10 @@ gives the largest rank. Nothing here materialises the (S, S) attention matrix: a
 whose working memory is blockwise; a materialised (S, S) fp32 score matrix alone would be 16 heads x S^2 x 4 bytes =
 17 GB at 16384 tokens, so the measured peaks prove its absence.
 
-`--whole` measures something else: whole-command peaks of `opendit sample` (imports, loading, sampling, decoding;
-benchmarks/whole_command.py) -> benchmarks/results/memory_whole.{json,md}. The figures below are forward-only.
+`--whole` measures something else: whole-command peaks of `opendit sample` (imports, loading, sampling, decoding): it
+runs benchmarks/whole_command.py -> benchmarks/results/whole_command.{json,md,png}. The figures below are forward-only.
 
-Results (benchmarks/results/memory.{json,png,md}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
+Results (benchmarks/results/memory.{json,md,png}; 2-core CPU, gloo, one thread per rank): at 16384 tokens with
 sharded weights and the real 28 blocks, 4 ranks peak at 0.26x of 1 rank (fp32 1113 vs 4237 MiB; measured with
 `--tokens 16384 --worlds 4 1 --dtypes fp32 --no-unsharded --depth 28`, 21 min of forward time for the one rank);
 0.27x with 4 blocks (559 vs 2048 MiB). `projected_peak` (the measured peak plus the left-out blocks' parameters)
@@ -41,11 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+from common import finish, machine, render_only, report_args
 
 
 def dit_config(tokens: int, depth: int):
@@ -100,10 +103,10 @@ def measure_rank(case: dict) -> dict:
 
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.models.dit import build_dit
+    from opendit.models.precision import parse_dtype
+    from opendit.observe.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.parallel.apply import parallelize
-    from opendit.precision import parse_dtype
 
     exact_malloc()
     init_from_env(torch.device("cpu"), "gloo")
@@ -206,9 +209,9 @@ def projected_peak(r: dict, depth: int = 28) -> float:
     """The measured peak plus the resident bytes of the blocks the benchmark left out (1/P of each when sharded).
 
     Everything else in the peak (activations, gathered units, communication buffers) is per block, not per depth:
-    checked by measuring 4 and 8 blocks (see the README)."""
+    checked by measuring 4 and 8 blocks (docs/memory.md)."""
     from opendit.models.dit import build_dit
-    from opendit.precision import parse_dtype
+    from opendit.models.precision import parse_dtype
 
     block = build_dit(dit_config(r["tokens"], 1), device="meta").blocks[0]
     per_block = sum(p.numel() for p in block.parameters()) * parse_dtype(r["dtype"]).itemsize
@@ -245,6 +248,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(record: dict, out) -> dict:
+    results = record["results"]
+    return finish(out, record, table(results), plot=lambda path: plot(results, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -255,16 +263,20 @@ def main() -> None:
     parser.add_argument("--no-unsharded", action="store_true", help="at P > 1 run only the sharded configuration")
     parser.add_argument("--layouts", nargs="+", default=["ulysses"], choices=LAYOUTS, help="plans at P > 1")
     parser.add_argument("--append", action="store_true", help="keep the results already in --out, skip those cases")
-    parser.add_argument("--out", default="benchmarks/results/memory")
+    report_args(parser, "memory")
     parser.add_argument("--whole", action="store_true", help="whole-command peaks of `opendit sample` (whole_command)")
     parser.add_argument("--whole-model", default="DiT-XL/2")
     parser.add_argument("--whole-image-size", type=int, default=512)
     parser.add_argument("--whole-passes", type=int, default=2)
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if args.whole:
-        return run_whole(args, out.with_name(out.name + "_whole"))
+    if args.whole:  # its own benchmark script (no import between benchmark scripts)
+        flags = ["--model", args.whole_model, "--image-size", str(args.whole_image_size)]
+        flags += ["--passes", str(args.whole_passes)]
+        sys.exit(subprocess.call([sys.executable, str(Path(__file__).with_name("whole_command.py")), *flags]))
     sharding = (True,) if args.no_unsharded else (False, True)
     cases = [
         {"tokens": n, "world": w, "shard": s, "dtype": d, "depth": args.depth, "batch": args.batch, "layout": layout}
@@ -275,7 +287,7 @@ def main() -> None:
         for s in (sharding if w > 1 and layout == "ulysses" else (False,))
         if not (layout == "tp-ulysses" and w < 4)
     ]
-    record = {"machine": platform.node(), "torch": torch.__version__, "method": "peak RSS delta, see docstring"}
+    record = {"machine": machine(), "torch": torch.__version__, "method": "peak RSS delta, see docstring"}
     results, start, wall = [], time.perf_counter(), 0.0
     if args.append and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
@@ -297,28 +309,8 @@ def main() -> None:
         )
         record |= {"results": results, "wall_s": wall + time.perf_counter() - start}
         out.with_suffix(".json").write_text(json.dumps(record, indent=2))  # partial results survive interruption
-    plot(results, out.with_suffix(".png"))
-    text = table(results)
-    out.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    print(f"wall time {time.perf_counter() - start:.0f} s -> {out.with_suffix('.json')}, {out.with_suffix('.png')}")
-
-
-def run_whole(args, out: Path) -> None:
-    """Whole-command peaks (what decides whether a job fits), next to the forward-only figures above."""
-    import tempfile
-
-    from whole_command import table as whole_table
-    from whole_command import whole_command
-
-    with tempfile.TemporaryDirectory() as scratch:
-        result = whole_command(args.whole_model, args.whole_image_size, args.whole_passes, Path(scratch))
-    result |= {"machine": platform.node(), "torch": torch.__version__}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    text = whole_table(result)
-    out.with_suffix(".md").write_text(text + "\n")
-    print(text)
-    print(f"-> {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+    render(record | {"results": results}, out)
+    print(f"wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """PipeFusion's drift on the bundled digits model at its own sampling settings, on many samples.
 
-    .venv/bin/python benchmarks/pipefusion_quality.py --out benchmarks/results/pipefusion_quality.json
+    .venv/bin/python benchmarks/pipefusion_quality.py    # -> benchmarks/results/pipefusion_quality.{json,md,png}
 
 One process samples `--images` digits (classes 0-9 in turn) with the model's own scheduler, steps and CFG scale (the
 exact reference); then, in 4 gloo processes, PipeFusion with 2 and 4 stages and several patch / warm-up settings
@@ -13,19 +13,13 @@ cores here, so 4-stage times compare settings with each other, not with a real 4
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
-from pathlib import Path
 
 import torch
 
+from common import bar_plot, finish, markdown_table, psnr, render_only, report_args
+
 SETTINGS = [(2, 2, 1), (2, 4, 1), (2, 8, 1), (2, 8, 3), (4, 4, 1), (4, 8, 1), (4, 8, 3)]  # (stages, patches, warm-up)
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 
 def _kwargs(model, meta: dict, seed: int) -> dict:
@@ -39,11 +33,11 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
 
     import torch.distributed as dist
 
+    from opendit.digits.judges import load_for_eval, score_samples
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.evaluate import load_for_eval, score_samples
     from opendit.parallel.apply import parallelize
 
     torch.set_num_threads(1)
@@ -62,7 +56,7 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
         if runtime.index == 0:
             rows.append({"stages": stages, "patches": patches, "warmup_steps": warmup, "sampling_s": seconds,
                          "accuracy": score_samples(samples.clamp(-1, 1), labels)["accuracy"],
-                         "psnr_db": _psnr(samples, reference),
+                         "psnr_db": psnr(samples, reference, clamp=False),
                          "max_rel_err": float((samples - reference).abs().max() / reference.abs().max())})  # fmt: skip
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, rows)
@@ -70,16 +64,31 @@ def world(images: int, seed: int, reference: torch.Tensor, setting: tuple[int, i
     return [r for part in everyone for r in part]
 
 
+def render(result: dict, out) -> dict:
+    rows, exact = result["pipefusion"], result["one_process"]
+    header = ["stages", "patches", "warm-up steps", "class accuracy", "PSNR vs 1 process (dB)", "max rel err",
+              "sampling s"]  # fmt: skip
+    cells = [[r["stages"], r["patches"], r["warmup_steps"], f"{r['accuracy']:.1%}", f"{r['psnr_db']:.1f}",
+              f"{r['max_rel_err']:.3f}", f"{r['sampling_s']:.1f}"] for r in rows]  # fmt: skip
+    md = f"One process: accuracy {exact['accuracy']:.1%}, {exact['sampling_s']:.1f} s.\n\n"
+    labels = [f"{r['stages']} stages x {r['patches']} patches, {r['warmup_steps']} warm-up" for r in rows]
+    series, title = {"PSNR": [r["psnr_db"] for r in rows]}, "PipeFusion drift on the digits model"
+    return finish(out, result, md + markdown_table(header, cells), plot=lambda path: bar_plot(
+        path, labels, series, "PSNR vs 1 process (dB)", title))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--out", default="benchmarks/results/pipefusion_quality.json")
+    report_args(parser, "pipefusion_quality")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
 
     from opendit.diffusion.sampler import sample
+    from opendit.digits.judges import load_for_eval, score_samples
     from opendit.distributed.launch import launch
-    from opendit.evaluate import load_for_eval, score_samples
 
     torch.set_num_threads(1)
     model, meta = load_for_eval()
@@ -101,9 +110,7 @@ def main() -> None:
         print(f"pipefusion {r['stages']} stages, {r['patches']} patches, {r['warmup_steps']} warm-up: accuracy "
               f"{r['accuracy']:.1%}, PSNR {r['psnr_db']:.1f} dB, max rel err {r['max_rel_err']:.3f}, "
               f"{r['sampling_s']:.1f} s")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    render(out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The planner's choices on hardware this machine cannot touch, next to what other systems published.
 
-    .venv/bin/python benchmarks/planner.py --out benchmarks/results/planner.json
+    .venv/bin/python benchmarks/planner.py    # -> benchmarks/results/planner.{json,md,png}
 
 DiT-XL/2 (28 blocks, hidden 1152, 16 heads) at 256 / 512 / 1024 px (256 / 1024 / 4096 tokens) and a video-length
 sequence (32,760 tokens, e.g. 13 latent frames x 2,520 spatial tokens), one image with CFG, 50 steps, on documented
@@ -14,9 +14,9 @@ READMEs, quoted next to each row.
 """
 
 import argparse
-import json
 from pathlib import Path
 
+from common import bar_plot, finish, markdown_table, render_only, report_args
 from opendit.errors import OpenDiTError
 from opendit.models.dit import preset
 from opendit.planning.planner import plan
@@ -44,12 +44,43 @@ PUBLISHED = {
 }
 
 
+def rows_of(result) -> list[dict]:
+    return result["rows"] if isinstance(result, dict) else result  # the run of 2026-12-02 is a bare list
+
+
+def markdown(result) -> str:
+    header = ["machine", "scenario", "tokens", "best plan", "ms/step (50-step mean)", "speedup vs 1 device",
+              "best exact plan", "exact ms/step"]  # fmt: skip
+    cells = [
+        [r["machine"], r["scenario"], r["tokens"], r["best"]["plan"], f"{r['best']['request_s'] / 50 * 1e3:.2f}",
+         f"{r['predicted_speedup']:.1f}x", r["best_exact"]["plan"], f"{r['best_exact']['request_s'] / 50 * 1e3:.2f}"]
+        for r in rows_of(result)
+    ]  # fmt: skip
+    note = "Predicted by the cost model from documented speeds (no devices used); DiT-XL/2, one image with CFG."
+    return note + "\n\n" + markdown_table(header, cells)
+
+
+def plot(result, path: Path) -> None:
+    rows = rows_of(result)
+    labels = [f"{r['machine']} {r['scenario']}" for r in rows]
+    series = {"best plan": [r["best"]["request_s"] / 50 * 1e3 for r in rows],
+              "best exact plan": [r["best_exact"]["request_s"] / 50 * 1e3 for r in rows]}  # fmt: skip
+    title = "planner: DiT-XL/2 on hardware we cannot touch"
+    bar_plot(path, labels, series, "predicted ms per step (mean over 50; log scale)", title, log=True)
+
+
+def render(result, out) -> dict[str, Path]:
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/planner.json")
+    report_args(parser, "planner")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--objective", default="latency", choices=("latency", "throughput"))
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     rows = []
     for label, name, nodes, world in MACHINES:
         for scen, px, tokens, mem_gib in SCENARIOS:
@@ -86,9 +117,7 @@ def main() -> None:
                 f"{exact.config.describe()} {exact.request_s / 50 * 1e3:.2f} ms"
             )
         print(f"{'':<22} published: {PUBLISHED[name]}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
-    print(f"wrote {args.out}")
+    render({"images": args.images, "objective": args.objective, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

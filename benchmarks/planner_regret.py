@@ -1,7 +1,7 @@
 """Regret of the planner on this machine: its choice, measured, vs the best plan found by measuring every plan.
 
     .venv/bin/opendit calibrate --threads 1 --nproc 2 --force      # once, when the machine is quiet
-    .venv/bin/python benchmarks/planner_regret.py --out benchmarks/results/planner_regret.json
+    .venv/bin/python benchmarks/planner_regret.py    # -> benchmarks/results/planner_regret.{json,md,png}
 
 Per scenario (tokens, images, CFG on/off, world size, optional memory limit), every valid plan is run with the real
 runtime (build_runtime + parallelize, one thread per rank) for `--reps` timed forwards after a warm-up; a forward of
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from common import bar_plot, finish, markdown_table, render_only, report_args
 from opendit.distributed.config import ParallelConfig
 from opendit.models.dit import DiTConfig
 from opendit.planning.planner import enumerate_plans, estimate, plan
@@ -193,14 +194,50 @@ def run_scenario(scenario, speeds, reps: int) -> dict:
     }
 
 
+def markdown(result: dict) -> str:
+    header = ["scenario", "auto plan", "auto s/step", "best measured plan", "best s/step", "regret"]
+    cells = [
+        [
+            s["scenario"],
+            s["auto"],
+            f"{s['auto_step_s']:.3f}",
+            s["best"],
+            f"{s['best_step_s']:.3f}",
+            f"{s['regret']:.1%}",
+        ]
+        for s in result["scenarios"]
+    ]
+    summary = result.get("summary", {})
+    text = markdown_table(header, cells)
+    if summary:
+        text += (
+            f"\n\nMax regret {summary['max_regret']:.1%}; {summary['within_10_percent']} of {summary['scenarios']} "
+            f"scenarios within 10%; prediction error median {summary['median_abs_prediction_error']:.0%}, "
+            f"max {summary['max_abs_prediction_error']:.0%}."
+        )
+    return text
+
+
+def plot(result: dict, path: Path) -> None:
+    rows = result["scenarios"]
+    series = {"planner's plan": [s["auto_step_s"] for s in rows], "best measured": [s["best_step_s"] for s in rows]}
+    bar_plot(path, [s["scenario"] for s in rows], series, "measured s per step", "planner regret on this machine")
+
+
+def render(result: dict, out) -> dict[str, Path]:
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/planner_regret.json")
+    report_args(parser, "planner_regret")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--speeds", default="auto", help="calibration JSON or hardware name (default: cached)")
     parser.add_argument("--quick", action="store_true", help="two tiny scenarios (development)")
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     args = parser.parse_args()
+    if render_only(args, render):
+        return
     speeds = load_speeds(args.speeds, threads=1, nproc=2)
     scenarios = QUICK if args.quick else [s for s in SCENARIOS if not args.only or s[0] in args.only]
     out = {"speeds": speeds.to_dict(), "model": WIDTH, "scenarios": []}
@@ -225,9 +262,7 @@ def main() -> None:
         "median_abs_prediction_error": statistics.median(errors),
     }
     print(json.dumps(out["summary"]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {args.out}")
+    render(out, args.out)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,26 @@
-"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON.
+"""Quality of the shipped digits model (or --ckpt): SVC class accuracy, Fréchet distances, sampling time -> JSON+MD+PNG.
 
 python benchmarks/quality.py                       # 100 samples per class, the model's own steps / CFG scale
-python benchmarks/quality.py --cfg-scale 2 --out benchmarks/results/quality_cfg2.json
+python benchmarks/quality.py --cfg-scale 2 --out /tmp/quality_cfg2   # not the current result
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from common import finish, markdown_table, render_only, report_args
+from opendit.digits.judges import evaluate, load_for_eval
 from opendit.errors import OpenDiTError
-from opendit.evaluate import evaluate, load_for_eval
+
+
+def render(result: dict, out) -> dict:
+    header = ["CFG", "class accuracy", "Frechet (SVC features)", "Frechet (pixels)", "sampling s"]
+    cells = [[r.get("cfg_scale", "-"), f"{r['accuracy']:.2%}", f"{r['frechet']['svc_features']:.3f}",
+              f"{r['frechet'].get('pixels', float('nan')):.1f}", f"{r['timing']['sampling_s']:.1f}"]
+             for r in result["reports"]]  # fmt: skip
+    note = f"{result['per_class']} samples per class, {result['steps']} steps, seed {result['seed']}."
+    return finish(out, result, note + "\n\n" + markdown_table(header, cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, nargs="+", default=None, help="one or more; default: the JSON's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    report_args(parser, "quality")
     args = parser.parse_args(argv)
+    if render_only(args, render):
+        return 0
     torch.set_num_threads(args.threads)
     try:
         model, meta = load_for_eval(args.ckpt)
@@ -41,10 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except OpenDiTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) + "\n")
-    print(out)
+    render({"per_class": args.per_class, "steps": steps, "seed": args.seed, "reports": reports}, args.out)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Sequence-parallel scaling on this machine: per-step latency, speedup, bytes, hidden communication, memory,
-predicted vs measured, and the error of half-precision messages -> JSON + PNG.
+predicted vs measured, and the error of half-precision messages -> JSON + Markdown + PNG.
 
     .venv/bin/python benchmarks/scaling.py                   # full run (~15 min on 2 quiet cores)
     .venv/bin/python benchmarks/scaling.py --quick           # 256 tokens, 2 repeats (~1 min): a smoke test
@@ -28,8 +28,8 @@ peer's remaining compute, so each op counts the wait of the rank that arrived la
 Half precision on the wire (`comm_dtype` bf16 / fp16) is
 measured on one extra forward each (attention messages only; the gathered prediction stays fp32, as with
 --comm-dtype): max relative error vs the 1-rank fp32 output and the byte ratio. If the digits
-model (src/opendit/weights/digits.safetensors) exists, the same errors are measured on its samples (whole sampling
-loop, 2-rank Ulysses vs 1 process).
+model (src/opendit/digits/weights/digits.safetensors) exists, the same errors are measured on its samples (whole
+sampling loop, 2-rank Ulysses vs 1 process).
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,40 +50,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from common import DIGITS_CKPT, PLANS, RESULTS, finish, machine, random_model, rel_err, render_only, rss_mib
+from common import xl_width_config as model_config
+
 IMPLS = ("ulysses", "ulysses-overlap", "ring", "fastseq")
-PLANS = {  # impl -> ParallelConfig kwargs at world 2
-    "ulysses": {"ulysses": 2, "sp_impl": "ulysses"},
-    "ulysses-overlap": {"ulysses": 2, "sp_impl": "ulysses-overlap"},
-    "ring": {"ring": 2},
-    "fastseq": {"ulysses": 2, "sp_impl": "fastseq"},
-}
-LATENT = {256: 32, 1024: 64, 4096: 128}  # tokens -> latent side (patch 2)
-DIGITS = Path(__file__).resolve().parents[1] / "src" / "opendit" / "weights" / "digits.safetensors"
-
-
-def model_config(tokens: int, depth: int):
-    from opendit.models.dit import preset
-
-    side = LATENT.get(tokens) or int(round((tokens**0.5) * 2))
-    return replace(preset("DiT-XL/2"), depth=depth, input_size=(side, side))
-
-
-def random_model(config, seed: int = 0):
-    from opendit.models.dit import build_dit, perturb_weights
-
-    torch.manual_seed(seed)
-    return perturb_weights(build_dit(config).eval(), std=0.02, seed=seed + 1)
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+DIGITS = DIGITS_CKPT
 
 
 def _comms(runtime) -> list:
@@ -208,12 +178,12 @@ def run_config(rank: int, world: int, job: dict, out_dir: str) -> dict:
 @torch.no_grad()
 def run_digits(rank: int, world: int, job: dict) -> dict:
     """Whole sampling loop of the digits model: 2-rank Ulysses with fp32 / bf16 / fp16 messages vs 1 process."""
-    from opendit.checkpoint import load_model
+    from opendit.api.generation import GenerationRequest, resolve_model
     from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.generation import GenerationRequest, resolve_model
+    from opendit.io.checkpoint import load_model
     from opendit.parallel.apply import parallelize
 
     config, ckpt, defaults, _ = resolve_model(GenerationRequest(classes=[0], ckpt=str(job["ckpt"])))
@@ -255,22 +225,6 @@ def launch(world: int, job: dict, tmp: Path) -> dict:
     out_dir = Path(tempfile.mkdtemp(dir=tmp))
     mp.start_processes(worker, args=(world, free_port(), job, str(out_dir)), nprocs=world, start_method="spawn")
     return json.loads((out_dir / "result.json").read_text())
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "host": platform.node(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def predict(tokens: int, depth: int, impl: str | None, speeds) -> float:
@@ -392,6 +346,11 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render(record: dict, out) -> dict:
+    rows = record["results"]
+    return finish(out, record, table(rows), plot=lambda path: plot(rows, path))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
@@ -406,24 +365,26 @@ def main() -> int:
     parser.add_argument("--calibrate", action="store_true", help="run `opendit calibrate` first (~1 min)")
     parser.add_argument("--quick", action="store_true", help="256 tokens, 2 repeats: a smoke test, not a measurement")
     parser.add_argument("--no-digits", action="store_true", help="skip the digits model's comm-dtype errors")
-    parser.add_argument("--out", default=None, help="default benchmarks/results/scaling[_speedup].json")
+    parser.add_argument("--out", default=None, help="OUT.{json,md,png} (default results/scaling[_speedup])")
+    parser.add_argument("--render", "--from-json", dest="render", metavar="JSON", help="only rewrite the .md and .png")
     parser.add_argument("--speedup", action="store_true", help="issue 19's interleaved speedup vs the measured limit")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"], help="--speedup")
     parser.add_argument("--passes", type=int, default=5, help="--speedup: interleaved passes (median)")
     parser.add_argument("--transports", nargs="+", default=["shm", "gloo"], choices=["shm", "gloo"], help="--speedup")
     args = parser.parse_args()
+    if render_only(args, render):
+        return 0
     if args.speedup:  # scaling_speedup.py: one pool, interleaved passes, per-pass minima, the per-rank breakdown
-        import scaling_speedup
-
-        if args.tokens == [256, 1024, 4096]:
-            args.tokens = [256] if args.quick else [1024]
-        if args.impls == list(IMPLS):
-            args.impls = ["ulysses", "ring", "fastseq"]
-        if args.quick:
-            args.passes, args.repeats = 2, 2
-        args.out = args.out or "benchmarks/results/scaling_speedup.json"
-        return scaling_speedup.main(args)
-    args.out = args.out or "benchmarks/results/scaling.json"
+        cmd = [sys.executable, str(Path(__file__).with_name("scaling_speedup.py"))]
+        if args.tokens != [256, 1024, 4096]:
+            cmd += ["--tokens", *map(str, args.tokens)]
+        if args.impls != list(IMPLS):
+            cmd += ["--impls", *args.impls]
+        cmd += ["--dtypes", *args.dtypes, "--transports", *args.transports, "--depth", str(args.depth)]
+        cmd += ["--passes", str(args.passes), "--repeats", str(args.repeats)] + ["--quick"] * args.quick
+        cmd += ["--out", args.out] if args.out else []
+        return subprocess.call(cmd)
+    args.out = args.out or str(RESULTS / "scaling")
     if args.quick:
         args.tokens, args.repeats, args.sync_repeats = [256], 2, 1
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -479,14 +440,8 @@ def main() -> int:
     record["prediction_within_25pct"] = all(abs(r["predicted_over_measured"] - 1) <= 0.25 for r in rows)
     record["machine"]["loadavg_end"] = os.getloadavg()
     record["seconds"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    plot(rows, out.with_suffix(".png"))
-    md = table(rows)
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"wrote {out}, {out.with_suffix('.png')}, {out.with_suffix('.md')} in {record['seconds']:.0f} s")
+    render(record, args.out)
+    print(f"wall {record['seconds']:.0f} s")
     return 0
 
 

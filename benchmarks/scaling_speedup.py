@@ -1,8 +1,10 @@
 """The 2-rank speedup of issue 19, measured against the machine's own limit, with a per-step breakdown per rank.
 
-    .venv/bin/python benchmarks/scaling.py --speedup                               # 1024 tokens, fp32 + bf16
-    .venv/bin/python benchmarks/scaling.py --speedup --tokens 4096 --dtypes bf16
-    .venv/bin/python benchmarks/scaling.py --speedup --quick                       # 256 tokens, 2 passes: smoke
+    .venv/bin/python benchmarks/scaling_speedup.py                          # 1024 tokens, fp32 + bf16
+    .venv/bin/python benchmarks/scaling_speedup.py --tokens 4096 --dtypes bf16
+    .venv/bin/python benchmarks/scaling_speedup.py --quick                  # 256 tokens, 2 passes: a smoke test
+    (`benchmarks/scaling.py --speedup ...` runs this script with the same options)
+    -> benchmarks/results/scaling_speedup.{json,md,png}
 
 Model and step as in scaling.py (DiT-XL/2 width, 4 blocks, random weights, batch 1, t = 500), in fp32 and in bf16
 (`model.to(bf16)`, the documented fp32 islands stay). ONE pool of 2 spawned processes x 1 torch thread (gloo over
@@ -34,15 +36,27 @@ engine's tracer reads the same log, parallel/trace.py).
 
 from __future__ import annotations
 
+import argparse
 import copy
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from common import (
+    PLANS,
+    bar_plot,
+    finish,
+    random_model,
+    rel_err,
+    render_only,
+    report_args,
+    xl_width_config,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -62,7 +76,6 @@ def _runtime(impl: str, transport: str):
     and each group's idle I/O thread takes CPU from the compute threads (measured: other_threads_cpu)."""
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.mesh import build_runtime
-    from scaling import PLANS
 
     if (impl, transport) not in _RUNTIMES:
         os.environ["OPENDIT_CPU_TRANSPORT"] = transport  # Comm reads it when it is built
@@ -74,9 +87,8 @@ def _runtime(impl: str, transport: str):
 def _build(job: dict, tokens: int, dname: str, narrow: bool = False) -> dict:
     """{config: (callable, runtime or None)} for one (tokens, dtype): plain model (single, pair) and every impl."""
     from opendit.parallel.apply import parallelize
-    from scaling import model_config, random_model
 
-    config = model_config(16 if narrow else tokens, job["depth"])
+    config = xl_width_config(16 if narrow else tokens, job["depth"])
     if narrow:  # the dispatch probe: same code path and op count, negligible arithmetic (16 tokens, hidden 64)
         from dataclasses import replace
 
@@ -313,11 +325,6 @@ def _median_rows(per_pass: list[list[dict]]) -> list[dict]:
     ]
 
 
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def summarize(job, keys, mins, every, splits, outputs, wall) -> dict:
     rows = []
     for tokens, dname, config in keys:
@@ -387,7 +394,36 @@ def breakdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def plot(rows: list[dict], path: Path) -> None:
+    """Speedup and the measured limit per (tokens, dtype, strategy)."""
+    mine = [r for r in rows if "speedup" in r]
+    labels = [f"{r['tokens']} {r['dtype']} {r['config']}" for r in mine]
+    series = {"speedup (median of per-pass)": [r["speedup"] for r in mine], "limit": [r["limit"] for r in mine]}
+    bar_plot(path, labels, series, "speedup vs 1 process (x)", "2-rank speedup against this machine's limit")
+
+
+def render(record: dict, out) -> dict[str, Path]:
+    md = table(record["rows"]) + "\n\nBreakdown (ms per forward, median over passes):\n\n"
+    md += breakdown_table(record["rows"])
+    return finish(out, record, md, plot=lambda path: plot(record["rows"], path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024])
+    parser.add_argument("--impls", nargs="+", default=["ulysses", "ring", "fastseq"], choices=sorted(PLANS))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    parser.add_argument("--transports", nargs="+", default=["shm", "gloo"], choices=["shm", "gloo"])
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--passes", type=int, default=5, help="interleaved passes (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration and pass")
+    parser.add_argument("--quick", action="store_true", help="256 tokens, 2 passes x 2 repeats: a smoke test")
+    report_args(parser, "scaling_speedup")
+    args = parser.parse_args(argv)
+    if render_only(args, render):
+        return 0
+    if args.quick:
+        args.tokens, args.passes, args.repeats = [256], 2, 2
     os.environ["OMP_NUM_THREADS"] = "1"
     job = {
         "tokens": args.tokens,
@@ -404,12 +440,10 @@ def main(args) -> int:
 
     record = measure(job, log)
     record["loadavg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    md = table(record["rows"]) + "\n\nBreakdown (ms per forward, median over passes):\n\n"
-    md += breakdown_table(record["rows"])
-    out.with_suffix(".md").write_text(md + "\n")
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')} in {record['wall_s']:.0f} s")
+    render(record, args.out)
+    print(f"wall {record['wall_s']:.0f} s")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

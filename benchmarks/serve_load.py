@@ -23,9 +23,7 @@ skipped), and each server is ended with SIGTERM, then SIGKILL, in a finally.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -33,14 +31,13 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import ROOT, bar_plot, finish, machine, render_only, report_args
+
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 180.0
 MODES = ("batching", "one-at-a-time")
@@ -277,6 +274,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(result: dict, path: Path) -> None:
+    """Throughput (median of passes) per client count, batching vs one at a time."""
+    clients = sorted(result["summary"], key=int)
+    series = {mode: [result["summary"][c].get(mode, {}).get("throughput_median") for c in clients] for mode in MODES}
+    labels = [f"{c} client(s)" for c in clients]
+    bar_plot(path, labels, series, "images/s (median of passes)", "opendit serve: batching vs one request at a time")
+
+
+def render(result: dict, out) -> dict:
+    return finish(out, result, markdown(result), plot=lambda path: plot(result, path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[8], help="concurrent clients (a list: 1 8)")
@@ -287,14 +296,9 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, s (300)")
     parser.add_argument("--deadline", type=float, default=3600.0, help="whole-run deadline, s (3600)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "serve_load.json")
-    parser.add_argument("--md", type=Path, default=RESULTS / "serve_load.md")
-    parser.add_argument("--render", type=Path, metavar="JSON", help="only rewrite --md from a results JSON")
+    report_args(parser, "serve_load")
     args = parser.parse_args()
-    if args.render:
-        table = markdown(json.loads(args.render.read_text()))
-        args.md.write_text(table)
-        print(table)
+    if render_only(args, render):
         return
 
     t0 = time.monotonic()
@@ -363,13 +367,7 @@ def main() -> None:
             "queue_size": queue_size,
             "commands": {mode: server.command for mode, server in servers.items()},
         },  # fmt: skip
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch": metadata.version("torch"),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_end": os.getloadavg(),
-        },
+        "machine": machine(loadavg_end=os.getloadavg()),
         "servers": {
             mode: {"ready_s": s.ready_s, "health": s.health, "exit_code": exit_codes.get(mode)}
             for mode, s in servers.items()
@@ -383,13 +381,8 @@ def main() -> None:
     if "8" in speedup:
         result["target"] = {"clients": 8, "ratio": 1.5, "median": speedup["8"]["median"], "best": speedup["8"]["best"],
                             "met": speedup["8"]["median"] >= 1.5}  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    table = markdown(result)
-    args.md.write_text(table)
     print()
-    print(table)
-    print(f"wrote {args.json} and {args.md}")
+    render(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ CFG pair), t = 500, as
   ulysses   2 gloo ranks x 1 thread, sp_impl="ulysses": positions split, head all-to-alls in every spatial block.
 Models: latte-xl-width = VideoDiTConfig(depth 4 (2 spatial + temporal pairs; Latte-XL's 28 cut for CPU time), hidden
 1152, 16 heads, patch 2, 16 frames x 32 x 32 latent = 16 x 256 = 4096 tokens, 4 channels, 101 classes, learned
-sigma); digits-video = the bundled moving-digits model if src/opendit/weights/digits_video.json exists (trained
+sigma); digits-video = the bundled moving-digits model if src/opendit/digits/weights/digits_video.json exists (trained
 weights), else pixel_video_config("Latte-D/4", 16, 8, motion=True) with random weights (the output says which);
 tiny (--quick) = depth 2, hidden 64, 4 heads, 4 frames, 8 x 8, patch 2. Random weights: torch.manual_seed(0), then
 perturb_weights(model, 0.02), since adaLN-Zero makes a fresh model's blocks identities and its output zero. Weights
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,10 +44,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pools import ask_pools, shared_copy  # noqa: E402
+from common import (
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 PERTURB_STD = 0.02
 T_VALUE = 500.0
@@ -62,8 +70,8 @@ QUICK_MODELS = ("tiny", "digits-video")
 # ------------------------------------------------------------------------------------------------ models, inputs
 def model_specs(names: list[str]) -> dict:
     """{name: {"config": VideoDiTConfig dict, "ckpt": path or None, "weights": text}}; JSON-able for the workers."""
+    from opendit.api.video import DEFAULT_VIDEO_CKPT
     from opendit.models.video_dit import VideoDiTConfig, pixel_video_config
-    from opendit.video import DEFAULT_VIDEO_CKPT
 
     out = {}
     for name in names:
@@ -76,7 +84,7 @@ def model_specs(names: list[str]) -> dict:
         elif name == "tiny":
             config = VideoDiTConfig(depth=2, hidden_size=64, num_heads=4, patch_size=2, frames=4, input_size=(8, 8))
         elif DEFAULT_VIDEO_CKPT.with_suffix(".json").is_file():
-            from opendit.checkpoint import config_from_dict
+            from opendit.io.checkpoint import config_from_dict
 
             config = config_from_dict(json.loads(DEFAULT_VIDEO_CKPT.with_suffix(".json").read_text())["model"])
             ckpt, weights = str(DEFAULT_VIDEO_CKPT), f"bundled trained weights ({DEFAULT_VIDEO_CKPT.name})"
@@ -97,7 +105,7 @@ def dims(spec: dict) -> dict:
 
 def build(spec: dict):
     """The model of one spec, identical in every process (the parent compares checksums)."""
-    from opendit.checkpoint import load_model
+    from opendit.io.checkpoint import load_model
     from opendit.models.dit import perturb_weights
     from opendit.models.video_dit import VideoDiTConfig, build_video_dit
 
@@ -191,11 +199,6 @@ def single_worker(channel, job: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def formula(spec: dict, cname: str, sp_rank: int) -> dict:
     """The cost model's bytes and calls per forward of one rank (batch 1 video, fp32), rounded as CommStats counts."""
     from opendit.models.video_dit import VideoDiTConfig
@@ -207,19 +210,10 @@ def formula(spec: dict, cname: str, sp_rank: int) -> dict:
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # an XL-width forward on a busy 2-core box is slow
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for name, value in single_report["checksums"].items():
-            if any(rep["checksums"][name] != value for rep in reports):
-                raise RuntimeError(f"weights of {name} differ between processes")
 
         def ask(name, cname, what, repeats=1):
             answer, answers = ask_pools(pool1, pool2, (name, cname, what, repeats), cname == "single")
@@ -233,28 +227,19 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {answer['seconds'][0]:.2f} s")
         times, all_times = {k: [] for k in keys}, {k: [] for k in keys}
         comms = {k: [warm[k]["comm_ranks"]] for k in keys if k[1] != "single"}  # every answer's, for the check
-        outputs, waits, order_log, loads, n = {}, {}, [], [], len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[1] != "single":
-                    comms[key].append(answer["comm_ranks"])
-                    waits.setdefault(key, []).append(answer["wait_s_ranks"])
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s), load {loads[-1][0]:.1f}")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, waits = {}, {}
+
+        def timed_pass(i, key):
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[1] != "single":
+                comms[key].append(answer["comm_ranks"])
+                waits.setdefault(key, []).append(answer["wait_s_ranks"])
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
 
     rows, checks = [], []
     for name in job["models"]:
@@ -307,31 +292,13 @@ def run(job: dict, log) -> dict:
     }
 
 
-def machine() -> dict:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = "unknown"
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "loadavg_at_start": os.getloadavg(),
-        "threads_per_process": 1,
-        "backend": "gloo over loopback",
-    }
-
-
 # ------------------------------------------------------------------------------------------------ report
 def fmt_comm(recorded: dict, predicted: dict, field: str) -> str:
     rec, pred = sum(v[field] for v in recorded.values()), sum(v[field] for v in predicted.values())
     return f"{rec} / {pred}" + ("" if recorded == predicted else " **MISMATCH**")
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def markdown(result: dict) -> str:
     job, mach = result["job"], result["machine"]
     loads = ", ".join(f"{x[0]:.1f}" for x in result["loadavg_after_each_pass"])
     lines = [
@@ -377,41 +344,21 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{d['patch_size']}, {d['frames']} frames x {d['positions']} positions; weights: {d['weights']}"
         )
     lines += ["", "Checks:", ""] + [f"- {'ok' if c['ok'] else 'FAILED'}: {c['what']}" for c in result["checks"]]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def write_plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     models = result["job"]["models"]
     rows = {(r["model"], r["config"]): r for r in result["rows"]}
-    fig, ax = plt.subplots(figsize=(max(5, 2.2 * len(models)), 4))
-    width = 0.38
-    for j, (cname, color) in enumerate((("dsp", "tab:blue"), ("ulysses", "tab:orange"))):
-        xs = [i + (j - 0.5) * width for i in range(len(models))]
-        bars = ax.bar(xs, [rows[(m, cname)]["speedup"] for m in models], width, label=cname, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    top = max(r["speedup"] for r in result["rows"])
-    ax.set_ylim(0, max(2.0, top) * 1.25)  # room for the legend above the bars
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axhline(2.0, color="gray", lw=0.8, ls=":", label="2.0 (ideal for 2 ranks)")
-    ax.set_xticks(range(len(models)))
-    ax.set_xticklabels(models)
-    ax.set_ylabel("speedup vs 1 process\n(median over passes of per-pass min/min)")
+    colors = {"dsp": "tab:blue", "ulysses": "tab:orange"}
+    series = {c: ([rows[(m, c)]["speedup"] for m in models], color) for c, color in colors.items()}
     quick = " [--quick]" if result["job"]["quick"] else ""
-    ax.set_title(f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    speedup_bars(path, models, series, f"video DiT fp32: 2 gloo ranks x 1 thread vs 1 process{quick}")
 
 
-def render(result: dict, out: Path) -> None:
-    write_markdown(result, out.with_suffix(".md"))
-    write_plot(result, out.with_suffix(".png"))
+def render(result: dict, out: Path) -> dict[str, Path]:
+    """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -420,12 +367,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed forwards per config and pass (3; --quick 1)")
     parser.add_argument("--models", nargs="+", default=None, choices=["latte-xl-width", "digits-video", "tiny"])
     parser.add_argument("--quick", action="store_true", help="tiny model + digits config: a smoke test only")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "video_scaling.json"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "video_scaling")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        render(json.loads(path.read_text()), path)
+    if render_only(args, render):
         return 0
     models = args.models or list(QUICK_MODELS if args.quick else FULL_MODELS)
     specs = model_specs(models)
@@ -443,14 +387,10 @@ def main() -> int:
         print(f"[video_scaling] {msg}", flush=True)
 
     log(f"models {models}, passes {job['passes']}, repeats {job['repeats']}")
-    mach = machine()
+    mach = machine(threads_per_process=1, backend="gloo over loopback")
     result = {"job": job, "machine": mach, **run(job, log), "loadavg_at_end": os.getloadavg()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    render(result, out)
-    log(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}; wall {result['wall_s']:.0f} s")
-    print(out.with_suffix(".md").read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     # asserted after writing, so a failed check still leaves its evidence on disk
     failed = [c["what"] for c in result["checks"] if not c["ok"]]
     assert not failed, f"checks failed: {failed}"

@@ -65,23 +65,30 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pools import ask_pools, shared_copy  # noqa: E402
-from diffusers_cp_cpu import CollectiveBytes, apply_diffusers_cp, stock_failures  # noqa: E402
-from vs_diffusers_report import write_markdown, write_plot  # noqa: E402
+from common import (
+    ROOT,
+    ask_pools,
+    finish,
+    interleaved_passes,
+    machine,
+    rel_err,
+    render_only,
+    report_args,
+    shared_copy,
+    side_by_side_pools,
+    speedup_bars,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
 PARALLEL = CONFIGS[1:]
@@ -279,30 +286,15 @@ def single_worker(channel, job: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-def rel_err(a, b) -> float:
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def total_bytes(comm: dict | None) -> int | None:
     return None if comm is None else int(sum(v["bytes"] for v in comm.values()))
 
 
 def run(job: dict, log) -> dict:
-    from opendit.distributed.launch import WorkerPool
-
     os.environ.setdefault("OPENDIT_PG_TIMEOUT_S", "1800")  # a bf16 forward on a busy 2-core box can take minutes
     started = time.perf_counter()
-    pool2 = WorkerPool(parallel_worker, 2, (job,), threads_per_proc=1)
-    pool1 = WorkerPool(single_worker, 1, (job,), threads_per_proc=1)
-    try:
-        reports = [pool2.recv(r) for r in range(2)]
-        single_report = pool1.recv(0)
+    with side_by_side_pools(parallel_worker, single_worker, job) as (pool1, pool2, reports, single_report):
         log(f"setup done in {time.perf_counter() - started:.0f} s")
-        for key, value in single_report["checksums"].items():
-            for rep in reports:
-                if rep["checksums"][key] != value:
-                    raise RuntimeError(f"weights differ between processes for {key}")
 
         def ask(kind, dname, config, what, repeats=1):
             """-> answer with "seconds": one time per forward (2 ranks: the slower rank's, forward by forward)."""
@@ -317,32 +309,22 @@ def run(job: dict, log) -> dict:
             log(f"warm-up {'/'.join(key)}: {warm[key]['seconds'][0]:.2f} s")
         times = {key: [] for key in keys}  # per pass: the minimum over its `repeats` forwards
         all_times = {key: [] for key in keys}  # per pass: every forward
-        outputs, comms, order_log, loads = {}, {}, [], []
-        n = len(keys)
-        for i in range(job["passes"]):
-            shift = (i * n) // job["passes"]
-            order = keys[shift:] + keys[:shift]
-            order_log.append(["/".join(k) for k in order])
-            for key in order:
-                if job["warmup_each_pass"]:
-                    ask(*key, "warmup")
-                answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
-                times[key].append(min(answer["seconds"]))
-                all_times[key].append(answer["seconds"])
-                if "output" in answer:
-                    outputs[key] = answer["output"]
-                if key[2].startswith("ours"):
-                    comms[key] = answer.get("comm")
-                elif key[2].startswith("diffusers"):
-                    comms[key] = warm[key].get("comm")
-            loads.append(os.getloadavg())
-            log(f"pass {i + 1}/{job['passes']} done ({time.perf_counter() - started:.0f} s)")
-        for r in range(2):
-            pool2.send("stop", r)
-        pool1.send("stop")
-    finally:
-        pool2.close()
-        pool1.close()
+        outputs, comms = {}, {}
+
+        def timed_pass(i, key):
+            if job["warmup_each_pass"]:
+                ask(*key, "warmup")
+            answer = ask(*key, "output" if i == 0 else "time", job["repeats"])
+            times[key].append(min(answer["seconds"]))
+            all_times[key].append(answer["seconds"])
+            if "output" in answer:
+                outputs[key] = answer["output"]
+            if key[2].startswith("ours"):
+                comms[key] = answer.get("comm")
+            elif key[2].startswith("diffusers"):
+                comms[key] = warm[key].get("comm")
+
+        order_log, loads = interleaved_passes(keys, job["passes"], timed_pass, log, started)
     wall = time.perf_counter() - started
 
     rows = []
@@ -395,36 +377,377 @@ def run(job: dict, log) -> dict:
     }
 
 
-def machine() -> dict:
-    import diffusers
+# ------------------------------------------------------------------------------- diffusers' context parallelism on CPU
+# (workarounds (a) and (b) of the module docstring, bound to model instances and per-module processors; nothing
+# global of diffusers is changed; the raw stock failures, recorded; the bytes diffusers' functional collectives send)
+def _cpu_resolve_parallel_config(self, config):
+    """WORKAROUND (a): ModelMixin._resolve_parallel_config (modeling_utils.py:1697-1740) with device "cpu" and a CPU
+    DeviceMesh instead of `torch.device(accel, rank % torch.accelerator.device_count())` (line 1719: division by zero
+    on CPU-only torch). Bound to one model instance; nothing global changes."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text)
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if isinstance(config, ContextParallelConfig):
+        config = ParallelConfig(context_parallel_config=config)
+    cp = config.context_parallel_config
+    mesh = cp.mesh or init_device_mesh("cpu", cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+    config.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
+    self._parallel_config = config
+    return config
+
+
+def _cpu_lse_forward_op(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    """WORKAROUND (b): a forward op with diffusers' forward-op signature (cf. _native_flash_attention_forward_op,
+    attention_dispatch.py:1074-1120) on the CPU flash kernel, which returns the logsumexp. (B, S, H, D) in and out;
+    lse (B, S, H) float32. Inference only (no ctx saved)."""
+    if enable_gqa:
+        raise ValueError("enable_gqa is not supported by the benchmark-local CPU LSE op")
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (query, key, value))  # (B, H, S, D), as _native_flash does
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+    )
+    out = out.transpose(1, 2).contiguous()
+    lse = lse.transpose(1, 2).contiguous()
+    return (out, lse) if return_lse else out
+
+
+def _ring_cpu_attention(query, key, value, parallel_config):
+    """diffusers' own templated context-parallel attention (ring for ring_degree > 1) with the CPU LSE op."""
+    from diffusers.models.attention_dispatch import _native_attention_backward_op, _templated_context_parallel_attention
+
+    return _templated_context_parallel_attention(
+        query,
+        key,
+        value,
+        None,
+        0.0,
+        False,
+        None,
+        False,
+        False,
+        forward_op=_cpu_lse_forward_op,
+        backward_op=_native_attention_backward_op,
+        _parallel_config=parallel_config,
+    )
+
+
+def _ring_processor_classes():
+    """WORKAROUND (b) processors: diffusers' FluxAttnProcessor / WanAttnProcessor code (transformer_flux.py:76-142,
+    transformer_wan.py:68-162, I2V branch omitted) with `dispatch_attention_fn(...)` replaced by _ring_cpu_attention."""
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections as flux_qkv
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from diffusers.models.transformers.transformer_wan import _get_qkv_projections as wan_qkv
+
+    class FluxRingCpuLseProcessor(FluxAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+            if attention_mask is not None:
+                raise NotImplementedError("benchmark-local ring processor: no mask")
+            query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv(
+                attn, hidden_states, encoder_hidden_states
+            )
+            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+            value = value.unflatten(-1, (-1, attn.head_dim))
+            if attn.added_kv_proj_dim is not None:
+                encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+                encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+                encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+                query = torch.cat([encoder_query, query], dim=1)
+                key = torch.cat([encoder_key, key], dim=1)
+                value = torch.cat([encoder_value, value], dim=1)
+            if image_rotary_emb is not None:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
+            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+            if encoder_hidden_states is not None:
+                encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                    [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+                )
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+                return hidden_states, encoder_hidden_states
+            return hidden_states
+
+    class WanRingCpuLseProcessor(WanAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            if encoder_hidden_states is not None or attn.add_k_proj is not None:
+                # cross-attention: diffusers runs it without CP (parallel_config=None), unchanged
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            if attention_mask is not None:
+                raise NotImplementedError("benchmark-local ring processor: no mask")
+            query, key, value = wan_qkv(attn, hidden_states, None)
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
+            if rotary_emb is not None:
+
+                def rotate(x, freqs_cos, freqs_sin):
+                    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+                    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+                    out = torch.empty_like(x)
+                    out[..., 0::2] = x1 * cos - x2 * sin
+                    out[..., 1::2] = x1 * sin + x2 * cos
+                    return out.type_as(x)
+
+                query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
+            hidden_states = hidden_states.flatten(2, 3).type_as(query)
+            return attn.to_out[1](attn.to_out[0](hidden_states))
+
+    return FluxRingCpuLseProcessor, WanRingCpuLseProcessor
+
+
+def _context_parallel_config(mode: str):
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    return ContextParallelConfig(ulysses_degree=2) if mode == "ulysses" else ContextParallelConfig(ring_degree=2)
+
+
+def apply_diffusers_cp(model, kind: str, mode: str) -> None:
+    """diffusers' own enable_parallelism with workaround (a); for ring also workaround (b)."""
+    import types
+
+    if mode == "ring":
+        flux_cls, wan_cls = _ring_processor_classes()
+        pattern = ("transformer_blocks.", "single_transformer_blocks.") if kind == "flux" else ("blocks.",)
+        for path, module in model.named_modules():
+            if kind == "flux" and path.endswith(".attn") and path.startswith(pattern):
+                module.set_processor(flux_cls())
+            elif kind == "wan" and path.endswith(".attn1"):
+                module.set_processor(wan_cls())
+    model._resolve_parallel_config = types.MethodType(_cpu_resolve_parallel_config, model)  # (a), this instance
+    model.enable_parallelism(config=_context_parallel_config(mode))
+
+
+def _failure(exc: BaseException) -> dict:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = [f"{_short(f.filename)}:{f.lineno} in {f.name}: {f.line}" for f in frames[-4:]]
+    ours = [f for f in frames if "/diffusers/" in f.filename or "/opendit/" in f.filename]
+    at = f"{_short(ours[-1].filename)}:{ours[-1].lineno} in {ours[-1].name}: {ours[-1].line}" if ours else ""
     return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu": cpu,
-        "cpu_flags": flags,
-        "cpu_count": os.cpu_count(),
-        "loadavg_at_start": load,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "threads_per_process": 1,
-        "backend": "gloo over loopback",
+        "error": f"{type(exc).__name__}: {exc}",
+        "raised_at": where[-1] if where else "",
+        "library_frame": at,  # the innermost diffusers / opendit frame
+        "last_frames": where,
     }
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", str(ROOT) + "/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def stock_failures(kind: str, model, inputs: dict) -> dict:
+    """The stock diffusers calls on CPU-only torch, each on a throwaway copy; the raw failures."""
+    out = {}
+    for mode in ("ulysses", "ring"):
+        trial = shared_copy(model)
+        key = f"enable_parallelism(config=ContextParallelConfig({mode}_degree=2))"
+        try:
+            trial.enable_parallelism(config=_context_parallel_config(mode))
+            with torch.no_grad():
+                trial(**inputs)
+            out[key] = {"error": None, "note": "ran without error"}
+        except Exception as exc:  # noqa: BLE001 - the failure is what we record
+            out[key] = _failure(exc)
+    # past (a): diffusers' ring with its stock processors on the default (native) backend, and with `_native_flash`
+    # set per module (AttentionModuleMixin.set_attention_backend: the processor only, no global change)
+    for backend in (None, "_native_flash"):
+        trial = shared_copy(model)
+        key = f"ring with workaround (a) only, backend {backend or 'native (default)'}: first forward"
+        try:
+            if backend is not None:
+                for module in trial.modules():
+                    if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
+                        module.set_attention_backend(backend)
+            trial._resolve_parallel_config = __import__("types").MethodType(_cpu_resolve_parallel_config, trial)
+            trial.enable_parallelism(config=_context_parallel_config("ring"))
+            with torch.no_grad():
+                trial(**inputs)
+            out[key] = {"error": None, "note": "ran without error"}
+        except Exception as exc:  # noqa: BLE001
+            out[key] = _failure(exc)
+    return out
+
+
+class CollectiveBytes:
+    """Counts the functional collectives issued on this thread while active (a TorchDispatchMode: a context
+    manager, not a patch): bytes this rank sends to other ranks, per op name."""
+
+    COLLECTIVES = (
+        "all_to_all_single",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_gather_into_tensor_coalesced",
+        "reduce_scatter_tensor",
+        "all_reduce",
+        "broadcast",
+    )
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if getattr(func, "namespace", "") != "_c10d_functional":
+                    return func(*args, **kwargs)
+                counter.record(func, args, kwargs)
+                start = time.perf_counter()
+                out = func(*args, **kwargs)
+                counter.seconds += time.perf_counter() - start  # issue + wait_tensor: this rank's blocked time
+                return out
+
+        self.mode = _Mode()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.other_ops: dict[str, int] = {}
+        self.seconds = 0.0
+
+    def record(self, func, args, kwargs) -> None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        name = func.overloadpacket.__name__
+        if name not in self.COLLECTIVES:  # wait_tensor, _wrap_tensor_autograd: bookkeeping, no data moves
+            self.other_ops[name] = self.other_ops.get(name, 0) + 1
+            return
+        x = args[0]
+        group_name = kwargs.get("group_name", args[-1])
+        group = _resolve_process_group(group_name) if isinstance(group_name, str) else None
+        size = group.size() if group is not None else dist.get_world_size()
+        me = dist.get_rank(group) if group is not None else dist.get_rank()
+        nbytes = x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
+        if name == "all_to_all_single":
+            splits = args[2] if len(args) > 2 else kwargs.get("input_split_sizes")
+            if splits:
+                sent = nbytes - nbytes * splits[me] // x.shape[0]
+            else:
+                sent = nbytes * (size - 1) // size
+        elif name in ("all_gather_into_tensor", "all_gather_single"):
+            sent = nbytes * (size - 1)
+        elif name == "broadcast":
+            sent = nbytes * (size - 1) if me == args[1] else 0
+        else:  # reductions (not used by diffusers' CP here): count the input once so it shows up
+            sent = nbytes
+        self.bytes[name] = self.bytes.get(name, 0) + int(sent)
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def fmt_bytes(n) -> str:
+    if n is None:
+        return "not counted"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def markdown(result: dict) -> str:
+    job, mach = result["job"], result["machine"]
+    lines = [
+        "# OpenDiT vs diffusers' own context parallelism (2 gloo ranks x 1 thread vs 1 process x 1 thread)",
+        "",
+        f"Machine: {mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch {mach['torch']}, "
+        f"diffusers {mach['diffusers']}; load average (1 min) at start {mach['loadavg_at_start'][0]:.1f}, after each "
+        f"pass {', '.join(f'{x[0]:.1f}' for x in result.get('loadavg_after_each_pass', []))} (other jobs share the "
+        "2 cores: single timings are noisy, hence per-pass minima and the median over passes). "
+        f"{job['passes']} interleaved passes, wall time {result['wall_s'] / 60:.1f} min"
+        + (" (--quick smoke run)" if job["size"] == "quick" else "")
+        + ".",
+        "",
+        "Speedup = median over passes of (1-process minimum / 2-rank minimum of the pass), "
+        f"{job.get('repeats', 1)} "
+        "timed forwards per configuration and pass (overall min / overall min in brackets). "
+        "Error = max|out - ref| / max|ref| "
+        "of rank 0's output vs the single-process output of the same model and dtype. Bytes = what rank 0 sends per "
+        "forward (ours: CommStats; diffusers: counted by a TorchDispatchMode on its functional collectives).",
+        "diffusers ring = diffusers ring + benchmark-local CPU LSE workaround (b); both diffusers modes need "
+        "workaround (a) (CPU device / mesh). See the script's docstring.",
+        "",
+        "| model | dtype | mode | diffusers speedup | ours speedup | diffusers max rel err | ours max rel err "
+        "| diffusers bytes | ours bytes | ours >= diffusers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
+    for kind in job["models"]:
+        for dname in job["dtypes"]:
+            for mode in ("ulysses", "ring"):
+                d, o = rows[(kind, dname, f"diffusers-{mode}")], rows[(kind, dname, f"ours-{mode}")]
+                lines.append(
+                    f"| {kind} | {dname} | {mode} | {d['speedup']:.2f}x ({d['speedup_min']:.2f}x) | "
+                    f"{o['speedup']:.2f}x ({o['speedup_min']:.2f}x) | {d['max_rel_err']:.2e} | "
+                    f"{o['max_rel_err']:.2e} | {fmt_bytes(d['bytes_per_forward_rank0'])} | "
+                    f"{fmt_bytes(o['bytes_per_forward_rank0'])} | {'yes' if o['speedup'] >= d['speedup'] else 'NO'} |"
+                )
+    lines += [
+        "",
+        "Times (seconds; min / median over passes of the per-pass minima):",
+        "",
+        "| model | dtype | config | min | median |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in job["models"]:
+        for dname in job["dtypes"]:
+            first = rows[(kind, dname, "diffusers-ulysses")]
+            lines.append(
+                f"| {kind} | {dname} | single | {first['single_min_s']:.2f} | {first['single_median_s']:.2f} |"
+            )
+            for config in PARALLEL:
+                r = rows[(kind, dname, config)]
+                lines.append(
+                    f"| {kind} | {dname} | {config} | {r['parallel_min_s']:.2f} | {r['parallel_median_s']:.2f} |"
+                )
+    lines += ["", "Stock diffusers failures on CPU-only torch (raw):", ""]
+    for kind, fails in result["stock_failures"].items():
+        for call, info in fails.items():
+            error = (info.get("error") or "").splitlines()[0]  # the JSON has the full text
+            error = error if len(error) <= 200 else error[:200] + " ..."
+            where = info.get("library_frame") or info.get("raised_at", "")
+            lines.append(f"- {kind}, `{call}`: `{error}` (innermost diffusers frame: `{where}`)")
+    return "\n".join(lines)
+
+
+def write_plot(result: dict, path: Path) -> None:
+    job = result["job"]
+    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
+    groups = [(m, d, mode) for m in job["models"] for d in job["dtypes"] for mode in ("ulysses", "ring")]
+    series = {
+        "diffusers (own CP; ring with CPU-LSE workaround)": (
+            [rows[(m, d, f"diffusers-{mode}")]["speedup"] for m, d, mode in groups], "tab:orange"),
+        "OpenDiT parallelize": ([rows[(m, d, f"ours-{mode}")]["speedup"] for m, d, mode in groups], "tab:blue"),
+    }  # fmt: skip
+    quick = " [--quick]" if job["size"] == "quick" else ""
+    labels = [f"{m}\n{d}\n{mode}" for m, d, mode in groups]
+    speedup_bars(path, labels, series, "2 gloo ranks x 1 thread vs 1 process x 1 thread" + quick)
+
+
+def render(result: dict, out: Path) -> dict[str, Path]:
+    """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
+    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
 
 
 def main() -> int:
@@ -437,14 +760,9 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true", help="fewer tokens and blocks: a smoke test, not a measurement")
     parser.add_argument("--warmup-each-pass", action="store_true", help="a warm-up forward before every timed one")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_diffusers.json"))
-    parser.add_argument("--from-json", help="only re-render the .md and .png of an existing result JSON")
+    report_args(parser, "vs_diffusers")
     args = parser.parse_args()
-    if args.from_json:
-        path = Path(args.from_json)
-        result = json.loads(path.read_text())
-        write_markdown(result, path.with_suffix(".md"))
-        write_plot(result, path.with_suffix(".png"))
+    if render_only(args, render):
         return 0
     passes = args.passes or (2 if args.quick else 5)
     job = {
@@ -461,7 +779,7 @@ def main() -> int:
         print(f"[vs_diffusers] {msg}", flush=True)
 
     log(f"job {job}")
-    mach = machine()
+    mach = machine(threads_per_process=1, backend="gloo over loopback")
     result = run(job, log)
     result = {
         "job": {**job, "dims": dims, "heads": HEADS, "head_dim": HEAD_DIM, "seed": SEED},
@@ -469,13 +787,8 @@ def main() -> int:
         **result,
         "loadavg_at_end": os.getloadavg(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    write_markdown(result, out.with_suffix(".md"))
-    write_plot(result, out.with_suffix(".png"))
-    log(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}; wall {result['wall_s']:.0f} s")
-    print(out.with_suffix(".md").read_text())
+    render(result, Path(args.out))
+    log(f"wall {result['wall_s']:.0f} s")
     return 0
 
 

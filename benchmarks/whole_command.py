@@ -1,9 +1,10 @@
 """Whole-command memory: what decides whether a job fits. Runs `opendit sample` as a user would (a fresh command per
 configuration, interleaved passes) and reports each process's peak resident set for loading, sampling, decoding and
-the whole process, from the record.json every rank writes into (opendit/memory.py's PhasePeaks).
+the whole process, from the record.json every rank writes into (opendit/observe/memory.py's PhasePeaks).
 
-    .venv/bin/python benchmarks/memory.py --whole                 # DiT-XL/2, 512 px, official-format fp32 .pt
-    .venv/bin/python benchmarks/memory.py --whole --whole-model DiT-B/2 --whole-passes 1   # quicker
+    .venv/bin/python benchmarks/whole_command.py                  # DiT-XL/2, 512 px, official-format fp32 .pt
+    .venv/bin/python benchmarks/whole_command.py --model DiT-B/2 --passes 1                # quicker
+    (`benchmarks/memory.py --whole` runs this script) -> benchmarks/results/whole_command.{json,md,png}
 
 Setup (under benchmarks/results/whole_cache/, reused): an official-format checkpoint (a raw state dict of random
 weights, torch.save, 2.7 GB fp32 for DiT-XL/2 — no weights can be downloaded here) and a small diffusers
@@ -17,17 +18,20 @@ The parent `opendit` process (it only waits for the workers and writes PNGs) is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "benchmarks" / "results" / "whole_cache"
+from common import RESULTS, ROOT, bar_plot, finish, machine, render_only, report_args
+
+CACHE = RESULTS / "whole_cache"
 MIB = 2**20
 
 
@@ -163,3 +167,42 @@ def table(result: dict) -> str:
             f"{big['sampling']:.0f} | {rank0.get('decode', 0):.0f} | {entry['max_image_diff_vs_1_process']} |"
         )
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Per configuration: the largest rank's whole-process peak and its load / sampling / decode phase peaks."""
+    names = list(result["configs"])
+    big = [max(result["configs"][n]["ranks_mib"], key=lambda r: r["process"]) for n in names]
+    rank0 = [result["configs"][n]["ranks_mib"][0] for n in names]
+    series = {
+        "whole process": [result["configs"][n]["whole_min_mib"] for n in names],
+        "loading": [b["load"] for b in big],
+        "sampling": [b["sampling"] for b in big],
+        "decode (rank 0)": [r.get("decode") for r in rank0],
+    }
+    title = f"whole-command peak per rank, {result['model']} {result['image_size']} px (largest rank, min of passes)"
+    bar_plot(path, names, series, "MiB", title)
+
+
+def render(result: dict, out) -> dict:
+    return finish(out, result, table(result), plot=lambda path: plot(result, path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--passes", type=int, default=2)
+    report_args(parser, "whole_command")
+    args = parser.parse_args(argv)
+    if render_only(args, render):
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        result = whole_command(args.model, args.image_size, args.passes, Path(scratch))
+    result |= {"machine": machine()}
+    render(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,12 @@
 import os
 
-import pytest
-import torch
+# The CPU suite hides CUDA (its tolerances are CPU's, its process groups gloo): `make test` on a GPU machine stays the
+# CPU suite. The GPU lane (tests/gpu, `make test-gpu`) sets OPENDIT_GPU=1. Set before torch initialises CUDA.
+if os.environ.get("OPENDIT_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One thread per test process: the machine has 2 cores and multi-process tests spawn their own workers.
 torch.set_num_threads(1)

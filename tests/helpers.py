@@ -111,7 +111,7 @@ def unit_bytes(module: nn.Module) -> int:
 def forward_peak(model_fn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, base: int) -> int:
     """Peak resident bytes above `base` during a forward, after a first forward that does the one-time work (FSDP2's
     lazy init, kernel workspaces)."""
-    from opendit.memory import peak_rss_bytes, reset_peak_rss
+    from opendit.observe.memory import peak_rss_bytes, reset_peak_rss
 
     with torch.no_grad():
         model_fn(x, t, y)

@@ -82,7 +82,7 @@ def test_bad_settings_through_the_cli(tmp_path, capsys):
     base = ["sample", "--classes", "1", "--steps", "2", "--out", str(tmp_path / "o"), "--no-progress"]
     for extra, fragment in [
         (["--cache", "lru"], "unknown cache"),
-        (["--cache", "fbcache", "--cache-threshold", "-1"], "--cache-threshold must be"),
+        (["--cache", "fbcache", "--cache-threshold", "-1"], "(--cache-threshold) must be"),
         (["--cache", "pab", "--pab-window", "0.5", "1.2"], "--pab-window"),
     ]:
         assert main(base + extra) != 0
@@ -122,7 +122,7 @@ def test_threshold_zero_and_range_one_change_nothing():
 
 
 def test_caches_reuse_and_stay_close_on_the_trained_digits_model():
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
 
     model, _meta = load_for_eval()
     labels = list(range(10))
@@ -150,7 +150,7 @@ def test_caches_reuse_and_stay_close_on_the_trained_digits_model():
 
 def test_an_image_does_not_depend_on_its_batch():
     """Decisions are per image: 4 images in one batch equal the same images sampled 2 + 2 (first_index)."""
-    from opendit.evaluate import load_for_eval
+    from opendit.digits.judges import load_for_eval
 
     model, _meta = load_for_eval()
     config = make_cache_config("fbcache", "DiT", threshold=0.08)

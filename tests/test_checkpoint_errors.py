@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import opendit
-from opendit.checkpoint import load_model, read_sidecar_config, save_safetensors
 from opendit.cli import main
+from opendit.io.checkpoint import load_model, read_sidecar_config, save_safetensors
 from opendit.models.dit import DiT, DiTConfig, build_dit, pixel_config, preset
 
 # A tiny DiT on the digits data: 10 steps in a few seconds, checkpoints at steps 5 and 10 (and latest.pt).

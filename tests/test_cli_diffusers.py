@@ -20,10 +20,10 @@ pytest.importorskip("transformers")
 
 import opendit  # noqa: E402
 import opendit.distributed.launch  # noqa: E402
+from opendit.api.generation import GenerationRequest, resolve_engine  # noqa: E402
+from opendit.api.pipelines import inspect_pipeline, label_ids  # noqa: E402
 from opendit.cli import main  # noqa: E402
-from opendit.generation import GenerationRequest, resolve_engine  # noqa: E402
-from opendit.outputs import file_stem  # noqa: E402
-from opendit.pipelines import inspect_pipeline, label_ids  # noqa: E402
+from opendit.io.outputs import file_stem  # noqa: E402
 from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
 
 PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
@@ -185,7 +185,7 @@ def test_bad_input_is_one_error_line_before_any_process_starts(folders, tmp_path
         (edited_copy(pixart, tmp_path / "none", {"transformer": None}), [], "has no transformer"),
         (flux, ["--nproc", "2", "--cfg-parallel"], "calls the transformer once per guidance branch"),
         (pixart, ["--nproc", "2", "--dp", "2"], "dp degree 2 exceeds the 1 prompt(s)"),
-        (pixart, ["--nproc", "2", "--memory-gib", "0.0001"], "text encoders and VAE alone take"),
+        (pixart, ["--nproc", "2", "--memory-gib", "0.0001"], "besides the transformer, a rank holds"),
         (pixart, ["--frames", "5"], "PixArtAlphaPipeline takes no num_frames argument; drop --frames"),
         (pixart, ["--nproc", "2", "--ring", "2", "--balance-tokens"], "--balance-tokens re-splits the tokens"),
         (pixart, ["--classes", "1"], "pass --classes (OpenDiT's class-conditional DiT) or --prompt"),

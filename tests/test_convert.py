@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from opendit.checkpoint import load_model, save_safetensors
 from opendit.cli import Parser
 from opendit.cli.convert import add_convert_parser
-from opendit.convert import convert_checkpoint, write_safetensors_streaming
 from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import load_model, save_safetensors
+from opendit.io.convert import convert_checkpoint, write_safetensors_streaming
 from opendit.models.dit import DiTConfig, build_dit, pixel_config, preset
 
 OFFICIAL = preset("DiT-T/2").with_image_size(64)  # 4x4 latent tokens of a latent DiT-T/2: 1 MB of fp32
@@ -239,6 +239,17 @@ def test_cli_parser_runs_the_conversion(official_pt, tmp_path, capsys):
         parser.parse_args(["convert", str(path), str(out), "--dtype", "fp8"])
 
 
+def test_an_output_folder_is_made_or_refused_in_one_line(official_pt, tmp_path):
+    path, _ = official_pt
+    deep = tmp_path / "no" / "such" / "dir" / "x.safetensors"
+    convert_checkpoint(path, deep)  # a missing folder is made, as `opendit sample --out` does
+    assert deep.is_file() and deep.with_suffix(".json").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OpenDiTError, match=r"cannot create the output folder .*file/sub \(a file is in the way\)"):
+        convert_checkpoint(path, blocker / "sub" / "x.safetensors")
+
+
 def test_save_safetensors_output_is_a_valid_source(tmp_path):
     """Ours in, ours out (fp32 kept): the same bytes of every tensor as save_safetensors wrote."""
     model = random_model(OFFICIAL)
@@ -252,10 +263,10 @@ def test_save_safetensors_output_is_a_valid_source(tmp_path):
 _PROBE = textwrap.dedent(
     """
     import json, sys
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
+    from opendit.observe.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     exact_malloc()  # freed tensors leave the resident set at once
     import torch
-    from opendit.convert import convert_checkpoint
+    from opendit.io.convert import convert_checkpoint
     from opendit.models.dit import DiTConfig, build_dit
     build_dit(DiTConfig.from_dict(json.load(open(sys.argv[2]))["model"]), device="meta")  # lazy imports of meta init
     result = {}

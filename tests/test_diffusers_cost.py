@@ -11,7 +11,7 @@ from tests.diffusers_models import KINDS
 from tests.diffusers_models import build as build_model
 
 from opendit.families.apply import PLANNED_STRATEGIES as CORE_STRATEGIES
-from opendit.integrations.diffusers_cost import cost_config, diffusers_auto_plan
+from opendit.planning.diffusers_cost import cost_config, diffusers_auto_plan
 from opendit.planning.planner import enumerate_plans, estimate
 from opendit.planning.speeds import DEFAULTS
 

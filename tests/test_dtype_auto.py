@@ -5,15 +5,15 @@ from dataclasses import replace
 
 import pytest
 
+from opendit.api.generation import GenerationRequest, resolve_engine
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.generation import GenerationRequest, resolve_engine
 from opendit.models.dit import preset
+from opendit.models.precision import AUTO_MIN_SPEEDUP, choose_dtype
 from opendit.planning import speeds as speeds_module
 from opendit.planning.calibrate import half_precision_gain
 from opendit.planning.cost import predict_step_time
 from opendit.planning.speeds import DEFAULTS, speeds_in_dtype
-from opendit.precision import AUTO_MIN_SPEEDUP, choose_dtype
 
 DRIFT = "55 dB PSNR"
 

@@ -18,8 +18,8 @@ import pytest
 
 import opendit
 from opendit import Engine, OpenDiTError
+from opendit.api.generation import DEFAULT_CKPT, GenerationRequest, resolve_call, resolve_engine
 from opendit.distributed.config import ParallelConfig
-from opendit.generation import DEFAULT_CKPT, GenerationRequest, resolve_call, resolve_engine
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CKPT.is_file(), reason="the shipped digits model is not installed")
 

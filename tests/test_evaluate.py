@@ -7,10 +7,9 @@ import pytest
 import torch
 from scipy import linalg
 
-from opendit.checkpoint import save_safetensors
 from opendit.cli.train import main as train_cli
-from opendit.errors import OpenDiTError
-from opendit.evaluate import (
+from opendit.digits.data import digits_to_unit, to_digits_scale, upsample
+from opendit.digits.judges import (
     SHIPPED,
     evaluate,
     fit_classifier,
@@ -19,8 +18,9 @@ from opendit.evaluate import (
     roundtrip_accuracy,
     score_samples,
 )
+from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import save_safetensors
 from opendit.models.dit import DiT, DiTConfig
-from opendit.train.data import digits_to_unit, to_digits_scale, upsample
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_bad_inputs_are_refused(tmp_path):
 
 def test_shipped_model_draws_the_digit_it_is_asked_for():
     """Acceptance (issue 3): >= 90 % on 50 seeded samples at the shipped defaults (1,000 samples scored 100 %)."""
-    assert SHIPPED.is_file(), "the shipped digits model is missing: src/opendit/weights/digits.safetensors"
+    assert SHIPPED.is_file(), "the shipped digits model is missing: src/opendit/digits/weights/digits.safetensors"
     model, meta = load_for_eval()
     report = evaluate(model, per_class=5, steps=meta["steps"], cfg_scale=meta["cfg_scale"], seed=0)
     assert report["accuracy"] >= 0.9, report["per_class_accuracy"]

@@ -32,11 +32,11 @@ import opendit
 import opendit.cli
 import opendit.distributed.launch
 import opendit.engine.executors
+from opendit.api.generation import DEFAULT_CKPT
+from opendit.api.request import MAX_CFG_SCALE, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_STEPS, SEED_MAX
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.generation import DEFAULT_CKPT
-from opendit.outputs import GenerationResult
-from opendit.request import MAX_CFG_SCALE, MAX_CLASSES, MAX_IMAGE_SIZE, MAX_STEPS, SEED_MAX
+from opendit.io.outputs import GenerationResult
 
 settings.register_profile(
     "ci", max_examples=40,  # per fuzzed field (each test runs once per field)

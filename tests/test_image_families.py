@@ -118,8 +118,8 @@ def test_tiny_pipelines_are_built_offline_with_their_own_parts(folders):
 def test_one_process_through_opendit_equals_diffusers_own_call(kind, folders):
     """OpenDiT's runner on the folder (its recorded small defaults filling what the call leaves unset) against the
     pipeline called as diffusers documents it, with those arguments written out."""
+    from opendit.api.generation import GenerationRequest, call_request, resolve_engine
     from opendit.engine.pipeline_runner import PipelineRunner
-    from opendit.generation import GenerationRequest, call_request, resolve_engine
 
     negative = {"negative_prompt": "blurry"} if kind == "qwenimage" else {}
     request = GenerationRequest(diffusers=str(folders[kind]), prompt=PROMPTS, steps=2, seed=3, **negative)

@@ -22,7 +22,7 @@ pytestmark = [
 
 def test_latte_xl_checkpoint_samples_a_video(tmp_path, capsys, tiny_vae):
     from opendit.cli import main
-    from opendit.video_outputs import read_video_frames
+    from opendit.io.outputs import read_video_frames
 
     gen = torch.Generator().manual_seed(0)
     shapes = latte_state_shapes(28, 1152, 2, 4, 16, 256, 101)

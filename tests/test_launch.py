@@ -29,7 +29,7 @@ CLASSES = ["0", "3", "7"]
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A random checkpoint with non-zero adaLN/output layers, so that images depend on every rank's work."""
-    from opendit.checkpoint import save_safetensors
+    from opendit.io.checkpoint import save_safetensors
     from opendit.models.dit import build_dit, perturb_weights, pixel_config
 
     config = pixel_config("DiT-T/2", 16)

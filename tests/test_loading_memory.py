@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from opendit.checkpoint import load_model, read_state_dict
+from opendit.io.checkpoint import load_model, read_state_dict
 from opendit.models.dit import build_dit, preset
 
 BOUND = 1.3  # acceptance: peak <= 1.3x the model's bytes in the target dtype
@@ -55,9 +55,9 @@ _PROBE = textwrap.dedent(
     import json, sys, time
     import torch
     import opendit.engine  # what `opendit sample` has imported before it loads (diffusers, the sampler, ...)
-    from opendit.checkpoint import load_model
+    from opendit.io.checkpoint import load_model
     from opendit.models.dit import preset
-    from opendit.precision import parse_dtype
+    from opendit.models.precision import parse_dtype
 
     def status(field):
         for line in open("/proc/self/status"):

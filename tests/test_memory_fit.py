@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
+from opendit.api.generation import GenerationRequest, prepare
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.generation import GenerationRequest, prepare
-from opendit.memory import rss_bytes
+from opendit.observe.memory import rss_bytes
 
 GIB = 1 << 30
 
@@ -76,7 +76,7 @@ def test_memory_gib_is_validated(tmp_path, value):
 
 def weight_heavy_checkpoint(directory):
     """A pixel-space DiT whose weights dominate a process (hidden 768, 8 blocks: 324 MiB fp32), few tokens."""
-    from opendit.checkpoint import save_safetensors
+    from opendit.io.checkpoint import save_safetensors
     from opendit.models.dit import pixel_config
 
     base = pixel_config("DiT-T/2", 16)

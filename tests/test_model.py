@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from opendit.checkpoint import load_model, save_safetensors
 from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import load_model, save_safetensors
 from opendit.models.dit import PRESETS, DiTConfig, build_dit, preset
 from opendit.models.layers import sincos_2d
 

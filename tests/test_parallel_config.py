@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from opendit.api.generation import GenerationRequest, prepare
 from opendit.cli import main
 from opendit.distributed.config import ParallelConfig, default_plan, suggest_plans
 from opendit.distributed.mesh import mesh_groups
 from opendit.errors import OpenDiTError
-from opendit.generation import GenerationRequest, prepare
 from opendit.parallel.sequence import head_sizes
 
 T2 = {"model": "DiT-T/2", "image_size": 128}  # 16x16 latents: 64 tokens, 4 heads, guidance 4 by default
@@ -140,7 +140,7 @@ def test_bad_parallel_requests_exit_2_with_the_message(tmp_path, capsys, flags, 
 
 
 def test_parallel_auto_takes_the_planners_choice():
-    from opendit.generation import GenerationRequest, prepare
+    from opendit.api.generation import GenerationRequest, prepare
 
     job = prepare(GenerationRequest(classes=list(range(4)), steps=2, nproc=2, parallel_auto=True))
     assert job.plan.world_size == 2

@@ -104,11 +104,11 @@ def equivalence_world() -> list[dict]:
     """Runs in each of 4 workers: every (model, plan) on ranks 0..n-1; returns every rank's measurements."""
     import torch.distributed as dist
 
+    from opendit.api.generation import decode
     from opendit.diffusion.sampler import sample
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import image_split, sample_images
-    from opendit.generation import decode
     from opendit.parallel.apply import parallelize
     from opendit.planning.cost import predict_step_comm
 
@@ -254,8 +254,8 @@ def test_cost_model_predicts_the_recorded_calls_and_bytes_of_every_strategy(worl
 @pytest.fixture(scope="module")
 def cli_ckpt(tmp_path_factory):
     """The shipped digits model if it is installed, else a random non-zero checkpoint of the same kind."""
-    from opendit.checkpoint import save_safetensors
-    from opendit.generation import DEFAULT_CKPT
+    from opendit.api.generation import DEFAULT_CKPT
+    from opendit.io.checkpoint import save_safetensors
 
     if DEFAULT_CKPT.is_file():
         return []
@@ -301,7 +301,7 @@ def test_cli_parallel_images_equal_single_process(tmp_path, cli_ckpt, single, fl
     nproc = int(flags[1])
     assert record["parallel"]["world_size"] == nproc and len(record["ranks"]) == nproc
     assert all(r["peak_memory_bytes"] > 0 and len(r["per_step_s"]) == 4 for r in record["ranks"])
-    for rank in record["ranks"]:  # per-phase peaks (opendit/memory.py); only the output rank decodes
+    for rank in record["ranks"]:  # per-phase peaks (opendit/observe/memory.py); only the output rank decodes
         mem = rank["memory"]
         phases = [mem[f"{name}_peak_bytes"] for name in ("load", "sampling")]
         assert 0 < max(phases) <= mem["process_peak_bytes"], mem

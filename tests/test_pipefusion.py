@@ -23,11 +23,11 @@ STEPS = 6
 def pipefusion_world() -> list[dict]:
     import copy
 
+    from opendit.digits.judges import load_for_eval, score_samples
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
-    from opendit.evaluate import load_for_eval, score_samples
     from opendit.parallel.apply import parallelize
     from opendit.planning.pipefusion_cost import pipefusion_step_comm
 
@@ -129,7 +129,7 @@ def test_cli_pipefusion_with_every_step_synchronous_equals_one_process(tmp_path)
     assert single.std() > 10 and np.abs(exact - single).max() <= 1
     assert record["parallel"]["pipefusion"] == {"stages": 2, "blocks_per_stage": [3, 3], "patches": 2,
                                                 "warmup_steps": 4}  # fmt: skip
-    from opendit.evaluate import SHIPPED
+    from opendit.digits.judges import SHIPPED
 
     file_bytes = SHIPPED.stat().st_size
     for rank in record["ranks"]:  # each stage read its own blocks (+ the embedders and final layer) from the file

@@ -8,11 +8,11 @@ import torch
 
 import opendit.models.dit as dit_module
 from helpers import psnr, relative_error
+from opendit.api.generation import DEFAULT_CKPT, decode
 from opendit.diffusion.sampler import sample
 from opendit.errors import OpenDiTError
-from opendit.generation import DEFAULT_CKPT, decode
 from opendit.models.dit import DiTConfig, build_dit, pixel_config
-from opendit.precision import check_finite, parse_dtype, residual_dtype
+from opendit.models.precision import check_finite, parse_dtype, residual_dtype
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -166,7 +166,7 @@ def test_sampled_images_psnr_random_model(dtype, floor):
 def shipped_model_and_fp32_images():
     """The shipped digits model and its fp32 images: 40 samples (4 per class), 30 steps, CFG 2 (its defaults); once
     for both half dtypes. (Half-precision matmuls are emulated on CPUs without them: 100 samples took 4 min each.)"""
-    from opendit.checkpoint import load_model, read_sidecar_config
+    from opendit.io.checkpoint import load_model, read_sidecar_config
 
     config = DiTConfig.from_dict(read_sidecar_config(DEFAULT_CKPT)["model"])
     model = load_model(config, DEFAULT_CKPT)
@@ -182,7 +182,7 @@ def test_shipped_digits_model_half_precision_quality(dtype):
 
     Measured (model of 2026-11-25, 2850 steps): bf16 55.2 dB, fp16 65.3 dB; accuracy 100 % in fp32, bf16 and fp16.
     """
-    from opendit.evaluate import score_samples
+    from opendit.digits.judges import score_samples
 
     model, labels, ref = shipped_model_and_fp32_images()
     got = sampled_images(model, dtype, labels, steps=30, cfg_scale=2.0)

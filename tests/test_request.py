@@ -16,11 +16,11 @@ import torch
 from pydantic import ValidationError
 
 import opendit
+from opendit.api.generation import ENGINE_FIELDS, GenerationRequest, call_fields, prepare, request_field_names
+from opendit.api.request import SEED_MAX, CallRequest, EngineRequest
 from opendit.cli import main
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
-from opendit.generation import ENGINE_FIELDS, GenerationRequest, call_fields, prepare, request_field_names
-from opendit.request import SEED_MAX, CallRequest, EngineRequest
 
 T2 = {"model": "DiT-T/2", "image_size": 64}  # a latent preset: 1000 classes, epsilon prediction; no weights read
 

@@ -119,7 +119,7 @@ def test_scheduler_errors():
 def test_the_boundary_refuses_what_the_sampler_trusts(fields, message):
     """sample() does not re-check its arguments: the request schema (request.py) refuses, before any worker starts,
     every input the loop would get wrong (steps the scheduler cannot take, guidance < 1 or NaN, unknown classes)."""
-    from opendit.generation import GenerationRequest, prepare
+    from opendit.api.generation import GenerationRequest, prepare
 
     latent_t2 = {"model": "DiT-T/2", "image_size": 64, "classes": [1]}  # 1000 classes, epsilon; no weights read
     with pytest.raises(OpenDiTError, match=message):

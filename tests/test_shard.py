@@ -132,7 +132,7 @@ def _memory_worker(rank, world):
     """Per-rank parameter memory from the resident set (see sharding.py's measurement notes), prefetch off then on."""
     import torch.distributed as dist
 
-    from opendit.memory import exact_malloc, rss_bytes
+    from opendit.observe.memory import exact_malloc, rss_bytes
     from opendit.parallel.sharding import apply_weight_sharding, parameter_bytes
 
     assert exact_malloc()

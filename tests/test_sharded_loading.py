@@ -23,7 +23,7 @@ def small_config(hidden: int = 96, depth: int = 3, grid: int = 4, heads: int = 4
 
 def write_checkpoint(config, directory, fmt: str, seed: int = 0):
     """Random weights (every tensor, pos_embed the model's own) saved as our safetensors or an official-style .pt."""
-    from opendit.checkpoint import save_safetensors
+    from opendit.io.checkpoint import save_safetensors
     from opendit.models.dit import build_dit
 
     torch.manual_seed(seed)
@@ -49,7 +49,7 @@ def sharded_runtime():
 
 def _load_sharded(config, ckpt, dtype, load_config=None, runtime=None):
     """What an engine rank does for --ulysses P --shard-weights: meta model -> parallelize -> fill the shards."""
-    from opendit.checkpoint import open_for_model
+    from opendit.io.checkpoint import open_for_model
     from opendit.parallel.apply import parallelize
     from opendit.parallel.sharded_loading import fill_sharded
 
@@ -62,7 +62,7 @@ def _load_sharded(config, ckpt, dtype, load_config=None, runtime=None):
 
 
 def _equal_worker(rank, world, config, load_config, ckpt, dtype):
-    from opendit.checkpoint import load_model
+    from opendit.io.checkpoint import load_model
 
     model, pmodel, stats = _load_sharded(config, ckpt, dtype, load_config)
     reference = load_model(load_config or config, ckpt, dtype=dtype)
@@ -110,8 +110,8 @@ def test_sharded_load_equals_unsharded(tmp_path, world, fmt, dtype, resize):
 def _memory_worker(rank, world, config, ckpt):
     from tests.helpers import forward_peak, unit_bytes
 
-    from opendit.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.models.dit import DiTConfig, build_dit
+    from opendit.observe.memory import exact_malloc, peak_rss_bytes, reset_peak_rss, rss_bytes
     from opendit.parallel.sharding import sharded_parameter_bytes
 
     assert exact_malloc()

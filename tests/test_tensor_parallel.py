@@ -238,7 +238,7 @@ def test_cli_tp_images_equal_single_process(tmp_path, single, flags):
     images, record = run_cli(tmp_path, flags)
     assert images.std() > 10 and np.abs(images - ref_images).max() <= 1
     assert record["parallel"]["config"]["tp"] == 2 and record["parallel"]["tensor"]["head_split"] == [2, 2]
-    from opendit.generation import DEFAULT_CKPT
+    from opendit.api.generation import DEFAULT_CKPT
 
     whole = DEFAULT_CKPT.stat().st_size  # the shipped fp32 file: about the whole model's bytes
     for rank in record["ranks"]:

@@ -14,9 +14,9 @@ import torch
 from dist_utils import run_distributed
 from opendit.diffusion.hooks import LoopInfo, ModelCall, StepContext
 from opendit.distributed.comm import CommHandle, CommStats
+from opendit.observe.trace import TraceHook, chrome_trace, utilisation_summary, write_chrome_trace
 from opendit.parallel.hooks import CommAccounting
 from opendit.parallel.sharding import _AllWorks
-from opendit.parallel.trace import TraceHook, chrome_trace, utilisation_summary, write_chrome_trace
 
 REQUIRED = ("name", "ph", "pid", "tid", "ts")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from opendit.checkpoint import load_model, read_sidecar_config
 from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import load_model, read_sidecar_config
 from opendit.models.dit import DiT, DiTConfig, preset
 from opendit.train import EMA, BatchSampler, DigitsDataset, ImageFolderDataset, TrainConfig, export_ema, read_log, train
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from opendit.api.video import DEFAULT_VIDEO_CKPT
 from opendit.cli import main
-from opendit.video import DEFAULT_VIDEO_CKPT
 
 pytestmark = pytest.mark.slow
 CLASSES, MOTIONS = ["3", "7"], ["right", "up"]
@@ -22,7 +22,7 @@ STEMS = ["000_class-3-3-right", "001_class-37-7-up"]
 def ckpt(tmp_path_factory):
     """The bundled digits video model if it is installed, else a random non-zero one of the same kind (5 frames:
     uneven over 2 and 3 ranks)."""
-    from opendit.checkpoint import save_safetensors
+    from opendit.io.checkpoint import save_safetensors
     from opendit.models.dit import perturb_weights
     from opendit.models.video_dit import build_video_dit, pixel_video_config
 
@@ -36,7 +36,7 @@ def ckpt(tmp_path_factory):
 
 
 def run_cli(out, extra, ckpt):
-    from opendit.video_outputs import read_video_frames
+    from opendit.io.outputs import read_video_frames
 
     args = ["sample", "--video", "--classes", *CLASSES, "--motion", *MOTIONS, "--steps", "3", "--seed", "2",
             "--out", str(out), "--no-progress"]  # fmt: skip

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from opendit.errors import OpenDiTError
-from opendit.evaluate_video import judge_on_real, load_video_judge, motion, real_videos, score_videos
-from opendit.train.data import BatchSampler
-from opendit.train.video_data import (
+from opendit.digits.data import BatchSampler
+from opendit.digits.judges import judge_on_real, load_video_judge, motion, real_videos, score_videos
+from opendit.digits.video_data import (
     DIRECTIONS,
     VELOCITY,
     MovingDigitsDataset,
@@ -19,6 +18,7 @@ from opendit.train.video_data import (
     positions,
     start_counts,
 )
+from opendit.errors import OpenDiTError
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def run(args, capsys):
 
 
 def test_sample_video_latte_checkpoint_with_vae(tmp_path, capsys, latte_ckpt, tiny_vae):
-    from opendit.video_outputs import read_video_frames
+    from opendit.io.outputs import read_video_frames
 
     out = tmp_path / "out"
     args = ["sample", "--video", "--model", "Latte-S/2", "--ckpt", str(latte_ckpt), "--vae", str(tiny_vae),
@@ -168,7 +168,7 @@ def test_sample_video_latte_checkpoint_with_vae(tmp_path, capsys, latte_ckpt, ti
 
 @pytest.fixture(scope="module")
 def digits_video_ckpt(tmp_path_factory):
-    from opendit.checkpoint import save_safetensors
+    from opendit.io.checkpoint import save_safetensors
 
     config = replace(pixel_video_config("Latte-T/4", 16, 8), motion=True)
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_video_flag_with_an_image_model_and_motion_without_video(tmp_path, capsy
 
 
 def test_motion_needs_a_motion_model():
-    from opendit.video import motion_labels
+    from opendit.api.video import motion_labels
 
     assert motion_labels([3, 7], ["right", "up"], replace(preset("Latte-T/2"), motion=True)) == [3, 37]
     assert motion_labels([3, 7], ["left"], replace(preset("Latte-T/2"), motion=True)) == [13, 17]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from opendit.errors import OpenDiTError
-from opendit.video_outputs import read_video_frames, save_video_outputs
+from opendit.io.outputs import read_video_frames, save_video_outputs
 
 
 def videos(n=2, frames=8, height=12, width=10, channels=3, seed=0):

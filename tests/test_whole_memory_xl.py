@@ -3,7 +3,7 @@ under benchmarks/results/whole_cache/), a small VAE, one step: the largest rank'
 weights is <= 0.5x one process at 4 ranks and <= 0.7x at 2, and the images equal one process's.
 
 About 4 minutes and 6 GB of disk on 2 CPU cores, so it runs on request: `make test-xl` (OPENDIT_XL=1). The same
-measurement, with interleaved passes, is `python benchmarks/memory.py --whole` (README's table). The suite's own
+measurement, with interleaved passes, is `python benchmarks/memory.py --whole` (docs/memory.md's table). The suite's own
 checks of the same properties at a smaller size: test_sharded_loading.py (1/P + one block at every moment of loading
 and sampling), test_memory_fit.py (a budget below one process runs sharded and stays within it)."""
 

@@ -11,9 +11,9 @@ from opendit.errors import OpenDiTError
 _EXPORTS = {
     "Engine": "opendit.engine",
     "generate": "opendit.engine",
-    "GenerationRequest": "opendit.generation",
-    "GenerationResult": "opendit.outputs",
-    "save_outputs": "opendit.outputs",
+    "GenerationRequest": "opendit.api.generation",
+    "GenerationResult": "opendit.io.outputs",
+    "save_outputs": "opendit.io.outputs",
     "parallelize": "opendit.parallel.entry",
     "ParallelConfig": "opendit.distributed.config",
 }

@@ -8,8 +8,8 @@ a reason that is not "not supported". The run writes docs/capabilities.md, the t
     make test-matrix          # OPENDIT_MATRIX=1 pytest tests/matrix (~25 min on 2 cores); not part of `make test`
 
 Families: OpenDiT's digits DiT and digits video DiT (the bundled models) and tiny random diffusers pipelines saved
-to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan; opendit.testing.tiny_image_families:
-Qwen-Image, FLUX.2, Z-Image). 4 denoising steps, 2 images.
+to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan; tiny_video_families: Wan 2.2, LTX-Video,
+CogVideoX, Latte, HunyuanVideo-1.5; tiny_image_families: Qwen-Image, FLUX.2, Z-Image). 4 denoising steps, 2 images.
 """
 
 from __future__ import annotations
@@ -73,13 +73,15 @@ def _families(root: Path) -> dict[str, list[str]]:
         "OpenDiT video DiT (digits)": ["--video", "--classes", "3", "7", "--motion", "right", "up", *common],
     }
     for kind, name in (("dit", "diffusers DiT"), ("pixart", "PixArt"), ("sd3", "SD3"), ("flux", "Flux"),
-                       ("wan", "Wan 2.1")):  # fmt: skip
+                       ("wan", "Wan 2.1"), *VIDEO_FAMILIES.items()):  # fmt: skip
         folder = save_tiny_pipeline(kind, root / "pipelines" / kind, seed=0)
         # DiTPipeline is class-conditional: its prompts are label names (model_index.json's id2label)
         names = list(_DIT_LABELS.values())[1:3] if kind == "dit" else ["a red fox", "a blue car"]
         what = ["--prompt", *names]
-        size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []  # its defaults: 81 frames at 480p
-        families[name] = ["--diffusers", str(folder), *what, "--cfg-scale", "3", *size, *common]
+        # the video folders' own defaults (opendit_call_defaults.json): a few frames at 32-64 px
+        size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []
+        guidance = [] if kind == "hunyuan15" else ["--cfg-scale", "3"]  # HunyuanVideo-1.5: its guider's scale
+        families[name] = ["--diffusers", str(folder), *what, *guidance, *size, *common]
     families.update(_image_families(root, common))
     return families
 
@@ -91,7 +93,7 @@ def _image_families(root: Path, common: list[str]) -> dict[str, list[str]]:
 
     prompts = ["--prompt", " ".join(["a red fox in a garden at sunset"] * 5), "--prompt", "a blue car"]
     families = {}
-    for kind, name in (("qwenimage", "Qwen-Image"), ("flux2", "FLUX.2"), ("zimage", "Z-Image")):
+    for kind, name in IMAGE_FAMILIES.items():
         folder = save_tiny_image_pipeline(kind, root / "pipelines" / kind, seed=0)
         guidance = ["--negative-prompt", "blurry"] if kind == "qwenimage" else ["--cfg-scale", "3"]
         families[name] = ["--diffusers", str(folder), *prompts, *guidance, *common]
@@ -186,8 +188,13 @@ def _write(results: dict) -> None:
     DOC.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+# the video families of issue 34 (opendit.testing.tiny_video_families): kind -> row name
+VIDEO_FAMILIES = {"wan22": "Wan 2.2 (two experts)", "ltx": "LTX-Video", "cogvideox": "CogVideoX", "latte": "Latte",
+                  "hunyuan15": "HunyuanVideo-1.5"}  # fmt: skip
+# the image families of issue 34 (opendit.testing.tiny_image_families): kind -> row name
+IMAGE_FAMILIES = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2", "zimage": "Z-Image"}
 FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1",
-            "Qwen-Image", "FLUX.2", "Z-Image")  # fmt: skip
+            *VIDEO_FAMILIES.values(), *IMAGE_FAMILIES.values())  # fmt: skip
 
 
 @pytest.fixture(scope="module")

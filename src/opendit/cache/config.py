@@ -12,7 +12,7 @@ Methods are registered (cache/registry.py); the two built in (cache/pab.py, cach
   residual added instead. At most `max_reuse` reuses in a row; the first and last `guard_steps` steps always compute.
 
 Defaults per model (what `--cache pab|fbcache` means without further flags) are in `DEFAULTS`, measured with
-benchmarks/cache.py on the bundled digits models (README, "Caching across steps").
+benchmarks/cache.py on the bundled digits models (docs/caching.md, "Measured").
 """
 
 from __future__ import annotations

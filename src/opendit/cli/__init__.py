@@ -16,7 +16,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
-    from opendit.surfaces import add_request_flags, request_models
+    from opendit.api.surfaces import add_request_flags, request_models
 
     parser = subparsers.add_parser(
         "sample", help="generate class-conditional images (or run a local diffusers pipeline: --diffusers DIR)"
@@ -29,9 +29,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
 def request_values(args: argparse.Namespace) -> dict:
     """The engine's and the call's fields the flags give (request.py names), the plan's degrees as `parallel` (None
     when no plan flag was given: the degrees are chosen for --nproc)."""
+    from opendit.api.request import EngineRequest, ParallelRequest, call_model
+    from opendit.api.surfaces import flag_values
     from opendit.distributed.config import ParallelConfig
-    from opendit.request import EngineRequest, ParallelRequest, call_model
-    from opendit.surfaces import flag_values
 
     if getattr(args, "patches", None) is not None and args.patches < 1:  # 0 is "one per stage", not a count to ask
         raise OpenDiTError(f"--patches takes a count of patches >= 1 (leave it out for one per stage), got "
@@ -45,7 +45,7 @@ def request_values(args: argparse.Namespace) -> dict:
 def validate_sample(args: argparse.Namespace):
     """The request the flags ask for, validated (request.py) and resolved, with --out and the trace's folder created
     or refused: a generation.Job. Nothing is loaded and no process is started."""
-    from opendit.generation import GenerationRequest, prepare
+    from opendit.api.generation import GenerationRequest, prepare
 
     values = request_values(args)
     out = values.pop("out")
@@ -66,14 +66,14 @@ def execute_sample(args: argparse.Namespace, job) -> int:
     """Generate a validated job (`validate_sample`) and write its files."""
     from opendit.distributed.env import global_rank
     from opendit.engine.engine import run_job
-    from opendit.outputs import save_outputs
+    from opendit.io.outputs import save_outputs
 
     result = run_job(job)  # a one-shot opendit.Engine (the plan chosen for this batch and guidance)
     if global_rank() != 0:  # under torchrun: rank 0 writes the files and prints
         return 0
     if result.frames is not None and job.request.video:
-        from opendit.video import label_names
-        from opendit.video_outputs import save_video_outputs
+        from opendit.api.video import label_names
+        from opendit.io.outputs import save_video_outputs
 
         written = save_video_outputs(result.frames, result.labels, args.out, label_names(job.config), result.record)
         timing = result.record["timing"]
@@ -93,7 +93,7 @@ def execute_sample(args: argparse.Namespace, job) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from opendit.checkpoint import build_model
+    from opendit.io.checkpoint import build_model
     from opendit.models.dit import PRESETS
     from opendit.models.video_dit import PRESETS as VIDEO_PRESETS
 

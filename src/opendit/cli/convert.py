@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from opendit.request import EngineRequest
-from opendit.surfaces import add_field_flags
+from opendit.api.request import EngineRequest
+from opendit.api.surfaces import add_field_flags
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from opendit.convert import convert_checkpoint, describe
+    from opendit.io.convert import convert_checkpoint, describe
 
     summary = convert_checkpoint(
         args.ckpt,

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from opendit.api.request import EngineRequest, call_model
+from opendit.api.surfaces import add_field_flags
 from opendit.errors import OpenDiTError
-from opendit.request import EngineRequest, call_model
-from opendit.surfaces import add_field_flags
 
 GIB = 1 << 30
 
@@ -99,9 +99,9 @@ def run_plan(args: argparse.Namespace) -> int:
         model = preset(args.model)
     if args.image_size:
         model = model.with_image_size(args.image_size)
+    from opendit.models.precision import AUTO, choose_dtype, parse_dtype
     from opendit.models.spec import spec_for
     from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
-    from opendit.precision import AUTO, choose_dtype, parse_dtype
 
     speeds = resolve_speeds(args.hardware, args.nodes, args.memory_gib)
     dtype, why = args.dtype or {2: "bf16", 4: "fp32"}.get(speeds.dtype_bytes, "fp32"), None

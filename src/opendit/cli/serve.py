@@ -7,8 +7,8 @@ import sys
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from opendit.request import EngineRequest, ParallelRequest
-    from opendit.surfaces import add_request_flags
+    from opendit.api.request import EngineRequest, ParallelRequest
+    from opendit.api.surfaces import add_request_flags
 
     parser = subparsers.add_parser("serve", help="serve a model over HTTP (REST + OpenAI images API + web page)")
     # the engine's fields, as for `opendit sample` (request.py declares each one); the calls come over HTTP

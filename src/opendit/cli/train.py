@@ -7,9 +7,9 @@ import shlex
 import sys
 from dataclasses import fields
 
+from opendit.api.request import EngineRequest, call_model
+from opendit.api.surfaces import add_field_flags
 from opendit.errors import OpenDiTError
-from opendit.request import EngineRequest, call_model
-from opendit.surfaces import add_field_flags
 
 _HELP = {
     "out": "run directory: checkpoints/, log.jsonl, config.json",
@@ -49,7 +49,7 @@ VIDEO_DEFAULTS = {"model": "Latte-D/4", "data": "moving-digits", "out": "runs/di
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train` (one option per TrainConfig field) plus `--export PATH` for the EMA weights at the end."""
-    from opendit.checkpoint import TRAINED_CFG_SCALE, TRAINED_STEPS
+    from opendit.io.checkpoint import TRAINED_CFG_SCALE, TRAINED_STEPS
     from opendit.train.trainer import TrainConfig
 
     parser = subparsers.add_parser("train", help="train a class-conditional DiT (default: digits, DiT-D/2, 16x16)")
@@ -116,7 +116,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=50, help="images per sampler call (default: 50)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--use-model", choices=["ema", "model"], default="ema", help="for .pt: which weights")
-    add_field_flags(parser, call_model(), {"out": {"help": "also write the JSON report to this file"}})
+    add_field_flags(parser, call_model(), {"out": {"default": None, "help": "also write the JSON report to this file"}})
     parser.add_argument(
         "--video", action="store_true", help="judge the digits VIDEO model (default: the bundled one): per-frame digit "
         "and direction accuracy over the 40 digit x direction conditions",
@@ -129,13 +129,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from opendit.evaluate import evaluate, load_for_eval
+    from opendit.digits.judges import evaluate, load_for_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = args.ckpt
     if args.video:
-        from opendit.video import DEFAULT_VIDEO_CKPT
+        from opendit.api.video import DEFAULT_VIDEO_CKPT
 
         if ckpt is None and not DEFAULT_VIDEO_CKPT.is_file():
             raise OpenDiTError(f"the bundled video model {DEFAULT_VIDEO_CKPT} does not exist; pass --ckpt")
@@ -144,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     steps = args.steps or meta.get("steps", 30)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else meta.get("cfg_scale", 3.0)
     if args.video:
-        from opendit.evaluate_video import evaluate_video_model
+        from opendit.digits.judges import evaluate_video_model
 
         report = evaluate_video_model(model, args.per_condition, steps, cfg_scale, args.seed, min(args.batch_size, 40))
     else:

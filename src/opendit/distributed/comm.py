@@ -27,6 +27,12 @@ one `CommEvent` per op, {kind, bytes, issued_s, wait_start_s, wait_end_s} in per
 the op's event and the code that waits for the op hands it back, `record_wait(kind, seconds, event=...)`, so an op
 issued async and waited later is one event from issue to wait end (CommHandle and sharding's _AllWorks do this).
 parallel/trace.py turns the log into Chrome trace events and a busy/waiting summary.
+
+Device time (`CommStats.device_timing`, set by the engine's replica on CUDA): on NCCL a wait() only makes the compute
+stream wait for the collective and returns at once, so host clocks measure nothing. With device timing on, every wait
+is bracketed by two CUDA events on the compute stream (no host synchronisation); the stall between them, the time the
+GPU waited for the transfer, is what `wait_s` and the event's blocked time get when the stats settle (`settle()`:
+at every snapshot / step end, once the sampler has synchronised the step). Off, or on CPU, waits are host-timed.
 """
 
 from __future__ import annotations
@@ -74,17 +80,6 @@ class CommEvent:
     def waited(self) -> bool:
         return self.wait_end_s is not None
 
-    def as_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "bytes": self.bytes,
-            "issued_s": self.issued_s,
-            "wait_start_s": self.wait_start_s,
-            "wait_end_s": self.wait_end_s,
-            "blocked_s": self.blocked_s,
-            "linked": self.linked,
-        }
-
 
 class CommStats:
     """Calls, bytes (see the module docstring for the convention) and blocked wait time per op kind.
@@ -103,6 +98,40 @@ class CommStats:
         self.trace: list[tuple[str, float]] | None = None
         # None = off: record() then costs exactly the two counter updates (no clock read, no allocation).
         self.events: list[CommEvent] | None = None
+        # CUDA: time waits with CUDA events on the compute stream (module docstring); pending until settle()
+        self.device_timing = False
+        self._pending: list[tuple] = []
+
+    def wait_begin(self) -> Any:
+        """Before blocking on an op: a CUDA event recorded on the current stream when device timing is on, else
+        the host clock. Pass what it returns to `wait_end`."""
+        if self.device_timing:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def wait_end(self, kind: str, begun: Any, event: CommEvent | None = None) -> None:
+        """After the op's wait returned: count the blocked time (device time, settled later, or host time)."""
+        end_s = time.perf_counter()
+        if isinstance(begun, float):
+            self.record_wait(kind, end_s - begun, event=event, end_s=end_s)
+            return
+        stop = torch.cuda.Event(enable_timing=True)
+        stop.record()  # runs on the compute stream once the collective is done: stop - start = the GPU's stall
+        self._pending.append((kind, begun, stop, event, end_s))
+
+    def settle(self) -> None:
+        """Turn the pending device-timed waits into counts (waits for their end events on the device)."""
+        pending, self._pending = self._pending, []
+        for kind, start, stop, event, end_s in pending:
+            stop.synchronize()
+            self.record_wait(kind, start.elapsed_time(stop) / 1e3, event=event, end_s=end_s)
+
+    def waited_s(self) -> float:
+        """Total blocked time counted so far (after settling the device-timed waits)."""
+        self.settle()
+        return sum(self.wait_s.values())
 
     def enable_events(self) -> list[CommEvent]:
         """Start (or keep) logging one CommEvent per op; returns the log. Idempotent: an existing log is kept."""
@@ -142,10 +171,12 @@ class CommStats:
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{kind: {"calls", "bytes", "wait_s"}} for the counters since the last reset."""
+        self.settle()
         kinds = sorted(set(self.calls) | set(self.wait_s))
         return {k: {"calls": self.calls[k], "bytes": self.bytes[k], "wait_s": self.wait_s[k]} for k in kinds}
 
     def reset(self) -> None:
+        self._pending.clear()
         self.calls.clear()
         self.bytes.clear()
         self.wait_s.clear()
@@ -187,14 +218,21 @@ class CommHandle:
 
     def wait(self) -> Any:
         if not self._done:
-            start = time.perf_counter()
+            begun = self._stats.wait_begin()
             for work in self._works:
                 work.wait()
-            end = time.perf_counter()
-            self._stats.record_wait(self._kind, end - start, event=self._event, end_s=end)
+            self._stats.wait_end(self._kind, begun, event=self._event)
             self._result, self._done = self._finish(), True
             self._works, self._keep, self._event = [], (), None
         return self._result
+
+
+def collective_device(backend: str) -> torch.device:
+    """The device a process group of `backend` moves tensors on: NCCL -> the current CUDA device (the rank's own
+    GPU once torch.cuda.set_device ran), anything else -> CPU."""
+    if str(backend).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _done_handle(result: Any, stats: CommStats, kind: str) -> CommHandle:
@@ -241,6 +279,19 @@ class Comm:
 
     def __repr__(self) -> str:
         return f"Comm(rank={self.rank}, size={self.size}, backend={self.backend}, comm_dtype={self.comm_dtype})"
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's tensors must live: the current CUDA device on NCCL (which takes CUDA tensors only;
+        init_from_env made it this rank's GPU), the CPU on gloo."""
+        return collective_device(self.backend)
+
+    def all_gather_values(self, values: Sequence[float], dtype: torch.dtype = torch.float64) -> list[list]:
+        """Every rank's few numbers (the same count on each), in group-rank order: [[rank 0's], [rank 1's], ...].
+        The (1, n) message is made on the group's device (NCCL refuses CPU tensors), the answer read back on the
+        host. For the small exchanges that decide something (balancer busy times, token counts), never for data."""
+        mine = torch.tensor([list(values)], dtype=dtype, device=self.device)  # (1, n) on the group's device
+        return self.all_gather(mine, 0, [1] * self.size).tolist()  # (P, n)
 
     def _wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
         cd = self.comm_dtype
@@ -444,10 +495,27 @@ class Comm:
     def recv(self, shape: Sequence[int], dtype: torch.dtype, src: int, device=None) -> torch.Tensor:
         """Receive a `shape` tensor of `dtype` from group rank `src` (blocking; the sender counts the bytes)."""
         out = torch.empty(tuple(shape), dtype=dtype, device=device)
-        start = time.perf_counter()
+        begun = self.stats.wait_begin()
         dist.recv(out, self._global(src), group=self.group)
-        self.stats.record_wait("p2p", time.perf_counter() - start)
+        self.stats.wait_end("p2p", begun)
         return out
+
+    def exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, tuple[Sequence[int], torch.dtype]], kind: str = "p2p"
+    ) -> CommHandle:
+        """Point-to-point with a few peers at once (async, one batch_isend_irecv): sends[j] goes to group rank j, a
+        tensor of recvs[j] = (shape, dtype) comes from group rank j; `wait()` gives {j: received}. Used for halos
+        (the VAE's row bands, parallel/vae.py). Counted under `kind` (the bytes this rank sends)."""
+        if not sends and not recvs:
+            return _done_handle({}, self.stats, kind)
+        device = next(iter(sends.values())).device if sends else None
+        out = {j: torch.empty(tuple(shape), dtype=dtype, device=device) for j, (shape, dtype) in recvs.items()}
+        keep = tuple(x.contiguous() for x in sends.values())
+        ops = [dist.P2POp(dist.isend, x, self._global(j), self.group) for j, x in zip(sends, keep)]
+        ops += [dist.P2POp(dist.irecv, x, self._global(j), self.group) for j, x in out.items()]
+        works = dist.batch_isend_irecv(ops)
+        event = self.stats.record(kind, sum(x.numel() * x.element_size() for x in keep))
+        return self._complete(CommHandle(works, lambda: out, self.stats, kind, keep=keep, event=event), True)
 
     # ------------------------------------------------------------------------------------------------ broadcast
     def broadcast(self, x: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
@@ -484,9 +552,9 @@ class Comm:
         else:
             out = x if inplace else x.clone()
         event = self.stats.record(kind, all_reduce_bytes(out.numel() * out.element_size(), self.size))
-        start = time.perf_counter()
+        begun = self.stats.wait_begin()
         dist.all_reduce(out, group=self.group)
-        self.stats.record_wait(kind, time.perf_counter() - start, event=event)
+        self.stats.wait_end(kind, begun, event=event)
         return out
 
     def barrier(self) -> None:

@@ -9,7 +9,7 @@ Rank r therefore has coordinates r = ((((pf_i * dp + dp_i) * cfg + cfg_i) * ring
 """
 
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from opendit.errors import OpenDiTError
 
@@ -193,9 +193,6 @@ class ParallelConfig:
                 f"ulysses={self.ulysses}, ring={self.ring}; strategies for this layout: {fits}"
             )
         return notes
-
-    def with_degrees(self, **degrees: int) -> "ParallelConfig":
-        return replace(self, **degrees)
 
 
 def suggest_plans(world_size: int, num_heads: int, guided: bool) -> list[ParallelConfig]:

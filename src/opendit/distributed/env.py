@@ -48,21 +48,59 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def visible_gpus() -> int:
+    """GPUs this process can see (0 without CUDA). Asks the driver for a count only: no context is created."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pinned_one_gpu() -> bool:
+    """True where the launcher gave this process exactly one GPU (CUDA_VISIBLE_DEVICES names one device, as SLURM's
+    --gpus-per-task=1 does): then every rank's GPU is its cuda:0."""
+    names = [n for n in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if n.strip()]
+    return len(names) == 1 and visible_gpus() == 1
+
+
+def rank_gpu_index() -> int:
+    """This rank's GPU: cuda:LOCAL_RANK, or cuda:0 where the launcher pinned one GPU per process."""
+    return 0 if pinned_one_gpu() else int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def check_visible_gpus(nproc: int, requested: str | None = None) -> None:
+    """OpenDiTError when `nproc` local processes would need more GPUs than this node shows: every rank needs its own
+    GPU (NCCL refuses two ranks on one device), and running the job on CPU instead is asked for with --device cpu,
+    never done silently. No GPU at all (a CPU machine) is fine: the job runs on CPU with gloo."""
+    if requested is not None and requested.startswith("cpu"):
+        return
+    gpus = visible_gpus()
+    if (gpus > 0 or (requested or "").startswith("cuda")) and gpus < nproc and not pinned_one_gpu():
+        raise OpenDiTError(
+            f"{nproc} processes on this node need {nproc} GPUs (one each), but {gpus} are visible; use --nproc "
+            f"{max(gpus, 1)} (or torchrun --nproc-per-node {max(gpus, 1)}), or --device cpu to run on CPU with gloo"
+        )
+
+
 def pick_device(requested: str | None = None) -> tuple[torch.device, str]:
-    """(device, backend) for this worker: cuda:LOCAL_RANK + NCCL when every local rank has a GPU, else CPU + gloo."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """(device, backend) for this worker: cuda:LOCAL_RANK + NCCL when every local rank has a GPU, CPU + gloo on a
+    machine without GPUs or with --device cpu; fewer GPUs than local processes is an error (check_visible_gpus)."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if requested is not None and requested.startswith("cpu"):
         return torch.device("cpu"), "gloo"
-    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
-    if requested is not None and requested.startswith("cuda") and not enough_gpus:
-        raise OpenDiTError(
-            f"--device {requested} with {local_world} processes on this node needs {local_world} GPUs, "
-            f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}; use --device cpu or fewer --nproc"
-        )
-    if enough_gpus:
-        return torch.device("cuda", local_rank), "nccl"
+    check_visible_gpus(local_world, requested)
+    if visible_gpus() > 0:
+        return torch.device("cuda", rank_gpu_index()), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+def single_device(requested: str | None = None) -> torch.device:
+    """The device of a one-process engine: --device as given (default cuda when available, else cpu). A CUDA device
+    becomes the current device (torch.cuda.set_device), so streams, events and the traces' CUDA timings of
+    `--device cuda:N` are on GPU N, not on GPU 0."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def init_from_env(device: torch.device, backend: str) -> bool:

@@ -32,7 +32,7 @@ from opendit.distributed.comm import Comm, CommStats
 from opendit.distributed.config import MESH_DIMS, ParallelConfig
 from opendit.distributed.env import ENV_FAULT, parse_fault
 from opendit.errors import OpenDiTError
-from opendit.precision import parse_dtype
+from opendit.models.precision import parse_dtype
 
 SP_DIMS = ("ring", "ulysses")  # the sequence-parallel dims; comm_dtype applies to these and "sp" only
 
@@ -75,10 +75,6 @@ class Runtime:
     @property
     def world_size(self) -> int:
         return len(self.ranks)
-
-    @property
-    def is_output_rank(self) -> bool:
-        return self.index == 0
 
     def group(self, name: str):
         """The process group of one mesh dimension ("dp", "cfg", "ring", "ulysses", "tp", "sp", "all"), or None."""

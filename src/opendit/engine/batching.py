@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-from opendit.generation import Call, GenerationResult
+from opendit.api.generation import Call, GenerationResult
 
 
 def merge_key(call) -> tuple | None:

@@ -30,7 +30,7 @@ that call raises WorkerFailed with the failing rank's message (OpenDiTError when
 raise OpenDiTError("engine is closed: rank R failed: ..."). No receive waits forever on a dead worker: the pool's recv
 raises as soon as any worker exits.
 
-diffusers pipelines: `Engine(diffusers=DIR)` runs a local diffusers pipeline folder instead (opendit/pipelines.py:
+diffusers pipelines: `Engine(diffusers=DIR)` runs a local diffusers pipeline folder instead (opendit/api/pipelines.py:
 its own loop and scheduler, its transformer parallelised by `opendit.parallelize`); each call takes
 `generate(prompt=[...], negative_prompt=..., seed=, steps=, cfg_scale=, image_size=)`, one image per prompt, all in
 one pipeline call with one generator seeded `seed`. Same executors, same replica (runner: engine/pipeline_runner.py).
@@ -43,9 +43,16 @@ import time
 
 import numpy as np
 
+from opendit.api.generation import (
+    ENGINE_FIELDS,
+    GenerationRequest,
+    GenerationResult,
+    prepare,
+    resolve_call,
+    resolve_engine,
+)
+from opendit.api.request import EngineRequest, call_model
 from opendit.errors import OpenDiTError
-from opendit.generation import ENGINE_FIELDS, GenerationRequest, GenerationResult, prepare, resolve_call, resolve_engine
-from opendit.request import EngineRequest, call_model
 
 
 class Engine:

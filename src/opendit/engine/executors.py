@@ -87,9 +87,11 @@ class LocalPool(Executor):
     name = "pool"
 
     def __init__(self, spec):
+        from opendit.distributed.env import check_visible_gpus
         from opendit.distributed.launch import WorkerFailed, WorkerPool
 
         self.spec, self.pool, self.failed, self.busy = spec, None, False, False
+        check_visible_gpus(spec.world, spec.settings.device)  # in the parent, before any worker starts
         try:
             self.pool = WorkerPool(pool_worker, spec.world, (spec,), model_bytes=spec.worker_bytes())
             self.pool.recv()  # ("ready", load_s) from rank 0, after every rank loaded

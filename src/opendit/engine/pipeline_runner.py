@@ -2,9 +2,12 @@
 called once per engine call with its own loop, scheduler and VAE (pipelines.py resolves and checks what it runs;
 engine/replica.py drives this runner, its interface described there).
 
-Every rank runs the whole pipeline call: the text encoders, the scheduler's loop and the VAE are repeated on each
-rank, and only the transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same
-tensors). The output rank converts the output.
+Every rank runs the whole pipeline call: the scheduler's loop is repeated on each rank, each text encoder runs on
+one rank and its output is broadcast (parallel/encoders.py; `--encode-every-rank`: on every rank), the
+transformers' work is split (their outputs are all-gathered, so every rank's loop sees the same tensors), and the
+VAE's decode is split in row bands when --vae-parallel asks it or (auto) the latent is large enough
+(parallel/vae.py: the pipeline's own `vae.decode` call runs split, every rank gets the whole image). The output rank
+converts the output.
 """
 
 from __future__ import annotations
@@ -17,24 +20,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
+from opendit.diffusion.sampler import device_clock
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
+from opendit.models.precision import parse_dtype
+from opendit.parallel.encoders import encoder_owners, place_encoders, skipped_components, text_encoder_names
 from opendit.parallel.hooks import runtime_step_hooks
-from opendit.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
-from opendit.precision import parse_dtype
 
 DENOISERS = ("transformer", "transformer_2")  # a pipeline's denoising modules (Wan 2.2: two experts)
 
 GIF_NOTE = "; videos: frame 0 as each PNG, every frame in an animated GIF"
 
 
-def load_pipeline(folder: str, dtype: str, device: torch.device):
+def load_pipeline(folder: str, dtype: str, device: torch.device, **components):
+    """The pipeline on `device`; `components` given (None: left out, e.g. the text encoders another rank holds) are
+    not read from the folder."""
     from diffusers import DiffusionPipeline
 
     with warnings.catch_warnings(), quiet_transformers():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         try:
-            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=parse_dtype(dtype), **components)
         except (OSError, ValueError, KeyError) as exc:
             raise OpenDiTError(f"cannot load the pipeline from --diffusers {folder}: {exc}") from exc
     return pipe.to(device)
@@ -59,9 +66,13 @@ class PipelineRunner:
         self.spec, self.device, self.plan, self.runtime = spec, device, spec.plan, None
         is_output = spec.world == 1 or dist.get_rank() == 0
         bars = spec.settings.progress and is_output
+        owners, rank = {}, (dist.get_rank() if spec.world > 1 else 0)
+        if spec.world > 1 and not spec.settings.encode_every_rank:  # each text encoder on one rank
+            owners = encoder_owners(text_encoder_names(spec.folder), spec.world)
         with contextlib.nullcontext() if bars else _no_loading_bars():
-            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device)
+            self.pipe = load_pipeline(spec.folder, spec.settings.dtype, device, **skipped_components(owners, rank))
         self.pipe.set_progress_bar_config(disable=not bars)
+        encoders = place_encoders(self.pipe, spec.folder, owners, rank, parse_dtype(spec.settings.dtype), device)
         if spec.world > 1:
             from opendit.parallel.entry import parallelize
 
@@ -69,8 +80,21 @@ class PipelineRunner:
                 parallelize(module, spec.plan, runtime=self.runtime)
                 self.runtime = module._opendit_runtime
                 self.plan = module._opendit_plan  # with the kernel chosen for the degrees
+        self.vae_split = self._split_vae()
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
-        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start}
+        self.load_record = {"mode": "whole", "seconds": time.perf_counter() - start, **encoders}
+
+    def _split_vae(self):
+        """The pipeline's VAE decode split over every rank (parallel/vae.py), unless --vae-parallel off, one process
+        or (auto) a VAE without a split plan (the caller refused it under --vae-parallel)."""
+        from opendit.parallel.vae import install_vae_split, vae_refusal
+
+        mode, vae = self.spec.settings.vae_parallel, getattr(self.pipe, "vae", None)
+        if self.runtime is None or mode is False or vae is None:
+            return None
+        if vae_refusal(type(vae).__name__, dict(vae.config)) is not None:
+            return None  # auto on a VAE with no split plan: decoded whole (noted by check_vae_parallel)
+        return install_vae_split(vae, self.runtime.exact("all"), mode)
 
     def denoisers(self) -> list[tuple[str, torch.nn.Module]]:
         """The pipeline's transformers, in the order its loop first calls them."""
@@ -126,7 +150,10 @@ class PipelineRunner:
         }
 
     def parallel_record(self, call: PipelineCall) -> dict:
-        return {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
+        record = {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
+        if self.vae_split is not None:  # the last decode: split over the ranks or not, and why
+            record["vae_decode"] = dict(self.vae_split.band.last)
+        return record
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
@@ -144,6 +171,7 @@ class PipelineLoop:
         from opendit.diffusion.hooks import HookList, LoopInfo
 
         self.hooks, self.params, self.device = HookList(hooks), params, device
+        self.now = device_clock(device)  # device time on CUDA (synchronises before each reading), as the sampler
         self.loop = LoopInfo(num_steps=num_steps, batch=0, guided=False)  # each row decides alone (no pairing)
         self.times: list[float] = []
         self.ctx = None
@@ -170,21 +198,19 @@ class PipelineLoop:
         from opendit.diffusion.hooks import StepContext
 
         self.ctx = StepContext(index=index, num_steps=self.loop.num_steps, timestep=float("nan"),
-                               start_s=time.perf_counter())  # fmt: skip
+                               start_s=self.now())  # fmt: skip
         self.hooks.on_step_start(self.ctx)
 
     def _call_start(self, _module, _args) -> None:
-        self._call_began = time.perf_counter()
+        self._call_began = self.now()
 
     def _call_end(self, _module, _args, _output) -> None:
         from opendit.diffusion.hooks import ModelCall
 
-        self.ctx.model_calls.append(ModelCall(self._call_began, time.perf_counter()))
+        self.ctx.model_calls.append(ModelCall(self._call_began, self.now()))
 
     def tick(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.ctx.end_s = time.perf_counter()
+        self.ctx.end_s = self.now()
         self.times.append(self.ctx.seconds)
         self.hooks.on_step_end(self.ctx)
         if len(self.times) < self.loop.num_steps:

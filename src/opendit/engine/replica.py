@@ -7,7 +7,8 @@ A runner (the source's own way of generating) has this interface:
     Runner(spec, device)                         load and parallelise on this rank; sets `runtime` (None: one process)
     runner.denoisers() -> [(name, module)]       what a cache is installed on (Wan 2.2: both experts)
     runner.run(call, hooks) -> Ran               the denoising loop, feeding `hooks` (diffusion/hooks.py) each step
-    runner.outputs(call, ran) -> (images, frames)   uint8, on the output rank (a decode, or the pipeline's own output)
+    runner.outputs(call, ran) -> (images, frames)   uint8, on the output rank (a decode, or the pipeline's own output);
+                                                 on every rank when runner.decodes_on_every_rank (--vae-parallel)
     runner.rank_fields() / runner.record_fields(call, images, frames) / runner.parallel_record(call)
 `sampler_runner.SamplerRunner` runs OpenDiT's sampler over its DiT / video DiT; `pipeline_runner.PipelineRunner`
 runs a diffusers pipeline's own `__call__`.
@@ -16,20 +17,19 @@ runs a diffusers pipeline's own `__call__`.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from opendit.diffusion.hooks import StepHook
 from opendit.distributed.comm import CommStats
 from opendit.distributed.control import ControlMember
-from opendit.distributed.env import global_rank, init_from_env, pick_device
-from opendit.memory import PhasePeaks, peak_memory_bytes
-from opendit.outputs import GenerationResult
-from opendit.parallel.trace import TraceHook, utilisation_summary, write_chrome_trace
+from opendit.distributed.env import global_rank, init_from_env, pick_device, single_device
+from opendit.io.outputs import GenerationResult
+from opendit.observe.memory import PhasePeaks, peak_memory_bytes
+from opendit.observe.trace import TraceHook, utilisation_summary, write_chrome_trace
+from opendit.parallel.attention.ring import attention_kernels
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Replica(ControlMember):
             self.join_control()
             spec = self.broadcast(spec)
         else:
-            device = torch.device(spec.settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = single_device(spec.settings.device)
         self.spec, self.device = spec, device
         # phase peaks reset the high-water mark: only in worker processes, never in a caller's own (in-process engine)
         self.memory = PhasePeaks(device, reset=spec.world > 1)
@@ -79,6 +79,7 @@ class Replica(ControlMember):
         start = time.perf_counter()
         self.memory.end("between_calls")  # what ran since the last phase (idle, the previous call's record)
         stats = self.runtime.stats if self.runtime is not None else CommStats()
+        stats.device_timing = self.device.type == "cuda"  # waits timed on the GPU (CUDA events), comm.py
         stats.reset()
         stats.history.clear()  # per-call counters: the record's comm_per_step covers this call's steps only
         trace = self._trace_hook(stats)
@@ -95,6 +96,8 @@ class Replica(ControlMember):
         ranks = self._gather_ranks(call, trace, ran, stats)
         self.calls += 1
         if not self.is_output:
+            if getattr(self.runner, "decodes_on_every_rank", False):  # --vae-parallel: this rank decodes a band
+                self.runner.outputs(call, ran)
             return None
         images, frames = self.runner.outputs(call, ran)
         self.memory.end("decode")
@@ -177,11 +180,9 @@ class Replica(ControlMember):
         parallel = self.runner.parallel_record(call)
         parallel["notes"] = list(dict.fromkeys(self.spec.plan_notes + call.notes + parallel.get("notes", [])))
         parallel["backend"] = dist.get_backend()
-        if self.device.type == "cpu" and self.spec.settings.device is None and torch.cuda.is_available():
-            parallel["notes"].append(
-                f"{torch.cuda.device_count()} GPU(s) for {os.environ.get('LOCAL_WORLD_SIZE')} processes on this "
-                "node: every rank needs its own GPU, so this job ran on CPU with gloo"
-            )
+        kernels = attention_kernels()  # ring / USP on CUDA: the fused kernel chosen per dtype and head dim, and why
+        if kernels:
+            parallel["attention_kernels"] = kernels
         return parallel
 
 

@@ -8,18 +8,18 @@ import time
 
 import torch
 
-from opendit.checkpoint import file_sha256, load_model, open_for_model
+from opendit.api.generation import Call, EngineSpec
 from opendit.diffusion.sampler import SampleResult, sample
 from opendit.distributed.mesh import Runtime, build_runtime
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
-from opendit.generation import Call, EngineSpec
-from opendit.memory import exact_malloc
-from opendit.outputs import VAE_MISSING, decode, load_vae
+from opendit.io.checkpoint import file_sha256, load_model, open_for_model
+from opendit.io.outputs import VAE_MISSING, decode, load_vae
+from opendit.models.precision import parse_dtype
+from opendit.observe.memory import exact_malloc
 from opendit.parallel.apply import ParallelModel, parallelize, plan_record
 from opendit.parallel.sequence import offsets, split_sizes
 from opendit.parallel.sharded_loading import fill_sharded
-from opendit.precision import parse_dtype
 
 SHARDED_MMAP_THRESHOLD = 1 << 20  # bytes; see SamplerRunner.__init__
 
@@ -95,8 +95,16 @@ class SamplerRunner:
         self.parameter_bytes = _parameter_bytes(self.model)
         if spec.config.latent and spec.settings.vae is None:
             raise OpenDiTError(VAE_MISSING)
-        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash
-        self.vae = load_vae(spec.settings.vae, device) if spec.config.latent and is_output else None
+        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash; under --vae-parallel
+        # on every rank, each decoding a band of the latent's rows (parallel/vae.py; auto stays on the output rank)
+        split = spec.config.latent and self.runtime is not None and spec.settings.vae_parallel is True
+        self.vae = load_vae(spec.settings.vae, device) if spec.config.latent and (is_output or split) else None
+        self.vae_split = None
+        if split:
+            from opendit.parallel.vae import install_vae_split
+
+            self.vae_split = install_vae_split(self.vae, self.runtime.exact("all"), True)
+        self.decodes_on_every_rank = self.vae_split is not None  # replica.py: every rank calls outputs()
         self.ckpt_sha256 = file_sha256(spec.ckpt) if spec.ckpt and is_output else None
         self.progress = spec.settings.progress and is_output
 
@@ -135,7 +143,7 @@ class SamplerRunner:
     def outputs(self, call: Call, ran: Ran):
         """(images (B, H, W, C), frames (B, F, H, W, C) or None), uint8: the samples decoded on this (output) rank."""
         if self.spec.settings.video:  # (B, C, F, h, w) -> frames; the first frame stands for each video
-            from opendit.video import decode_video
+            from opendit.api.video import decode_video
 
             frames = decode_video(ran.result, call.config, self.vae, self.device)
             return frames[:, 0], frames
@@ -156,4 +164,7 @@ class SamplerRunner:
         }
 
     def parallel_record(self, call: Call) -> dict:
-        return plan_record(self.runtime, self.pmodel, len(call.classes))
+        record = plan_record(self.runtime, self.pmodel, len(call.classes))
+        if self.vae_split is not None:  # the last decode, split over the ranks
+            record["vae_decode"] = dict(self.vae_split.band.last)
+        return record

@@ -133,6 +133,8 @@ def apply_family(module: nn.Module, family: Family, runtime) -> dict:
         return {"family": family.name, "attention_sites": 0, "tensor": tensor}
     state = SequenceState(runtime.exact("sp"))
     install_plan(module, family.cp_plan, state)
+    if family.install is not None:
+        family.install(module, state)
     sites = install_sites(module, family, state, KernelCache(runtime))
     units = None
     if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block, the rest in the root

@@ -111,18 +111,37 @@ def _key_mask(attn_mask, query, key, site):
     if attn_mask is None:
         return None
     mask = attn_mask
-    if mask.dtype != torch.bool:  # additive: 0 keeps, -inf (or a large negative) masks
-        mask = mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask.bool()
+    if mask.is_floating_point():  # additive: 0 keeps; -inf, or a bias whose exp is 0 (LTX's -10000), masks
+        if not bool(((mask == 0) | (mask <= -1e4)).all()):
+            raise OpenDiTError(
+                f"{site.owner} {site.path}: an additive attention mask with values other than 0 and <= -1e4 is a "
+                "bias over the scores, not a key padding mask; only those are split over ranks"
+            )
+        mask = mask == 0
+    elif mask.dtype != torch.bool:
+        mask = mask.bool()
     if mask.dim() == 2:  # (B, S_k)
         mask = mask[:, None, None, :]
     elif mask.dim() == 3:  # (B, 1, S_k)
         mask = mask[:, None, :, :]
+    elif mask.dim() == 4 and mask.dtype == torch.bool and mask.shape[-2] == query.shape[1] > 1:
+        mask = _padding_square(mask)
     if mask.dim() != 4 or mask.shape[-2] != 1 or mask.shape[-1] != key.shape[1]:
         raise OpenDiTError(
             f"{site.owner} {site.path}: an attention mask of shape {tuple(attn_mask.shape)} is not a key padding "
             "mask (one row over the keys); only those are split over ranks"
         )
     return mask
+
+
+def _padding_square(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, H|1, S, S) bool mask that is a key padding mask times itself over the queries (HunyuanVideo-1.5's
+    `m_q & m_k`) -> the key mask (B, H|1, 1, S); any other square mask is returned as is (and refused). A padded query
+    then attends to the kept keys instead of to none: its output changes, but a padded token is masked as a key
+    wherever it would be read, so no kept token's output does."""
+    keys = mask.any(dim=-2, keepdim=True)  # (B, H|1, 1, S)
+    queries = mask.any(dim=-1, keepdim=True)  # (B, H|1, S, 1)
+    return keys if torch.equal(mask, keys & queries) else mask
 
 
 def _local(query, key, value, attn_mask):

@@ -77,6 +77,84 @@ register_family(
     ),
 )
 
+
+# CogVideoX: one joint attention over [text; video] tokens (CogVideoXAttnProcessor2_0 concatenates them and calls
+# F.scaled_dot_product_attention), so both streams are split, as SD3 / Flux's: at the first block's inputs, after
+# the patch embedding has made both (B, T, C) / (B, N, C); the 3D rotary embedding the pipeline passes ((N, D) cos
+# and sin, no batch dim) is split with the video tokens; the video tokens are gathered after the final projection.
+ROWS_2D = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)  # (N, D) rotary cos / sin
+TOKENS_IN = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)  # (B, L, C) argument, split on L
+register_family(
+    "CogVideoXTransformer3DModel",
+    Family(
+        name="diffusers CogVideoX",
+        cp_plan={
+            "": {"image_rotary_emb": ROWS_2D},
+            "transformer_blocks.0": {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN},
+            "proj_out": GATHER,
+        },
+        attention=("transformer_blocks.*.attn1",),
+    ),
+)
+
+
+def _latte_temporal_rows(module, state) -> list:
+    """Latte's temporal blocks run on (B * N_r, F, C) rows (every frame of this rank's N_r tokens) with a timestep
+    per row that the model builds for all (B * N) rows: narrow it to this rank's tokens of every batch row."""
+    from opendit.parallel.sequence import offsets, split_sizes
+
+    def hook(_block, args, kwargs):
+        hidden, timestep = args[0], args[4] if len(args) > 4 else kwargs.get("timestep")
+        if not state.active or timestep is None or timestep.shape[0] == hidden.shape[0]:
+            return None
+        tokens = state.lengths["pos_embed:0"]  # N: tokens of one frame, before the split
+        sizes = split_sizes(tokens, state.size)
+        batch = timestep.shape[0] // tokens
+        # (B * N, D) -> (B, N, D) -> (B, N_r, D) -> (B * N_r, D): the rows of this rank's tokens, batch-major
+        local = timestep.view(batch, tokens, -1).narrow(1, offsets(sizes)[state.rank], sizes[state.rank])
+        local = local.reshape(batch * sizes[state.rank], -1)
+        if len(args) > 4:
+            return (*args[:4], local, *args[5:]), kwargs
+        return args, {**kwargs, "timestep": local}
+
+    return [block.register_forward_pre_hook(hook, with_kwargs=True) for block in module.temporal_transformer_blocks]
+
+
+# Latte: spatial blocks attend over the N tokens of one frame ((B * F, N, C)), temporal blocks over the F frames of
+# one token ((B * N, F, C)). The tokens of every frame are split (after the patch embedding, which adds their
+# positions); a temporal block then holds every frame of this rank's tokens, so its attention is local and exact
+# (only the spatial self-attention runs the strategy's kernel; cross-attention to the whole text stays local).
+register_family(
+    "LatteTransformer3DModel",
+    Family(
+        name="diffusers Latte",
+        cp_plan={"pos_embed": {0: TOKENS_OUT}, "proj_out": GATHER},
+        attention=("transformer_blocks.*.attn1",),
+        install=_latte_temporal_rows,
+    ),
+)
+
+
+# HunyuanVideo-1.5: one joint attention over [video; text] per block (the text: its Qwen tokens, ByT5 tokens and the
+# image-condition tokens, reordered valid-first and padded, with a padding mask). Both streams are split at the first
+# block's inputs (after the text refiner and the reordering); the text mask and the video rotary cos / sin rows
+# ((N, D) each) are given whole to every block, so every block splits them; the video tokens are gathered after the
+# final projection. The block's processor builds a (B, 1, S, S) mask = key mask x query mask from its split text
+# mask; the attention site reads the key mask from it.
+MASK_IN = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)  # (B, T) text padding mask
+register_family(
+    "HunyuanVideo15Transformer3DModel",
+    Family(
+        name="diffusers HunyuanVideo-1.5",
+        cp_plan={
+            "transformer_blocks.0": {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN},
+            "transformer_blocks.*": {"attention_mask": MASK_IN, "freqs_cis": ROWS_2D},
+            "proj_out": GATHER,
+        },
+        cfg_batched=False,  # its guider calls the transformer once per branch
+    ),
+)
+
 # Z-Image: one stream over [image; text] per sample (each padded to a multiple of 32 tokens inside the sample), built
 # from lists of per-sample tensors: image tokens refined alone (noise_refiner), text tokens alone (context_refiner),
 # both one device; then the unified (B, L, C) sequence through `layers` is split where the first layer takes it, its
@@ -84,8 +162,6 @@ register_family(
 # text] lengths differ are padded to the longest and masked: CFG against a shorter negative prompt), and gathered
 # after the final layer, before the per-sample unpatchify. The attention is ZSingleStreamAttnProcessor's call to
 # dispatch_attention_fn (the dispatch route); the key mask travels with K (families/attention.py).
-TOKENS_IN = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)  # (B, L, C) argument, split on L
-MASK_IN = ContextParallelInput(split_dim=1, expected_dims=2, split_output=False)  # (B, L) key padding mask
 register_family(
     "ZImageTransformer2DModel",
     Family(

@@ -40,6 +40,9 @@ class Family:
     # fused-qkv kernels, DSP, PipeFusion, token re-balancing and sharded loading need the model's own split points
     model_spec: object | None = None
     notes: dict = field(default_factory=dict)
+    # hooks the plan vocabulary cannot say, installed after the plan: (module, SequenceState) -> list of handles
+    # (Latte's temporal blocks take a timestep per (batch, token) row, narrowed with the tokens)
+    install: object | None = None
 
     def num_heads(self, module) -> int | None:
         value = module.config.get(self.heads_attr) if hasattr(module, "config") else None

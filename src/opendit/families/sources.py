@@ -17,8 +17,8 @@ class Source:
 
 
 SOURCES = (
-    Source("diffusers pipeline folder", "diffusers", "opendit.pipelines:resolve_pipeline_engine"),
-    Source("OpenDiT checkpoint or preset", None, "opendit.generation:resolve_checkpoint_engine"),
+    Source("diffusers pipeline folder", "diffusers", "opendit.api.pipelines:resolve_pipeline_engine"),
+    Source("OpenDiT checkpoint or preset", None, "opendit.api.generation:resolve_checkpoint_engine"),
 )
 
 

@@ -61,9 +61,8 @@ class SequenceState:
           "local" (local queries against every key)."""
         cache_key = ("layout", site, tuple(sorted(self.lengths.items())))
         if cache_key not in self._sizes:
-            mine = torch.tensor([[query.shape[1], key.shape[1], fingerprint(query), fingerprint(key)]],
-                                dtype=torch.float64)  # fmt: skip
-            every = self.comm.all_gather(mine, 0, [1] * self.comm.size).tolist()  # (P, 4)
+            mine = [query.shape[1], key.shape[1], fingerprint(query), fingerprint(key)]
+            every = self.comm.all_gather_values(mine, torch.float64)  # (P, 4), exchanged on the group's device
             q_sizes, k_sizes = [int(r[0]) for r in every], [int(r[1]) for r in every]
             q_whole = len({(r[0], r[2]) for r in every}) == 1
             k_whole = len({(r[1], r[3]) for r in every}) == 1
@@ -90,9 +89,8 @@ class SequenceState:
         """
         key = (site, tuple(sorted(self.lengths.items())))
         if key not in self._sizes:
-            mine = torch.tensor([list(local)], dtype=torch.int64)  # (1, n) per rank
-            every = self.comm.all_gather(mine, 0, [1] * self.comm.size)  # (P, n)
-            self._sizes[key] = [tuple(int(v) for v in row) for row in every.tolist()]
+            every = self.comm.all_gather_values(local, torch.int64)  # (P, n), exchanged on the group's device
+            self._sizes[key] = [tuple(int(v) for v in row) for row in every]
         found = self._sizes[key]
         if found[self.rank] != tuple(local):
             raise OpenDiTError(

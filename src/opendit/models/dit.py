@@ -6,6 +6,7 @@ Plain single-device PyTorch. Parameter names and shapes match facebookresearch/D
 (before un-patchify); both of the latter are identities here.
 """
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
-from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset
+from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset, pixel_space
 from opendit.models.layers import (
     LabelEmbedder,
     Mlp,
@@ -24,8 +25,8 @@ from opendit.models.layers import (
     sincos_2d,
     unpatchify,
 )
+from opendit.models.precision import check_finite, residual_dtype
 from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, register_spec
-from opendit.precision import check_finite, residual_dtype
 
 __all__ = ["LATENT_DOWNSCALE", "DiT", "DiTConfig", "build_dit", "preset"]  # LATENT_DOWNSCALE: re-exported
 
@@ -86,15 +87,7 @@ def preset(name: str) -> DiTConfig:
 
 def pixel_config(name: str, size: int, channels: int = 1, num_classes: int = 10, prediction: str = "flow") -> DiTConfig:
     """A preset's architecture as a pixel-space model (no VAE, no learned sigma) on size x size x channels images."""
-    return replace(
-        preset(name),
-        input_size=(size, size),
-        in_channels=channels,
-        num_classes=num_classes,
-        learn_sigma=False,
-        latent=False,
-        prediction=prediction,
-    )
+    return pixel_space(preset(name), size, channels, num_classes, prediction)
 
 
 class DiTBlock(nn.Module):
@@ -167,39 +160,43 @@ class FinalLayer(nn.Module):
         return self.linear(norm_modulate(x, shift, scale, c.dtype))  # (B, S, p*p*out), compute dtype
 
 
-class DiT(nn.Module):
-    """f(x, t, y) -> prediction. x (B, C_in, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+class DiTParts:
+    """What DiT and the video DiT share: the patch, timestep and label embedders, the blocks, the final layer and the
+    fixed 2-D sin-cos table `pos_embed` (1, T, C) over the patch grid of `self.config` (stored in checkpoints but never
+    trained, so another input size recomputes it exactly as a model built at that size has it)."""
 
-    def __init__(self, config: DiTConfig):
-        super().__init__()
+    def build_parts(self, config) -> None:
         self.config = config
         h, w = config.input_size
         if h % config.patch_size or w % config.patch_size:
             raise OpenDiTError(f"input size {config.input_size} must be divisible by patch size {config.patch_size}")
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, config.hidden_size)
-        self.t_embedder = TimestepEmbedder(config.hidden_size)
-        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
-        # Fixed sin-cos positions, stored in checkpoints (as the official DiT does) but never trained.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
-        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
-        self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
-        self.gradient_checkpointing = False
+        c = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, c)
+        self.t_embedder = TimestepEmbedder(c)
+        self.y_embedder = LabelEmbedder(config.num_classes, c, config.class_dropout_prob)
+        # Fixed sin-cos positions, stored in checkpoints (as the official DiT and Latte do) but never trained.
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(config.grid), c), requires_grad=False)  # (1, T, C)
+        self.blocks = nn.ModuleList(DiTBlock(c, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(c, config.patch_size, config.out_channels)
+
+    def sincos_positions(self) -> torch.Tensor:
+        """The fixed positions of this size, (1, T, C) float64 on the CPU."""
+        return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
+
+    def initialize_unless_meta(self) -> None:
+        """Initialise, unless built on meta (sharded loading: the weights come from the file)."""
         if not any(p.is_meta for p in self.parameters()):
             self.initialize_weights()
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
-        """The official DiT initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
+        """The official DiT initialisation (Latte's is the same): xavier linears, zeroed adaLN and output layers
+        (adaLN-Zero), and the fixed sin-cos tables."""
         adaln_zero_init(self)
-        self.reset_pos_embed()
+        self.reset_fixed_embeddings()
 
-    def sincos_positions(self) -> torch.Tensor:
-        """The fixed positions of this size, (1, T, C) float64 on the CPU."""
-        return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
+    def reset_fixed_embeddings(self) -> None:
+        self.reset_pos_embed()
 
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
@@ -207,17 +204,28 @@ class DiT(nn.Module):
             self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
 
     @torch.no_grad()
-    def set_input_size(self, config: DiTConfig) -> None:
-        """Run at another input size (same architecture): the fixed sin-cos positions are a function of the patch grid
-        (never trained), so they are recomputed for the new grid, exactly as a model built at that size has them."""
+    def set_input_size(self, config) -> None:
+        """Run at another input size, same architecture (and frames): only the positions change."""
         if replace(config, input_size=self.config.input_size) != self.config:
             raise OpenDiTError(f"set_input_size changes only the input size; got another architecture: {config}")
         if config.input_size == self.config.input_size:
             return
-        old = self.pos_embed
         self.config = config
-        self.pos_embed = nn.Parameter(old.new_zeros(1, config.num_tokens, config.hidden_size), requires_grad=False)
+        tokens = math.prod(config.grid)  # T: patches per image (per frame for the video DiT)
+        self.pos_embed = nn.Parameter(self.pos_embed.new_zeros(1, tokens, config.hidden_size), requires_grad=False)
         self.reset_pos_embed()
+
+
+class DiT(DiTParts, nn.Module):
+    """f(x, t, y) -> prediction. x (B, C_in, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.build_parts(config)
+        self.token_shard: nn.Module = nn.Identity()  # sequence parallel: (B, T, D) -> (B, T_rank, D)
+        self.token_gather: nn.Module = nn.Identity()  # sequence parallel: (B, T_rank, D) -> (B, T, D)
+        self.gradient_checkpointing = False
+        self.initialize_unless_meta()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -255,8 +263,12 @@ def perturb_weights(model: DiT, std: float, seed: int = 0) -> DiT:
 
 def build_dit(config: DiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiT:
     """Build on `device` in `dtype`; on "meta" no memory is allocated and no init runs (weights come from a load)."""
+    return build_on(DiT, config, device, dtype)
+
+
+def build_on(model_class: type, config, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
     with torch.device(device):
-        model = DiT(config)
+        model = model_class(config)
     return model.to(dtype)
 
 
@@ -317,7 +329,7 @@ def dit_dims(config: DiTConfig, tokens: int | None = None) -> ModelDims:
     )
 
 
-class DiTPipeline:
+class DiTStageView:
     """DiT's forward in the pieces PipeFusion (parallel/pipefusion.py) runs on different stages; the same operations
     and dtypes as DiT.forward, so the synchronous steps equal it."""
 
@@ -410,7 +422,7 @@ DIT_SPEC = register_spec(
         token_values=token_values,
         derived={"pos_embed": lambda model: model.sincos_positions()},
         tensor_split=DIT_TENSOR_SPLIT,
-        pipeline=DiTPipeline,
+        stage_view=DiTStageView,
         bf16_drift="digits model samples 55.2 dB PSNR vs fp32, class accuracy unchanged (tests/test_precision.py)",
     )
 )

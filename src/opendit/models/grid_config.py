@@ -5,7 +5,7 @@ latent; `label` names the model kind in error messages."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from opendit.errors import OpenDiTError
 
@@ -55,3 +55,9 @@ def pick_preset(presets: dict, name: str, what: str = "model", hint: str = ""):
     if name not in presets:
         raise OpenDiTError(f"unknown {what} {name!r}; choose one of: {', '.join(presets)}{hint}")
     return presets[name]
+
+
+def pixel_space(config, size: int, channels: int, num_classes: int, prediction: str = "flow", **changes):
+    """A preset's architecture as a pixel-space model (no VAE, no learned sigma) on size x size x channels inputs."""
+    return replace(config, input_size=(size, size), in_channels=channels, num_classes=num_classes, learn_sigma=False,
+                   latent=False, prediction=prediction, **changes)  # fmt: skip

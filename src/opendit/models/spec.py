@@ -116,7 +116,7 @@ class ModelSpec:
     # where tensor parallelism splits the model (parallel/tensor.py); None: the family does not declare it
     tensor_split: TensorSplit | None = None
     # PipeFusion's view of the forward (parallel/pipefusion.py: embed, condition, blocks, final); None: not declared
-    pipeline: object | None = None
+    stage_view: object | None = None
     # the family's measured bf16 drift vs fp32, documented (tests/test_precision.py); None: --dtype auto keeps fp32
     bf16_drift: str | None = None
 

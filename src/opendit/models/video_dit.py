@@ -27,11 +27,18 @@ import torch
 from torch import nn
 
 from opendit.errors import OpenDiTError
-from opendit.models.dit import ARCHS, DIT_SHARD_UNITS, DIT_TENSOR_SPLIT, DiTBlock, FinalLayer, adaln_zero_init
-from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset
-from opendit.models.layers import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_1d, sincos_2d, unpatchify
+from opendit.models.dit import (
+    ARCHS,
+    DIT_SHARD_UNITS,
+    DIT_TENSOR_SPLIT,
+    DiTBlock,
+    DiTParts,
+    build_on,
+)
+from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset, pixel_space
+from opendit.models.layers import sincos_1d, unpatchify
+from opendit.models.precision import check_finite, residual_dtype
 from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
-from opendit.precision import check_finite, residual_dtype
 
 
 @dataclass(frozen=True)
@@ -104,24 +111,14 @@ def preset(name: str) -> VideoDiTConfig:
     return pick_preset(PRESETS, name, "video model")
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(DiTParts, nn.Module):
     """f(x, t, y) -> prediction. x (B, C_in, F, H, W), t (B,) in [0, 1000), y (B,) class ids (num_classes = null)."""
 
     def __init__(self, config: VideoDiTConfig):
         super().__init__()
-        self.config = config
-        h, w = config.input_size
-        if h % config.patch_size or w % config.patch_size:
-            raise OpenDiTError(f"input size {config.input_size} must be divisible by patch size {config.patch_size}")
-        c = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, c)
-        self.t_embedder = TimestepEmbedder(c)
-        self.y_embedder = LabelEmbedder(config.num_classes, c, config.class_dropout_prob)
-        # Fixed sin-cos tables, stored in checkpoints (as Latte does) but never trained.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.positions, c), requires_grad=False)
-        self.temp_embed = nn.Parameter(torch.zeros(1, config.frames, c), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(c, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
-        self.final_layer = FinalLayer(c, config.patch_size, config.out_channels)
+        self.build_parts(config)  # embedders, pos_embed (1, T, C), blocks (spatial and temporal in turn), final layer
+        # the fixed 1-D sin-cos table over frames, stored in checkpoints (as Latte does) but never trained
+        self.temp_embed = nn.Parameter(torch.zeros(1, config.frames, config.hidden_size), requires_grad=False)
         # split points (identities on one device; the module docstring says who replaces what)
         self.frame_shard: nn.Module = nn.Identity()  # (B, F, T, *) -> (B, F_r, T, *)
         self.position_shard: nn.Module = nn.Identity()  # (B, F, T, *) -> (B, F, T_r, *)
@@ -129,18 +126,7 @@ class VideoDiT(nn.Module):
         self.to_spatial: nn.Module = nn.Identity()  # DSP: (B, F, T_r, C) -> (B, F_r, T, C)
         self.frame_gather: nn.Module = nn.Identity()  # (B, F_r, T, *) -> (B, F, T, *)
         self.position_gather: nn.Module = nn.Identity()  # (B, F, T_r, *) -> (B, F, T, *)
-        if not any(p.is_meta for p in self.parameters()):
-            self.initialize_weights()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Latte's (= DiT's) initialisation: xavier linears, zeroed adaLN and output layers (adaLN-Zero)."""
-        adaln_zero_init(self)
-        self.reset_fixed_embeddings()
-
-    def sincos_positions(self) -> torch.Tensor:
-        """(1, T, C) float64: the spatial table (DiT's 2-D sin-cos over the patch grid)."""
-        return torch.from_numpy(sincos_2d(self.config.hidden_size, *self.config.grid)).unsqueeze(0)
+        self.initialize_unless_meta()
 
     def sincos_frames(self) -> torch.Tensor:
         """(1, F, C) float64: the temporal table (1-D sin-cos over frame indices, sin half first, as Latte)."""
@@ -150,23 +136,9 @@ class VideoDiT(nn.Module):
         return torch.from_numpy(sincos_1d(self.config.hidden_size, frames)).unsqueeze(0)
 
     @torch.no_grad()
-    def set_input_size(self, config: VideoDiTConfig) -> None:
-        """Another frame size, same architecture and frames: the spatial sin-cos table is recomputed for the new grid
-        (never trained), exactly as a model built at that size has it."""
-        if replace(config, input_size=self.config.input_size) != self.config:
-            raise OpenDiTError(f"set_input_size changes only the frame size; got another video model: {config}")
-        if config.input_size == self.config.input_size:
-            return
-        old = self.pos_embed
-        self.config = config
-        self.pos_embed = nn.Parameter(old.new_zeros(1, config.positions, config.hidden_size), requires_grad=False)
-        if not self.pos_embed.is_meta:
-            self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
-
-    @torch.no_grad()
     def reset_fixed_embeddings(self) -> None:
-        if not self.pos_embed.is_meta:
-            self.pos_embed.copy_(self.sincos_positions().to(self.pos_embed.dtype))
+        self.reset_pos_embed()
+        if not self.temp_embed.is_meta:
             self.temp_embed.copy_(self.sincos_frames().to(self.temp_embed.dtype))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -221,24 +193,12 @@ class VideoDiT(nn.Module):
 def build_video_dit(
     config: VideoDiTConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> VideoDiT:
-    with torch.device(device):
-        model = VideoDiT(config)
-    return model.to(dtype)
+    return build_on(VideoDiT, config, device, dtype)
 
 
 def pixel_video_config(name: str, size: int, frames: int, channels: int = 1, num_classes: int = 40, **kw):
     """A preset's architecture as a pixel-space flow model on size x size x channels videos of `frames` frames."""
-    return replace(
-        preset(name),
-        input_size=(size, size),
-        frames=frames,
-        in_channels=channels,
-        num_classes=num_classes,
-        learn_sigma=False,
-        latent=False,
-        prediction="flow",
-        **kw,
-    )
+    return pixel_space(preset(name), size, channels, num_classes, "flow", frames=frames, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ the parallel spec

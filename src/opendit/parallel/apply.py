@@ -144,8 +144,8 @@ def make_balancer(num_tokens: int, sizes: list[int], runtime: Runtime) -> TokenB
     """--balance-tokens: a TokenBalancer whose exchange all-gathers every sequence rank's busy time (exact, fp64)."""
     exact_sp = runtime.exact("sp")
 
-    def exchange(busy_s: float) -> list[float]:  # (1,) per rank -> (P,) busy times, in sp order
-        return exact_sp.all_gather(torch.tensor([busy_s], dtype=torch.float64), 0, [1] * exact_sp.size).tolist()
+    def exchange(busy_s: float) -> list[float]:  # (1, 1) per rank, on the group's device -> (P,) busy times
+        return [row[0] for row in exact_sp.all_gather_values([busy_s], torch.float64)]
 
     return TokenBalancer(num_tokens, sizes, exchange)
 
@@ -193,7 +193,7 @@ def plan_record(runtime: Runtime, pmodel: ParallelModel, num_images: int) -> dic
         "world_size": runtime.world_size,
         "mesh_order": "pipefusion, dp, cfg, ring, ulysses, tp (outer -> inner)",
         "tensor": pmodel.tensor,
-        "pipefusion": getattr(pmodel, "pipeline", None),
+        "pipefusion": getattr(pmodel, "stage_layout", None),
         "token_split": pmodel.token_sizes,  # after any --balance-tokens re-split
         "token_balance": pmodel.balancer.history if pmodel.balancer is not None else None,
         "head_split": head_sizes(heads, plan.ulysses) if plan.ulysses > 1 else None,

@@ -10,6 +10,9 @@ each call's batch (parallel/batch.py).
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -34,11 +37,43 @@ def parallelize(module: nn.Module, plan: ParallelConfig, runtime=None) -> nn.Mod
             f"the plan {plan.describe()} needs {plan.world_size} ranks, the process group has {dist.get_world_size()}"
             "; make the product of the degrees (dp x cfg x ring x ulysses x tp) the world size"
         )
+    params = list(module.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    check_device_pairing(device, dist.get_backend())
     if plan.world_size == 1:
         return module  # one rank: nothing to split
-    params = list(module.parameters())
-    device = params[0].device if params else "cpu"
     plan, runtime = parallelize_family(module, plan, dist.get_world_size(), device, runtime)
     module._opendit_plan = plan
     module._opendit_runtime = runtime
     return module
+
+
+def check_device_pairing(device: torch.device, backend: str) -> None:
+    """OpenDiTError (one line, naming the fix) when the module's device and the process group's backend cannot work
+    together: NCCL moves CUDA tensors only, each rank on its own GPU; gloo is the CPU backend. Checked before anything
+    is installed, so a wrong setup fails here instead of at the first collective (or as two ranks on one GPU)."""
+    from opendit.distributed.env import rank_gpu_index
+
+    backend = str(backend).lower()
+    local = rank_gpu_index()  # cuda:LOCAL_RANK (cuda:0 where the launcher pinned one GPU per process)
+    setup = f"torch.cuda.set_device({local}) then module.to('cuda:{local}') (or pipe.to('cuda:{local}'))"
+    if device.type == "meta":
+        return  # built on meta and filled later (sharded loading): the filling puts it on the rank's device
+    if backend == "nccl" and device.type != "cuda":
+        raise OpenDiTError(
+            f"the process group is NCCL but the module is on {device}: move it to this rank's GPU cuda:LOCAL_RANK "
+            f"before opendit.parallelize: {setup}"
+        )
+    if backend == "nccl":
+        want = local if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+        current = torch.cuda.current_device()
+        if device.index != want or current != want:
+            raise OpenDiTError(
+                f"the module is on {device} and the current GPU is cuda:{current}, but this rank's GPU is cuda:{want} "
+                f"(LOCAL_RANK): every rank needs its own GPU; call {setup}"
+            )
+    if backend == "gloo" and device.type == "cuda":
+        raise OpenDiTError(
+            f"the module is on {device} but the process group is gloo (CPU): init_process_group('nccl', "
+            f"device_id=torch.device('cuda', {local})) after torch.cuda.set_device({local}), or keep the module on CPU"
+        )

@@ -45,13 +45,14 @@ class TokenBalancing(StepHook):
         self._waited = 0.0
 
     def on_step_start(self, ctx: StepContext) -> None:
-        self._waited = sum(self.stats.wait_s.values())
+        self._waited = self.stats.waited_s()
 
     def on_step_end(self, ctx: StepContext) -> None:
         balancer = self.pmodel.balancer
         if balancer is None or balancer.done:
             return
-        busy = ctx.model_seconds - (sum(self.stats.wait_s.values()) - self._waited)
+        # the sampler synchronised the step on CUDA and the waits are device-timed there: busy is device time
+        busy = ctx.model_seconds - (self.stats.waited_s() - self._waited)
         new_sizes = balancer.observe(busy)
         if new_sizes is not None:
             old = self.pmodel.token_sizes

@@ -12,9 +12,9 @@ the others, so its block weights are ~1/N):
 - the last stage runs the final layer per patch; the prediction (B, C_out, H, W) is broadcast from it to every rank,
   so the sampler steps the whole latent once per step, identically everywhere (multistep schedulers keep their state).
 The first K steps run synchronously: one patch = the whole sequence, so every block attends over fresh K/V, exactly
-as one device (and the caches are filled); later steps drift, and that drift is measured (tests, README), not hidden.
+as one device (and the caches are filled); later steps drift, measured (tests, docs/parallelism.md), not hidden.
 
-What a model declares for it (its spec's `pipeline`, models/spec.py `PipelineSplit`): how to embed tokens, the
+What a model declares for it (its spec's `stage_view`, e.g. models/dit.py `DiTStageView`): how to embed tokens, the
 conditioning vector, the block list, a block call and the head (final layer + unpatchify). Only the DiT declares one.
 """
 
@@ -63,13 +63,13 @@ class PipeFusionModel:
 
         self.model, self.runtime, self.notes = model, runtime, notes
         plan, spec = runtime.plan, spec_for(model)
-        if spec.pipeline is None:
+        if spec.stage_view is None:
             raise OpenDiTError(
                 f"PipeFusion pipelines row patches of one token sequence through stages of blocks, reusing the "
-                f"other patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.pipeline: its blocks "
+                f"other patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.stage_view: its blocks "
                 "change the token layout between them): drop --pipefusion, or use --ulysses / --ring (exact)"
             )
-        self.split = spec.pipeline
+        self.split = spec.stage_view
         self.comm = runtime.comms["pipefusion"]
         self.stages, self.stage = self.comm.size, self.comm.rank
         blocks = self.split.blocks(model)
@@ -88,7 +88,7 @@ class PipeFusionModel:
             self.cores[i] = core
         self.patches, self.warmup = plan.patch_count, plan.warmup_steps
         self.step = 0
-        self.pipeline = {"stages": self.stages, "blocks_per_stage": sizes, "patches": self.patches,
+        self.stage_layout = {"stages": self.stages, "blocks_per_stage": sizes, "patches": self.patches,
                          "warmup_steps": self.warmup}  # fmt: skip
         notes.append(f"pipefusion: blocks per stage {sizes}, {self.patches} patches, {self.warmup} synchronous steps")
 

@@ -42,12 +42,11 @@ Then call `model(x, t, y)` as before, under torch.no_grad() (not inference_mode)
 group (every forward all-gathers over it). Anything that caches weight tensors at install time (e.g. per-head slices
 of qkv) must be built before sharding is applied, or read the weights inside forward, where they are gathered.
 `sharded_parameter_bytes(model)` gives this rank's resident parameter bytes, for the record.
-Memory readers (resident set, high-water mark, exact_malloc) are in opendit/memory.py.
+Memory readers (resident set, high-water mark, exact_malloc) are in opendit/observe/memory.py.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -221,12 +220,11 @@ class _AllWorks(dist.Work):
         self._works, self._stats, self._kind, self._event = works, stats, kind, event
 
     def wait(self, timeout=None) -> bool:
-        start = time.perf_counter()
+        begun = self._stats.wait_begin() if self._stats is not None else None
         for work in self._works:
             work.wait()
-        end = time.perf_counter()
         if self._stats is not None:
-            self._stats.record_wait(self._kind, end - start, event=self._event, end_s=end)
+            self._stats.wait_end(self._kind, begun, event=self._event)  # device time on CUDA (comm.py)
         return True
 
 

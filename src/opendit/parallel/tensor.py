@@ -59,12 +59,6 @@ class SliceLayout:
     dim: int
     ranges: tuple[tuple[int, int], ...]
 
-    @property
-    def local_shape(self) -> tuple[int, ...]:
-        shape = list(self.global_shape)
-        shape[self.dim] = sum(n for _, n in self.ranges)
-        return tuple(shape)
-
     def take(self, full: torch.Tensor) -> torch.Tensor:
         if tuple(full.shape) != self.global_shape:
             raise OpenDiTError(f"tensor of shape {tuple(full.shape)} where the layout expects {self.global_shape}")

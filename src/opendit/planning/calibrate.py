@@ -9,6 +9,11 @@
 all with `threads` threads per process, and caches the result to ~/.cache/opendit/calibration-<machine key>.json.
 The key names the host, CPU/GPU model, torch version, backend, threads and process count, so another machine or
 thread count never reuses a stale file.
+
+On NCCL (`--backend nccl`) everything runs on the GPUs a job would use: compute on cuda:0 in the calling process,
+each link rank on cuda:LOCAL_RANK (set as its current device before the process group, which gets `device_id`), its
+messages CUDA tensors; every timed region is closed by torch.cuda.synchronize, so the times are the device's, not
+the launch queue's. The file is saved under the nccl key, which `load_speeds` looks up on a machine with GPUs.
 """
 
 from __future__ import annotations
@@ -30,15 +35,43 @@ GIB = 1 << 30
 
 
 # ------------------------------------------------------------------------------------------------ compute
-def _timeit(fn, repeats: int, warmup: int = 2) -> float:
+def sync(device: torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA launches return at once); a no-op on CPU."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn, repeats: int, warmup: int = 2, device: torch.device | None = None) -> float:
+    """Median seconds of fn() on `device`: on CUDA each run is closed by a synchronize (device time)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def rank_device(backend: str) -> torch.device:
+    """The device a calibration rank measures on: on NCCL cuda:LOCAL_RANK, made the current device (before any
+    CUDA work, so no rank creates a context on GPU 0); CPU on gloo."""
+    if backend != "nccl":
+        return torch.device("cpu")
+    from opendit.distributed.env import rank_gpu_index
+
+    local = rank_gpu_index()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local >= gpus:
+        raise OpenDiTError(
+            f"calibrating NCCL needs a GPU per process: local rank {local} with {gpus} GPU(s) visible; use --nproc "
+            f"{max(gpus, 1)} or --backend gloo"
+        )
+    device = torch.device("cuda", local)
+    torch.cuda.set_device(device)
+    return device
 
 
 def fit_saturating(sizes: list[float], rates: list[float]) -> tuple[float, float]:
@@ -72,50 +105,57 @@ def fit_link(samples: list[tuple[float, float]]) -> Link:
 
 
 @torch.no_grad()
-def half_precision_gain(hidden: int, heads: int, reps: int, tokens: int = 256) -> dict[str, float]:
-    """Seconds of one DiT block (fp32 islands included) on `tokens` tokens in fp32 and in bf16: --dtype auto and the
-    planner's bf16 rates come from their ratio (Speeds.half_speedup)."""
+def half_precision_gain(
+    hidden: int, heads: int, reps: int, tokens: int = 256, device: torch.device | None = None
+) -> dict[str, float]:
+    """Seconds of one DiT block (fp32 islands included) on `tokens` tokens in fp32 and in bf16 on `device`: --dtype
+    auto and the planner's bf16 rates come from their ratio (Speeds.half_speedup)."""
     from opendit.models.dit import DiTBlock
 
+    device = device or torch.device("cpu")
     torch.manual_seed(0)
-    block = DiTBlock(hidden, heads, 4.0).eval()
-    x, c = torch.randn(1, tokens, hidden), torch.randn(1, hidden)
-    out = {"fp32": _timeit(lambda: block(x, c), reps)}
+    block = DiTBlock(hidden, heads, 4.0).eval().to(device)
+    x, c = torch.randn(1, tokens, hidden, device=device), torch.randn(1, hidden, device=device)  # (1, T, C), (1, C)
+    out = {"fp32": _timeit(lambda: block(x, c), reps, device=device)}
     block = block.to(torch.bfloat16)
     xb, cb = x.bfloat16(), c.bfloat16()
-    out["bf16"] = _timeit(lambda: block(xb, cb), reps)
+    out["bf16"] = _timeit(lambda: block(xb, cb), reps, device=device)
     return out
 
 
 @torch.no_grad()
-def measure_compute(threads: int = 1, hidden: int = 1152, heads: int = 16, quick: bool = False) -> dict:
-    """Matmul and SDPA rates (fitted), elementwise bandwidth and per-block overhead, with `threads` threads."""
+def measure_compute(
+    threads: int = 1, hidden: int = 1152, heads: int = 16, quick: bool = False, device: torch.device | None = None
+) -> dict:
+    """Matmul and SDPA rates (fitted), elementwise bandwidth and per-block overhead, with `threads` threads, on
+    `device` (default CPU; on CUDA every timing is closed by a synchronize)."""
     from opendit.models.dit import DiTBlock
 
+    device = device or torch.device("cpu")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         reps = 3 if quick else 7
-        w = torch.randn(hidden, 4 * hidden)
+        w = torch.randn(hidden, 4 * hidden, device=device)  # (C, 4C)
         rows = [16, 64, 256, 1024] if quick else [16, 64, 256, 1024, 4096]
         mm = []
         for n in rows:
-            x = torch.randn(n, hidden)
-            mm.append(2 * n * hidden * 4 * hidden / _timeit(lambda x=x: x @ w, reps))
+            x = torch.randn(n, hidden, device=device)  # (n, C)
+            mm.append(2 * n * hidden * 4 * hidden / _timeit(lambda x=x: x @ w, reps, device=device))
         d = hidden // heads
         lengths = [64, 256, 1024] if quick else [64, 256, 1024, 2048]
         at = []
         for n in lengths:
-            q = torch.randn(1, heads, n, d)
-            sec = _timeit(lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, q, q), reps)
-            at.append(4 * heads * n * n * d / sec)
-        a, b = torch.randn(1 << 22), torch.randn(1 << 22)
+            q = torch.randn(1, heads, n, d, device=device)  # (1, H, n, D)
+            attend = lambda q=q: torch.nn.functional.scaled_dot_product_attention(q, q, q)  # noqa: E731
+            at.append(4 * heads * n * n * d / _timeit(attend, reps, device=device))
+        a, b = torch.randn(1 << 22, device=device), torch.randn(1 << 22, device=device)
         out = torch.empty_like(a)
-        mem_bw = 3 * a.numel() * 4 / _timeit(lambda: torch.add(a, b, out=out), reps)
-        block = DiTBlock(64, 4, 4.0).eval()
-        xs, cs = torch.randn(1, 4, 64), torch.randn(1, 64)
-        overhead = _timeit(lambda: block(xs, cs), 20 if quick else 50, warmup=5)
-        block_s = half_precision_gain(hidden, heads, reps)
+        mem_bw = 3 * a.numel() * 4 / _timeit(lambda: torch.add(a, b, out=out), reps, device=device)
+        block = DiTBlock(64, 4, 4.0).eval().to(device)
+        xs, cs = torch.randn(1, 4, 64, device=device), torch.randn(1, 64, device=device)
+        overhead = _timeit(lambda: block(xs, cs), 20 if quick else 50, warmup=5, device=device)
+        block_s = half_precision_gain(hidden, heads, reps, device=device)
     finally:
         torch.set_num_threads(previous)
     mm_peak, mm_half = fit_saturating(rows, mm)
@@ -142,7 +182,11 @@ def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
     import torch.distributed as dist
 
     torch.set_num_threads(threads)  # even under OMP_NUM_THREADS: the calibration is for exactly `threads`
-    dist.init_process_group(backend)  # env://
+    device = rank_device(backend)  # NCCL: cuda:LOCAL_RANK, current before the group exists
+    if device.type == "cuda":
+        dist.init_process_group(backend, device_id=device)  # env://
+    else:
+        dist.init_process_group(backend)  # env://
     from opendit.distributed.comm import Comm
 
     rank, nproc = dist.get_rank(), dist.get_world_size()
@@ -152,7 +196,7 @@ def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
         for nbytes in sizes:
             # all_to_all_single: a tensor of P chunks, P-1 of which leave -> per-rank sent = nbytes
             n = max(nproc, nbytes // 4 * nproc // (nproc - 1)) // nproc * nproc
-            send = torch.randn(n)
+            send = torch.randn(n, device=device)  # (n,) on the rank's device: NCCL moves CUDA tensors only
             sent = n // nproc * (nproc - 1) * 4
 
             # through Comm, as the kernels send: the same-host transport (shared memory) where it applies
@@ -161,14 +205,14 @@ def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
 
             # all_gather of a shard of m elements: the shard goes to P-1 peers -> sent = m * 4 * (P - 1)
             m = max(1, nbytes // 4 // (nproc - 1))
-            shard = torch.randn(m)
+            shard = torch.randn(m, device=device)  # (m,)
 
             def gather(shard=shard, sizes=[m] * nproc):
                 comm.all_gather(shard, 0, sizes)
 
             # ring P2P as RingAttention does it: send to r+1 while receiving from r-1 -> sent = k * 4
             k = max(1, nbytes // 4)
-            psend = torch.randn(k)
+            psend = torch.randn(k, device=device)  # (k,)
 
             def p2p(psend=psend, k=k):
                 comm.ring_exchange(psend, (k,)).wait()
@@ -176,7 +220,7 @@ def _link_worker(backend: str, threads: int, sizes, reps: int) -> dict | None:
             cases = (("all_to_all", a2a, sent), ("all_gather", gather, m * 4 * (nproc - 1)), ("p2p", p2p, k * 4))
             for kind, fn, nb in cases:
                 dist.barrier()
-                results[kind].append((nb, _timeit(fn, reps)))
+                results[kind].append((nb, _timeit(fn, reps, device=device)))
         # every rank measured; the slowest rank's time is what a step waits for
         gathered = [None] * nproc
         dist.all_gather_object(gathered, results)
@@ -210,21 +254,36 @@ def calibrate(
     force: bool = False,
     memory_gib: float | None = None,
 ) -> tuple[Speeds, Path]:
-    """Measure (or reuse the cached) speeds of this machine; returns (speeds, cache file)."""
+    """Measure (or reuse the cached) speeds of this machine; returns (speeds, cache file). backend "nccl" measures
+    the GPUs (compute on cuda:0 here, links between `nproc` ranks on cuda:0..nproc-1), "gloo" the CPU."""
+    if backend not in ("gloo", "nccl"):
+        raise OpenDiTError(f"unknown backend {backend!r}; use --backend gloo (CPU) or --backend nccl (GPUs)")
+    if backend == "nccl":
+        from opendit.distributed.env import check_visible_gpus
+
+        check_visible_gpus(nproc, "cuda")  # one GPU per link rank
     path = cache_path(backend, threads, nproc)
     if path.is_file() and not force:
         return Speeds.from_dict(json.loads(path.read_text())["speeds"]), path
-    compute = measure_compute(threads, quick=quick)
+    device = rank_device(backend)  # this process: cuda:0 (LOCAL_RANK unset) on NCCL
+    compute = measure_compute(threads, quick=quick, device=device)
     links = measure_links(nproc, backend, threads, reps=4 if quick else 10)
-    if memory_gib is None:
+    if memory_gib is not None:
+        memory = memory_gib * GIB
+    elif device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 8 * GIB
         memory = pages / nproc  # local processes share the host memory
-    else:
-        memory = memory_gib * GIB
     raw = compute.pop("raw")
+    if device.type == "cuda":  # a GPU's fixed costs (context, workspaces, async launches), measured rates in fp32
+        base = replace(DEFAULTS["h100-nvlink"], dtype_bytes=4)
+        what = f"{torch.cuda.get_device_name(device)} x {nproc}"
+    else:
+        base, what = DEFAULTS["cpu-gloo"], f"{threads} thread(s) per rank"
     speeds = replace(
-        DEFAULTS["cpu-gloo"],
-        name=f"{platform.node()}: {threads} thread(s) per rank, {backend}, {nproc} local ranks",
+        base,
+        name=f"{platform.node()}: {what}, {backend}, {nproc} local ranks",
         links={kind: v["link"] for kind, v in links.items()},
         memory_bytes=memory,
         source=f"opendit calibrate {time.strftime('%Y-%m-%d %H:%M')}",

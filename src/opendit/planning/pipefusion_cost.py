@@ -41,10 +41,10 @@ from opendit.planning.speeds import Speeds
 def _check(model, plan: ParallelConfig, guided: bool, batch: int) -> float:
     """The batch every stage runs (PipeFusion splits no batch: cost.local_batch of its dp = cfg = 1 plan)."""
     spec = spec_for(model)
-    if spec.pipeline is None:
+    if spec.stage_view is None:
         raise OpenDiTError(
             f"PipeFusion pipelines row patches of one token sequence through stages of blocks, reusing the other "
-            f"patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.pipeline: its blocks change the "
+            f"patches' stale K/V; {spec.name} declares no such stage view (ModelSpec.stage_view: its blocks change the "
             "token layout between them): drop --pipefusion, or use --ulysses / --ring (exact)"
         )
     return local_batch(batch, plan, guided)

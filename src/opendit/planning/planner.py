@@ -230,7 +230,7 @@ def plan(
         speeds = speeds.with_memory(memory_bytes)
     queue = objective == "throughput"
     tensor = spec_for(model).tensor_split is not None
-    depth = dims.depth if stale and spec_for(model).pipeline is not None and impls is None else 0
+    depth = dims.depth if stale and spec_for(model).stage_view is not None and impls is None else 0
     configs = enumerate_plans(
         world_size, dims.num_heads, tokens, images, guided, impls, shard_options, queue, dims.sequences, tensor, depth
     )
@@ -349,7 +349,7 @@ def check_request(
     try:
         notes = requested.validate(world_size, dims.num_heads, tokens, images, guided, frames=dims.sequences)
     except OpenDiTError as exc:
-        depth = dims.depth if requested.pipefusion > 1 and spec_for(model).pipeline is not None else 0
+        depth = dims.depth if requested.pipefusion > 1 and spec_for(model).stage_view is not None else 0
         near = nearest_plans(requested, world_size, dims.num_heads, tokens, images, guided, 3, tensor, depth)
         names = "; ".join(p.describe() for p in near) or "none (check the world size)"
         raise OpenDiTError(f"{exc}. Nearest valid plans for {world_size} rank(s): {names}") from exc

@@ -180,14 +180,25 @@ def named_hardware(name: str, nodes: int = 1, memory_gib: float | None = None) -
 
 
 # ------------------------------------------------------------------------------------------------ cache
+def device_name() -> str:
+    """The accelerator model of this process's GPU (cuda:LOCAL_RANK), or the CPU's. Never asks GPU 0 on every rank:
+    under torchrun this runs before torch.cuda.set_device, and a query of GPU 0 from every rank can put a context
+    there from each of them."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        from opendit.distributed.env import rank_gpu_index
+
+        local = rank_gpu_index()
+        return torch.cuda.get_device_name(local if local < torch.cuda.device_count() else 0)
+    return platform.processor() or "cpu"
+
+
 def machine_key(backend: str, threads: int, nproc: int) -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), "")
     except OSError:
         cpu = platform.machine()
-    ident = f"{socket.gethostname()}|{device}|{cpu}|{os.cpu_count()}|{torch.__version__}"
+    ident = f"{socket.gethostname()}|{device_name()}|{cpu}|{os.cpu_count()}|{torch.__version__}"
     digest = hashlib.sha1(ident.encode()).hexdigest()[:10]
     return f"{socket.gethostname()}-{backend}-t{threads}-p{nproc}-{digest}"
 
@@ -196,9 +207,28 @@ def cache_path(backend: str = "gloo", threads: int = 1, nproc: int = 2) -> Path:
     return CACHE_DIR / f"calibration-{machine_key(backend, threads, nproc)}.json"
 
 
-def load_speeds(spec: str | None = None, threads: int = 1, backend: str = "gloo", nproc: int = 2) -> Speeds:
+def default_backend() -> str:
+    """The backend a job on this machine runs on: NCCL where GPUs are visible, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
+
+
+def find_calibration(backend: str, threads: int = 1, nproc: int = 2) -> Path:
+    """This machine's calibration file for `backend`: the one for (threads, nproc) if there is one, else the newest
+    for the same backend with other thread or process counts (the same host, device, CPU and torch), else the path
+    the exact one would have (not a file)."""
+    path = cache_path(backend, threads, nproc)
+    if path.is_file():
+        return path
+    digest = machine_key(backend, threads, nproc).rsplit("-", 1)[-1]  # host, device, CPU, torch: not the counts
+    pattern = f"calibration-{socket.gethostname()}-{backend}-t*-p*-{digest}.json"
+    others = sorted(CACHE_DIR.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return others[-1] if others else path
+
+
+def load_speeds(spec: str | None = None, threads: int = 1, backend: str | None = None, nproc: int = 2) -> Speeds:
     """Speeds from a name in DEFAULTS, a calibration JSON path, or (None / "auto") this machine's cached
-    calibration, falling back to the documented default of its class with a note in `source`."""
+    calibration for `backend` (default: the one a job here runs on, NCCL where GPUs are visible, else gloo),
+    falling back to the documented default of its class with a note in `source`."""
     if spec and spec != "auto":
         if spec in DEFAULTS:
             return DEFAULTS[spec]
@@ -206,11 +236,14 @@ def load_speeds(spec: str | None = None, threads: int = 1, backend: str = "gloo"
         if not path.is_file():
             raise OpenDiTError(f"speeds {spec!r} is neither a known hardware ({', '.join(DEFAULTS)}) nor a file")
         return Speeds.from_dict(json.loads(path.read_text())["speeds"])
-    path = cache_path(backend, threads, nproc)
+    backend = backend or default_backend()
+    path = find_calibration(backend, threads, nproc)
     if path.is_file():
         return Speeds.from_dict(json.loads(path.read_text())["speeds"])
-    fallback = DEFAULTS["h100-nvlink" if torch.cuda.is_available() else "cpu-gloo"]
-    return replace(fallback, source=fallback.source + f"; no calibration at {path}, run `opendit calibrate`")
+    fallback = DEFAULTS["h100-nvlink" if backend == "nccl" else "cpu-gloo"]
+    return replace(
+        fallback, source=fallback.source + f"; no calibration at {path}, run `opendit calibrate --backend {backend}`"
+    )
 
 
 def resolve_speeds(hardware: str = "auto", nodes: int = 1, memory_gib: float | None = None) -> Speeds:

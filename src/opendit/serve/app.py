@@ -20,11 +20,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from opendit.api.surfaces import json_body_model
 from opendit.serve.encode import encode_result, timeline
 from opendit.serve.jobs import Job, NotAccepting, QueueFull
 from opendit.serve.openai_api import images_body_model, images_response, to_fields
 from opendit.serve.state import RequestError, ServeState
-from opendit.surfaces import json_body_model
 
 PAGE = Path(__file__).with_name("page.html")
 WAIT_POLL_S = 0.02  # how often a waiting request looks at its job (no thread is held while waiting)

@@ -10,9 +10,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from opendit.api.surfaces import json_body_model
 from opendit.serve.encode import encode_result
 from opendit.serve.state import RequestError, ServeState
-from opendit.surfaces import json_body_model
 
 DIRECTIONS = ("right", "left", "down", "up")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opendit.api.generation import resolve_call
+from opendit.api.request import call_model
 from opendit.errors import OpenDiTError
-from opendit.generation import resolve_call
-from opendit.request import call_model
 from opendit.serve.jobs import Job, JobQueue
 from opendit.serve.metrics import ServeMetrics
 
@@ -77,7 +77,7 @@ class ServeState:
     def label_text(self, labels: list) -> list[str]:
         """A result's labels as text: a motion model's "3 up" (its label is digit + 10 * direction)."""
         if self.kind == "video" and getattr(self.spec.config, "motion", False):
-            from opendit.video import label_names
+            from opendit.api.video import label_names
 
             names = label_names(self.spec.config)
             return [names[label] for label in labels]

@@ -17,8 +17,8 @@ built-in word list and the words of each pipeline's templates, so a template wor
   has 31 thin layers, so the pipeline's default `text_encoder_out_layers` (10, 20, 30) work as released.
 
 Every folder saved by `save_tiny_image_pipeline` records small call defaults (size, steps, text length) in
-`opendit_call_defaults.json` (opendit/pipeline_calls.py), which `opendit sample --diffusers` applies where the call does
-not set them, so running one without flags takes seconds (the pipelines' own defaults are 1024 px and 50 steps).
+`opendit_call_defaults.json` (read by opendit.api.pipelines), which `opendit sample --diffusers` applies where the
+call does not set them, so running one without flags takes seconds (the pipelines' own defaults: 1024 px, 50 steps).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from opendit.pipeline_calls import DEFAULTS_FILE
 
 __all__ = [
     "IMAGE_KINDS",
@@ -113,7 +111,7 @@ def save_tiny_image_pipeline(kind: str, directory: str | Path, seed: int = 0, **
     defaults = {"height": s["image_size"], "width": s["image_size"], "num_inference_steps": _STEPS,
                 "max_sequence_length": _TEXT_LEN[kind]}  # fmt: skip
     pipe.save_pretrained(directory)
-    (directory / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=1) + "\n")
+    (directory / "opendit_call_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
     return directory
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ TINY_KINDS: dict[str, str] = {
     "flux": "FluxPipeline: double- and single-stream blocks, CLIP + T5, 16-channel AutoencoderKL, flow matching",
     "wan": "WanPipeline: 3D video transformer, UMT5 encoder, AutoencoderKLWan, UniPC with flow sigmas",
     "dit": "DiTPipeline: class-conditional DiT, 4-channel AutoencoderKL, DDIM",
-}
+}  # and the video families of tiny_video_families.py (registered at the end of this file)
 
 # Shared defaults; `_KIND_DEFAULTS` overrides them where a model family needs other sizes.
 _DEFAULT_SIZES: dict[str, int] = {
@@ -118,12 +120,17 @@ def save_tiny_pipeline(kind: str, directory: str | Path, seed: int = 0, **sizes:
     """Build a tiny pipeline and save it so that `DiffusionPipeline.from_pretrained(directory)` loads it offline."""
     directory = Path(directory)
     build_tiny_pipeline(kind, seed, **sizes).save_pretrained(directory)
+    defaults = _CALL_DEFAULTS.get(kind)
+    if defaults:  # a few frames at a small size when a call gives none (opendit.api.pipelines reads them)
+        (directory / "opendit_call_defaults.json").write_text(json.dumps(defaults, indent=2, sort_keys=True))
     return directory
 
 
 def tiny_call_kwargs(kind: str, **sizes: int) -> dict[str, Any]:
     """Pipeline call arguments for a fast CPU run of `build_tiny_pipeline(kind, **sizes)`; add a `generator`."""
     s = _resolve_sizes(kind, sizes)
+    if kind in _VIDEO_CALLS:
+        return _VIDEO_CALLS[kind](kind, s, sizes)
     if kind == "dit":
         return {"class_labels": [1], "guidance_scale": 4.0, "num_inference_steps": 2, "output_type": "np"}
     kwargs: dict[str, Any] = {
@@ -156,12 +163,15 @@ def _resolve_sizes(kind: str, sizes: dict[str, int]) -> dict[str, int]:
         raise ValueError(
             f"need num_heads >= 2 and attention_head_dim >= 8, got {s['num_heads']}, {s['attention_head_dim']}"
         )
-    if kind in ("flux", "wan") and s["attention_head_dim"] % 2:
+    if kind in ("flux", "wan", "wan22", "ltx", "cogvideox", "hunyuan15") and s["attention_head_dim"] % 2:
         raise ValueError(f"{kind} uses rotary embeddings, which need an even attention_head_dim")
+    if kind in ("cogvideox", "hunyuan15") and s["attention_head_dim"] % 16:
+        raise ValueError(f"{kind}'s 3D rotary embedding splits the head dim into 1/4 + 3/8 + 3/8, each even: "
+                         f"attention_head_dim a multiple of 16, got {s['attention_head_dim']}")  # fmt: skip
     step = _PIXELS_PER_TOKEN[kind]
     if s["image_size"] < step or s["image_size"] % step:
         raise ValueError(f"{kind} needs image_size a positive multiple of {step}, got {s['image_size']}")
-    if kind == "wan" and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
+    if kind in ("wan", "wan22", "ltx", "cogvideox", "hunyuan15") and (s["num_frames"] < 1 or (s["num_frames"] - 1) % 4):
         raise ValueError(f"wan needs num_frames = 4k + 1 (the VAE compresses time by 4), got {s['num_frames']}")
     if s["num_layers"] < 1 or s["num_single_layers"] < 1 or s["text_len"] < 4:
         raise ValueError(f"need num_layers, num_single_layers >= 1 and text_len >= 4, got {s}")
@@ -434,3 +444,26 @@ def _build_dit(s: dict[str, int], seed: int) -> DiTPipeline:
 
 
 _BUILDERS = {"pixart": _build_pixart, "sd3": _build_sd3, "flux": _build_flux, "wan": _build_wan, "dit": _build_dit}
+
+
+def register_kinds(
+    kinds: dict[str, str], builders: dict, pixels_per_token: dict[str, int], call_defaults: dict[str, dict], call_kwargs
+) -> None:
+    """Add kinds built elsewhere (a module of FAMILY_MODULES calls this when imported): their descriptions,
+    builders ((sizes, seed) -> pipeline), pixels per token side, folder call defaults and call arguments
+    ((kind, resolved sizes, given sizes) -> kwargs)."""
+    TINY_KINDS.update(kinds)
+    _BUILDERS.update(builders)
+    _PIXELS_PER_TOKEN.update(pixels_per_token)
+    _CALL_DEFAULTS.update(call_defaults)
+    _VIDEO_CALLS.update(dict.fromkeys(kinds, call_kwargs))
+
+
+# folder call defaults: the wan folder samples 5 frames at 64 px, not the pipeline's 81 frames at 480x832
+_CALL_DEFAULTS: dict[str, dict[str, int]] = {"wan": {"height": 64, "width": 64, "num_frames": 5}}
+_VIDEO_CALLS: dict[str, Any] = {}
+# the modules of more kinds (each imports this one for its parts and calls register_kinds): named, not imported
+# statically, so that this module does not import them back
+FAMILY_MODULES = ("opendit.testing.tiny_video_families",)
+for _module in FAMILY_MODULES:
+    importlib.import_module(_module)

@@ -1,6 +1,6 @@
 """Training: data (digits, image folders), the flow-matching / DDPM trainer with DDP and exact resume, EMA."""
 
-from opendit.train.data import BatchSampler, DigitsDataset, ImageDataset, ImageFolderDataset, build_dataset
+from opendit.digits.data import BatchSampler, DigitsDataset, ImageDataset, ImageFolderDataset, build_dataset
 from opendit.train.ema import EMA
 from opendit.train.trainer import TrainConfig, export_ema, read_log, train
 

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from opendit.checkpoint import build_model, config_from_dict
+from opendit.digits.data import BatchSampler, ImageDataset, build_dataset, step_seed
 from opendit.errors import OpenDiTError
+from opendit.io.checkpoint import build_model, config_from_dict
 from opendit.models.dit import DiT
-from opendit.train.data import BatchSampler, ImageDataset, build_dataset, step_seed
 from opendit.train.ema import EMA, unwrap
 from opendit.train.setup import learning_rate, model_preset
 
@@ -267,7 +267,7 @@ class _Run:
 
 def _prepare_run(rank: int, world: int, cfg: TrainConfig, device: torch.device) -> _Run:
     if cfg.video:
-        from opendit.train.video_data import MovingDigitsDataset
+        from opendit.digits.video_data import MovingDigitsDataset
 
         dataset = MovingDigitsDataset()
         if cfg.image_size != dataset.resolution[0] or cfg.channels != dataset.channels:
@@ -436,7 +436,7 @@ _RESUME_KEYS = ("model", "ema", "opt", "step", "elapsed_s", "args", "rng")
 
 def read_resume_state(path: Path, cfg: TrainConfig, map_location="cpu", mmap: bool = True) -> dict:
     """A training checkpoint's state, checked for --resume: readable, complete, and of a run with these settings."""
-    from opendit.checkpoint import load_torch_file
+    from opendit.io.checkpoint import load_torch_file
 
     state = load_torch_file(path, map_location, mmap=mmap, resume=True)
     if not isinstance(state, dict):
@@ -481,7 +481,7 @@ def load_checkpoint(path, cfg: TrainConfig, model: DiT, ema: EMA, opt, device) -
 
 def export_ema(checkpoint: str | Path, path: str | Path, extra: dict | None = None) -> Path:
     """EMA weights of a training checkpoint -> `path`.safetensors + .json {"model": config, **extra}."""
-    from opendit.checkpoint import load_torch_file, locate_checkpoint, save_safetensors
+    from opendit.io.checkpoint import load_torch_file, locate_checkpoint, save_safetensors
 
     checkpoint = locate_checkpoint(checkpoint)  # a file or a run directory
     state = load_torch_file(checkpoint, mmap=False)

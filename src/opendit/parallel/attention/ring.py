@@ -10,9 +10,12 @@ O = O_a * exp(lse_a - lse) + O_b * exp(lse_b - lse).
 
 Attention with log-sum-exp (`attention_with_lse`): torch's public SDPA does not return it, so per backend:
 - CPU: aten._scaled_dot_product_flash_attention_for_cpu -> (out, lse), any float dtype;
-- CUDA fp16/bf16: aten._scaled_dot_product_flash_attention -> (out, lse, ...);
-- CUDA fp32: aten._scaled_dot_product_efficient_attention(compute_log_sumexp=True) -> (out, lse padded to x32, ...);
-- anything else (or head dims the fused kernels reject): explicit fp32 scores and torch.logsumexp.
+- CUDA: a fallback chain, tried in order on the first call of each (dtype, head dim), the first kernel that runs kept:
+  flash (aten._scaled_dot_product_flash_attention: fp16/bf16, head dim a multiple of 8 up to 256, compute capability
+  >= 8.0, a build with flash attention) -> efficient (aten._scaled_dot_product_efficient_attention with
+  compute_log_sumexp: fp32 too, pre-Ampere GPUs, lse padded to x32) -> math. The choice and why the kernels before
+  it were passed over are recorded (`attention_kernels()`, record.json's parallel.attention_kernels);
+- anything else: explicit fp32 scores and torch.logsumexp (math).
 """
 
 from __future__ import annotations
@@ -38,6 +41,70 @@ def attention_math_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return out.to(q.dtype), lse
 
 
+class KernelUnusable(RuntimeError):
+    """A fused kernel's own precondition does not hold for these inputs (said before launching it)."""
+
+
+def _cuda_flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention with lse: q (B, H, Sq, D) fp16/bf16 -> (out (B, H, Sq, D), lse (B, H, Sq) fp32)."""
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise KernelUnusable(f"takes fp16/bf16, not {q.dtype}")
+    if d % 8 or d > 256:
+        raise KernelUnusable(f"head dim {d} is not a multiple of 8 up to 256")
+    if not torch.backends.cuda.is_flash_attention_available():
+        raise KernelUnusable("this torch build has no flash attention")
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        raise KernelUnusable(f"compute capability {major}.{minor} < 8.0 (flash needs Ampere or newer)")
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+    return res[0], res[1].float()  # lse (B, H, Sq) fp32
+
+
+def _cuda_efficient_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memory-efficient attention with lse: q (B, H, Sq, D) -> (out (B, H, Sq, D), lse (B, H, Sq) fp32)."""
+    d = q.shape[-1]
+    if d % 4 or d > 256:
+        raise KernelUnusable(f"head dim {d} is not a multiple of 4 up to 256")
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return res[0], res[1][..., : q.shape[2]].float()  # lse (B, H, Sq_pad32) -> (B, H, Sq)
+
+
+_CUDA_CHAIN = ("flash", "efficient")  # then math
+KERNEL_CHOICES: dict[tuple, dict] = {}  # (device type, dtype, head dim) -> {"kernel", "reason"}, this process
+
+
+def _kernel(name: str) -> LseAttention:
+    return attention_math_lse if name == "math" else globals()[f"_cuda_{name}_lse"]  # looked up per call (tests)
+
+
+def lse_chain(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, device_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CUDA fallback chain flash -> efficient -> math (module docstring): the kernel chosen for this (dtype,
+    head dim) runs, or on the first call each is tried in turn. q (B, H, Sq, D) -> (out, lse (B, H, Sq) fp32)."""
+    key = (device_type or q.device.type, str(q.dtype).removeprefix("torch."), q.shape[-1])
+    chosen = KERNEL_CHOICES.get(key)
+    if chosen is not None:
+        return _kernel(chosen["kernel"])(q, k, v)
+    passed = []
+    for name in _CUDA_CHAIN:
+        try:
+            result = _kernel(name)(q, k, v)
+        except (RuntimeError, NotImplementedError) as exc:  # KernelUnusable, or the kernel's own refusal
+            passed.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        KERNEL_CHOICES[key] = {"kernel": name, "reason": "; ".join(passed) or "first in the chain, it runs"}
+        return result
+    KERNEL_CHOICES[key] = {"kernel": "math", "reason": "; ".join(passed)}
+    return attention_math_lse(q, k, v)
+
+
+def attention_kernels() -> list[dict]:
+    """The kernels the CUDA chain chose in this process and why: [{device, dtype, head_dim, kernel, reason}]."""
+    return [{"device": d, "dtype": t, "head_dim": h, **choice} for (d, t, h), choice in KERNEL_CHOICES.items()]
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the natural-log sum of exp(scores) per query row.
 
@@ -47,13 +114,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, lse.float()
     if q.device.type == "cuda":
-        d = q.shape[-1]
-        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
-            return res[0], res[1].float()  # lse (B, H, Sq) fp32
-        if q.dtype == torch.float32 and d % 4 == 0 and d <= 256:
-            res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
-            return res[0], res[1][..., : q.shape[2]].float()  # lse is padded along Sq to a multiple of 32
+        return lse_chain(q, k, v)
     return attention_math_lse(q, k, v)
 
 

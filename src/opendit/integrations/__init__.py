@@ -1,1 +1,0 @@
-"""Bridges between OpenDiT and other libraries (diffusers pipelines, tokenizers)."""
