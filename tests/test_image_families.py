@@ -198,15 +198,18 @@ def test_three_and_four_processes_with_uneven_tokens(kind, world, folders):
     _check(kind, world, results, kind == "zimage")
 
 
+BF16_PLANS = {"qwenimage": [{"ulysses": 2}], "flux2": [{"ring": 2}], "zimage": [{"ring": 2}]}  # ring: the fp32 merge
+
+
 @pytest.mark.slow
 def test_bf16_equals_one_bf16_process(folders):
-    """bf16: the same strategies against one bf16 process; rounding order differs, so within 8/255 per pixel."""
+    """bf16: a strategy against one bf16 process; rounding order differs, so within 8/255 per pixel."""
     from tests.dist_utils import run_distributed
 
-    for kind in sorted(IMAGE_KINDS):
-        plans = [{"ulysses": 2}, {"ring": 2}]
-        for _found, _mask in run_distributed(_worker, 2, folders[kind], kind, plans, torch.bfloat16, timeout=600):
-            for plan, (_relative_error, absolute, _repeatable, _calls) in _found.items():
+    for kind, plans in BF16_PLANS.items():
+        for found, _mask in run_distributed(_worker, 2, folders[kind], kind, plans, torch.bfloat16, timeout=600):
+            for plan, (_relative_error, absolute, _repeatable, _calls) in found.items():
+                print(f"bf16 {kind} {plan}: max abs error {absolute:.4f} of 1")  # shown with pytest -s
                 assert absolute <= 8 / 255, (kind, plan, absolute)
 
 
