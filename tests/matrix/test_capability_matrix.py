@@ -9,7 +9,7 @@ a reason that is not "not supported". The run writes docs/capabilities.md, the t
 
 Families: OpenDiT's digits DiT and digits video DiT (the bundled models) and tiny random diffusers pipelines saved
 to disk (opendit.testing.tiny_pipelines: diffusers DiT, PixArt, SD3, Flux, Wan; tiny_video_families: Wan 2.2, LTX-Video,
-CogVideoX, Latte, HunyuanVideo-1.5). 4 denoising steps, 2 images.
+CogVideoX, Latte, HunyuanVideo-1.5; tiny_image_families: Qwen-Image, FLUX.2, Z-Image). 4 denoising steps, 2 images.
 """
 
 from __future__ import annotations
@@ -82,6 +82,21 @@ def _families(root: Path) -> dict[str, list[str]]:
         size = ["--image-size", "64", "--frames", "5"] if kind == "wan" else []
         guidance = [] if kind == "hunyuan15" else ["--cfg-scale", "3"]  # HunyuanVideo-1.5: its guider's scale
         families[name] = ["--diffusers", str(folder), *what, *guidance, *size, *common]
+    families.update(_image_families(root, common))
+    return families
+
+
+def _image_families(root: Path, common: list[str]) -> dict[str, list[str]]:
+    """Qwen-Image, FLUX.2 and Z-Image (opendit.testing.tiny_image_families): their folders' own small sizes; a long
+    and a short prompt, so that Z-Image's and Qwen-Image's batches carry a key padding mask."""
+    from opendit.testing.tiny_image_families import save_tiny_image_pipeline
+
+    prompts = ["--prompt", " ".join(["a red fox in a garden at sunset"] * 5), "--prompt", "a blue car"]
+    families = {}
+    for kind, name in IMAGE_FAMILIES.items():
+        folder = save_tiny_image_pipeline(kind, root / "pipelines" / kind, seed=0)
+        guidance = ["--negative-prompt", "blurry"] if kind == "qwenimage" else ["--cfg-scale", "3"]
+        families[name] = ["--diffusers", str(folder), *prompts, *guidance, *common]
     return families
 
 
@@ -176,8 +191,10 @@ def _write(results: dict) -> None:
 # the video families of issue 34 (opendit.testing.tiny_video_families): kind -> row name
 VIDEO_FAMILIES = {"wan22": "Wan 2.2 (two experts)", "ltx": "LTX-Video", "cogvideox": "CogVideoX", "latte": "Latte",
                   "hunyuan15": "HunyuanVideo-1.5"}  # fmt: skip
+# the image families of issue 34 (opendit.testing.tiny_image_families): kind -> row name
+IMAGE_FAMILIES = {"qwenimage": "Qwen-Image", "flux2": "FLUX.2", "zimage": "Z-Image"}
 FAMILIES = ("OpenDiT DiT (digits)", "OpenDiT video DiT (digits)", "diffusers DiT", "PixArt", "SD3", "Flux", "Wan 2.1",
-            *VIDEO_FAMILIES.values())  # fmt: skip
+            *VIDEO_FAMILIES.values(), *IMAGE_FAMILIES.values())  # fmt: skip
 
 
 @pytest.fixture(scope="module")

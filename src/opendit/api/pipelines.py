@@ -54,6 +54,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
     """What a pipeline folder holds, from its JSON files alone (no weights read): pipeline and transformer class,
     the transformer's config and heads, the pipeline's `__call__` parameters and defaults, the weights' bytes.
     Raises OpenDiTError naming the fix for what OpenDiT cannot run."""
+    from opendit.api.pipeline_calls import image_size_multiple
     from opendit.families import declared_families
 
     path = Path(folder)
@@ -116,6 +117,7 @@ def inspect_pipeline(folder: str | Path) -> dict:
         "weight_bytes": weights,
         "transformer_bytes": transformer_bytes,
         "component_bytes": component_bytes,
+        "size_multiple": image_size_multiple(path, pipeline),  # pipeline_calls.py
     }
 
 
@@ -452,8 +454,10 @@ def _vae_split_planned(mode: bool | None, info: dict, world: int, height: int) -
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:
     """Raise the OpenDiTError `opendit.parallelize` would raise on the ranks, here; return the plan's notes."""
+    from opendit.api.pipeline_calls import check_guidance_batch
     from opendit.families.apply import check_family, family_plan
 
+    check_guidance_batch(plan, info)
     if plan.balance_tokens or plan.token_shares is not None:
         raise OpenDiTError(
             "--balance-tokens re-splits the tokens by each rank's measured speed, which OpenDiT's families split "
@@ -505,6 +509,10 @@ def resolve_pipeline_call(spec: PipelineSpec, request: CallRequest) -> PipelineC
     cache = request_cache(request, spec.family, spec.plan)
     if cache is not None and "callback_on_step_end" not in spec.info["call"] and "callback" not in spec.info["call"]:
         raise OpenDiTError(f"{spec.info['pipeline_class']} takes no step callback, so a cache cannot follow its steps")
+    if cache is not None:
+        from opendit.api.pipeline_calls import check_cache_layout
+
+        check_cache_layout(meta_transformer(spec.info), cache)
     asked = {**spec.settings.model_dump(), **request.model_dump(exclude={"out"}), "image_size": size}
     # absolute: workers may not share the caller's working directory (torchrun on other nodes)
     trace = str(Path(prepare_trace_file(request.trace)).resolve()) if request.trace is not None else None
@@ -542,6 +550,9 @@ def call_kwargs(info: dict, request: CallRequest, size: int | None) -> dict:
     if "use_resolution_binning" in params:
         kwargs["use_resolution_binning"] = False  # the size asked is the size computed
     check_video_call(info, kwargs)
+    from opendit.api.pipeline_calls import check_image_size
+
+    check_image_size(info, kwargs)
     return kwargs
 
 

@@ -45,12 +45,8 @@ class BlockCache:
     def __init__(self, owner):
         self.owner, self.config = owner, owner.config
         layout = owner.layout
-        kinds = [_block_kind(layout, path) for path, _m, _io in layout.blocks]
-        self.span_end = max(i for i, k in enumerate(kinds) if k == kinds[0])
-        if self.span_end == 0:
-            from opendit.errors import OpenDiTError
-
-            raise OpenDiTError(f"{layout.family}: the first-block cache needs two blocks of the first block's kind")
+        kinds = block_kinds(layout)
+        self.span_end = span_end(layout)
         self.skippable = self.span_end  # blocks 1..K
         # blocks of one kind see the tokens in one layout: a mixed call may carry only the computing samples' rows
         # from block 1 to block K (the video DiT's span alternates layouts: there each block merges its rows back)
@@ -210,9 +206,29 @@ def _l1_per_sample(values: torch.Tensor, batch: int) -> torch.Tensor:
     return values.abs().reshape(batch, -1).sum(1, dtype=accumulate).double()
 
 
-def _block_kind(layout, block_path: str) -> str:
-    kinds = {kind for path, _m, kind in layout.attention if path.startswith(block_path + ".") and kind != "cross"}
-    return ",".join(sorted(kinds)) or "block"
+def block_kinds(layout) -> list[str]:
+    """Each block's kind: the kinds of its attention over the tokens, and whether it returns a text stream of its
+    own (a joint block) or one stream (FLUX.2's single-stream blocks return [text; image] as one tensor, so a span
+    residual out_K - out_0 cannot cross from its joint blocks into them)."""
+    kinds = []
+    for block_path, _m, io in layout.blocks:
+        found = {kind for path, _m, kind in layout.attention if path.startswith(block_path + ".") and kind != "cross"}
+        kinds.append((",".join(sorted(found)) or "block") + ("" if io.out_encoder is None else "+text"))
+    return kinds
+
+
+def span_end(layout) -> int:
+    """K: the last block of the head block's kind (the cached span is blocks 1..K); refused where there is none."""
+    kinds = block_kinds(layout)
+    end = max(i for i, k in enumerate(kinds) if k == kinds[0])
+    if end == 0:
+        from opendit.errors import OpenDiTError
+
+        raise OpenDiTError(
+            f"{layout.family}: the first-block cache reuses the residual of a span of blocks like the first one, and "
+            f"{layout.blocks[0][0]} is the only one of its kind ({kinds[0]}); use --cache pab, or no cache"
+        )
+    return end
 
 
 def _rows(per_sample: torch.Tensor, rows: int) -> torch.Tensor:

@@ -18,9 +18,9 @@ from torch import nn
 from opendit.errors import OpenDiTError
 
 # the ModuleList children of a diffusers transformer that hold its blocks, in forward order (as diffusers' own
-# first-block cache finds them)
-_DIFFUSERS_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-_DIFFUSERS_MLPS = ("ff", "ffn", "ff_context")
+# first-block cache finds them; Z-Image's main chain is `layers`, its refiners before it are not cached)
+_DIFFUSERS_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+_DIFFUSERS_MLPS = ("ff", "ffn", "ff_context", "feed_forward")
 
 
 @dataclass
@@ -77,7 +77,7 @@ class CacheLayout:
         x = kwargs.get(self.batch_arg, args[0] if args else None)
         if x is None:
             raise OpenDiTError(f"the model was called without {self.batch_arg!r}: cannot tell its batch size")
-        return int(x.shape[0])
+        return len(x) if isinstance(x, list) else int(x.shape[0])  # a list: one tensor per sample (Z-Image)
 
 
 def cache_layout(model: nn.Module) -> CacheLayout:

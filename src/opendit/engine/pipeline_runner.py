@@ -171,7 +171,10 @@ class PipelineRunner:
 
     def run(self, call: PipelineCall, hooks: list) -> Ran:
         """The pipeline's own call, with one generator seeded call.seed; its step callback ends each step."""
-        kwargs = {**call.kwargs, "generator": torch.Generator(device="cpu").manual_seed(call.seed)}
+        # lists copied: a pipeline may edit its arguments in place (ZImagePipeline writes its chat template into the
+        # caller's prompt list), which would change this call's record and any later run of it
+        kwargs = {k: list(v) if isinstance(v, list) else v for k, v in call.kwargs.items()}
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(call.seed)
         total = int(kwargs.get("num_inference_steps", self.spec.info["call"].get("num_inference_steps") or 0))
         hooks = [*hooks, *runtime_step_hooks(self.runtime)]
         begin = time.perf_counter()

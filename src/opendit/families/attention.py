@@ -17,6 +17,8 @@ The site (layout (B, S, H, D), flash-attn naming) asks the sequence state how th
 - q and k split alike (self- and joint attention): the strategy's kernel for those sizes;
 - keys split, queries split otherwise or whole (cross-attention to a split text): K, V (and a key mask) are
   all-gathered and the local queries attend to every key — exact, and cheap for text;
+- a key padding mask (Z-Image's batch of samples of different lengths, a padded text) is written into K as one more
+  channel (`with_key_bias`), so it is split, moved and gathered with K/V by whichever strategy runs, exactly;
 - keys whole on every rank (a stream the plan does not split): local attention, exact;
 - tokens not split at this point of the call (`SequenceState.active` false): one-device attention.
 """
@@ -60,19 +62,46 @@ class AttentionSite:
         mask = _key_mask(attn_mask, query, key, self)
         if mode == "local":  # every key on every rank already
             return _local(query, key, value, mask)
+        head_dim = query.shape[-1]
+        if mask is not None:  # the key mask becomes a channel of K, so it moves wherever K moves (see KEY_BIAS)
+            query, key, value = with_key_bias(query, key, value, mask)
         if mode == "split":
-            if mask is not None and not bool(mask.all()):
-                raise OpenDiTError(
-                    f"{self.owner} {self.path}: a key padding mask inside attention over split tokens is not "
-                    "supported by the sequence kernels yet; give prompts of one length without padding (or use --dp)"
-                )
-            return self.kernels(q_sizes)(query, key, value)
-        comm = self.state.comm  # keys split, queries not alike: gather K, V and the key mask over the group
-        key = comm.all_gather(key.contiguous(), 1, k_sizes)  # (B, S_k, H, D)
-        value = comm.all_gather(value.contiguous(), 1, k_sizes)
-        if mask is not None:
-            mask = comm.all_gather(mask.contiguous(), 3, k_sizes)  # (B|1, H|1, 1, S_k)
-        return _local(query, key, value, mask)
+            out = self.kernels(q_sizes)(query, key, value)
+        else:  # keys split, queries not alike: gather K, V (and so the key mask) over the group
+            comm = self.state.comm
+            key = comm.all_gather(key.contiguous(), 1, k_sizes)  # (B, S_k, H, D')
+            value = comm.all_gather(value.contiguous(), 1, k_sizes)
+            out = local_attention(query, key, value)
+        return out[..., :head_dim] if mask is not None else out
+
+
+# A key padding mask under split tokens: every strategy moves K (Ulysses' all-to-all, ring's P2P blocks, USP's both,
+# FastSeq's all-gather, a gather of keys), so the mask is written into K as one more channel and travels with it,
+# exactly, through any strategy, with no change to their kernels:
+#   q' = [q * sqrt(D'/D), sqrt(D'), 0...],  k' = [k, b, 0...],  v' = [v, 0...]   (D' = D + KEY_BIAS channels)
+# with b = 0 for a kept key and -KEY_MASKED for a masked one, so that q'.k' / sqrt(D') = q.k / sqrt(D) + b: kept keys
+# score as before, masked keys' weights underflow to exactly 0 (exp(-1e4) is 0 in every float dtype), also in a ring
+# block where every key of a row is masked (its log-sum-exp weight is exp(-1e4 + ...) = 0; no -inf, so no NaN).
+# 8 channels keep D' a multiple of 8 for the fused kernels. Present on every rank or on none: whether a call has a
+# mask is decided by the model's code path, which is the same on every rank, so the collectives match.
+KEY_BIAS = 8
+KEY_MASKED = 1e4
+
+
+def with_key_bias(query, key, value, mask):
+    """(B, S_q, H, D), (B, S_k, H, D) x2 and a bool key mask (B|1, H|1, 1, S_k) (True: attend) -> the same with
+    D' = D + KEY_BIAS channels (see above); attention on them, cut to the first D channels, is the masked one."""
+    b, s_k, h, d = key.shape
+    wide = d + KEY_BIAS
+    keep = mask[:, :, 0, :].transpose(1, 2).expand(b, s_k, h)  # (B, S_k, H)
+    bias = torch.zeros((b, s_k, h, KEY_BIAS), dtype=key.dtype, device=key.device)
+    bias[..., 0] = (~keep).to(key.dtype) * -KEY_MASKED  # |b| fits fp16; the sqrt(D') is on the query side
+    lift = torch.zeros((*query.shape[:3], KEY_BIAS), dtype=query.dtype, device=query.device)
+    lift[..., 0] = wide**0.5
+    query = torch.cat([query * (wide / d) ** 0.5, lift], dim=-1)  # (B, S_q, H, D')
+    key = torch.cat([key, bias], dim=-1)  # (B, S_k, H, D')
+    value = torch.cat([value, value.new_zeros((*value.shape[:3], KEY_BIAS))], dim=-1)  # (B, S_k, H, D')
+    return query, key, value
 
 
 def _key_mask(attn_mask, query, key, site):

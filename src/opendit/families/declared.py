@@ -154,3 +154,24 @@ register_family(
         cfg_batched=False,  # its guider calls the transformer once per branch
     ),
 )
+
+# Z-Image: one stream over [image; text] per sample (each padded to a multiple of 32 tokens inside the sample), built
+# from lists of per-sample tensors: image tokens refined alone (noise_refiner), text tokens alone (context_refiner),
+# both one device; then the unified (B, L, C) sequence through `layers` is split where the first layer takes it, its
+# rotary table (B, L, D/2) and key padding mask (B, L) where every layer takes them (samples of a batch whose [image;
+# text] lengths differ are padded to the longest and masked: CFG against a shorter negative prompt), and gathered
+# after the final layer, before the per-sample unpatchify. The attention is ZSingleStreamAttnProcessor's call to
+# dispatch_attention_fn (the dispatch route); the key mask travels with K (families/attention.py).
+register_family(
+    "ZImageTransformer2DModel",
+    Family(
+        name="diffusers Z-Image (single stream)",
+        cp_plan={
+            "layers.0": {"x": TOKENS_IN},
+            "layers.*": {"attn_mask": MASK_IN, "freqs_cis": TOKENS_IN},
+            "all_final_layer.*": GATHER,
+        },
+        cfg_batched=True,  # [cond; uncond] in one call (lists of per-sample tensors)
+        heads_attr="n_heads",
+    ),
+)

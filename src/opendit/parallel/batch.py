@@ -53,13 +53,15 @@ class BatchSplit:
     def narrow(self, value, batch: int, start: int, length: int):
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
             return value.narrow(0, start, length)
+        if _is_sample_list(value) and len(value) == batch:  # one tensor per sample (Z-Image's latents, captions)
+            return value[start : start + length]
         if isinstance(value, dict):
             return {k: self.narrow(v, batch, start, length) for k, v in value.items()}
         return value
 
     def pre_hook(self, module, args, kwargs):
         first = args[0] if args else next(iter(kwargs.values()))
-        batch = first.shape[0]
+        batch = len(first) if _is_sample_list(first) else first.shape[0]
         levels = self._levels(batch)
         self.sizes = [(sizes, index) for _, sizes, index in levels]
         for _, sizes, index in levels:  # cfg half, then this dp group's block of it
@@ -83,9 +85,16 @@ class BatchSplit:
     def post_hook(self, module, args, kwargs, output):
         comms = [comm for comm in (self.cfg, self.dp) if comm is not None]
         tensor = _first_tensor(output)
+        samples = _is_sample_list(tensor)
+        if samples:  # a list of per-sample outputs of one shape: (B, ...) for the gathers, a list again after
+            tensor = torch.stack(list(tensor))
         for comm, (sizes, _index) in reversed(list(zip(comms, self.sizes))):  # dp blocks, then the cfg halves
             tensor = comm.all_gather(tensor.contiguous(), 0, sizes)  # (B_group, ...) -> (B_level, ...)
-        return _replace_first_tensor(output, tensor)
+        return _replace_first_tensor(output, list(tensor.unbind(0)) if samples else tensor)
+
+
+def _is_sample_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
 
 
 def _first_tensor(output):

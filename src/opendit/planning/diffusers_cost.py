@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from opendit.models.spec import ModelDims, ModelSpec, register_spec
 
-BLOCK_CONTAINERS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+BLOCK_CONTAINERS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def cost_config(module, image_tokens: int, text_tokens: int = 0) -> DiffusersCos
     family = require_family(module)
     config = module.config
     heads = family.num_heads(module)
-    hidden = heads * int(config["attention_head_dim"])
+    head_dim = config.get("attention_head_dim")  # Z-Image's config names its width `dim` instead
+    hidden = heads * int(head_dim) if head_dim is not None else int(config.get("dim") or config["hidden_size"])
     blocks = [child for name in BLOCK_CONTAINERS for child in getattr(module, name, [])]
     block_params = sum(p.numel() for block in blocks for p in block.parameters()) // max(len(blocks), 1)
     joint = family.splits_text
