@@ -24,18 +24,26 @@ def _cell(text: str) -> str:
 
 
 def registered() -> dict[str, dict[str, str]]:
-    """{"strategies" | "families" | "cache methods": {name: one-line description}} from the registries."""
+    """{"strategies" | "families" | "cache methods": {name: one-line description}} from the registries: what OpenDiT
+    itself registers (a test file may register toys of its own in the same process)."""
     from opendit.cache.registry import cache_methods
     from opendit.families import declared_families
     from opendit.parallel.registry import strategies
 
     return {
         "strategies": {
-            name: f"runs on {' x '.join(s.uses) or '-'}: {s.summary}" for name, s in sorted(strategies().items())
+            name: f"runs on {' x '.join(s.uses) or '-'}: {s.summary}"
+            for name, s in sorted(strategies().items())
+            if _ours(s)
         },
         "families": {cls: f"{fam.name} (source: {fam.source})" for cls, fam in sorted(declared_families().items())},
-        "cache methods": {name: getattr(m, "summary", "") for name, m in sorted(cache_methods().items())},
+        "cache methods": {name: getattr(m, "summary", "") for name, m in sorted(cache_methods().items()) if _ours(m)},
     }
+
+
+def _ours(entry) -> bool:
+    module = getattr(entry, "__module__", None) or type(entry).__module__
+    return module.startswith("opendit")
 
 
 def section() -> str:

@@ -216,7 +216,7 @@ def test_cli_dit_vae_parallel_two_processes_equal_one(tiny_vae, tmp_path, capsys
 
 
 def test_a_pixel_space_model_refuses_vae_parallel():
-    from opendit.generation import GenerationRequest, resolve_engine
+    from opendit.api.generation import GenerationRequest, resolve_engine
 
     with pytest.raises(OpenDiTError, match="this model is pixel-space \\(no VAE\\); drop it"):
         resolve_engine(GenerationRequest(vae_parallel=True, nproc=2))  # the shipped digits model: pixels

@@ -22,7 +22,6 @@ give frame 0 of each video as its image and every frame in `GenerationResult.fra
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import warnings
@@ -36,6 +35,7 @@ from opendit.api.request import CallRequest, EngineRequest
 from opendit.distributed.config import ParallelConfig
 from opendit.errors import OpenDiTError
 from opendit.io.outputs import prepare_output_dir, prepare_trace_file
+from opendit.io.quiet import quiet_transformers
 
 LAYOUT = "a local diffusers pipeline folder (save_pretrained layout)"
 SEEDING = (
@@ -171,21 +171,6 @@ def _call_parameters(pipeline: str, folder) -> dict:
         )
     params = inspect.signature(cls.__call__).parameters
     return {name: params[name].default if name in CALL_PARAMETERS else None for name in params if name != "self"}
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    try:
-        from transformers.utils import logging
-    except ImportError:
-        yield
-        return
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
 
 
 def _video_geometry(path: Path, index: dict, pipeline: str, transformer: str, config: dict, call: dict) -> dict | None:

@@ -88,7 +88,15 @@ def _plain_float(value: Any) -> Any:
         return bool(value)
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
         return float(value)
+    if isinstance(value, torch.Tensor):  # strict float would read a tensor through __float__: refused as any non-number
+        return _opaque(value)
     return value
+
+
+def _opaque(value: Any) -> Any:
+    """A stand-in that no numeric check accepts, shown as `value` and named by its type in the error."""
+    text = repr(value)
+    return type(type(value).__name__, (), {"__repr__": lambda _self: text})()
 
 
 def _fspath(value: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from opendit.api.request import EngineRequest, ParallelRequest, call_model, field_flag, field_meta
+from opendit.distributed.config import MESH_DIMS
 
 GROUPS = {
     "parallel": "parallel (one mesh: pipefusion x dp x cfg x ring x ulysses x tp = processes)",
@@ -67,8 +68,8 @@ def flag_values(args: argparse.Namespace, names: list[str], model) -> dict:
         cli = field_meta(info).get("cli", {})
         if "true" in cli:  # a choice that stands for a switch (--parallel auto)
             value = value == cli["true"] if value is not None else None
-        if value is None or value == info.default:  # the schema's own default: as if left out (a plan of defaults
-            continue  # is no plan: the degrees are chosen for --nproc)
+        if value is None or (value == info.default and name not in MESH_DIMS):  # the schema's default: as if left
+            continue  # out; a degree given explicitly (--ulysses 1) is kept: that plan is asked for, not chosen
         values[name] = value
     return values
 

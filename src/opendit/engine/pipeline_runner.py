@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, quiet_transformers
+from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec
 from opendit.diffusion.sampler import device_clock
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
+from opendit.io.quiet import quiet_transformers
 from opendit.models.precision import parse_dtype
 from opendit.parallel.encoders import encoder_owners, place_encoders, skipped_components, text_encoder_names
 from opendit.parallel.hooks import runtime_step_hooks
@@ -61,6 +62,20 @@ def lean_denoisers(spec: PipelineSpec) -> list[str]:
         return []
     index = json.loads((Path(spec.folder) / "model_index.json").read_text())
     return [name for name in DENOISERS if isinstance(index.get(name), list) and index[name][0] is not None]
+
+
+def rebuilt(pipe):
+    """The pipeline built again from its own components and config arguments: attributes its __init__ derives from a
+    component (SD3's default_sample_size from the transformer's config, a VAE scale factor) are right again after a
+    component was left out of from_pretrained and set afterwards. The modules themselves are the same objects."""
+    import inspect
+
+    accepted = inspect.signature(type(pipe).__init__).parameters
+    components = {name: module for name, module in pipe.components.items() if name in accepted}
+    settings = {name: value for name, value in pipe.config.items() if name in accepted and name not in components}
+    fresh = type(pipe)(**components, **settings)
+    fresh.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    return fresh
 
 
 def to_uint8(output) -> tuple[np.ndarray, np.ndarray | None]:
@@ -117,6 +132,8 @@ class PipelineRunner:
                     self.runtime, self.plan = module._opendit_runtime, module._opendit_plan  # kernel for the degrees
             if lean:
                 record["denoisers"] = self._lean_records
+        if lean or shard:  # loaded as None, set afterwards: what __init__ derives from them is derived again
+            self.pipe = rebuilt(self.pipe)
         self.vae_split = self._split_vae()
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
         self.load_record = {**record, "seconds": time.perf_counter() - start, **encoders}

@@ -142,7 +142,7 @@ def build_on_meta(folder: str | Path, name: str, dtype: torch.dtype) -> nn.Modul
             model = cls.from_config(cls.load_config(path))
             keep = getattr(cls, "_keep_in_fp32_modules", None) if dtype == torch.float16 else None
         else:  # transformers PreTrainedModel
-            from opendit.api.pipelines import quiet_transformers
+            from opendit.io.quiet import quiet_transformers
 
             with quiet_transformers():
                 config = cls.config_class.from_pretrained(path)
