@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # the CPU suite, with CUDA hidden (also on a GPU machine: its tolerances are CPU's; the GPU lane is test-gpu)
 test: $(STAMP) browser lint
-	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: $(STAMP) browser
 	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=fast $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
