@@ -24,14 +24,12 @@ call does not set them, so running one without flags takes seconds (the pipeline
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
+from opendit.testing.tiny_pipelines import _seeded  # one seeding rule for every tiny component
 
 __all__ = [
     "IMAGE_KINDS",
@@ -141,13 +139,6 @@ def _resolve(kind: str, sizes: dict[str, int]) -> dict[str, int]:
     if s["image_size"] < step or s["image_size"] % step:
         raise ValueError(f"{kind} needs image_size a positive multiple of {step}, got {s['image_size']}")
     return s
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, component: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 101 + component)
-        yield
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
