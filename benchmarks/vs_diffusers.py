@@ -65,11 +65,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
 import time
 import traceback
+import types
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -93,7 +96,8 @@ SEED = 0
 CONFIGS = ("single", "diffusers-ulysses", "diffusers-ring", "ours-ulysses", "ours-ring")
 PARALLEL = CONFIGS[1:]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-HEADS, HEAD_DIM = 16, 72
+MODELS = ("flux", "wan", "qwenimage", "flux2")  # also the order of the table and the plot
+HEADS, HEAD_DIM = 16, 72  # every model: DiT-XL width, 16 x 72 = 1152
 
 # model dims: full and --quick
 DIMS = {
@@ -105,16 +109,24 @@ DIMS = {
         "full": {"layers": 2, "latent": (9, 32, 32), "text": 256},
         "quick": {"layers": 1, "latent": (3, 16, 16), "text": 64},
     },
+    "qwenimage": {
+        "full": {"layers": 2, "grid": 32, "text": 256},
+        "quick": {"layers": 1, "grid": 16, "text": 64},
+    },
+    "flux2": {
+        "full": {"double": 2, "single": 2, "grid": 32, "text": 256},
+        "quick": {"double": 1, "single": 1, "grid": 16, "text": 64},
+    },
 }
 
 
 # ------------------------------------------------------------------------------------------------ models, inputs
 def build_model(kind: str, dims: dict):
-    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+    import diffusers
 
     torch.manual_seed(SEED)
     if kind == "flux":
-        model = FluxTransformer2DModel(
+        model = diffusers.FluxTransformer2DModel(
             patch_size=1,
             in_channels=64,
             num_layers=dims["double"],
@@ -126,8 +138,8 @@ def build_model(kind: str, dims: dict):
             guidance_embeds=False,
             axes_dims_rope=(8, 32, 32),
         )
-    else:
-        model = WanTransformer3DModel(
+    elif kind == "wan":
+        model = diffusers.WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=HEADS,
             attention_head_dim=HEAD_DIM,
@@ -138,39 +150,100 @@ def build_model(kind: str, dims: dict):
             ffn_dim=4608,
             num_layers=dims["layers"],
         )
+    elif kind == "qwenimage":
+        # Qwen-Image's layout at DiT-XL width: 16 latent channels packed 2 x 2 -> 64 in, 16 out; RoPE over
+        # (frame, height, width) = 8 + 32 + 32 = 72 channels (the released 16/56/56 of 128, rounded to even sizes)
+        model = diffusers.QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=dims["layers"],
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=1024,
+            axes_dims_rope=(8, 32, 32),
+        )
+    elif kind == "flux2":
+        # FLUX.2's layout at DiT-XL width: 32 latent channels packed 2 x 2 -> 128 in; RoPE over (t, h, w, l) in four
+        # equal parts as released (4 x 32 of 128 there, 4 x 18 = 72 here); guidance embedding as FLUX.2 [dev]
+        model = diffusers.Flux2Transformer2DModel(
+            patch_size=1,
+            in_channels=128,
+            num_layers=dims["double"],
+            num_single_layers=dims["single"],
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=1024,
+            axes_dims_rope=(18, 18, 18, 18),
+            guidance_embeds=True,
+        )
+    else:
+        raise ValueError(kind)
     return model.eval()
+
+
+def _grid_ids(side: int, axes: int, h_axis: int) -> torch.Tensor:
+    """(side * side, axes) position ids of a row-major side x side token grid: row in column h_axis, column in
+    h_axis + 1, every other axis 0 (Flux: (0, h, w); FLUX.2: (t=0, h, w, l=0))."""
+    ids = torch.zeros(side * side, axes)
+    ids[:, h_axis] = torch.arange(side).repeat_interleave(side)
+    ids[:, h_axis + 1] = torch.arange(side).repeat(side)
+    return ids
 
 
 def make_inputs(kind: str, dims: dict, dtype: torch.dtype) -> dict:
     gen = torch.Generator().manual_seed(SEED + 1)
+    if kind == "wan":
+        f, h, w = dims["latent"]
+        return {
+            "hidden_states": torch.randn(1, 16, f, h, w, generator=gen).to(dtype),
+            "timestep": torch.tensor([500.0]),
+            "encoder_hidden_states": torch.randn(1, dims["text"], 4096, generator=gen).to(dtype),
+            "return_dict": False,
+        }
+    side, text = dims["grid"], dims["text"]
     if kind == "flux":
-        side, text = dims["grid"], dims["text"]
-        img_ids = torch.zeros(side * side, 3)
-        img_ids[:, 1] = torch.arange(side).repeat_interleave(side)
-        img_ids[:, 2] = torch.arange(side).repeat(side)
         return {
             "hidden_states": torch.randn(1, side * side, 64, generator=gen).to(dtype),
             "encoder_hidden_states": torch.randn(1, text, 1024, generator=gen).to(dtype),
             "pooled_projections": torch.randn(1, 768, generator=gen).to(dtype),
             "timestep": torch.tensor([0.5]),
-            "img_ids": img_ids,
+            "img_ids": _grid_ids(side, 3, 1),
             "txt_ids": torch.zeros(text, 3),
             "return_dict": False,
         }
-    f, h, w = dims["latent"]
-    return {
-        "hidden_states": torch.randn(1, 16, f, h, w, generator=gen).to(dtype),
-        "timestep": torch.tensor([500.0]),
-        "encoder_hidden_states": torch.randn(1, dims["text"], 4096, generator=gen).to(dtype),
-        "return_dict": False,
-    }
+    if kind == "qwenimage":
+        # no encoder_hidden_states_mask: every text token is valid, which is what a mask of ones means (a mask would
+        # make diffusers' ring attend with a mask of the whole key length to each visiting K/V block)
+        return {
+            "hidden_states": torch.randn(1, side * side, 64, generator=gen).to(dtype),
+            "encoder_hidden_states": torch.randn(1, text, 1024, generator=gen).to(dtype),
+            "timestep": torch.tensor([0.5]),
+            "img_shapes": [[(1, side, side)]],  # per sample: (frames, rows, columns) of packed tokens
+            "return_dict": False,
+        }
+    if kind == "flux2":
+        # ids (1, tokens, 4) as the pipeline passes them (its _cp_plan splits them along dim 1, expected_dims=3);
+        # text ids count along the last axis (l)
+        txt_ids = torch.zeros(text, 4)
+        txt_ids[:, 3] = torch.arange(text)
+        return {
+            "hidden_states": torch.randn(1, side * side, 128, generator=gen).to(dtype),
+            "encoder_hidden_states": torch.randn(1, text, 1024, generator=gen).to(dtype),
+            "timestep": torch.tensor([0.5]),
+            "guidance": torch.tensor([4.0]),
+            "img_ids": _grid_ids(side, 4, 1)[None],
+            "txt_ids": txt_ids[None],
+            "return_dict": False,
+        }
+    raise ValueError(kind)
 
 
 def token_counts(kind: str, dims: dict) -> dict:
-    if kind == "flux":
-        return {"image_tokens": dims["grid"] ** 2, "text_tokens": dims["text"]}
-    f, h, w = dims["latent"]
-    return {"video_tokens": f * (h // 2) * (w // 2), "text_tokens": dims["text"]}
+    if kind == "wan":
+        f, h, w = dims["latent"]
+        return {"video_tokens": f * (h // 2) * (w // 2), "text_tokens": dims["text"]}
+    return {"image_tokens": dims["grid"] ** 2, "text_tokens": dims["text"]}
 
 
 def checksum(model) -> float:
@@ -200,7 +273,8 @@ def parallel_worker(channel, job: dict) -> None:
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
     rank = dist.get_rank()
-    models, inputs, report = {}, {}, {"rank": rank, "checksums": {}, "stock_failures": {}, "fastseq": {}}
+    models, inputs = {}, {}
+    report = {"rank": rank, "checksums": {}, "stock_failures": {}, "ring_workaround_processors": {}}
     for kind in job["models"]:
         dims = DIMS[kind][job["size"]]
         group = build_group(kind, dims, job["dtypes"])
@@ -211,7 +285,9 @@ def parallel_worker(channel, job: dict) -> None:
                 model = shared_copy(base)
                 impl, mode = config.split("-")
                 if impl == "diffusers":
-                    apply_diffusers_cp(model, kind, mode)
+                    replaced = apply_diffusers_cp(model, mode)
+                    if replaced:
+                        report["ring_workaround_processors"][kind] = replaced
                 else:
                     opendit.parallelize(model, ParallelConfig(**{mode: 2}))
                 models[(kind, dname, config)] = model
@@ -373,6 +449,7 @@ def run(job: dict, log) -> dict:
         "loadavg_after_each_pass": loads,
         "wall_s": wall,
         "stock_failures": reports[0]["stock_failures"],
+        "ring_workaround_processors": reports[0]["ring_workaround_processors"],
         "checksums": single_report["checksums"],
     }
 
@@ -424,92 +501,60 @@ def _cpu_lse_forward_op(
     return (out, lse) if return_lse else out
 
 
-def _ring_cpu_attention(query, key, value, parallel_config):
-    """diffusers' own templated context-parallel attention (ring for ring_degree > 1) with the CPU LSE op."""
-    from diffusers.models.attention_dispatch import _native_attention_backward_op, _templated_context_parallel_attention
+def _ring_cpu_dispatch(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+    attention_kwargs=None, *, backend=None, parallel_config=None,
+):  # fmt: skip
+    """WORKAROUND (b): what the processors' `dispatch_attention_fn(...)` call does on the native backend
+    (attention_dispatch.py: dispatch_attention_fn -> _native_attention), with one change: the call with a parallel
+    config runs diffusers' own `_templated_context_parallel_attention` (TemplatedRingAttention for ring_degree > 1)
+    with the CPU LSE forward op instead of `_native_attention_forward_op`. A call without one (Wan's cross-attention
+    to the unsplit text) goes to diffusers' dispatch_attention_fn unchanged. (B, S, H, D) in and out."""
+    from diffusers.models import attention_dispatch as ad
 
-    return _templated_context_parallel_attention(
-        query,
-        key,
-        value,
-        None,
-        0.0,
-        False,
-        None,
-        False,
-        False,
-        forward_op=_cpu_lse_forward_op,
-        backward_op=_native_attention_backward_op,
+    if parallel_config is None:
+        return ad.dispatch_attention_fn(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, attention_kwargs,
+            backend=backend, parallel_config=None,
+        )  # fmt: skip
+    if backend is not None or attn_mask is not None or attention_kwargs:
+        # the benchmark runs every model on the default backend, without masks: anything else is not what we time
+        raise NotImplementedError("benchmark-local ring dispatch: default backend, no mask, no attention_kwargs")
+    return ad._templated_context_parallel_attention(
+        query, key, value, None, dropout_p, is_causal, scale, enable_gqa, False,
+        forward_op=_cpu_lse_forward_op, backward_op=ad._native_attention_backward_op,
         _parallel_config=parallel_config,
-    )
+    )  # fmt: skip
 
 
-def _ring_processor_classes():
-    """WORKAROUND (b) processors: diffusers' FluxAttnProcessor / WanAttnProcessor code (transformer_flux.py:76-142,
-    transformer_wan.py:68-162, I2V branch omitted) with `dispatch_attention_fn(...)` replaced by _ring_cpu_attention."""
-    from diffusers.models.embeddings import apply_rotary_emb
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-    from diffusers.models.transformers.transformer_flux import _get_qkv_projections as flux_qkv
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-    from diffusers.models.transformers.transformer_wan import _get_qkv_projections as wan_qkv
+_RING_CPU_CLASSES: dict[type, type] = {}
 
-    class FluxRingCpuLseProcessor(FluxAttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-            if attention_mask is not None:
-                raise NotImplementedError("benchmark-local ring processor: no mask")
-            query, key, value, encoder_query, encoder_key, encoder_value = flux_qkv(
-                attn, hidden_states, encoder_hidden_states
-            )
-            query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-            key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-            value = value.unflatten(-1, (-1, attn.head_dim))
-            if attn.added_kv_proj_dim is not None:
-                encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-                encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-                encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-                query = torch.cat([encoder_query, query], dim=1)
-                key = torch.cat([encoder_key, key], dim=1)
-                value = torch.cat([encoder_value, value], dim=1)
-            if image_rotary_emb is not None:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
-            hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-            if encoder_hidden_states is not None:
-                encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                    [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-                )
-                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-                return hidden_states, encoder_hidden_states
-            return hidden_states
 
-    class WanRingCpuLseProcessor(WanAttnProcessor):
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-            if encoder_hidden_states is not None or attn.add_k_proj is not None:
-                # cross-attention: diffusers runs it without CP (parallel_config=None), unchanged
-                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-            if attention_mask is not None:
-                raise NotImplementedError("benchmark-local ring processor: no mask")
-            query, key, value = wan_qkv(attn, hidden_states, None)
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-            if rotary_emb is not None:
+def _dispatches(processor) -> bool:
+    """Whether this processor's own __call__ hands its attention to `dispatch_attention_fn` with a parallel config
+    (the processors of every class with a _cp_plan; diffusers' enable_parallelism sets `_parallel_config` on them)."""
+    code = getattr(type(processor).__call__, "__code__", None)  # None for a class without a Python __call__
+    return hasattr(processor, "_parallel_config") and code is not None and "dispatch_attention_fn" in code.co_names
 
-                def rotate(x, freqs_cos, freqs_sin):
-                    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-                    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-                    out = torch.empty_like(x)
-                    out[..., 0::2] = x1 * cos - x2 * sin
-                    out[..., 1::2] = x1 * sin + x2 * cos
-                    return out.type_as(x)
 
-                query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
-            hidden_states = _ring_cpu_attention(query, key, value, self._parallel_config)  # <- the one change
-            hidden_states = hidden_states.flatten(2, 3).type_as(query)
-            return attn.to_out[1](attn.to_out[0](hidden_states))
-
-    return FluxRingCpuLseProcessor, WanRingCpuLseProcessor
+def ring_cpu_processor(processor):
+    """WORKAROUND (b) processor, for any processor class that `_dispatches`: a copy of the instance whose class is a
+    subclass of its own, with diffusers' own `__call__` (the same code object: projections, norms, RoPE, output
+    projections exactly as diffusers wrote them) bound to a COPY of its module's globals in which the name
+    `dispatch_attention_fn` is `_ring_cpu_dispatch`. diffusers' module and its globals are not touched."""
+    cls = type(processor)
+    if cls not in _RING_CPU_CLASSES:
+        original = cls.__call__
+        scope = dict(vars(sys.modules[cls.__module__]))  # the processor module's globals, copied
+        scope["dispatch_attention_fn"] = _ring_cpu_dispatch
+        call = types.FunctionType(original.__code__, scope, original.__name__, original.__defaults__,
+                                  original.__closure__)  # fmt: skip
+        call.__kwdefaults__ = original.__kwdefaults__
+        call.__doc__ = original.__doc__
+        _RING_CPU_CLASSES[cls] = type(f"{cls.__name__}RingCpuLse", (cls,), {"__call__": call, "__module__": __name__})
+    ring = copy.copy(processor)  # the instance's own state (backend, parallel config slots) kept
+    ring.__class__ = _RING_CPU_CLASSES[cls]
+    return ring
 
 
 def _context_parallel_config(mode: str):
@@ -518,20 +563,22 @@ def _context_parallel_config(mode: str):
     return ContextParallelConfig(ulysses_degree=2) if mode == "ulysses" else ContextParallelConfig(ring_degree=2)
 
 
-def apply_diffusers_cp(model, kind: str, mode: str) -> None:
-    """diffusers' own enable_parallelism with workaround (a); for ring also workaround (b)."""
-    import types
-
+def apply_diffusers_cp(model, mode: str) -> dict[str, int]:
+    """diffusers' own enable_parallelism with workaround (a); for ring also workaround (b) on every attention module
+    whose processor dispatches (any model class). Returns {processor class: modules} that (b) replaced."""
+    replaced: dict[str, int] = {}
     if mode == "ring":
-        flux_cls, wan_cls = _ring_processor_classes()
-        pattern = ("transformer_blocks.", "single_transformer_blocks.") if kind == "flux" else ("blocks.",)
-        for path, module in model.named_modules():
-            if kind == "flux" and path.endswith(".attn") and path.startswith(pattern):
-                module.set_processor(flux_cls())
-            elif kind == "wan" and path.endswith(".attn1"):
-                module.set_processor(wan_cls())
+        for module in model.modules():
+            processor = getattr(module, "processor", None)
+            if processor is not None and hasattr(module, "set_processor") and _dispatches(processor):
+                module.set_processor(ring_cpu_processor(processor))
+                name = type(processor).__name__
+                replaced[name] = replaced.get(name, 0) + 1
+        if not replaced:
+            raise RuntimeError(f"{type(model).__name__}: no processor calls dispatch_attention_fn; (b) cannot apply")
     model._resolve_parallel_config = types.MethodType(_cpu_resolve_parallel_config, model)  # (a), this instance
     model.enable_parallelism(config=_context_parallel_config(mode))
+    return replaced
 
 
 def _failure(exc: BaseException) -> dict:
@@ -577,7 +624,7 @@ def stock_failures(kind: str, model, inputs: dict) -> dict:
                 for module in trial.modules():
                     if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
                         module.set_attention_backend(backend)
-            trial._resolve_parallel_config = __import__("types").MethodType(_cpu_resolve_parallel_config, trial)
+            trial._resolve_parallel_config = types.MethodType(_cpu_resolve_parallel_config, trial)
             trial.enable_parallelism(config=_context_parallel_config("ring"))
             with torch.no_grad():
                 trial(**inputs)
@@ -659,6 +706,86 @@ class CollectiveBytes:
         return self.mode.__exit__(*exc)
 
 
+# ------------------------------------------------------------------------------------------------ one file, many runs
+# The result file holds the newest rows of every (model, dtype) measured so far, each row tagged with the run it came
+# from; a run measures some (model, dtype)s and replaces only those rows (see merge_runs).
+RUN_FIELDS = ("job", "machine", "single_warmup_s", "order_per_pass", "loadavg_after_each_pass", "loadavg_at_end",
+              "wall_s", "stock_failures", "ring_workaround_processors", "checksums")  # fmt: skip
+
+
+def run_result(measured: dict, job: dict, mach: dict, started_utc: str) -> dict:
+    """One run in the file's form: {"size", "runs": [its record], "rows": [its rows, tagged]}."""
+    record = {
+        "run": started_utc,  # the run's id: its UTC start time
+        "date": started_utc,
+        "models": job["models"],
+        "dtypes": job["dtypes"],
+        "loadavg_at_start": mach.get("loadavg_at_start"),
+        **{k: v for k, v in {**measured, "job": job, "machine": mach}.items() if k in RUN_FIELDS},
+    }
+    tags = {"run": record["run"], "loadavg_at_start": record["loadavg_at_start"]}
+    return {"size": job["size"], "runs": [record], "rows": [{**row, **tags} for row in measured["rows"]]}
+
+
+def as_runs(result: dict, source: Path | None = None) -> dict:
+    """`result` in the file's form. A file written before runs were tagged (one run, its fields at the top level)
+    becomes one run whose date is that of the git commit that last wrote the file (the run recorded none)."""
+    if "runs" in result:
+        return result
+    date = _git_date(source) if source is not None else None
+    run_id = date or "untagged run"
+    record = {
+        "run": run_id,
+        "date": date,
+        "date_source": "git commit that wrote the result file (the run itself recorded no date)",
+        "models": result["job"]["models"],
+        "dtypes": result["job"]["dtypes"],
+        "loadavg_at_start": result["machine"].get("loadavg_at_start"),
+        **{k: v for k, v in result.items() if k in RUN_FIELDS},
+    }
+    tags = {"run": run_id, "loadavg_at_start": record["loadavg_at_start"]}
+    return {"size": result["job"]["size"], "runs": [record], "rows": [{**row, **tags} for row in result["rows"]]}
+
+
+def _git_date(path: Path) -> str | None:
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(Path(path).resolve().parent), "log", "-1", "--format=%cI", "--",
+                               Path(path).name], capture_output=True, text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _row_order(row: dict) -> tuple:
+    model = MODELS.index(row["model"]) if row["model"] in MODELS else len(MODELS)
+    return model, row["model"], list(DTYPES).index(row["dtype"]), PARALLEL.index(row["config"])
+
+
+def merge_runs(previous: dict | None, new: dict, log=print) -> dict:
+    """`new` (one run) over `previous` (the file as it was, any form): the (model, dtype)s the new run measured get
+    its rows, every other (model, dtype) keeps its rows and their run's record; a run no row comes from any more is
+    dropped. A file of the other size (--quick vs full) is not merged: its rows would not be comparable."""
+    if previous is None:
+        return new
+    previous = as_runs(previous)
+    if previous["size"] != new["size"]:
+        log(f"not merged: the file holds {previous['size']} runs, this one is {new['size']}; its rows are replaced")
+        return new
+    measured = {(r["model"], r["dtype"]) for r in new["rows"]}
+    kept = [r for r in previous["rows"] if (r["model"], r["dtype"]) not in measured]
+    rows = sorted(kept + new["rows"], key=_row_order)
+    used = {r["run"] for r in rows}
+    runs = [run for run in previous["runs"] if run["run"] in used] + new["runs"]
+    for run in previous["runs"]:
+        if run["run"] not in used:
+            log(f"run {run['run']}: every row replaced, its record dropped")
+    if kept:
+        log(f"kept {len(kept)} rows of earlier runs: {sorted({(r['model'], r['dtype']) for r in kept})}")
+    return {**new, "runs": runs, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ report
 def fmt_bytes(n) -> str:
     if n is None:
@@ -666,43 +793,61 @@ def fmt_bytes(n) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def markdown(result: dict) -> str:
-    job, mach = result["job"], result["machine"]
+def _load(values) -> str:
+    return "?" if not values else f"{values[0]:.1f}"
+
+
+def markdown(result: dict, source: Path | None = None) -> str:
+    result = as_runs(result, source)
+    runs = {run["run"]: run for run in result["runs"]}
+    number = {run_id: i + 1 for i, run_id in enumerate(runs)}  # "run 1", "run 2", ... in the tables
+    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
+    entries = list(dict.fromkeys((r["model"], r["dtype"]) for r in result["rows"]))  # (model, dtype), file order
+    quick = " (--quick smoke run: not a measurement)" if result["size"] == "quick" else ""
     lines = [
         "# OpenDiT vs diffusers' own context parallelism (2 gloo ranks x 1 thread vs 1 process x 1 thread)",
         "",
-        f"Machine: {mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch {mach['torch']}, "
-        f"diffusers {mach['diffusers']}; load average (1 min) at start {mach['loadavg_at_start'][0]:.1f}, after each "
-        f"pass {', '.join(f'{x[0]:.1f}' for x in result.get('loadavg_after_each_pass', []))} (other jobs share the "
-        "2 cores: single timings are noisy, hence per-pass minima and the median over passes). "
-        f"{job['passes']} interleaved passes, wall time {result['wall_s'] / 60:.1f} min"
-        + (" (--quick smoke run)" if job["size"] == "quick" else "")
-        + ".",
+        f"Rows come from {len(runs)} run(s){quick}; a run measures the (model, dtype)s it was given and replaces only "
+        "those rows (`--models` / `--dtypes`), so each row's figures are relative to the single process of the SAME "
+        "run and pass. Load average (1 min) at a run's start and after each of its passes: other jobs share the "
+        "2 cores, hence per-pass minima and the median over passes.",
         "",
-        "Speedup = median over passes of (1-process minimum / 2-rank minimum of the pass), "
-        f"{job.get('repeats', 1)} "
-        "timed forwards per configuration and pass (overall min / overall min in brackets). "
-        "Error = max|out - ref| / max|ref| "
-        "of rank 0's output vs the single-process output of the same model and dtype. Bytes = what rank 0 sends per "
-        "forward (ours: CommStats; diffusers: counted by a TorchDispatchMode on its functional collectives).",
+        "| run | started (UTC) | models x dtypes | machine | load at start | load after each pass | passes x forwards "
+        "| wall |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run_id, run in runs.items():
+        mach, job = run["machine"], run["job"]
+        lines.append(
+            f"| {number[run_id]} | {run.get('date') or 'unknown'} | {' '.join(run['models'])} x "
+            f"{' '.join(run['dtypes'])} | {mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch "
+            f"{mach['torch']}, diffusers {mach.get('diffusers')} | {_load(run.get('loadavg_at_start'))} | "
+            f"{', '.join(_load(x) for x in run.get('loadavg_after_each_pass', []))} | {job['passes']} x "
+            f"{job.get('repeats', 1)} | {run['wall_s'] / 60:.1f} min |"
+        )
+    lines += [
+        "",
+        "Speedup = median over passes of (1-process minimum / 2-rank minimum of the pass) (overall min / overall min "
+        "in brackets). Error = max|out - ref| / max|ref| of rank 0's output vs the single-process output of the same "
+        "model and dtype. Bytes = what rank 0 sends per forward (ours: CommStats; diffusers: counted by a "
+        "TorchDispatchMode on its functional collectives).",
         "diffusers ring = diffusers ring + benchmark-local CPU LSE workaround (b); both diffusers modes need "
         "workaround (a) (CPU device / mesh). See the script's docstring.",
         "",
         "| model | dtype | mode | diffusers speedup | ours speedup | diffusers max rel err | ours max rel err "
-        "| diffusers bytes | ours bytes | ours >= diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| diffusers bytes | ours bytes | ours >= diffusers | run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
-    for kind in job["models"]:
-        for dname in job["dtypes"]:
-            for mode in ("ulysses", "ring"):
-                d, o = rows[(kind, dname, f"diffusers-{mode}")], rows[(kind, dname, f"ours-{mode}")]
-                lines.append(
-                    f"| {kind} | {dname} | {mode} | {d['speedup']:.2f}x ({d['speedup_min']:.2f}x) | "
-                    f"{o['speedup']:.2f}x ({o['speedup_min']:.2f}x) | {d['max_rel_err']:.2e} | "
-                    f"{o['max_rel_err']:.2e} | {fmt_bytes(d['bytes_per_forward_rank0'])} | "
-                    f"{fmt_bytes(o['bytes_per_forward_rank0'])} | {'yes' if o['speedup'] >= d['speedup'] else 'NO'} |"
-                )
+    for kind, dname in entries:
+        for mode in ("ulysses", "ring"):
+            d, o = rows[(kind, dname, f"diffusers-{mode}")], rows[(kind, dname, f"ours-{mode}")]
+            lines.append(
+                f"| {kind} | {dname} | {mode} | {d['speedup']:.2f}x ({d['speedup_min']:.2f}x) | "
+                f"{o['speedup']:.2f}x ({o['speedup_min']:.2f}x) | {d['max_rel_err']:.2e} | "
+                f"{o['max_rel_err']:.2e} | {fmt_bytes(d['bytes_per_forward_rank0'])} | "
+                f"{fmt_bytes(o['bytes_per_forward_rank0'])} | {'yes' if o['speedup'] >= d['speedup'] else 'NO'} | "
+                f"{number[o['run']]} |"
+            )
     lines += [
         "",
         "Times (seconds; min / median over passes of the per-pass minima):",
@@ -710,44 +855,60 @@ def markdown(result: dict) -> str:
         "| model | dtype | config | min | median |",
         "|---|---|---|---|---|",
     ]
-    for kind in job["models"]:
-        for dname in job["dtypes"]:
-            first = rows[(kind, dname, "diffusers-ulysses")]
-            lines.append(
-                f"| {kind} | {dname} | single | {first['single_min_s']:.2f} | {first['single_median_s']:.2f} |"
-            )
-            for config in PARALLEL:
-                r = rows[(kind, dname, config)]
-                lines.append(
-                    f"| {kind} | {dname} | {config} | {r['parallel_min_s']:.2f} | {r['parallel_median_s']:.2f} |"
-                )
+    for kind, dname in entries:
+        first = rows[(kind, dname, "diffusers-ulysses")]
+        lines.append(f"| {kind} | {dname} | single | {first['single_min_s']:.2f} | {first['single_median_s']:.2f} |")
+        for config in PARALLEL:
+            r = rows[(kind, dname, config)]
+            lines.append(f"| {kind} | {dname} | {config} | {r['parallel_min_s']:.2f} | {r['parallel_median_s']:.2f} |")
+    # per model, the newest run that measured it (its stock failures and processors)
+    latest = {}
+    for run in result["runs"]:
+        for kind in run["models"]:
+            if any(r["model"] == kind and r["run"] == run["run"] for r in result["rows"]):
+                latest[kind] = run
+    lines += ["", "Processors given workaround (b) for diffusers' ring (class: attention modules):", ""]
+    for kind, run in latest.items():
+        procs = run.get("ring_workaround_processors", {}).get(kind)
+        shown = ", ".join(f"{name}: {n}" for name, n in procs.items()) if procs else "not recorded in this run"
+        lines.append(f"- {kind} (run {number[run['run']]}): {shown}")
     lines += ["", "Stock diffusers failures on CPU-only torch (raw):", ""]
-    for kind, fails in result["stock_failures"].items():
-        for call, info in fails.items():
-            error = (info.get("error") or "").splitlines()[0]  # the JSON has the full text
+    for kind, run in latest.items():
+        for call, info in run.get("stock_failures", {}).get(kind, {}).items():
+            error = (info.get("error") or info.get("note") or "").splitlines()[0]  # the JSON has the full text
             error = error if len(error) <= 200 else error[:200] + " ..."
             where = info.get("library_frame") or info.get("raised_at", "")
             lines.append(f"- {kind}, `{call}`: `{error}` (innermost diffusers frame: `{where}`)")
     return "\n".join(lines)
 
 
-def write_plot(result: dict, path: Path) -> None:
-    job = result["job"]
+def write_plot(result: dict, path: Path, source: Path | None = None) -> None:
+    result = as_runs(result, source)
     rows = {(r["model"], r["dtype"], r["config"]): r for r in result["rows"]}
-    groups = [(m, d, mode) for m in job["models"] for d in job["dtypes"] for mode in ("ulysses", "ring")]
+    entries = list(dict.fromkeys((r["model"], r["dtype"]) for r in result["rows"]))
+    groups = [(m, d, mode) for m, d in entries for mode in ("ulysses", "ring")]
     series = {
         "diffusers (own CP; ring with CPU-LSE workaround)": (
             [rows[(m, d, f"diffusers-{mode}")]["speedup"] for m, d, mode in groups], "tab:orange"),
         "OpenDiT parallelize": ([rows[(m, d, f"ours-{mode}")]["speedup"] for m, d, mode in groups], "tab:blue"),
     }  # fmt: skip
-    quick = " [--quick]" if job["size"] == "quick" else ""
+    quick = " [--quick]" if result["size"] == "quick" else ""
     labels = [f"{m}\n{d}\n{mode}" for m, d, mode in groups]
     speedup_bars(path, labels, series, "2 gloo ranks x 1 thread vs 1 process x 1 thread" + quick)
 
 
 def render(result: dict, out: Path) -> dict[str, Path]:
-    """The result's JSON, Markdown table and plot: OUT.{json,md,png}."""
-    return finish(out, result, markdown(result), plot=lambda path: write_plot(result, path))
+    """OUT.{json,md,png}: the JSON as given (a re-render leaves it as it was), the table and the plot. OUT.json is
+    also where a result without run tags came from (the git date of that file dates its run)."""
+    source = _out_json(out)
+    return finish(out, result, markdown(result, source), plot=lambda path: write_plot(result, path, source))
+
+
+def _out_json(out: str | Path) -> Path:
+    """OUT.json for --out OUT (OUT may carry a .json / .md / .png suffix, as write_report allows)."""
+    out = Path(out)
+    out = out.with_suffix("") if out.suffix in (".json", ".md", ".png") else out
+    return out.parent / f"{out.name}.json"
 
 
 def main() -> int:
@@ -756,10 +917,13 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed forwards per configuration and pass (default 3; --quick 1)"
     )
-    parser.add_argument("--models", nargs="+", default=["flux", "wan"], choices=["flux", "wan"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--quick", action="store_true", help="fewer tokens and blocks: a smoke test, not a measurement")
     parser.add_argument("--warmup-each-pass", action="store_true", help="a warm-up forward before every timed one")
+    parser.add_argument(
+        "--fresh", action="store_true", help="do not merge: OUT gets only this run's rows (default: merged into OUT)"
+    )
     report_args(parser, "vs_diffusers")
     args = parser.parse_args()
     if render_only(args, render):
@@ -779,16 +943,17 @@ def main() -> int:
         print(f"[vs_diffusers] {msg}", flush=True)
 
     log(f"job {job}")
+    started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     mach = machine(threads_per_process=1, backend="gloo over loopback")
-    result = run(job, log)
-    result = {
-        "job": {**job, "dims": dims, "heads": HEADS, "head_dim": HEAD_DIM, "seed": SEED},
-        "machine": mach,
-        **result,
-        "loadavg_at_end": os.getloadavg(),
-    }
+    measured = run(job, log)
+    measured["loadavg_at_end"] = os.getloadavg()
+    job = {**job, "dims": dims, "heads": HEADS, "head_dim": HEAD_DIM, "seed": SEED}
+    result = run_result(measured, job, mach, started_utc)
+    path = _out_json(args.out)
+    if not args.fresh and path.is_file():
+        result = merge_runs(json.loads(path.read_text()), result, log)
     render(result, Path(args.out))
-    log(f"wall {result['wall_s']:.0f} s")
+    log(f"wall {measured['wall_s']:.0f} s")
     return 0
 
 
