@@ -615,15 +615,22 @@ def stock_failures(kind: str, model, inputs: dict) -> dict:
         except Exception as exc:  # noqa: BLE001 - the failure is what we record
             out[key] = _failure(exc)
     # past (a): diffusers' ring with its stock processors on the default (native) backend, and with `_native_flash`
-    # set per module (AttentionModuleMixin.set_attention_backend: the processor only, no global change)
+    # set on every processor that has a backend slot: the per-module loop of ModelMixin.set_attention_backend without
+    # its last line (`_AttentionBackendRegistry.set_active_backend`, a global). A per-module
+    # `AttentionModuleMixin.set_attention_backend` would miss Qwen-Image, whose attention is the older `Attention`.
     for backend in (None, "_native_flash"):
         trial = shared_copy(model)
         key = f"ring with workaround (a) only, backend {backend or 'native (default)'}: first forward"
+        given = 0
         try:
             if backend is not None:
+                from diffusers.models.attention_dispatch import AttentionBackendName
+
                 for module in trial.modules():
-                    if hasattr(module, "set_attention_backend") and hasattr(module, "processor"):
-                        module.set_attention_backend(backend)
+                    processor = getattr(module, "processor", None)
+                    if processor is not None and hasattr(processor, "_attention_backend"):
+                        processor._attention_backend = AttentionBackendName(backend)
+                        given += 1
             trial._resolve_parallel_config = types.MethodType(_cpu_resolve_parallel_config, trial)
             trial.enable_parallelism(config=_context_parallel_config("ring"))
             with torch.no_grad():
@@ -631,6 +638,8 @@ def stock_failures(kind: str, model, inputs: dict) -> dict:
             out[key] = {"error": None, "note": "ran without error"}
         except Exception as exc:  # noqa: BLE001
             out[key] = _failure(exc)
+        if backend is not None:
+            out[key]["processors_given_backend"] = given
     return out
 
 
@@ -711,6 +720,9 @@ class CollectiveBytes:
 # from; a run measures some (model, dtype)s and replaces only those rows (see merge_runs).
 RUN_FIELDS = ("job", "machine", "single_warmup_s", "order_per_pass", "loadavg_after_each_pass", "loadavg_at_end",
               "wall_s", "stock_failures", "ring_workaround_processors", "checksums")  # fmt: skip
+LAYOUT = ("runs: one record per run whose rows are here (id = its UTC start; job, machine, loads, stock failures), "
+          "oldest first; rows: the newest row of each (model, dtype, config), tagged with its run and that run's "
+          "load average at start")  # fmt: skip
 
 
 def run_result(measured: dict, job: dict, mach: dict, started_utc: str) -> dict:
@@ -724,7 +736,8 @@ def run_result(measured: dict, job: dict, mach: dict, started_utc: str) -> dict:
         **{k: v for k, v in {**measured, "job": job, "machine": mach}.items() if k in RUN_FIELDS},
     }
     tags = {"run": record["run"], "loadavg_at_start": record["loadavg_at_start"]}
-    return {"size": job["size"], "runs": [record], "rows": [{**row, **tags} for row in measured["rows"]]}
+    rows = [{**row, **tags} for row in measured["rows"]]
+    return {"layout": LAYOUT, "size": job["size"], "runs": [record], "rows": rows}
 
 
 def as_runs(result: dict, source: Path | None = None) -> dict:
@@ -744,7 +757,8 @@ def as_runs(result: dict, source: Path | None = None) -> dict:
         **{k: v for k, v in result.items() if k in RUN_FIELDS},
     }
     tags = {"run": run_id, "loadavg_at_start": record["loadavg_at_start"]}
-    return {"size": result["job"]["size"], "runs": [record], "rows": [{**row, **tags} for row in result["rows"]]}
+    rows = [{**row, **tags} for row in result["rows"]]
+    return {"layout": LAYOUT, "size": result["job"]["size"], "runs": [record], "rows": rows}
 
 
 def _git_date(path: Path) -> str | None:
@@ -763,13 +777,14 @@ def _row_order(row: dict) -> tuple:
     return model, row["model"], list(DTYPES).index(row["dtype"]), PARALLEL.index(row["config"])
 
 
-def merge_runs(previous: dict | None, new: dict, log=print) -> dict:
+def merge_runs(previous: dict | None, new: dict, log=print, source: Path | None = None) -> dict:
     """`new` (one run) over `previous` (the file as it was, any form): the (model, dtype)s the new run measured get
     its rows, every other (model, dtype) keeps its rows and their run's record; a run no row comes from any more is
-    dropped. A file of the other size (--quick vs full) is not merged: its rows would not be comparable."""
+    dropped. A file of the other size (--quick vs full) is not merged: its rows would not be comparable. `source`:
+    where `previous` was read (dates an untagged file, see as_runs)."""
     if previous is None:
         return new
-    previous = as_runs(previous)
+    previous = as_runs(previous, source)
     if previous["size"] != new["size"]:
         log(f"not merged: the file holds {previous['size']} runs, this one is {new['size']}; its rows are replaced")
         return new
@@ -818,9 +833,10 @@ def markdown(result: dict, source: Path | None = None) -> str:
     ]
     for run_id, run in runs.items():
         mach, job = run["machine"], run["job"]
+        date = (run.get("date") or "unknown") + (" (commit date)" if run.get("date_source") else "")
         lines.append(
-            f"| {number[run_id]} | {run.get('date') or 'unknown'} | {' '.join(run['models'])} x "
-            f"{' '.join(run['dtypes'])} | {mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch "
+            f"| {number[run_id]} | {date} | {' '.join(run['models'])} x {' '.join(run['dtypes'])} | "
+            f"{mach['cpu']} ({mach['cpu_count']} cores, {mach['cpu_flags']}), torch "
             f"{mach['torch']}, diffusers {mach.get('diffusers')} | {_load(run.get('loadavg_at_start'))} | "
             f"{', '.join(_load(x) for x in run.get('loadavg_after_each_pass', []))} | {job['passes']} x "
             f"{job.get('repeats', 1)} | {run['wall_s'] / 60:.1f} min |"
@@ -951,7 +967,7 @@ def main() -> int:
     result = run_result(measured, job, mach, started_utc)
     path = _out_json(args.out)
     if not args.fresh and path.is_file():
-        result = merge_runs(json.loads(path.read_text()), result, log)
+        result = merge_runs(json.loads(path.read_text()), result, log, source=path)
     render(result, Path(args.out))
     log(f"wall {measured['wall_s']:.0f} s")
     return 0
