@@ -1,18 +1,40 @@
 """OpenDiT's sequence parallelism vs diffusers' own context parallelism, side by side, on the same diffusers
-transformer, the same inputs, in the same run -> JSON + Markdown table + PNG.
+transformer, the same inputs, in the same run -> JSON + Markdown table + PNG (benchmarks/results/vs_diffusers.*).
 
-    .venv/bin/python benchmarks/vs_diffusers.py                  # full run (~18 min on 2 cores)
+    .venv/bin/python benchmarks/vs_diffusers.py                  # all four models (~16-20 min on 2 quiet cores)
+    .venv/bin/python benchmarks/vs_diffusers.py --models qwenimage flux2 --passes 5   # ~8-10 min; merged into the file
     .venv/bin/python benchmarks/vs_diffusers.py --quick          # few tokens / blocks, 2 passes: a smoke test
     .venv/bin/python benchmarks/vs_diffusers.py --models flux --dtypes fp32 --passes 7
     .venv/bin/python benchmarks/vs_diffusers.py --from-json benchmarks/results/vs_diffusers.json   # re-render
 
-Models (random weights, seed 0, identical in every process; checked by a parameter checksum per process):
-  flux  FluxTransformer2DModel of DiT-XL width: 16 heads x 72 head_dim = 1152 hidden, axes_dims_rope (8, 32, 32),
-        2 double-stream + 2 single-stream blocks, in_channels 64, joint_attention_dim 1024, pooled 768, no guidance
-        embedding; 1024 image tokens (32 x 32 grid ids) + 256 text tokens, batch 1.
-  wan   WanTransformer3DModel, 16 heads x 72 (RoPE splits 72 into t/h/w = 24/24/24), ffn 4608, text_dim 4096,
-        2 blocks; latent (1, 16, 9, 32, 32) with patch (1, 2, 2) -> 2304 video tokens, 256 text tokens, batch 1.
-Each in fp32 and bf16 (`model.to(dtype)`, inputs cast; the same cast model in every configuration).
+One result file, many runs: a run measures the (model, dtype)s it is given and MERGES them into OUT.json (default
+benchmarks/results/vs_diffusers.json): its rows replace the rows of those (model, dtype)s, every other row stays, so
+`--models qwenimage flux2` keeps the Flux and Wan rows. Every row carries "run" (the run's UTC start, its id) and
+"loadavg_at_start"; "runs" keeps one record per run that still has rows (job, machine, loads after each pass, wall
+time, stock failures, checksums). A file written before runs were tagged counts as one run dated by the git commit
+that wrote it. A --quick run and a full one are never merged (the file's rows are replaced, with a log line);
+`--fresh` writes only this run's rows. Speedups are same-run, same-pass ratios, so rows of different runs stand
+on their own; the table says which run each row comes from and how loaded the machine was.
+
+Models (random weights, seed 0, identical in every process; checked by a parameter checksum per process), all at
+DiT-XL width: 16 heads x 72 head_dim = 1152 hidden; text 1024 wide unless said otherwise:
+  flux       FluxTransformer2DModel, axes_dims_rope (8, 32, 32), 2 double-stream + 2 single-stream blocks,
+             in_channels 64, pooled 768, no guidance embedding; 1024 image tokens (32 x 32 grid ids) + 256 text
+             tokens, batch 1.
+  wan        WanTransformer3DModel (RoPE splits 72 into t/h/w = 24/24/24), ffn 4608, text_dim 4096, 2 blocks; latent
+             (1, 16, 9, 32, 32) with patch (1, 2, 2) -> 2304 video tokens, 256 text tokens, batch 1.
+  qwenimage  QwenImageTransformer2DModel, axes_dims_rope (8, 32, 32) over (frame, row, column), 2 (double-stream,
+             joint-attention) blocks, in_channels 64 (16 latent channels packed 2 x 2), out 16; 1024 image tokens
+             (`img_shapes=[[(1, 32, 32)]]`) + 256 text tokens, batch 1, no encoder_hidden_states_mask (every text
+             token valid, what a mask of ones means).
+  flux2      Flux2Transformer2DModel, axes_dims_rope (18, 18, 18, 18) over (t, h, w, l) (four equal parts as
+             released), 2 double-stream + 2 single-stream (fused qkv+MLP) blocks, in_channels 128 (32 latent
+             channels packed 2 x 2), mlp_ratio 3, guidance embedding (guidance 4.0); 1024 image tokens + 256 text
+             tokens, ids (1, tokens, 4) as the pipeline passes them (img (0, h, w, 0), text (0, 0, 0, l)), batch 1.
+Each in fp32 and bf16 (`model.to(dtype)`, inputs cast; the same cast model in every configuration). `--quick`: 1 + 1
+blocks (Wan, Qwen-Image: 1), 16 x 16 grids, 64 text tokens. The shapes are small next to the released models
+(1536 .. 6144 wide, 30 .. 60 blocks) but wide enough that attention and the MLPs, not Python, take the time on a
+CPU, as in the runs of docs/benchmarks.md.
 
 Configurations (every one under torch.no_grad(), `return_dict=False`, one forward per timed pass):
   single              1 process x 1 thread, the plain diffusers model (the reference for speedup and error)
@@ -35,13 +57,26 @@ touch nothing global (no registry entry, no module attribute of diffusers is cha
   (b) "diffusers ring + benchmark-local CPU LSE workaround" [diffusers-ring only]: diffusers' TemplatedRingAttention
       calls its forward op with return_lse=True (attention_dispatch.py:2427-2440); the native op refuses it
       (attention_dispatch.py:875-876) and `_native_flash` calls aten._scaled_dot_product_flash_attention, which has
-      no CPU kernel. Backends are a closed Enum in a global registry, so instead the self-/joint-attention modules get
-      a benchmark-local processor (subclass of FluxAttnProcessor / WanAttnProcessor, the same code with only the
-      dispatch call replaced) that calls diffusers' own `_templated_context_parallel_attention` (hence its
-      TemplatedRingAttention, all-gather of K/V, fp32 LSE merge) with a local forward op built on
-      `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` (out + logsumexp on CPU; the same CPU flash kernel
-      F.scaled_dot_product_attention uses). diffusers-ulysses needs no (b): the stock processors and the native
-      backend run it.
+      no CPU kernel. Backends are a closed Enum in a global registry, so instead the attention call itself is
+      replaced, the same way for every model class: each attention module whose processor's own `__call__` calls
+      `dispatch_attention_fn` (FluxAttnProcessor, WanAttnProcessor, QwenDoubleStreamAttnProcessor2_0,
+      Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor; the JSON lists them per model) gets a copy of its processor
+      whose class is a subclass of the processor's class with diffusers' OWN `__call__` code object, bound to a copy
+      of its module's globals in which the one name `dispatch_attention_fn` means `_ring_cpu_dispatch` (diffusers'
+      module is not touched; projections, norms, RoPE and output projections run exactly as diffusers wrote them).
+      `_ring_cpu_dispatch` does what `_native_attention` does with a parallel config, diffusers' own
+      `_templated_context_parallel_attention` (hence its TemplatedRingAttention, all-gather of K/V, fp32 LSE merge),
+      with a local forward op built on `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` (out + logsumexp
+      on CPU; the same CPU flash kernel F.scaled_dot_product_attention uses); a call without a parallel config (Wan's
+      cross-attention to the unsplit text) goes to diffusers' dispatch_attention_fn unchanged. diffusers-ulysses needs
+      no (b): the stock processors and the native backend run it.
+  The stock trials record, per model: both plain `enable_parallelism` calls, and diffusers' ring past (a) on the
+  default backend and with `_native_flash` set on every processor's backend slot (the per-module part of
+  ModelMixin.set_attention_backend, without its global `set_active_backend`). No new kind of failure showed up for
+  Qwen-Image or FLUX.2: the same ZeroDivisionError, return_lse refusal and missing CPU flash kernel as Flux and Wan.
+  OpenDiT itself, in the same process, reaches these classes through their `_cp_plan` and unchanged processors: its
+  `parallelize` wraps the name `dispatch_attention_fn` of the processor's module once, passing every call that does
+  not carry an OpenDiT site through to diffusers' function (so diffusers-ulysses' calls take one extra Python call).
 
 Timing (the method of issues 14 and 19): every configuration gets one warm-up forward first (for diffusers
 configurations it is also the byte-counting forward, see below); then `--passes` interleaved passes: pass i runs every
