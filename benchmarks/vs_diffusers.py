@@ -1,9 +1,9 @@
 """OpenDiT's sequence parallelism vs diffusers' own context parallelism, side by side, on the same diffusers
 transformer, the same inputs, in the same run -> JSON + Markdown table + PNG (benchmarks/results/vs_diffusers.*).
 
-    .venv/bin/python benchmarks/vs_diffusers.py                  # all four models (~16-20 min on 2 quiet cores)
-    .venv/bin/python benchmarks/vs_diffusers.py --models qwenimage flux2 --passes 5   # ~8-10 min; merged into the file
-    .venv/bin/python benchmarks/vs_diffusers.py --quick          # few tokens / blocks, 2 passes: a smoke test
+    .venv/bin/python benchmarks/vs_diffusers.py                  # all four models (~15-20 min on 2 quiet cores)
+    .venv/bin/python benchmarks/vs_diffusers.py --models qwenimage flux2 --passes 5   # ~7-10 min; merged into the file
+    .venv/bin/python benchmarks/vs_diffusers.py --quick --out /tmp/vsd   # few tokens / blocks, 2 passes: smoke test
     .venv/bin/python benchmarks/vs_diffusers.py --models flux --dtypes fp32 --passes 7
     .venv/bin/python benchmarks/vs_diffusers.py --from-json benchmarks/results/vs_diffusers.json   # re-render
 
@@ -12,9 +12,10 @@ benchmarks/results/vs_diffusers.json): its rows replace the rows of those (model
 `--models qwenimage flux2` keeps the Flux and Wan rows. Every row carries "run" (the run's UTC start, its id) and
 "loadavg_at_start"; "runs" keeps one record per run that still has rows (job, machine, loads after each pass, wall
 time, stock failures, checksums). A file written before runs were tagged counts as one run dated by the git commit
-that wrote it. A --quick run and a full one are never merged (the file's rows are replaced, with a log line);
-`--fresh` writes only this run's rows. Speedups are same-run, same-pass ratios, so rows of different runs stand
-on their own; the table says which run each row comes from and how loaded the machine was.
+that wrote it. A --quick run and a full one are never merged: the script refuses before measuring (give another
+--out, as a smoke test should, or --fresh); `--fresh` writes only this run's rows. Speedups are same-run, same-pass
+ratios, so rows of different runs stand on their own; the table says which run each row comes from and how loaded
+the machine was.
 
 Models (random weights, seed 0, identical in every process; checked by a parameter checksum per process), all at
 DiT-XL width: 16 heads x 72 head_dim = 1152 hidden; text 1024 wide unless said otherwise:
@@ -993,6 +994,12 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[vs_diffusers] {msg}", flush=True)
 
+    path = _out_json(args.out)
+    previous = json.loads(path.read_text()) if (path.is_file() and not args.fresh) else None
+    if previous is not None and as_runs(previous)["size"] != job["size"]:
+        # checked before measuring: a --quick smoke run must not replace a measured file by accident (nor the reverse)
+        parser.error(f"{path} holds {as_runs(previous)['size']} runs and this one is {job['size']}: they are not "
+                     "merged; give another --out, or --fresh to replace the file")  # fmt: skip
     log(f"job {job}")
     started_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     mach = machine(threads_per_process=1, backend="gloo over loopback")
@@ -1000,9 +1007,8 @@ def main() -> int:
     measured["loadavg_at_end"] = os.getloadavg()
     job = {**job, "dims": dims, "heads": HEADS, "head_dim": HEAD_DIM, "seed": SEED}
     result = run_result(measured, job, mach, started_utc)
-    path = _out_json(args.out)
-    if not args.fresh and path.is_file():
-        result = merge_runs(json.loads(path.read_text()), result, log, source=path)
+    if previous is not None:
+        result = merge_runs(previous, result, log, source=path)
     render(result, Path(args.out))
     log(f"wall {measured['wall_s']:.0f} s")
     return 0
