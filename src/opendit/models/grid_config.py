@@ -1,7 +1,8 @@
 """What the configs of DiT-style models share (our DiT, the video DiT): the patch grid of one image or frame, the
 image size behind a latent, the output channels, the dict round trip of checkpoints' config files, and presets by
-name. A mixin for frozen dataclasses with the fields patch_size, input_size (H, W), in_channels, learn_sigma and
-latent; `label` names the model kind in error messages."""
+name. PatchGridConfig: a mixin for frozen dataclasses with the fields patch_size, input_size (H, W), in_channels,
+learn_sigma and latent; `label` names the model kind in error messages. DiTFamilyConfig: those fields and the rest
+both configs declare, and another output size of the same architecture."""
 
 from __future__ import annotations
 
