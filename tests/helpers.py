@@ -1,10 +1,12 @@
 """Reference formulas and measures that only the tests use: the USP byte formula, ring call counts, error metrics,
-the manual token-share refinement and per-module parameter bytes (the library's own code paths do not need them)."""
+the manual token-share refinement and per-module parameter bytes (the library's own code paths do not need them);
+the one-process reference of the equivalence tests (CPU and GPU lanes) and a CLI run of a diffusers folder."""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -119,3 +121,87 @@ def forward_peak(model_fn, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ba
         reset_peak_rss()
         model_fn(x, t, y)
     return peak_rss_bytes() - base
+
+
+# The equivalence tests' two models (tests/test_parallel_equivalence.py, tests/gpu/test_nccl_equivalence.py):
+# - "T16": DiT-T/2 on 16x16x1 pixels (64 tokens, 4 heads), flow matching + Euler, guidance 4;
+# - "T32": DiT-T/2 on 32x32x3 pixels (256 tokens), learned sigma + DDPM (fresh noise per step from per-image seeds).
+EQUIVALENCE_MODELS = {
+    "T16": {"input_size": (16, 16), "in_channels": 1, "learn_sigma": False, "prediction": "flow"},
+    "T32": {"input_size": (32, 32), "in_channels": 3, "learn_sigma": True, "prediction": "epsilon"},
+}
+EQUIVALENCE_SCHEDULER = {"T16": "flow-euler", "T32": "ddpm"}
+
+
+def equivalence_config(name: str):
+    from opendit.models.dit import DiTConfig, preset
+
+    return DiTConfig(**{**preset("DiT-T/2").to_dict(), "num_classes": 10, "latent": False, **EQUIVALENCE_MODELS[name]})
+
+
+def random_model(config, seed: int = 0):
+    """The official init plus N(0, 0.1) on every parameter but the fixed positions: non-zero adaLN and output."""
+    from opendit.models.dit import build_dit, perturb_weights
+
+    torch.manual_seed(seed)
+    return perturb_weights(build_dit(config).eval(), std=0.1, seed=seed + 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def equivalence_reference(name: str, steps: int, device=None, dtype: torch.dtype = torch.float32) -> SimpleNamespace:
+    """One equivalence model run in one process on `device` (default CPU) in `dtype`: config, the random `reference`
+    model, a guided batch (x, t, y) of 4 images' [cond; uncond] halves, their `labels`, the sampler's `kwargs`
+    (guidance 4, seed 11, `steps`) and sample `shape`, and what every plan is compared with: the model output
+    `ref_out` on (x, t, y) and the decoded sampled images `ref_img`."""
+    from opendit.api.generation import decode
+    from opendit.diffusion.sampler import sample
+
+    device = torch.device("cpu") if device is None else device
+    config = equivalence_config(name)
+    reference = random_model(config).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.tensor([3, 1, 4, 1])
+    x = torch.randn(2 * len(labels), config.in_channels, *config.input_size, generator=gen)  # (2B, C, H, W)
+    x = x.to(device, dtype)
+    t = torch.full((2 * len(labels),), 500.0, device=device)
+    y = torch.cat([labels, torch.full_like(labels, config.num_classes)]).to(device)  # [cond; uncond]
+    kwargs = {
+        "num_classes": config.num_classes,
+        "scheduler_name": EQUIVALENCE_SCHEDULER[name],
+        "prediction": config.prediction,
+        "learn_sigma": config.learn_sigma,
+        "steps": steps,
+        "cfg_scale": 4.0,
+        "seed": 11,
+        "device": device,
+    }
+    shape = (config.in_channels, *config.input_size)
+    with torch.no_grad():
+        ref_out = reference(x, t, y)
+    ref_img = decode(sample(reference, labels, shape, **kwargs).samples, config, None, device)
+    return SimpleNamespace(config=config, reference=reference, x=x, t=t, y=y, labels=labels, kwargs=kwargs,
+                           shape=shape, ref_out=ref_out, ref_img=ref_img)  # fmt: skip
+
+
+PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
+SMALL_CALL = ("--cfg-scale", "3.5", "--image-size", "32")
+
+
+def sample_folder(folder, out, *extra, call: Sequence[str] = SMALL_CALL):
+    """`opendit sample` of a diffusers folder on PROMPTS (2 steps, seed 3, the `call` flags: by default guidance 3.5
+    at 32 px; () for the folder's own) into `out`, with the `extra` flags; its images as one (N, H, W, 3) int array."""
+    import numpy as np
+    from PIL import Image
+
+    from opendit.cli import main
+
+    argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", *call, "--out", str(out),
+            "--no-progress", *extra]  # fmt: skip
+    for prompt in PROMPTS:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    files = sorted(out.glob("[0-9][0-9][0-9]_prompt-*.png"))
+    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(int)

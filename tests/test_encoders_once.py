@@ -13,14 +13,10 @@ import torch.distributed as dist
 
 pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
-
 from dist_utils import run_distributed  # noqa: E402
-from opendit.cli import main  # noqa: E402
+from helpers import sample_folder  # noqa: E402
 from opendit.parallel.encoders import broadcast_output, encoder_owners, text_encoder_names  # noqa: E402
 from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
-
-PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
 
 
 def _structures(rank: int, world: int):
@@ -63,21 +59,11 @@ def flux(tmp_path_factory):
     return save_tiny_pipeline("flux", tmp_path_factory.mktemp("enc") / "flux", seed=0)
 
 
-def _sample(folder, out, *extra) -> np.ndarray:
-    argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", "--cfg-scale", "3.5",
-            "--image-size", "32", "--out", str(out), "--no-progress", *extra]  # fmt: skip
-    for prompt in PROMPTS:
-        argv += ["--prompt", prompt]
-    assert main(argv) == 0
-    files = sorted(out.glob("[0-9][0-9][0-9]_prompt-*.png"))
-    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(int)
-
-
 @pytest.mark.slow
 def test_each_encoder_on_one_rank_equals_every_rank_encoding(flux, tmp_path):
-    one = _sample(flux, tmp_path / "one")
-    once = _sample(flux, tmp_path / "once", "--nproc", "2", "--ulysses", "2")
-    every = _sample(flux, tmp_path / "every", "--nproc", "2", "--ulysses", "2", "--encode-every-rank")
+    one = sample_folder(flux, tmp_path / "one")
+    once = sample_folder(flux, tmp_path / "once", "--nproc", "2", "--ulysses", "2")
+    every = sample_folder(flux, tmp_path / "every", "--nproc", "2", "--ulysses", "2", "--encode-every-rank")
     assert np.array_equal(once, every)  # the broadcast embeddings are the ones every rank computes, bit for bit
     assert np.abs(once - one).max() <= 1
     ranks = {r["rank"]: r["loading"] for r in json.loads((tmp_path / "once" / "record.json").read_text())["ranks"]}
@@ -101,14 +87,9 @@ def test_encoders_once_equal_every_rank_encoding_on_each_family(kind, tmp_path):
     flags, count = FAMILIES[kind]
     assert len(text_encoder_names(folder)) == count
 
-    def run(out, *extra):
-        argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", "--out", str(tmp_path / out),
-                "--no-progress", "--nproc", "2", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], *flags,
-                *extra]  # fmt: skip
-        assert main(argv) == 0
-        files = sorted((tmp_path / out).glob("[0-9][0-9][0-9]_prompt-*.png"))
-        record = json.loads((tmp_path / out / "record.json").read_text())
-        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]), record
+    def run(out, *extra):  # the family's own guidance and size
+        images = sample_folder(folder, tmp_path / out, "--nproc", "2", *flags, *extra, call=())
+        return images, json.loads((tmp_path / out / "record.json").read_text())
 
     once, record = run("once")
     every, _ = run("every", "--encode-every-rank")

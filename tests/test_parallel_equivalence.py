@@ -20,19 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import hybrid_bytes
+from helpers import (
+    EQUIVALENCE_MODELS,
+    equivalence_config,
+    equivalence_reference,
+    gather_rows,
+    hybrid_bytes,
+    random_model,
+    rel_err,
+)
 from opendit.distributed.config import ParallelConfig
 from opendit.distributed.launch import launch
 
 pytestmark = pytest.mark.slow
 
 STEPS = 3
-NUM_IMAGES = 4
-MODELS = {
-    "T16": {"input_size": (16, 16), "in_channels": 1, "learn_sigma": False, "prediction": "flow"},
-    "T32": {"input_size": (32, 32), "in_channels": 3, "learn_sigma": True, "prediction": "epsilon"},
-}
-SCHEDULER = {"T16": "flow-euler", "T32": "ddpm"}
+NUM_IMAGES = 4  # helpers.equivalence_reference's batch
 P = ParallelConfig
 # Every registered sequence-parallel strategy at every world size it runs on: ulysses-overlap is the default on a
 # ulysses degree, the plain one is asked for by name.
@@ -53,24 +56,6 @@ PLANS = {
 }
 # Not exact by design (activations cross the wire in bf16): checked for closeness and for halved kernel bytes only.
 BF16_PLANS = {2: [P(ulysses=2, comm_dtype="bf16"), P(ring=2, comm_dtype="bf16")]}
-
-
-def model_config(name: str):
-    from opendit.models.dit import DiTConfig, preset
-
-    return DiTConfig(**{**preset("DiT-T/2").to_dict(), "num_classes": 10, "latent": False, **MODELS[name]})
-
-
-def random_model(config, seed: int = 0):
-    """The official init plus N(0, 0.1) on every parameter but the fixed positions: non-zero adaLN and output."""
-    from opendit.models.dit import build_dit, perturb_weights
-
-    torch.manual_seed(seed)
-    return perturb_weights(build_dit(config).eval(), std=0.1, seed=seed + 1)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[int] | None, group_images: int) -> int:
@@ -102,10 +87,7 @@ def expected_step_bytes(plan: ParallelConfig, config, coords: dict, sizes: list[
 
 def equivalence_world() -> list[dict]:
     """Runs in each of 4 workers: every (model, plan) on ranks 0..n-1; returns every rank's measurements."""
-    import torch.distributed as dist
-
     from opendit.api.generation import decode
-    from opendit.diffusion.sampler import sample
     from opendit.distributed.env import init_from_env
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import image_split, sample_images
@@ -115,36 +97,18 @@ def equivalence_world() -> list[dict]:
     torch.set_num_threads(1)
     init_from_env(torch.device("cpu"), "gloo")
     rows = []
-    for name in MODELS:
-        config = model_config(name)
-        reference = random_model(config)
-        gen = torch.Generator().manual_seed(7)
-        x = torch.randn(2 * NUM_IMAGES, config.in_channels, *config.input_size, generator=gen)  # (2B, C, H, W)
-        t = torch.full((2 * NUM_IMAGES,), 500.0)
-        labels = torch.tensor([3, 1, 4, 1])
-        y = torch.cat([labels, torch.full_like(labels, config.num_classes)])  # [cond; uncond]
-        kwargs = {
-            "num_classes": config.num_classes,
-            "scheduler_name": SCHEDULER[name],
-            "prediction": config.prediction,
-            "learn_sigma": config.learn_sigma,
-            "steps": STEPS,
-            "cfg_scale": 4.0,
-            "seed": 11,
-        }
-        shape = (config.in_channels, *config.input_size)
-        with torch.no_grad():
-            ref_out = reference(x, t, y)
-        ref_img = decode(sample(reference, labels, shape, **kwargs).samples, config, None, torch.device("cpu"))
+    for name in EQUIVALENCE_MODELS:
+        case = equivalence_reference(name, STEPS)  # NUM_IMAGES images, [cond; uncond]
+        config = case.config
         for world, plan in [(w, p) for table in (PLANS, BF16_PLANS) for w, ps in table.items() for p in ps]:
             runtime = build_runtime(plan, "cpu", ranks=list(range(world)))  # collective over all 4 processes
             if runtime is None:
                 continue
-            pmodel = parallelize(copy.deepcopy(reference), runtime)
+            pmodel = parallelize(copy.deepcopy(case.reference), runtime)
             with torch.no_grad():
-                out = pmodel(x, t, y)  # (2B, C_out, H, W)
+                out = pmodel(case.x, case.t, case.y)  # (2B, C_out, H, W)
             runtime.stats.reset()
-            samples = sample_images(pmodel, labels, shape, **kwargs).samples
+            samples = sample_images(pmodel, case.labels, case.shape, **case.kwargs).samples
             img = decode(samples, config, None, torch.device("cpu"))
             group_sizes, _ = image_split(NUM_IMAGES, runtime)
             rows.append(
@@ -154,10 +118,10 @@ def equivalence_world() -> list[dict]:
                     "plan": plan.describe(),
                     "exact": plan.comm_dtype is None,
                     "rank": runtime.index,
-                    "out_err": rel_err(out, ref_out),
-                    "ref_max": float(ref_out.abs().max()),
-                    "img_diff": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
-                    "img_std": float(ref_img.std()),
+                    "out_err": rel_err(out, case.ref_out),
+                    "ref_max": float(case.ref_out.abs().max()),
+                    "img_diff": int(np.abs(img.astype(int) - case.ref_img.astype(int)).max()),
+                    "img_std": float(case.ref_img.std()),
                     "notes": pmodel.notes,
                     "token_sizes": pmodel.token_sizes,
                     "step_bytes": [sum(k["bytes"] for k in step.values()) for step in runtime.stats.history],
@@ -177,10 +141,7 @@ def equivalence_world() -> list[dict]:
                     ),
                 }
             )
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return gather_rows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +153,17 @@ def test_every_plan_ran_on_every_rank(world_rows):
     ran = {(r["model"], r["world"], r["plan"], r["rank"]) for r in world_rows}
     tables = (PLANS, BF16_PLANS)
     expected = {
-        (m, w, p.describe(), k) for m in MODELS for t in tables for w, ps in t.items() for p in ps for k in range(w)
+        (m, w, p.describe(), k)
+        for m in EQUIVALENCE_MODELS
+        for t in tables
+        for w, ps in t.items()
+        for p in ps
+        for k in range(w)
     }
     assert ran == expected
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", list(EQUIVALENCE_MODELS))
 def test_model_output_matches_single_process(world_rows, model):
     rows = [r for r in world_rows if r["model"] == model and r["exact"]]
     assert min(r["ref_max"] for r in rows) > 0.5  # a non-trivial output (adaLN-Zero would give exactly 0)
@@ -205,7 +171,7 @@ def test_model_output_matches_single_process(world_rows, model):
     assert worst["out_err"] <= 1e-5, worst
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", list(EQUIVALENCE_MODELS))
 def test_images_match_single_process(world_rows, model):
     rows = [r for r in world_rows if r["model"] == model and r["exact"]]
     assert min(r["img_std"] for r in rows) > 10  # images with content, not a flat field
@@ -260,7 +226,9 @@ def cli_ckpt(tmp_path_factory):
     if DEFAULT_CKPT.is_file():
         return []
     path = tmp_path_factory.mktemp("ckpt") / "random-digits.safetensors"
-    save_safetensors(random_model(model_config("T16")), path, {"steps": 4, "scheduler": "flow-euler", "cfg_scale": 2.0})
+    save_safetensors(
+        random_model(equivalence_config("T16")), path, {"steps": 4, "scheduler": "flow-euler", "cfg_scale": 2.0}
+    )
     return ["--ckpt", str(path)]
 
 

@@ -15,31 +15,18 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from opendit.cli import main  # noqa: E402
+from helpers import sample_folder  # noqa: E402
 from opendit.errors import OpenDiTError  # noqa: E402
 from opendit.parallel.lean_pipeline import FolderState, build_on_meta, encoder_units  # noqa: E402
 from opendit.testing.tiny_pipelines import save_tiny_pipeline  # noqa: E402
-
-PROMPTS = ["a photo of a red cat sitting in a garden", "a dog"]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lean")
     return {kind: save_tiny_pipeline(kind, root / kind, seed=0) for kind in ("flux", "pixart")}
-
-
-def _sample(folder, out, *extra) -> np.ndarray:
-    argv = ["sample", "--diffusers", str(folder), "--steps", "2", "--seed", "3", "--cfg-scale", "3.5",
-            "--image-size", "32", "--out", str(out), "--no-progress", *extra]  # fmt: skip
-    for prompt in PROMPTS:
-        argv += ["--prompt", prompt]
-    assert main(argv) == 0
-    files = sorted(out.glob("[0-9][0-9][0-9]_prompt-*.png"))
-    return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files]).astype(int)
 
 
 def _ranks(out) -> dict:
@@ -79,8 +66,10 @@ def test_meta_build_has_no_weights_and_finds_encoder_blocks(folders):
 @pytest.mark.parametrize("kind", ["flux", "pixart"])
 def test_lean_sharded_pipeline_equals_one_process(folders, kind, tmp_path):
     folder = folders[kind]
-    one = _sample(folder, tmp_path / "one")
-    lean = _sample(folder, tmp_path / "lean", "--nproc", "2", "--ulysses", "2", "--shard-weights", "--encoder-shard")
+    one = sample_folder(folder, tmp_path / "one")
+    lean = sample_folder(
+        folder, tmp_path / "lean", "--nproc", "2", "--ulysses", "2", "--shard-weights", "--encoder-shard"
+    )
     assert np.abs(lean - one).max() <= 1
     whole = json.loads((tmp_path / "one" / "record.json").read_text())["loading"]
     state = FolderState(folder / "transformer")

@@ -35,14 +35,14 @@ def nccl_world(dtype_name: str) -> list[dict]:
     """One rank of the GPU world: every plan at every world size 2..W on ranks 0..n-1; every rank's rows."""
     import torch.distributed as dist
 
+    from helpers import EQUIVALENCE_MODELS, equivalence_reference, gather_rows, rel_err
     from opendit.api.generation import decode
-    from opendit.diffusion.sampler import sample
     from opendit.distributed.config import ParallelConfig
     from opendit.distributed.env import init_from_env, pick_device
     from opendit.distributed.mesh import build_runtime
     from opendit.engine.sampler_runner import sample_images
     from opendit.parallel.apply import parallelize
-    from test_parallel_equivalence import MODELS, PLANS, SCHEDULER, model_config, random_model, rel_err
+    from test_parallel_equivalence import PLANS
 
     torch.backends.cuda.matmul.allow_tf32 = False  # exactness is tested in fp32 proper, not TF32
     torch.backends.cudnn.allow_tf32 = False
@@ -54,44 +54,22 @@ def nccl_world(dtype_name: str) -> list[dict]:
     plans = [(w, p) for w, ps in PLANS.items() if w <= world for p in ps]
     plans.append((2, ParallelConfig(ring=2, balance_tokens=True)))
     rows = []
-    for name in MODELS:
-        config = model_config(name)
-        reference = random_model(config).to(device=device, dtype=dtype)
-        gen = torch.Generator().manual_seed(7)
-        x = torch.randn(8, config.in_channels, *config.input_size, generator=gen).to(device, dtype)  # (2B, C, H, W)
-        t = torch.full((8,), 500.0, device=device)
-        labels = torch.tensor([3, 1, 4, 1])
-        y = torch.cat([labels, torch.full_like(labels, config.num_classes)]).to(device)  # [cond; uncond]
-        kwargs = {
-            "num_classes": config.num_classes,
-            "scheduler_name": SCHEDULER[name],
-            "prediction": config.prediction,
-            "learn_sigma": config.learn_sigma,
-            "steps": STEPS,
-            "cfg_scale": 4.0,
-            "seed": 11,
-            "device": device,
-        }
-        shape = (config.in_channels, *config.input_size)
-        with torch.no_grad():
-            ref_out = reference(x, t, y)
-        ref_img = decode(sample(reference, labels, shape, **kwargs).samples, config, None, device)
+    for name in EQUIVALENCE_MODELS:
+        case = equivalence_reference(name, STEPS, device, dtype)
         for size, plan in plans:
             runtime = build_runtime(plan, device, ranks=list(range(size)))  # collective over the whole world
             if runtime is None:
                 continue
-            pmodel = parallelize(copy.deepcopy(reference), runtime)
+            pmodel = parallelize(copy.deepcopy(case.reference), runtime)
             with torch.no_grad():
-                out = pmodel(x, t, y)  # (2B, C_out, H, W)
-            img = decode(sample_images(pmodel, labels, shape, **kwargs).samples, config, None, device)
+                out = pmodel(case.x, case.t, case.y)  # (2B, C_out, H, W)
+            samples = sample_images(pmodel, case.labels, case.shape, **case.kwargs).samples
+            img = decode(samples, case.config, None, device)
             rows.append({"model": name, "world": size, "plan": plan.describe(), "rank": runtime.index,
-                         "backend": runtime.comms["all"].backend, "out_err": rel_err(out, ref_out),
-                         "img_diff": int(np.abs(img.astype(int) - ref_img.astype(int)).max()),
+                         "backend": runtime.comms["all"].backend, "out_err": rel_err(out, case.ref_out),
+                         "img_diff": int(np.abs(img.astype(int) - case.ref_img.astype(int)).max()),
                          "balance": pmodel.balancer.history if pmodel.balancer is not None else None})  # fmt: skip
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, rows)
-    dist.destroy_process_group()
-    return [row for rank_rows in everyone for row in rank_rows]
+    return gather_rows(rows)
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])

@@ -17,14 +17,22 @@ from pathlib import Path
 from opendit.errors import OpenDiTError
 
 
-def image_size_multiple(folder: str | Path, pipeline: str) -> int | None:
-    """What height and width must be a multiple of for this folder's pipeline; None where it is not read here."""
+def pipeline_source(pipeline: str, method: str) -> str | None:
+    """The source of a method (`__init__`, `__call__`) of the diffusers pipeline class named `pipeline`; None where
+    inspect cannot read it (a method without Python source, or no such class for a method even None has)."""
     import diffusers
 
     cls = getattr(diffusers, pipeline, None)
     try:
-        source = inspect.getsource(cls.__init__)
+        return inspect.getsource(getattr(cls, method))
     except (TypeError, OSError):
+        return None
+
+
+def image_size_multiple(folder: str | Path, pipeline: str) -> int | None:
+    """What height and width must be a multiple of for this folder's pipeline; None where it is not read here."""
+    source = pipeline_source(pipeline, "__init__")
+    if source is None:
         return None
     packed = re.search(r"vae_scale_factor=self\.vae_scale_factor \* (\d+)", source)
     config_file = Path(folder) / "vae" / "config.json"

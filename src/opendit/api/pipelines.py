@@ -147,12 +147,10 @@ def pipeline_batches_guidance(pipeline: str) -> bool:
     class does not declare it: one call site of the denoiser = batched, two or more = one call per branch."""
     import re
 
-    import diffusers
+    from opendit.api.pipeline_calls import pipeline_source
 
-    cls = getattr(diffusers, pipeline, None)
-    try:
-        source = inspect.getsource(cls.__call__)
-    except (TypeError, OSError):
+    source = pipeline_source(pipeline, "__call__")
+    if source is None:
         return False
     calls = re.findall(r"\b(?:self\.transformer(?:_2)?|current_model|transformer)\(", source)
     return len(calls) == 1

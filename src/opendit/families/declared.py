@@ -84,15 +84,24 @@ register_family(
 # and sin, no batch dim) is split with the video tokens; the video tokens are gathered after the final projection.
 ROWS_2D = ContextParallelInput(split_dim=0, expected_dims=2, split_output=False)  # (N, D) rotary cos / sin
 TOKENS_IN = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)  # (B, L, C) argument, split on L
+
+
+def _joint_stream_plan(root: dict | None = None, every_block: dict | None = None) -> dict:
+    """The plan of a joint attention over [text; video] tokens in `transformer_blocks`: both streams split at the first
+    block's inputs, the video tokens gathered after `proj_out`; `root`: arguments of the model's call split too,
+    `every_block`: arguments every block is given whole, split at each."""
+    plan = {"": root} if root else {}
+    plan["transformer_blocks.0"] = {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN}
+    if every_block:
+        plan["transformer_blocks.*"] = every_block
+    return {**plan, "proj_out": GATHER}
+
+
 register_family(
     "CogVideoXTransformer3DModel",
     Family(
         name="diffusers CogVideoX",
-        cp_plan={
-            "": {"image_rotary_emb": ROWS_2D},
-            "transformer_blocks.0": {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN},
-            "proj_out": GATHER,
-        },
+        cp_plan=_joint_stream_plan(root={"image_rotary_emb": ROWS_2D}),
         attention=("transformer_blocks.*.attn1",),
     ),
 )
@@ -146,11 +155,7 @@ register_family(
     "HunyuanVideo15Transformer3DModel",
     Family(
         name="diffusers HunyuanVideo-1.5",
-        cp_plan={
-            "transformer_blocks.0": {"hidden_states": TOKENS_IN, "encoder_hidden_states": TOKENS_IN},
-            "transformer_blocks.*": {"attention_mask": MASK_IN, "freqs_cis": ROWS_2D},
-            "proj_out": GATHER,
-        },
+        cp_plan=_joint_stream_plan(every_block={"attention_mask": MASK_IN, "freqs_cis": ROWS_2D}),
         cfg_batched=False,  # its guider calls the transformer once per branch
     ),
 )

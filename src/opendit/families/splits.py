@@ -39,14 +39,11 @@ class SequenceState:
     lengths: dict[str, int] = field(default_factory=dict)
     active: bool = False
     _sizes: dict[tuple, list[tuple[int, ...]]] = field(default_factory=dict)
+    size: int = field(init=False)  # the sequence group's size and this rank's place in it: the comm's, fixed
+    rank: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return self.comm.size
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
+    def __post_init__(self) -> None:
+        self.size, self.rank = self.comm.size, self.comm.rank
 
     def new_call(self) -> None:
         self.lengths.clear()

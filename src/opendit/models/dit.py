@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opendit.errors import OpenDiTError
 from opendit.models.attention import SelfAttention
-from opendit.models.grid_config import LATENT_DOWNSCALE, PatchGridConfig, build_presets, pick_preset, pixel_space
+from opendit.models.grid_config import LATENT_DOWNSCALE, DiTFamilyConfig, build_presets, pick_preset, pixel_space
 from opendit.models.layers import (
     LabelEmbedder,
     Mlp,
@@ -26,47 +26,20 @@ from opendit.models.layers import (
     unpatchify,
 )
 from opendit.models.precision import check_finite, residual_dtype
-from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, register_spec
+from opendit.models.spec import ModelDims, ModelSpec, TensorSplit, cost_fields, register_spec
 
 __all__ = ["LATENT_DOWNSCALE", "DiT", "DiTConfig", "build_dit", "preset"]  # LATENT_DOWNSCALE: re-exported
 
 
 @dataclass(frozen=True)
-class DiTConfig(PatchGridConfig):
+class DiTConfig(DiTFamilyConfig):
     """Everything needed to build a DiT. `input_size` is the model's spatial input (latent or pixel) as (H, W)."""
 
     label = "DiT"
 
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-    input_size: tuple[int, int] = (32, 32)
-    in_channels: int = 4
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    mlp_ratio: float = 4.0
-    latent: bool = True  # True: decoded by a VAE (image = 8 x input); False: pixel space (image = input)
-    prediction: str = "epsilon"  # what the network predicts: "epsilon" (DDPM family) or "flow" (velocity)
-
     @property
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    def with_image_size(self, height: int, width: int | None = None) -> "DiTConfig":
-        """The same architecture for another output image size (pixels), validated with an actionable message."""
-        width = height if width is None else width
-        factor = (LATENT_DOWNSCALE if self.latent else 1) * self.patch_size
-        what = f"8 x patch {self.patch_size} (latent model)" if self.latent else f"patch {self.patch_size}"
-        for side in (height, width):
-            if side <= 0 or side % factor:
-                lower, upper = max(factor, side // factor * factor), (side // factor + 1) * factor
-                raise OpenDiTError(
-                    f"image size {side} must be a positive multiple of {factor} = {what}; try {lower} or {upper}"
-                )
-        scale = LATENT_DOWNSCALE if self.latent else 1
-        return replace(self, input_size=(height // scale, width // scale))
 
 
 # Architectures (depth, hidden, heads) of the paper; DiT-T is a tiny model for tests, DiT-D is the digits model's.
@@ -307,12 +280,6 @@ def edge_flops(config: DiTConfig, tokens: int, batch: float) -> float:
     )
 
 
-def model_flops(config: DiTConfig, tokens: int, batch: int) -> float:
-    """FLOPs of one whole forward on one device (blocks + patch embedding + final layer + timestep MLP)."""
-    blk = block_flops(config, batch, tokens, tokens, tokens, config.num_heads)
-    return config.depth * (blk["linear"] + blk["attention"]) + edge_flops(config, tokens, batch)
-
-
 def token_values(config: DiTConfig) -> tuple[int, int]:
     """Values per token where the sequence is split (raw patches) and where it is gathered (final layer output)."""
     p2 = config.patch_size**2
@@ -414,15 +381,12 @@ DIT_SPEC = register_spec(
         attention=("blocks.*.attn",),
         attention_kind="fused_qkv",
         shard_units=DIT_SHARD_UNITS,
-        dims=dit_dims,
-        count_params=count_params,
-        block_flops=block_flops,
-        model_flops=model_flops,
-        edge_flops=edge_flops,
-        token_values=token_values,
+        **cost_fields(dit_dims, count_params, block_flops, edge_flops, token_values),
         derived={"pos_embed": lambda model: model.sincos_positions()},
         tensor_split=DIT_TENSOR_SPLIT,
         stage_view=DiTStageView,
         bf16_drift="digits model samples 55.2 dB PSNR vs fp32, class accuracy unchanged (tests/test_precision.py)",
     )
 )
+# FLOPs of one whole forward on one device (blocks + patch embedding + final layer + timestep MLP)
+model_flops = DIT_SPEC.model_flops

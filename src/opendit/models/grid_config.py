@@ -1,11 +1,12 @@
 """What the configs of DiT-style models share (our DiT, the video DiT): the patch grid of one image or frame, the
 image size behind a latent, the output channels, the dict round trip of checkpoints' config files, and presets by
-name. A mixin for frozen dataclasses with the fields patch_size, input_size (H, W), in_channels, learn_sigma and
-latent; `label` names the model kind in error messages."""
+name. PatchGridConfig: a mixin for frozen dataclasses with the fields patch_size, input_size (H, W), in_channels,
+learn_sigma and latent; `label` names the model kind in error messages. DiTFamilyConfig: those fields and the rest
+both configs declare, and another output size of the same architecture."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from opendit.errors import OpenDiTError
 
@@ -40,6 +41,40 @@ class PatchGridConfig:
         data = dict(data)
         data["input_size"] = tuple(data.get("input_size", (32, 32)))
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class DiTFamilyConfig(PatchGridConfig):
+    """The fields DiT and the video DiT share (the video DiT adds its frames; `input_size` is one image's or frame's
+    model-space (H, W), latent or pixel), and another output size of the same architecture."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: tuple[int, int] = (32, 32)
+    in_channels: int = 4
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    mlp_ratio: float = 4.0
+    latent: bool = True  # True: decoded by a VAE (image = 8 x input); False: pixel space (image = input)
+    prediction: str = "epsilon"  # what the network predicts: "epsilon" (DDPM family) or "flow" (velocity)
+
+    def with_image_size(self, height: int, width: int | None = None):
+        """The same architecture (and frames) for another output image or frame size (pixels), validated with an
+        actionable message."""
+        width = height if width is None else width
+        factor = (LATENT_DOWNSCALE if self.latent else 1) * self.patch_size
+        what = f"8 x patch {self.patch_size} (latent model)" if self.latent else f"patch {self.patch_size}"
+        for side in (height, width):
+            if side <= 0 or side % factor:
+                lower, upper = max(factor, side // factor * factor), (side // factor + 1) * factor
+                raise OpenDiTError(
+                    f"image size {side} must be a positive multiple of {factor} = {what}; try {lower} or {upper}"
+                )
+        scale = LATENT_DOWNSCALE if self.latent else 1
+        return replace(self, input_size=(height // scale, width // scale))
 
 
 def build_presets(cls, prefix: str, archs: dict[str, tuple[int, int, int]]) -> dict:

@@ -170,6 +170,18 @@ def _lookup(modules: dict[str, nn.Module], path: str, spec: str) -> nn.Module:
     return modules[path]
 
 
+def cost_fields(dims, count_params, block_flops, edge_flops, token_values) -> dict[str, Callable]:
+    """ModelSpec's cost fields (the module docstring) of a model whose forward is `config.depth` blocks plus what lies
+    outside them (edge_flops): `model_flops`, one whole forward on one device, is that sum, derived here once."""
+
+    def model_flops(config, tokens: int, batch: int) -> float:
+        blk = block_flops(config, batch, tokens, tokens, tokens, config.num_heads)
+        return config.depth * (blk["linear"] + blk["attention"]) + edge_flops(config, tokens, batch)
+
+    costs = {"dims": dims, "count_params": count_params, "block_flops": block_flops, "edge_flops": edge_flops}
+    return {**costs, "model_flops": model_flops, "token_values": token_values}
+
+
 _SPECS: dict[type, ModelSpec] = {}
 
 

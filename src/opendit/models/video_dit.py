@@ -35,32 +35,21 @@ from opendit.models.dit import (
     DiTParts,
     build_on,
 )
-from opendit.models.grid_config import PatchGridConfig, build_presets, pick_preset, pixel_space
+from opendit.models.grid_config import DiTFamilyConfig, build_presets, pick_preset, pixel_space
 from opendit.models.layers import sincos_1d, unpatchify
 from opendit.models.precision import check_finite, residual_dtype
-from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, register_spec
+from opendit.models.spec import FrameSplit, ModelDims, ModelSpec, cost_fields, register_spec
 
 
 @dataclass(frozen=True)
-class VideoDiTConfig(PatchGridConfig):
+class VideoDiTConfig(DiTFamilyConfig):
     """Everything needed to build a video DiT. `depth` counts both kinds of block (even); `input_size` is one frame's
     model-space (H, W) (latent or pixel)."""
 
     label = "video DiT"
 
-    depth: int
-    hidden_size: int
-    num_heads: int
-    patch_size: int
-    frames: int = 16
-    input_size: tuple[int, int] = (32, 32)
-    in_channels: int = 4
     num_classes: int = 101
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    mlp_ratio: float = 4.0
-    latent: bool = True
-    prediction: str = "epsilon"
+    frames: int = 16
     motion: bool = False  # labels are digit + 10 * direction (the moving-digits model): `--motion` applies
 
     def __post_init__(self):
@@ -83,13 +72,6 @@ class VideoDiTConfig(PatchGridConfig):
     def sample_shape(self) -> tuple[int, int, int, int]:
         """(C, F, H, W) of one model-space video: what the sampler draws noise for."""
         return (self.in_channels, self.frames, *self.input_size)
-
-    def with_image_size(self, height: int, width: int | None = None) -> VideoDiTConfig:
-        """The same architecture for another frame size (pixels); the frame count is the model's own."""
-        from opendit.models.dit import DiTConfig
-
-        frame = DiTConfig.with_image_size(as_dit_config(self), height, width)  # its checks and messages
-        return replace(self, input_size=frame.input_size)
 
     def with_frames(self, frames: int | None) -> VideoDiTConfig:
         """`frames` must be the model's own: temporal positions are trained for that count (OpenDiTError)."""
@@ -240,27 +222,19 @@ def edge_flops(config: VideoDiTConfig, tokens: int, batch: float) -> float:
     return dit.edge_flops(as_dit_config(config), tokens * config.frames, batch)
 
 
-def model_flops(config: VideoDiTConfig, tokens: int, batch: int) -> float:
-    blk = block_flops(config, batch, tokens, tokens, tokens, config.num_heads)
-    return config.depth * (blk["linear"] + blk["attention"]) + edge_flops(config, tokens, batch)
-
-
 def token_values(config: VideoDiTConfig) -> tuple[int, int]:
     """Values per position (all frames) where positions are split (raw patches) and gathered (final output)."""
-    p2 = config.patch_size**2
-    return config.frames * config.in_channels * p2, config.frames * config.out_channels * p2
+    from opendit.models import dit
+
+    split, gathered = dit.token_values(as_dit_config(config))  # one frame's
+    return config.frames * split, config.frames * gathered
 
 
 def video_dims(config: VideoDiTConfig, tokens: int | None = None) -> ModelDims:
-    return ModelDims(
-        depth=config.depth,
-        hidden_size=config.hidden_size,
-        num_heads=config.num_heads,
-        num_tokens=config.positions if tokens is None else tokens,
-        mlp_ratio=config.mlp_ratio,
-        sequences=config.frames,
-        split_blocks=0.5,
-    )
+    """DiT's dims over one frame's positions, attention split in every frame (sequences) of the spatial half."""
+    from opendit.models import dit
+
+    return replace(dit.dit_dims(as_dit_config(config), tokens), sequences=config.frames, split_blocks=0.5)
 
 
 def _spatial_block(path: str) -> bool:
@@ -280,12 +254,7 @@ VIDEO_DIT_SPEC = register_spec(
         tensor_split=DIT_TENSOR_SPLIT,  # the same DiTBlock in every spatial and temporal slot
         root_used_after_embedding=True,  # temp_embed, added after the first spatial block
         shard_units=DIT_SHARD_UNITS,
-        dims=video_dims,
-        count_params=count_params,
-        block_flops=block_flops,
-        model_flops=model_flops,
-        edge_flops=edge_flops,
-        token_values=token_values,
+        **cost_fields(video_dims, count_params, block_flops, edge_flops, token_values),
         derived={
             "pos_embed": lambda model: model.sincos_positions(),
             "temp_embed": lambda model: model.sincos_frames(),

@@ -23,7 +23,6 @@ call does not set them, so running one without flags takes seconds (the pipeline
 
 from __future__ import annotations
 
-import collections
 import json
 import re
 from pathlib import Path
@@ -147,18 +146,10 @@ def _byte_level_bpe(extra_text: str) -> tuple[dict[str, int], list[tuple[str, st
     `extra_text` is one token, with and without its leading space ("Ġ")."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from opendit.testing.tiny_pipelines import _merge_pair
+    from opendit.testing.tiny_pipelines import learn_merges
 
     words = dict.fromkeys([*_WORDS, *re.findall(r"[A-Za-z]+", extra_text)])
-    pieces = [[*w] for w in words] + [["Ġ", *w] for w in words]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts = collections.Counter(pair for symbols in pieces for pair in zip(symbols, symbols[1:]))
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        pieces = [_merge_pair(symbols, best) for symbols in pieces]
+    merges = learn_merges([[*w] for w in words] + [["Ġ", *w] for w in words])
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))

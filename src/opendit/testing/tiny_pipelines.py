@@ -203,19 +203,24 @@ def _clip_bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     run to run; ties here break by the pair itself, so the result is fixed.
     """
     # CLIP marks the last symbol of a word with "</w>".
-    words = [[*word[:-1], word[-1] + "</w>"] for word in _WORDS]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts = collections.Counter(pair for symbols in words for pair in zip(symbols, symbols[1:]))
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        words = [_merge_pair(symbols, best) for symbols in words]
+    merges = learn_merges([[*word[:-1], word[-1] + "</w>"] for word in _WORDS])
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in [t for ch in _CHARS for t in (ch, ch + "</w>")] + [a + b for a, b in merges]:
         vocab.setdefault(token, len(vocab))
     return vocab, tuple(merges)
+
+
+def learn_merges(words: list[list[str]]) -> list[tuple[str, str]]:
+    """BPE merges, most frequent adjacent pair first (ties broken by the pair itself, so the result is fixed), until
+    every word of `words` (each a list of symbols) is a single symbol."""
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = collections.Counter(pair for symbols in words for pair in zip(symbols, symbols[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        words = [_merge_pair(symbols, best) for symbols in words]
 
 
 def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:

@@ -83,14 +83,18 @@ def call_kwargs(kind: str, s: dict[str, int], given: dict[str, int]) -> dict[str
     return kwargs
 
 
-def _wan_expert(s: dict[str, int], seed: int, component: int) -> WanTransformer3DModel:
-    heads, head_dim = s["num_heads"], s["attention_head_dim"]
+def _transformer(cls: type, s: dict[str, int], seed: int, component: int = 0, **config):
+    """`cls` with the sizes' heads, head dim and blocks (num_attention_heads, attention_head_dim, num_layers) and the
+    rest of its `config`, built under the component's seed (tiny_pipelines' seeding rule), in eval mode."""
     with tiny._seeded(seed, component):
-        return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=16,
-            out_channels=16, text_dim=tiny._TEXT_HIDDEN, freq_dim=64, ffn_dim=2 * heads * head_dim,
-            num_layers=s["num_layers"],
-        ).eval()  # fmt: skip
+        return cls(num_attention_heads=s["num_heads"], attention_head_dim=s["attention_head_dim"],
+                   num_layers=s["num_layers"], **config).eval()  # fmt: skip
+
+
+def _wan_expert(s: dict[str, int], seed: int, component: int) -> WanTransformer3DModel:
+    return _transformer(WanTransformer3DModel, s, seed, component, patch_size=(1, 2, 2), in_channels=16,
+                        out_channels=16, text_dim=tiny._TEXT_HIDDEN, freq_dim=64,
+                        ffn_dim=2 * s["num_heads"] * s["attention_head_dim"])  # fmt: skip
 
 
 def _build_wan22(s: dict[str, int], seed: int) -> WanPipeline:
@@ -104,11 +108,8 @@ def _build_wan22(s: dict[str, int], seed: int) -> WanPipeline:
 
 def _build_ltx(s: dict[str, int], seed: int) -> LTXPipeline:
     heads, head_dim, latent = s["num_heads"], s["attention_head_dim"], 8
-    with tiny._seeded(seed, 0):
-        transformer = LTXVideoTransformer3DModel(
-            in_channels=latent, out_channels=latent, num_attention_heads=heads, attention_head_dim=head_dim,
-            cross_attention_dim=heads * head_dim, num_layers=s["num_layers"], caption_channels=tiny._TEXT_HIDDEN,
-        ).eval()  # fmt: skip
+    transformer = _transformer(LTXVideoTransformer3DModel, s, seed, in_channels=latent, out_channels=latent,
+                               cross_attention_dim=heads * head_dim, caption_channels=tiny._TEXT_HIDDEN)  # fmt: skip
     with tiny._seeded(seed, 1):
         # two levels that scale space and time (as the released VAE's first three): 4 (patch) x 2 x 2 = 16 px and
         # 2 x 2 = 4 frames per latent
@@ -130,15 +131,12 @@ def _build_ltx(s: dict[str, int], seed: int) -> LTXPipeline:
 
 
 def _build_cogvideox(s: dict[str, int], seed: int) -> CogVideoXPipeline:
-    heads, head_dim = s["num_heads"], s["attention_head_dim"]
-    with tiny._seeded(seed, 0):
-        # CogVideoX-5B's layout: 3D rotary embeddings (computed by the pipeline), no learned positions
-        transformer = CogVideoXTransformer3DModel(
-            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=8, out_channels=8,
-            time_embed_dim=32, text_embed_dim=tiny._TEXT_HIDDEN, num_layers=s["num_layers"], sample_width=8,
-            sample_height=8, sample_frames=9, patch_size=2, max_text_seq_length=s["text_len"],
-            use_rotary_positional_embeddings=True,
-        ).eval()  # fmt: skip
+    # CogVideoX-5B's layout: 3D rotary embeddings (computed by the pipeline), no learned positions
+    transformer = _transformer(
+        CogVideoXTransformer3DModel, s, seed, in_channels=8, out_channels=8, time_embed_dim=32,
+        text_embed_dim=tiny._TEXT_HIDDEN, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=s["text_len"], use_rotary_positional_embeddings=True,
+    )  # fmt: skip
     with tiny._seeded(seed, 1):
         # three levels: space by 4, time by 4 (the first two down blocks compress both)
         vae = AutoencoderKLCogVideoX(
@@ -157,14 +155,12 @@ def _build_cogvideox(s: dict[str, int], seed: int) -> CogVideoXPipeline:
 
 
 def _build_latte(s: dict[str, int], seed: int) -> LattePipeline:
-    heads, head_dim = s["num_heads"], s["attention_head_dim"]
-    with tiny._seeded(seed, 0):
-        transformer = LatteTransformer3DModel(
-            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-            num_layers=s["num_layers"], cross_attention_dim=heads * head_dim, sample_size=16, patch_size=2,
-            norm_type="ada_norm_single", num_embeds_ada_norm=1000, caption_channels=tiny._TEXT_HIDDEN,
-            video_length=CALL_DEFAULTS["latte"]["video_length"],
-        ).eval()  # fmt: skip
+    transformer = _transformer(
+        LatteTransformer3DModel, s, seed, in_channels=4, out_channels=8,
+        cross_attention_dim=s["num_heads"] * s["attention_head_dim"], sample_size=16, patch_size=2,
+        norm_type="ada_norm_single", num_embeds_ada_norm=1000, caption_channels=tiny._TEXT_HIDDEN,
+        video_length=CALL_DEFAULTS["latte"]["video_length"],
+    )  # fmt: skip
     return LattePipeline(
         # Latte encodes prompts at 120 tokens (hard-coded in its encode_prompt)
         tokenizer=tiny._t5_tokenizer(120), text_encoder=tiny._t5_encoder(False, tiny._TEXT_HIDDEN, seed, 2),
@@ -191,17 +187,15 @@ def _qwen_tokenizer() -> Qwen2Tokenizer:
 
 
 def _build_hunyuan15(s: dict[str, int], seed: int) -> HunyuanVideo15Pipeline:
-    heads, head_dim, latent = s["num_heads"], s["attention_head_dim"], 8
-    with tiny._seeded(seed, 0):
-        # t2v input: the latents, the (zero) image-condition latents and a mask channel; rotary axes (t, h, w) sum
-        # to the head dim
-        rope = (head_dim // 4, 3 * head_dim // 8, head_dim - head_dim // 4 - 3 * head_dim // 8)
-        transformer = HunyuanVideo15Transformer3DModel(
-            in_channels=2 * latent + 1, out_channels=latent, num_attention_heads=heads, attention_head_dim=head_dim,
-            num_layers=s["num_layers"], num_refiner_layers=1, patch_size=2, patch_size_t=1,
-            text_embed_dim=tiny._TEXT_HIDDEN, text_embed_2_dim=tiny._TEXT_HIDDEN, image_embed_dim=16,
-            rope_axes_dim=rope, target_size=32, task_type="t2v",
-        ).eval()  # fmt: skip
+    head_dim, latent = s["attention_head_dim"], 8
+    # t2v input: the latents, the (zero) image-condition latents and a mask channel; rotary axes (t, h, w) sum to the
+    # head dim
+    rope = (head_dim // 4, 3 * head_dim // 8, head_dim - head_dim // 4 - 3 * head_dim // 8)
+    transformer = _transformer(
+        HunyuanVideo15Transformer3DModel, s, seed, in_channels=2 * latent + 1, out_channels=latent,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=tiny._TEXT_HIDDEN,
+        text_embed_2_dim=tiny._TEXT_HIDDEN, image_embed_dim=16, rope_axes_dim=rope, target_size=32, task_type="t2v",
+    )  # fmt: skip
     with tiny._seeded(seed, 1):
         vae = AutoencoderKLHunyuanVideo15(latent_channels=latent, block_out_channels=(8, 16, 16), layers_per_block=1,
                                           spatial_compression_ratio=4, temporal_compression_ratio=4).eval()  # fmt: skip
