@@ -256,6 +256,8 @@ def test_bad_input_is_one_error_line_before_any_process_starts(folders, tmp_path
         ("wan22", ["--frames", "6"], "VAE compresses time by 4"),
         ("ltx", ["--frames", "8"], "takes 4k + 1 frames: use --frames 5 or 9"),
         ("cogvideox", ["--frames", "10"], "use --frames 9 or 13"),
+        # 4k + 1 but an even latent count: its VAE decodes 2 latent frames into 8 (read on the meta device)
+        ("cogvideox", ["--frames", "13"], "decodes its 4 latent frames into 16 frames, not 13: use --frames 9 or 17"),
         ("latte", ["--frames", "5"], "temporal position table of 4 frames"),
         ("wan22", ["--image-size", "40"], "multiple of 16: use --image-size 32"),
         ("ltx", ["--image-size", "48"], "refuses the call: `height` and `width` have to be divisible by 32"),

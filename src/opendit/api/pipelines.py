@@ -192,6 +192,7 @@ def _video_geometry(path: Path, index: dict, pipeline: str, transformer: str, co
         "temporal_ratio": int(temporal) if temporal else None,  # latent frames = (F - 1) / ratio + 1
         "pixel_step": int(spatial) * patch if spatial else None,  # pixels per token side: VAE ratio x patch
         "model_frames": config.get("video_length"),  # a transformer with a fixed temporal position table (Latte)
+        "vae_class": type(found["vae"]).__name__ if found.get("vae") is not None else None,
     }
 
 
@@ -219,6 +220,45 @@ def meta_pipeline(path: Path, index: dict, pipeline: str, transformer: str, conf
         return None
 
 
+def decoded_frame_count(folder: str | Path, vae_class: str, latent_frames: int) -> int | None:
+    """How many frames the folder's VAE decodes `latent_frames` latent frames into, found by running its decode on
+    the meta device (shapes only, no weights, no arithmetic) on a (1, C, latent_frames, 8, 8) latent; None where that
+    VAE cannot be run so. Some VAEs decode latent frames in batches (AutoencoderKLCogVideoX: 2 after the first), so
+    an even latent count gives 4 more frames than (L - 1) x ratio + 1: read, not assumed."""
+    import diffusers
+
+    path = Path(folder)
+    vae_cls = getattr(diffusers, vae_class, None)
+    if vae_cls is None or not (path / "vae" / "config.json").is_file():
+        return None
+    config = _read_json(path / "vae" / "config.json", path)
+    channels = config.get("latent_channels") or config.get("z_dim")
+    try:
+        with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae = vae_cls.from_config(config)
+            latent = torch.zeros(1, int(channels), latent_frames, 8, 8)  # (B, C, L, h, w)
+            return int(vae.decode(latent, return_dict=False)[0].shape[2])  # (B, 3, frames, H, W)
+    except Exception:  # noqa: BLE001 - a VAE whose decode needs real data: no check (the call still runs)
+        return None
+
+
+def _check_decoded_frames(info: dict, frames: int, ratio: int) -> None:
+    """Refuse a frame count the VAE decodes into another count (CogVideoX's 4k + 1 with an even latent count), naming
+    the nearest counts that come out as asked."""
+    folder, vae_class, name = info["folder"], info["video"]["vae_class"], info["pipeline_class"]
+    latent = (frames - 1) // ratio + 1
+    decoded = decoded_frame_count(folder, vae_class, latent)
+    if decoded is None or decoded == frames:
+        return
+    kept = [(n - 1) * ratio + 1 for n in range(max(latent - 2, 1), latent + 3) if n != latent]
+    kept = [f for f in kept if decoded_frame_count(folder, vae_class, (f - 1) // ratio + 1) == f]
+    raise OpenDiTError(
+        f"--frames {frames}: {name}'s VAE ({vae_class}) decodes its {latent} latent frames into {decoded} frames, "
+        f"not {frames}: use --frames " + " or ".join(str(f) for f in kept[:2])
+    )
+
+
 def check_video_call(info: dict, kwargs: dict) -> None:
     """Refuse, before any process starts, a frame count the VAE's temporal compression cannot produce, a frame count
     the transformer's temporal positions cannot take, and an image size its VAE and patches cannot take; then the
@@ -234,6 +274,8 @@ def check_video_call(info: dict, kwargs: dict) -> None:
             f"--frames {frames}: {name}'s VAE compresses time by {ratio} (the first frame alone, then {ratio} frames "
             f"per latent frame), so it takes {ratio}k + 1 frames: use --frames {below} or {below + ratio}"
         )
+    if isinstance(frames, int) and ratio and frames > 1 and video.get("vae_class"):
+        _check_decoded_frames(info, frames, ratio)
     model_frames = video["model_frames"]
     if isinstance(frames, int) and model_frames and frames not in (1, model_frames):
         raise OpenDiTError(
