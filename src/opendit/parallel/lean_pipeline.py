@@ -199,6 +199,7 @@ def shard_encoder(folder: str | Path, name: str, dtype: torch.dtype, device: tor
     (the encoder, its loading record). OpenDiTError when it has no list of blocks to shard."""
     from torch.distributed.device_mesh import DeviceMesh
 
+    from opendit.distributed.env import inject_phase_fault
     from opendit.parallel.sharding import apply_weight_sharding, sharded_parameter_bytes
 
     model = build_on_meta(folder, name, dtype)
@@ -208,4 +209,6 @@ def shard_encoder(folder: str | Path, name: str, dtype: torch.dtype, device: tor
     mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)  # every rank: (world,)
     apply_weight_sharding(model, mesh, units=units, root_used_after_units=True)
     stats = fill_component(model, folder, name, device)
+    # test hook: one rank fails as the encoder starts while the others wait in its first unit's all-gather
+    model.register_forward_pre_hook(lambda module, args: inject_phase_fault("encode"))
     return model, {**stats.to_dict(), "units": len(units), "bytes": sharded_parameter_bytes(model)}
