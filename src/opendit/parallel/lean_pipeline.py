@@ -171,8 +171,11 @@ def fill_component(model: nn.Module, folder: str | Path, name: str, device: torc
 
 
 def encoder_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units of a text encoder: the blocks of its largest ModuleList and its untied nn.Embedding modules
-    outside them, in registration order (their forward order in T5 and CLIP)."""
+    """The FSDP2 units of a text encoder: the blocks of its largest ModuleList (each as its parts,
+    sharding.split_block_units) and its untied nn.Embedding modules outside them, in registration order (their
+    forward order in T5 and CLIP)."""
+    from opendit.parallel.sharding import split_block_units
+
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return []
@@ -189,8 +192,8 @@ def encoder_units(model: nn.Module) -> list[nn.Module]:
         seen.add(id(module))
         if isinstance(module, nn.Embedding) and id(module) not in inside and owners[id(module.weight)] == 1:
             units.append(module)  # a tied table stays in the root unit (FSDP2 ties parameters within one unit)
-        elif module is blocks:
-            units.extend(blocks)
+        elif module is blocks:  # each block as its attention and feed-forward parts (T5: block.layer[0], [1])
+            units.extend(split_block_units(list(blocks)))
     return units
 
 
