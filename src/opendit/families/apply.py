@@ -137,7 +137,7 @@ def apply_family(module: nn.Module, family: Family, runtime) -> dict:
         family.install(module, state)
     sites = install_sites(module, family, state, KernelCache(runtime))
     units = None
-    if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block, the rest in the root
+    if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block part (split_block_units)
         from opendit.parallel.sharding import apply_weight_sharding
 
         units = shard_units(module, family)

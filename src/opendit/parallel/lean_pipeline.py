@@ -16,10 +16,11 @@ a rank's loading peak is its shards plus one tensor in flight (its rows, for FSD
 Text encoders (`--encoder-shard`): FSDP2 over all ranks; every rank runs the encoder on the same prompts with each
 unit's weights all-gathered just before it runs (an exact copy), so every rank computes the one-process embeddings
 itself and nothing is broadcast. Units, found generically: the blocks of the encoder's largest nn.ModuleList (T5's
-encoder.block, CLIP's encoder.layers) and its untied nn.Embedding modules outside them (CLIP's token and
-position tables); the rest (final norms; T5's shared table, tied between `shared` and `encoder.embed_tokens`, which
-FSDP2 can only keep tied inside one unit: vocab x d, 0.5 GB for T5-XXL in fp32) stays in the root unit, gathered for
-the whole forward.
+encoder.block, CLIP's encoder.layers), each split into the parts it calls (sharding.split_block_units: T5's attention
+layer and its feed-forward's wi_0, wi_1, wo; a gathered part costs ~2.5x its size, so smaller parts lower the
+call's peak), and its untied nn.Embedding modules outside them (CLIP's token and position tables); the rest (final
+norms; T5's shared table, tied between `shared` and `encoder.embed_tokens`, which FSDP2 can only keep tied inside
+one unit: vocab x d, 0.5 GB for T5-XXL in fp32) stays in the root unit, gathered for the whole forward.
 """
 
 from __future__ import annotations
