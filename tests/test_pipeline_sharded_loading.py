@@ -86,6 +86,29 @@ def test_meta_build_has_no_weights_and_finds_encoder_blocks(folders):
     assert {n for n, _p in meta.named_parameters()} <= names
 
 
+def test_transformer_blocks_shard_as_their_parts_and_the_root_keeps_only_its_own(folders):
+    """PixArt's units (families/apply.py shard_units -> sharding.split_block_units): each block's attn1, attn2 and
+    its feed-forward's two linears (the feed-forward holds about half the block) as units, the block itself for
+    what is left (scale_shift_table, norms); adaln_single and caption_projection as units of their own
+    (sharding.root_parts), so the root, gathered all forward, keeps only its own small parameters."""
+    from opendit.families.apply import shard_units
+    from opendit.families.registry import require_family
+    from opendit.parallel.sharding import root_parts
+
+    model = build_on_meta(folders["pixart"], "transformer", torch.float32)
+    units = shard_units(model, require_family(model))
+    ids = {id(u) for u in units}
+    for block in model.transformer_blocks:
+        parts = [block, block.attn1, block.attn2, block.ff.net[0], block.ff.net[2]]
+        assert [u for u in units if id(u) in {id(p) for p in parts}] == parts  # in forward order
+        assert id(block.ff) not in ids and id(block.attn1.to_q) not in ids
+    side = root_parts(model, units)
+    assert side == [model.adaln_single, model.caption_projection], side
+    covered = {id(p) for u in [*units, *side] for p in u.parameters()}
+    rest = [name for name, p in model.named_parameters() if id(p) not in covered]
+    assert all("." not in name or name.startswith(("pos_embed", "norm_out", "proj_out")) for name in rest), rest
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flux", "pixart"])
 def test_lean_sharded_pipeline_equals_one_process(folders, kind, tmp_path):
