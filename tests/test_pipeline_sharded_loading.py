@@ -51,15 +51,49 @@ def test_meta_build_has_no_weights_and_finds_encoder_blocks(folders):
     t5 = build_on_meta(flux, "text_encoder_2", torch.float32)
     assert all(p.is_meta for p in t5.parameters())
     units = encoder_units(t5)
-    blocks = list(t5.encoder.block)
-    assert units == blocks  # the tied embedding table (shared, encoder.embed_tokens) stays in the root unit
+    # each block as its parts (sharding.split_block_units): the feed-forward holds 2/3 of a block, so its wi_0,
+    # wi_1, wo are units of their own; the attention (q, k, v, o) stays one unit. Every block parameter is in a
+    # unit; the tied embedding table (shared, encoder.embed_tokens) stays in the root unit.
+    ids = {id(u) for u in units}
+    for block in t5.encoder.block:
+        ff, attention = block.layer[1].DenseReluDense, block.layer[0].SelfAttention
+        assert {id(ff.wi_0), id(ff.wi_1), id(ff.wo)} <= ids and id(attention.q) not in ids
+    covered = {id(p) for u in units for p in u.parameters()}
+    assert covered == {id(p) for p in t5.encoder.block.parameters()} and id(t5.shared.weight) not in covered
     clip = build_on_meta(flux, "text_encoder", torch.float32)
-    layers = [u for u in encoder_units(clip) if not isinstance(u, torch.nn.Embedding)]
-    assert layers == list(clip.encoder.layers) and len(layers) < len(encoder_units(clip))  # + token, position tables
+    clip_units = encoder_units(clip)
+    tables = [u for u in clip_units if isinstance(u, torch.nn.Embedding)]
+    assert tables == [clip.embeddings.token_embedding, clip.embeddings.position_embedding]
+    layers = clip.encoder.layers  # each layer (holding its norms, under 1/16 of it) and its parts
+    assert [u for u in clip_units if u in list(layers)] == list(layers)
+    assert {id(p) for u in clip_units for p in u.parameters()} >= {id(p) for p in layers.parameters()}
     assert not clip.embeddings.position_ids.is_meta  # buffers are built real
     names = set(load_file(flux / "transformer" / "diffusion_pytorch_model.safetensors"))
     meta = build_on_meta(flux, "transformer", torch.float32)
     assert {n for n, _p in meta.named_parameters()} <= names
+
+
+def test_transformer_blocks_shard_as_their_parts_and_the_root_keeps_only_its_own(folders):
+    """PixArt's units (families/apply.py shard_units -> sharding.split_block_units): each block's attn1, attn2 and
+    its feed-forward's two linears (the feed-forward holds about half the block) as units, the block itself for
+    what is left (scale_shift_table, norms); adaln_single and caption_projection as units of their own
+    (sharding.root_parts), so the root, gathered all forward, keeps only its own small parameters."""
+    from opendit.families.apply import shard_units
+    from opendit.families.registry import require_family
+    from opendit.parallel.sharding import root_parts
+
+    model = build_on_meta(folders["pixart"], "transformer", torch.float32)
+    units = shard_units(model, require_family(model))
+    ids = {id(u) for u in units}
+    for block in model.transformer_blocks:
+        parts = [block, block.attn1, block.attn2, block.ff.net[0], block.ff.net[2]]
+        assert [u for u in units if id(u) in {id(p) for p in parts}] == parts  # in forward order
+        assert id(block.ff) not in ids and id(block.attn1.to_q) not in ids
+    side = root_parts(model, units)
+    assert side == [model.adaln_single, model.caption_projection], side
+    covered = {id(p) for u in [*units, *side] for p in u.parameters()}
+    rest = [name for name, p in model.named_parameters() if id(p) not in covered]
+    assert all("." not in name or name.startswith(("pos_embed", "norm_out", "proj_out")) for name in rest), rest
 
 
 @pytest.mark.slow

@@ -394,10 +394,34 @@ def resolve_pipeline_engine(settings: EngineRequest, images: int | None = None, 
     settings, dtype_note = resolve_dtype(settings, DIFFUSERS_BF16_DRIFT)
     world = settings.world_size()
     info = inspect_pipeline(settings.diffusers)
-    plan, notes = choose_pipeline_plan(settings, info, world)
+    settings, plan, notes = plan_pipeline(settings, info, world)
     notes += check_pipeline_plan(plan, info, world)
     notes += check_vae_parallel(settings.vae_parallel, info["folder"], world)  # unsplittable VAE: refused here
     return PipelineSpec(settings, info["folder"], info, world, plan, dtype_note + notes)
+
+
+def plan_pipeline(settings: EngineRequest, info: dict, world: int) -> tuple[EngineRequest, ParallelConfig, list[str]]:
+    """choose_pipeline_plan, and under --memory-gib the text encoders' placement: when each encoder on one rank
+    (the default) leaves no transformer plan within the budget, the encoders sharded over every rank
+    (--encoder-shard: 1/N of each per rank) are tried, and taken, with a note saying why. Returns the settings the
+    engine runs with (encoder_shard set where the planner chose it), the plan and its notes."""
+    try:
+        plan, notes = choose_pipeline_plan(settings, info, world)
+        return settings, plan, notes
+    except OpenDiTError as exc:
+        once = exc
+    placed = settings.encode_every_rank or settings.encoder_shard  # the user's own placement: kept
+    encoders = [n for n in info["component_bytes"] if n.startswith("text_encoder")]
+    if settings.memory_gib is None or world == 1 or placed or not encoders:
+        raise once
+    sharded = settings.model_copy(update={"encoder_shard": True})
+    try:
+        plan, notes = choose_pipeline_plan(sharded, info, world)
+    except OpenDiTError as again:
+        sharded_too = f"with the text encoders sharded over the ranks (--encoder-shard): {again}"
+        raise OpenDiTError(f"{once}; {sharded_too}") from once
+    why = f"text encoders sharded over the {world} ranks (--encoder-shard), as each encoder on one rank does not fit"
+    return sharded, plan, [f"{why}: {once}", *notes]
 
 
 def choose_pipeline_plan(settings: EngineRequest, info: dict, world: int) -> tuple[ParallelConfig, list[str]]:
@@ -420,8 +444,9 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib:
     """--parallel auto / --memory-gib G: the planner's fastest plan from the transformer's cost view
     (planning/diffusers_cost.py) at its configured sample size (one image; 256 text tokens where text joins the
     attention). Under G, each rank also holds what planning/pipeline_memory.py counts: the text encoders it owns
-    (all of them with --encode-every-rank), the VAE and other weights, and the decode phase's activation (a band
-    when the decode is split), so the transformer's plan must fit what they leave."""
+    (all of them with --encode-every-rank, 1/N of each with --encoder-shard), the VAE and other weights, and the
+    decode phase's activation (a band when the decode is split), so the transformer's plan must fit what they
+    leave."""
     from opendit.models.precision import parse_dtype
     from opendit.planning.diffusers_cost import diffusers_auto_plan
     from opendit.planning.pipeline_memory import pipeline_memory
@@ -436,7 +461,8 @@ def auto_pipeline_plan(plan: ParallelConfig, info: dict, world: int, memory_gib:
         height, width, frames = _output_geometry(info)
         dtype_bytes = parse_dtype(settings.dtype if settings is not None else "fp32").itemsize
         split = _vae_split_planned(settings.vae_parallel if settings is not None else None, info, world, height)
-        held = pipeline_memory(info, world, every_rank, split, height, width, frames, dtype_bytes)
+        shard = bool(settings is not None and settings.encoder_shard)
+        held = pipeline_memory(info, world, every_rank, split, height, width, frames, dtype_bytes, shard)
         budget = memory_gib * 2**30 - held.total
         if budget <= 0:
             fix = "drop --encode-every-rank, " if every_rank else ""

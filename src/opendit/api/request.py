@@ -410,8 +410,9 @@ class EngineRequest(Schema):
         cli={"group": "diffusers"},
     )  # fmt: skip
     encoder_shard: Switch = described(  # FSDP2 over all ranks, loaded lean (parallel/lean_pipeline.py)
-        False, help="shard each text encoder's weights over all ranks (FSDP2, its blocks as units; every rank runs it "
-        "with gathered weights, each loads 1/N from the folder's safetensors): for an encoder one rank cannot hold",
+        False, help="shard each text encoder's weights over all ranks (FSDP2, its blocks' parts as units; every rank "
+        "runs it with gathered weights, each loads 1/N from the folder's safetensors): for an encoder one rank cannot "
+        "hold",
         what=_SWITCH, example="pass --encoder-shard or leave it out", cli={"group": "diffusers"},
     )  # fmt: skip
     video: Switch = described(  # a video DiT (the bundled digits video model, our checkpoints, Latte files)

@@ -9,6 +9,9 @@ Environment:
   peer raises, so the job ends with an error instead of hanging.
 - OPENDIT_FAULT_INJECT="rank=R,step=S": TEST HOOK. The rank with global rank R raises at the end of denoising step S
   (0-based). Used by tests/test_launch.py to check that one failing rank ends the whole job with its message.
+  "rank=R,phase=encode" / "rank=R,phase=decode": rank R raises as it starts a text encoder's forward (on the rank
+  that owns the encoder) / its band of the split VAE decode, while its peers wait in that phase's collectives
+  (tests/test_pipeline_failures.py).
 """
 
 from __future__ import annotations
@@ -127,12 +130,31 @@ def quiet_unless_rank0() -> None:
         warnings.simplefilter("ignore")
 
 
-def parse_fault(spec: str | None) -> tuple[int, int] | None:
-    """'rank=1,step=2' -> (1, 2); None/'' -> None."""
+FAULT_PHASES = ("encode", "decode")  # the phases OPENDIT_FAULT_INJECT's phase= names (besides a denoising step)
+
+
+def parse_fault(spec: str | None) -> tuple[int, int | str] | None:
+    """'rank=1,step=2' -> (1, 2); 'rank=1,phase=decode' -> (1, 'decode'); None/'' -> None."""
     if not spec:
         return None
     try:
         parts = dict(item.split("=", 1) for item in spec.split(","))
+        if "phase" in parts and parts["phase"] in FAULT_PHASES and "step" not in parts:
+            return int(parts["rank"]), parts["phase"]
         return int(parts["rank"]), int(parts["step"])
     except (KeyError, ValueError) as exc:
-        raise OpenDiTError(f"{ENV_FAULT}={spec!r} is malformed; expected e.g. 'rank=1,step=2'") from exc
+        raise OpenDiTError(
+            f"{ENV_FAULT}={spec!r} is malformed; expected e.g. 'rank=1,step=2' or 'rank=1,phase=encode' (phases: "
+            f"{', '.join(FAULT_PHASES)})"
+        ) from exc
+
+
+def inject_phase_fault(phase: str) -> None:
+    """TEST HOOK: raise InjectedFault if OPENDIT_FAULT_INJECT names this rank and `phase` (a no-op otherwise: one
+    environment read)."""
+    spec = os.environ.get(ENV_FAULT)
+    if not spec:
+        return
+    fault, rank = parse_fault(spec), global_rank()
+    if fault == (rank, phase):
+        raise InjectedFault(f"injected fault on rank {rank} during {phase} ({ENV_FAULT}={spec})")

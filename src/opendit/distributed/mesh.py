@@ -67,7 +67,7 @@ class Runtime:
     comms: dict[str, Comm | None]
     stats: CommStats
     group_ranks: dict[str, list[int]] = field(default_factory=dict)  # name -> global ranks of this rank's group
-    fault: tuple[int, int] | None = None
+    fault: tuple[int, int | str] | None = None  # (rank, denoising step or phase)
     mesh: DeviceMesh | None = None  # (pipefusion, dp, cfg, ring, ulysses, tp) over `ranks`, size-1 dims included
     sp_mesh: DeviceMesh | None = None  # 1-D over the "sp" group (FSDP2); None without sequence parallelism
     _exact: dict[str, Comm] = field(default_factory=dict, repr=False)

@@ -137,11 +137,12 @@ def apply_family(module: nn.Module, family: Family, runtime) -> dict:
         family.install(module, state)
     sites = install_sites(module, family, state, KernelCache(runtime))
     units = None
-    if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block, the rest in the root
+    if runtime.plan.shard_weights:  # FSDP2 over the sequence group: one all-gather per block part (split_block_units)
         from opendit.parallel.sharding import apply_weight_sharding
 
         units = shard_units(module, family)
-        apply_weight_sharding(module, runtime.sp_mesh, units=units, stats=runtime.stats, root_used_after_units=True)
+        apply_weight_sharding(module, runtime.sp_mesh, units=units, stats=runtime.stats, root_used_after_units=True,
+                              split_root=True)  # fmt: skip
     return {"family": family.name, "attention_sites": len(sites), "impl": runtime.plan.impl, "tensor": tensor,
             "shard_units": None if units is None else len(units)}  # fmt: skip
 
@@ -151,10 +152,12 @@ def shard_units(module: nn.Module, family: Family) -> list[nn.Module]:
     transformer classes: Flux's double- then single-stream blocks), but those the family reads outside their own
     forward (`Family.shard_in_root`); parameters outside the units stay in the root unit, gathered all forward."""
     kept = {m for pattern in family.shard_in_root for _p, m in matching_modules(module, pattern)}
+    from opendit.parallel.sharding import split_block_units
+
     units = [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child if b not in kept]
     if not units:
         raise OpenDiTError(f"{type(module).__name__} has no list of blocks to shard; drop --shard-weights")
-    return units
+    return split_block_units(units)  # each block as its attention and feed-forward parts (smaller gathers)
 
 
 def install_sites(module: nn.Module, family: Family, state: SequenceState, kernels) -> list[str]:

@@ -98,7 +98,10 @@ def skipped_components(owners: dict[str, int], rank: int) -> dict[str, None]:
 
 
 def _broadcasting(forward, owner: int, device: torch.device):
+    from opendit.distributed.env import inject_phase_fault
+
     def run(*args, **kwargs):
+        inject_phase_fault("encode")  # test hook: the owner fails while the other ranks wait for its broadcast
         return broadcast_output(forward(*args, **kwargs), owner, device)
 
     return run

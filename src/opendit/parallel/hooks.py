@@ -26,7 +26,7 @@ class CommAccounting(StepHook):
 class FaultInjection(StepHook):
     """TEST HOOK (OPENDIT_FAULT_INJECT="rank=R,step=S"): global rank R raises at the end of step S."""
 
-    def __init__(self, rank: int, fault: tuple[int, int] | None):
+    def __init__(self, rank: int, fault: tuple[int, int | str] | None):
         self.rank, self.fault = rank, fault
 
     def on_step_end(self, ctx: StepContext) -> None:

@@ -16,10 +16,11 @@ a rank's loading peak is its shards plus one tensor in flight (its rows, for FSD
 Text encoders (`--encoder-shard`): FSDP2 over all ranks; every rank runs the encoder on the same prompts with each
 unit's weights all-gathered just before it runs (an exact copy), so every rank computes the one-process embeddings
 itself and nothing is broadcast. Units, found generically: the blocks of the encoder's largest nn.ModuleList (T5's
-encoder.block, CLIP's encoder.layers) and its untied nn.Embedding modules outside them (CLIP's token and
-position tables); the rest (final norms; T5's shared table, tied between `shared` and `encoder.embed_tokens`, which
-FSDP2 can only keep tied inside one unit: vocab x d, 0.5 GB for T5-XXL in fp32) stays in the root unit, gathered for
-the whole forward.
+encoder.block, CLIP's encoder.layers), each split into the parts it calls (sharding.split_block_units: T5's attention
+layer and its feed-forward's wi_0, wi_1, wo; a gathered part costs ~2.5x its size, so smaller parts lower the
+call's peak), and its untied nn.Embedding modules outside them (CLIP's token and position tables); the rest (final
+norms; T5's shared table, tied between `shared` and `encoder.embed_tokens`, which FSDP2 can only keep tied inside
+one unit: vocab x d, 0.5 GB for T5-XXL in fp32) stays in the root unit, gathered for the whole forward.
 """
 
 from __future__ import annotations
@@ -171,8 +172,11 @@ def fill_component(model: nn.Module, folder: str | Path, name: str, device: torc
 
 
 def encoder_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units of a text encoder: the blocks of its largest ModuleList and its untied nn.Embedding modules
-    outside them, in registration order (their forward order in T5 and CLIP)."""
+    """The FSDP2 units of a text encoder: the blocks of its largest ModuleList (each as its parts,
+    sharding.split_block_units) and its untied nn.Embedding modules outside them, in registration order (their
+    forward order in T5 and CLIP)."""
+    from opendit.parallel.sharding import split_block_units
+
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return []
@@ -189,8 +193,8 @@ def encoder_units(model: nn.Module) -> list[nn.Module]:
         seen.add(id(module))
         if isinstance(module, nn.Embedding) and id(module) not in inside and owners[id(module.weight)] == 1:
             units.append(module)  # a tied table stays in the root unit (FSDP2 ties parameters within one unit)
-        elif module is blocks:
-            units.extend(blocks)
+        elif module is blocks:  # each block as its attention and feed-forward parts (T5: block.layer[0], [1])
+            units.extend(split_block_units(list(blocks)))
     return units
 
 
@@ -199,6 +203,7 @@ def shard_encoder(folder: str | Path, name: str, dtype: torch.dtype, device: tor
     (the encoder, its loading record). OpenDiTError when it has no list of blocks to shard."""
     from torch.distributed.device_mesh import DeviceMesh
 
+    from opendit.distributed.env import inject_phase_fault
     from opendit.parallel.sharding import apply_weight_sharding, sharded_parameter_bytes
 
     model = build_on_meta(folder, name, dtype)
@@ -208,4 +213,6 @@ def shard_encoder(folder: str | Path, name: str, dtype: torch.dtype, device: tor
     mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)  # every rank: (world,)
     apply_weight_sharding(model, mesh, units=units, root_used_after_units=True)
     stats = fill_component(model, folder, name, device)
+    # test hook: one rank fails as the encoder starts while the others wait in its first unit's all-gather
+    model.register_forward_pre_hook(lambda module, args: inject_phase_fault("encode"))
     return model, {**stats.to_dict(), "units": len(units), "bytes": sharded_parameter_bytes(model)}

@@ -87,11 +87,13 @@ def apply_weight_sharding(
     units: list[nn.Module] | None = None,
     stats: Any = None,
     root_used_after_units: bool = False,
+    split_root: bool = False,
 ) -> None:
     """Shard `model`'s parameters in place over `group_or_mesh` (ProcessGroup, opendit Comm or 1-D DeviceMesh, P ranks).
     The weight all-gathers are counted in `stats` (a CommStats; default: an opendit Comm's own).
     `root_used_after_units`: the root's own parameters are read after the units ran (a diffusers transformer's
-    norm_out / proj_out), so they stay gathered for the whole forward.
+    norm_out / proj_out), so they stay gathered for the whole forward; with `split_root` too, the root's large
+    children become units of their own (`root_parts`) and only its own parameters stay gathered.
 
     Each rank keeps 1/P of every parameter (dim 0, FSDP2 layout); each unit is all-gathered just before its forward
     and freed after it; with `prefetch` the next unit's all-gather is issued when the current unit starts (async on
@@ -119,7 +121,10 @@ def apply_weight_sharding(
         units = spec.shard_unit_modules(model)
         root_used_after_units = root_used_after_units or spec.root_used_after_embedding
     placement = _placement_for(mesh.size())
-    for unit in units:
+    # the root's large children (embedders, final projections) as units of their own, out of the prefetch chain
+    # (their forward order around the blocks is the model's own): gathered while they run, not all forward
+    side = root_parts(model, units) if split_root and root_used_after_units and units else []
+    for unit in [*side, *reversed(units)]:  # bottom-up: a nested unit (split_block_units) before its parent
         fully_shard(unit, mesh=mesh, reshard_after_forward=True, shard_placement_fn=placement)
     # the rest: pos_embed, x_embedder
     fully_shard(model, mesh=mesh, reshard_after_forward=True, shard_placement_fn=placement)
@@ -127,7 +132,7 @@ def apply_weight_sharding(
     chain = [model, *units]
     stats = stats if stats is not None else getattr(group_or_mesh, "stats", None)
     gather = WeightAllGather(dist.get_backend(mesh.get_group()) == "gloo", stats)
-    for unit in chain:
+    for unit in [*chain, *side]:
         unit.set_custom_all_gather(gather)
     if prefetch:
         for current, following in zip(chain, chain[1:]):
@@ -137,6 +142,77 @@ def apply_weight_sharding(
         # before the first child unit; FSDP2 would keep them gathered until the root's forward ends (72 MiB at
         # 16384 tokens, XL width, fp32). Free them when the first unit starts.
         units[0].register_forward_pre_hook(lambda _module, _args: model.reshard())
+
+
+def split_block_units(blocks: list[nn.Module]) -> list[nn.Module]:
+    """Finer FSDP2 units for a list of blocks, in forward order: a block larger than nothing splits into its called
+    parts (its direct children holding parameters; a ModuleList / ModuleDict, which has no forward for a hook to
+    fire on, stands for its items: T5's block.layer), each part again while it holds over 1/PART_CAP of the block
+    (a feed-forward of two or three linears), preceded by the module itself when parameters are left to it (its
+    own, PixArt's scale_shift_table (6, C), and its parts under 1/SMALL_PART of the block: norms), which FSDP2
+    then gathers without its parts'. Why: a unit being gathered costs about 2.5x its size on CPU (the all-gather
+    output, the parameters copied out of it, the local shard's copy in) plus the next unit's prefetch, so a PixArt
+    block of 37 MiB at width 768 (attn1 9 MiB, attn2 9 MiB, ff 18 MiB) peaked at ~3 blocks above the shards, and
+    its parts peak at ~3 of its largest part. Parts are modules their parent calls (their own forward hooks gather
+    them); a parameter a module reads itself stays in that module's unit."""
+    units: list[nn.Module] = []
+    for block in blocks:
+        units.extend(_split(block, _numel(block) / PART_CAP, _numel(block) / SMALL_PART))
+    return units
+
+
+PART_CAP = 2.5  # a part above 40 % of its block's parameters is split again (where it has parts of its own)
+SMALL_PART = 16  # a part under 1/16 of its block's parameters stays in its parent's unit
+
+
+def _split(module: nn.Module, cap: float, small: float) -> list[nn.Module]:
+    size = _numel(module)
+    parts = [part for part in _called_children(module) if _numel(part) >= small]
+    if not parts or (len(parts) == 1 and size <= cap):
+        return [module]
+    rest = size - sum(_numel(part) for part in parts)
+    inner = [unit for part in parts for unit in (_split(part, cap, small) if _numel(part) > cap else [part])]
+    return [module, *inner] if rest else inner
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _called_children(module: nn.Module) -> list[nn.Module]:
+    found = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found.extend(item for item in child.children() if _numel(item))
+        elif _numel(child):
+            found.append(child)
+    return found
+
+
+def root_parts(model: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """The root's own children that can be units of their own when the root stays gathered for the whole forward
+    (a diffusers transformer reads its scale_shift_table / norm_out after the blocks): each child holding at least
+    1/SMALL_PART of the root's remaining parameters, no unit's parameters and no parameter tied to another module
+    (FSDP2 keeps a tie only within one unit). PixArt width 768: adaln_single (a 768 -> 6 x 768 linear, 13.5 MiB)
+    and caption_projection (4.5 MiB) were gathered through every step's whole forward; on their own they are
+    gathered only while they run. A ModuleList / ModuleDict child is left to the root (Z-Image indexes its
+    embedders' ModuleDict: no forward hook would fire on it)."""
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            holders[id(param)] = holders.get(id(param), 0) + 1
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
+    found = []
+    for child in model.children():
+        params = list(child.parameters())
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or not params:
+            continue
+        if any(id(p) in in_units or holders[id(p)] > 1 for p in params):
+            continue
+        if sum(p.numel() for p in params) * SMALL_PART >= rest:
+            found.append(child)
+    return found
 
 
 def _device_type(params: list[nn.Parameter], group_or_mesh: Any) -> str:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opendit.distributed.comm import Comm
+from opendit.distributed.env import inject_phase_fault
 from opendit.errors import OpenDiTError
 from opendit.parallel.sequence import offsets, split_sizes
 
@@ -385,6 +386,7 @@ class VaeSplit:
         sizes = split_sizes(rows, comm.size)
         start, mine = offsets(sizes)[comm.rank], sizes[comm.rank]
         with self._active(sizes):
+            inject_phase_fault("decode")  # test hook: this rank fails while its peers wait in the halo exchange
             out = self._own_decode(z[..., start : start + mine, :].contiguous(), *args, **kwargs)
         sample = out[0] if isinstance(out, tuple) else out.sample  # (B, 3, [T,] h * f, W * f)
         factor = sample.shape[-2] // mine
