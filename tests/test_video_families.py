@@ -249,6 +249,16 @@ def test_pab_on_spatial_and_temporal_attention_equals_one_process(folders, tmp_p
     assert cache_saved(tmp_path / "two")["transformer"]["attention_reused"] > 0
 
 
+def test_a_vae_that_cannot_decode_a_batch_decodes_each_video(folders, tmp_path, capsys):
+    """HunyuanVideo-1.5's VAE fails on a batch of 2 in diffusers 0.42.1 (its causal mask broadcasts over the batch
+    twice); two prompts still give two videos, each decoded alone (found by a meta-device probe, recorded)."""
+    code, _, err = sample(capsys, folders["hunyuan15"], tmp_path / "two", "--prompt", "a dog")
+    assert code == 0, err
+    assert frames_of(tmp_path / "two").shape[0] == 2  # frame 0 of each video as a PNG
+    record = json.loads((tmp_path / "two" / "record.json").read_text())
+    assert record["loading"]["vae_decodes_per_sample"] is True
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_input_is_one_error_line_before_any_process_starts(folders, tmp_path, capsys, monkeypatch):
     def no_pool(*args, **kwargs):

@@ -135,6 +135,8 @@ class PipelineRunner:
         if lean or shard:  # loaded as None, set afterwards: what __init__ derives from them is derived again
             self.pipe = rebuilt(self.pipe)
         self.vae_split = self._split_vae()
+        if decode_per_sample_if_needed(getattr(self.pipe, "vae", None)):
+            record["vae_decodes_per_sample"] = True
         self.parameter_bytes = sum(_parameter_bytes(module) for _name, module in self.denoisers())
         self.load_record = {**record, "seconds": time.perf_counter() - start, **encoders}
 
@@ -236,6 +238,47 @@ class PipelineRunner:
         if self.vae_split is not None:  # the last decode: split over the ranks or not, and why
             record["vae_decode"] = dict(self.vae_split.band.last)
         return record
+
+
+def decode_per_sample_if_needed(vae) -> bool:
+    """Make `vae.decode` decode one sample at a time where the VAE cannot decode a batch, and say whether it did.
+
+    AutoencoderKLHunyuanVideo15 (diffusers 0.42.1) builds its mid-block causal mask as (B, S, S) and hands it to
+    scaled_dot_product_attention with (B, 1, S, D) queries, so it broadcasts to (B, B, S, S) and a batch of 2 fails:
+    its pipeline decodes one video per call. Found, not listed: the VAE is built on the meta device from its config and
+    asked to decode a batch of 2 and of 1 (shapes only). Exact: a VAE decodes each sample on its own anyway."""
+    if vae is None:
+        return False
+    config = dict(vae.config)
+    channels = config.get("latent_channels") or config.get("z_dim")
+    if not channels:
+        return False
+    # (B, C, h, w) for image VAEs, (B, C, frames, h, w) for video VAEs (their encoders take 5-D input)
+    video = any(isinstance(m, torch.nn.Conv3d) for m in vae.modules())
+
+    def decodes(batch: int) -> bool:
+        shape = (batch, int(channels), 2, 8, 8) if video else (batch, int(channels), 8, 8)
+        try:
+            with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                type(vae).from_config(config).decode(torch.zeros(shape), return_dict=False)
+            return True
+        except Exception:  # noqa: BLE001 - any failure of the probe means "not this batch size"
+            return False
+
+    if decodes(2) or not decodes(1):
+        return False
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    whole = vae.decode  # the split decode where --vae-parallel installed one: each sample then decodes split
+
+    def decode(z: torch.Tensor, *args, return_dict: bool = True, **kwargs):
+        # z: (B, C, [frames,] h, w) -> B decodes of (1, C, [frames,] h, w), concatenated on the batch
+        sample = torch.cat([whole(z[i : i + 1], *args, return_dict=False, **kwargs)[0] for i in range(z.shape[0])])
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    vae.decode = decode
+    return True
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
