@@ -189,7 +189,6 @@ def test_two_processes_equal_one(kind, folders):
 
 
 @pytest.mark.slow
-@pytest.mark.sweep
 @pytest.mark.parametrize(("kind", "world"), [("zimage", 3), ("flux2", 3), ("zimage", 4), ("qwenimage", 4)])
 def test_three_and_four_processes_with_uneven_tokens(kind, world, folders):
     """Uneven: Z-Image's 64 + 64 / 96 + 32 tokens, FLUX.2's 96 text + 64 image tokens, over 3 ranks; USP 2 x 2."""
@@ -203,7 +202,6 @@ BF16_PLANS = {"qwenimage": [{"ulysses": 2}], "flux2": [{"ring": 2}], "zimage": [
 
 
 @pytest.mark.slow
-@pytest.mark.sweep
 def test_bf16_equals_one_bf16_process(folders):
     """bf16: a strategy against one bf16 process; rounding order differs, so within 8/255 per pixel."""
     from tests.dist_utils import run_distributed
