@@ -13,6 +13,41 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The sweep tier (`make test-sweeps`, marker `sweep`), out of `make test`'s 15 minutes on 2 cores: checks that
+# `make test` makes at 2 processes (or on one family) repeated at 3-4 processes, in bf16 or on every family, and the
+# slow quality and scale checks. One list, here, so the tier reads in one place (node id prefixes).
+SWEEP = (
+    "test_video_families.py::test_processes_equal_one_process[3]",
+    "test_video_families.py::test_processes_equal_one_process[4]",
+    "test_video_families.py::test_bf16_processes_equal_one_bf16_process",
+    "test_image_families.py::test_three_and_four_processes_with_uneven_tokens",
+    "test_image_families.py::test_bf16_equals_one_bf16_process",
+    "test_vae_split.py::test_split_decode_equals_one_process[kl-3-10]",
+    "test_vae_split.py::test_split_decode_equals_one_process[kl-4-5]",
+    "test_vae_split.py::test_split_decode_equals_one_process[wan-3-8]",
+    "test_vae_split.py::test_split_decode_equals_one_process[wan-4-6]",
+    "test_encoders_once.py::test_encoders_once_equal_every_rank_encoding_on_each_family",  # Flux's stays in
+    "test_encoders_once.py::test_broadcast_output_rebuilds_model_outputs_tuples_and_dicts[3]",
+    "test_diffusers_parallel.py::test_diffusers_modules_equal_one_process[3]",
+    "test_diffusers_parallel.py::test_diffusers_modules_equal_one_process[4]",
+    "test_diffusers_parallel.py::test_diffusers_tensor_parallel_equals_one_process[4]",
+    "test_shard.py::test_per_rank_parameter_memory_is_1_over_p_plus_one_block[4]",
+    "test_sharded_loading.py::test_per_rank_memory_while_loading_and_sampling_is_1_over_p_plus_one_block[4-",
+    "test_video_cli.py::test_cli_video_frames_equal_single_process[cfg-dsp4]",
+    "test_cache_cli.py::test_n_processes_with_a_cache_equal_one[fastseq-3-",
+    "test_cache_cli.py::test_n_processes_with_a_cache_equal_one[usp-4-",
+    "test_precision.py::test_shipped_digits_model_half_precision_quality",  # quality: ~90 s
+    "test_video_quality.py::",
+    "test_loading_memory.py::test_xl2_fp32_safetensors_loads_into_bf16_within_1_3x",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.nodeid.startswith("tests/" + prefix) for prefix in SWEEP):
+            item.add_marker(pytest.mark.sweep)
+
+
 @pytest.fixture
 def tiny_config():
     """A DiT-T/2 pixel-space model: 16x16x1 images, 64 tokens, 10 classes."""

@@ -187,9 +187,7 @@ def _check(results, world, rank, bound):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "world", [2, pytest.param(3, marks=pytest.mark.sweep), pytest.param(4, marks=pytest.mark.sweep)]
-)
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_processes_equal_one_process(world):
     for rank, results in enumerate(run_distributed(_video_worker, world, "float32", PLANS[world], timeout=900)):
         expected = sum(1 for kind in parallel_kinds() for plan in PLANS[world]
@@ -199,7 +197,6 @@ def test_processes_equal_one_process(world):
 
 
 @pytest.mark.slow
-@pytest.mark.sweep
 def test_bf16_processes_equal_one_bf16_process():
     """bf16: the split reorders sums (ring's online softmax, the gathers), so within bf16 rounding of the output."""
     plans = [{"ulysses": 2}, {"ring": 2}]
