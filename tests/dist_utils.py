@@ -11,7 +11,9 @@ DistributedError says which ranks were still running, so a hang fails the test i
 The processes are forked from a forkserver that imported torch and diffusers once (PRELOAD), not spawned: a spawned
 rank spends ~4 s of CPU importing them, which over the suite's few hundred ranks was a third of `make test`'s time on
 2 cores. The forkserver is a single-threaded process that never ran torch work (safe to fork, as spawn is); each rank
-gets the caller's environment at the time of the call (the server's own is the one it started with).
+gets the caller's environment at the time of the call (the server's own is the one it started with). Tests that
+measure a rank's resident set pass `start_method="spawn"`: a forked rank faults in the server's library pages as it
+touches them, which reads as growth of its resident set.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, timeout: float,
     dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
+                    start_method: str = "forkserver") -> list[Any]:  # fmt: skip
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks; returns the per-rank results in rank order."""
     for attempt in range(3):
         with tempfile.TemporaryDirectory() as out_dir:
             try:
-                _run(fn, world_size, args, timeout, out_dir)
+                _run(fn, world_size, args, timeout, out_dir, start_method)
             except DistributedError as err:  # another test grabbed our port between free_port() and bind: retry
                 if attempt < 2 and "address already in use" in str(err).lower():
                     continue
@@ -84,7 +87,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     raise AssertionError("unreachable")
 
 
-def _run(fn: Callable, world_size: int, args: tuple, timeout: float, out_dir: str) -> None:
+def _run(fn: Callable, world_size: int, args: tuple, timeout: float, out_dir: str, start_method: str) -> None:
     port = free_port()
     mp.set_forkserver_preload(PRELOAD)  # read when this process's forkserver starts (its first job)
     ctx = mp.start_processes(
@@ -92,7 +95,7 @@ def _run(fn: Callable, world_size: int, args: tuple, timeout: float, out_dir: st
         args=(fn, world_size, port, timeout, out_dir, args, dict(os.environ)),
         nprocs=world_size,
         join=False,
-        start_method="forkserver",
+        start_method=start_method,
     )
     deadline = time.monotonic() + timeout
     try:

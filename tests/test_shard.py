@@ -165,7 +165,7 @@ def _memory_worker(rank, world):
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
 @pytest.mark.parametrize("world", [2, 4])
 def test_per_rank_parameter_memory_is_1_over_p_plus_one_block(world):
-    for per_rank in run_distributed(_memory_worker, world, timeout=300):
+    for per_rank in run_distributed(_memory_worker, world, timeout=300, start_method="spawn"):  # a clean resident set
         for prefetch, r in per_rank.items():
             share = r["full"] / world
             mb = {k: round(v / 2**20, 1) for k, v in r.items()}

@@ -157,7 +157,7 @@ def test_per_rank_memory_while_loading_and_sampling_is_1_over_p_plus_one_block(t
     config = small_config(hidden=768, depth=4, grid=4, heads=12)
     ckpt = write_checkpoint(config, tmp_path, fmt)
     gc.collect()
-    for rank, r in enumerate(run_distributed(_memory_worker, world, config, ckpt, timeout=300)):
+    for rank, r in enumerate(run_distributed(_memory_worker, world, config, ckpt, timeout=300, start_method="spawn")):
         share = r["full"] / world
         mib = {k: round(v / 2**20, 1) for k, v in r.items()}
         print(f"P={world} {fmt} rank {rank}: {mib} MiB; load peak = 1/P + {(r['load_peak'] - share) / r['block']:.2f}"
