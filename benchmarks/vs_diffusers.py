@@ -157,64 +157,38 @@ DIMS = {
 
 
 # ------------------------------------------------------------------------------------------------ models, inputs
+# kind -> (diffusers class, its config from the kind's dims); every model 16 heads x 72 (HEADS x HEAD_DIM)
+# - flux: RoPE (8, 32, 32), text 1024 wide, pooled 768, no guidance embedding
+# - wan: RoPE splits 72 into t/h/w = 24/24/24, ffn 4608, text 4096
+# - qwenimage: Qwen-Image's layout at DiT-XL width: 16 latent channels packed 2 x 2 -> 64 in, 16 out; RoPE over
+#   (frame, height, width) = 8 + 32 + 32 = 72 channels (the released 16/56/56 of 128, rounded to even sizes)
+# - flux2: FLUX.2's layout at DiT-XL width: 32 latent channels packed 2 x 2 -> 128 in; RoPE over (t, h, w, l) in four
+#   equal parts as released (4 x 32 of 128 there, 4 x 18 = 72 here); guidance embedding as FLUX.2 [dev]
+MODELS = {
+    "flux": ("FluxTransformer2DModel", lambda d: {
+        "patch_size": 1, "in_channels": 64, "num_layers": d["double"], "num_single_layers": d["single"],
+        "joint_attention_dim": 1024, "pooled_projection_dim": 768, "guidance_embeds": False,
+        "axes_dims_rope": (8, 32, 32)}),
+    "wan": ("WanTransformer3DModel", lambda d: {
+        "patch_size": (1, 2, 2), "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256,
+        "ffn_dim": 4608, "num_layers": d["layers"]}),
+    "qwenimage": ("QwenImageTransformer2DModel", lambda d: {
+        "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": d["layers"], "joint_attention_dim": 1024,
+        "axes_dims_rope": (8, 32, 32)}),
+    "flux2": ("Flux2Transformer2DModel", lambda d: {
+        "patch_size": 1, "in_channels": 128, "num_layers": d["double"], "num_single_layers": d["single"],
+        "joint_attention_dim": 1024, "axes_dims_rope": (18, 18, 18, 18), "guidance_embeds": True}),
+}  # fmt: skip
+
+
 def build_model(kind: str, dims: dict):
     import diffusers
 
-    torch.manual_seed(SEED)
-    if kind == "flux":
-        model = diffusers.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=dims["double"],
-            num_single_layers=dims["single"],
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=1024,
-            pooled_projection_dim=768,
-            guidance_embeds=False,
-            axes_dims_rope=(8, 32, 32),
-        )
-    elif kind == "wan":
-        model = diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=HEADS,
-            attention_head_dim=HEAD_DIM,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=4608,
-            num_layers=dims["layers"],
-        )
-    elif kind == "qwenimage":
-        # Qwen-Image's layout at DiT-XL width: 16 latent channels packed 2 x 2 -> 64 in, 16 out; RoPE over
-        # (frame, height, width) = 8 + 32 + 32 = 72 channels (the released 16/56/56 of 128, rounded to even sizes)
-        model = diffusers.QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=64,
-            out_channels=16,
-            num_layers=dims["layers"],
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=1024,
-            axes_dims_rope=(8, 32, 32),
-        )
-    elif kind == "flux2":
-        # FLUX.2's layout at DiT-XL width: 32 latent channels packed 2 x 2 -> 128 in; RoPE over (t, h, w, l) in four
-        # equal parts as released (4 x 32 of 128 there, 4 x 18 = 72 here); guidance embedding as FLUX.2 [dev]
-        model = diffusers.Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=128,
-            num_layers=dims["double"],
-            num_single_layers=dims["single"],
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=1024,
-            axes_dims_rope=(18, 18, 18, 18),
-            guidance_embeds=True,
-        )
-    else:
+    if kind not in MODELS:
         raise ValueError(kind)
+    class_name, config = MODELS[kind]
+    torch.manual_seed(SEED)
+    model = getattr(diffusers, class_name)(num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, **config(dims))
     return model.eval()
 
 
