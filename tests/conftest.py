@@ -15,7 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The sweep tier (`make test-sweeps`, marker `sweep`), out of `make test`'s 15 minutes on 2 cores: checks that
 # `make test` makes at 2 processes (or on one family) repeated at 3-4 processes, in bf16 or on every family, and the
-# slow quality and scale checks. One list, here, so the tier reads in one place (node id prefixes).
+# slow quality and scale checks, and the server on the new image families' folders. One list, here, so the tier
+# reads in one place (node id prefixes).
 SWEEP = (
     "test_video_families.py::test_processes_equal_one_process[3]",
     "test_video_families.py::test_processes_equal_one_process[4]",
@@ -39,6 +40,7 @@ SWEEP = (
     "test_precision.py::test_shipped_digits_model_half_precision_quality",  # quality: ~90 s
     "test_video_quality.py::",
     "test_loading_memory.py::test_xl2_fp32_safetensors_loads_into_bf16_within_1_3x",
+    "test_image_families.py::test_serve_on_the_folder_equals_the_cli",  # the server on the new image families
 )
 
 

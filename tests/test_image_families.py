@@ -295,3 +295,20 @@ def test_a_key_padding_mask_travels_with_k_through_every_kernel():
             parts = (t.transpose(1, 2) for t in (wq, wk[:, block], wv[:, block]))
             merged, lse = merge_attention(merged, lse, *attention_with_lse(*parts))
         assert torch.isfinite(merged).all() and (merged[..., :16] - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwenimage", "flux2"])
+def test_serve_on_the_folder_equals_the_cli(kind, folders, tmp_path, capsys):
+    """`opendit serve --diffusers DIR --nproc 2 --ulysses 2`: /v1/generate's image = `opendit sample`'s for the same
+    prompt and seed (the server's loop is bounded: one request)."""
+    from tests.serve_utils import decode_png, running_server
+
+    code, _, err = _sample(capsys, folders[kind], tmp_path / "cli")
+    assert code == 0, err
+    cli = _pngs(tmp_path / "cli")
+    with running_server("--diffusers", str(folders[kind]), "--nproc", "2", "--ulysses", "2") as server:
+        response = server.client.post("/v1/generate", json={"prompt": [LONG, "a dog"], "seed": 3})
+        assert response.status_code == 200, response.text[:300]
+        images = np.stack([decode_png(b64) for b64 in response.json()["images"]]).astype(np.int16)
+    assert images.shape == cli.shape and np.abs(images - cli).max() <= 1

@@ -349,6 +349,12 @@ class PipelineSpec:
     def ckpt(self) -> str:
         return self.folder
 
+    @property
+    def defaults(self) -> dict:
+        """What a call runs without flags (the server's /healthz and page): the folder's or the pipeline's own."""
+        call = self.info["call"]
+        return {"steps": call.get("num_inference_steps"), "cfg_scale": call.get("guidance_scale")}
+
     runner = "opendit.engine.pipeline_runner:PipelineRunner"  # what runs it on every rank (engine/replica.py)
     client_kind = "prompt"  # clients send prompts (a class-conditional pipeline's: its label names)
 
