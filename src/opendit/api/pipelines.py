@@ -220,11 +220,22 @@ def meta_pipeline(path: Path, index: dict, pipeline: str, transformer: str, conf
         return None
 
 
+def meta_decoded_shape(vae_cls: type, config: dict, latent_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape `vae_cls` (built from `config` on the meta device: no weights, no arithmetic) decodes a latent of
+    `latent_shape` into; None where that VAE cannot decode it so (a batch it cannot take, a decode needing data)."""
+    try:
+        with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tuple(vae_cls.from_config(config).decode(torch.zeros(latent_shape), return_dict=False)[0].shape)
+    except Exception:  # noqa: BLE001 - any failure means "not this latent"
+        return None
+
+
 def decoded_frame_count(folder: str | Path, vae_class: str, latent_frames: int) -> int | None:
-    """How many frames the folder's VAE decodes `latent_frames` latent frames into, found by running its decode on
-    the meta device (shapes only, no weights, no arithmetic) on a (1, C, latent_frames, 8, 8) latent; None where that
-    VAE cannot be run so. Some VAEs decode latent frames in batches (AutoencoderKLCogVideoX: 2 after the first), so
-    an even latent count gives 4 more frames than (L - 1) x ratio + 1: read, not assumed."""
+    """How many frames the folder's VAE decodes `latent_frames` latent frames into (its meta-device decode of a
+    (1, C, latent_frames, 8, 8) latent); None where that cannot be read. Some VAEs decode latent frames in batches
+    (AutoencoderKLCogVideoX: 2 after the first), so an even latent count gives 4 more frames than (L - 1) x ratio + 1:
+    read, not assumed."""
     import diffusers
 
     path = Path(folder)
@@ -233,14 +244,8 @@ def decoded_frame_count(folder: str | Path, vae_class: str, latent_frames: int) 
         return None
     config = _read_json(path / "vae" / "config.json", path)
     channels = config.get("latent_channels") or config.get("z_dim")
-    try:
-        with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vae = vae_cls.from_config(config)
-            latent = torch.zeros(1, int(channels), latent_frames, 8, 8)  # (B, C, L, h, w)
-            return int(vae.decode(latent, return_dict=False)[0].shape[2])  # (B, 3, frames, H, W)
-    except Exception:  # noqa: BLE001 - a VAE whose decode needs real data: no check (the call still runs)
-        return None
+    shape = meta_decoded_shape(vae_cls, config, (1, int(channels), latent_frames, 8, 8))  # -> (1, 3, frames, H, W)
+    return shape[2] if shape is not None else None
 
 
 def _check_decoded_frames(info: dict, frames: int, ratio: int) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec
+from opendit.api.pipelines import SEEDING, PipelineCall, PipelineSpec, meta_decoded_shape
 from opendit.diffusion.sampler import device_clock
 from opendit.engine.replica import Ran
 from opendit.errors import OpenDiTError
@@ -258,13 +258,7 @@ def decode_per_sample_if_needed(vae) -> bool:
 
     def decodes(batch: int) -> bool:
         shape = (batch, int(channels), 2, 8, 8) if video else (batch, int(channels), 8, 8)
-        try:
-            with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                type(vae).from_config(config).decode(torch.zeros(shape), return_dict=False)
-            return True
-        except Exception:  # noqa: BLE001 - any failure of the probe means "not this batch size"
-            return False
+        return meta_decoded_shape(type(vae), config, shape) is not None
 
     if decodes(2) or not decodes(1):
         return False
