@@ -315,14 +315,14 @@ def fit_memory(
     are a candidate unless the request asks for them, then only they are)."""
     from opendit.io.outputs import vae_memory_bytes
     from opendit.models.precision import parse_dtype
-    from opendit.planning.planner import fit_plan
+    from opendit.planning.planner import Workload, fit_plan
     from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
 
     speeds = speeds_in_dtype(resolve_speeds(memory_gib=request.memory_gib), parse_dtype(request.dtype).itemsize)
     vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0
     given = world == 1 or plan.world_size != 1
     shard = (True,) if plan.shard_weights else (False, True)
-    chosen, why = fit_plan(config, world, images, guided, speeds, plan if given else None, vae, shard)
+    chosen, why = fit_plan(Workload(config, images, guided, vae), world, speeds, plan if given else None, shard)
     if not given:  # keep the request's own options (kernel, comm dtype, balancing) on the chosen degrees
         chosen = replace(
             plan, dp=chosen.dp, cfg=chosen.cfg, ulysses=chosen.ulysses, ring=chosen.ring, tp=chosen.tp,

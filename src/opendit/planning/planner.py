@@ -407,69 +407,74 @@ def plan_flags(config: ParallelConfig) -> str:
     return " ".join(flags) or "one process"
 
 
-def _leanest(model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float):
-    dims, tensor = spec_for(model).dims(model), spec_for(model).tensor_split is not None
+@dataclass(frozen=True)
+class Workload:
+    """What one call generates, as the memory fit sees it: the model (its config), the images per call, whether CFG
+    doubles the batch, and the VAE decode's bytes (weights + activations, outputs.vae_memory_bytes) that the output
+    rank pays after sampling."""
+
+    model: object
+    images: int
+    guided: bool
+    decode_bytes: float = 0.0
+
+    def estimate(self, plan: ParallelConfig, speeds: Speeds) -> PlanEstimate:
+        """One step's estimate of `plan` at the model's own token count."""
+        tokens = spec_for(self.model).dims(self.model).num_tokens
+        return estimate(self.model, tokens, self.images, self.guided, plan, speeds, 1, self.decode_bytes)
+
+
+def _leanest(work: Workload, world: int, speeds: Speeds) -> PlanEstimate | None:
+    spec = spec_for(work.model)
+    dims, tensor = spec.dims(work.model), spec.tensor_split is not None
     configs = enumerate_plans(
-        world, dims.num_heads, dims.num_tokens, images, guided, frames=dims.sequences, tensor=tensor
+        world, dims.num_heads, dims.num_tokens, work.images, work.guided, frames=dims.sequences, tensor=tensor
     )
-    estimates = [estimate(model, dims.num_tokens, images, guided, c, speeds, 1, decode_bytes) for c in configs]
-    return min(estimates, key=lambda e: e.memory.total) if estimates else None
+    return min((work.estimate(c, speeds) for c in configs), key=lambda e: e.memory.total, default=None)
 
 
-def memory_advice(
-    model, world: int, images: int, guided: bool, speeds: Speeds, decode_bytes: float = 0.0, max_world: int = 256
-) -> str:
+def memory_advice(work: Workload, world: int, speeds: Speeds, max_world: int = 256) -> str:
     """What would fit `speeds.memory_bytes` per rank: the fewest ranks (from `world` up, doubling) with their leanest
     plan, and a half-precision dtype at `world` ranks when the request is in fp32."""
     options = []
     ranks = max(world, 2) if world == 1 else world * 2
     while ranks <= max_world:
-        lean = _leanest(model, ranks, images, guided, speeds, decode_bytes)
+        lean = _leanest(work, ranks, speeds)
         if lean is not None and lean.fits:
             options.append(f"{plan_flags(lean.config)} ({lean.memory.total / GIB:.2f} GiB per rank predicted)")
             break
         ranks *= 2
     if speeds.dtype_bytes == 4:
-        half = replace(speeds, dtype_bytes=2)
-        lean = _leanest(model, world, images, guided, half, decode_bytes)
+        lean = _leanest(work, world, replace(speeds, dtype_bytes=2))
         if lean is not None and lean.fits:
             options.append(f"--dtype bf16 with {plan_flags(lean.config)} ({lean.memory.total / GIB:.2f} GiB per rank)")
     return " or ".join(options) if options else f"nothing up to {max_world} ranks in half precision: more memory"
 
 
 def fit_plan(
-    model,
-    world: int,
-    images: int,
-    guided: bool,
-    speeds: Speeds,
-    requested: ParallelConfig | None = None,
-    decode_bytes: float = 0.0,
-    shard_options: tuple[bool, ...] = (False, True),
+    work: Workload, world: int, speeds: Speeds, requested: ParallelConfig | None = None, shard_options=(False, True)
 ) -> tuple[ParallelConfig, str]:
     """A plan whose predicted whole-run peak fits `speeds.memory_bytes` per rank, and why: `requested` (given
-    degrees, or one process) if it fits, else (no degrees) the planner's fastest plan that fits. When nothing
-    fits, OpenDiTError with the predicted need and `memory_advice` (how many ranks, or which dtype, would fit)."""
-    dims = spec_for(model).dims(model)
+    degrees, or one process) if it fits, else (no degrees) the planner's fastest plan that fits, with weight sharding
+    among `shard_options`. When nothing fits, OpenDiTError with the predicted need and `memory_advice` (how many
+    ranks, or which dtype, would fit)."""
     budget = speeds.memory_bytes / GIB
     if requested is not None or world == 1:
         requested = requested or ParallelConfig()
-        est = estimate(model, dims.num_tokens, images, guided, requested, speeds, 1, decode_bytes)
+        est = work.estimate(requested, speeds)
         if est.fits:
             return requested, f"{est.memory.total / GIB:.2f} GiB per rank predicted, within {budget:g}"
-        advice = memory_advice(model, world, images, guided, speeds, decode_bytes)
         raise OpenDiTError(
             f"{plan_flags(requested)} needs {est.memory.total / GIB:.2f} GiB per rank (whole run, predicted: "
-            f"{_phases(est)}), more than --memory-gib {budget:g}; fits with {advice}"
+            f"{_phases(est)}), more than --memory-gib {budget:g}; fits with {memory_advice(work, world, speeds)}"
         )
     try:
-        result = plan(model, world, speeds, images, guided, steps=1, decode_bytes=decode_bytes,
+        result = plan(work.model, world, speeds, work.images, work.guided, steps=1, decode_bytes=work.decode_bytes,
                       shard_options=shard_options, stale=False)  # fmt: skip
     except OpenDiTError as exc:
         if "no plan fits" not in str(exc):
             raise
-        advice = memory_advice(model, world, images, guided, speeds, decode_bytes)
-        lean = _leanest(model, world, images, guided, speeds, decode_bytes)
+        lean, advice = _leanest(work, world, speeds), memory_advice(work, world, speeds)
         raise OpenDiTError(
             f"no plan for {world} ranks fits --memory-gib {budget:g} per rank (the leanest, {plan_flags(lean.config)},"
             f" needs {lean.memory.total / GIB:.2f} GiB: {_phases(lean)}); fits with {advice}"
