@@ -81,6 +81,7 @@ def _driver():
     return driver
 
 
+@pytest.mark.slow  # a 2-process server and a browser: `make test`, not `make test-fast`
 def test_page_generates_and_draws_timeline(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -194,17 +194,19 @@ def test_cli_refuses_an_unsplittable_vae_before_start(pixart, tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_cli_dit_vae_parallel_two_processes_equal_one(tiny_vae, tmp_path, capsys):
-    """OpenDiT's own sampler path: under --vae-parallel every rank loads the VAE and decodes a band."""
+@pytest.mark.parametrize("size, flags, rows", [(64, ["--vae-parallel"], [4, 4]), (256, [], [16, 16])])
+def test_cli_dit_vae_parallel_two_processes_equal_one(tiny_vae, tmp_path, capsys, size, flags, rows):
+    """OpenDiT's own sampler path: under --vae-parallel, or by default (auto) once every rank gets 16 latent rows,
+    every rank loads the VAE and decodes a band."""
     from opendit.cli import main
     from opendit.models.dit import build_dit, preset
 
     ckpt = tmp_path / "dit-t2.pt"
-    torch.save(build_dit(preset("DiT-T/2").with_image_size(64)).state_dict(), ckpt)
-    argv = ["sample", "--model", "DiT-T/2", "--image-size", "64", "--ckpt", str(ckpt), "--steps", "2", "--scheduler",
-            "ddim", "--vae", str(tiny_vae), "--classes", "5", "7", "--no-progress"]  # fmt: skip
+    torch.save(build_dit(preset("DiT-T/2").with_image_size(size)).state_dict(), ckpt)
+    argv = ["sample", "--model", "DiT-T/2", "--image-size", str(size), "--ckpt", str(ckpt), "--steps", "2",
+            "--scheduler", "ddim", "--vae", str(tiny_vae), "--classes", "5", "7", "--no-progress"]  # fmt: skip
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0, capsys.readouterr().err
-    two = [*argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--ulysses", "2", "--vae-parallel"]
+    two = [*argv, "--out", str(tmp_path / "two"), "--nproc", "2", "--ulysses", "2", *flags]
     assert main(two) == 0, capsys.readouterr().err
     files = {name: sorted((tmp_path / name).glob("[0-9][0-9][0-9]_class-*.png")) for name in ("one", "two")}
     from PIL import Image
@@ -212,7 +214,7 @@ def test_cli_dit_vae_parallel_two_processes_equal_one(tiny_vae, tmp_path, capsys
     pixels = {name: np.stack([np.asarray(Image.open(f)) for f in fs]).astype(int) for name, fs in files.items()}
     assert pixels["one"].shape == pixels["two"].shape and np.abs(pixels["one"] - pixels["two"]).max() <= 1
     record = json.loads((tmp_path / "two" / "record.json").read_text())
-    assert record["parallel"]["vae_decode"]["split"] and record["parallel"]["vae_decode"]["latent_rows"] == [4, 4]
+    assert record["parallel"]["vae_decode"]["split"] and record["parallel"]["vae_decode"]["latent_rows"] == rows
 
 
 def test_a_pixel_space_model_refuses_vae_parallel():
@@ -221,3 +223,32 @@ def test_a_pixel_space_model_refuses_vae_parallel():
     with pytest.raises(OpenDiTError, match="this model is pixel-space \\(no VAE\\); drop it"):
         resolve_engine(GenerationRequest(vae_parallel=True, nproc=2))  # the shipped digits model: pixels
     assert resolve_engine(GenerationRequest(vae_parallel=False, nproc=2)).world == 2
+
+
+def _meta_vae_folder(path, channels=(128, 256, 512, 512)):
+    """A VAE folder holding only its config.json (the memory planner builds the model on meta and reads no weights)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=channels, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                            up_block_types=("UpDecoderBlock2D",) * len(channels), latent_channels=4)  # fmt: skip
+    vae.save_config(path)
+    return path, sum(p.numel() for p in vae.parameters()) * 4
+
+
+def test_the_memory_planner_counts_a_band_of_the_decode_per_rank(tmp_path):
+    """vae_memory_bytes: split over N ranks, the decode's feature maps are a 1/N band (rows) on each rank, the
+    weights whole; the DiT path's --memory-gib plans that band when the decode will run split (auto, 2 ranks)."""
+    from opendit.api.generation import GenerationRequest, prepare
+    from opendit.io.outputs import vae_memory_bytes
+
+    folder, weights = _meta_vae_folder(tmp_path / "vae")
+    whole, halves, thirds = (vae_memory_bytes(folder, (1024, 1024), 1, bands) for bands in (1, 2, 3))
+    assert halves - weights == pytest.approx((whole - weights) / 2)
+    assert thirds - weights == pytest.approx((whole - weights) * 342 / 1024)  # the tallest band: 342 of 1024 rows
+    request = {"classes": [207], "model": "DiT-XL/2", "image_size": 512, "cfg_scale": 1.0, "steps": 1,
+               "vae": str(folder), "nproc": 2, "memory_gib": 64.0}  # fmt: skip
+    notes = " ".join(prepare(GenerationRequest(**request), out=tmp_path / "a").plan_notes)
+    assert "the VAE decode split over the 2 ranks" in notes, notes
+    off = prepare(GenerationRequest(**request, vae_parallel=False), out=tmp_path / "b").plan_notes
+    assert not any("VAE decode split" in note for note in off), off

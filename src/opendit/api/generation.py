@@ -108,6 +108,15 @@ class EngineSpec:
             count = 10  # digit + 10 * direction: clients name the digit and the motion
         return [str(label) for label in range(count)]
 
+    @property
+    def vae_split_planned(self) -> bool:
+        """Whether the VAE decode runs split over the ranks at the engine's image size (--vae-parallel, or auto:
+        parallel/vae.split_planned); then every rank loads the VAE and decodes a band of the latent's rows."""
+        from opendit.parallel.vae import split_planned
+
+        rows = self.config.input_size[0]
+        return bool(self.config.latent) and split_planned(self.settings.vae_parallel, rows, self.world)
+
     def worker_bytes(self) -> int:
         """Parameter bytes each worker will hold (for the launcher's memory warning): the whole model in its dtype,
         1/P of it (+ one block in flight) with sharded weights."""
@@ -315,11 +324,13 @@ def fit_memory(
     are a candidate unless the request asks for them, then only they are)."""
     from opendit.io.outputs import vae_memory_bytes
     from opendit.models.precision import parse_dtype
+    from opendit.parallel.vae import split_planned
     from opendit.planning.planner import Workload, fit_plan
     from opendit.planning.speeds import resolve_speeds, speeds_in_dtype
 
     speeds = speeds_in_dtype(resolve_speeds(memory_gib=request.memory_gib), parse_dtype(request.dtype).itemsize)
-    vae = vae_memory_bytes(request.vae, config.image_size, images) if config.latent else 0.0
+    bands = world if config.latent and split_planned(request.vae_parallel, config.input_size[0], world) else 1
+    vae = vae_memory_bytes(request.vae, config.image_size, images, bands) if config.latent else 0.0
     given = world == 1 or plan.world_size != 1
     shard = (True,) if plan.shard_weights else (False, True)
     chosen, why = fit_plan(Workload(config, images, guided, vae), world, speeds, plan if given else None, shard)
@@ -328,7 +339,8 @@ def fit_memory(
             plan, dp=chosen.dp, cfg=chosen.cfg, ulysses=chosen.ulysses, ring=chosen.ring, tp=chosen.tp,
             sp_impl=plan.sp_impl if plan.sp_impl != "auto" else chosen.sp_impl, shard_weights=chosen.shard_weights,
         )  # fmt: skip
-    return chosen, [f"memory: {why}"]
+    split = f" (the VAE decode split over the {world} ranks: a band of rows each)" if bands > 1 else ""
+    return chosen, [f"memory: {why}{split}"]
 
 
 def resolve_call(spec: EngineSpec, request: CallRequest | GenerationRequest) -> Call:

@@ -501,7 +501,7 @@ def _output_geometry(info: dict) -> tuple[int, int, int]:
 def _vae_split_planned(mode: bool | None, info: dict, world: int, height: int) -> bool:
     """Whether the decode will run split (parallel/vae.py's rule: --vae-parallel, or auto when every rank gets at
     least AUTO_MIN_ROWS latent rows of a VAE that has a split plan)."""
-    from opendit.parallel.vae import AUTO_MIN_ROWS, vae_refusal
+    from opendit.parallel.vae import auto_splits, vae_refusal
 
     if mode is False or world == 1:
         return False
@@ -511,7 +511,7 @@ def _vae_split_planned(mode: bool | None, info: dict, world: int, height: int) -
     vae_class = (index.get("vae") or [None, None])[1]
     if vae_refusal(vae_class, vae_config) is not None:
         return False
-    return bool(mode) or height // 8 >= AUTO_MIN_ROWS * world
+    return bool(mode) or auto_splits(height // 8, world)
 
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:

@@ -386,8 +386,8 @@ class EngineRequest(Schema):
     image_size: ImageSize | None = IMAGE_SIZE  # the engine's default size (a call may ask another); None: model's
     vae_parallel: Switch | None = described(  # None: auto (parallel/vae.py's AUTO_MIN_ROWS latent rows per rank)
         None, help="split the VAE decode over the ranks in row bands (exact; AutoencoderKL, AutoencoderKLWan): "
-        "--vae-parallel (or on) always, off never; default: auto (--diffusers: on when nproc > 1 and every rank gets "
-        ">= 16 latent rows; OpenDiT's models: off)", what="True (on), False (off) or None (auto)",
+        "--vae-parallel (or on) always, off never; default: auto (on when nproc > 1 and every rank gets >= 16 "
+        "latent rows)", what="True (on), False (off) or None (auto)",
         example="pass --vae-parallel, --vae-parallel off, or leave it out",
         cli={**_PAR, "choices": ("on", "off"), "true": "on", "nargs": "?", "const": "on"},
     )  # fmt: skip

@@ -95,15 +95,16 @@ class SamplerRunner:
         self.parameter_bytes = _parameter_bytes(self.model)
         if spec.config.latent and spec.settings.vae is None:
             raise OpenDiTError(VAE_MISSING)
-        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash; under --vae-parallel
-        # on every rank, each decoding a band of the latent's rows (parallel/vae.py; auto stays on the output rank)
-        split = spec.config.latent and self.runtime is not None and spec.settings.vae_parallel is True
+        # loaded once, on the rank that decodes and records: the VAE and the checkpoint's hash; when the decode is
+        # split (--vae-parallel, or auto at the engine's image size: parallel/vae.py) on every rank, each decoding a
+        # band of the latent's rows; a call at another size then decides per decode (VaeSplit.wanted)
+        split = self.runtime is not None and spec.vae_split_planned
         self.vae = load_vae(spec.settings.vae, device) if spec.config.latent and (is_output or split) else None
         self.vae_split = None
         if split:
             from opendit.parallel.vae import install_vae_split
 
-            self.vae_split = install_vae_split(self.vae, self.runtime.exact("all"), True)
+            self.vae_split = install_vae_split(self.vae, self.runtime.exact("all"), spec.settings.vae_parallel)
         self.decodes_on_every_rank = self.vae_split is not None  # replica.py: every rank calls outputs()
         self.ckpt_sha256 = file_sha256(spec.ckpt) if spec.ckpt and is_output else None
         self.progress = spec.settings.progress and is_output

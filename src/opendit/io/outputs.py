@@ -188,11 +188,12 @@ def load_vae(vae_path: str, device: torch.device):
 DECODE_LIVE_MAPS = 6
 
 
-def vae_memory_bytes(vae_path: str | Path | None, image_size: tuple[int, int], images: int) -> float:
-    """Predicted peak bytes the VAE adds on the decoding rank: max(loading: about 2x its weights, since diffusers
+def vae_memory_bytes(vae_path: str | Path | None, image_size: tuple[int, int], images: int, bands: int = 1) -> float:
+    """Predicted peak bytes the VAE adds on a decoding rank: max(loading: about 2x its weights, since diffusers
     without `accelerate` initialises it and then loads the file; decoding: its weights + the decoder's widest
-    feature maps for `images` images). From the folder's config.json, building the model on meta (nothing read);
-    0 when there is no VAE or its config cannot be read (then the VAE is checked when it loads)."""
+    feature maps for `images` images, a 1/`bands` row band of them when the decode is split over `bands` ranks).
+    From the folder's config.json, building the model on meta (nothing read); 0 when there is no VAE or its config
+    cannot be read (then the VAE is checked when it loads)."""
     import json
 
     if vae_path is None:
@@ -209,7 +210,8 @@ def vae_memory_bytes(vae_path: str | Path | None, image_size: tuple[int, int], i
     channels = list(config.get("block_out_channels", [128]))
     h, w = image_size
     levels = len(channels)  # level k (0 = full resolution) has channels[k] at (H / 2^k) x (W / 2^k)
-    widest = max(channels[k] * (h >> k) * (w >> k) for k in range(levels))
+    rows = -(-h // bands)  # the tallest band (split_sizes: the first ranks take the remainder)
+    widest = max(channels[k] * (rows >> k) * (w >> k) for k in range(levels))
     decode = weights + images * widest * 4 * DECODE_LIVE_MAPS
     return float(max(2 * weights, decode))
 

@@ -131,6 +131,18 @@ class Band:
         return self.comm.exchange(sends, recvs, kind="vae_halo")
 
 
+def auto_splits(latent_rows: int, world: int) -> bool:
+    """auto (no --vae-parallel given): split when every rank gets at least AUTO_MIN_ROWS latent rows."""
+    return world > 1 and latent_rows >= AUTO_MIN_ROWS * world
+
+
+def split_planned(mode: bool | None, latent_rows: int, world: int) -> bool:
+    """Whether a decode of `latent_rows` rows runs split under --vae-parallel `mode` (True, False, None = auto) on
+    `world` ranks, for a VAE that has a split plan: what the loaders (the VAE on every rank) and the memory
+    planner (a band per rank) decide from before the decode itself asks `VaeSplit.wanted`."""
+    return world > 1 and mode is not False and (mode is True or auto_splits(latent_rows, world))
+
+
 # ------------------------------------------------------------------------------------------------ layers
 def _rows_padding(conv: nn.Module) -> int:
     """The row padding of a stride-1 'same' conv (0: row-local, e.g. 1x1); refuses what a halo cannot make exact."""
@@ -370,7 +382,7 @@ class VaeSplit:
                     "least); drop --vae-parallel or make the image taller"
                 )
             return False, f"auto: {rows} latent rows for {world} ranks"
-        if self.mode is None and rows < AUTO_MIN_ROWS * world:
+        if self.mode is None and not auto_splits(rows, world):
             return False, f"auto: {rows} latent rows < {AUTO_MIN_ROWS} per rank x {world} ranks"
         return True, "--vae-parallel" if self.mode else f"auto: >= {AUTO_MIN_ROWS} latent rows per rank"
 
