@@ -252,3 +252,28 @@ def test_the_memory_planner_counts_a_band_of_the_decode_per_rank(tmp_path):
     assert "the VAE decode split over the 2 ranks" in notes, notes
     off = prepare(GenerationRequest(**request, vae_parallel=False), out=tmp_path / "b").plan_notes
     assert not any("VAE decode split" in note for note in off), off
+
+
+@pytest.mark.slow
+def test_an_engine_splits_per_call_size_on_the_sampler_path(tiny_vae, tmp_path):
+    """A 2-process engine at 256² (auto: every rank loads the VAE) decodes a 256² call split and a 64² call whole on
+    the output rank (8 latent rows < 16 per rank), each equal to one process."""
+    import opendit
+    from opendit.distributed.config import ParallelConfig
+    from opendit.models.dit import build_dit, preset
+
+    ckpt = tmp_path / "dit-t2.pt"
+    torch.save(build_dit(preset("DiT-T/2").with_image_size(256)).state_dict(), ckpt)
+    model = {"model": "DiT-T/2", "ckpt": str(ckpt), "vae": str(tiny_vae), "progress": False}
+    call = {"classes": [3], "steps": 2, "scheduler": "ddim", "seed": 1}
+    with opendit.Engine(**model, image_size=256, nproc=2, parallel=ParallelConfig(ulysses=2)) as engine:
+        big, small = (engine.generate(**call, image_size=size) for size in (256, 64))
+    assert big.record["parallel"]["vae_decode"]["latent_rows"] == [16, 16]
+    assert small.record["parallel"]["vae_decode"] == {
+        "split": False,
+        "why": "auto: 8 latent rows < 16 per rank x 2 ranks",
+    }
+    with opendit.Engine(**model, image_size=256) as one:  # the checkpoint is at 256²: one engine, two sizes
+        for result, size in ((big, 256), (small, 64)):
+            reference = one.generate(**call, image_size=size).images.astype(int)
+            assert np.abs(result.images.astype(int) - reference).max() <= 1

@@ -8,7 +8,8 @@ A runner (the source's own way of generating) has this interface:
     runner.denoisers() -> [(name, module)]       what a cache is installed on (Wan 2.2: both experts)
     runner.run(call, hooks) -> Ran               the denoising loop, feeding `hooks` (diffusion/hooks.py) each step
     runner.outputs(call, ran) -> (images, frames)   uint8, on the output rank (a decode, or the pipeline's own output);
-                                                 on every rank when runner.decodes_on_every_rank (--vae-parallel)
+                                                 on every rank when runner.decodes_on_every_rank(call) (optional:
+                                                 the sampler path's VAE decode split over the ranks)
     runner.rank_fields() / runner.record_fields(call, images, frames) / runner.parallel_record(call)
 `sampler_runner.SamplerRunner` runs OpenDiT's sampler over its DiT / video DiT; `pipeline_runner.PipelineRunner`
 runs a diffusers pipeline's own `__call__`.
@@ -96,7 +97,8 @@ class Replica(ControlMember):
         ranks = self._gather_ranks(call, trace, ran, stats)
         self.calls += 1
         if not self.is_output:
-            if getattr(self.runner, "decodes_on_every_rank", False):  # --vae-parallel: this rank decodes a band
+            split = getattr(self.runner, "decodes_on_every_rank", None)  # the sampler path's split VAE decode
+            if split is not None and split(call):  # this rank decodes a band
                 self.runner.outputs(call, ran)
             return None
         images, frames = self.runner.outputs(call, ran)

@@ -105,7 +105,6 @@ class SamplerRunner:
             from opendit.parallel.vae import install_vae_split
 
             self.vae_split = install_vae_split(self.vae, self.runtime.exact("all"), spec.settings.vae_parallel)
-        self.decodes_on_every_rank = self.vae_split is not None  # replica.py: every rank calls outputs()
         self.ckpt_sha256 = file_sha256(spec.ckpt) if spec.ckpt and is_output else None
         self.progress = spec.settings.progress and is_output
 
@@ -140,6 +139,11 @@ class SamplerRunner:
         else:
             result = sample_images(self.pmodel, labels, shape, **kwargs)
         return Ran(step_times=result.step_times, sampling_s=sum(result.step_times), result=result.samples)
+
+    def decodes_on_every_rank(self, call: Call) -> bool:
+        """Whether every rank takes part in this call's decode (replica.py then calls outputs() on each): the split
+        is installed and wanted at the call's latent rows; otherwise the output rank decodes alone."""
+        return self.vae_split is not None and self.vae_split.wanted(call.config.input_size[0])[0]
 
     def outputs(self, call: Call, ran: Ran):
         """(images (B, H, W, C), frames (B, F, H, W, C) or None), uint8: the samples decoded on this (output) rank."""
