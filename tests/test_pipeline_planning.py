@@ -143,5 +143,7 @@ def test_the_cli_runs_the_sharded_encoders_the_planner_chose(pixart, tmp_path, c
     assert main(argv) == 0, capsys.readouterr().err
     record = json.loads((out / "record.json").read_text())
     assert record["ranks"][0]["loading"]["text_encoders"] == {"text_encoder": "sharded over every rank"}
+    assert record["resolved"]["encoder_placement"] == "sharded over every rank (--encoder-shard)"
+    assert record["request"]["encoder_shard"] is False  # as asked: the planner chose it
     notes = record["parallel"]["notes"]
     assert any(note.startswith("text encoders sharded over the 2 ranks (--encoder-shard)") for note in notes), notes

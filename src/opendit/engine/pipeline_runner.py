@@ -230,8 +230,17 @@ class PipelineRunner:
                 "image_size": list(images.shape[1:3]),
                 "frames": int(frames.shape[1]) if frames is not None else None,
                 "dtype": str(parse_dtype(spec.settings.dtype)),
+                "encoder_placement": self.encoder_placement,  # as run: the planner may have chosen --encoder-shard
             },
         }
+
+    @property
+    def encoder_placement(self) -> str:
+        """Where the text encoders ran: the request's placement, or the one the planner chose under --memory-gib."""
+        settings = self.spec.settings
+        if self.spec.world == 1 or settings.encode_every_rank:
+            return "every rank"
+        return "sharded over every rank (--encoder-shard)" if settings.encoder_shard else "each on one rank"
 
     def parallel_record(self, call: PipelineCall) -> dict:
         record = {"world_size": self.spec.world, "describe": self.plan.describe(), "config": self.plan.to_dict()}
