@@ -249,3 +249,22 @@ def test_a_cache_on_sharded_joint_blocks_equals_one_process(tmp_path, capsys):
     assert max_diff(images(tmp_path / "two"), images(tmp_path / "one")) <= 1
     record = json.loads((tmp_path / "two" / "record.json").read_text())
     assert record["cache"]["saved"]["samples_reused"] > 0, record["cache"]["saved"]
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "branch"),
+    [("DiTPipeline", True), ("PixArtAlphaPipeline", True), ("QwenImagePipeline", True), ("Flux2Pipeline", False)],
+)
+def test_cfg_parallel_finds_the_guidance_branch_in_the_pipeline_call(pipeline, branch):
+    """A pipeline has an unconditional branch to split when its call takes a negative prompt or class labels (the
+    null class: DiTPipeline, whose --cfg-parallel was once refused as guidance-distilled); FLUX.2 takes neither."""
+    from opendit.api.pipeline_calls import check_guidance_batch
+    from opendit.api.pipelines import _call_parameters
+    from opendit.distributed.config import ParallelConfig
+
+    info = {"call": _call_parameters(pipeline, "folder"), "pipeline_class": pipeline}
+    if branch:
+        check_guidance_batch(ParallelConfig(cfg=2), info)
+    else:
+        with pytest.raises(opendit.OpenDiTError, match=f"{pipeline} takes no negative prompt: it is guidance"):
+            check_guidance_batch(ParallelConfig(cfg=2), info)

@@ -65,9 +65,14 @@ def check_image_size(info: dict, kwargs: dict) -> None:
             )
 
 
+# where a pipeline's unconditional branch comes from: a negative prompt (text-to-image / video) or the null class
+# (class-conditional: DiTPipeline's class_labels); a pipeline that takes neither is guidance-distilled
+GUIDANCE_BRANCH_PARAMETERS = ("negative_prompt", "class_labels")
+
+
 def check_guidance_batch(plan, info: dict) -> None:
-    """--cfg-parallel on a pipeline with no guidance branch (no negative prompt: guidance-distilled)."""
-    if plan.cfg > 1 and "negative_prompt" not in info["call"]:
+    """--cfg-parallel on a pipeline with no guidance branch (neither a negative prompt nor class labels)."""
+    if plan.cfg > 1 and not any(name in info["call"] for name in GUIDANCE_BRANCH_PARAMETERS):
         raise OpenDiTError(
             f"--cfg-parallel splits the [unconditional; conditional] batch of classifier-free guidance, but "
             f"{info['pipeline_class']} takes no negative prompt: it is guidance-distilled (guidance is an input of "
