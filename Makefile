@@ -24,12 +24,12 @@ demo: $(STAMP)
 	$(BIN)/opendit sample --video --nproc $(NPROC) --sp-impl dsp --classes 3 7 0 5 --motion right up left down --seed 0 --out outputs/video
 
 # the CPU suite, with CUDA hidden (also on a GPU machine: its tolerances are CPU's; the GPU lane is test-gpu)
-test: $(STAMP) browser lint
+test: $(STAMP) lint
 	CUDA_VISIBLE_DEVICES= OPENDIT_FUZZ_PROFILE=ci $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not sweep" --durations=15
 
-# the families' parallel checks repeated at 3-4 processes and in bf16 (the image and video families of issue 34);
-# their 2-process checks are in `make test`
-test-sweeps: $(STAMP)
+# the families' parallel checks repeated at 3-4 processes and in bf16, the second combinations of capabilities that
+# `make test` runs once end to end, the slow quality checks and the web page in headless Chromium (tests/conftest.py)
+test-sweeps: $(STAMP) browser
 	CUDA_VISIBLE_DEVICES= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m sweep
 
 test-fast: $(STAMP)

@@ -41,6 +41,31 @@ SWEEP = (
     "test_video_quality.py::",
     "test_loading_memory.py::test_xl2_fp32_safetensors_loads_into_bf16_within_1_3x",
     "test_image_families.py::test_serve_on_the_folder_equals_the_cli",  # the server on the new image families
+    # second combinations of a capability `make test` already runs end to end at 2 processes (keeping its 15 minutes
+    # on a fresh clone of this 2-core machine): the other strategy x cache pairs, the other fault phases, the other
+    # CLI plans of a family, the module-level twin of a CLI check
+    "test_pipefusion.py::test_synchronous_steps_equal_one_process",  # the CLI twin stays
+    "test_loading_memory.py::test_pt_mmap_pages_are_released_while_loading",
+    "test_pipeline_failures.py::test_a_rank_failing_in_encode_or_decode_ends_the_job_with_its_message[sharded-encoder]",
+    "test_pipeline_failures.py::test_a_rank_failing_in_encode_or_decode_ends_the_job_with_its_message[split-decode-rank0]",
+    "test_vae_split.py::test_cli_dit_vae_parallel_two_processes_equal_one[256",  # the engine test runs auto at 256²
+    "test_cli_diffusers.py::test_two_processes_equal_one[flux-plan2-all_to_all]",
+    "test_cli_diffusers.py::test_two_processes_equal_one[pixart-plan4-all_gather]",
+    "test_cli_diffusers.py::test_a_pipeline_writes_every_ranks_trace",
+    "test_cli_diffusers.py::test_a_cache_on_sharded_joint_blocks_equals_one_process",
+    "test_cache_cli.py::test_n_processes_with_a_cache_equal_one[ulysses-pab]",
+    "test_cache_cli.py::test_n_processes_with_a_cache_equal_one[cfg-fbcache]",
+    "test_cache_cli.py::test_n_processes_with_a_cache_equal_one[dp-pab]",
+    "test_cache.py::test_diffusers_transformers_take_both_caches_on_two_ranks",
+    "test_video_cli.py::test_cli_video_frames_equal_single_process[dsp2]",
+    "test_video_cli.py::test_cli_video_frames_equal_single_process[ulysses2]",
+    "test_video_families.py::test_a_cache_on_sharded_experts_equals_one_process",
+    "test_tensor_parallel.py::test_cli_tp_images_equal_single_process[tp2-ulysses2]",
+    "test_parallel_equivalence.py::test_cli_parallel_images_equal_single_process[ulysses2]",
+    "test_parallel_equivalence.py::test_cli_parallel_images_equal_single_process[usp2x2]",
+    "test_pipeline_sharded_loading.py::test_lean_sharded_pipeline_equals_one_process[flux]",
+    "test_serve_faults.py::test_sigterm_finishes_in_flight_requests_and_exits_0",
+    "test_serve_page.py::",  # needs Chromium (`make browser`, a system package): installed by `make test-sweeps`
 )
 
 

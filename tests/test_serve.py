@@ -31,13 +31,13 @@ def reference():
         yield lambda classes, seed, steps: engine.generate(classes=classes, seed=seed, steps=steps).images
 
 
-def requests_24() -> list[dict]:
-    """24 requests in two step settings (so some batch together and some cannot), other classes and seeds."""
+def concurrent_requests(count: int = 12) -> list[dict]:
+    """`count` requests in two step settings (so some batch together and some cannot), other classes and seeds."""
     rng = np.random.default_rng(7)
     return [
         {"classes": [int(c) for c in rng.integers(0, 10, size=int(rng.integers(1, 4)))], "seed": 100 + 3 * i,
          "steps": (6, 9)[i % 2]}
-        for i in range(24)
+        for i in range(count)
     ]  # fmt: skip
 
 
@@ -48,7 +48,7 @@ def metric(text: str, name: str) -> float:
 
 
 def test_concurrent_requests_equal_the_cli(server, reference, tmp_path):
-    bodies = requests_24()
+    bodies = concurrent_requests()
     with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
         responses = list(pool.map(lambda body: server.client.post("/v1/generate", json=body), bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:200] for r in responses]
@@ -61,7 +61,7 @@ def test_concurrent_requests_equal_the_cli(server, reference, tmp_path):
         assert result["labels"] == [str(c) for c in body["classes"]]
         expected = reference(body["classes"], body["seed"], body["steps"])
         assert np.abs(images.astype(int) - expected).max() <= 1, body
-    for body, result in list(zip(bodies, results))[:3]:  # the CLI itself, with the server's process count
+    for body, result in list(zip(bodies, results))[:1]:  # the CLI itself, with the server's process count
         images = np.stack([decode_png(image) for image in result["images"]])
         cli = cli_images(tmp_path, body["classes"], body["seed"], body["steps"], "--nproc", "2")
         assert np.abs(images.astype(int) - cli).max() <= 1, body
