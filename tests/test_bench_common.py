@@ -67,6 +67,7 @@ def test_every_opendit_import_exists(script):
     assert not missing, f"{script.name}: stale imports {missing}"
 
 
+@pytest.mark.slow  # a fresh interpreter per script
 def test_every_script_imports():
     """All scripts imported in one fresh interpreter (the way they run: their folder on sys.path), none executed;
     first the public names of the README's tour (from opendit import Engine, ParallelConfig, parallelize, generate)."""

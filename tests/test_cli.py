@@ -75,6 +75,7 @@ def test_latent_model_needs_vae(tmp_path, capsys, t2_ckpt):
     assert code == 2 and "pass --vae DIR" in err
 
 
+@pytest.mark.slow  # fresh interpreters: `python -m opendit` per bad input
 def test_module_entry_point_exits_cleanly_on_bad_input(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "opendit", "sample", "--model", "nope", "--out", str(tmp_path)],

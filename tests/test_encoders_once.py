@@ -42,6 +42,7 @@ def _structures(rank: int, world: int):
     return dist.get_rank()
 
 
+@pytest.mark.slow  # multi-process
 @pytest.mark.parametrize("world", [2, 3])
 def test_broadcast_output_rebuilds_model_outputs_tuples_and_dicts(world):
     assert run_distributed(_structures, world) == list(range(world))

@@ -76,6 +76,7 @@ CASES = [  # (kind, world, latent rows): uneven bands; 4 ranks over 5 rows gives
 ]
 
 
+@pytest.mark.slow  # multi-process
 @pytest.mark.parametrize(("kind", "world", "rows"), CASES)
 def test_split_decode_equals_one_process(kind, world, rows):
     expected = whole_decode(kind, rows)

@@ -100,6 +100,7 @@ def rows() -> list[dict]:
     return launch(video_world, 4, threads_per_proc=1)
 
 
+@pytest.mark.slow  # a 4-process job (the module's `rows`)
 def test_every_plan_ran_on_every_rank(rows):
     for world, plans in PLANS.items():
         for plan in plans:
@@ -107,12 +108,14 @@ def test_every_plan_ran_on_every_rank(rows):
             assert ranks == list(range(world)), (world, plan.describe())
 
 
+@pytest.mark.slow  # a 4-process job (the module's `rows`)
 def test_video_output_matches_single_process(rows):
     worst = max(rows, key=lambda r: r["err"])
     assert worst["err"] <= 1e-5, worst
     assert {r["impl"] for r in rows} >= {"dsp", "ulysses", "ring", "usp", "fastseq"}
 
 
+@pytest.mark.slow  # a 4-process job (the module's `rows`)
 def test_dsp_bytes_equal_formula_and_are_fewer_than_ulysses(rows):
     from opendit.parallel.attention.ulysses import ulysses_bytes
     from opendit.parallel.dsp import dsp_bytes, dsp_sizes
@@ -140,6 +143,7 @@ def test_dsp_bytes_equal_formula_and_are_fewer_than_ulysses(rows):
         assert dsp_rows and uly_rows and total(dsp_rows) < total(uly_rows)
 
 
+@pytest.mark.slow  # a 4-process job (the module's `rows`)
 def test_cost_model_predicts_the_recorded_bytes_and_calls(rows):
     for row in rows:
         recorded = {k: {"bytes": v["bytes"], "calls": v["calls"]} for k, v in row["comm"].items() if v["calls"]}
