@@ -499,19 +499,17 @@ def _output_geometry(info: dict) -> tuple[int, int, int]:
 
 
 def _vae_split_planned(mode: bool | None, info: dict, world: int, height: int) -> bool:
-    """Whether the decode will run split (parallel/vae.py's rule: --vae-parallel, or auto when every rank gets at
-    least AUTO_MIN_ROWS latent rows of a VAE that has a split plan)."""
-    from opendit.parallel.vae import auto_splits, vae_refusal
+    """Whether the decode will run split: parallel/vae.split_planned's rule at the image's latent rows, for a VAE
+    that has a split plan."""
+    from opendit.parallel.vae import split_planned, vae_refusal
 
-    if mode is False or world == 1:
+    if not split_planned(mode, height // 8, world):
         return False
     vae_file = Path(info["folder"]) / "vae" / "config.json"
     vae_config = _read_json(vae_file, info["folder"]) if vae_file.is_file() else {}
     index = _read_json(Path(info["folder"]) / "model_index.json", info["folder"])
     vae_class = (index.get("vae") or [None, None])[1]
-    if vae_refusal(vae_class, vae_config) is not None:
-        return False
-    return bool(mode) or auto_splits(height // 8, world)
+    return vae_refusal(vae_class, vae_config) is None
 
 
 def check_pipeline_plan(plan: ParallelConfig, info: dict, world: int) -> list[str]:
